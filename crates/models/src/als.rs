@@ -1,0 +1,496 @@
+//! Implicit-feedback matrix factorisation (Hu, Koren, Volinsky 2008) trained by
+//! alternating least squares with a few conjugate-gradient steps per row (Takács et al.),
+//! plus the real-time fold-in of one user against fixed item factors.
+//!
+//! Input is a CSR matrix of interaction weights `w >= 0` (users x items). The confidence
+//! of an observed pair is `c = 1 + alpha * w` and its preference is 1; unobserved pairs have
+//! confidence 1 and preference 0. Each half-step minimises, for every row `u`,
+//! `sum_i c_ui (p_ui - x_u . y_i)^2 + lambda_u |x_u|^2` with the other side fixed, where
+//! `lambda_u = reg` or, with [`RegScaling::Count`] (ALS-WR), `reg * n_u`.
+//! The work per row touches only its non-zeros plus one `k x k` Gram matrix `YtY`, so
+//! nothing dense of size users x items is ever built.
+
+use ndarray::{Array2, ArrayView2};
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+use crate::error::{ModelError, Result};
+use crate::kernels::{axpy, dot};
+use crate::sparse::Csr;
+
+/// How the regularisation of a row scales with its number of interactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegScaling {
+    /// Same `reg` for every row (the classic formulation, as in `implicit`).
+    None,
+    /// `reg * n` where `n` is the row's number of interactions (ALS-WR, as in Spark).
+    Count,
+}
+
+/// ALS hyper-parameters.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AlsParams {
+    pub factors: usize,
+    pub iterations: usize,
+    pub reg: f32,
+    pub alpha: f32,
+    pub reg_scaling: RegScaling,
+    /// Conjugate-gradient steps per row and half-iteration (warm-started).
+    pub cg_steps: usize,
+    pub seed: u64,
+}
+
+impl Default for AlsParams {
+    fn default() -> Self {
+        AlsParams {
+            factors: 64,
+            iterations: 15,
+            reg: 0.05,
+            alpha: 1.0,
+            reg_scaling: RegScaling::None,
+            cg_steps: 3,
+            seed: 42,
+        }
+    }
+}
+
+impl AlsParams {
+    /// Rejects parameters that cannot train.
+    pub fn validate(&self) -> Result<()> {
+        if self.factors == 0 || self.factors > 1024 {
+            return Err(ModelError::param("factors", "must be in 1..=1024"));
+        }
+        if !(self.reg >= 0.0 && self.reg.is_finite()) {
+            return Err(ModelError::param("reg", "must be a finite number >= 0"));
+        }
+        if !(self.alpha >= 0.0 && self.alpha.is_finite()) {
+            return Err(ModelError::param("alpha", "must be a finite number >= 0"));
+        }
+        if self.cg_steps == 0 {
+            return Err(ModelError::param("cg_steps", "must be >= 1"));
+        }
+        Ok(())
+    }
+
+    fn row_reg(&self, n: usize) -> f32 {
+        match self.reg_scaling {
+            RegScaling::None => self.reg,
+            RegScaling::Count => self.reg * n.max(1) as f32,
+        }
+    }
+}
+
+/// A trained model: one row of factors per user and per item.
+#[derive(Debug, Clone)]
+pub struct AlsModel {
+    pub params: AlsParams,
+    pub user_factors: Array2<f32>,
+    pub item_factors: Array2<f32>,
+}
+
+/// Gram matrix `Y^T Y` of a factor matrix (k x k).
+pub fn gram(factors: ArrayView2<f32>) -> Array2<f32> {
+    factors.t().dot(&factors)
+}
+
+fn random_factors(rows: usize, k: usize, rng: &mut rand::rngs::StdRng) -> Array2<f32> {
+    // Small positive values, as is usual for implicit ALS: every dot product starts near 0.
+    Array2::from_shape_simple_fn((rows, k), || rng.random::<f32>() * 0.01)
+}
+
+/// Trains ALS on `weights` (users x items). `on_iteration(iter, loss)` is called after
+/// every full iteration when `track_loss` is set (computing the loss costs about a
+/// half-iteration).
+pub fn fit(
+    weights: &Csr,
+    params: &AlsParams,
+    track_loss: bool,
+    mut on_iteration: impl FnMut(usize, f64),
+) -> Result<AlsModel> {
+    params.validate()?;
+    let k = params.factors;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(params.seed);
+    let mut users = random_factors(weights.rows, k, &mut rng);
+    let mut items = random_factors(weights.cols, k, &mut rng);
+    // Store alpha * w = c - 1, which is what the solver needs.
+    let cui = weights.map_values(|w| params.alpha * w.max(0.0));
+    let ciu = cui.transpose();
+    for it in 0..params.iterations {
+        solve_side(&mut users, items.view(), &cui, params);
+        solve_side(&mut items, users.view(), &ciu, params);
+        if track_loss {
+            on_iteration(it, loss(&cui, users.view(), items.view(), params));
+        }
+    }
+    Ok(AlsModel {
+        params: params.clone(),
+        user_factors: users,
+        item_factors: items,
+    })
+}
+
+/// One half-step: re-solves every row of `target` against `fixed`, in parallel.
+/// `c1` holds `c - 1` per observed pair (rows of `target` x rows of `fixed`).
+pub fn solve_side(target: &mut Array2<f32>, fixed: ArrayView2<f32>, c1: &Csr, params: &AlsParams) {
+    let k = params.factors;
+    let g = gram(fixed);
+    let g = g.as_standard_layout();
+    let g = g.as_slice().expect("standard layout");
+    let fixed = fixed.as_standard_layout();
+    let y = fixed.as_slice().expect("standard layout");
+    let flat = target.as_slice_mut().expect("factor matrices are standard layout");
+    flat.par_chunks_mut(k)
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; 3 * k],
+            |scratch, (u, x)| {
+                let (idx, vals) = c1.row(u);
+                if idx.is_empty() {
+                    x.iter_mut().for_each(|v| *v = 0.0);
+                    return;
+                }
+                let reg = params.row_reg(idx.len());
+                cg_solve(x, g, y, k, idx, vals, reg, params.cg_steps, 1e-20, scratch);
+            },
+        );
+}
+
+/// Conjugate gradient on `(G + reg I + Y^T (C - I) Y) x = Y^T C p`, warm-started at `x`.
+#[allow(clippy::too_many_arguments)]
+fn cg_solve(
+    x: &mut [f32],
+    g: &[f32],
+    y: &[f32],
+    k: usize,
+    idx: &[u32],
+    c1: &[f32],
+    reg: f32,
+    steps: usize,
+    tol: f32,
+    scratch: &mut [f32],
+) {
+    let (r, rest) = scratch.split_at_mut(k);
+    let (p, ap) = rest.split_at_mut(k);
+    // r = b - A x
+    for i in 0..k {
+        r[i] = -dot(&g[i * k..(i + 1) * k], x) - reg * x[i];
+    }
+    for (&j, &c) in idx.iter().zip(c1) {
+        let yj = &y[j as usize * k..(j as usize + 1) * k];
+        let s = dot(yj, x);
+        axpy((1.0 + c) - c * s, yj, r);
+    }
+    p.copy_from_slice(r);
+    let mut rs_old = dot(r, r);
+    if rs_old < tol {
+        return;
+    }
+    for _ in 0..steps {
+        for i in 0..k {
+            ap[i] = dot(&g[i * k..(i + 1) * k], p) + reg * p[i];
+        }
+        for (&j, &c) in idx.iter().zip(c1) {
+            let yj = &y[j as usize * k..(j as usize + 1) * k];
+            axpy(c * dot(yj, p), yj, ap);
+        }
+        let pap = dot(p, ap);
+        if pap <= 0.0 || !pap.is_finite() {
+            break;
+        }
+        let a = rs_old / pap;
+        axpy(a, p, x);
+        axpy(-a, ap, r);
+        let rs_new = dot(r, r);
+        if rs_new < tol {
+            break;
+        }
+        let beta = rs_new / rs_old;
+        for i in 0..k {
+            p[i] = r[i] + beta * p[i];
+        }
+        rs_old = rs_new;
+    }
+}
+
+/// The training objective: `sum_{u,i} c_ui (p_ui - x_u.y_i)^2 + sum_u l_u|x_u|^2 + sum_i l_i|y_i|^2`,
+/// computed without visiting unobserved pairs. `c1` holds `c - 1` (users x items).
+pub fn loss(c1: &Csr, users: ArrayView2<f32>, items: ArrayView2<f32>, params: &AlsParams) -> f64 {
+    let g = gram(items);
+    let item_counts = {
+        let mut n = vec![0usize; items.nrows()];
+        for &j in &c1.indices {
+            n[j as usize] += 1;
+        }
+        n
+    };
+    let user_part: f64 = (0..users.nrows())
+        .into_par_iter()
+        .map(|u| {
+            let x = users.row(u);
+            let xs = x.as_slice().map(|s| s.to_vec()).unwrap_or_else(|| x.to_vec());
+            // x^T G x covers every pair as if unobserved (c = 1, p = 0).
+            let gx = g.dot(&x);
+            let mut total = x.dot(&gx) as f64;
+            let (idx, vals) = c1.row(u);
+            for (&j, &c) in idx.iter().zip(vals) {
+                let yj = items.row(j as usize);
+                let s = yj.iter().zip(&xs).map(|(a, b)| a * b).sum::<f32>() as f64;
+                // Replace the (0 - s)^2 term by c (1 - s)^2.
+                total += (1.0 + c as f64) * (1.0 - s).powi(2) - s * s;
+            }
+            total + params.row_reg(idx.len()) as f64 * xs.iter().map(|v| (*v as f64).powi(2)).sum::<f64>()
+        })
+        .sum();
+    let item_part: f64 = (0..items.nrows())
+        .into_par_iter()
+        .map(|i| {
+            params.row_reg(item_counts[i]) as f64
+                * items.row(i).iter().map(|v| (*v as f64).powi(2)).sum::<f64>()
+        })
+        .sum();
+    user_part + item_part
+}
+
+/// Precomputed state for real-time fold-in against fixed item factors.
+#[derive(Debug, Clone)]
+pub struct FoldIn {
+    params: AlsParams,
+    /// `Y^T Y`, row-major k x k.
+    gram: Vec<f32>,
+}
+
+impl FoldIn {
+    /// Precomputes `YtY` for `item_factors` (do this once per model version).
+    pub fn new(item_factors: ArrayView2<f32>, params: &AlsParams) -> Self {
+        let g = gram(item_factors);
+        FoldIn {
+            params: params.clone(),
+            gram: g.iter().copied().collect(),
+        }
+    }
+
+    /// Solves one user's vector exactly (Cholesky) from their interactions
+    /// `(item, weight)` against the fixed `item_factors`. Items out of range are ignored.
+    /// Returns a zero vector for a user without interactions.
+    pub fn solve(&self, item_factors: ArrayView2<f32>, interactions: &[(u32, f32)]) -> Vec<f32> {
+        let k = self.params.factors;
+        let items = item_factors.as_standard_layout();
+        let y = items.as_slice().expect("standard layout");
+        let n_items = item_factors.nrows();
+        let valid: Vec<(u32, f32)> = interactions
+            .iter()
+            .copied()
+            .filter(|(j, w)| (*j as usize) < n_items && w.is_finite())
+            .collect();
+        if valid.is_empty() {
+            return vec![0.0; k];
+        }
+        let reg = self.params.row_reg(valid.len());
+        let mut a: Vec<f32> = self.gram.clone();
+        let mut b = vec![0f32; k];
+        for i in 0..k {
+            a[i * k + i] += reg;
+        }
+        for &(j, w) in &valid {
+            let c = self.params.alpha * w.max(0.0);
+            let yj = &y[j as usize * k..(j as usize + 1) * k];
+            axpy(1.0 + c, yj, &mut b);
+            if c != 0.0 {
+                for r in 0..k {
+                    let s = c * yj[r];
+                    axpy(s, yj, &mut a[r * k..(r + 1) * k]);
+                }
+            }
+        }
+        cholesky_solve(&a, &b, k).unwrap_or_else(|| vec![0.0; k])
+    }
+}
+
+/// Solves `A x = b` for symmetric positive definite `A` (row-major n x n) in f64.
+/// `None` if `A` is not positive definite.
+pub fn cholesky_solve(a: &[f32], b: &[f32], n: usize) -> Option<Vec<f32>> {
+    let mut l = vec![0f64; n * n];
+    for i in 0..n {
+        for j in 0..=i {
+            let mut s = a[i * n + j] as f64;
+            let (li, lj) = (&l[i * n..i * n + j], &l[j * n..j * n + j]);
+            s -= li.iter().zip(lj).map(|(p, q)| p * q).sum::<f64>();
+            if i == j {
+                if s <= 0.0 || !s.is_finite() {
+                    return None;
+                }
+                l[i * n + i] = s.sqrt();
+            } else {
+                l[i * n + j] = s / l[j * n + j];
+            }
+        }
+    }
+    let mut z = vec![0f64; n];
+    for i in 0..n {
+        let s: f64 = (0..i).map(|j| l[i * n + j] * z[j]).sum();
+        z[i] = (b[i] as f64 - s) / l[i * n + i];
+    }
+    let mut x = vec![0f64; n];
+    for i in (0..n).rev() {
+        let s: f64 = (i + 1..n).map(|j| l[j * n + i] * x[j]).sum();
+        x[i] = (z[i] - s) / l[i * n + i];
+    }
+    Some(x.into_iter().map(|v| v as f32).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topk;
+    use rand::seq::SliceRandom;
+
+    /// Users and items in 8 latent groups; each user likes every item of one or two
+    /// groups. Returns (train triples, per-user held-out items).
+    fn planted(users: usize, items: usize, seed: u64) -> (Vec<(u32, u32, f32)>, Vec<Vec<u32>>) {
+        let groups = 8;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let item_group: Vec<usize> = (0..items).map(|i| i % groups).collect();
+        let mut train = Vec::new();
+        let mut test = Vec::new();
+        for u in 0..users {
+            let g1 = rng.random_range(0..groups);
+            let g2 = if rng.random::<f32>() < 0.5 { Some(rng.random_range(0..groups)) } else { None };
+            let mut liked: Vec<u32> = (0..items)
+                .filter(|&i| item_group[i] == g1 || Some(item_group[i]) == g2)
+                .map(|i| i as u32)
+                .collect();
+            liked.shuffle(&mut rng);
+            let (held, kept) = liked.split_at(10);
+            test.push(held.to_vec());
+            train.extend(kept.iter().map(|&i| (u as u32, i, 1.0)));
+        }
+        (train, test)
+    }
+
+    fn recall_at_10(mut model_scores: impl FnMut(usize) -> Vec<topk::Scored>, test: &[Vec<u32>]) -> f64 {
+        let mut total = 0.0;
+        for (u, t) in test.iter().enumerate() {
+            let rec = model_scores(u);
+            let hits = rec.iter().filter(|s| t.contains(&s.item)).count();
+            total += hits as f64 / t.len() as f64;
+        }
+        total / test.len() as f64
+    }
+
+    #[test]
+    fn recovers_planted_structure_and_loss_falls() {
+        let (users, items) = (2000, 1000);
+        let (train, test) = planted(users, items, 7);
+        let m = Csr::from_triples(users, items, &train);
+        let params = AlsParams {
+            factors: 16,
+            iterations: 8,
+            reg: 0.1,
+            ..Default::default()
+        };
+        let mut losses = Vec::new();
+        let model = fit(&m, &params, true, |_, l| losses.push(l)).unwrap();
+        for w in losses.windows(2) {
+            assert!(w[1] < w[0], "loss rose: {losses:?}");
+        }
+        let mut scratch = Vec::new();
+        let recall = recall_at_10(
+            |u| {
+                let q = model.user_factors.row(u).to_vec();
+                let (seen, _) = m.row(u);
+                topk::top_k_dense(model.item_factors.view(), &q, 10, |i| seen.binary_search(&i).is_ok(), &mut scratch)
+            },
+            &test,
+        );
+        assert!(recall >= 0.8, "ALS recall@10 {recall}");
+
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let random = recall_at_10(
+            |u| {
+                let scores: Vec<f32> = (0..items).map(|_| rng.random()).collect();
+                let (seen, _) = m.row(u);
+                topk::select(&scores, 10, |i| seen.binary_search(&i).is_ok())
+            },
+            &test,
+        );
+        assert!(random <= 0.05, "random recall@10 {random}");
+    }
+
+    #[test]
+    fn fold_in_matches_dense_solve() {
+        let (train, _) = planted(300, 200, 3);
+        let m = Csr::from_triples(300, 200, &train);
+        for scaling in [RegScaling::None, RegScaling::Count] {
+            let params = AlsParams {
+                factors: 12,
+                iterations: 5,
+                reg: 0.3,
+                alpha: 4.0,
+                reg_scaling: scaling,
+                ..Default::default()
+            };
+            let model = fit(&m, &params, false, |_, _| {}).unwrap();
+            let fold = FoldIn::new(model.item_factors.view(), &params);
+            let inter: Vec<(u32, f32)> = vec![(3, 1.0), (17, 2.0), (40, 0.5), (41, 1.0), (199, 3.0)];
+            let got = fold.solve(model.item_factors.view(), &inter);
+            // Independent dense solve in f64: A = Y^T C Y + reg I over *all* items.
+            let k = params.factors;
+            let n = 200;
+            let mut a = vec![0f64; k * k];
+            let mut b = vec![0f64; k];
+            let reg = params.row_reg(inter.len()) as f64;
+            for j in 0..n {
+                let w = inter.iter().find(|(i, _)| *i as usize == j).map(|x| x.1);
+                let c = 1.0 + params.alpha as f64 * w.unwrap_or(0.0) as f64;
+                let p = if w.is_some() { 1.0 } else { 0.0 };
+                let y = model.item_factors.row(j);
+                for r in 0..k {
+                    b[r] += c * p * y[r] as f64;
+                    for s in 0..k {
+                        a[r * k + s] += c * y[r] as f64 * y[s] as f64;
+                    }
+                }
+            }
+            for r in 0..k {
+                a[r * k + r] += reg;
+            }
+            // Gaussian elimination with partial pivoting.
+            let mut aug: Vec<Vec<f64>> = (0..k).map(|r| {
+                let mut row = a[r * k..(r + 1) * k].to_vec();
+                row.push(b[r]);
+                row
+            }).collect();
+            for col in 0..k {
+                let piv = (col..k).max_by(|&x, &y| aug[x][col].abs().total_cmp(&aug[y][col].abs())).unwrap();
+                aug.swap(col, piv);
+                for r in 0..k {
+                    if r != col {
+                        let f = aug[r][col] / aug[col][col];
+                        for c in col..=k {
+                            aug[r][c] -= f * aug[col][c];
+                        }
+                    }
+                }
+            }
+            let exact: Vec<f64> = (0..k).map(|r| aug[r][k] / aug[r][r]).collect();
+            let num: f64 = got.iter().zip(&exact).map(|(g, e)| (*g as f64 - e).powi(2)).sum::<f64>().sqrt();
+            let den: f64 = exact.iter().map(|e| e * e).sum::<f64>().sqrt();
+            assert!(num / den <= 1e-3, "relative error {} ({scaling:?})", num / den);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_params_and_handles_empty_rows() {
+        let m = Csr::from_triples(3, 3, &[(0, 0, 1.0)]);
+        let bad = AlsParams { factors: 0, ..Default::default() };
+        assert!(fit(&m, &bad, false, |_, _| {}).is_err());
+        let bad = AlsParams { reg: f32::NAN, ..Default::default() };
+        assert!(fit(&m, &bad, false, |_, _| {}).is_err());
+        let model = fit(&m, &AlsParams { factors: 4, iterations: 2, ..Default::default() }, false, |_, _| {}).unwrap();
+        assert!(model.user_factors.row(2).iter().all(|v| *v == 0.0));
+        let fold = FoldIn::new(model.item_factors.view(), &model.params);
+        assert_eq!(fold.solve(model.item_factors.view(), &[]), vec![0.0; 4]);
+        assert_eq!(fold.solve(model.item_factors.view(), &[(99, 1.0)]), vec![0.0; 4]);
+    }
+}

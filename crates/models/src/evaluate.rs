@@ -1,0 +1,603 @@
+//! Offline evaluation of every branch and of the blended ensemble.
+//!
+//! [`Evaluation::run`] fits popularity, ALS and the content model on the train rows,
+//! ranks the top-K for every user with at least one test row (train items removed), and
+//! reports the protocol's metrics per branch and for the ensemble. With tuning on, it first
+//! carves a validation split out of train, searches hyper-parameters and blend weights on
+//! it, then refits on the whole of train: test rows are never looked at before the final
+//! scoring. All time decays use the data's clock (the latest train timestamp).
+
+use std::time::Instant;
+
+use ndarray::{Array2, ArrayView2};
+use rayon::prelude::*;
+use rustc_hash::FxHashSet;
+use serde::Serialize;
+
+use crate::als::{self, AlsParams, RegScaling};
+use crate::blend::{self, BranchList, Normalization};
+use crate::content;
+use crate::dataset::{split_per_user, Interaction, SplitKind, WeightConfig};
+use crate::error::{ModelError, Result};
+use crate::metrics::{MetricsAccumulator, RankMetrics};
+use crate::popularity::Popularity;
+use crate::sparse::Csr;
+use crate::topk::{self, Scored};
+
+const DAY: f64 = 86_400.0;
+
+/// Branch order used in weight arrays and reports.
+pub const BRANCHES: [&str; 3] = ["als", "content", "popularity"];
+
+/// Blend settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BlendSettings {
+    /// Weights of `als`, `content`, `popularity`.
+    pub weights: [f32; 3],
+    pub normalization: Normalization,
+    /// Candidates each branch proposes to the blend.
+    pub candidates: usize,
+}
+
+impl Default for BlendSettings {
+    /// Chosen on a validation split carved out of the MovieLens train file (see
+    /// `docs/adr/003-default-blend.md` for the command); never on test.
+    fn default() -> Self {
+        BlendSettings {
+            weights: [0.7, 0.1, 0.2],
+            normalization: Normalization::ZScore,
+            candidates: 100,
+        }
+    }
+}
+
+/// Everything an evaluation run needs besides the data.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalConfig {
+    pub k: usize,
+    pub als: AlsParams,
+    pub weights: WeightConfig,
+    pub blend: BlendSettings,
+    /// Half-life of the popularity decay in days (<= 0: no decay).
+    pub popularity_half_life_days: f64,
+    /// Half-life of the content profile's decay in days (<= 0: no decay).
+    pub content_half_life_days: f64,
+    pub tune: bool,
+    /// Fraction of each user's train rows used for validation when tuning.
+    pub validation_fraction: f64,
+    /// How the validation split is carved (follows the outer split).
+    pub validation_split: SplitKind,
+    pub seed: u64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig {
+            k: 10,
+            als: AlsParams::default(),
+            weights: WeightConfig::default(),
+            blend: BlendSettings::default(),
+            popularity_half_life_days: 0.0,
+            content_half_life_days: 0.0,
+            tune: false,
+            validation_fraction: 0.2,
+            validation_split: SplitKind::Random,
+            seed: 42,
+        }
+    }
+}
+
+/// One model's line in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelReport {
+    pub precision: f64,
+    pub recall: f64,
+    pub map: f64,
+    pub ndcg: f64,
+    pub coverage: f64,
+    pub fit_seconds: f64,
+}
+
+/// The four required models.
+#[derive(Debug, Clone, Serialize)]
+pub struct Models {
+    pub popularity: ModelReport,
+    pub als: ModelReport,
+    pub content: ModelReport,
+    pub ensemble: ModelReport,
+}
+
+/// The full report (`troupe eval --json` prints it).
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub schema: u32,
+    pub k: usize,
+    pub users: usize,
+    pub encoder: String,
+    pub models: Models,
+    pub details: serde_json::Value,
+}
+
+/// Inputs of one evaluation.
+pub struct Evaluation<'a> {
+    pub n_users: usize,
+    pub n_items: usize,
+    pub train: &'a [Interaction],
+    pub test: &'a [Interaction],
+    /// Kind name of an interaction's kind index.
+    pub kind_name: &'a (dyn Fn(u16) -> Option<String> + Sync),
+    /// Unit-length item embeddings (zero rows for items without text).
+    pub embeddings: ArrayView2<'a, f32>,
+    pub encoder_name: String,
+    /// Seconds spent embedding the catalogue (part of the content model's fit time).
+    pub embed_seconds: f64,
+}
+
+/// Per-user training view: weighted positives and filtered items.
+struct UserData {
+    /// (item, weight, ts) of positive rows.
+    positives: Vec<Vec<(u32, f32, i64)>>,
+    /// Sorted items to exclude from this user's lists (all train rows, negatives included).
+    seen: Vec<Vec<u32>>,
+    now: i64,
+}
+
+fn user_data(rows: &[Interaction], n_users: usize, w: &WeightConfig, kind_name: &(dyn Fn(u16) -> Option<String> + Sync)) -> UserData {
+    let mut positives = vec![Vec::new(); n_users];
+    let mut seen: Vec<Vec<u32>> = vec![Vec::new(); n_users];
+    let mut now = i64::MIN;
+    for r in rows {
+        now = now.max(r.ts);
+        seen[r.user as usize].push(r.item);
+        if let Some(wt) = w.weight(kind_name(r.kind).as_deref(), r.value) {
+            if wt > 0.0 {
+                positives[r.user as usize].push((r.item, wt, r.ts));
+            }
+        }
+    }
+    seen.par_iter_mut().for_each(|s| {
+        s.sort_unstable();
+        s.dedup();
+    });
+    UserData {
+        positives,
+        seen,
+        now: if now == i64::MIN { 0 } else { now },
+    }
+}
+
+fn weight_matrix(ud: &UserData, n_items: usize) -> Csr {
+    let triples: Vec<(u32, u32, f32)> = ud
+        .positives
+        .iter()
+        .enumerate()
+        .flat_map(|(u, v)| v.iter().map(move |&(i, w, _)| (u as u32, i, w)))
+        .collect();
+    Csr::from_triples(ud.positives.len(), n_items, &triples)
+}
+
+/// Relevant test items per evaluated user (positives only), in user order.
+fn relevant(rows: &[Interaction], n_users: usize, w: &WeightConfig, kind_name: &(dyn Fn(u16) -> Option<String> + Sync)) -> Vec<(u32, FxHashSet<u32>)> {
+    let mut sets: Vec<FxHashSet<u32>> = vec![FxHashSet::default(); n_users];
+    for r in rows {
+        if w.weight(kind_name(r.kind).as_deref(), r.value).is_some_and(|x| x > 0.0) {
+            sets[r.user as usize].insert(r.item);
+        }
+    }
+    sets.into_iter()
+        .enumerate()
+        .filter(|(_, s)| !s.is_empty())
+        .map(|(u, s)| (u as u32, s))
+        .collect()
+}
+
+/// Candidate lists per evaluated user and branch.
+struct Candidates {
+    /// [user][branch] -> best-first list, seen items removed.
+    lists: Vec<[Vec<Scored>; 3]>,
+}
+
+fn is_zero(v: ndarray::ArrayView1<f32>) -> bool {
+    v.iter().all(|x| *x == 0.0)
+}
+
+fn als_candidates(model: &als::AlsModel, users: &[u32], ud: &UserData, n: usize) -> Vec<Vec<Scored>> {
+    let q = model.user_factors.select(ndarray::Axis(0), &users.iter().map(|&u| u as usize).collect::<Vec<_>>());
+    let lists = topk::top_k_batch(model.item_factors.view(), q.view(), n, |r, i| {
+        ud.seen[users[r] as usize].binary_search(&i).is_ok()
+    });
+    lists
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| if is_zero(q.row(r)) { Vec::new() } else { l })
+        .collect()
+}
+
+fn content_candidates(emb: ArrayView2<f32>, users: &[u32], ud: &UserData, n: usize, half_life_days: f64) -> Vec<Vec<Scored>> {
+    let dim = emb.ncols();
+    let profiles: Vec<Option<Vec<f32>>> = users
+        .par_iter()
+        .map(|&u| content::user_profile(emb, &ud.positives[u as usize], ud.now, half_life_days * DAY))
+        .collect();
+    let mut q = Array2::<f32>::zeros((users.len(), dim));
+    for (r, p) in profiles.iter().enumerate() {
+        if let Some(p) = p {
+            q.row_mut(r).assign(&ndarray::ArrayView1::from(p.as_slice()));
+        }
+    }
+    let lists = topk::top_k_batch(emb, q.view(), n, |r, i| ud.seen[users[r] as usize].binary_search(&i).is_ok());
+    lists
+        .into_iter()
+        .zip(&profiles)
+        .map(|(l, p)| if p.is_some() { l } else { Vec::new() })
+        .collect()
+}
+
+fn popularity_model(ud: &UserData, n_items: usize, half_life_days: f64) -> Popularity {
+    let mut pop = Popularity::new(n_items, half_life_days * DAY);
+    for v in &ud.positives {
+        for &(i, w, ts) in v {
+            pop.add(i, w as f64, ts);
+        }
+    }
+    pop
+}
+
+fn popularity_candidates(pop: &Popularity, users: &[u32], ud: &UserData, n: usize) -> Vec<Vec<Scored>> {
+    let max_seen = users.iter().map(|&u| ud.seen[u as usize].len()).max().unwrap_or(0);
+    let global = pop.top_k(n + max_seen, ud.now, None, |_| false);
+    users
+        .par_iter()
+        .map(|&u| {
+            let s = &ud.seen[u as usize];
+            global.iter().filter(|x| s.binary_search(&x.item).is_err()).take(n).copied().collect()
+        })
+        .collect()
+}
+
+fn score_lists(lists: impl Iterator<Item = Vec<u32>>, rel: &[(u32, FxHashSet<u32>)], k: usize, universe: usize) -> (RankMetrics, f64) {
+    let mut acc = MetricsAccumulator::new(universe);
+    for (l, (_, r)) in lists.zip(rel) {
+        acc.add(&l, r, k);
+    }
+    (acc.mean(), acc.coverage())
+}
+
+fn branch_only(c: &Candidates, b: usize, rel: &[(u32, FxHashSet<u32>)], k: usize, universe: usize) -> (RankMetrics, f64) {
+    score_lists(c.lists.iter().map(|l| l[b].iter().take(k).map(|s| s.item).collect()), rel, k, universe)
+}
+
+/// Blends every user's candidates; returns ranked lists and the mean share per branch.
+fn ensemble_lists(c: &Candidates, blend_cfg: &BlendSettings, k: usize) -> (Vec<Vec<u32>>, [f64; 3]) {
+    let results: Vec<(Vec<u32>, [f64; 3], usize)> = c
+        .lists
+        .par_iter()
+        .map(|l| {
+            let branch_lists: Vec<BranchList> = (0..3)
+                .map(|b| BranchList {
+                    weight: blend_cfg.weights[b],
+                    items: &l[b][..l[b].len().min(blend_cfg.candidates)],
+                })
+                .collect();
+            let r = blend::blend(&branch_lists, blend_cfg.normalization, k, |_| true);
+            let mut share = [0f64; 3];
+            for x in &r {
+                for (s, v) in share.iter_mut().zip(x.shares()) {
+                    *s += v as f64;
+                }
+            }
+            (r.iter().map(|x| x.item).collect(), share, r.len())
+        })
+        .collect();
+    let mut shares = [0f64; 3];
+    let mut n = 0usize;
+    let mut lists = Vec::with_capacity(results.len());
+    for (l, s, len) in results {
+        for b in 0..3 {
+            shares[b] += s[b];
+        }
+        n += len;
+        lists.push(l);
+    }
+    if n > 0 {
+        shares.iter_mut().for_each(|s| *s /= n as f64);
+    }
+    (lists, shares)
+}
+
+fn report(m: RankMetrics, coverage: f64, fit: f64) -> ModelReport {
+    ModelReport {
+        precision: m.precision,
+        recall: m.recall,
+        map: m.map,
+        ndcg: m.ndcg,
+        coverage,
+        fit_seconds: fit.max(0.0),
+    }
+}
+
+/// What tuning chose, with its validation scores.
+#[derive(Debug, Clone, Serialize)]
+struct TuneResult {
+    als: AlsParams,
+    popularity_half_life_days: f64,
+    content_half_life_days: f64,
+    blend: BlendSettings,
+    validation_ndcg: serde_json::Value,
+    configs_tried: usize,
+    seconds: f64,
+}
+
+impl Evaluation<'_> {
+    /// Runs the evaluation and builds the report.
+    pub fn run(&self, cfg: &EvalConfig, mut log: impl FnMut(&str)) -> Result<EvalReport> {
+        if cfg.k == 0 {
+            return Err(ModelError::param("k", "must be >= 1"));
+        }
+        let rel = relevant(self.test, self.n_users, &cfg.weights, self.kind_name);
+        if rel.is_empty() {
+            return Err(ModelError::Empty("no user has a test row (after --min-value)".into()));
+        }
+        let universe = self.n_items;
+        let mut cfg = cfg.clone();
+        let mut tune_details = serde_json::Value::Null;
+        if cfg.tune {
+            log("tuning on a validation split carved out of train");
+            let t = self.tune(&cfg, &mut log)?;
+            cfg.als = t.als.clone();
+            cfg.popularity_half_life_days = t.popularity_half_life_days;
+            cfg.content_half_life_days = t.content_half_life_days;
+            cfg.blend = t.blend;
+            tune_details = serde_json::to_value(&t).unwrap_or_default();
+        }
+
+        let ud = user_data(self.train, self.n_users, &cfg.weights, self.kind_name);
+        let users: Vec<u32> = rel.iter().map(|(u, _)| *u).collect();
+        let n_cand = cfg.blend.candidates.max(cfg.k);
+
+        let t = Instant::now();
+        let pop = popularity_model(&ud, self.n_items, cfg.popularity_half_life_days);
+        let pop_fit = t.elapsed().as_secs_f64();
+
+        log(&format!(
+            "fitting ALS: {} users x {} items, {} non-zeros",
+            self.n_users,
+            self.n_items,
+            ud.positives.iter().map(Vec::len).sum::<usize>()
+        ));
+        let t = Instant::now();
+        let m = weight_matrix(&ud, self.n_items);
+        let model = als::fit(&m, &cfg.als, false, |_, _| {})?;
+        let als_fit = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let content_lists = content_candidates(self.embeddings, &users, &ud, n_cand, cfg.content_half_life_days);
+        let content_fit = self.embed_seconds + t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let als_lists = als_candidates(&model, &users, &ud, n_cand);
+        let als_rank = t.elapsed().as_secs_f64();
+        let pop_lists = popularity_candidates(&pop, &users, &ud, n_cand);
+
+        let cands = Candidates {
+            lists: als_lists
+                .into_iter()
+                .zip(content_lists)
+                .zip(pop_lists)
+                .map(|((a, c), p)| [a, c, p])
+                .collect(),
+        };
+        let (als_m, als_cov) = branch_only(&cands, 0, &rel, cfg.k, universe);
+        let (con_m, con_cov) = branch_only(&cands, 1, &rel, cfg.k, universe);
+        let (pop_m, pop_cov) = branch_only(&cands, 2, &rel, cfg.k, universe);
+        let (ens_lists, shares) = ensemble_lists(&cands, &cfg.blend, cfg.k);
+        let (ens_m, ens_cov) = score_lists(ens_lists.into_iter(), &rel, cfg.k, universe);
+
+        let details = serde_json::json!({
+            "blend": {
+                "weights": {"als": cfg.blend.weights[0], "content": cfg.blend.weights[1], "popularity": cfg.blend.weights[2]},
+                "normalization": cfg.blend.normalization,
+                "candidates": cfg.blend.candidates,
+            },
+            "ensemble_mean_share": {"als": shares[0], "content": shares[1], "popularity": shares[2]},
+            "als": cfg.als,
+            "als_rank_seconds": als_rank,
+            "popularity_half_life_days": cfg.popularity_half_life_days,
+            "content_half_life_days": cfg.content_half_life_days,
+            "weights": {"transform": cfg.weights.transform, "kinds": cfg.weights.kind_weights, "negative_kinds": cfg.weights.negative_kinds},
+            "data": {
+                "users": self.n_users,
+                "items": self.n_items,
+                "train_rows": self.train.len(),
+                "test_rows": self.test.len(),
+                "now": ud.now,
+            },
+            "tuning": tune_details,
+        });
+        Ok(EvalReport {
+            schema: 1,
+            k: cfg.k,
+            users: rel.len(),
+            encoder: self.encoder_name.clone(),
+            models: Models {
+                popularity: report(pop_m, pop_cov, pop_fit),
+                als: report(als_m, als_cov, als_fit),
+                content: report(con_m, con_cov, content_fit),
+                ensemble: report(ens_m, ens_cov, pop_fit + als_fit + content_fit),
+            },
+            details,
+        })
+    }
+
+    /// Searches ALS hyper-parameters, decays and blend weights on a validation split of
+    /// train (test is not touched).
+    fn tune(&self, cfg: &EvalConfig, log: &mut impl FnMut(&str)) -> Result<TuneResult> {
+        let started = Instant::now();
+        let (sub, val) = split_per_user(self.train, cfg.validation_fraction.max(0.05), cfg.validation_split, cfg.seed ^ 0x5eed)?;
+        let rel = relevant(&val, self.n_users, &cfg.weights, self.kind_name);
+        if rel.is_empty() {
+            return Err(ModelError::Empty("validation split has no users; too little train data to tune".into()));
+        }
+        let users: Vec<u32> = rel.iter().map(|(u, _)| *u).collect();
+        let ud = user_data(&sub, self.n_users, &cfg.weights, self.kind_name);
+        let n_cand = cfg.blend.candidates.max(cfg.k);
+        let k = cfg.k;
+        let universe = self.n_items;
+        let m = weight_matrix(&ud, self.n_items);
+        let mut tried = 0usize;
+        let ndcg_of = |lists: &[Vec<Scored>]| {
+            score_lists(lists.iter().map(|l| l.iter().take(k).map(|s| s.item).collect()), &rel, k, universe).0.ndcg
+        };
+
+        // ALS: regularisation (plain and count-scaled), confidence scale, width.
+        let mut grid: Vec<AlsParams> = Vec::new();
+        for &factors in &[64usize, 128] {
+            for &alpha in &[1.0f32, 4.0] {
+                for &reg in &[0.05f32, 1.0, 5.0, 20.0, 50.0] {
+                    grid.push(AlsParams { factors, alpha, reg, reg_scaling: RegScaling::None, ..cfg.als.clone() });
+                }
+                for &reg in &[0.02f32, 0.1, 0.3, 1.0] {
+                    grid.push(AlsParams { factors, alpha, reg, reg_scaling: RegScaling::Count, ..cfg.als.clone() });
+                }
+            }
+        }
+        let mut best_als: Option<(f64, AlsParams, Vec<Vec<Scored>>)> = None;
+        for p in grid {
+            let model = als::fit(&m, &p, false, |_, _| {})?;
+            let lists = als_candidates(&model, &users, &ud, n_cand);
+            let s = ndcg_of(&lists);
+            tried += 1;
+            log(&format!(
+                "tune als factors={} alpha={} reg={} scaling={:?}: ndcg@{k}={s:.4}",
+                p.factors, p.alpha, p.reg, p.reg_scaling
+            ));
+            if best_als.as_ref().is_none_or(|b| s > b.0) {
+                best_als = Some((s, p, lists));
+            }
+        }
+        let (als_ndcg, als_params, als_lists) = best_als.ok_or_else(|| ModelError::Empty("no ALS configuration".into()))?;
+
+        let half_lives = [0.0f64, 30.0, 180.0, 730.0];
+        let mut best_pop: Option<(f64, f64, Vec<Vec<Scored>>)> = None;
+        for &h in &half_lives {
+            let pop = popularity_model(&ud, self.n_items, h);
+            let lists = popularity_candidates(&pop, &users, &ud, n_cand);
+            let s = ndcg_of(&lists);
+            tried += 1;
+            if best_pop.as_ref().is_none_or(|b| s > b.0) {
+                best_pop = Some((s, h, lists));
+            }
+        }
+        let (pop_ndcg, pop_h, pop_lists) = best_pop.ok_or_else(|| ModelError::Empty("no popularity setting".into()))?;
+
+        let mut best_con: Option<(f64, f64, Vec<Vec<Scored>>)> = None;
+        for &h in &half_lives {
+            let lists = content_candidates(self.embeddings, &users, &ud, n_cand, h);
+            let s = ndcg_of(&lists);
+            tried += 1;
+            if best_con.as_ref().is_none_or(|b| s > b.0) {
+                best_con = Some((s, h, lists));
+            }
+        }
+        let (con_ndcg, con_h, con_lists) = best_con.ok_or_else(|| ModelError::Empty("no content setting".into()))?;
+
+        let cands = Candidates {
+            lists: als_lists
+                .into_iter()
+                .zip(con_lists)
+                .zip(pop_lists)
+                .map(|((a, c), p)| [a, c, p])
+                .collect(),
+        };
+        let mut best_blend = (f64::MIN, cfg.blend);
+        let steps: Vec<f32> = (0..=10).map(|i| i as f32 / 10.0).collect();
+        for norm in [Normalization::Rrf { k0: 60.0 }, Normalization::Rrf { k0: 10.0 }, Normalization::ZScore] {
+            for &wa in &steps {
+                for &wc in &steps {
+                    let wp = 1.0 - wa - wc;
+                    if wp < -1e-6 {
+                        continue;
+                    }
+                    let b = BlendSettings { weights: [wa, wc, wp.max(0.0)], normalization: norm, candidates: cfg.blend.candidates };
+                    let (lists, _) = ensemble_lists(&cands, &b, k);
+                    let (mm, _) = score_lists(lists.into_iter(), &rel, k, universe);
+                    tried += 1;
+                    if mm.ndcg > best_blend.0 + 1e-9 {
+                        best_blend = (mm.ndcg, b);
+                    }
+                }
+            }
+        }
+        log(&format!(
+            "tuned: als {als_ndcg:.4}, content {con_ndcg:.4}, popularity {pop_ndcg:.4}, ensemble {:.4} with weights {:?}",
+            best_blend.0, best_blend.1.weights
+        ));
+        Ok(TuneResult {
+            als: als_params,
+            popularity_half_life_days: pop_h,
+            content_half_life_days: con_h,
+            blend: best_blend.1,
+            validation_ndcg: serde_json::json!({"als": als_ndcg, "content": con_ndcg, "popularity": pop_ndcg, "ensemble": best_blend.0}),
+            configs_tried: tried,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Result of [`evaluate_als`]: ALS alone, timed in its two phases.
+#[derive(Debug, Clone, Serialize)]
+pub struct AlsOnlyReport {
+    pub users: usize,
+    pub k: usize,
+    pub precision: f64,
+    pub recall: f64,
+    pub map: f64,
+    pub ndcg: f64,
+    pub coverage: f64,
+    pub fit_seconds: f64,
+    /// Top-k (train items removed) for every evaluated user.
+    pub recommend_seconds: f64,
+    pub nnz: usize,
+    pub params: AlsParams,
+}
+
+/// Fits ALS on `train` and scores top-k for every user with a test row: the comparison
+/// with other ALS implementations, without the content and popularity branches.
+pub fn evaluate_als(
+    n_users: usize,
+    n_items: usize,
+    train: &[Interaction],
+    test: &[Interaction],
+    kind_name: &(dyn Fn(u16) -> Option<String> + Sync),
+    weights: &WeightConfig,
+    params: &AlsParams,
+    k: usize,
+) -> Result<AlsOnlyReport> {
+    let rel = relevant(test, n_users, weights, kind_name);
+    if rel.is_empty() {
+        return Err(ModelError::Empty("no user has a test row (after --min-value)".into()));
+    }
+    let ud = user_data(train, n_users, weights, kind_name);
+    let t = Instant::now();
+    let m = weight_matrix(&ud, n_items);
+    let model = als::fit(&m, params, false, |_, _| {})?;
+    let fit_seconds = t.elapsed().as_secs_f64();
+    let users: Vec<u32> = rel.iter().map(|(u, _)| *u).collect();
+    let t = Instant::now();
+    let lists = als_candidates(&model, &users, &ud, k);
+    let recommend_seconds = t.elapsed().as_secs_f64();
+    let (mm, coverage) = score_lists(lists.iter().map(|l| l.iter().map(|s| s.item).collect()), &rel, k, n_items);
+    Ok(AlsOnlyReport {
+        users: rel.len(),
+        k,
+        precision: mm.precision,
+        recall: mm.recall,
+        map: mm.map,
+        ndcg: mm.ndcg,
+        coverage,
+        fit_seconds,
+        recommend_seconds,
+        nnz: m.nnz(),
+        params: params.clone(),
+    })
+}

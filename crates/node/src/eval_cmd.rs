@@ -1,0 +1,335 @@
+//! `troupe eval`: load data, split if asked, fit every branch, print the report.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use ndarray::Array2;
+use rayon::prelude::*;
+use tracing::{info, warn};
+use troupe_models::als::{AlsParams, RegScaling};
+use troupe_models::blend::Normalization;
+use troupe_models::content::onnx::OnnxEncoder;
+use troupe_models::content::tfidf::HashedTfidf;
+use troupe_models::content::TextEncoder;
+use troupe_models::data::{read_items, read_tags, Columns, EventReader};
+use troupe_models::dataset::{split_per_user, Dataset, Interaction, SplitKind, WeightConfig};
+use troupe_models::evaluate::{BlendSettings, EvalConfig, EvalReport, Evaluation};
+
+use crate::cli::{ColumnArgs, EmbedArgs, EvalArgs, NormArg, RegScalingArg, SplitArg};
+use crate::exit::{CliError, CmdResult};
+
+impl From<&ColumnArgs> for Columns {
+    fn from(c: &ColumnArgs) -> Self {
+        Columns {
+            user: c.user_col.clone(),
+            item: c.item_col.clone(),
+            value: c.value_col.clone(),
+            ts: c.ts_col.clone(),
+            kind: c.kind_col.clone(),
+            text: c.text_col.clone(),
+            category: c.category_col.clone(),
+        }
+    }
+}
+
+fn spinner(msg: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {msg} {human_pos} rows ({per_sec})").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    pb.set_message(msg.to_string());
+    pb
+}
+
+/// Streams an event file into `data`, dropping rows below `min_value` first.
+pub fn load_events(path: &Path, cols: &ColumnArgs, min_value: Option<f32>, data: &mut Dataset) -> Result<Vec<Interaction>, CliError> {
+    let mut reader = EventReader::open(path, &Columns::from(cols), cols.skip_bad_rows)?;
+    let pb = spinner(&format!("reading {}", path.display()));
+    let mut out = Vec::new();
+    let mut dropped = 0u64;
+    for (n, ev) in reader.by_ref().enumerate() {
+        let ev = ev?;
+        if n % 65_536 == 0 {
+            pb.set_position(n as u64);
+        }
+        if let (Some(min), Some(v)) = (min_value, ev.value) {
+            if v < min {
+                dropped += 1;
+                continue;
+            }
+        }
+        out.push(data.intern(&ev));
+    }
+    pb.finish_and_clear();
+    let skipped = reader.skipped();
+    if skipped.skipped > 0 {
+        warn!(file = %path.display(), skipped = skipped.skipped, examples = ?skipped.examples, "skipped malformed rows");
+    }
+    info!(file = %path.display(), rows = out.len(), below_min_value = dropped, "events loaded");
+    Ok(out)
+}
+
+/// Builds the configured encoder and embeds every item that has text.
+pub fn embed_items(data: &Dataset, model_dir: Option<&Path>, max_len: usize, batch: usize, tfidf_dim: usize) -> Result<(Array2<f32>, String, f64), CliError> {
+    let texts = data.item_texts();
+    let with_text: Vec<usize> = (0..texts.len()).filter(|&i| !texts[i].is_empty()).collect();
+    let refs: Vec<&str> = with_text.iter().map(|&i| texts[i].as_str()).collect();
+    let started = Instant::now();
+    let encoder: Box<dyn TextEncoder> = match model_dir {
+        Some(dir) => Box::new(OnnxEncoder::load(dir, max_len).map_err(|e| CliError::input(format!("--content-model {}: {e}", dir.display())))?),
+        None => Box::new(HashedTfidf::fit(&refs, tfidf_dim)?),
+    };
+    let name = encoder.name();
+    info!(encoder = %name, texts = refs.len(), "embedding item texts");
+    let pb = ProgressBar::new(refs.len() as u64);
+    pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} texts ({per_sec}, eta {eta})").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    // Batches run in parallel; each inference is single-threaded.
+    let chunks: Vec<&[&str]> = refs.chunks(batch.max(1)).collect();
+    let parts: Vec<Array2<f32>> = chunks
+        .par_iter()
+        .map(|c| {
+            let r = encoder.encode(c);
+            pb.inc(c.len() as u64);
+            r
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| CliError::Internal(anyhow::Error::new(e)))?;
+    pb.finish_and_clear();
+    let mut emb = Array2::<f32>::zeros((texts.len(), encoder.dim()));
+    let mut row = 0;
+    for part in parts {
+        for r in part.rows() {
+            emb.row_mut(with_text[row]).assign(&r);
+            row += 1;
+        }
+    }
+    Ok((emb, name, started.elapsed().as_secs_f64()))
+}
+
+fn parse_weights(s: &str) -> Result<[f32; 3], CliError> {
+    let mut w = [0f32; 3];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| CliError::input(format!("--weights: `{part}` is not branch=weight")))?;
+        let v: f32 = v.trim().parse().map_err(|_| CliError::input(format!("--weights: `{v}` is not a number")))?;
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(CliError::input(format!("--weights: weight of `{k}` must be >= 0")));
+        }
+        let idx = match k.trim() {
+            "als" => 0,
+            "content" => 1,
+            "popularity" | "pop" => 2,
+            other => return Err(CliError::input(format!("--weights: unknown branch `{other}` (als, content, popularity)"))),
+        };
+        w[idx] = v;
+    }
+    if w.iter().sum::<f32>() <= 0.0 {
+        return Err(CliError::input("--weights: at least one weight must be positive"));
+    }
+    Ok(w)
+}
+
+/// Turns the CLI flags into an evaluation config (validating everything first).
+pub fn config_from_args(a: &EvalArgs) -> Result<EvalConfig, CliError> {
+    if a.k == 0 || a.k > 1000 {
+        return Err(CliError::input("--k must be in 1..=1000"));
+    }
+    if !(0.0..1.0).contains(&a.holdout) || a.holdout == 0.0 {
+        return Err(CliError::input("--holdout must be in (0, 1)"));
+    }
+    let mut weights = WeightConfig {
+        transform: a.value_transform.parse().map_err(|e: String| CliError::input(format!("--value-transform: {e}")))?,
+        negative_kinds: a.negative_kinds.split(',').map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty()).collect(),
+        ..WeightConfig::default()
+    };
+    if let Some(kw) = &a.kind_weights {
+        weights.kind_weights = WeightConfig::parse_kind_weights(kw).map_err(|e| CliError::input(format!("--kind-weights: {e}")))?;
+    }
+    let mut blend = BlendSettings {
+        candidates: a.candidates.max(a.k),
+        ..BlendSettings::default()
+    };
+    if let Some(w) = &a.weights {
+        blend.weights = parse_weights(w)?;
+    }
+    match a.normalization {
+        Some(NormArg::Rrf) => blend.normalization = Normalization::default(),
+        Some(NormArg::Zscore) => blend.normalization = Normalization::ZScore,
+        None => {}
+    }
+    let als = AlsParams {
+        factors: a.factors,
+        iterations: a.iterations,
+        reg: a.reg,
+        alpha: a.alpha,
+        reg_scaling: match a.reg_scaling {
+            RegScalingArg::None => RegScaling::None,
+            RegScalingArg::Count => RegScaling::Count,
+        },
+        cg_steps: a.cg_steps,
+        seed: a.seed,
+    };
+    als.validate()?;
+    Ok(EvalConfig {
+        k: a.k,
+        als,
+        weights,
+        blend,
+        popularity_half_life_days: a.popularity_half_life_days,
+        content_half_life_days: a.content_half_life_days,
+        tune: a.tune,
+        validation_fraction: a.holdout,
+        validation_split: match a.split {
+            Some(SplitArg::Time) => SplitKind::Time,
+            _ => SplitKind::Random,
+        },
+        seed: a.seed,
+    })
+}
+
+/// Loaded, interned and split data.
+struct Loaded {
+    data: Dataset,
+    train: Vec<Interaction>,
+    test: Vec<Interaction>,
+}
+
+/// Kind index -> kind name, detached from the dataset so it can cross threads.
+fn kind_names(data: &Dataset) -> impl Fn(u16) -> Option<String> + Sync {
+    let kinds: Vec<String> = (0..data.kinds.len() as u32).map(|k| data.kinds.name(k).unwrap_or_default().to_string()).collect();
+    move |k: u16| kinds.get(k as usize).cloned()
+}
+
+fn load(a: &EvalArgs) -> Result<Loaded, CliError> {
+    let mut data = Dataset::default();
+    let cols = Columns::from(&a.columns);
+    let (items, skipped) = read_items(&a.items, &cols, a.columns.skip_bad_rows)?;
+    if skipped.skipped > 0 {
+        warn!(file = %a.items.display(), skipped = skipped.skipped, "skipped malformed item rows");
+    }
+    data.add_items(items);
+    let (train, test) = match (&a.train, &a.test, &a.events, a.split) {
+        (Some(tr), Some(te), None, None) => {
+            let train = load_events(tr, &a.columns, a.min_value, &mut data)?;
+            let test = load_events(te, &a.columns, a.min_value, &mut data)?;
+            (train, test)
+        }
+        (None, None, Some(ev), Some(split)) => {
+            let rows = load_events(ev, &a.columns, a.min_value, &mut data)?;
+            let kind = match split {
+                SplitArg::Random => SplitKind::Random,
+                SplitArg::Time => SplitKind::Time,
+            };
+            split_per_user(&rows, a.holdout, kind, a.seed)?
+        }
+        _ => return Err(CliError::input("give either --train and --test, or --events with --split")),
+    };
+    if train.is_empty() {
+        return Err(CliError::input("no train rows (after --min-value)"));
+    }
+    if let Some(t) = &a.tags {
+        let (tags, _) = read_tags(t, a.columns.skip_bad_rows)?;
+        data.add_tags(tags);
+    }
+    Ok(Loaded { data, train, test })
+}
+
+/// Loads the data named by the flags and runs the evaluation.
+pub fn evaluate(a: &EvalArgs) -> Result<EvalReport, CliError> {
+    let cfg = config_from_args(a)?;
+    let Loaded { data, train, test } = load(a)?;
+    let kind_name = kind_names(&data);
+    let (emb, encoder_name, embed_seconds) = embed_items(&data, a.content_model.as_deref(), a.max_len, a.batch, a.tfidf_dim)?;
+    let ev = Evaluation {
+        n_users: data.users.len(),
+        n_items: data.items.len(),
+        train: &train,
+        test: &test,
+        kind_name: &kind_name,
+        embeddings: emb.view(),
+        encoder_name,
+        embed_seconds,
+    };
+    Ok(ev.run(&cfg, |m| info!("{m}"))?)
+}
+
+fn print_table(r: &EvalReport) {
+    println!("users evaluated: {}   K = {}   encoder: {}", r.users, r.k, r.encoder);
+    println!("{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "model", "P@K", "R@K", "MAP@K", "NDCG@K", "coverage", "fit s");
+    let m = &r.models;
+    for (name, x) in [("popularity", &m.popularity), ("als", &m.als), ("content", &m.content), ("ensemble", &m.ensemble)] {
+        println!(
+            "{:<12} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.2}",
+            name, x.precision, x.recall, x.map, x.ndcg, x.coverage, x.fit_seconds
+        );
+    }
+}
+
+/// `troupe embed`: vectors of the first `--limit` items, or only the throughput.
+pub fn embed(a: EmbedArgs) -> CmdResult {
+    let (mut items, _) = read_items(&a.items, &Columns::from(&a.columns), a.columns.skip_bad_rows)?;
+    if let Some(n) = a.limit {
+        items.truncate(n);
+    }
+    let mut data = Dataset::default();
+    data.add_items(items);
+    let (emb, name, secs) = embed_items(&data, a.content_model.as_deref(), a.max_len, a.batch, a.tfidf_dim)?;
+    let texts = data.item_texts();
+    let n = texts.iter().filter(|t| !t.is_empty()).count();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let io = |e: std::io::Error| CliError::Internal(e.into());
+    if a.throughput_only {
+        let v = serde_json::json!({"encoder": name, "texts": n, "seconds": secs, "per_second": n as f64 / secs.max(1e-9), "threads": rayon::current_num_threads(), "batch": a.batch});
+        writeln!(out, "{v}").map_err(io)?;
+        return Ok(());
+    }
+    for (i, t) in texts.iter().enumerate() {
+        let v = serde_json::json!({"id": data.items.name(i as u32), "text": t, "embedding": emb.row(i).to_vec()});
+        writeln!(out, "{v}").map_err(io)?;
+    }
+    info!(encoder = %name, texts = n, seconds = secs, "embedded");
+    Ok(())
+}
+
+/// `troupe fit-als`: ALS alone, with fit and recommend-for-all timed separately.
+pub fn fit_als(a: Box<EvalArgs>) -> CmdResult {
+    let cfg = config_from_args(&a)?;
+    let loaded = load(&a)?;
+    let kind_name = kind_names(&loaded.data);
+    let r = troupe_models::evaluate::evaluate_als(
+        loaded.data.users.len(),
+        loaded.data.items.len(),
+        &loaded.train,
+        &loaded.test,
+        &kind_name,
+        &cfg.weights,
+        &cfg.als,
+        cfg.k,
+    )?;
+    let s = serde_json::to_string(&r).map_err(|e| CliError::Internal(e.into()))?;
+    println!("{s}");
+    Ok(())
+}
+
+pub fn run(a: Box<EvalArgs>) -> CmdResult {
+    let report = evaluate(&a)?;
+    if a.json {
+        let s = serde_json::to_string(&report).map_err(|e| CliError::Internal(e.into()))?;
+        println!("{s}");
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_flag() {
+        assert_eq!(parse_weights("als=1,content=0.5").unwrap(), [1.0, 0.5, 0.0]);
+        assert!(parse_weights("als=x").is_err());
+        assert!(parse_weights("foo=1").is_err());
+        assert!(parse_weights("als=0").is_err());
+    }
+}

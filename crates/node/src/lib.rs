@@ -1,0 +1,58 @@
+//! `troupe-node`: the `troupe` command line (and, later, the cluster node).
+//!
+//! This is the only crate that parses the CLI, reads files named by the user, installs
+//! logging and decides exit codes. Modules:
+//! - [`cli`]: argument definitions (clap).
+//! - [`eval_cmd`]: `troupe eval`, the offline evaluation, printing one JSON object.
+//! - [`eval_cmd`] also serves `troupe embed` (item texts to vectors).
+//! - [`gen_cmd`]: `troupe gen`, synthetic data to disk.
+//! - [`demo`]: `troupe demo`, the README's one-command run on embedded defaults.
+//! - [`exit`]: error classification into exit codes.
+
+pub mod cli;
+pub mod demo;
+pub mod eval_cmd;
+pub mod exit;
+pub mod gen_cmd;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Parses the command line, runs the command, and maps errors to exit codes
+/// (0 ok, 1 internal error, 2 bad arguments or input).
+pub fn run() -> ExitCode {
+    let args = cli::Cli::parse();
+    init_logging(args.verbose);
+    if let Some(n) = args.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            eprintln!("error: cannot set {n} threads: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let result = match args.command {
+        cli::Command::Eval(a) => eval_cmd::run(a),
+        cli::Command::Gen(a) => gen_cmd::run(a),
+        cli::Command::Demo(a) => demo::run(a),
+        cli::Command::Embed(a) => eval_cmd::embed(a),
+        cli::Command::FitAls(a) => eval_cmd::fit_als(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message().replace('\n', " "));
+            ExitCode::from(e.code())
+        }
+    }
+}
+
+fn init_logging(verbose: bool) {
+    let default = if verbose { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TROUPE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ignored = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
