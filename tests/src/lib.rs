@@ -44,7 +44,10 @@ pub fn shared_data() -> Option<PathBuf> {
     if std::env::var("TROUPE_REQUIRE_SHARED").as_deref() == Ok("1") {
         panic!("{} is missing and TROUPE_REQUIRE_SHARED=1", root.display());
     }
-    eprintln!("skipping: {} not found (set TROUPE_REQUIRE_SHARED=1 to make this fail)", root.display());
+    eprintln!(
+        "skipping: {} not found (set TROUPE_REQUIRE_SHARED=1 to make this fail)",
+        root.display()
+    );
     None
 }
 
@@ -57,6 +60,10 @@ pub fn parse_report(out: &Output) -> serde_json::Value {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout.lines().count(), 1, "stdout must be one line: {stdout}");
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "stdout must be one line: {stdout}"
+    );
     serde_json::from_str(stdout.trim_end()).expect("stdout is JSON")
 }

@@ -7,8 +7,24 @@ use serde_json::Value;
 use troupe_tests::{parse_report, shared_data, troupe};
 
 fn gen(dir: &Path, users: &str, items: &str, events: &str) {
-    let out = troupe(&["gen", "--out", dir.to_str().unwrap(), "--users", users, "--items", items, "--events", events, "--seed", "7"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = troupe(&[
+        "gen",
+        "--out",
+        dir.to_str().unwrap(),
+        "--users",
+        users,
+        "--items",
+        items,
+        "--events",
+        events,
+        "--seed",
+        "7",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn check_contract(r: &Value) {
@@ -20,7 +36,9 @@ fn check_contract(r: &Value) {
     assert_eq!(keys, vec!["als", "content", "ensemble", "popularity"]);
     for (name, m) in models {
         for f in ["precision", "recall", "map", "ndcg", "coverage"] {
-            let v = m[f].as_f64().unwrap_or_else(|| panic!("{name}.{f} missing"));
+            let v = m[f]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{name}.{f} missing"));
             assert!((0.0..=1.0).contains(&v), "{name}.{f} = {v}");
         }
         assert!(m["fit_seconds"].as_f64().unwrap() >= 0.0);
@@ -36,8 +54,20 @@ fn synthetic_eval_has_the_contracted_shape_and_real_signal() {
     let ev = d.path().join("events.csv");
     let items = d.path().join("items.csv");
     let out = troupe(&[
-        "eval", "--events", ev.to_str().unwrap(), "--items", items.to_str().unwrap(), "--split", "random",
-        "--holdout", "0.2", "--seed", "42", "--iterations", "8", "--json",
+        "eval",
+        "--events",
+        ev.to_str().unwrap(),
+        "--items",
+        items.to_str().unwrap(),
+        "--split",
+        "random",
+        "--holdout",
+        "0.2",
+        "--seed",
+        "42",
+        "--iterations",
+        "8",
+        "--json",
     ]);
     let r = parse_report(&out);
     check_contract(&r);
@@ -55,9 +85,18 @@ fn tiny_onnx_model_runs_through_eval() {
     gen(d.path(), "300", "120", "6000");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/models/tests/data/tiny-bert");
     let out = troupe(&[
-        "eval", "--events", d.path().join("events.csv").to_str().unwrap(), "--items",
-        d.path().join("items.csv").to_str().unwrap(), "--split", "time", "--iterations", "3",
-        "--content-model", model.to_str().unwrap(), "--json",
+        "eval",
+        "--events",
+        d.path().join("events.csv").to_str().unwrap(),
+        "--items",
+        d.path().join("items.csv").to_str().unwrap(),
+        "--split",
+        "time",
+        "--iterations",
+        "3",
+        "--content-model",
+        model.to_str().unwrap(),
+        "--json",
     ]);
     let r = parse_report(&out);
     check_contract(&r);
@@ -74,7 +113,16 @@ fn bad_input_exits_2_naming_file_line_and_field() {
     let test = d.path().join("test.csv");
     std::fs::write(&test, "user,item,rating,ts\nu1,b,4,12\n").unwrap();
     let args = |extra: &[&str]| {
-        let mut v = vec!["eval", "--train", train.to_str().unwrap(), "--test", test.to_str().unwrap(), "--items", items.to_str().unwrap(), "--json"];
+        let mut v = vec![
+            "eval",
+            "--train",
+            train.to_str().unwrap(),
+            "--test",
+            test.to_str().unwrap(),
+            "--items",
+            items.to_str().unwrap(),
+            "--json",
+        ];
         v.extend_from_slice(extra);
         v.iter().map(|s| s.to_string()).collect::<Vec<_>>()
     };
@@ -87,7 +135,10 @@ fn bad_input_exits_2_naming_file_line_and_field() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.lines().last().unwrap_or_default();
-    assert!(last.contains("train.csv:3") && last.contains("`rating`"), "{err}");
+    assert!(
+        last.contains("train.csv:3") && last.contains("`rating`"),
+        "{err}"
+    );
     assert!(out.stdout.is_empty());
 
     // Skipping bad rows gets through, with one evaluated user.
@@ -100,14 +151,28 @@ fn bad_input_exits_2_naming_file_line_and_field() {
     assert_eq!(out.status.code(), Some(2));
 
     // Bad flags.
-    let out = troupe(&["eval", "--train", train.to_str().unwrap(), "--items", items.to_str().unwrap()]);
+    let out = troupe(&[
+        "eval",
+        "--train",
+        train.to_str().unwrap(),
+        "--items",
+        items.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     let out = run(&["--k", "0"]);
     assert_eq!(out.status.code(), Some(2));
     let out = run(&["--weights", "als=x"]);
     assert_eq!(out.status.code(), Some(2));
     let missing = d.path().join("nope.csv");
-    let out = troupe(&["eval", "--events", missing.to_str().unwrap(), "--split", "time", "--items", items.to_str().unwrap()]);
+    let out = troupe(&[
+        "eval",
+        "--events",
+        missing.to_str().unwrap(),
+        "--split",
+        "time",
+        "--items",
+        items.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope.csv"));
 }
@@ -119,7 +184,11 @@ fn gen_is_deterministic() {
     gen(a.path(), "200", "50", "3000");
     gen(b.path(), "200", "50", "3000");
     for f in ["events.csv", "items.csv"] {
-        assert_eq!(std::fs::read(a.path().join(f)).unwrap(), std::fs::read(b.path().join(f)).unwrap(), "{f}");
+        assert_eq!(
+            std::fs::read(a.path().join(f)).unwrap(),
+            std::fs::read(b.path().join(f)).unwrap(),
+            "{f}"
+        );
     }
 }
 
@@ -130,9 +199,14 @@ fn movielens_default_eval_meets_the_peer_figures() {
     let split = ml.join("split");
     for (min_value, peer_ndcg) in [(Some("4"), 0.208), (None, 0.305)] {
         let mut args = vec![
-            "eval".to_string(), "--train".into(), split.join("train.csv").display().to_string(),
-            "--test".into(), split.join("test.csv").display().to_string(),
-            "--items".into(), ml.join("movies.csv").display().to_string(), "--json".into(),
+            "eval".to_string(),
+            "--train".into(),
+            split.join("train.csv").display().to_string(),
+            "--test".into(),
+            split.join("test.csv").display().to_string(),
+            "--items".into(),
+            ml.join("movies.csv").display().to_string(),
+            "--json".into(),
         ];
         if let Some(v) = min_value {
             args.extend(["--min-value".to_string(), v.to_string()]);
@@ -144,9 +218,18 @@ fn movielens_default_eval_meets_the_peer_figures() {
         assert_eq!(users, if min_value.is_some() { 598 } else { 610 });
         let als = r["models"]["als"]["ndcg"].as_f64().unwrap();
         let ens = r["models"]["ensemble"]["ndcg"].as_f64().unwrap();
-        let best_single = ["als", "content", "popularity"].iter().map(|m| r["models"][m]["ndcg"].as_f64().unwrap()).fold(0.0, f64::max);
-        assert!(als >= peer_ndcg, "ALS NDCG@10 {als} below the peer's {peer_ndcg} (min-value {min_value:?})");
-        assert!(ens >= best_single, "ensemble {ens} below best single branch {best_single}");
+        let best_single = ["als", "content", "popularity"]
+            .iter()
+            .map(|m| r["models"][m]["ndcg"].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        assert!(
+            als >= peer_ndcg,
+            "ALS NDCG@10 {als} below the peer's {peer_ndcg} (min-value {min_value:?})"
+        );
+        assert!(
+            ens >= best_single,
+            "ensemble {ens} below best single branch {best_single}"
+        );
     }
 }
 
@@ -155,8 +238,16 @@ fn online_retail_loads_as_shipped() {
     let Some(data) = shared_data() else { return };
     let or = data.join("online-retail");
     let out = troupe(&[
-        "eval", "--events", or.join("events.csv.gz").to_str().unwrap(), "--items", or.join("items.csv").to_str().unwrap(),
-        "--split", "time", "--iterations", "5", "--json",
+        "eval",
+        "--events",
+        or.join("events.csv.gz").to_str().unwrap(),
+        "--items",
+        or.join("items.csv").to_str().unwrap(),
+        "--split",
+        "time",
+        "--iterations",
+        "5",
+        "--json",
     ]);
     let r = parse_report(&out);
     check_contract(&r);

@@ -40,9 +40,19 @@ fn top_k(c: &mut Criterion) {
         g.throughput(Throughput::Bytes((n * 64 * 4) as u64));
         let mut scratch = Vec::new();
         g.bench_with_input(BenchmarkId::new("topk10", n), &n, |b, _| {
-            b.iter(|| black_box(topk::top_k_dense(items.view(), &q, 10, |i| i == 7, &mut scratch)))
+            b.iter(|| {
+                black_box(topk::top_k_dense(
+                    items.view(),
+                    &q,
+                    10,
+                    |i| i == 7,
+                    &mut scratch,
+                ))
+            })
         });
-        g.bench_with_input(BenchmarkId::new("streaming_sum", n), &n, |b, _| b.iter(|| black_box(kernels::sum(flat))));
+        g.bench_with_input(BenchmarkId::new("streaming_sum", n), &n, |b, _| {
+            b.iter(|| black_box(kernels::sum(flat)))
+        });
     }
     g.finish();
 
@@ -52,7 +62,11 @@ fn top_k(c: &mut Criterion) {
     g.throughput(Throughput::Elements(256));
     g.sample_size(10);
     g.bench_function("256_users_100k_items", |b| {
-        b.iter(|| black_box(topk::top_k_batch(items.view(), users.view(), 10, |_, _| false)))
+        b.iter(|| {
+            black_box(topk::top_k_batch(items.view(), users.view(), 10, |_, _| {
+                false
+            }))
+        })
     });
     g.finish();
 }
@@ -61,13 +75,24 @@ fn als_iteration(c: &mut Criterion) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
     let (users, items) = (20_000usize, 5_000usize);
     let triples: Vec<(u32, u32, f32)> = (0..400_000)
-        .map(|_| (rng.random_range(0..users as u32), rng.random_range(0..items as u32), 1.0))
+        .map(|_| {
+            (
+                rng.random_range(0..users as u32),
+                rng.random_range(0..items as u32),
+                1.0,
+            )
+        })
         .collect();
     let m = Csr::from_triples(users, items, &triples);
-    let params = AlsParams { iterations: 1, ..Default::default() };
+    let params = AlsParams {
+        iterations: 1,
+        ..Default::default()
+    };
     let mut g = c.benchmark_group("als");
     g.sample_size(10);
-    g.bench_function("one_iteration_20k_x_5k_400k", |b| b.iter(|| black_box(als::fit(&m, &params, false, |_, _| {}).unwrap())));
+    g.bench_function("one_iteration_20k_x_5k_400k", |b| {
+        b.iter(|| black_box(als::fit(&m, &params, false, |_, _| {}).unwrap()))
+    });
     g.finish();
 }
 

@@ -48,7 +48,7 @@ impl Default for AlsParams {
             iterations: 15,
             reg: 0.05,
             alpha: 1.0,
-            reg_scaling: RegScaling::None,
+            reg_scaling: RegScaling::Count,
             cg_steps: 3,
             seed: 42,
         }
@@ -139,21 +139,21 @@ pub fn solve_side(target: &mut Array2<f32>, fixed: ArrayView2<f32>, c1: &Csr, pa
     let g = g.as_slice().expect("standard layout");
     let fixed = fixed.as_standard_layout();
     let y = fixed.as_slice().expect("standard layout");
-    let flat = target.as_slice_mut().expect("factor matrices are standard layout");
-    flat.par_chunks_mut(k)
-        .enumerate()
-        .for_each_init(
-            || vec![0f32; 3 * k],
-            |scratch, (u, x)| {
-                let (idx, vals) = c1.row(u);
-                if idx.is_empty() {
-                    x.iter_mut().for_each(|v| *v = 0.0);
-                    return;
-                }
-                let reg = params.row_reg(idx.len());
-                cg_solve(x, g, y, k, idx, vals, reg, params.cg_steps, 1e-20, scratch);
-            },
-        );
+    let flat = target
+        .as_slice_mut()
+        .expect("factor matrices are standard layout");
+    flat.par_chunks_mut(k).enumerate().for_each_init(
+        || vec![0f32; 3 * k],
+        |scratch, (u, x)| {
+            let (idx, vals) = c1.row(u);
+            if idx.is_empty() {
+                x.iter_mut().for_each(|v| *v = 0.0);
+                return;
+            }
+            let reg = params.row_reg(idx.len());
+            cg_solve(x, g, y, k, idx, vals, reg, params.cg_steps, 1e-20, scratch);
+        },
+    );
 }
 
 /// Conjugate gradient on `(G + reg I + Y^T (C - I) Y) x = Y^T C p`, warm-started at `x`.
@@ -228,7 +228,10 @@ pub fn loss(c1: &Csr, users: ArrayView2<f32>, items: ArrayView2<f32>, params: &A
         .into_par_iter()
         .map(|u| {
             let x = users.row(u);
-            let xs = x.as_slice().map(|s| s.to_vec()).unwrap_or_else(|| x.to_vec());
+            let xs = x
+                .as_slice()
+                .map(|s| s.to_vec())
+                .unwrap_or_else(|| x.to_vec());
             // x^T G x covers every pair as if unobserved (c = 1, p = 0).
             let gx = g.dot(&x);
             let mut total = x.dot(&gx) as f64;
@@ -239,14 +242,20 @@ pub fn loss(c1: &Csr, users: ArrayView2<f32>, items: ArrayView2<f32>, params: &A
                 // Replace the (0 - s)^2 term by c (1 - s)^2.
                 total += (1.0 + c as f64) * (1.0 - s).powi(2) - s * s;
             }
-            total + params.row_reg(idx.len()) as f64 * xs.iter().map(|v| (*v as f64).powi(2)).sum::<f64>()
+            total
+                + params.row_reg(idx.len()) as f64
+                    * xs.iter().map(|v| (*v as f64).powi(2)).sum::<f64>()
         })
         .sum();
     let item_part: f64 = (0..items.nrows())
         .into_par_iter()
         .map(|i| {
             params.row_reg(item_counts[i]) as f64
-                * items.row(i).iter().map(|v| (*v as f64).powi(2)).sum::<f64>()
+                * items
+                    .row(i)
+                    .iter()
+                    .map(|v| (*v as f64).powi(2))
+                    .sum::<f64>()
         })
         .sum();
     user_part + item_part
@@ -355,7 +364,11 @@ mod tests {
         let mut test = Vec::new();
         for u in 0..users {
             let g1 = rng.random_range(0..groups);
-            let g2 = if rng.random::<f32>() < 0.5 { Some(rng.random_range(0..groups)) } else { None };
+            let g2 = if rng.random::<f32>() < 0.5 {
+                Some(rng.random_range(0..groups))
+            } else {
+                None
+            };
             let mut liked: Vec<u32> = (0..items)
                 .filter(|&i| item_group[i] == g1 || Some(item_group[i]) == g2)
                 .map(|i| i as u32)
@@ -368,7 +381,10 @@ mod tests {
         (train, test)
     }
 
-    fn recall_at_10(mut model_scores: impl FnMut(usize) -> Vec<topk::Scored>, test: &[Vec<u32>]) -> f64 {
+    fn recall_at_10(
+        mut model_scores: impl FnMut(usize) -> Vec<topk::Scored>,
+        test: &[Vec<u32>],
+    ) -> f64 {
         let mut total = 0.0;
         for (u, t) in test.iter().enumerate() {
             let rec = model_scores(u);
@@ -399,7 +415,13 @@ mod tests {
             |u| {
                 let q = model.user_factors.row(u).to_vec();
                 let (seen, _) = m.row(u);
-                topk::top_k_dense(model.item_factors.view(), &q, 10, |i| seen.binary_search(&i).is_ok(), &mut scratch)
+                topk::top_k_dense(
+                    model.item_factors.view(),
+                    &q,
+                    10,
+                    |i| seen.binary_search(&i).is_ok(),
+                    &mut scratch,
+                )
             },
             &test,
         );
@@ -432,7 +454,8 @@ mod tests {
             };
             let model = fit(&m, &params, false, |_, _| {}).unwrap();
             let fold = FoldIn::new(model.item_factors.view(), &params);
-            let inter: Vec<(u32, f32)> = vec![(3, 1.0), (17, 2.0), (40, 0.5), (41, 1.0), (199, 3.0)];
+            let inter: Vec<(u32, f32)> =
+                vec![(3, 1.0), (17, 2.0), (40, 0.5), (41, 1.0), (199, 3.0)];
             let got = fold.solve(model.item_factors.view(), &inter);
             // Independent dense solve in f64: A = Y^T C Y + reg I over *all* items.
             let k = params.factors;
@@ -456,13 +479,17 @@ mod tests {
                 a[r * k + r] += reg;
             }
             // Gaussian elimination with partial pivoting.
-            let mut aug: Vec<Vec<f64>> = (0..k).map(|r| {
-                let mut row = a[r * k..(r + 1) * k].to_vec();
-                row.push(b[r]);
-                row
-            }).collect();
+            let mut aug: Vec<Vec<f64>> = (0..k)
+                .map(|r| {
+                    let mut row = a[r * k..(r + 1) * k].to_vec();
+                    row.push(b[r]);
+                    row
+                })
+                .collect();
             for col in 0..k {
-                let piv = (col..k).max_by(|&x, &y| aug[x][col].abs().total_cmp(&aug[y][col].abs())).unwrap();
+                let piv = (col..k)
+                    .max_by(|&x, &y| aug[x][col].abs().total_cmp(&aug[y][col].abs()))
+                    .unwrap();
                 aug.swap(col, piv);
                 for r in 0..k {
                     if r != col {
@@ -474,23 +501,51 @@ mod tests {
                 }
             }
             let exact: Vec<f64> = (0..k).map(|r| aug[r][k] / aug[r][r]).collect();
-            let num: f64 = got.iter().zip(&exact).map(|(g, e)| (*g as f64 - e).powi(2)).sum::<f64>().sqrt();
+            let num: f64 = got
+                .iter()
+                .zip(&exact)
+                .map(|(g, e)| (*g as f64 - e).powi(2))
+                .sum::<f64>()
+                .sqrt();
             let den: f64 = exact.iter().map(|e| e * e).sum::<f64>().sqrt();
-            assert!(num / den <= 1e-3, "relative error {} ({scaling:?})", num / den);
+            assert!(
+                num / den <= 1e-3,
+                "relative error {} ({scaling:?})",
+                num / den
+            );
         }
     }
 
     #[test]
     fn rejects_bad_params_and_handles_empty_rows() {
         let m = Csr::from_triples(3, 3, &[(0, 0, 1.0)]);
-        let bad = AlsParams { factors: 0, ..Default::default() };
+        let bad = AlsParams {
+            factors: 0,
+            ..Default::default()
+        };
         assert!(fit(&m, &bad, false, |_, _| {}).is_err());
-        let bad = AlsParams { reg: f32::NAN, ..Default::default() };
+        let bad = AlsParams {
+            reg: f32::NAN,
+            ..Default::default()
+        };
         assert!(fit(&m, &bad, false, |_, _| {}).is_err());
-        let model = fit(&m, &AlsParams { factors: 4, iterations: 2, ..Default::default() }, false, |_, _| {}).unwrap();
+        let model = fit(
+            &m,
+            &AlsParams {
+                factors: 4,
+                iterations: 2,
+                ..Default::default()
+            },
+            false,
+            |_, _| {},
+        )
+        .unwrap();
         assert!(model.user_factors.row(2).iter().all(|v| *v == 0.0));
         let fold = FoldIn::new(model.item_factors.view(), &model.params);
         assert_eq!(fold.solve(model.item_factors.view(), &[]), vec![0.0; 4]);
-        assert_eq!(fold.solve(model.item_factors.view(), &[(99, 1.0)]), vec![0.0; 4]);
+        assert_eq!(
+            fold.solve(model.item_factors.view(), &[(99, 1.0)]),
+            vec![0.0; 4]
+        );
     }
 }

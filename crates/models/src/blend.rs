@@ -57,14 +57,20 @@ impl Blended {
 /// Normalised values for one list (same order as `items`).
 pub fn normalise(items: &[Scored], norm: Normalization) -> Vec<f32> {
     match norm {
-        Normalization::Rrf { k0 } => (0..items.len()).map(|r| 1.0 / (k0 + r as f32 + 1.0)).collect(),
+        Normalization::Rrf { k0 } => (0..items.len())
+            .map(|r| 1.0 / (k0 + r as f32 + 1.0))
+            .collect(),
         Normalization::ZScore => {
             let n = items.len() as f64;
             if n == 0.0 {
                 return Vec::new();
             }
             let mean = items.iter().map(|s| s.score as f64).sum::<f64>() / n;
-            let var = items.iter().map(|s| (s.score as f64 - mean).powi(2)).sum::<f64>() / n;
+            let var = items
+                .iter()
+                .map(|s| (s.score as f64 - mean).powi(2))
+                .sum::<f64>()
+                / n;
             let sd = if var > 0.0 { var.sqrt() } else { 1.0 };
             let z: Vec<f64> = items.iter().map(|s| (s.score as f64 - mean) / sd).collect();
             let min = z.iter().copied().fold(f64::INFINITY, f64::min);
@@ -75,11 +81,20 @@ pub fn normalise(items: &[Scored], norm: Normalization) -> Vec<f32> {
 
 /// Blends `lists` into the best `k`, skipping items for which `allowed` is false.
 /// Weights must be >= 0; a branch with weight 0 contributes nothing.
-pub fn blend(lists: &[BranchList<'_>], norm: Normalization, k: usize, allowed: impl Fn(u32) -> bool) -> Vec<Blended> {
+pub fn blend(
+    lists: &[BranchList<'_>],
+    norm: Normalization,
+    k: usize,
+    allowed: impl Fn(u32) -> bool,
+) -> Vec<Blended> {
     let nb = lists.len();
     let mut acc: FxHashMap<u32, Vec<f32>> = FxHashMap::default();
     for (b, list) in lists.iter().enumerate() {
-        let w = if list.weight.is_finite() { list.weight.max(0.0) } else { 0.0 };
+        let w = if list.weight.is_finite() {
+            list.weight.max(0.0)
+        } else {
+            0.0
+        };
         for (s, v) in list.items.iter().zip(normalise(list.items, norm)) {
             if !allowed(s.item) {
                 continue;
@@ -131,7 +146,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn list(v: &[(u32, f32)]) -> Vec<Scored> {
-        v.iter().map(|&(item, score)| Scored { item, score }).collect()
+        v.iter()
+            .map(|&(item, score)| Scored { item, score })
+            .collect()
     }
 
     #[test]
@@ -139,7 +156,16 @@ mod tests {
         let a = list(&[(1, 9.0), (2, 5.0)]);
         let b = list(&[(2, 0.3), (3, 0.2)]);
         let r = blend(
-            &[BranchList { weight: 1.0, items: &a }, BranchList { weight: 1.0, items: &b }],
+            &[
+                BranchList {
+                    weight: 1.0,
+                    items: &a,
+                },
+                BranchList {
+                    weight: 1.0,
+                    items: &b,
+                },
+            ],
             Normalization::Rrf { k0: 0.0 },
             10,
             |_| true,
@@ -156,21 +182,32 @@ mod tests {
         let seen = |i: u32| i == 1;
         let hidden = |i: u32| i == 2;
         let cat = |i: u32| i < 10;
-        let f = Filters { seen: &seen, hidden: &hidden, in_category: Some(&cat), exclude: &[3] };
+        let f = Filters {
+            seen: &seen,
+            hidden: &hidden,
+            in_category: Some(&cat),
+            exclude: &[3],
+        };
         let ok: Vec<u32> = (0..12).filter(|&i| f.allows(i)).collect();
         assert_eq!(ok, vec![0, 4, 5, 6, 7, 8, 9]);
     }
 
     fn arb_list() -> impl Strategy<Value = Vec<Scored>> {
         prop::collection::btree_map(0u32..40, -5.0f32..5.0, 0..20).prop_map(|m| {
-            let mut v: Vec<Scored> = m.into_iter().map(|(item, score)| Scored { item, score }).collect();
+            let mut v: Vec<Scored> = m
+                .into_iter()
+                .map(|(item, score)| Scored { item, score })
+                .collect();
             v.sort_by(|a, b| b.score.total_cmp(&a.score));
             v
         })
     }
 
     fn arb_norm() -> impl Strategy<Value = Normalization> {
-        prop_oneof![Just(Normalization::ZScore), (0.0f32..100.0).prop_map(|k0| Normalization::Rrf { k0 })]
+        prop_oneof![
+            Just(Normalization::ZScore),
+            (0.0f32..100.0).prop_map(|k0| Normalization::Rrf { k0 })
+        ]
     }
 
     proptest! {

@@ -14,8 +14,25 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{ModelError, Result};
 
-const USER_NAMES: &[&str] = &["user", "user_id", "userid", "customer", "customer_id", "customerid", "visitorid"];
-const ITEM_NAMES: &[&str] = &["item", "item_id", "itemid", "movieid", "product", "product_id", "sku", "stockcode"];
+const USER_NAMES: &[&str] = &[
+    "user",
+    "user_id",
+    "userid",
+    "customer",
+    "customer_id",
+    "customerid",
+    "visitorid",
+];
+const ITEM_NAMES: &[&str] = &[
+    "item",
+    "item_id",
+    "itemid",
+    "movieid",
+    "product",
+    "product_id",
+    "sku",
+    "stockcode",
+];
 const VALUE_NAMES: &[&str] = &["value", "rating", "quantity", "qty", "weight"];
 const TS_NAMES: &[&str] = &["ts", "timestamp", "time", "event_time", "invoicedate"];
 const KIND_NAMES: &[&str] = &["kind", "event", "event_type", "type", "action"];
@@ -222,7 +239,10 @@ fn csv_error(file: &str, header: &[String], e: csv::Error) -> ModelError {
         csv::ErrorKind::Utf8 { err, .. } => ModelError::BadRow {
             file: file.to_string(),
             line,
-            field: header.get(err.field()).cloned().unwrap_or_else(|| format!("#{}", err.field() + 1)),
+            field: header
+                .get(err.field())
+                .cloned()
+                .unwrap_or_else(|| format!("#{}", err.field() + 1)),
             reason: "invalid UTF-8".into(),
         },
         csv::ErrorKind::Io(source) => ModelError::Io {
@@ -362,7 +382,11 @@ impl Iterator for EventReader {
 
 /// Reads a whole item catalogue (catalogues fit in memory; events never need to).
 /// Categories are split on `|` or `;`. A repeated id keeps its last row.
-pub fn read_items(path: &Path, cols: &Columns, skip_bad_rows: bool) -> Result<(Vec<ItemRecord>, SkipReport)> {
+pub fn read_items(
+    path: &Path,
+    cols: &Columns,
+    skip_bad_rows: bool,
+) -> Result<(Vec<ItemRecord>, SkipReport)> {
     let mut src = CsvSource::open(path)?;
     let id = src.required(cols.item.as_deref(), ITEM_NAMES, "item")?;
     let text = src.column(cols.text.as_deref(), TEXT_NAMES, "text")?;
@@ -373,7 +397,9 @@ pub fn read_items(path: &Path, cols: &Columns, skip_bad_rows: bool) -> Result<(V
         let row = match src.next_row() {
             Ok(Some(line)) => src.non_empty(line, id).map(|id| ItemRecord {
                 id,
-                text: text.map(|c| src.field(c).trim().to_string()).unwrap_or_default(),
+                text: text
+                    .map(|c| src.field(c).trim().to_string())
+                    .unwrap_or_default(),
                 categories: cat
                     .map(|c| split_categories(src.field(c)))
                     .unwrap_or_default(),
@@ -401,7 +427,10 @@ pub fn split_categories(s: &str) -> Vec<String> {
 
 /// Reads a MovieLens-style tag file (`userId,movieId,tag,...`) into item id -> tags,
 /// each distinct tag once per item, in first-seen order.
-pub fn read_tags(path: &Path, skip_bad_rows: bool) -> Result<(rustc_hash::FxHashMap<String, Vec<String>>, SkipReport)> {
+pub fn read_tags(
+    path: &Path,
+    skip_bad_rows: bool,
+) -> Result<(rustc_hash::FxHashMap<String, Vec<String>>, SkipReport)> {
     let mut src = CsvSource::open(path)?;
     let item = src.required(None, ITEM_NAMES, "item")?;
     let tag = src.required(None, TAG_NAMES, "tag")?;
@@ -444,7 +473,11 @@ mod tests {
     #[test]
     fn reads_movielens_and_generic_layouts() {
         let d = tempfile::tempdir().unwrap();
-        let p = write(&d, "r.csv", b"userId,movieId,rating,timestamp\n1,10,4.5,964982703\n2,11,3,964982704\n");
+        let p = write(
+            &d,
+            "r.csv",
+            b"userId,movieId,rating,timestamp\n1,10,4.5,964982703\n2,11,3,964982704\n",
+        );
         let evs: Vec<Event> = EventReader::open(&p, &Columns::default(), false)
             .unwrap()
             .collect::<Result<_>>()
@@ -475,15 +508,23 @@ mod tests {
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(b"user,item\nu1,i1\nu2,i2\n").unwrap();
         let p = write(&d, "e.csv.gz", &gz.finish().unwrap());
-        let n = EventReader::open(&p, &Columns::default(), false).unwrap().count();
+        let n = EventReader::open(&p, &Columns::default(), false)
+            .unwrap()
+            .count();
         assert_eq!(n, 2);
     }
 
     #[test]
     fn malformed_rows_name_file_line_and_field() {
         let d = tempfile::tempdir().unwrap();
-        let p = write(&d, "bad.csv", b"user,item,rating,ts\nu1,i1,4,10\nu2,i2,abc,11\nu3,i3,5,12\n");
-        let res: Result<Vec<Event>> = EventReader::open(&p, &Columns::default(), false).unwrap().collect();
+        let p = write(
+            &d,
+            "bad.csv",
+            b"user,item,rating,ts\nu1,i1,4,10\nu2,i2,abc,11\nu3,i3,5,12\n",
+        );
+        let res: Result<Vec<Event>> = EventReader::open(&p, &Columns::default(), false)
+            .unwrap()
+            .collect();
         let msg = res.unwrap_err().to_string();
         assert!(msg.contains("bad.csv:3"), "{msg}");
         assert!(msg.contains("`rating`"), "{msg}");
@@ -500,7 +541,10 @@ mod tests {
             .unwrap()
             .unwrap_err()
             .to_string();
-        assert!(msg.contains("short.csv:2") && msg.contains("expected 3 fields"), "{msg}");
+        assert!(
+            msg.contains("short.csv:2") && msg.contains("expected 3 fields"),
+            "{msg}"
+        );
 
         let p = write(&d, "time.csv", b"user,item,ts\nu1,i1,yesterday\n");
         let msg = EventReader::open(&p, &Columns::default(), false)
@@ -534,14 +578,23 @@ mod tests {
     fn missing_or_misnamed_columns_are_reported() {
         let d = tempfile::tempdir().unwrap();
         let p = write(&d, "x.csv", b"a,b\n1,2\n");
-        let msg = EventReader::open(&p, &Columns::default(), false).err().unwrap().to_string();
-        assert!(msg.contains("missing column") && msg.contains("user"), "{msg}");
+        let msg = EventReader::open(&p, &Columns::default(), false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains("missing column") && msg.contains("user"),
+            "{msg}"
+        );
         let cols = Columns {
             user: Some("a".into()),
             item: Some("zzz".into()),
             ..Default::default()
         };
-        let msg = EventReader::open(&p, &cols, false).err().unwrap().to_string();
+        let msg = EventReader::open(&p, &cols, false)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(msg.contains("zzz"), "{msg}");
     }
 
@@ -557,7 +610,11 @@ mod tests {
         assert_eq!(items[0].categories, vec!["Adventure", "Animation"]);
         assert_eq!(items[1].text, "Heat, The (1995)");
         assert!(items[1].categories.is_empty());
-        let t = write(&d, "tags.csv", b"userId,movieId,tag,timestamp\n1,1,Pixar,5\n2,1,pixar,6\n");
+        let t = write(
+            &d,
+            "tags.csv",
+            b"userId,movieId,tag,timestamp\n1,1,Pixar,5\n2,1,pixar,6\n",
+        );
         let (tags, _) = read_tags(&t, false).unwrap();
         assert_eq!(tags["1"], vec!["pixar"]);
         assert_eq!(

@@ -77,7 +77,9 @@ impl std::str::FromStr for ValueTransform {
             "binary" => Ok(ValueTransform::Binary),
             "raw" => Ok(ValueTransform::Raw),
             "log1p" => Ok(ValueTransform::Log1p),
-            _ => Err(format!("unknown value transform `{s}` (binary, raw, log1p)")),
+            _ => Err(format!(
+                "unknown value transform `{s}` (binary, raw, log1p)"
+            )),
         }
     }
 }
@@ -95,10 +97,15 @@ pub struct WeightConfig {
 impl Default for WeightConfig {
     fn default() -> Self {
         WeightConfig {
-            kind_weights: [("view", 1.0), ("click", 2.0), ("add_to_cart", 4.0), ("purchase", 8.0)]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            kind_weights: [
+                ("view", 1.0),
+                ("click", 2.0),
+                ("add_to_cart", 4.0),
+                ("purchase", 8.0),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
             default_weight: 1.0,
             transform: ValueTransform::Binary,
             negative_kinds: ["dislike".to_string()].into_iter().collect(),
@@ -183,7 +190,8 @@ impl Dataset {
         let user = self.users.intern(&ev.user);
         let item = self.items.intern(&ev.item);
         if self.catalog.len() <= item as usize {
-            self.catalog.resize(item as usize + 1, ItemRecord::default());
+            self.catalog
+                .resize(item as usize + 1, ItemRecord::default());
             self.catalog[item as usize].id = ev.item.clone();
         }
         let kind = match &ev.kind {
@@ -258,7 +266,9 @@ pub fn split_per_user(
         let n_test = (fraction * group.len() as f64 + 0.5).floor() as usize;
         match kind {
             SplitKind::Random => {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (user as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let mut rng = rand::rngs::StdRng::seed_from_u64(
+                    seed ^ (user as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
                 group.shuffle(&mut rng);
                 // Holdout is the first n_test of the shuffle; keep file order inside each part.
                 let (h, t) = group.split_at_mut(n_test);
@@ -287,7 +297,13 @@ mod tests {
         let mut v = Vec::new();
         for u in 0..n_users {
             for j in 0..per_user {
-                v.push(Interaction { user: u, item: j, kind: NO_KIND, value: f32::NAN, ts: (per_user - j) as i64 });
+                v.push(Interaction {
+                    user: u,
+                    item: j,
+                    kind: NO_KIND,
+                    value: f32::NAN,
+                    ts: (per_user - j) as i64,
+                });
             }
         }
         v
@@ -313,8 +329,18 @@ mod tests {
         let (train, test) = split_per_user(&r, 0.3, SplitKind::Time, 0).unwrap();
         assert_eq!(test.len(), 6);
         for u in 0..2 {
-            let max_train = train.iter().filter(|x| x.user == u).map(|x| x.ts).max().unwrap();
-            let min_test = test.iter().filter(|x| x.user == u).map(|x| x.ts).min().unwrap();
+            let max_train = train
+                .iter()
+                .filter(|x| x.user == u)
+                .map(|x| x.ts)
+                .max()
+                .unwrap();
+            let min_test = test
+                .iter()
+                .filter(|x| x.user == u)
+                .map(|x| x.ts)
+                .min()
+                .unwrap();
             assert!(min_test >= max_train);
         }
         assert!(split_per_user(&r, 1.5, SplitKind::Time, 0).is_err());
@@ -337,8 +363,18 @@ mod tests {
     #[test]
     fn interning_is_dense_and_stable() {
         let mut d = Dataset::default();
-        d.add_items(vec![ItemRecord { id: "b".into(), text: "B".into(), categories: vec![] }]);
-        let ev = Event { user: "u".into(), item: "a".into(), kind: Some("view".into()), value: None, ts: 3 };
+        d.add_items(vec![ItemRecord {
+            id: "b".into(),
+            text: "B".into(),
+            categories: vec![],
+        }]);
+        let ev = Event {
+            user: "u".into(),
+            item: "a".into(),
+            kind: Some("view".into()),
+            value: None,
+            ts: 3,
+        };
         let x = d.intern(&ev);
         assert_eq!((x.user, x.item), (0, 1));
         assert_eq!(d.kind_name(x.kind), Some("view"));

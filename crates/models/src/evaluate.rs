@@ -44,8 +44,8 @@ impl Default for BlendSettings {
     /// `docs/adr/003-default-blend.md` for the command); never on test.
     fn default() -> Self {
         BlendSettings {
-            weights: [0.7, 0.1, 0.2],
-            normalization: Normalization::ZScore,
+            weights: [0.8, 0.1, 0.1],
+            normalization: Normalization::Rrf { k0: 60.0 },
             candidates: 100,
         }
     }
@@ -63,6 +63,9 @@ pub struct EvalConfig {
     /// Half-life of the content profile's decay in days (<= 0: no decay).
     pub content_half_life_days: f64,
     pub tune: bool,
+    /// With `tune`: keep the ALS hyper-parameters as given and search only decays and the
+    /// blend (how the default blend settings were chosen).
+    pub tune_blend_only: bool,
     /// Fraction of each user's train rows used for validation when tuning.
     pub validation_fraction: f64,
     /// How the validation split is carved (follows the outer split).
@@ -80,6 +83,7 @@ impl Default for EvalConfig {
             popularity_half_life_days: 0.0,
             content_half_life_days: 0.0,
             tune: false,
+            tune_blend_only: false,
             validation_fraction: 0.2,
             validation_split: SplitKind::Random,
             seed: 42,
@@ -142,7 +146,12 @@ struct UserData {
     now: i64,
 }
 
-fn user_data(rows: &[Interaction], n_users: usize, w: &WeightConfig, kind_name: &(dyn Fn(u16) -> Option<String> + Sync)) -> UserData {
+fn user_data(
+    rows: &[Interaction],
+    n_users: usize,
+    w: &WeightConfig,
+    kind_name: &(dyn Fn(u16) -> Option<String> + Sync),
+) -> UserData {
     let mut positives = vec![Vec::new(); n_users];
     let mut seen: Vec<Vec<u32>> = vec![Vec::new(); n_users];
     let mut now = i64::MIN;
@@ -177,10 +186,17 @@ fn weight_matrix(ud: &UserData, n_items: usize) -> Csr {
 }
 
 /// Relevant test items per evaluated user (positives only), in user order.
-fn relevant(rows: &[Interaction], n_users: usize, w: &WeightConfig, kind_name: &(dyn Fn(u16) -> Option<String> + Sync)) -> Vec<(u32, FxHashSet<u32>)> {
+fn relevant(
+    rows: &[Interaction],
+    n_users: usize,
+    w: &WeightConfig,
+    kind_name: &(dyn Fn(u16) -> Option<String> + Sync),
+) -> Vec<(u32, FxHashSet<u32>)> {
     let mut sets: Vec<FxHashSet<u32>> = vec![FxHashSet::default(); n_users];
     for r in rows {
-        if w.weight(kind_name(r.kind).as_deref(), r.value).is_some_and(|x| x > 0.0) {
+        if w.weight(kind_name(r.kind).as_deref(), r.value)
+            .is_some_and(|x| x > 0.0)
+        {
             sets[r.user as usize].insert(r.item);
         }
     }
@@ -201,8 +217,16 @@ fn is_zero(v: ndarray::ArrayView1<f32>) -> bool {
     v.iter().all(|x| *x == 0.0)
 }
 
-fn als_candidates(model: &als::AlsModel, users: &[u32], ud: &UserData, n: usize) -> Vec<Vec<Scored>> {
-    let q = model.user_factors.select(ndarray::Axis(0), &users.iter().map(|&u| u as usize).collect::<Vec<_>>());
+fn als_candidates(
+    model: &als::AlsModel,
+    users: &[u32],
+    ud: &UserData,
+    n: usize,
+) -> Vec<Vec<Scored>> {
+    let q = model.user_factors.select(
+        ndarray::Axis(0),
+        &users.iter().map(|&u| u as usize).collect::<Vec<_>>(),
+    );
     let lists = topk::top_k_batch(model.item_factors.view(), q.view(), n, |r, i| {
         ud.seen[users[r] as usize].binary_search(&i).is_ok()
     });
@@ -213,19 +237,30 @@ fn als_candidates(model: &als::AlsModel, users: &[u32], ud: &UserData, n: usize)
         .collect()
 }
 
-fn content_candidates(emb: ArrayView2<f32>, users: &[u32], ud: &UserData, n: usize, half_life_days: f64) -> Vec<Vec<Scored>> {
+fn content_candidates(
+    emb: ArrayView2<f32>,
+    users: &[u32],
+    ud: &UserData,
+    n: usize,
+    half_life_days: f64,
+) -> Vec<Vec<Scored>> {
     let dim = emb.ncols();
     let profiles: Vec<Option<Vec<f32>>> = users
         .par_iter()
-        .map(|&u| content::user_profile(emb, &ud.positives[u as usize], ud.now, half_life_days * DAY))
+        .map(|&u| {
+            content::user_profile(emb, &ud.positives[u as usize], ud.now, half_life_days * DAY)
+        })
         .collect();
     let mut q = Array2::<f32>::zeros((users.len(), dim));
     for (r, p) in profiles.iter().enumerate() {
         if let Some(p) = p {
-            q.row_mut(r).assign(&ndarray::ArrayView1::from(p.as_slice()));
+            q.row_mut(r)
+                .assign(&ndarray::ArrayView1::from(p.as_slice()));
         }
     }
-    let lists = topk::top_k_batch(emb, q.view(), n, |r, i| ud.seen[users[r] as usize].binary_search(&i).is_ok());
+    let lists = topk::top_k_batch(emb, q.view(), n, |r, i| {
+        ud.seen[users[r] as usize].binary_search(&i).is_ok()
+    });
     lists
         .into_iter()
         .zip(&profiles)
@@ -243,19 +278,38 @@ fn popularity_model(ud: &UserData, n_items: usize, half_life_days: f64) -> Popul
     pop
 }
 
-fn popularity_candidates(pop: &Popularity, users: &[u32], ud: &UserData, n: usize) -> Vec<Vec<Scored>> {
-    let max_seen = users.iter().map(|&u| ud.seen[u as usize].len()).max().unwrap_or(0);
+fn popularity_candidates(
+    pop: &Popularity,
+    users: &[u32],
+    ud: &UserData,
+    n: usize,
+) -> Vec<Vec<Scored>> {
+    let max_seen = users
+        .iter()
+        .map(|&u| ud.seen[u as usize].len())
+        .max()
+        .unwrap_or(0);
     let global = pop.top_k(n + max_seen, ud.now, None, |_| false);
     users
         .par_iter()
         .map(|&u| {
             let s = &ud.seen[u as usize];
-            global.iter().filter(|x| s.binary_search(&x.item).is_err()).take(n).copied().collect()
+            global
+                .iter()
+                .filter(|x| s.binary_search(&x.item).is_err())
+                .take(n)
+                .copied()
+                .collect()
         })
         .collect()
 }
 
-fn score_lists(lists: impl Iterator<Item = Vec<u32>>, rel: &[(u32, FxHashSet<u32>)], k: usize, universe: usize) -> (RankMetrics, f64) {
+fn score_lists(
+    lists: impl Iterator<Item = Vec<u32>>,
+    rel: &[(u32, FxHashSet<u32>)],
+    k: usize,
+    universe: usize,
+) -> (RankMetrics, f64) {
     let mut acc = MetricsAccumulator::new(universe);
     for (l, (_, r)) in lists.zip(rel) {
         acc.add(&l, r, k);
@@ -263,12 +317,29 @@ fn score_lists(lists: impl Iterator<Item = Vec<u32>>, rel: &[(u32, FxHashSet<u32
     (acc.mean(), acc.coverage())
 }
 
-fn branch_only(c: &Candidates, b: usize, rel: &[(u32, FxHashSet<u32>)], k: usize, universe: usize) -> (RankMetrics, f64) {
-    score_lists(c.lists.iter().map(|l| l[b].iter().take(k).map(|s| s.item).collect()), rel, k, universe)
+fn branch_only(
+    c: &Candidates,
+    b: usize,
+    rel: &[(u32, FxHashSet<u32>)],
+    k: usize,
+    universe: usize,
+) -> (RankMetrics, f64) {
+    score_lists(
+        c.lists
+            .iter()
+            .map(|l| l[b].iter().take(k).map(|s| s.item).collect()),
+        rel,
+        k,
+        universe,
+    )
 }
 
 /// Blends every user's candidates; returns ranked lists and the mean share per branch.
-fn ensemble_lists(c: &Candidates, blend_cfg: &BlendSettings, k: usize) -> (Vec<Vec<u32>>, [f64; 3]) {
+fn ensemble_lists(
+    c: &Candidates,
+    blend_cfg: &BlendSettings,
+    k: usize,
+) -> (Vec<Vec<u32>>, [f64; 3]) {
     let results: Vec<(Vec<u32>, [f64; 3], usize)> = c
         .lists
         .par_iter()
@@ -336,7 +407,9 @@ impl Evaluation<'_> {
         }
         let rel = relevant(self.test, self.n_users, &cfg.weights, self.kind_name);
         if rel.is_empty() {
-            return Err(ModelError::Empty("no user has a test row (after --min-value)".into()));
+            return Err(ModelError::Empty(
+                "no user has a test row (after --min-value)".into(),
+            ));
         }
         let universe = self.n_items;
         let mut cfg = cfg.clone();
@@ -371,7 +444,13 @@ impl Evaluation<'_> {
         let als_fit = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
-        let content_lists = content_candidates(self.embeddings, &users, &ud, n_cand, cfg.content_half_life_days);
+        let content_lists = content_candidates(
+            self.embeddings,
+            &users,
+            &ud,
+            n_cand,
+            cfg.content_half_life_days,
+        );
         let content_fit = self.embed_seconds + t.elapsed().as_secs_f64();
 
         let t = Instant::now();
@@ -433,10 +512,17 @@ impl Evaluation<'_> {
     /// train (test is not touched).
     fn tune(&self, cfg: &EvalConfig, log: &mut impl FnMut(&str)) -> Result<TuneResult> {
         let started = Instant::now();
-        let (sub, val) = split_per_user(self.train, cfg.validation_fraction.max(0.05), cfg.validation_split, cfg.seed ^ 0x5eed)?;
+        let (sub, val) = split_per_user(
+            self.train,
+            cfg.validation_fraction.max(0.05),
+            cfg.validation_split,
+            cfg.seed ^ 0x5eed,
+        )?;
         let rel = relevant(&val, self.n_users, &cfg.weights, self.kind_name);
         if rel.is_empty() {
-            return Err(ModelError::Empty("validation split has no users; too little train data to tune".into()));
+            return Err(ModelError::Empty(
+                "validation split has no users; too little train data to tune".into(),
+            ));
         }
         let users: Vec<u32> = rel.iter().map(|(u, _)| *u).collect();
         let ud = user_data(&sub, self.n_users, &cfg.weights, self.kind_name);
@@ -446,18 +532,43 @@ impl Evaluation<'_> {
         let m = weight_matrix(&ud, self.n_items);
         let mut tried = 0usize;
         let ndcg_of = |lists: &[Vec<Scored>]| {
-            score_lists(lists.iter().map(|l| l.iter().take(k).map(|s| s.item).collect()), &rel, k, universe).0.ndcg
+            score_lists(
+                lists
+                    .iter()
+                    .map(|l| l.iter().take(k).map(|s| s.item).collect()),
+                &rel,
+                k,
+                universe,
+            )
+            .0
+            .ndcg
         };
 
         // ALS: regularisation (plain and count-scaled), confidence scale, width.
         let mut grid: Vec<AlsParams> = Vec::new();
-        for &factors in &[64usize, 128] {
+        let factor_grid: &[usize] = if cfg.tune_blend_only { &[] } else { &[64, 128] };
+        if cfg.tune_blend_only {
+            grid.push(cfg.als.clone());
+        }
+        for &factors in factor_grid {
             for &alpha in &[1.0f32, 4.0] {
                 for &reg in &[0.05f32, 1.0, 5.0, 20.0, 50.0] {
-                    grid.push(AlsParams { factors, alpha, reg, reg_scaling: RegScaling::None, ..cfg.als.clone() });
+                    grid.push(AlsParams {
+                        factors,
+                        alpha,
+                        reg,
+                        reg_scaling: RegScaling::None,
+                        ..cfg.als.clone()
+                    });
                 }
                 for &reg in &[0.02f32, 0.1, 0.3, 1.0] {
-                    grid.push(AlsParams { factors, alpha, reg, reg_scaling: RegScaling::Count, ..cfg.als.clone() });
+                    grid.push(AlsParams {
+                        factors,
+                        alpha,
+                        reg,
+                        reg_scaling: RegScaling::Count,
+                        ..cfg.als.clone()
+                    });
                 }
             }
         }
@@ -475,7 +586,8 @@ impl Evaluation<'_> {
                 best_als = Some((s, p, lists));
             }
         }
-        let (als_ndcg, als_params, als_lists) = best_als.ok_or_else(|| ModelError::Empty("no ALS configuration".into()))?;
+        let (als_ndcg, als_params, als_lists) =
+            best_als.ok_or_else(|| ModelError::Empty("no ALS configuration".into()))?;
 
         let half_lives = [0.0f64, 30.0, 180.0, 730.0];
         let mut best_pop: Option<(f64, f64, Vec<Vec<Scored>>)> = None;
@@ -488,7 +600,8 @@ impl Evaluation<'_> {
                 best_pop = Some((s, h, lists));
             }
         }
-        let (pop_ndcg, pop_h, pop_lists) = best_pop.ok_or_else(|| ModelError::Empty("no popularity setting".into()))?;
+        let (pop_ndcg, pop_h, pop_lists) =
+            best_pop.ok_or_else(|| ModelError::Empty("no popularity setting".into()))?;
 
         let mut best_con: Option<(f64, f64, Vec<Vec<Scored>>)> = None;
         for &h in &half_lives {
@@ -499,7 +612,8 @@ impl Evaluation<'_> {
                 best_con = Some((s, h, lists));
             }
         }
-        let (con_ndcg, con_h, con_lists) = best_con.ok_or_else(|| ModelError::Empty("no content setting".into()))?;
+        let (con_ndcg, con_h, con_lists) =
+            best_con.ok_or_else(|| ModelError::Empty("no content setting".into()))?;
 
         let cands = Candidates {
             lists: als_lists
@@ -511,14 +625,22 @@ impl Evaluation<'_> {
         };
         let mut best_blend = (f64::MIN, cfg.blend);
         let steps: Vec<f32> = (0..=10).map(|i| i as f32 / 10.0).collect();
-        for norm in [Normalization::Rrf { k0: 60.0 }, Normalization::Rrf { k0: 10.0 }, Normalization::ZScore] {
+        for norm in [
+            Normalization::Rrf { k0: 60.0 },
+            Normalization::Rrf { k0: 10.0 },
+            Normalization::ZScore,
+        ] {
             for &wa in &steps {
                 for &wc in &steps {
                     let wp = 1.0 - wa - wc;
                     if wp < -1e-6 {
                         continue;
                     }
-                    let b = BlendSettings { weights: [wa, wc, wp.max(0.0)], normalization: norm, candidates: cfg.blend.candidates };
+                    let b = BlendSettings {
+                        weights: [wa, wc, wp.max(0.0)],
+                        normalization: norm,
+                        candidates: cfg.blend.candidates,
+                    };
                     let (lists, _) = ensemble_lists(&cands, &b, k);
                     let (mm, _) = score_lists(lists.into_iter(), &rel, k, universe);
                     tried += 1;
@@ -575,7 +697,9 @@ pub fn evaluate_als(
 ) -> Result<AlsOnlyReport> {
     let rel = relevant(test, n_users, weights, kind_name);
     if rel.is_empty() {
-        return Err(ModelError::Empty("no user has a test row (after --min-value)".into()));
+        return Err(ModelError::Empty(
+            "no user has a test row (after --min-value)".into(),
+        ));
     }
     let ud = user_data(train, n_users, weights, kind_name);
     let t = Instant::now();
@@ -586,7 +710,12 @@ pub fn evaluate_als(
     let t = Instant::now();
     let lists = als_candidates(&model, &users, &ud, k);
     let recommend_seconds = t.elapsed().as_secs_f64();
-    let (mm, coverage) = score_lists(lists.iter().map(|l| l.iter().map(|s| s.item).collect()), &rel, k, n_items);
+    let (mm, coverage) = score_lists(
+        lists.iter().map(|l| l.iter().map(|s| s.item).collect()),
+        &rel,
+        k,
+        n_items,
+    );
     Ok(AlsOnlyReport {
         users: rel.len(),
         k,

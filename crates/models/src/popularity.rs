@@ -109,7 +109,13 @@ impl Popularity {
     }
 
     /// The `k` most popular items at `now`, globally or within `category`.
-    pub fn top_k(&self, k: usize, now: i64, category: Option<&str>, excluded: impl Fn(u32) -> bool) -> Vec<Scored> {
+    pub fn top_k(
+        &self,
+        k: usize,
+        now: i64,
+        category: Option<&str>,
+        excluded: impl Fn(u32) -> bool,
+    ) -> Vec<Scored> {
         let mut top = TopK::new(k);
         let scale = self.counts.factor(now, self.counts.anchor);
         let rel = self.counts.relative_values();
@@ -121,7 +127,12 @@ impl Popularity {
             }
         };
         match category {
-            Some(c) => self.categories.get(c).into_iter().flatten().for_each(|&i| offer(i)),
+            Some(c) => self
+                .categories
+                .get(c)
+                .into_iter()
+                .flatten()
+                .for_each(|&i| offer(i)),
             None => (0..rel.len() as u32).for_each(offer),
         }
         top.into_sorted()
@@ -159,9 +170,17 @@ mod tests {
         p.set_categories(0, &["a".into()]);
         p.set_categories(3, &["a".into()]);
         p.set_categories(2, &["b".into()]);
-        let a: Vec<u32> = p.top_k(5, 0, Some("a"), |_| false).iter().map(|s| s.item).collect();
+        let a: Vec<u32> = p
+            .top_k(5, 0, Some("a"), |_| false)
+            .iter()
+            .map(|s| s.item)
+            .collect();
         assert_eq!(a, vec![0, 3]);
-        let g: Vec<u32> = p.top_k(2, 0, None, |i| i == 2).iter().map(|s| s.item).collect();
+        let g: Vec<u32> = p
+            .top_k(2, 0, None, |i| i == 2)
+            .iter()
+            .map(|s| s.item)
+            .collect();
         assert_eq!(g, vec![0, 1]);
         assert!(p.top_k(2, 0, Some("zzz"), |_| false).is_empty());
     }

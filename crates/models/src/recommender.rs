@@ -32,7 +32,13 @@ pub struct Answer {
 
 impl Recommender {
     /// Builds from trained parts (precomputes the fold-in Gram matrix).
-    pub fn new(als: AlsModel, embeddings: Array2<f32>, popularity: Popularity, blend: BlendSettings, content_half_life_days: f64) -> Self {
+    pub fn new(
+        als: AlsModel,
+        embeddings: Array2<f32>,
+        popularity: Popularity,
+        blend: BlendSettings,
+        content_half_life_days: f64,
+    ) -> Self {
         let fold_in = FoldIn::new(als.item_factors.view(), &als.params);
         Recommender {
             als,
@@ -51,7 +57,13 @@ impl Recommender {
     }
 
     /// Top-k for a user with the given history at time `now`, after `filters`.
-    pub fn recommend(&self, history: &[(u32, f32, i64)], now: i64, k: usize, filters: &Filters<'_>) -> Answer {
+    pub fn recommend(
+        &self,
+        history: &[(u32, f32, i64)],
+        now: i64,
+        k: usize,
+        filters: &Filters<'_>,
+    ) -> Answer {
         let n = self.blend.candidates.max(k);
         let mut scratch = Vec::new();
         let allowed = |i: u32| filters.allows(i);
@@ -59,17 +71,39 @@ impl Recommender {
         let als = if user.iter().all(|v| *v == 0.0) {
             Vec::new()
         } else {
-            topk::top_k_dense(self.als.item_factors.view(), &user, n, |i| !allowed(i), &mut scratch)
+            topk::top_k_dense(
+                self.als.item_factors.view(),
+                &user,
+                n,
+                |i| !allowed(i),
+                &mut scratch,
+            )
         };
-        let content = match content::user_profile(self.embeddings.view(), history, now, self.content_half_life_days * DAY) {
-            Some(p) => content::score_profile(self.embeddings.view(), &p, n, |i| !allowed(i), &mut scratch),
+        let content = match content::user_profile(
+            self.embeddings.view(),
+            history,
+            now,
+            self.content_half_life_days * DAY,
+        ) {
+            Some(p) => {
+                content::score_profile(self.embeddings.view(), &p, n, |i| !allowed(i), &mut scratch)
+            }
             None => Vec::new(),
         };
         let popularity = self.popularity.top_k(n, now, None, |i| !allowed(i));
         let lists = [
-            BranchList { weight: self.blend.weights[0], items: &als },
-            BranchList { weight: self.blend.weights[1], items: &content },
-            BranchList { weight: self.blend.weights[2], items: &popularity },
+            BranchList {
+                weight: self.blend.weights[0],
+                items: &als,
+            },
+            BranchList {
+                weight: self.blend.weights[1],
+                items: &content,
+            },
+            BranchList {
+                weight: self.blend.weights[2],
+                items: &popularity,
+            },
         ];
         let items = blend::blend(&lists, self.blend.normalization, k, allowed);
         Answer {

@@ -123,7 +123,13 @@ mod tests {
 
     #[test]
     fn triples_sum_duplicates_and_transpose_round_trips() {
-        let t = vec![(0, 2, 1.0), (1, 0, 2.0), (0, 2, 0.5), (0, 1, 3.0), (2, 2, 4.0)];
+        let t = vec![
+            (0, 2, 1.0),
+            (1, 0, 2.0),
+            (0, 2, 0.5),
+            (0, 1, 3.0),
+            (2, 2, 4.0),
+        ];
         let m = Csr::from_triples(3, 3, &t);
         assert_eq!(m.row(0), (&[1u32, 2][..], &[3.0f32, 1.5][..]));
         assert_eq!(m.row(1), (&[0u32][..], &[2.0f32][..]));

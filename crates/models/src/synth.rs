@@ -51,7 +51,10 @@ impl Default for SynthConfig {
 impl SynthConfig {
     pub fn validate(&self) -> Result<()> {
         if self.users == 0 || self.items == 0 || self.clusters == 0 || self.events == 0 {
-            return Err(ModelError::param("users/items/events/clusters", "must all be >= 1"));
+            return Err(ModelError::param(
+                "users/items/events/clusters",
+                "must all be >= 1",
+            ));
         }
         if self.clusters > self.items {
             return Err(ModelError::param("clusters", "cannot exceed items"));
@@ -72,12 +75,15 @@ pub struct SynthStats {
 }
 
 const SYLLABLES: &[&str] = &[
-    "ka", "lo", "mi", "ra", "te", "su", "no", "vi", "da", "pe", "zu", "ko", "ba", "ri", "fo", "ne", "ta", "gu", "le", "mo",
+    "ka", "lo", "mi", "ra", "te", "su", "no", "vi", "da", "pe", "zu", "ko", "ba", "ri", "fo", "ne",
+    "ta", "gu", "le", "mo",
 ];
 
 fn word(rng: &mut impl Rng) -> String {
     let n = rng.random_range(2..4);
-    (0..n).map(|_| SYLLABLES[rng.random_range(0..SYLLABLES.len())]).collect()
+    (0..n)
+        .map(|_| SYLLABLES[rng.random_range(0..SYLLABLES.len())])
+        .collect()
 }
 
 struct Model {
@@ -92,18 +98,28 @@ struct Model {
 fn sample(cum: &[f64], rng: &mut impl Rng) -> usize {
     let total = cum.last().copied().unwrap_or(0.0);
     let x = rng.random::<f64>() * total;
-    cum.partition_point(|&c| c <= x).min(cum.len().saturating_sub(1))
+    cum.partition_point(|&c| c <= x)
+        .min(cum.len().saturating_sub(1))
 }
 
 fn build(cfg: &SynthConfig) -> Model {
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let item_cluster: Vec<u32> = (0..cfg.items)
-        .map(|i| if i < cfg.clusters { i as u32 } else { rng.random_range(0..cfg.clusters as u32) })
+        .map(|i| {
+            if i < cfg.clusters {
+                i as u32
+            } else {
+                rng.random_range(0..cfg.clusters as u32)
+            }
+        })
         .collect();
     // Popularity rank is a random permutation so clusters mix popular and niche items.
     let mut ranks: Vec<usize> = (0..cfg.items).collect();
     rand::seq::SliceRandom::shuffle(ranks.as_mut_slice(), &mut rng);
-    let weight: Vec<f64> = ranks.iter().map(|&r| 1.0 / ((r + 1) as f64).powf(cfg.item_skew)).collect();
+    let weight: Vec<f64> = ranks
+        .iter()
+        .map(|&r| 1.0 / ((r + 1) as f64).powf(cfg.item_skew))
+        .collect();
     let mut cluster_items: Vec<(Vec<u32>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); cfg.clusters];
     for (i, &c) in item_cluster.iter().enumerate() {
         let (items, cum) = &mut cluster_items[c as usize];
@@ -112,11 +128,16 @@ fn build(cfg: &SynthConfig) -> Model {
         cum.push(prev + weight[i]);
     }
     let mut acc = 0.0;
-    let global_cum = weight.iter().map(|w| {
-        acc += w;
-        acc
-    }).collect();
-    let cluster_vocab = (0..cfg.clusters).map(|_| (0..30).map(|_| word(&mut rng)).collect()).collect();
+    let global_cum = weight
+        .iter()
+        .map(|w| {
+            acc += w;
+            acc
+        })
+        .collect();
+    let cluster_vocab = (0..cfg.clusters)
+        .map(|_| (0..30).map(|_| word(&mut rng)).collect())
+        .collect();
     let shared_vocab = (0..150).map(|_| word(&mut rng)).collect();
     Model {
         item_cluster,
@@ -153,13 +174,21 @@ pub fn generate(
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0xabcdef);
     for i in 0..cfg.items {
         let c = model.item_cluster[i] as usize;
-        let mut words: Vec<&str> = (0..4).map(|_| model.cluster_vocab[c][rng.random_range(0..30)].as_str()).collect();
-        words.extend((0..2).map(|_| model.shared_vocab[rng.random_range(0..model.shared_vocab.len())].as_str()));
+        let mut words: Vec<&str> = (0..4)
+            .map(|_| model.cluster_vocab[c][rng.random_range(0..30)].as_str())
+            .collect();
+        words.extend(
+            (0..2).map(|_| {
+                model.shared_vocab[rng.random_range(0..model.shared_vocab.len())].as_str()
+            }),
+        );
         writeln!(items_out, "i{i},{},c{c}", csv_field(&words.join(" "))).map_err(io)?;
     }
 
     // User activity: Zipf weights over a seeded permutation of users.
-    let user_w: Vec<f64> = (0..cfg.users).map(|u| 1.0 / ((u + 1) as f64).powf(cfg.user_skew)).collect();
+    let user_w: Vec<f64> = (0..cfg.users)
+        .map(|u| 1.0 / ((u + 1) as f64).powf(cfg.user_skew))
+        .collect();
     let total_w: f64 = user_w.iter().sum();
     writeln!(events_out, "user,item,kind,value,ts").map_err(io)?;
     const CHUNK: usize = 2048;
@@ -170,15 +199,24 @@ pub fn generate(
         let bufs: Vec<(String, u64)> = window
             .par_iter()
             .map(|&start| {
-                let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed.wrapping_mul(0x9E37_79B9).wrapping_add(start as u64));
+                let mut rng = rand::rngs::StdRng::seed_from_u64(
+                    cfg.seed
+                        .wrapping_mul(0x9E37_79B9)
+                        .wrapping_add(start as u64),
+                );
                 let mut s = String::new();
                 let mut n = 0u64;
                 for u in start..(start + CHUNK).min(cfg.users) {
                     // A seeded shuffle of activity: user u takes the weight of a pseudo-random rank.
                     let rank = (u as u64).wrapping_mul(2_654_435_761) as usize % cfg.users;
-                    let count = ((cfg.events as f64 * user_w[rank] / total_w).round() as u64).max(1);
+                    let count =
+                        ((cfg.events as f64 * user_w[rank] / total_w).round() as u64).max(1);
                     let primary = rng.random_range(0..cfg.clusters);
-                    let secondary = if rng.random::<f64>() < 0.35 { rng.random_range(0..cfg.clusters) } else { primary };
+                    let secondary = if rng.random::<f64>() < 0.35 {
+                        rng.random_range(0..cfg.clusters)
+                    } else {
+                        primary
+                    };
                     let t0 = cfg.start_ts + rng.random_range(0..span);
                     let mut ts = t0;
                     for _ in 0..count {
@@ -230,7 +268,13 @@ mod tests {
 
     #[test]
     fn deterministic_and_readable() {
-        let cfg = SynthConfig { users: 300, items: 120, events: 5_000, clusters: 6, ..Default::default() };
+        let cfg = SynthConfig {
+            users: 300,
+            items: 120,
+            events: 5_000,
+            clusters: 6,
+            ..Default::default()
+        };
         let run = || {
             let (mut i, mut e) = (Vec::new(), Vec::new());
             let stats = generate(&cfg, &mut i, &mut e, &mut |_| {}).unwrap();
@@ -245,13 +289,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("items.csv"), &i1).unwrap();
         std::fs::write(d.path().join("events.csv"), &e1).unwrap();
-        let (items, _) = read_items(&d.path().join("items.csv"), &Columns::default(), false).unwrap();
+        let (items, _) =
+            read_items(&d.path().join("items.csv"), &Columns::default(), false).unwrap();
         assert_eq!(items.len(), 120);
         assert!(items[0].categories[0].starts_with('c'));
-        let evs: Vec<_> = EventReader::open(&d.path().join("events.csv"), &Columns::default(), false)
-            .unwrap()
-            .collect::<crate::error::Result<_>>()
-            .unwrap();
+        let evs: Vec<_> =
+            EventReader::open(&d.path().join("events.csv"), &Columns::default(), false)
+                .unwrap()
+                .collect::<crate::error::Result<_>>()
+                .unwrap();
         assert_eq!(evs.len() as u64, s1.events);
         // Popularity is skewed: the top 10% of items take well over 10% of events.
         let mut counts = std::collections::HashMap::<String, usize>::new();

@@ -148,7 +148,10 @@ pub fn top_k_batch(
             (0..end - start)
                 .map(|r| {
                     let row = scores.row(r);
-                    let flat = row.as_slice().map(|s| s.to_vec()).unwrap_or_else(|| row.to_vec());
+                    let flat = row
+                        .as_slice()
+                        .map(|s| s.to_vec())
+                        .unwrap_or_else(|| row.to_vec());
                     select(&flat, k, |i| excluded(start + r, i))
                 })
                 .collect::<Vec<_>>()
@@ -178,11 +181,19 @@ mod tests {
     fn batch_matches_single() {
         let items = Array2::from_shape_fn((300, 7), |(i, j)| ((i * 7 + j) as f32 * 0.37).sin());
         let users = Array2::from_shape_fn((70, 7), |(i, j)| ((i * 3 + j) as f32 * 0.11).cos());
-        let batch = top_k_batch(items.view(), users.view(), 5, |u, i| (u + i as usize) % 5 == 0);
+        let batch = top_k_batch(items.view(), users.view(), 5, |u, i| {
+            (u + i as usize) % 5 == 0
+        });
         let mut scratch = Vec::new();
         for u in 0..70 {
             let q = users.row(u).to_vec();
-            let single = top_k_dense(items.view(), &q, 5, |i| (u + i as usize) % 5 == 0, &mut scratch);
+            let single = top_k_dense(
+                items.view(),
+                &q,
+                5,
+                |i| (u + i as usize) % 5 == 0,
+                &mut scratch,
+            );
             let a: Vec<u32> = single.iter().map(|s| s.item).collect();
             let b: Vec<u32> = batch[u].iter().map(|s| s.item).collect();
             assert_eq!(a, b, "user {u}");

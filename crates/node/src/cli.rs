@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "troupe", version, about = "Troupe: a real-time recommender made of supervised actors")]
+#[command(
+    name = "troupe",
+    version,
+    about = "Troupe: a real-time recommender made of supervised actors"
+)]
 pub struct Cli {
     /// Debug logging (or set TROUPE_LOG, e.g. TROUPE_LOG=troupe_models=debug).
     #[arg(long, short, global = true)]
@@ -114,6 +118,9 @@ pub struct EvalArgs {
     /// Search hyper-parameters and blend weights on a validation split of train.
     #[arg(long)]
     pub tune: bool,
+    /// Tune only the decays and blend weights (ALS as given by the flags); implies --tune.
+    #[arg(long)]
+    pub tune_blend: bool,
     #[arg(long, default_value_t = 64)]
     pub factors: usize,
     #[arg(long, default_value_t = 15)]
@@ -122,8 +129,9 @@ pub struct EvalArgs {
     pub reg: f32,
     #[arg(long, default_value_t = 1.0)]
     pub alpha: f32,
-    /// Regularisation scaling (count = ALS-WR).
-    #[arg(long, value_enum, default_value_t = RegScalingArg::None)]
+    /// Regularisation scaling: count = reg x the row's interaction count (ALS-WR, the
+    /// default), none = the same reg for every row (implicit's objective).
+    #[arg(long, value_enum, default_value_t = RegScalingArg::Count)]
     pub reg_scaling: RegScalingArg,
     /// Conjugate-gradient steps per row and half-iteration.
     #[arg(long, default_value_t = 3)]

@@ -51,11 +51,12 @@ pub fn run(a: DemoArgs) -> CmdResult {
         min_value: None,
         k: 10,
         tune: false,
+        tune_blend: false,
         factors: 64,
         iterations: 15,
         reg: 0.05,
         alpha: 1.0,
-        reg_scaling: crate::cli::RegScalingArg::None,
+        reg_scaling: crate::cli::RegScalingArg::Count,
         cg_steps: 3,
         content_model: None,
         max_len: 64,
@@ -75,15 +76,29 @@ pub fn run(a: DemoArgs) -> CmdResult {
     println!("== offline evaluation (time split, last 20% of each user's events) ==");
     let report = crate::eval_cmd::evaluate(&eval)?;
     let m = &report.models;
-    for (name, x) in [("popularity", &m.popularity), ("als", &m.als), ("content", &m.content), ("ensemble", &m.ensemble)] {
-        println!("{name:<11} NDCG@10 {:.4}  P@10 {:.4}  coverage {:.3}  fit {:.2}s", x.ndcg, x.precision, x.coverage, x.fit_seconds);
+    for (name, x) in [
+        ("popularity", &m.popularity),
+        ("als", &m.als),
+        ("content", &m.content),
+        ("ensemble", &m.ensemble),
+    ] {
+        println!(
+            "{name:<11} NDCG@10 {:.4}  P@10 {:.4}  coverage {:.3}  fit {:.2}s",
+            x.ndcg, x.precision, x.coverage, x.fit_seconds
+        );
     }
 
     println!("\n== recommendations from a model trained on all events ==");
     let mut data = Dataset::default();
-    let (items, _) = troupe_models::data::read_items(&dir.join("items.csv"), &Default::default(), false)?;
+    let (items, _) =
+        troupe_models::data::read_items(&dir.join("items.csv"), &Default::default(), false)?;
     data.add_items(items);
-    let rows = crate::eval_cmd::load_events(&dir.join("events.csv"), &ColumnArgs::default(), None, &mut data)?;
+    let rows = crate::eval_cmd::load_events(
+        &dir.join("events.csv"),
+        &ColumnArgs::default(),
+        None,
+        &mut data,
+    )?;
     let weights = WeightConfig::default();
     let mut history: Vec<Vec<(u32, f32, i64)>> = vec![Vec::new(); data.users.len()];
     let mut pop = Popularity::new(data.items.len(), 30.0 * 86_400.0);
@@ -109,9 +124,18 @@ pub fn run(a: DemoArgs) -> CmdResult {
         let seen: HashSet<u32> = h.iter().map(|x| x.0).collect();
         let seen_f = |i: u32| seen.contains(&i);
         let never = |_: u32| false;
-        let filters = Filters { seen: &seen_f, hidden: &never, in_category: None, exclude: &[] };
+        let filters = Filters {
+            seen: &seen_f,
+            hidden: &never,
+            in_category: None,
+            exclude: &[],
+        };
         let ans = rec.recommend(h, now, 5, &filters);
-        println!("user {} ({} events):", data.users.name(u).unwrap_or("?"), h.len());
+        println!(
+            "user {} ({} events):",
+            data.users.name(u).unwrap_or("?"),
+            h.len()
+        );
         for b in &ans.items {
             let rec_item = &data.catalog[b.item as usize];
             let s = b.shares();
@@ -127,12 +151,17 @@ pub fn run(a: DemoArgs) -> CmdResult {
             );
         }
     }
-    println!("\ndata in {} ({:.1}s in all)", dir.display(), started.elapsed().as_secs_f64());
+    println!(
+        "\ndata in {} ({:.1}s in all)",
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 fn tempfile_dir() -> Result<std::path::PathBuf, CliError> {
     let base = std::env::temp_dir().join(format!("troupe-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&base).map_err(|e| CliError::Internal(anyhow::anyhow!("creating {}: {e}", base.display())))?;
+    std::fs::create_dir_all(&base)
+        .map_err(|e| CliError::Internal(anyhow::anyhow!("creating {}: {e}", base.display())))?;
     Ok(base)
 }

@@ -36,13 +36,21 @@ impl From<&ColumnArgs> for Columns {
 
 fn spinner(msg: &str) -> ProgressBar {
     let pb = ProgressBar::new_spinner();
-    pb.set_style(ProgressStyle::with_template("{spinner} {msg} {human_pos} rows ({per_sec})").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} {human_pos} rows ({per_sec})")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
     pb.set_message(msg.to_string());
     pb
 }
 
 /// Streams an event file into `data`, dropping rows below `min_value` first.
-pub fn load_events(path: &Path, cols: &ColumnArgs, min_value: Option<f32>, data: &mut Dataset) -> Result<Vec<Interaction>, CliError> {
+pub fn load_events(
+    path: &Path,
+    cols: &ColumnArgs,
+    min_value: Option<f32>,
+    data: &mut Dataset,
+) -> Result<Vec<Interaction>, CliError> {
     let mut reader = EventReader::open(path, &Columns::from(cols), cols.skip_bad_rows)?;
     let pb = spinner(&format!("reading {}", path.display()));
     let mut out = Vec::new();
@@ -70,19 +78,31 @@ pub fn load_events(path: &Path, cols: &ColumnArgs, min_value: Option<f32>, data:
 }
 
 /// Builds the configured encoder and embeds every item that has text.
-pub fn embed_items(data: &Dataset, model_dir: Option<&Path>, max_len: usize, batch: usize, tfidf_dim: usize) -> Result<(Array2<f32>, String, f64), CliError> {
+pub fn embed_items(
+    data: &Dataset,
+    model_dir: Option<&Path>,
+    max_len: usize,
+    batch: usize,
+    tfidf_dim: usize,
+) -> Result<(Array2<f32>, String, f64), CliError> {
     let texts = data.item_texts();
     let with_text: Vec<usize> = (0..texts.len()).filter(|&i| !texts[i].is_empty()).collect();
     let refs: Vec<&str> = with_text.iter().map(|&i| texts[i].as_str()).collect();
     let started = Instant::now();
     let encoder: Box<dyn TextEncoder> = match model_dir {
-        Some(dir) => Box::new(OnnxEncoder::load(dir, max_len).map_err(|e| CliError::input(format!("--content-model {}: {e}", dir.display())))?),
+        Some(dir) => Box::new(
+            OnnxEncoder::load(dir, max_len)
+                .map_err(|e| CliError::input(format!("--content-model {}: {e}", dir.display())))?,
+        ),
         None => Box::new(HashedTfidf::fit(&refs, tfidf_dim)?),
     };
     let name = encoder.name();
     info!(encoder = %name, texts = refs.len(), "embedding item texts");
     let pb = ProgressBar::new(refs.len() as u64);
-    pb.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} texts ({per_sec}, eta {eta})").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    pb.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} texts ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     // Batches run in parallel; each inference is single-threaded.
     let chunks: Vec<&[&str]> = refs.chunks(batch.max(1)).collect();
     let parts: Vec<Array2<f32>> = chunks
@@ -109,21 +129,34 @@ pub fn embed_items(data: &Dataset, model_dir: Option<&Path>, max_len: usize, bat
 fn parse_weights(s: &str) -> Result<[f32; 3], CliError> {
     let mut w = [0f32; 3];
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').ok_or_else(|| CliError::input(format!("--weights: `{part}` is not branch=weight")))?;
-        let v: f32 = v.trim().parse().map_err(|_| CliError::input(format!("--weights: `{v}` is not a number")))?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| CliError::input(format!("--weights: `{part}` is not branch=weight")))?;
+        let v: f32 = v
+            .trim()
+            .parse()
+            .map_err(|_| CliError::input(format!("--weights: `{v}` is not a number")))?;
         if !(v.is_finite() && v >= 0.0) {
-            return Err(CliError::input(format!("--weights: weight of `{k}` must be >= 0")));
+            return Err(CliError::input(format!(
+                "--weights: weight of `{k}` must be >= 0"
+            )));
         }
         let idx = match k.trim() {
             "als" => 0,
             "content" => 1,
             "popularity" | "pop" => 2,
-            other => return Err(CliError::input(format!("--weights: unknown branch `{other}` (als, content, popularity)"))),
+            other => {
+                return Err(CliError::input(format!(
+                    "--weights: unknown branch `{other}` (als, content, popularity)"
+                )))
+            }
         };
         w[idx] = v;
     }
     if w.iter().sum::<f32>() <= 0.0 {
-        return Err(CliError::input("--weights: at least one weight must be positive"));
+        return Err(CliError::input(
+            "--weights: at least one weight must be positive",
+        ));
     }
     Ok(w)
 }
@@ -137,12 +170,21 @@ pub fn config_from_args(a: &EvalArgs) -> Result<EvalConfig, CliError> {
         return Err(CliError::input("--holdout must be in (0, 1)"));
     }
     let mut weights = WeightConfig {
-        transform: a.value_transform.parse().map_err(|e: String| CliError::input(format!("--value-transform: {e}")))?,
-        negative_kinds: a.negative_kinds.split(',').map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty()).collect(),
+        transform: a
+            .value_transform
+            .parse()
+            .map_err(|e: String| CliError::input(format!("--value-transform: {e}")))?,
+        negative_kinds: a
+            .negative_kinds
+            .split(',')
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect(),
         ..WeightConfig::default()
     };
     if let Some(kw) = &a.kind_weights {
-        weights.kind_weights = WeightConfig::parse_kind_weights(kw).map_err(|e| CliError::input(format!("--kind-weights: {e}")))?;
+        weights.kind_weights = WeightConfig::parse_kind_weights(kw)
+            .map_err(|e| CliError::input(format!("--kind-weights: {e}")))?;
     }
     let mut blend = BlendSettings {
         candidates: a.candidates.max(a.k),
@@ -176,7 +218,8 @@ pub fn config_from_args(a: &EvalArgs) -> Result<EvalConfig, CliError> {
         blend,
         popularity_half_life_days: a.popularity_half_life_days,
         content_half_life_days: a.content_half_life_days,
-        tune: a.tune,
+        tune: a.tune || a.tune_blend,
+        tune_blend_only: a.tune_blend,
         validation_fraction: a.holdout,
         validation_split: match a.split {
             Some(SplitArg::Time) => SplitKind::Time,
@@ -195,7 +238,9 @@ struct Loaded {
 
 /// Kind index -> kind name, detached from the dataset so it can cross threads.
 fn kind_names(data: &Dataset) -> impl Fn(u16) -> Option<String> + Sync {
-    let kinds: Vec<String> = (0..data.kinds.len() as u32).map(|k| data.kinds.name(k).unwrap_or_default().to_string()).collect();
+    let kinds: Vec<String> = (0..data.kinds.len() as u32)
+        .map(|k| data.kinds.name(k).unwrap_or_default().to_string())
+        .collect();
     move |k: u16| kinds.get(k as usize).cloned()
 }
 
@@ -221,7 +266,11 @@ fn load(a: &EvalArgs) -> Result<Loaded, CliError> {
             };
             split_per_user(&rows, a.holdout, kind, a.seed)?
         }
-        _ => return Err(CliError::input("give either --train and --test, or --events with --split")),
+        _ => {
+            return Err(CliError::input(
+                "give either --train and --test, or --events with --split",
+            ))
+        }
     };
     if train.is_empty() {
         return Err(CliError::input("no train rows (after --min-value)"));
@@ -238,7 +287,13 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport, CliError> {
     let cfg = config_from_args(a)?;
     let Loaded { data, train, test } = load(a)?;
     let kind_name = kind_names(&data);
-    let (emb, encoder_name, embed_seconds) = embed_items(&data, a.content_model.as_deref(), a.max_len, a.batch, a.tfidf_dim)?;
+    let (emb, encoder_name, embed_seconds) = embed_items(
+        &data,
+        a.content_model.as_deref(),
+        a.max_len,
+        a.batch,
+        a.tfidf_dim,
+    )?;
     let ev = Evaluation {
         n_users: data.users.len(),
         n_items: data.items.len(),
@@ -253,10 +308,21 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport, CliError> {
 }
 
 fn print_table(r: &EvalReport) {
-    println!("users evaluated: {}   K = {}   encoder: {}", r.users, r.k, r.encoder);
-    println!("{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "model", "P@K", "R@K", "MAP@K", "NDCG@K", "coverage", "fit s");
+    println!(
+        "users evaluated: {}   K = {}   encoder: {}",
+        r.users, r.k, r.encoder
+    );
+    println!(
+        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "model", "P@K", "R@K", "MAP@K", "NDCG@K", "coverage", "fit s"
+    );
     let m = &r.models;
-    for (name, x) in [("popularity", &m.popularity), ("als", &m.als), ("content", &m.content), ("ensemble", &m.ensemble)] {
+    for (name, x) in [
+        ("popularity", &m.popularity),
+        ("als", &m.als),
+        ("content", &m.content),
+        ("ensemble", &m.ensemble),
+    ] {
         println!(
             "{:<12} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.4} {:>9.2}",
             name, x.precision, x.recall, x.map, x.ndcg, x.coverage, x.fit_seconds
@@ -266,13 +332,23 @@ fn print_table(r: &EvalReport) {
 
 /// `troupe embed`: vectors of the first `--limit` items, or only the throughput.
 pub fn embed(a: EmbedArgs) -> CmdResult {
-    let (mut items, _) = read_items(&a.items, &Columns::from(&a.columns), a.columns.skip_bad_rows)?;
+    let (mut items, _) = read_items(
+        &a.items,
+        &Columns::from(&a.columns),
+        a.columns.skip_bad_rows,
+    )?;
     if let Some(n) = a.limit {
         items.truncate(n);
     }
     let mut data = Dataset::default();
     data.add_items(items);
-    let (emb, name, secs) = embed_items(&data, a.content_model.as_deref(), a.max_len, a.batch, a.tfidf_dim)?;
+    let (emb, name, secs) = embed_items(
+        &data,
+        a.content_model.as_deref(),
+        a.max_len,
+        a.batch,
+        a.tfidf_dim,
+    )?;
     let texts = data.item_texts();
     let n = texts.iter().filter(|t| !t.is_empty()).count();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

@@ -23,16 +23,28 @@ pub fn generate_to_dir(a: &GenArgs) -> Result<SynthStats, CliError> {
     cfg.validate()?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let items_path = a.out.join("items.csv");
-    let events_path = a.out.join(if a.gzip { "events.csv.gz" } else { "events.csv" });
-    let mut items = BufWriter::new(File::create(&items_path).with_context(|| format!("creating {}", items_path.display()))?);
-    let events_file = File::create(&events_path).with_context(|| format!("creating {}", events_path.display()))?;
+    let events_path = a.out.join(if a.gzip {
+        "events.csv.gz"
+    } else {
+        "events.csv"
+    });
+    let mut items = BufWriter::new(
+        File::create(&items_path).with_context(|| format!("creating {}", items_path.display()))?,
+    );
+    let events_file = File::create(&events_path)
+        .with_context(|| format!("creating {}", events_path.display()))?;
     let mut events: Box<dyn Write> = if a.gzip {
         Box::new(BufWriter::new(flate2_writer(events_file)))
     } else {
         Box::new(BufWriter::with_capacity(1 << 20, events_file))
     };
     let pb = ProgressBar::new(a.events);
-    pb.set_style(ProgressStyle::with_template("{bar:30} {human_pos}/{human_len} events ({per_sec}, eta {eta})").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {human_pos}/{human_len} events ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let stats = generate(&cfg, &mut items, &mut events, &mut |n| pb.set_position(n))?;
     events.flush().context("flushing events")?;
     drop(events);

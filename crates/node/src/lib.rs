@@ -25,7 +25,10 @@ pub fn run() -> ExitCode {
     let args = cli::Cli::parse();
     init_logging(args.verbose);
     if let Some(n) = args.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+        if let Err(e) = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+        {
             eprintln!("error: cannot set {n} threads: {e}");
             return ExitCode::from(1);
         }

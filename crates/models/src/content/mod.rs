@@ -24,12 +24,18 @@ pub trait TextEncoder: Send + Sync {
     fn encode(&self, texts: &[&str]) -> Result<Array2<f32>>;
 
     /// Encodes many texts in batches of `batch`, calling `progress(done)` after each.
-    fn encode_all(&self, texts: &[&str], batch: usize, progress: &mut dyn FnMut(usize)) -> Result<Array2<f32>> {
+    fn encode_all(
+        &self,
+        texts: &[&str],
+        batch: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Array2<f32>> {
         let mut out = Array2::zeros((texts.len(), self.dim()));
         let batch = batch.max(1);
         for (b, chunk) in texts.chunks(batch).enumerate() {
             let emb = self.encode(chunk)?;
-            out.slice_mut(ndarray::s![b * batch..b * batch + chunk.len(), ..]).assign(&emb);
+            out.slice_mut(ndarray::s![b * batch..b * batch + chunk.len(), ..])
+                .assign(&emb);
             progress(b * batch + chunk.len());
         }
         Ok(out)
@@ -69,7 +75,10 @@ pub fn user_profile(
         let e = embeddings.row(row);
         match e.as_slice() {
             Some(s) => kernels::axpy(wt as f32, s, &mut acc),
-            None => acc.iter_mut().zip(e.iter()).for_each(|(a, v)| *a += wt as f32 * v),
+            None => acc
+                .iter_mut()
+                .zip(e.iter())
+                .for_each(|(a, v)| *a += wt as f32 * v),
         }
         any = true;
     }

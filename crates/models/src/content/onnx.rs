@@ -59,7 +59,8 @@ impl OnnxEncoder {
         if max_len < 2 {
             return Err(ModelError::param("max_len", "must be at least 2 tokens"));
         }
-        let mut tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| enc_err("tokenizer.json", e))?;
+        let mut tokenizer =
+            Tokenizer::from_file(&tok_path).map_err(|e| enc_err("tokenizer.json", e))?;
         let padding = match tokenizer.get_padding() {
             Some(p) => PaddingParams {
                 strategy: PaddingStrategy::BatchLongest,
@@ -87,7 +88,10 @@ impl OnnxEncoder {
         let batch = model.sym("batch");
         let seq = model.sym("sequence");
         let mut inputs = Vec::new();
-        let outlets = model.input_outlets().map_err(|e| enc_err("inputs", e))?.to_vec();
+        let outlets = model
+            .input_outlets()
+            .map_err(|e| enc_err("inputs", e))?
+            .to_vec();
         for (ix, outlet) in outlets.iter().enumerate() {
             let name = model.node(outlet.node).name.to_ascii_lowercase();
             let role = if name.contains("mask") {
@@ -97,11 +101,16 @@ impl OnnxEncoder {
             } else if name.contains("ids") || name.contains("input") {
                 InputRole::Ids
             } else {
-                return Err(ModelError::Encoder(format!("unexpected model input `{name}`")));
+                return Err(ModelError::Encoder(format!(
+                    "unexpected model input `{name}`"
+                )));
             };
             inputs.push(role);
-            let fact: InferenceFact = i64::fact([TDim::from(batch.clone()), TDim::from(seq.clone())]).into();
-            model = model.with_input_fact(ix, fact).map_err(|e| enc_err("input fact", e))?;
+            let fact: InferenceFact =
+                i64::fact([TDim::from(batch.clone()), TDim::from(seq.clone())]).into();
+            model = model
+                .with_input_fact(ix, fact)
+                .map_err(|e| enc_err("input fact", e))?;
         }
         if !inputs.contains(&InputRole::Ids) || !inputs.contains(&InputRole::Mask) {
             return Err(ModelError::Encoder(
@@ -116,7 +125,8 @@ impl OnnxEncoder {
             .last()
             .and_then(|d| d.as_i64())
             .filter(|d| *d > 0)
-            .ok_or_else(|| ModelError::Encoder("output width is not fixed".into()))? as usize;
+            .ok_or_else(|| ModelError::Encoder("output width is not fixed".into()))?
+            as usize;
         let plan = typed.into_runnable().map_err(|e| enc_err("plan", e))?;
         let name = dir
             .file_name()
@@ -134,7 +144,10 @@ impl OnnxEncoder {
 
     /// Token ids of a text, after this encoder's truncation (used by tests and tools).
     pub fn token_ids(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, true).map_err(|e| enc_err("tokenize", e))?;
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| enc_err("tokenize", e))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -162,7 +175,12 @@ impl TextEncoder for OnnxEncoder {
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| enc_err("tokenize", e))?;
         let b = encs.len();
-        let s = encs.iter().map(|e| e.get_ids().len()).max().unwrap_or(0).max(1);
+        let s = encs
+            .iter()
+            .map(|e| e.get_ids().len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let mut ids = Array2::<i64>::zeros((b, s));
         let mut mask = Array2::<i64>::zeros((b, s));
         let mut types = Array2::<i64>::zeros((b, s));
@@ -283,7 +301,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let err = OnnxEncoder::load(d.path(), 16).err().unwrap().to_string();
         assert!(err.contains("model.onnx not found"), "{err}");
-        std::fs::copy(tiny_dir().join("tokenizer.json"), d.path().join("tokenizer.json")).unwrap();
+        std::fs::copy(
+            tiny_dir().join("tokenizer.json"),
+            d.path().join("tokenizer.json"),
+        )
+        .unwrap();
         std::fs::write(d.path().join("model.onnx"), b"not a model").unwrap();
         assert!(OnnxEncoder::load(d.path(), 16).is_err());
         assert!(OnnxEncoder::load(&tiny_dir(), 1).is_err());

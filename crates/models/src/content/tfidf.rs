@@ -35,7 +35,10 @@ fn bucket(token: &str, dim: usize) -> (usize, f32) {
     let mut h = rustc_hash::FxHasher::default();
     token.hash(&mut h);
     let v = h.finish();
-    ((v % dim as u64) as usize, if v >> 63 == 0 { 1.0 } else { -1.0 })
+    (
+        (v % dim as u64) as usize,
+        if v >> 63 == 0 { 1.0 } else { -1.0 },
+    )
 }
 
 impl HashedTfidf {
@@ -107,7 +110,12 @@ mod tests {
 
     #[test]
     fn similar_texts_are_closer_than_unrelated_ones() {
-        let corpus = ["red wooden toy train", "blue wooden toy car", "steel kitchen knife set", "kitchen knife block"];
+        let corpus = [
+            "red wooden toy train",
+            "blue wooden toy car",
+            "steel kitchen knife set",
+            "kitchen knife block",
+        ];
         let enc = HashedTfidf::fit(&corpus, 256).unwrap();
         let e = enc.encode(&corpus).unwrap();
         let cos = |a: usize, b: usize| e.row(a).dot(&e.row(b));
