@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
-use crate::kernels::{axpy, dot};
+use crate::kernels::{axpy, Portable, Vector};
 use crate::sparse::Csr;
 
 /// How the regularisation of a row scales with its number of interactions.
@@ -157,8 +157,10 @@ pub fn solve_side(target: &mut Array2<f32>, fixed: ArrayView2<f32>, c1: &Csr, pa
 }
 
 /// Conjugate gradient on `(G + reg I + Y^T (C - I) Y) x = Y^T C p`, warm-started at `x`.
+/// Generic over the vector kernels so the AVX2 instance inlines them.
 #[allow(clippy::too_many_arguments)]
-fn cg_solve(
+#[inline(always)]
+fn cg_solve_with<V: Vector>(
     x: &mut [f32],
     g: &[f32],
     y: &[f32],
@@ -174,34 +176,34 @@ fn cg_solve(
     let (p, ap) = rest.split_at_mut(k);
     // r = b - A x
     for i in 0..k {
-        r[i] = -dot(&g[i * k..(i + 1) * k], x) - reg * x[i];
+        r[i] = -V::dot(&g[i * k..(i + 1) * k], x) - reg * x[i];
     }
     for (&j, &c) in idx.iter().zip(c1) {
         let yj = &y[j as usize * k..(j as usize + 1) * k];
-        let s = dot(yj, x);
-        axpy((1.0 + c) - c * s, yj, r);
+        let s = V::dot(yj, x);
+        V::axpy((1.0 + c) - c * s, yj, r);
     }
     p.copy_from_slice(r);
-    let mut rs_old = dot(r, r);
+    let mut rs_old = V::dot(r, r);
     if rs_old < tol {
         return;
     }
     for _ in 0..steps {
         for i in 0..k {
-            ap[i] = dot(&g[i * k..(i + 1) * k], p) + reg * p[i];
+            ap[i] = V::dot(&g[i * k..(i + 1) * k], p) + reg * p[i];
         }
         for (&j, &c) in idx.iter().zip(c1) {
             let yj = &y[j as usize * k..(j as usize + 1) * k];
-            axpy(c * dot(yj, p), yj, ap);
+            V::axpy(c * V::dot(yj, p), yj, ap);
         }
-        let pap = dot(p, ap);
+        let pap = V::dot(p, ap);
         if pap <= 0.0 || !pap.is_finite() {
             break;
         }
         let a = rs_old / pap;
-        axpy(a, p, x);
-        axpy(-a, ap, r);
-        let rs_new = dot(r, r);
+        V::axpy(a, p, x);
+        V::axpy(-a, ap, r);
+        let rs_new = V::dot(r, r);
         if rs_new < tol {
             break;
         }
@@ -211,6 +213,47 @@ fn cg_solve(
         }
         rs_old = rs_new;
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments, unsafe_code)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn cg_solve_avx2(
+    x: &mut [f32],
+    g: &[f32],
+    y: &[f32],
+    k: usize,
+    idx: &[u32],
+    c1: &[f32],
+    reg: f32,
+    steps: usize,
+    tol: f32,
+    scratch: &mut [f32],
+) {
+    cg_solve_with::<crate::kernels::avx2::Avx2>(x, g, y, k, idx, c1, reg, steps, tol, scratch)
+}
+
+/// Conjugate gradient for one row, on the best kernels this CPU has.
+#[allow(clippy::too_many_arguments)]
+fn cg_solve(
+    x: &mut [f32],
+    g: &[f32],
+    y: &[f32],
+    k: usize,
+    idx: &[u32],
+    c1: &[f32],
+    reg: f32,
+    steps: usize,
+    tol: f32,
+    scratch: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::kernels::has_avx2() {
+        // SAFETY: AVX2 and FMA were detected on this CPU.
+        #[allow(unsafe_code)]
+        return unsafe { cg_solve_avx2(x, g, y, k, idx, c1, reg, steps, tol, scratch) };
+    }
+    cg_solve_with::<Portable>(x, g, y, k, idx, c1, reg, steps, tol, scratch)
 }
 
 /// The training objective: `sum_{u,i} c_ui (p_ui - x_u.y_i)^2 + sum_u l_u|x_u|^2 + sum_i l_i|y_i|^2`,

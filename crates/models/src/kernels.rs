@@ -1,51 +1,230 @@
 //! Small f32 vector kernels used by the hot loops (ALS solves, scoring).
 //!
-//! Each kernel is compiled twice, for plain x86-64 and for AVX2+FMA, and picks one at
-//! run time (`multiversion`), so a release binary is portable and still uses 8-wide
-//! lanes on this project's machines. Reductions keep eight independent partial sums so
-//! the compiler can vectorise them without re-associating floating-point adds.
-
-use multiversion::multiversion;
+//! On x86-64 with AVX2 and FMA (checked once at run time) the kernels use 256-bit
+//! intrinsics; elsewhere a portable version with eight independent partial sums runs. Hot
+//! loops that call kernels many times per row (the ALS solver) are written once, generic
+//! over [`Vector`], and instantiated inside a function compiled for AVX2+FMA, so the kernels
+//! inline there without a dispatch per call.
 
 const LANES: usize = 8;
 
-/// Dot product of two equally long slices.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    let mut cb = b.chunks_exact(LANES);
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+/// The vector operations a hot loop needs.
+pub trait Vector {
+    fn dot(a: &[f32], b: &[f32]) -> f32;
+    /// `y += alpha * x`.
+    fn axpy(alpha: f32, x: &[f32], y: &mut [f32]);
+}
+
+/// Portable implementation.
+pub struct Portable;
+
+impl Vector for Portable {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut acc = [0.0f32; LANES];
+        let mut ca = a.chunks_exact(LANES);
+        let mut cb = b.chunks_exact(LANES);
+        for (x, y) in (&mut ca).zip(&mut cb) {
+            for l in 0..LANES {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        let mut tail = 0.0f32;
+        for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+            tail += x * y;
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    #[inline(always)]
+    fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        for (yi, xi) in y.iter_mut().zip(x) {
+            *yi += alpha * xi;
         }
     }
-    let mut tail = 0.0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
-        tail += x * y;
+}
+
+#[cfg(target_arch = "x86_64")]
+pub mod avx2 {
+    //! AVX2 + FMA kernels. Callers must have checked [`available`].
+    #![allow(unsafe_code)]
+    use std::arch::x86_64::*;
+
+    /// True when this CPU has AVX2 and FMA.
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
     }
-    acc.iter().sum::<f32>() + tail
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut i = 0;
+        // SAFETY: every load reads 8 floats at offset i with i + 8 <= n (or 16 for the pair).
+        unsafe {
+            let mut s0 = _mm256_setzero_ps();
+            let mut s1 = _mm256_setzero_ps();
+            while i + 16 <= n {
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+                s1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                    _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                    s1,
+                );
+                i += 16;
+            }
+            if i + 8 <= n {
+                s0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+                i += 8;
+            }
+            let s = _mm256_add_ps(s0, s1);
+            let lo = _mm256_castps256_ps128(s);
+            let hi = _mm256_extractf128_ps(s, 1);
+            let q = _mm_add_ps(lo, hi);
+            let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+            let q = _mm_add_ss(q, _mm_shuffle_ps(q, q, 1));
+            let mut total = _mm_cvtss_f32(q);
+            while i < n {
+                total += a[i] * b[i];
+                i += 1;
+            }
+            total
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+        let n = x.len().min(y.len());
+        let mut i = 0;
+        // SAFETY: loads and stores stay within [0, n) of both slices.
+        unsafe {
+            let va = _mm256_set1_ps(alpha);
+            while i + 8 <= n {
+                let yv = _mm256_loadu_ps(y.as_ptr().add(i));
+                let r = _mm256_fmadd_ps(va, _mm256_loadu_ps(x.as_ptr().add(i)), yv);
+                _mm256_storeu_ps(y.as_mut_ptr().add(i), r);
+                i += 8;
+            }
+        }
+        while i < n {
+            y[i] += alpha * x[i];
+            i += 1;
+        }
+    }
+
+    /// [`super::Vector`] over these kernels; only instantiate inside a function compiled
+    /// with `#[target_feature(enable = "avx2,fma")]`, after checking [`available`].
+    pub struct Avx2;
+
+    impl super::Vector for Avx2 {
+        #[inline(always)]
+        fn dot(a: &[f32], b: &[f32]) -> f32 {
+            // SAFETY: the type is only used after `available()` returned true.
+            unsafe { dot(a, b) }
+        }
+
+        #[inline(always)]
+        fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+            // SAFETY: as above.
+            unsafe { axpy(alpha, x, y) }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn score_rows(matrix: &[f32], dim: usize, query: &[f32], out: &mut [f32]) {
+        for (row, o) in matrix.chunks_exact(dim).zip(out.iter_mut()) {
+            // SAFETY: same CPU features as this function.
+            *o = unsafe { dot(row, query) };
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sum(a: &[f32]) -> f32 {
+        let n = a.len();
+        let mut i = 0;
+        // SAFETY: loads stay within [0, n).
+        unsafe {
+            let mut s = [_mm256_setzero_ps(); 4];
+            while i + 32 <= n {
+                for (j, acc) in s.iter_mut().enumerate() {
+                    *acc = _mm256_add_ps(*acc, _mm256_loadu_ps(a.as_ptr().add(i + 8 * j)));
+                }
+                i += 32;
+            }
+            let t = _mm256_add_ps(_mm256_add_ps(s[0], s[1]), _mm256_add_ps(s[2], s[3]));
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), t);
+            lanes.iter().sum::<f32>() + a[i..].iter().sum::<f32>()
+        }
+    }
+}
+
+/// True when the AVX2+FMA kernels can run here.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(avx2::available)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Dot product of two equally long slices.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: checked above.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::dot(a, b) };
+    }
+    Portable::dot(a, b)
 }
 
 /// `y += alpha * x`.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
-    debug_assert_eq!(x.len(), y.len());
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += alpha * xi;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: checked above.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::axpy(alpha, x, y) };
     }
+    Portable::axpy(alpha, x, y)
 }
 
 /// Sum of all values: the streaming baseline the scoring kernel is compared with.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub fn sum(a: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES * 4];
-    let mut chunks = a.chunks_exact(LANES * 4);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: checked above.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::sum(a) };
+    }
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = a.chunks_exact(LANES);
     for x in &mut chunks {
-        for l in 0..LANES * 4 {
+        for l in 0..LANES {
             acc[l] += x[l];
         }
     }
@@ -54,27 +233,19 @@ pub fn sum(a: &[f32]) -> f32 {
 
 /// Scores every row of a row-major `rows x dim` matrix against `query`, writing one
 /// score per row into `out` (which must hold `rows` values).
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub fn score_rows(matrix: &[f32], dim: usize, query: &[f32], out: &mut [f32]) {
-    debug_assert_eq!(query.len(), dim);
     if dim == 0 {
         out.iter_mut().for_each(|o| *o = 0.0);
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: checked above.
+        #[allow(unsafe_code)]
+        return unsafe { avx2::score_rows(matrix, dim, query, out) };
+    }
     for (row, o) in matrix.chunks_exact(dim).zip(out.iter_mut()) {
-        let mut acc = [0.0f32; LANES];
-        let mut cr = row.chunks_exact(LANES);
-        let mut cq = query.chunks_exact(LANES);
-        for (x, y) in (&mut cr).zip(&mut cq) {
-            for l in 0..LANES {
-                acc[l] += x[l] * y[l];
-            }
-        }
-        let mut tail = 0.0f32;
-        for (x, y) in cr.remainder().iter().zip(cq.remainder()) {
-            tail += x * y;
-        }
-        *o = acc.iter().sum::<f32>() + tail;
+        *o = Portable::dot(row, query);
     }
 }
 
@@ -104,14 +275,21 @@ mod tests {
 
     #[test]
     fn kernels_match_naive_loops() {
-        for n in [0usize, 1, 7, 8, 9, 31, 64, 100] {
+        for n in [0usize, 1, 7, 8, 9, 16, 31, 33, 64, 100] {
             let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
             assert!((dot(&a, &b) - naive_dot(&a, &b)).abs() < 1e-4, "dot n={n}");
+            assert!(
+                (Portable::dot(&a, &b) - naive_dot(&a, &b)).abs() < 1e-4,
+                "portable dot n={n}"
+            );
             let mut y = b.clone();
             axpy(0.5, &a, &mut y);
+            let mut y2 = b.clone();
+            Portable::axpy(0.5, &a, &mut y2);
             for i in 0..n {
                 assert!((y[i] - (b[i] + 0.5 * a[i])).abs() < 1e-6);
+                assert!((y2[i] - y[i]).abs() < 1e-6);
             }
             let s: f32 = a.iter().sum();
             assert!((sum(&a) - s).abs() < 1e-3, "sum n={n}");

@@ -123,3 +123,82 @@ impl Recommender {
         topk::top_k_dense(e, &q, k, |i| i == item, &mut scratch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::als::{fit, AlsParams};
+    use crate::blend::Normalization;
+    use crate::sparse::Csr;
+    use ndarray::Array2;
+
+    #[test]
+    fn answers_respect_filters_and_explain_shares() {
+        // Two groups of items; user 0 likes group A (even items).
+        let triples: Vec<(u32, u32, f32)> = (0..40u32)
+            .flat_map(|u| {
+                (0..20u32)
+                    .filter(move |i| i % 2 == u % 2)
+                    .map(move |i| (u, i, 1.0))
+            })
+            .collect();
+        let m = Csr::from_triples(40, 20, &triples);
+        let als = fit(
+            &m,
+            &AlsParams {
+                factors: 4,
+                iterations: 5,
+                ..Default::default()
+            },
+            false,
+            |_, _| {},
+        )
+        .unwrap();
+        let emb = Array2::from_shape_fn(
+            (20, 2),
+            |(i, j)| if (i % 2 == 0) == (j == 0) { 1.0 } else { 0.0 },
+        );
+        let mut pop = Popularity::new(20, 0.0);
+        for &(_, i, w) in &triples {
+            pop.add(i, w as f64, 0);
+        }
+        let blend = BlendSettings {
+            weights: [0.6, 0.2, 0.2],
+            normalization: Normalization::Rrf { k0: 60.0 },
+            candidates: 10,
+        };
+        let rec = Recommender::new(als, emb, pop, blend, 0.0);
+        let history = vec![(0u32, 1.0f32, 0i64), (2, 1.0, 0), (4, 1.0, 0)];
+        let seen = |i: u32| history.iter().any(|h| h.0 == i);
+        let hidden = |i: u32| i == 6;
+        let f = Filters {
+            seen: &seen,
+            hidden: &hidden,
+            in_category: None,
+            exclude: &[8],
+        };
+        let ans = rec.recommend(&history, 0, 5, &f);
+        assert_eq!(ans.items.len(), 5);
+        for b in &ans.items {
+            assert!(
+                ![0, 2, 4, 6, 8].contains(&b.item),
+                "filtered item {} returned",
+                b.item
+            );
+            let s: f32 = b.shares().iter().sum();
+            assert!((s - 1.0).abs() < 1e-5);
+        }
+        // The user's taste (even items) dominates the top of the list.
+        assert!(
+            ans.items.iter().take(3).all(|b| b.item % 2 == 0),
+            "{:?}",
+            ans.items
+        );
+        // A user with no history still gets popularity (cold start).
+        let cold = rec.recommend(&[], 0, 3, &f);
+        assert_eq!(cold.items.len(), 3);
+        assert!(cold.branches[0].is_empty() && cold.branches[1].is_empty());
+        let sim = rec.similar_items(0, 3);
+        assert!(sim.iter().all(|s| s.item % 2 == 0 && s.item != 0));
+    }
+}
