@@ -15,7 +15,6 @@ import csv
 import json
 import os
 import pathlib
-import resource
 import statistics
 import subprocess
 import sys
@@ -120,24 +119,30 @@ def implicit_worker(args):
         idcg = sum(1 / np.log2(p + 2) for p in range(min(10, len(rel))))
         ndcg.append(dcg / idcg)
         prec.append(sum(hits) / 10)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"fit_seconds": fit, "recommend_seconds": rec, "ndcg": float(np.mean(ndcg)),
-                      "precision": float(np.mean(prec)), "users": len(uids), "peak_rss_mb": rss}))
+                      "precision": float(np.mean(prec)), "users": len(uids)}))
 
 
 def run_implicit(data, a, seed):
-    out = subprocess.run([sys.executable, __file__, "--worker-implicit", "--data", str(data), "--seed", str(seed),
+    # Under /usr/bin/time like Troupe: Linux keeps ru_maxrss across exec, so a child's own
+    # getrusage would report this (large) parent's peak.
+    out = subprocess.run(["/usr/bin/time", "-v", sys.executable, __file__, "--worker-implicit", "--data", str(data), "--seed", str(seed),
                           "--threads", str(a.threads), "--factors", str(a.factors), "--reg", str(a.reg),
                           "--alpha", str(a.alpha), "--iterations", str(a.iterations)],
                          check=True, capture_output=True, text=True,
                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    for line in out.stderr.splitlines():
+        if "Maximum resident set size" in line:
+            r["peak_rss_mb"] = int(line.split()[-1]) / 1024
+    return r
 
 
 def run_troupe(troupe, data, items, a, seed):
     cmd = ["/usr/bin/time", "-v", troupe, "--threads", str(a.threads), "fit-als", "--train", str(data / "train.csv"),
            "--test", str(data / "test.csv"), "--items", str(items), "--factors", str(a.factors),
-           "--reg", str(a.reg), "--alpha", str(a.alpha), "--iterations", str(a.iterations), "--seed", str(seed)]
+           "--reg", str(a.reg), "--alpha", str(a.alpha), "--iterations", str(a.iterations), "--seed", str(seed),
+           "--reg-scaling", a.reg_scaling]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TROUPE_LOG": "warn"})
     r = json.loads(out.stdout.strip().splitlines()[-1])
     for line in out.stderr.splitlines():
@@ -155,6 +160,8 @@ def main():
     ap.add_argument("--reg", type=float, default=0.05)
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--iterations", type=int, default=15)
+    ap.add_argument("--reg-scaling", default="count", choices=["count", "none"],
+                    help="Troupe's regularisation scaling (none = implicit's objective)")
     ap.add_argument("--skip-synthetic", action="store_true")
     ap.add_argument("--worker-implicit", action="store_true")
     ap.add_argument("--data")
@@ -168,7 +175,7 @@ def main():
         sets.update(prepare_synthetic(a.troupe))
     results = {}
     print(f"threads {a.threads}, factors {a.factors}, reg {a.reg}, alpha {a.alpha}, iterations {a.iterations}, "
-          f"medians of {a.seeds} seeds")
+          f"troupe reg scaling {a.reg_scaling}, medians of {a.seeds} seeds")
     print(f"{'data':<14} {'side':<8} {'fit s':>8} {'rec s':>8} {'NDCG@10':>8} {'P@10':>7} {'RSS MB':>7}")
     for name, (data, items) in sets.items():
         runs = {"troupe": [], "implicit": []}
@@ -188,7 +195,7 @@ def main():
               f"NDCG diff {med['troupe']['ndcg'] - med['implicit']['ndcg']:+.4f}")
         results[name] = {"median": med, "ratio": ratio, "runs": runs}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "als.json").write_text(json.dumps(results, indent=1))
+    (OUT / f"als-{a.reg_scaling}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -399,7 +399,10 @@ mod tests {
 
     /// Users and items in 8 latent groups; each user likes every item of one or two
     /// groups. Returns (train triples, per-user held-out items).
-    fn planted(users: usize, items: usize, seed: u64) -> (Vec<(u32, u32, f32)>, Vec<Vec<u32>>) {
+    /// (train triples, held-out items per user)
+    type Planted = (Vec<(u32, u32, f32)>, Vec<Vec<u32>>);
+
+    fn planted(users: usize, items: usize, seed: u64) -> Planted {
         let groups = 8;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let item_group: Vec<usize> = (0..items).map(|i| i % groups).collect();
@@ -483,6 +486,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn fold_in_matches_dense_solve() {
         let (train, _) = planted(300, 200, 3);
         let m = Csr::from_triples(300, 200, &train);

@@ -685,6 +685,7 @@ pub struct AlsOnlyReport {
 
 /// Fits ALS on `train` and scores top-k for every user with a test row: the comparison
 /// with other ALS implementations, without the content and popularity branches.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate_als(
     n_users: usize,
     n_items: usize,

@@ -178,6 +178,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::needless_range_loop)]
     fn batch_matches_single() {
         let items = Array2::from_shape_fn((300, 7), |(i, j)| ((i * 7 + j) as f32 * 0.37).sin());
         let users = Array2::from_shape_fn((70, 7), |(i, j)| ((i * 3 + j) as f32 * 0.11).cos());
