@@ -117,7 +117,7 @@ pub fn run(a: DemoArgs) -> CmdResult {
         .collect();
     let matrix = Csr::from_triples(data.users.len(), data.items.len(), &triples);
     let model = als::fit(&matrix, &als::AlsParams::default(), false, |_, _| {})?;
-    let (emb, _, _) = crate::eval_cmd::embed_items(&data, None, 64, 32, 512)?;
+    let emb = crate::eval_cmd::embed_items(&data, None, 64, 32, 512)?.embeddings;
     let rec = Recommender::new(model, emb, pop, BlendSettings::default(), 0.0);
     for u in 0..a.show.min(data.users.len()) as u32 {
         let h = &history[u as usize];

@@ -77,6 +77,14 @@ pub fn load_events(
     Ok(out)
 }
 
+/// Item embeddings with how long building the encoder and encoding took.
+pub struct Embedded {
+    pub embeddings: Array2<f32>,
+    pub encoder: String,
+    pub load_seconds: f64,
+    pub encode_seconds: f64,
+}
+
 /// Builds the configured encoder and embeds every item that has text.
 pub fn embed_items(
     data: &Dataset,
@@ -84,7 +92,7 @@ pub fn embed_items(
     max_len: usize,
     batch: usize,
     tfidf_dim: usize,
-) -> Result<(Array2<f32>, String, f64), CliError> {
+) -> Result<Embedded, CliError> {
     let texts = data.item_texts();
     let with_text: Vec<usize> = (0..texts.len()).filter(|&i| !texts[i].is_empty()).collect();
     let refs: Vec<&str> = with_text.iter().map(|&i| texts[i].as_str()).collect();
@@ -97,6 +105,8 @@ pub fn embed_items(
         None => Box::new(HashedTfidf::fit(&refs, tfidf_dim)?),
     };
     let name = encoder.name();
+    let load_seconds = started.elapsed().as_secs_f64();
+    let started = Instant::now();
     info!(encoder = %name, texts = refs.len(), "embedding item texts");
     let pb = ProgressBar::new(refs.len() as u64);
     pb.set_style(
@@ -123,7 +133,12 @@ pub fn embed_items(
             row += 1;
         }
     }
-    Ok((emb, name, started.elapsed().as_secs_f64()))
+    Ok(Embedded {
+        embeddings: emb,
+        encoder: name,
+        load_seconds,
+        encode_seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 fn parse_weights(s: &str) -> Result<[f32; 3], CliError> {
@@ -287,7 +302,7 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport, CliError> {
     let cfg = config_from_args(a)?;
     let Loaded { data, train, test } = load(a)?;
     let kind_name = kind_names(&data);
-    let (emb, encoder_name, embed_seconds) = embed_items(
+    let e = embed_items(
         &data,
         a.content_model.as_deref(),
         a.max_len,
@@ -300,9 +315,9 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport, CliError> {
         train: &train,
         test: &test,
         kind_name: &kind_name,
-        embeddings: emb.view(),
-        encoder_name,
-        embed_seconds,
+        embeddings: e.embeddings.view(),
+        encoder_name: e.encoder.clone(),
+        embed_seconds: e.load_seconds + e.encode_seconds,
     };
     Ok(ev.run(&cfg, |m| info!("{m}"))?)
 }
@@ -342,7 +357,12 @@ pub fn embed(a: EmbedArgs) -> CmdResult {
     }
     let mut data = Dataset::default();
     data.add_items(items);
-    let (emb, name, secs) = embed_items(
+    let Embedded {
+        embeddings: emb,
+        encoder: name,
+        load_seconds,
+        encode_seconds: secs,
+    } = embed_items(
         &data,
         a.content_model.as_deref(),
         a.max_len,
@@ -354,7 +374,7 @@ pub fn embed(a: EmbedArgs) -> CmdResult {
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let io = |e: std::io::Error| CliError::Internal(e.into());
     if a.throughput_only {
-        let v = serde_json::json!({"encoder": name, "texts": n, "seconds": secs, "per_second": n as f64 / secs.max(1e-9), "threads": rayon::current_num_threads(), "batch": a.batch});
+        let v = serde_json::json!({"encoder": name, "texts": n, "seconds": secs, "load_seconds": load_seconds, "per_second": n as f64 / secs.max(1e-9), "threads": rayon::current_num_threads(), "batch": a.batch});
         writeln!(out, "{v}").map_err(io)?;
         return Ok(());
     }
