@@ -150,28 +150,51 @@ pub fn solve_side(target: &mut Array2<f32>, fixed: ArrayView2<f32>, c1: &Csr, pa
                 x.iter_mut().for_each(|v| *v = 0.0);
                 return;
             }
-            let reg = params.row_reg(idx.len());
-            cg_solve(x, g, y, k, idx, vals, reg, params.cg_steps, 1e-20, scratch);
+            let row = CgRow {
+                g,
+                y,
+                k,
+                idx,
+                c1: vals,
+                reg: params.row_reg(idx.len()),
+                steps: params.cg_steps,
+                tol: 1e-20,
+            };
+            cg_solve(&row, x, scratch);
         },
     );
 }
 
-/// Conjugate gradient on `(G + reg I + Y^T (C - I) Y) x = Y^T C p`, warm-started at `x`.
-/// Generic over the vector kernels so the AVX2 instance inlines them.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn cg_solve_with<V: Vector>(
-    x: &mut [f32],
-    g: &[f32],
-    y: &[f32],
+/// One row's conjugate-gradient problem:
+/// `(G + reg I + Y^T (C - I) Y) x = Y^T C p` over the row's observed columns.
+struct CgRow<'a> {
+    /// Gram matrix of the fixed side, row-major k x k.
+    g: &'a [f32],
+    /// Fixed-side factors, row-major.
+    y: &'a [f32],
     k: usize,
-    idx: &[u32],
-    c1: &[f32],
+    /// Observed columns and their `c - 1`.
+    idx: &'a [u32],
+    c1: &'a [f32],
     reg: f32,
     steps: usize,
     tol: f32,
-    scratch: &mut [f32],
-) {
+}
+
+/// Conjugate gradient on a [`CgRow`], warm-started at `x`. Generic over the vector kernels
+/// so the AVX2 instance inlines them.
+#[inline(always)]
+fn cg_solve_with<V: Vector>(row: &CgRow<'_>, x: &mut [f32], scratch: &mut [f32]) {
+    let CgRow {
+        g,
+        y,
+        k,
+        idx,
+        c1,
+        reg,
+        steps,
+        tol,
+    } = *row;
     let (r, rest) = scratch.split_at_mut(k);
     let (p, ap) = rest.split_at_mut(k);
     // r = b - A x
@@ -216,44 +239,21 @@ fn cg_solve_with<V: Vector>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments, unsafe_code)]
+#[allow(unsafe_code)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn cg_solve_avx2(
-    x: &mut [f32],
-    g: &[f32],
-    y: &[f32],
-    k: usize,
-    idx: &[u32],
-    c1: &[f32],
-    reg: f32,
-    steps: usize,
-    tol: f32,
-    scratch: &mut [f32],
-) {
-    cg_solve_with::<crate::kernels::avx2::Avx2>(x, g, y, k, idx, c1, reg, steps, tol, scratch)
+unsafe fn cg_solve_avx2(row: &CgRow<'_>, x: &mut [f32], scratch: &mut [f32]) {
+    cg_solve_with::<crate::kernels::avx2::Avx2>(row, x, scratch)
 }
 
 /// Conjugate gradient for one row, on the best kernels this CPU has.
-#[allow(clippy::too_many_arguments)]
-fn cg_solve(
-    x: &mut [f32],
-    g: &[f32],
-    y: &[f32],
-    k: usize,
-    idx: &[u32],
-    c1: &[f32],
-    reg: f32,
-    steps: usize,
-    tol: f32,
-    scratch: &mut [f32],
-) {
+fn cg_solve(row: &CgRow<'_>, x: &mut [f32], scratch: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if crate::kernels::has_avx2() {
         // SAFETY: AVX2 and FMA were detected on this CPU.
         #[allow(unsafe_code)]
-        return unsafe { cg_solve_avx2(x, g, y, k, idx, c1, reg, steps, tol, scratch) };
+        return unsafe { cg_solve_avx2(row, x, scratch) };
     }
-    cg_solve_with::<Portable>(x, g, y, k, idx, c1, reg, steps, tol, scratch)
+    cg_solve_with::<Portable>(row, x, scratch)
 }
 
 /// The training objective: `sum_{u,i} c_ui (p_ui - x_u.y_i)^2 + sum_u l_u|x_u|^2 + sum_i l_i|y_i|^2`,
