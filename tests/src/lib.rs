@@ -67,3 +67,210 @@ pub fn parse_report(out: &Output) -> serde_json::Value {
     );
     serde_json::from_str(stdout.trim_end()).expect("stdout is JSON")
 }
+
+/// A `troupe node` process on a loopback port with its own data directory.
+pub struct Node {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub config: PathBuf,
+    child: Option<std::process::Child>,
+    pub starts: u32,
+    extra_env: Vec<(String, String)>,
+}
+
+/// A free loopback port (bound then released; the node binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `cond` every 20 ms until it holds or `secs` pass.
+pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("timed out after {secs} s waiting for: {what}");
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .build()
+        .into()
+}
+
+/// An HTTP answer: status and parsed JSON body (Null when not JSON).
+pub struct Reply {
+    pub status: u16,
+    pub body: serde_json::Value,
+    pub retry_after: Option<String>,
+}
+
+fn reply(r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> Option<Reply> {
+    let mut r = r.ok()?;
+    let status = r.status().as_u16();
+    let retry_after = r
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = r.body_mut().read_to_string().unwrap_or_default();
+    Some(Reply {
+        status,
+        body: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        retry_after,
+    })
+}
+
+impl Node {
+    /// Writes a config (defaults tuned for tests plus `extra` TOML) and starts the node.
+    pub fn start(dir: &std::path::Path, extra: &str, env: &[(&str, &str)]) -> Node {
+        Self::start_with(dir, "", extra, env)
+    }
+
+    /// Like `start`, with `http` extra keys for the `[http]` section.
+    pub fn start_with(
+        dir: &std::path::Path,
+        http: &str,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Node {
+        let port = free_port();
+        let config = dir.join("node.toml");
+        let data = dir.join("data");
+        let text = format!(
+            "[node]\nname = \"test\"\ndata_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{port}\"\n{http}\n{extra}\n",
+            data.display()
+        );
+        std::fs::write(&config, text).expect("write config");
+        let mut n = Node {
+            dir: dir.to_path_buf(),
+            port,
+            config,
+            child: None,
+            starts: 0,
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        n.spawn();
+        n
+    }
+
+    /// (Re)starts the process and waits for `/readyz`.
+    pub fn spawn(&mut self) {
+        self.starts += 1;
+        let log =
+            std::fs::File::create(self.dir.join(format!("node-{}.log", self.starts))).expect("log");
+        let out =
+            std::fs::File::create(self.dir.join(format!("node-{}.out", self.starts))).expect("out");
+        let mut cmd = Command::new(troupe_bin());
+        cmd.args(["node", "--config"])
+            .arg(&self.config)
+            .stdout(out)
+            .stderr(log)
+            .env("TROUPE_LOG", "info");
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("start troupe node"));
+        let port = self.port;
+        wait_until(60, "node ready", || {
+            reply(
+                agent()
+                    .get(format!("http://127.0.0.1:{port}/readyz"))
+                    .call(),
+            )
+            .is_some_and(|r| r.status == 200)
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // Already gone is fine: the test only needs it dead.
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status()
+            .ok()?;
+        c.wait().ok().and_then(|s| s.code())
+    }
+
+    /// Waits for the process to exit on its own (escalation); returns the exit code.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        let c = self.child.as_mut()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(s)) = c.try_wait() {
+                self.child = None;
+                return s.code();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn get(&self, path: &str) -> Reply {
+        reply(agent().get(format!("{}{path}", self.url())).call()).expect("node answers")
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> Reply {
+        reply(
+            agent()
+                .post(format!("{}{path}", self.url()))
+                .header("Content-Type", "application/json")
+                .send(body),
+        )
+        .expect("node answers")
+    }
+
+    pub fn put(&self, path: &str, body: &str) -> Reply {
+        reply(
+            agent()
+                .put(format!("{}{path}", self.url()))
+                .header("Content-Type", "application/json")
+                .send(body),
+        )
+        .expect("node answers")
+    }
+
+    pub fn delete(&self, path: &str) -> Reply {
+        reply(agent().delete(format!("{}{path}", self.url())).call()).expect("node answers")
+    }
+
+    /// Log text of start number `n` (1-based).
+    pub fn log(&self, n: u32) -> String {
+        std::fs::read_to_string(self.dir.join(format!("node-{n}.log"))).unwrap_or_default()
+    }
+
+    pub fn stdout(&self, n: u32) -> String {
+        std::fs::read_to_string(self.dir.join(format!("node-{n}.out"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

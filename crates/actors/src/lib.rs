@@ -1,8 +1,57 @@
-//! `troupe-actors`: the supervised actors that run Troupe's models online (journal,
-//! feature store, model branches, ranker), their messages, and cluster routing.
+//! Troupe's actors: the journal, the online feature store, the live models, the ranker,
+//! and the supervisors that keep them running on one node.
 //!
-//! This crate is deliberately empty until the actor pipeline lands: the algorithms it will
-//! run live in `troupe-models`, which this crate depends on, and nothing here may be used
-//! by `troupe-models` (see ARCHITECTURE.md, "Layering").
+//! ```text
+//! HTTP (node crate) --Append--> Journal --(commit: 1 fsync per group)--> ack
+//!      Journal --Committed--> UserFeatures(p) (history, seen, fold-in)   [per partition]
+//!              --Committed--> ItemStats (decayed popularity)            [all partitions]
+//!              --Committed--> Catalog (catalog stream) --> ContentEncoder (pool)
+//!      AlsTrainer pulls every partition from the store, retrains, swaps models
+//!      Ranker: UserFeatures + {ALS, content, popularity} under deadlines and breakers
+//! ```
+//! Every consumer applies by offset and can re-read the journal, so a lost message costs
+//! latency, never data. Edges and what bounds them: appends are bounded by the HTTP
+//! layer's in-flight limit and the commit group size; `Committed` notifications are
+//! bounded by the commit rate (one per stream per commit); encoder batches by a
+//! semaphore of `workers`; ranker branches by their deadline.
+//!
+//! Modules: [`record`] (journal records, hashing), [`store`] (redb), [`journal`],
+//! [`features`], [`item_stats`], [`catalog`], [`encoder`], [`trainer`], [`ranker`],
+//! [`breaker`], [`supervisor`], [`consumer`] (apply-by-offset, poison records),
+//! [`node`] (assembles the supervision tree), [`ctx`] (shared state), [`settings`],
+//! [`faults`], [`metrics`], [`wire`]/[`messages`] (cluster-ready payloads).
+
+pub mod breaker;
+pub mod catalog;
+pub mod consumer;
+pub mod content_index;
+pub mod ctx;
+pub mod encoder;
+pub mod faults;
+pub mod features;
+pub mod item_stats;
+pub mod journal;
+pub mod messages;
+pub mod metrics;
+pub mod names;
+pub mod node;
+pub mod ranker;
+pub mod record;
+pub mod serving;
+pub mod settings;
+pub mod store;
+pub mod supervisor;
+pub mod trainer;
+pub mod wire;
 
 pub use troupe_models as models;
+
+/// Explicitly discards a send result: the receiver (a caller that timed out, an actor
+/// that is restarting) may be gone, and there is nothing useful to do about it here.
+pub trait Discard {
+    fn discard(self);
+}
+
+impl<T, E> Discard for Result<T, E> {
+    fn discard(self) {}
+}

@@ -9,7 +9,7 @@ use crate::data::{Event, ItemRecord};
 use crate::error::{ModelError, Result};
 
 /// Maps external string ids to dense indices, in first-seen order.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct IdMap {
     index: FxHashMap<String, u32>,
     names: Vec<String>,

@@ -34,6 +34,10 @@ pub enum Command {
     Embed(EmbedArgs),
     /// One command on embedded defaults: generate data, train, evaluate, show recommendations.
     Demo(DemoArgs),
+    /// Run one node: journal, features, models and the HTTP API.
+    Node(crate::node_cmd::NodeArgs),
+    /// Bulk-import events and items into a running node (resumable, idempotent).
+    Load(Box<crate::load_cmd::LoadArgs>),
 }
 
 /// Column names for CSV inputs (default: picked by common header names).

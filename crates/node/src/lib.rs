@@ -1,4 +1,4 @@
-//! `troupe-node`: the `troupe` command line (and, later, the cluster node).
+//! `troupe-node`: the `troupe` command line and the node (config, HTTP API, signals).
 //!
 //! This is the only crate that parses the CLI, reads files named by the user, installs
 //! logging and decides exit codes. Modules:
@@ -8,12 +8,20 @@
 //! - [`gen_cmd`]: `troupe gen`, synthetic data to disk.
 //! - [`demo`]: `troupe demo`, the README's one-command run on embedded defaults.
 //! - [`exit`]: error classification into exit codes.
+//! - [`config`]: `cluster.toml` (defaults, validation, env overrides, secrets).
+//! - [`node_cmd`]: `troupe node` (store, actors, HTTP, graceful stop).
+//! - [`http`]: the axum API under `/v1` and the probes.
+//! - [`load_cmd`]: `troupe load` (bulk import, resumable).
 
 pub mod cli;
+pub mod config;
 pub mod demo;
 pub mod eval_cmd;
 pub mod exit;
 pub mod gen_cmd;
+pub mod http;
+pub mod load_cmd;
+pub mod node_cmd;
 
 use std::process::ExitCode;
 
@@ -39,6 +47,8 @@ pub fn run() -> ExitCode {
         cli::Command::Demo(a) => demo::run(a),
         cli::Command::Embed(a) => eval_cmd::embed(a),
         cli::Command::FitAls(a) => eval_cmd::fit_als(a),
+        cli::Command::Node(a) => node_cmd::run(a),
+        cli::Command::Load(a) => load_cmd::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -42,6 +42,19 @@ fn bucket(token: &str, dim: usize) -> (usize, f32) {
 }
 
 impl HashedTfidf {
+    /// An encoder with uniform IDF (hashed, sublinear TF only). A live catalogue grows,
+    /// and fitted IDF would change every stored embedding; this form keeps an item's
+    /// embedding a function of its text alone.
+    pub fn uniform(dim: usize) -> Result<Self> {
+        if dim == 0 {
+            return Err(ModelError::param("dim", "must be >= 1"));
+        }
+        Ok(HashedTfidf {
+            dim,
+            idf: vec![1.0; dim],
+        })
+    }
+
     /// Fits document frequencies on `corpus`.
     pub fn fit(corpus: &[&str], dim: usize) -> Result<Self> {
         if dim == 0 {

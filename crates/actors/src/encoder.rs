@@ -1,0 +1,192 @@
+//! ContentEncoder: embeds item texts in batches off the async runtime, with up to
+//! `workers` batches in flight, and persists embeddings keyed by encoder name and text
+//! hash so a restart does not recompute them.
+
+use crate::Discard;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster_derive::RactorClusterMessage;
+use tokio::sync::Semaphore;
+use troupe_models::content::TextEncoder;
+
+use crate::ctx::Ctx;
+use crate::messages::{ItemTexts, Observation};
+use crate::names;
+use crate::record::hash128;
+
+#[derive(RactorClusterMessage)]
+pub enum ContentEncoderMsg {
+    /// `(item id, text)` pairs to embed.
+    Encode(ItemTexts),
+    #[rpc]
+    Observe(RpcReplyPort<Observation>),
+}
+
+pub struct ContentEncoderArgs {
+    pub ctx: Arc<Ctx>,
+    pub encoder: Arc<dyn TextEncoder>,
+    /// Stable name used as the cache key (changes when the model changes).
+    pub encoder_name: String,
+}
+
+pub struct ContentEncoder;
+
+pub struct ContentEncoderState {
+    ctx: Arc<Ctx>,
+    encoder: Arc<dyn TextEncoder>,
+    name: Arc<str>,
+    permits: Arc<Semaphore>,
+    requested: u64,
+}
+
+/// Hash of an item text (the cache key with the encoder name).
+pub fn text_hash(text: &str) -> u128 {
+    hash128(&[b"text", text.as_bytes()]).max(1)
+}
+
+async fn encode_batch(
+    ctx: Arc<Ctx>,
+    encoder: Arc<dyn TextEncoder>,
+    name: Arc<str>,
+    batch: Vec<(String, String)>,
+) -> Result<(), String> {
+    let hashes: Vec<u128> = batch.iter().map(|(_, t)| text_hash(t)).collect();
+    let store = ctx.store.clone();
+    let n = name.clone();
+    let h = hashes.clone();
+    let cached = tokio::task::spawn_blocking(move || store.embeddings(&n, &h))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut missing = Vec::new();
+    let mut ready = Vec::new();
+    for (((id, text), h), c) in batch.into_iter().zip(hashes).zip(cached) {
+        match c {
+            Some(v) if v.len() == encoder.dim() => ready.push((id, h, v)),
+            _ => missing.push((id, text, h)),
+        }
+    }
+    ctx.metrics.embeddings_cached.inc_by(ready.len() as u64);
+    if !missing.is_empty() {
+        let enc = encoder.clone();
+        let texts: Vec<String> = missing.iter().map(|(_, t, _)| t.clone()).collect();
+        let emb = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            enc.encode(&refs)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let mut to_store = Vec::with_capacity(missing.len());
+        for ((id, _, h), row) in missing.into_iter().zip(emb.rows()) {
+            let v: Vec<f32> = row.to_vec();
+            to_store.push((h, v.clone()));
+            ready.push((id, h, v));
+        }
+        ctx.metrics
+            .embeddings_computed
+            .inc_by(to_store.len() as u64);
+        let store = ctx.store.clone();
+        let n = name.clone();
+        tokio::task::spawn_blocking(move || store.put_embeddings(&n, &to_store))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+    }
+    // Only rows whose text is still the item's current text are published (batches may
+    // finish out of order).
+    let current: Vec<Option<u128>> = {
+        let view = ctx.catalog.read();
+        ready
+            .iter()
+            .map(|(id, _, _)| view.items.get(id).map(|i| text_hash(&i.text)))
+            .collect()
+    };
+    let mut index = ctx.content.write();
+    for ((id, h, v), cur) in ready.into_iter().zip(current) {
+        if cur == Some(h) {
+            index.set(&id, h, &v);
+        }
+    }
+    Ok(())
+}
+
+impl Actor for ContentEncoder {
+    type Msg = ContentEncoderMsg;
+    type State = ContentEncoderState;
+    type Arguments = ContentEncoderArgs;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<ContentEncoderMsg>,
+        args: ContentEncoderArgs,
+    ) -> Result<ContentEncoderState, ActorProcessingErr> {
+        {
+            let mut idx = args.ctx.content.write();
+            if idx.encoder != args.encoder_name || idx.dim() != args.encoder.dim() {
+                *idx = crate::content_index::ContentIndex::new(
+                    args.encoder.dim(),
+                    args.encoder_name.clone(),
+                );
+            }
+        }
+        let workers = args.ctx.settings.content.workers.max(1);
+        Ok(ContentEncoderState {
+            ctx: args.ctx,
+            encoder: args.encoder,
+            name: args.encoder_name.into(),
+            permits: Arc::new(Semaphore::new(workers)),
+            requested: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<ContentEncoderMsg>,
+        msg: ContentEncoderMsg,
+        st: &mut ContentEncoderState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ContentEncoderMsg::Encode(texts) => {
+                let items = texts.items;
+                st.requested += items.len() as u64;
+                let batch = st.ctx.settings.content.batch_size.max(1);
+                for chunk in items.chunks(batch) {
+                    // Waiting for a permit here is the backpressure: the mailbox holds
+                    // the rest while `workers` batches are encoding.
+                    let permit = st.permits.clone().acquire_owned().await?;
+                    let (ctx, enc, name, chunk) = (
+                        st.ctx.clone(),
+                        st.encoder.clone(),
+                        st.name.clone(),
+                        chunk.to_vec(),
+                    );
+                    tokio::spawn(async move {
+                        if let Err(e) = encode_batch(ctx, enc, name, chunk).await {
+                            tracing::error!(error = %e, "encoding a batch of item texts failed");
+                        }
+                        drop(permit);
+                    });
+                }
+            }
+            ContentEncoderMsg::Observe(port) => {
+                let (n, dim) = {
+                    let idx = st.ctx.content.read();
+                    (idx.len(), idx.dim())
+                };
+                port.send(Observation::new(
+                    names::CONTENT_ENCODER,
+                    serde_json::json!({
+                        "encoder": &*st.name,
+                        "dim": dim,
+                        "embedded_items": n,
+                        "requested": st.requested,
+                        "in_flight_batches": st.ctx.settings.content.workers.max(1) - st.permits.available_permits(),
+                    }),
+                )).discard();
+            }
+        }
+        Ok(())
+    }
+}

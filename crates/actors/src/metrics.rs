@@ -1,0 +1,184 @@
+//! Prometheus metrics of a node (prometheus-client), rendered by the node's `/metrics`.
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// Metric handles (cheap clones of atomics) plus their registry.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub events_acked: Counter,
+    pub events_duplicate: Counter,
+    pub events_rejected: Family<Labels, Counter>,
+    pub commit_seconds: Histogram,
+    pub commit_records: Histogram,
+    pub journal_errors: Counter,
+    pub journal_head: Family<Labels, Gauge>,
+    pub applied_offset: Family<Labels, Gauge>,
+    pub actor_restarts: Family<Labels, Counter>,
+    pub dead_letters: Counter,
+    pub recommend_seconds: Histogram,
+    pub recommendations: Family<Labels, Counter>,
+    pub branch_outcomes: Family<Labels, Counter>,
+    /// 0 closed, 1 open, 2 half-open.
+    pub breaker_state: Family<Labels, Gauge>,
+    pub model_version: Gauge,
+    pub retrains: Family<Labels, Counter>,
+    pub embeddings_computed: Counter,
+    pub embeddings_cached: Counter,
+    pub http_requests: Family<Labels, Counter>,
+}
+
+impl Metrics {
+    pub fn new(_partitions: u32) -> Metrics {
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("troupe")),
+            events_acked: Counter::default(),
+            events_duplicate: Counter::default(),
+            events_rejected: Family::default(),
+            commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            commit_records: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
+            journal_errors: Counter::default(),
+            journal_head: Family::default(),
+            applied_offset: Family::default(),
+            actor_restarts: Family::default(),
+            dead_letters: Counter::default(),
+            recommend_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 14)),
+            recommendations: Family::default(),
+            branch_outcomes: Family::default(),
+            breaker_state: Family::default(),
+            model_version: Gauge::default(),
+            retrains: Family::default(),
+            embeddings_computed: Counter::default(),
+            embeddings_cached: Counter::default(),
+            http_requests: Family::default(),
+        };
+        {
+            let mut r = m.registry.lock();
+            r.register(
+                "events_acked",
+                "Events durably journaled and acked",
+                m.events_acked.clone(),
+            );
+            r.register(
+                "events_duplicate",
+                "Events dropped as duplicates of an acked idempotency key",
+                m.events_duplicate.clone(),
+            );
+            r.register(
+                "events_rejected",
+                "Events rejected before the journal, by reason",
+                m.events_rejected.clone(),
+            );
+            r.register(
+                "journal_commit_seconds",
+                "Duration of one group commit (write + fsync)",
+                m.commit_seconds.clone(),
+            );
+            r.register(
+                "journal_commit_records",
+                "Records per group commit",
+                m.commit_records.clone(),
+            );
+            r.register(
+                "journal_errors",
+                "Group commits that failed (the journal restarts)",
+                m.journal_errors.clone(),
+            );
+            r.register(
+                "journal_head_offset",
+                "Last durable offset per stream",
+                m.journal_head.clone(),
+            );
+            r.register(
+                "applied_offset",
+                "Offset applied per consumer and stream",
+                m.applied_offset.clone(),
+            );
+            r.register(
+                "actor_restarts",
+                "Actor restarts by child name",
+                m.actor_restarts.clone(),
+            );
+            r.register(
+                "dead_letters",
+                "Records moved to the dead letters",
+                m.dead_letters.clone(),
+            );
+            r.register(
+                "recommend_seconds",
+                "Recommendation latency",
+                m.recommend_seconds.clone(),
+            );
+            r.register(
+                "recommendations",
+                "Recommendations served, by outcome",
+                m.recommendations.clone(),
+            );
+            r.register(
+                "branch_outcomes",
+                "Ranker branch outcomes",
+                m.branch_outcomes.clone(),
+            );
+            r.register(
+                "breaker_state",
+                "Circuit breaker state per branch (0 closed, 1 open, 2 half-open)",
+                m.breaker_state.clone(),
+            );
+            r.register(
+                "als_model_version",
+                "ALS model version being served",
+                m.model_version.clone(),
+            );
+            r.register(
+                "als_retrains",
+                "ALS retrains by outcome",
+                m.retrains.clone(),
+            );
+            r.register(
+                "embeddings_computed",
+                "Item embeddings computed",
+                m.embeddings_computed.clone(),
+            );
+            r.register(
+                "embeddings_cached",
+                "Item embeddings taken from the cache",
+                m.embeddings_cached.clone(),
+            );
+            r.register(
+                "http_requests",
+                "HTTP requests by route and status",
+                m.http_requests.clone(),
+            );
+        }
+        m
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry.lock()).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// One label pair.
+pub fn label(k: &str, v: impl ToString) -> Labels {
+    vec![(k.to_string(), v.to_string())]
+}
+
+/// Two label pairs.
+pub fn labels2(k1: &str, v1: impl ToString, k2: &str, v2: impl ToString) -> Labels {
+    vec![
+        (k1.to_string(), v1.to_string()),
+        (k2.to_string(), v2.to_string()),
+    ]
+}

@@ -1,0 +1,20 @@
+//! Registered actor names (one place, so callers and supervisors agree).
+
+pub const NODE_SUPERVISOR: &str = "node_supervisor";
+pub const PARTITIONS_SUPERVISOR: &str = "partitions_supervisor";
+pub const JOURNAL: &str = "journal";
+pub const CATALOG: &str = "catalog";
+pub const ITEM_STATS: &str = "item_stats";
+pub const CONTENT_ENCODER: &str = "content_encoder";
+pub const ALS_TRAINER: &str = "als_trainer";
+pub const RANKER: &str = "ranker";
+
+/// Name of the UserFeatures actor of partition `p`.
+pub fn user_features(p: u32) -> String {
+    format!("user_features-{p}")
+}
+
+/// Actor kind of a registered name (the part before `-`), used by fault targets.
+pub fn kind_of(name: &str) -> &str {
+    name.split('-').next().unwrap_or(name)
+}

@@ -1,0 +1,267 @@
+//! Assembles one node's supervision tree and offers the calls the HTTP layer needs.
+//!
+//! ```text
+//! node_supervisor
+//! ├── journal
+//! ├── content_encoder
+//! ├── catalog
+//! ├── item_stats
+//! ├── partitions_supervisor ── user_features-0 .. user_features-{P-1}
+//! ├── als_trainer
+//! └── ranker
+//! ```
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorCell, ActorRef, RpcReplyPort};
+use troupe_models::content::TextEncoder;
+
+use crate::catalog::{Catalog, CatalogMsg};
+use crate::consumer;
+use crate::ctx::Ctx;
+use crate::encoder::{ContentEncoder, ContentEncoderArgs, ContentEncoderMsg};
+use crate::features::{UserFeatures, UserFeaturesArgs, UserFeaturesMsg};
+use crate::item_stats::{ItemStats, ItemStatsMsg};
+use crate::journal::{AppendReply, AppendRequest, Journal, JournalMsg};
+use crate::messages::{CheckpointReply, Observation};
+use crate::names;
+use crate::ranker::{Ranker, RankerMsg};
+use crate::supervisor::{ChildSpec, Supervisor, SupervisorArgs, SupervisorMsg, SupervisorSnapshot};
+use crate::trainer::{AlsTrainer, AlsTrainerMsg};
+
+/// A running node.
+pub struct NodeHandle {
+    pub ctx: Arc<Ctx>,
+    pub root: ActorRef<SupervisorMsg>,
+    pub root_done: tokio::task::JoinHandle<()>,
+}
+
+/// Errors calling into the node's actors.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("actor {0} is not running (restarting?)")]
+    Unavailable(String),
+    #[error("actor {0} did not answer in time")]
+    Timeout(String),
+    #[error("actor {name}: {reason}")]
+    Failed { name: String, reason: String },
+}
+
+/// Resolves a registered actor by name (re-resolved on every call: restarts change refs).
+pub fn resolve<M: ractor::Message>(name: &str) -> Result<ActorRef<M>, CallError> {
+    ractor::registry::where_is(name)
+        .map(ActorRef::from)
+        .ok_or_else(|| CallError::Unavailable(name.to_string()))
+}
+
+/// A timed RPC to a named actor.
+pub async fn call<M, T, F>(name: &str, timeout: Duration, build: F) -> Result<T, CallError>
+where
+    M: ractor::Message,
+    T: Send + 'static,
+    F: FnOnce(RpcReplyPort<T>) -> M,
+{
+    let actor: ActorRef<M> = resolve(name)?;
+    match actor.call(build, Some(timeout)).await {
+        Ok(ractor::rpc::CallResult::Success(v)) => Ok(v),
+        Ok(ractor::rpc::CallResult::Timeout) => Err(CallError::Timeout(name.to_string())),
+        Ok(ractor::rpc::CallResult::SenderError) => Err(CallError::Failed {
+            name: name.to_string(),
+            reason: "the actor stopped before answering".into(),
+        }),
+        Err(e) => Err(CallError::Failed {
+            name: name.to_string(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn children(ctx: &Arc<Ctx>, encoder: Arc<dyn TextEncoder>, encoder_name: String) -> Vec<ChildSpec> {
+    let policy = ctx.settings.restart.clone();
+    let c = ctx.clone();
+    let journal = ChildSpec::new(names::JOURNAL, policy.clone(), move || (Journal, c.clone()));
+    let c = ctx.clone();
+    let enc = ChildSpec::new(names::CONTENT_ENCODER, policy.clone(), move || {
+        (
+            ContentEncoder,
+            ContentEncoderArgs {
+                ctx: c.clone(),
+                encoder: encoder.clone(),
+                encoder_name: encoder_name.clone(),
+            },
+        )
+    });
+    let c = ctx.clone();
+    let catalog = ChildSpec::new(names::CATALOG, policy.clone(), move || (Catalog, c.clone()));
+    let c = ctx.clone();
+    let stats = ChildSpec::new(names::ITEM_STATS, policy.clone(), move || {
+        (ItemStats, c.clone())
+    });
+    let partitions: Vec<ChildSpec> = (0..ctx.settings.partitions)
+        .map(|p| {
+            let c = ctx.clone();
+            ChildSpec::new(&names::user_features(p), policy.clone(), move || {
+                (
+                    UserFeatures,
+                    UserFeaturesArgs {
+                        ctx: c.clone(),
+                        partition: p,
+                    },
+                )
+            })
+        })
+        .collect();
+    let c = ctx.clone();
+    let psup = ChildSpec::new(names::PARTITIONS_SUPERVISOR, policy.clone(), move || {
+        let c2 = c.clone();
+        (
+            Supervisor,
+            SupervisorArgs {
+                children: partitions.clone(),
+                on_failure: Some(Arc::new(move |n: &str| consumer::count_failure(&c2, n))),
+                on_escalate: None,
+            },
+        )
+    });
+    let c = ctx.clone();
+    let trainer = ChildSpec::new(names::ALS_TRAINER, policy.clone(), move || {
+        (AlsTrainer, c.clone())
+    });
+    let c = ctx.clone();
+    let ranker = ChildSpec::new(names::RANKER, policy, move || (Ranker, c.clone()));
+    vec![journal, enc, catalog, stats, psup, trainer, ranker]
+}
+
+/// Starts the node's supervision tree. Recovery (checkpoints, replay, model load) runs
+/// inside the actors; `ctx.health.ready()` turns true when it is done.
+pub async fn start(
+    ctx: Arc<Ctx>,
+    encoder: Arc<dyn TextEncoder>,
+    encoder_name: String,
+) -> Result<NodeHandle, ractor::SpawnErr> {
+    let c = ctx.clone();
+    let c2 = ctx.clone();
+    let args = SupervisorArgs {
+        children: children(&ctx, encoder, encoder_name),
+        on_failure: Some(Arc::new(move |n: &str| consumer::count_failure(&c, n))),
+        on_escalate: Some(Arc::new(move |reason: &str| {
+            c2.health.escalate(reason.to_string())
+        })),
+    };
+    let (root, done) =
+        Actor::spawn(Some(names::NODE_SUPERVISOR.to_string()), Supervisor, args).await?;
+    Ok(NodeHandle {
+        ctx,
+        root,
+        root_done: done,
+    })
+}
+
+/// Appends records through the journal (one RPC; acked when durable).
+pub async fn append(req: AppendRequest, timeout: Duration) -> Result<AppendReply, CallError> {
+    call(names::JOURNAL, timeout, |port| {
+        JournalMsg::Append(req, port)
+    })
+    .await
+}
+
+/// `Observe` of every actor in the tree plus the supervisors' records.
+pub async fn observe_all(
+    ctx: &Ctx,
+    timeout: Duration,
+) -> (
+    Vec<(String, Result<Observation, CallError>)>,
+    Vec<(String, Option<SupervisorSnapshot>)>,
+) {
+    let mut out = Vec::new();
+    out.push((
+        names::JOURNAL.to_string(),
+        call(names::JOURNAL, timeout, JournalMsg::Observe).await,
+    ));
+    out.push((
+        names::CATALOG.to_string(),
+        call(names::CATALOG, timeout, CatalogMsg::Observe).await,
+    ));
+    out.push((
+        names::CONTENT_ENCODER.to_string(),
+        call(names::CONTENT_ENCODER, timeout, ContentEncoderMsg::Observe).await,
+    ));
+    out.push((
+        names::ITEM_STATS.to_string(),
+        call(names::ITEM_STATS, timeout, ItemStatsMsg::Observe).await,
+    ));
+    for p in 0..ctx.settings.partitions {
+        let n = names::user_features(p);
+        let r = call(&n, timeout, UserFeaturesMsg::Observe).await;
+        out.push((n, r));
+    }
+    out.push((
+        names::ALS_TRAINER.to_string(),
+        call(names::ALS_TRAINER, timeout, AlsTrainerMsg::Observe).await,
+    ));
+    out.push((
+        names::RANKER.to_string(),
+        call(names::RANKER, timeout, RankerMsg::Observe).await,
+    ));
+    let mut sups = Vec::new();
+    for s in [names::NODE_SUPERVISOR, names::PARTITIONS_SUPERVISOR] {
+        sups.push((
+            s.to_string(),
+            call(s, timeout, SupervisorMsg::Observe).await.ok(),
+        ));
+    }
+    (out, sups)
+}
+
+/// Graceful stop: refuse new writes, let the journal commit what it holds, checkpoint
+/// every consumer, then stop the tree (children in reverse start order).
+pub async fn shutdown(handle: NodeHandle) -> Vec<String> {
+    let ctx = handle.ctx.clone();
+    ctx.health.draining.store(true, Ordering::Relaxed);
+    let t = Duration::from_secs(30);
+    let mut problems = Vec::new();
+    // Observe is queued behind every pending append and flush: when it answers, the
+    // journal has committed (or failed) all of them.
+    if let Err(e) = call(names::JOURNAL, t, JournalMsg::Observe).await {
+        problems.push(format!("journal: {e}"));
+    }
+    let mut results: Vec<(String, Result<CheckpointReply, CallError>)> = Vec::new();
+    for p in 0..ctx.settings.partitions {
+        let n = names::user_features(p);
+        let r = call(&n, t, UserFeaturesMsg::Checkpoint).await;
+        results.push((n, r));
+    }
+    results.push((
+        names::ITEM_STATS.into(),
+        call(names::ITEM_STATS, t, ItemStatsMsg::Checkpoint).await,
+    ));
+    results.push((
+        names::CATALOG.into(),
+        call(names::CATALOG, t, CatalogMsg::Checkpoint).await,
+    ));
+    results.push((
+        names::ALS_TRAINER.into(),
+        call(names::ALS_TRAINER, t, AlsTrainerMsg::Checkpoint).await,
+    ));
+    for (n, r) in results {
+        match r {
+            Ok(c) if c.error.is_none() => {}
+            Ok(c) => problems.push(format!("{n}: {}", c.error.unwrap_or_default())),
+            Err(e) => problems.push(format!("{n}: {e}")),
+        }
+    }
+    if let Err(e) = call(names::NODE_SUPERVISOR, t, SupervisorMsg::Shutdown).await {
+        problems.push(format!("supervisor: {e}"));
+    }
+    if tokio::time::timeout(t, handle.root_done).await.is_err() {
+        problems.push("supervision tree did not stop in time".into());
+    }
+    problems
+}
+
+/// The root supervisor's cell (for waiting on escalation).
+pub fn root_cell(handle: &NodeHandle) -> ActorCell {
+    handle.root.get_cell()
+}

@@ -1,0 +1,111 @@
+//! Read-mostly serving views published by actors: the catalogue and the ALS model.
+
+use std::collections::BTreeMap;
+
+use ndarray::Array2;
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
+use troupe_models::als::{AlsParams, FoldIn};
+use troupe_models::dataset::IdMap;
+
+use crate::record::Item;
+
+/// The catalogue as the ranker sees it.
+#[derive(Debug, Default)]
+pub struct CatalogView {
+    pub items: FxHashMap<String, Item>,
+    /// Items known only from events (no catalogue entry yet).
+    pub placeholders: FxHashSet<String>,
+    /// Deleted items (filtered everywhere until upserted again).
+    pub deleted: FxHashSet<String>,
+    /// Catalogue stream offset applied.
+    pub applied: u64,
+}
+
+impl CatalogView {
+    /// Hidden or deleted items never show.
+    pub fn hidden(&self, id: &str) -> bool {
+        self.deleted.contains(id) || self.items.get(id).is_some_and(|i| i.hidden)
+    }
+
+    pub fn in_category(&self, id: &str, category: &str) -> bool {
+        self.items
+            .get(id)
+            .is_some_and(|i| i.categories.iter().any(|c| c == category))
+    }
+}
+
+/// A trained ALS model as served: item factors with their ids and the fold-in state.
+pub struct AlsServing {
+    pub version: u64,
+    pub items: IdMap,
+    pub item_factors: Array2<f32>,
+    pub fold_in: FoldIn,
+    pub params: AlsParams,
+    pub validation_ndcg: f64,
+    pub trained_at_ms: i64,
+    pub interactions: u64,
+}
+
+/// On-disk form of a model version.
+#[derive(Serialize, Deserialize)]
+pub struct AlsSnapshot {
+    pub format: u16,
+    pub version: u64,
+    pub items: Vec<String>,
+    pub factors: usize,
+    pub data: Vec<f32>,
+    pub params: AlsParams,
+    pub validation_ndcg: f64,
+    pub trained_at_ms: i64,
+    pub interactions: u64,
+    pub extra: BTreeMap<String, String>,
+}
+
+/// Version of [`AlsSnapshot`] written by this build.
+pub const ALS_SNAPSHOT_FORMAT: u16 = 1;
+
+impl AlsServing {
+    pub fn to_snapshot(&self) -> AlsSnapshot {
+        AlsSnapshot {
+            format: ALS_SNAPSHOT_FORMAT,
+            version: self.version,
+            items: (0..self.items.len() as u32)
+                .filter_map(|i| self.items.name(i).map(str::to_string))
+                .collect(),
+            factors: self.item_factors.ncols(),
+            data: self.item_factors.iter().copied().collect(),
+            params: self.params.clone(),
+            validation_ndcg: self.validation_ndcg,
+            trained_at_ms: self.trained_at_ms,
+            interactions: self.interactions,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    pub fn from_snapshot(s: AlsSnapshot) -> Result<AlsServing, String> {
+        if s.format != ALS_SNAPSHOT_FORMAT {
+            return Err(format!(
+                "unknown ALS snapshot format {} (this build reads {ALS_SNAPSHOT_FORMAT})",
+                s.format
+            ));
+        }
+        let n = s.items.len();
+        let factors = Array2::from_shape_vec((n, s.factors), s.data).map_err(|e| e.to_string())?;
+        let mut items = IdMap::default();
+        s.items.iter().for_each(|i| {
+            items.intern(i);
+        });
+        let fold_in = FoldIn::new(factors.view(), &s.params);
+        Ok(AlsServing {
+            version: s.version,
+            items,
+            item_factors: factors,
+            fold_in,
+            params: s.params,
+            validation_ndcg: s.validation_ndcg,
+            trained_at_ms: s.trained_at_ms,
+            interactions: s.interactions,
+        })
+    }
+}

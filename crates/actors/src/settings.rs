@@ -1,0 +1,148 @@
+//! Typed settings every actor receives (the node crate builds them from `cluster.toml`;
+//! actors never read files or the environment).
+
+use std::time::Duration;
+
+use troupe_models::als::AlsParams;
+use troupe_models::blend::Normalization;
+use troupe_models::dataset::WeightConfig;
+
+/// Restart policy of one supervised child (OTP-like intensity plus capped backoff).
+#[derive(Debug, Clone)]
+pub struct RestartPolicy {
+    /// At most this many restarts within `window`; one more escalates.
+    pub max_restarts: u32,
+    pub window: Duration,
+    /// First backoff; doubles per restart within the window, capped at `backoff_max`.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            max_restarts: 5,
+            window: Duration::from_secs(30),
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything the actors of one node need to know.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_name: String,
+    /// Event partitions (P > 1).
+    pub partitions: u32,
+    /// Largest number of records in one commit group.
+    pub max_commit_records: usize,
+    /// How long an idempotency key is remembered.
+    pub idempotency_window: Duration,
+    /// Events later than now + this are rejected.
+    pub max_future_skew: Duration,
+    /// Consumers check the journal head this often (catches up after a lost notification).
+    pub poll_interval: Duration,
+    pub checkpoint_every_records: u64,
+    pub checkpoint_interval: Duration,
+    /// Failures of one record before it goes to the dead letters.
+    pub poison_max_attempts: u32,
+    pub history_len: usize,
+    pub weights: WeightConfig,
+    /// Kinds whose items are filtered as already seen (empty: every positive kind).
+    pub seen_kinds: Vec<String>,
+    pub popularity_half_life: Duration,
+    pub content: ContentSettings,
+    pub als: AlsSettings,
+    pub ranker: RankerSettings,
+    pub restart: RestartPolicy,
+    /// Journal records older than every consumer's position are deleted when true.
+    pub retention: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ContentSettings {
+    /// `None`: hashed TF (uniform IDF) with `tfidf_dim` buckets.
+    pub onnx_model_dir: Option<std::path::PathBuf>,
+    pub onnx_max_len: usize,
+    pub tfidf_dim: usize,
+    pub batch_size: usize,
+    /// Concurrent encoding batches.
+    pub workers: usize,
+    pub profile_half_life: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AlsSettings {
+    pub params: AlsParams,
+    pub retrain_every_events: u64,
+    pub retrain_interval: Duration,
+    /// No training below this many interactions.
+    pub min_interactions: usize,
+    pub keep_versions: usize,
+    /// Users held out (last interaction) to compare a candidate with the serving model.
+    pub validation_users: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct RankerSettings {
+    /// Blend weights of als, content, popularity.
+    pub weights: [f32; 3],
+    pub normalization: Normalization,
+    pub candidates: usize,
+    pub branch_deadline: Duration,
+    pub breaker_failures: u32,
+    pub breaker_open: Duration,
+    /// How long a request waits for the user's acked events to be applied.
+    pub freshness_wait: Duration,
+    pub max_k: usize,
+}
+
+impl Settings {
+    /// Defaults suited to tests and the demo (small intervals are set by callers).
+    pub fn defaults(node_name: &str) -> Settings {
+        Settings {
+            node_name: node_name.to_string(),
+            partitions: 4,
+            max_commit_records: 20_000,
+            idempotency_window: Duration::from_secs(24 * 3600),
+            max_future_skew: Duration::from_secs(300),
+            poll_interval: Duration::from_millis(200),
+            checkpoint_every_records: 50_000,
+            checkpoint_interval: Duration::from_secs(30),
+            poison_max_attempts: 3,
+            history_len: 200,
+            weights: WeightConfig::default(),
+            seen_kinds: Vec::new(),
+            popularity_half_life: Duration::from_secs(7 * 86_400),
+            content: ContentSettings {
+                onnx_model_dir: None,
+                onnx_max_len: 128,
+                tfidf_dim: 1024,
+                batch_size: 32,
+                workers: 1,
+                profile_half_life: Duration::from_secs(30 * 86_400),
+            },
+            als: AlsSettings {
+                params: AlsParams::default(),
+                retrain_every_events: 50_000,
+                retrain_interval: Duration::from_secs(600),
+                min_interactions: 100,
+                keep_versions: 3,
+                validation_users: 500,
+            },
+            ranker: RankerSettings {
+                weights: [0.8, 0.1, 0.1],
+                normalization: Normalization::Rrf { k0: 60.0 },
+                candidates: 100,
+                branch_deadline: Duration::from_millis(50),
+                breaker_failures: 3,
+                breaker_open: Duration::from_secs(2),
+                freshness_wait: Duration::from_millis(200),
+                max_k: 500,
+            },
+            restart: RestartPolicy::default(),
+            retention: false,
+        }
+    }
+}

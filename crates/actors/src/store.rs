@@ -1,0 +1,635 @@
+//! The node's embedded store (redb, see `docs/adr/005-embedded-store.md`): journal,
+//! idempotency window, checkpoints, poison-record counts, dead letters, the embedding
+//! cache and model snapshots, all in one file so one commit (one fsync) covers them.
+//!
+//! Keys are chosen so that a partition's records are one contiguous, ordered range:
+//! `journal[(stream, offset)]`. Offsets start at 1; an `applied_offset` of 0 means nothing
+//! was applied yet.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::record::{self, Payload, Record, RecordError};
+
+const JOURNAL: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("journal");
+/// key -> (stream, offset, appended at, ms)
+const IDEM: TableDefinition<u128, (u32, u64, i64)> = TableDefinition::new("idempotency");
+const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
+/// (consumer, stream, offset) -> failures seen
+const FAILURES: TableDefinition<(&str, u32, u64), u32> = TableDefinition::new("failures");
+/// (consumer, stream, offset) -> JSON description
+const DEAD: TableDefinition<(&str, u32, u64), &[u8]> = TableDefinition::new("dead_letters");
+/// (encoder name, text hash) -> f32 little-endian
+const EMBEDDINGS: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("embeddings");
+/// model version -> snapshot bytes
+const MODELS: TableDefinition<u64, &[u8]> = TableDefinition::new("als_models");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+/// Version of the store layout written by this build (tables and value formats).
+pub const STORE_FORMAT: u32 = 1;
+
+/// Errors of the store. Any of them on a write means the write did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {source}")]
+    Db {
+        path: PathBuf,
+        #[source]
+        source: Box<redb::Error>,
+    },
+    #[error("store {path} has layout version {found}, this build reads {STORE_FORMAT}")]
+    Format { path: PathBuf, found: u32 },
+    #[error("journal record {stream}/{offset}: {source}")]
+    Record {
+        stream: u32,
+        offset: u64,
+        #[source]
+        source: RecordError,
+    },
+    #[error("checkpoint {name}: {reason}")]
+    Checkpoint { name: String, reason: String },
+}
+
+/// What opening the store found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct OpenReport {
+    /// The file was not closed cleanly and redb rolled back to its last complete commit.
+    pub repaired: bool,
+    /// Records at the end of a stream that failed their checksum and were cut.
+    pub torn_records_cut: u64,
+}
+
+/// A shared handle to the store.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+/// Failures counted against one record: `((stream, offset), count)`.
+pub type FailureCount = ((u32, u64), u32);
+
+/// One record to append.
+pub struct Append {
+    pub stream: u32,
+    pub key: u128,
+    pub bytes: Vec<u8>,
+}
+
+fn db_err<E: Into<redb::Error>>(path: &Path) -> impl FnOnce(E) -> StoreError + '_ {
+    move |e| StoreError::Db {
+        path: path.to_path_buf(),
+        source: Box::new(e.into()),
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`, repairing it after an unclean shutdown and
+    /// cutting records at a stream's tail that fail their checksum.
+    pub fn open(path: &Path) -> Result<(Store, OpenReport), StoreError> {
+        let repaired = Arc::new(AtomicBool::new(false));
+        let flag = repaired.clone();
+        let db = Database::builder()
+            .set_repair_callback(move |_| flag.store(true, Ordering::Relaxed))
+            .create(path)
+            .map_err(db_err(path))?;
+        let store = Store {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+        };
+        store.init_tables()?;
+        let torn = store.cut_torn_tails()?;
+        Ok((
+            store,
+            OpenReport {
+                repaired: repaired.load(Ordering::Relaxed),
+                torn_records_cut: torn,
+            },
+        ))
+    }
+
+    fn err<E: Into<redb::Error>>(&self) -> impl FnOnce(E) -> StoreError + '_ {
+        db_err(&self.path)
+    }
+
+    fn init_tables(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(self.err())?;
+        {
+            tx.open_table(JOURNAL).map_err(self.err())?;
+            tx.open_table(IDEM).map_err(self.err())?;
+            tx.open_table(CHECKPOINTS).map_err(self.err())?;
+            tx.open_table(FAILURES).map_err(self.err())?;
+            tx.open_table(DEAD).map_err(self.err())?;
+            tx.open_table(EMBEDDINGS).map_err(self.err())?;
+            tx.open_table(MODELS).map_err(self.err())?;
+            let mut meta = tx.open_table(META).map_err(self.err())?;
+            let found = meta.get("format").map_err(self.err())?.map(|v| {
+                let b = v.value();
+                u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))
+            });
+            match found {
+                None => {
+                    meta.insert("format", STORE_FORMAT.to_le_bytes().as_slice())
+                        .map_err(self.err())?;
+                }
+                Some(v) if v == STORE_FORMAT => {}
+                Some(v) => {
+                    return Err(StoreError::Format {
+                        path: self.path.clone(),
+                        found: v,
+                    })
+                }
+            }
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Cuts, per stream, trailing records that fail to decode (a torn or corrupt tail).
+    /// Stops at the first good record from the end: corruption in the middle is reported
+    /// by readers, never silently dropped.
+    fn cut_torn_tails(&self) -> Result<u64, StoreError> {
+        let streams = self.streams()?;
+        let mut cut = Vec::new();
+        {
+            let tx = self.db.begin_read().map_err(self.err())?;
+            let t = tx.open_table(JOURNAL).map_err(self.err())?;
+            for s in streams {
+                let range = t.range((s, 0)..=(s, u64::MAX)).map_err(self.err())?;
+                for row in range.rev() {
+                    let (k, v) = row.map_err(self.err())?;
+                    match record::decode(v.value()) {
+                        Ok(_) => break,
+                        Err(RecordError::Version(_)) => break,
+                        Err(_) => cut.push(k.value()),
+                    }
+                }
+            }
+        }
+        if !cut.is_empty() {
+            let tx = self.db.begin_write().map_err(self.err())?;
+            {
+                let mut t = tx.open_table(JOURNAL).map_err(self.err())?;
+                for k in &cut {
+                    t.remove(k).map_err(self.err())?;
+                }
+            }
+            tx.commit().map_err(self.err())?;
+        }
+        Ok(cut.len() as u64)
+    }
+
+    /// Streams that have at least one record.
+    pub fn streams(&self) -> Result<Vec<u32>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(JOURNAL).map_err(self.err())?;
+        let mut out = Vec::new();
+        let mut next = Some(0u32);
+        while let Some(s) = next {
+            let first = t
+                .range((s, 0)..=(u32::MAX, u64::MAX))
+                .map_err(self.err())?
+                .next();
+            match first {
+                Some(row) => {
+                    let (k, _) = row.map_err(self.err())?;
+                    let stream = k.value().0;
+                    out.push(stream);
+                    next = stream.checked_add(1);
+                }
+                None => next = None,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Highest offset of `stream` (0 when empty).
+    pub fn last_offset(&self, stream: u32) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(JOURNAL).map_err(self.err())?;
+        let last = t
+            .range((stream, 0)..=(stream, u64::MAX))
+            .map_err(self.err())?
+            .next_back();
+        match last {
+            Some(row) => Ok(row.map_err(self.err())?.0.value().1),
+            None => Ok(0),
+        }
+    }
+
+    /// Lowest offset still stored for `stream` (0 when empty).
+    pub fn first_offset(&self, stream: u32) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(JOURNAL).map_err(self.err())?;
+        let first = t
+            .range((stream, 0)..=(stream, u64::MAX))
+            .map_err(self.err())?
+            .next();
+        match first {
+            Some(row) => Ok(row.map_err(self.err())?.0.value().1),
+            None => Ok(0),
+        }
+    }
+
+    /// The idempotency entries appended at or after `since_ms`.
+    pub fn idempotency_window(
+        &self,
+        since_ms: i64,
+    ) -> Result<Vec<(u128, u32, u64, i64)>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(IDEM).map_err(self.err())?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(self.err())? {
+            let (k, v) = row.map_err(self.err())?;
+            let (s, o, at) = v.value();
+            if at >= since_ms {
+                out.push((k.value(), s, o, at));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends records at the given offsets plus their idempotency entries in one
+    /// durable commit (one fsync), and drops idempotency entries older than `expire_before_ms`.
+    pub fn append(
+        &self,
+        records: &[(Append, u64)],
+        now_ms: i64,
+        expire: Option<&[u128]>,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(self.err())?;
+        {
+            let mut j = tx.open_table(JOURNAL).map_err(self.err())?;
+            let mut idem = tx.open_table(IDEM).map_err(self.err())?;
+            for (a, offset) in records {
+                j.insert((a.stream, *offset), a.bytes.as_slice())
+                    .map_err(self.err())?;
+                if a.key != 0 {
+                    idem.insert(a.key, (a.stream, *offset, now_ms))
+                        .map_err(self.err())?;
+                }
+            }
+            for k in expire.unwrap_or(&[]) {
+                idem.remove(k).map_err(self.err())?;
+            }
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Reads up to `limit` records of `stream` with offsets `>= from`.
+    pub fn read(&self, stream: u32, from: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(JOURNAL).map_err(self.err())?;
+        let mut out = Vec::new();
+        for row in t
+            .range((stream, from)..=(stream, u64::MAX))
+            .map_err(self.err())?
+            .take(limit)
+        {
+            let (k, v) = row.map_err(self.err())?;
+            let (stream, offset) = k.value();
+            let payload = record::decode(v.value()).map_err(|source| StoreError::Record {
+                stream,
+                offset,
+                source,
+            })?;
+            out.push(Record {
+                stream,
+                offset,
+                payload,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes journal records of `stream` with offsets `< before` (retention).
+    pub fn truncate(&self, stream: u32, before: u64) -> Result<u64, StoreError> {
+        if before <= 1 {
+            return Ok(0);
+        }
+        let tx = self.db.begin_write().map_err(self.err())?;
+        let mut n = 0;
+        {
+            let mut t = tx.open_table(JOURNAL).map_err(self.err())?;
+            t.retain_in((stream, 0)..(stream, before), |_, _| {
+                n += 1;
+                false
+            })
+            .map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(n)
+    }
+
+    /// Writes a checkpoint atomically (replacing the previous one of that name).
+    pub fn put_checkpoint(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.put(CHECKPOINTS, name, bytes)
+    }
+
+    fn put(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(self.err())?;
+        {
+            let mut t = tx.open_table(def).map_err(self.err())?;
+            t.insert(key, bytes).map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Reads a checkpoint.
+    pub fn get_checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(CHECKPOINTS).map_err(self.err())?;
+        Ok(t.get(name).map_err(self.err())?.map(|v| v.value().to_vec()))
+    }
+
+    /// Deletes a checkpoint (used when an actor's state is reset).
+    pub fn delete_checkpoint(&self, name: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(self.err())?;
+        {
+            let mut t = tx.open_table(CHECKPOINTS).map_err(self.err())?;
+            t.remove(name).map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Counts one more failure of `consumer` on record `stream/offset`; returns the total.
+    pub fn count_failure(
+        &self,
+        consumer: &str,
+        stream: u32,
+        offset: u64,
+    ) -> Result<u32, StoreError> {
+        let tx = self.db.begin_write().map_err(self.err())?;
+        let n;
+        {
+            let mut t = tx.open_table(FAILURES).map_err(self.err())?;
+            let prev = t
+                .get((consumer, stream, offset))
+                .map_err(self.err())?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            n = prev + 1;
+            t.insert((consumer, stream, offset), n)
+                .map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(n)
+    }
+
+    /// Failure counts of `consumer`, by (stream, offset).
+    pub fn failures(&self, consumer: &str) -> Result<Vec<FailureCount>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(FAILURES).map_err(self.err())?;
+        let mut out = Vec::new();
+        for row in t
+            .range((consumer, 0, 0)..=(consumer, u32::MAX, u64::MAX))
+            .map_err(self.err())?
+        {
+            let (k, v) = row.map_err(self.err())?;
+            let (_, s, o) = k.value();
+            out.push(((s, o), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Moves a record to the dead letters of `consumer`.
+    pub fn dead_letter(
+        &self,
+        consumer: &str,
+        stream: u32,
+        offset: u64,
+        json: &[u8],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(self.err())?;
+        {
+            let mut t = tx.open_table(DEAD).map_err(self.err())?;
+            t.insert((consumer, stream, offset), json)
+                .map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// All dead letters as JSON documents.
+    pub fn dead_letters(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(DEAD).map_err(self.err())?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(self.err())? {
+            let (_, v) = row.map_err(self.err())?;
+            out.push(v.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Cached embeddings for `(encoder, text hash)` pairs; missing ones are `None`.
+    pub fn embeddings(
+        &self,
+        encoder: &str,
+        hashes: &[u128],
+    ) -> Result<Vec<Option<Vec<f32>>>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(EMBEDDINGS).map_err(self.err())?;
+        let mut out = Vec::with_capacity(hashes.len());
+        for &h in hashes {
+            out.push(t.get((encoder, h)).map_err(self.err())?.map(|v| {
+                v.value()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Stores embeddings (no fsync of its own: the cache is rebuilt if lost).
+    pub fn put_embeddings(
+        &self,
+        encoder: &str,
+        rows: &[(u128, Vec<f32>)],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write().map_err(self.err())?;
+        tx.set_durability(redb::Durability::None)
+            .map_err(self.err())?;
+        {
+            let mut t = tx.open_table(EMBEDDINGS).map_err(self.err())?;
+            let mut buf = Vec::new();
+            for (h, v) in rows {
+                buf.clear();
+                v.iter()
+                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+                t.insert((encoder, *h), buf.as_slice())
+                    .map_err(self.err())?;
+            }
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Stores a model snapshot and keeps only the newest `keep` versions.
+    pub fn put_model(&self, version: u64, bytes: &[u8], keep: usize) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(self.err())?;
+        {
+            let mut t = tx.open_table(MODELS).map_err(self.err())?;
+            t.insert(version, bytes).map_err(self.err())?;
+            let mut versions = Vec::new();
+            for row in t.iter().map_err(self.err())? {
+                versions.push(row.map_err(self.err())?.0.value());
+            }
+            versions.sort_unstable();
+            let drop = versions.len().saturating_sub(keep.max(1));
+            for v in &versions[..drop] {
+                t.remove(v).map_err(self.err())?;
+            }
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Stored model versions, oldest first.
+    pub fn model_versions(&self) -> Result<Vec<u64>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(MODELS).map_err(self.err())?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(self.err())? {
+            out.push(row.map_err(self.err())?.0.value());
+        }
+        Ok(out)
+    }
+
+    /// One model snapshot.
+    pub fn get_model(&self, version: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(MODELS).map_err(self.err())?;
+        Ok(t.get(version)
+            .map_err(self.err())?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// Deletes a model snapshot.
+    pub fn delete_model(&self, version: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(self.err())?;
+        {
+            let mut t = tx.open_table(MODELS).map_err(self.err())?;
+            t.remove(version).map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// A small meta value.
+    pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(META).map_err(self.err())?;
+        Ok(t.get(key).map_err(self.err())?.map(|v| v.value().to_vec()))
+    }
+
+    /// Sets a small meta value.
+    pub fn put_meta(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.put(META, key, bytes)
+    }
+
+    /// Path of the store file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Encodes a payload as a journal append.
+pub fn append_of(stream: u32, payload: &Payload) -> Append {
+    Append {
+        stream,
+        key: payload.idempotency_key(),
+        bytes: record::encode(payload),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Event;
+
+    fn ev(i: u32) -> Payload {
+        Payload::Event(Event {
+            event_id: Some(format!("e{i}")),
+            user: format!("u{}", i % 3),
+            item: format!("i{i}"),
+            kind: "view".into(),
+            value: None,
+            ts_ms: 1000 + i as i64,
+            request_id: None,
+        })
+    }
+
+    #[test]
+    fn append_read_truncate_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let (s, rep) = Store::open(&path).unwrap();
+            assert!(!rep.repaired);
+            let batch: Vec<(Append, u64)> = (1..=10)
+                .map(|i| (append_of(i % 2, &ev(i)), i as u64))
+                .collect();
+            s.append(&batch, 5, None).unwrap();
+            assert_eq!(s.streams().unwrap(), vec![0, 1]);
+            assert_eq!(s.last_offset(0).unwrap(), 10);
+            let r = s.read(1, 0, 100).unwrap();
+            assert_eq!(
+                r.iter().map(|r| r.offset).collect::<Vec<_>>(),
+                vec![1, 3, 5, 7, 9]
+            );
+            assert_eq!(s.truncate(1, 5).unwrap(), 2);
+            assert_eq!(s.first_offset(1).unwrap(), 5);
+            assert_eq!(s.idempotency_window(0).unwrap().len(), 10);
+            s.put_checkpoint("x", b"abc").unwrap();
+            assert_eq!(s.count_failure("c", 1, 5).unwrap(), 1);
+            assert_eq!(s.count_failure("c", 1, 5).unwrap(), 2);
+        }
+        let (s, _) = Store::open(&path).unwrap();
+        assert_eq!(s.get_checkpoint("x").unwrap().unwrap(), b"abc");
+        assert_eq!(s.failures("c").unwrap(), vec![((1, 5), 2)]);
+        assert_eq!(s.last_offset(1).unwrap(), 9);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let (s, _) = Store::open(&path).unwrap();
+            let mut batch: Vec<(Append, u64)> =
+                (1..=3).map(|i| (append_of(0, &ev(i)), i as u64)).collect();
+            // A record whose body was cut short (as a torn write would leave it).
+            let mut torn = append_of(0, &ev(4));
+            torn.bytes.truncate(torn.bytes.len() - 2);
+            batch.push((torn, 4));
+            s.append(&batch, 0, None).unwrap();
+        }
+        let (s, rep) = Store::open(&path).unwrap();
+        assert_eq!(rep.torn_records_cut, 1);
+        assert_eq!(s.last_offset(0).unwrap(), 3);
+        assert_eq!(s.read(0, 1, 10).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn models_keep_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, _) = Store::open(&dir.path().join("s.redb")).unwrap();
+        for v in 1..=5 {
+            s.put_model(v, &[v as u8], 3).unwrap();
+        }
+        assert_eq!(s.model_versions().unwrap(), vec![3, 4, 5]);
+    }
+}

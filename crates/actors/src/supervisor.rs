@@ -1,0 +1,328 @@
+//! A restarting supervisor: OTP-like restart intensity (at most R restarts in T, then
+//! escalate) and capped exponential backoff, per child. ractor itself has no restart
+//! strategy (its default stops the supervisor when a child dies), so every supervisor in
+//! Troupe is this actor.
+//!
+//! Restarted children get a new `ActorRef` under the same registered name; callers
+//! re-resolve with `ractor::registry::where_is`. A child that exceeds its intensity makes
+//! this supervisor stop with an `escalate:` reason, which its own parent treats as a
+//! failure of that child. The root reports escalation through [`crate::ctx::Health`].
+
+use crate::Discard;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{
+    Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent,
+};
+use ractor_cluster_derive::RactorMessage;
+use serde::Serialize;
+
+use crate::settings::RestartPolicy;
+
+/// Starts (or restarts) one child linked to the given supervisor.
+pub type StartFn = Arc<
+    dyn Fn(ActorCell) -> Pin<Box<dyn Future<Output = Result<ActorCell, SpawnErr>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Called with a child's name when it failed (before the restart is scheduled), or with
+/// the reason when a supervisor escalates.
+pub type FailureHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// A supervised child.
+#[derive(Clone)]
+pub struct ChildSpec {
+    pub name: String,
+    pub start: StartFn,
+    pub policy: RestartPolicy,
+}
+
+impl ChildSpec {
+    /// A child that is an actor `A` built fresh by `make` on every (re)start.
+    pub fn new<A, F>(name: &str, policy: RestartPolicy, make: F) -> ChildSpec
+    where
+        A: Actor,
+        F: Fn() -> (A, A::Arguments) + Send + Sync + 'static,
+    {
+        let name_owned = name.to_string();
+        let make = Arc::new(make);
+        ChildSpec {
+            name: name.to_string(),
+            policy,
+            start: Arc::new(move |sup: ActorCell| {
+                let name = name_owned.clone();
+                let make = make.clone();
+                Box::pin(async move {
+                    let (actor, args) = make();
+                    let (r, _) = Actor::spawn_linked(Some(name), actor, args, sup).await?;
+                    Ok(r.get_cell())
+                })
+            }),
+        }
+    }
+}
+
+/// Supervisor arguments.
+pub struct SupervisorArgs {
+    pub children: Vec<ChildSpec>,
+    pub on_failure: Option<FailureHook>,
+    /// Called when this supervisor escalates (the root uses it to mark the node unhealthy).
+    pub on_escalate: Option<FailureHook>,
+}
+
+/// Supervisor messages.
+#[derive(RactorMessage)]
+pub enum SupervisorMsg {
+    /// Restart child `index` (sent to itself after the backoff).
+    Restart(usize),
+    Observe(RpcReplyPort<SupervisorSnapshot>),
+    /// Stop children in reverse start order, waiting for each, then stop.
+    Shutdown(RpcReplyPort<()>),
+}
+
+/// What `Observe` returns.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct SupervisorSnapshot {
+    pub children: Vec<ChildSnapshot>,
+}
+
+/// One child's supervision record.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChildSnapshot {
+    pub name: String,
+    pub alive: bool,
+    pub restarts: u64,
+    /// Incarnation number (1 for the first start).
+    pub generation: u64,
+    pub last_failure: Option<String>,
+}
+
+struct Child {
+    spec: ChildSpec,
+    cell: Option<ActorCell>,
+    recent: VecDeque<Instant>,
+    restarts: u64,
+    generation: u64,
+    last_failure: Option<String>,
+}
+
+pub struct SupervisorState {
+    children: Vec<Child>,
+    on_failure: Option<FailureHook>,
+    on_escalate: Option<FailureHook>,
+    stopping: bool,
+}
+
+/// The supervisor actor.
+pub struct Supervisor;
+
+/// Backoff before restart number `n` (1-based) within the window.
+pub fn backoff(policy: &RestartPolicy, n: u32) -> Duration {
+    let factor = 2u32.saturating_pow(n.saturating_sub(1).min(20));
+    policy
+        .backoff_base
+        .saturating_mul(factor)
+        .min(policy.backoff_max)
+}
+
+impl Supervisor {
+    fn child_failed(
+        &self,
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        cell: &ActorCell,
+        why: String,
+    ) {
+        if state.stopping {
+            return;
+        }
+        let Some(idx) = state
+            .children
+            .iter()
+            .position(|c| c.cell.as_ref().is_some_and(|x| x.get_id() == cell.get_id()))
+        else {
+            return;
+        };
+        state.children[idx].cell = None;
+        if let Some(h) = &state.on_failure {
+            h(&state.children[idx].spec.name);
+        }
+        Self::child_down(myself, state, idx, why);
+    }
+
+    /// Counts a failure of child `idx` (no longer running) and schedules its restart
+    /// after the backoff, or escalates when the restart intensity is exceeded.
+    fn child_down(
+        myself: &ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+        idx: usize,
+        why: String,
+    ) {
+        let child = &mut state.children[idx];
+        tracing::warn!(child = %child.spec.name, reason = %why, generation = child.generation, "child failed");
+        child.last_failure = Some(why.clone());
+        let now = Instant::now();
+        let policy = child.spec.policy.clone();
+        child.recent.push_back(now);
+        while child
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > policy.window)
+        {
+            child.recent.pop_front();
+        }
+        let n = child.recent.len() as u32;
+        if n > policy.max_restarts {
+            let reason = format!(
+                "escalate: child {} failed {} times within {:?} (last: {})",
+                child.spec.name, n, policy.window, why
+            );
+            tracing::error!(reason = %reason, "restart intensity exceeded");
+            if let Some(h) = &state.on_escalate {
+                h(&reason);
+            }
+            state.stopping = true;
+            myself.stop(Some(reason));
+            return;
+        }
+        myself.send_after(backoff(&policy, n), move || SupervisorMsg::Restart(idx));
+    }
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        let mut children = Vec::with_capacity(args.children.len());
+        for spec in args.children {
+            let cell = (spec.start)(myself.get_cell()).await?;
+            children.push(Child {
+                spec,
+                cell: Some(cell),
+                recent: VecDeque::new(),
+                restarts: 0,
+                generation: 1,
+                last_failure: None,
+            });
+        }
+        Ok(SupervisorState {
+            children,
+            on_failure: args.on_failure,
+            on_escalate: args.on_escalate,
+            stopping: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            SupervisorMsg::Restart(idx) => {
+                if state.stopping {
+                    return Ok(());
+                }
+                let child = &mut state.children[idx];
+                if child.cell.is_some() {
+                    return Ok(());
+                }
+                match (child.spec.start)(myself.get_cell()).await {
+                    Ok(cell) => {
+                        child.cell = Some(cell);
+                        child.restarts += 1;
+                        child.generation += 1;
+                        tracing::info!(child = %child.spec.name, generation = child.generation, "child restarted");
+                    }
+                    Err(e) => {
+                        // A failed start counts like a failure of the child.
+                        Self::child_down(&myself, state, idx, format!("start failed: {e}"));
+                    }
+                }
+            }
+            SupervisorMsg::Observe(reply) => {
+                let snap = SupervisorSnapshot {
+                    children: state
+                        .children
+                        .iter()
+                        .map(|c| ChildSnapshot {
+                            name: c.spec.name.clone(),
+                            alive: c.cell.is_some(),
+                            restarts: c.restarts,
+                            generation: c.generation,
+                            last_failure: c.last_failure.clone(),
+                        })
+                        .collect(),
+                };
+                reply.send(snap).discard();
+            }
+            SupervisorMsg::Shutdown(reply) => {
+                state.stopping = true;
+                for c in state.children.iter_mut().rev() {
+                    if let Some(cell) = c.cell.take() {
+                        if let Err(e) = cell
+                            .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
+                            .await
+                        {
+                            tracing::warn!(child = %c.spec.name, error = %e, "child did not stop in time");
+                        }
+                    }
+                }
+                reply.send(()).discard();
+                myself.stop(Some("shutdown".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match event {
+            SupervisionEvent::ActorFailed(cell, err) => {
+                self.child_failed(&myself, state, &cell, err.to_string());
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                // A child never stops on its own: an unexpected stop is a failure.
+                let why = reason.unwrap_or_else(|| "stopped".into());
+                self.child_failed(&myself, state, &cell, why);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let p = RestartPolicy {
+            max_restarts: 3,
+            window: Duration::from_secs(1),
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(35),
+        };
+        assert_eq!(backoff(&p, 1), Duration::from_millis(10));
+        assert_eq!(backoff(&p, 2), Duration::from_millis(20));
+        assert_eq!(backoff(&p, 3), Duration::from_millis(35));
+        assert_eq!(backoff(&p, 50), Duration::from_millis(35));
+    }
+}

@@ -1,0 +1,664 @@
+//! AlsTrainer: keeps a compacted interaction store (one aggregated weight per user/item
+//! pair, fed from every partition of the journal), retrains ALS every N events or T,
+//! validates the candidate against the serving model on held-out interactions, and swaps
+//! it in atomically only when its NDCG@10 is not worse. Versions are kept in the store
+//! for rollback; serving continues on the old version while a retrain runs.
+
+use crate::Discard;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster_derive::RactorClusterMessage;
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
+use troupe_models::als::{self, FoldIn};
+use troupe_models::dataset::IdMap;
+use troupe_models::metrics::user_metrics;
+use troupe_models::sparse::Csr;
+use troupe_models::topk;
+
+use crate::consumer::Applier;
+use crate::ctx::Ctx;
+use crate::messages::{CheckpointReply, Observation};
+use crate::metrics::label;
+use crate::names;
+use crate::record::{Payload, Record};
+use crate::serving::{AlsServing, AlsSnapshot};
+use crate::wire::WIRE_VERSION;
+use crate::wire_payload;
+
+pub const TRAINER_CHECKPOINT_FORMAT: u16 = 1;
+const CHECKPOINT_NAME: &str = "als_trainer";
+/// Journal records the trainer reads per tick and partition (keeps it responsive).
+const READ_PER_TICK: u64 = 100_000;
+
+/// Outcome of one retrain.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RetrainReport {
+    pub version: u16,
+    pub model_version: u64,
+    pub accepted: bool,
+    pub reason: String,
+    pub candidate_ndcg: f64,
+    pub serving_ndcg: f64,
+    pub validation_users: u32,
+    pub interactions: u64,
+    pub users: u32,
+    pub items: u32,
+    pub train_ms: u64,
+    pub serving_version: u64,
+}
+
+/// Result of a rollback.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RollbackReply {
+    pub version: u16,
+    pub serving_version: u64,
+    pub error: Option<String>,
+}
+
+wire_payload!(RetrainReport, RollbackReply);
+
+#[derive(RactorClusterMessage)]
+pub enum AlsTrainerMsg {
+    Tick,
+    /// A training task finished (its result waits in the state).
+    Trained(u64),
+    #[rpc]
+    Retrain(RpcReplyPort<RetrainReport>),
+    #[rpc]
+    Rollback(RpcReplyPort<RollbackReply>),
+    #[rpc]
+    Checkpoint(RpcReplyPort<CheckpointReply>),
+    #[rpc]
+    Observe(RpcReplyPort<Observation>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    format: u16,
+    applied: Vec<u64>,
+    users: IdMap,
+    items: IdMap,
+    pairs: Vec<(u32, u32, f32, i64)>,
+    events_since_train: u64,
+    next_version: u64,
+}
+
+pub struct AlsTrainer;
+
+type Finished = Arc<Mutex<Option<(RetrainReport, Option<AlsServing>)>>>;
+
+pub struct AlsTrainerState {
+    ctx: Arc<Ctx>,
+    applied: Vec<u64>,
+    users: IdMap,
+    items: IdMap,
+    pairs: FxHashMap<(u32, u32), (f32, i64)>,
+    events_since_train: u64,
+    last_train: Instant,
+    next_version: u64,
+    training: bool,
+    waiting: Vec<RpcReplyPort<RetrainReport>>,
+    finished: Finished,
+    reports: Vec<RetrainReport>,
+    applier: Option<Applier>,
+    since_checkpoint: u64,
+    last_checkpoint: Instant,
+}
+
+/// What a training run needs (a copy, so the actor keeps consuming meanwhile).
+struct TrainInput {
+    version: u64,
+    users: usize,
+    items: IdMap,
+    pairs: Vec<(u32, u32, f32, i64)>,
+    params: als::AlsParams,
+    validation_users: usize,
+    serving: Option<Arc<AlsServing>>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// NDCG@10 of one model on the held-out item of each user, folding each user in from
+/// their training interactions (names, so models with different item indices compare).
+fn holdout_ndcg(
+    items: &IdMap,
+    factors: ndarray::ArrayView2<f32>,
+    fold: &FoldIn,
+    cases: &[(Vec<(&str, f32)>, &str)],
+) -> f64 {
+    if cases.is_empty() {
+        return 0.0;
+    }
+    let mut scratch = Vec::new();
+    let mut total = 0.0;
+    for (train, target) in cases {
+        let inter: Vec<(u32, f32)> = train
+            .iter()
+            .filter_map(|(n, w)| items.get(n).map(|i| (i, *w)))
+            .collect();
+        let Some(t) = items.get(target) else { continue };
+        let own: FxHashSet<u32> = inter.iter().map(|p| p.0).collect();
+        let v = fold.solve(factors, &inter);
+        let top = topk::top_k_dense(factors, &v, 10, |i| own.contains(&i), &mut scratch);
+        let ranked: Vec<u32> = top.iter().map(|s| s.item).collect();
+        let rel: FxHashSet<u32> = [t].into_iter().collect();
+        total += user_metrics(&ranked, &rel, 10).ndcg;
+    }
+    total / cases.len() as f64
+}
+
+fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
+    let started = Instant::now();
+    let mut report = RetrainReport {
+        version: WIRE_VERSION,
+        model_version: input.version,
+        interactions: input.pairs.len() as u64,
+        users: input.users as u32,
+        items: input.items.len() as u32,
+        serving_version: input.serving.as_ref().map_or(0, |s| s.version),
+        ..Default::default()
+    };
+    // Hold out the latest interaction of up to `validation_users` users with >= 3.
+    let mut by_user: FxHashMap<u32, Vec<usize>> = FxHashMap::default();
+    for (k, p) in input.pairs.iter().enumerate() {
+        by_user.entry(p.0).or_default().push(k);
+    }
+    let mut candidates: Vec<u32> = by_user
+        .iter()
+        .filter(|(_, v)| v.len() >= 3)
+        .map(|(&u, _)| u)
+        .collect();
+    candidates.sort_unstable_by_key(|&u| (crate::record::hash128(&[&u.to_le_bytes()]), u));
+    candidates.truncate(input.validation_users);
+    let mut held: FxHashSet<usize> = FxHashSet::default();
+    for u in &candidates {
+        let v = &by_user[u];
+        if let Some(&k) = v.iter().max_by_key(|&&k| (input.pairs[k].3, k)) {
+            held.insert(k);
+        }
+    }
+    let triples: Vec<(u32, u32, f32)> = input
+        .pairs
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| !held.contains(k))
+        .map(|(_, p)| (p.0, p.1, p.2))
+        .collect();
+    let csr = Csr::from_triples(input.users, input.items.len(), &triples);
+    let model = match als::fit(&csr, &input.params, false, |_, _| {}) {
+        Ok(m) => m,
+        Err(e) => {
+            report.reason = format!("training failed: {e}");
+            return (report, None);
+        }
+    };
+    let fold = FoldIn::new(model.item_factors.view(), &model.params);
+    // Validation cases by name.
+    let cases: Vec<(Vec<(&str, f32)>, &str)> = candidates
+        .iter()
+        .filter_map(|u| {
+            let v = &by_user[u];
+            let hk = v.iter().copied().find(|k| held.contains(k))?;
+            let target = input.items.name(input.pairs[hk].1)?;
+            let train: Vec<(&str, f32)> = v
+                .iter()
+                .filter(|&&k| k != hk)
+                .filter_map(|&k| {
+                    input
+                        .items
+                        .name(input.pairs[k].1)
+                        .map(|n| (n, input.pairs[k].2))
+                })
+                .collect();
+            Some((train, target))
+        })
+        .collect();
+    report.validation_users = cases.len() as u32;
+    report.candidate_ndcg = holdout_ndcg(&input.items, model.item_factors.view(), &fold, &cases);
+    report.serving_ndcg = match &input.serving {
+        Some(s) => holdout_ndcg(&s.items, s.item_factors.view(), &s.fold_in, &cases),
+        None => 0.0,
+    };
+    report.train_ms = started.elapsed().as_millis() as u64;
+    // A small tolerance: the two NDCGs are estimates on the same few hundred users.
+    if input.serving.is_some() && report.candidate_ndcg + 1e-9 < report.serving_ndcg {
+        report.reason = "candidate NDCG@10 is below the serving model's".into();
+        return (report, None);
+    }
+    report.accepted = true;
+    report.reason = "accepted".into();
+    let serving = AlsServing {
+        version: input.version,
+        items: input.items,
+        item_factors: model.item_factors,
+        fold_in: fold,
+        params: model.params,
+        validation_ndcg: report.candidate_ndcg,
+        trained_at_ms: now_ms(),
+        interactions: report.interactions,
+    };
+    (report, Some(serving))
+}
+
+impl AlsTrainerState {
+    fn apply(&mut self, r: &Record) {
+        match &r.payload {
+            Payload::Event(e) => {
+                let u = self.users.intern(&e.user);
+                let i = self.items.intern(&e.item);
+                match self
+                    .ctx
+                    .settings
+                    .weights
+                    .weight(Some(&e.kind), e.value.unwrap_or(f32::NAN))
+                {
+                    Some(w) => {
+                        let p = self.pairs.entry((u, i)).or_insert((0.0, e.ts_ms));
+                        p.0 += w;
+                        p.1 = p.1.max(e.ts_ms);
+                    }
+                    None => {
+                        self.pairs.remove(&(u, i));
+                    }
+                }
+                self.events_since_train += 1;
+            }
+            Payload::EraseUser { user } => {
+                if let Some(u) = self.users.get(user) {
+                    self.pairs.retain(|k, _| k.0 != u);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn pull(&mut self) -> Result<(), ActorProcessingErr> {
+        let mut applier = self.applier.take().ok_or("applier missing")?;
+        let ctx = self.ctx.clone();
+        let mut result = Ok(());
+        for s in 0..self.applied.len() as u32 {
+            let head = ctx.head(s);
+            let mut applied = self.applied[s as usize];
+            if head <= applied {
+                continue;
+            }
+            let upto = head.min(applied + READ_PER_TICK);
+            let mut buf = Vec::new();
+            let r = {
+                let mut f = |r: &Record| buf.push(r.clone());
+                applier.catch_up(&ctx, s, &mut applied, upto, &mut f).await
+            };
+            for rec in &buf {
+                self.apply(rec);
+            }
+            self.applied[s as usize] = applied;
+            match r {
+                Ok(n) => self.since_checkpoint += n,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        self.applier = Some(applier);
+        result
+    }
+
+    fn start_training(&mut self, myself: &ActorRef<AlsTrainerMsg>) {
+        if self.training {
+            return;
+        }
+        self.training = true;
+        self.events_since_train = 0;
+        self.last_train = Instant::now();
+        let version = self.next_version;
+        self.next_version += 1;
+        let input = TrainInput {
+            version,
+            users: self.users.len(),
+            items: self.items.clone(),
+            pairs: self
+                .pairs
+                .iter()
+                .map(|(&(u, i), &(w, t))| (u, i, w, t))
+                .collect(),
+            params: self.ctx.settings.als.params.clone(),
+            validation_users: self.ctx.settings.als.validation_users,
+            serving: self.ctx.als.load_full(),
+        };
+        let slot = self.finished.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let out = tokio::task::spawn_blocking(move || train(input)).await;
+            let out = out.unwrap_or_else(|e| {
+                (
+                    RetrainReport {
+                        version: WIRE_VERSION,
+                        model_version: version,
+                        reason: format!("training task failed: {e}"),
+                        ..Default::default()
+                    },
+                    None,
+                )
+            });
+            *slot.lock() = Some(out);
+            me.send_message(AlsTrainerMsg::Trained(version)).discard();
+        });
+    }
+
+    async fn finish_training(&mut self) -> Result<(), ActorProcessingErr> {
+        self.training = false;
+        let Some((mut report, model)) = self.finished.lock().take() else {
+            return Ok(());
+        };
+        if let Some(model) = model {
+            let snap = model.to_snapshot();
+            let store = self.ctx.store.clone();
+            let keep = self.ctx.settings.als.keep_versions;
+            let v = model.version;
+            let r = tokio::task::spawn_blocking(move || -> Result<(), ActorProcessingErr> {
+                let bytes = bincode::serde::encode_to_vec(&snap, bincode::config::standard())?;
+                store.put_model(v, &bytes, keep)?;
+                Ok(())
+            })
+            .await?;
+            match r {
+                Ok(()) => {
+                    self.ctx.als.store(Some(Arc::new(model)));
+                    self.ctx.metrics.model_version.set(v as i64);
+                    report.serving_version = v;
+                    tracing::info!(
+                        model_version = v,
+                        ndcg = report.candidate_ndcg,
+                        previous = report.serving_ndcg,
+                        train_ms = report.train_ms,
+                        "als model swapped in"
+                    );
+                }
+                Err(e) => {
+                    report.accepted = false;
+                    report.reason = format!("could not persist the model: {e}");
+                }
+            }
+        } else {
+            tracing::info!(model_version = report.model_version, reason = %report.reason, "als candidate rejected");
+        }
+        self.ctx
+            .metrics
+            .retrains
+            .get_or_create(&label(
+                "outcome",
+                if report.accepted {
+                    "accepted"
+                } else {
+                    "rejected"
+                },
+            ))
+            .inc();
+        for port in self.waiting.drain(..) {
+            port.send(report.clone()).discard();
+        }
+        self.reports.push(report);
+        if self.reports.len() > 10 {
+            self.reports.remove(0);
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
+        let cp = Checkpoint {
+            format: TRAINER_CHECKPOINT_FORMAT,
+            applied: self.applied.clone(),
+            users: self.users.clone(),
+            items: self.items.clone(),
+            pairs: self
+                .pairs
+                .iter()
+                .map(|(&(u, i), &(w, t))| (u, i, w, t))
+                .collect(),
+            events_since_train: self.events_since_train,
+            next_version: self.next_version,
+        };
+        let store = self.ctx.store.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), ActorProcessingErr> {
+            let bytes = bincode::serde::encode_to_vec(&cp, bincode::config::standard())?;
+            store.put_checkpoint(CHECKPOINT_NAME, &bytes)?;
+            Ok(())
+        })
+        .await??;
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+}
+
+/// Loads a stored model version.
+fn load_model(ctx: &Ctx, version: u64) -> Result<Option<AlsServing>, ActorProcessingErr> {
+    let Some(bytes) = ctx.store.get_model(version)? else {
+        return Ok(None);
+    };
+    let (snap, _): (AlsSnapshot, usize) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+            .map_err(|e| format!("model snapshot {version} does not decode: {e}"))?;
+    Ok(Some(AlsServing::from_snapshot(snap)?))
+}
+
+impl Actor for AlsTrainer {
+    type Msg = AlsTrainerMsg;
+    type State = AlsTrainerState;
+    type Arguments = Arc<Ctx>;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<AlsTrainerMsg>,
+        ctx: Arc<Ctx>,
+    ) -> Result<AlsTrainerState, ActorProcessingErr> {
+        ctx.health.begin_recovery(names::ALS_TRAINER);
+        let p = ctx.settings.partitions as usize;
+        Ok(AlsTrainerState {
+            ctx,
+            applied: vec![0; p],
+            users: IdMap::default(),
+            items: IdMap::default(),
+            pairs: FxHashMap::default(),
+            events_since_train: 0,
+            last_train: Instant::now(),
+            next_version: 1,
+            training: false,
+            waiting: Vec::new(),
+            finished: Arc::new(Mutex::new(None)),
+            reports: Vec::new(),
+            applier: None,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<AlsTrainerMsg>,
+        st: &mut AlsTrainerState,
+    ) -> Result<(), ActorProcessingErr> {
+        let ctx = st.ctx.clone();
+        let p = ctx.settings.partitions as usize;
+        let loaded = tokio::task::spawn_blocking(move || -> Result<_, ActorProcessingErr> {
+            let cp = match ctx.store.get_checkpoint(CHECKPOINT_NAME)? {
+                None => None,
+                Some(bytes) => {
+                    let (cp, _): (Checkpoint, usize) =
+                        bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+                            .map_err(|e| {
+                                format!("checkpoint {CHECKPOINT_NAME} does not decode: {e}")
+                            })?;
+                    if cp.format != TRAINER_CHECKPOINT_FORMAT || cp.applied.len() != p {
+                        return Err(format!(
+                            "checkpoint {CHECKPOINT_NAME}: unknown format {} or partition count",
+                            cp.format
+                        )
+                        .into());
+                    }
+                    Some(cp)
+                }
+            };
+            let versions = ctx.store.model_versions()?;
+            let model = match versions.last() {
+                Some(&v) => load_model(&ctx, v)?,
+                None => None,
+            };
+            Ok((cp, model, versions))
+        })
+        .await??;
+        let (cp, model, versions) = loaded;
+        if let Some(cp) = cp {
+            st.applied = cp.applied;
+            st.users = cp.users;
+            st.items = cp.items;
+            st.pairs = cp
+                .pairs
+                .into_iter()
+                .map(|(u, i, w, t)| ((u, i), (w, t)))
+                .collect();
+            st.events_since_train = cp.events_since_train;
+            st.next_version = cp.next_version;
+        }
+        st.next_version = st.next_version.max(versions.last().map_or(1, |v| v + 1));
+        if let Some(m) = model {
+            tracing::info!(
+                model_version = m.version,
+                items = m.items.len(),
+                "als model loaded"
+            );
+            st.ctx.metrics.model_version.set(m.version as i64);
+            st.ctx.als.store(Some(Arc::new(m)));
+        }
+        st.applier = Some(Applier::load(&st.ctx, names::ALS_TRAINER, "als_trainer").await?);
+        st.ctx.health.end_recovery(names::ALS_TRAINER);
+        myself.send_interval(st.ctx.settings.poll_interval, || AlsTrainerMsg::Tick);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<AlsTrainerMsg>,
+        msg: AlsTrainerMsg,
+        st: &mut AlsTrainerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AlsTrainerMsg::Tick => {
+                st.pull().await?;
+                let ctx = st.ctx.clone();
+                let s = &ctx.settings;
+                let due = st.events_since_train >= s.als.retrain_every_events
+                    || (st.events_since_train > 0
+                        && st.last_train.elapsed() >= s.als.retrain_interval);
+                if due && st.pairs.len() >= s.als.min_interactions {
+                    st.start_training(&myself);
+                }
+                if st.since_checkpoint > 0
+                    && (st.since_checkpoint >= s.checkpoint_every_records
+                        || st.last_checkpoint.elapsed() >= s.checkpoint_interval)
+                {
+                    st.checkpoint().await?;
+                }
+            }
+            AlsTrainerMsg::Trained(_) => st.finish_training().await?,
+            AlsTrainerMsg::Retrain(port) => {
+                st.pull().await?;
+                if st.pairs.is_empty() {
+                    port.send(RetrainReport {
+                        version: WIRE_VERSION,
+                        reason: "no interactions to train on".into(),
+                        serving_version: st.ctx.als.load().as_ref().map_or(0, |m| m.version),
+                        ..Default::default()
+                    })
+                    .discard();
+                } else {
+                    st.waiting.push(port);
+                    st.start_training(&myself);
+                }
+            }
+            AlsTrainerMsg::Rollback(port) => {
+                let ctx = st.ctx.clone();
+                let current = ctx.als.load().as_ref().map(|m| m.version);
+                let r = tokio::task::spawn_blocking(
+                    move || -> Result<AlsServing, ActorProcessingErr> {
+                        let versions = ctx.store.model_versions()?;
+                        let cur = current.ok_or("no model is being served")?;
+                        let prev = versions
+                            .iter()
+                            .rev()
+                            .copied()
+                            .find(|&v| v < cur)
+                            .ok_or("no older model version is stored")?;
+                        let m = load_model(&ctx, prev)?.ok_or("older model vanished")?;
+                        // The rolled-back version is deleted so a restart serves the older one.
+                        ctx.store.delete_model(cur)?;
+                        Ok(m)
+                    },
+                )
+                .await?;
+                let reply = match r {
+                    Ok(m) => {
+                        let v = m.version;
+                        st.ctx.als.store(Some(Arc::new(m)));
+                        st.ctx.metrics.model_version.set(v as i64);
+                        tracing::warn!(model_version = v, "als model rolled back");
+                        RollbackReply {
+                            version: WIRE_VERSION,
+                            serving_version: v,
+                            error: None,
+                        }
+                    }
+                    Err(e) => RollbackReply {
+                        version: WIRE_VERSION,
+                        serving_version: current.unwrap_or(0),
+                        error: Some(e.to_string()),
+                    },
+                };
+                port.send(reply).discard();
+            }
+            AlsTrainerMsg::Checkpoint(port) => {
+                let r = st.checkpoint().await;
+                port.send(CheckpointReply {
+                    version: WIRE_VERSION,
+                    offsets: st
+                        .applied
+                        .iter()
+                        .enumerate()
+                        .map(|(s, &o)| (s as u32, o))
+                        .collect(),
+                    error: r.err().map(|e| e.to_string()),
+                })
+                .discard();
+            }
+            AlsTrainerMsg::Observe(port) => {
+                let serving = st.ctx.als.load_full();
+                port.send(Observation::new(
+                    names::ALS_TRAINER,
+                    serde_json::json!({
+                        "applied_offsets": st.applied,
+                        "users": st.users.len(),
+                        "items": st.items.len(),
+                        "interactions": st.pairs.len(),
+                        "events_since_train": st.events_since_train,
+                        "training": st.training,
+                        "serving_version": serving.as_ref().map(|m| m.version),
+                        "serving_ndcg": serving.as_ref().map(|m| m.validation_ndcg),
+                        "reports": st.reports,
+                    }),
+                ))
+                .discard();
+            }
+        }
+        Ok(())
+    }
+}

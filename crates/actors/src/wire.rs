@@ -1,0 +1,33 @@
+//! Cluster-ready message payloads: structs that travel inside `RactorClusterMessage`
+//! enums implement `ractor::BytesConvertable` with bincode, and carry a `version` field.
+//!
+//! ractor drops a remote message that fails to decode with only a debug log, and its
+//! trait cannot return an error; so a payload that does not decode becomes its `Default`
+//! with `version = 0`, which every handler refuses explicitly.
+
+/// Version of the wire payloads defined by this build.
+pub const WIRE_VERSION: u16 = 1;
+
+/// Implements `ractor::BytesConvertable` via bincode for serde types with a `version`
+/// field and a `Default`.
+#[macro_export]
+macro_rules! wire_payload {
+    ($($t:ty),* $(,)?) => {$(
+        impl ractor::BytesConvertable for $t {
+            fn into_bytes(self) -> Vec<u8> {
+                bincode::serde::encode_to_vec(&self, bincode::config::standard()).unwrap_or_default()
+            }
+            fn from_bytes(bytes: Vec<u8>) -> Self {
+                match bincode::serde::decode_from_slice(&bytes, bincode::config::standard()) {
+                    Ok((v, _)) => v,
+                    Err(_) => <$t>::default(),
+                }
+            }
+        }
+    )*};
+}
+
+/// True when a received payload is one this build understands.
+pub fn accepted(version: u16) -> bool {
+    version == WIRE_VERSION
+}

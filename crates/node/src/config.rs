@@ -1,0 +1,642 @@
+//! `cluster.toml`: the node's configuration file. Every key has a default; unknown keys
+//! are errors; `validate` reports every problem at once. Deployment fields can be
+//! overridden from the environment (`TROUPE_NODE_NAME`, `TROUPE_DATA_DIR`,
+//! `TROUPE_HTTP_ADDR`, `TROUPE_AUTH_TOKEN`, `TROUPE_OTLP_ENDPOINT`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use troupe_actors::faults::{Fault, FaultAction, Faults};
+use troupe_actors::settings::{
+    AlsSettings, ContentSettings, RankerSettings, RestartPolicy, Settings,
+};
+use troupe_models::als::{AlsParams, RegScaling};
+use troupe_models::blend::Normalization;
+use troupe_models::dataset::{ValueTransform, WeightConfig};
+
+/// A secret string whose `Debug` never shows the value.
+#[derive(Clone, Default, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("Secret(<empty>)")
+        } else {
+            f.write_str("Secret(<redacted>)")
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeSection,
+    pub http: HttpSection,
+    pub journal: JournalSection,
+    pub features: FeaturesSection,
+    pub events: EventsSection,
+    pub popularity: PopularitySection,
+    pub content: ContentSection,
+    pub als: AlsSection,
+    pub ranker: RankerSection,
+    pub supervision: SupervisionSection,
+    pub telemetry: TelemetrySection,
+    /// Test-only fault injection; refused unless `TROUPE_ALLOW_FAULTS=1`.
+    pub faults: Vec<FaultSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    pub name: String,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    pub addr: String,
+    pub max_body_bytes: usize,
+    pub max_events_per_request: usize,
+    pub max_in_flight: usize,
+    pub auth_token: Secret,
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalSection {
+    pub partitions: u32,
+    pub max_commit_records: usize,
+    pub idempotency_window_secs: u64,
+    pub max_future_skew_secs: u64,
+    pub poll_interval_ms: u64,
+    pub retention: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeaturesSection {
+    pub history_len: usize,
+    pub checkpoint_every_records: u64,
+    pub checkpoint_interval_ms: u64,
+    pub poison_max_attempts: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSection {
+    pub kind_weights: BTreeMap<String, f32>,
+    pub default_weight: f32,
+    pub value_transform: String,
+    pub negative_kinds: Vec<String>,
+    pub seen_kinds: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PopularitySection {
+    pub half_life_hours: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContentSection {
+    /// Directory with model.onnx + tokenizer.json; empty: hashed TF encoder.
+    pub onnx_model_dir: String,
+    pub onnx_max_len: usize,
+    pub tfidf_dim: usize,
+    pub batch_size: usize,
+    pub workers: usize,
+    pub profile_half_life_days: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlsSection {
+    pub factors: usize,
+    pub iterations: usize,
+    pub reg: f32,
+    pub alpha: f32,
+    pub reg_scaling: String,
+    pub retrain_every_events: u64,
+    pub retrain_interval_ms: u64,
+    pub min_interactions: usize,
+    pub keep_versions: usize,
+    pub validation_users: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RankerSection {
+    pub weight_als: f32,
+    pub weight_content: f32,
+    pub weight_popularity: f32,
+    pub normalization: String,
+    pub rrf_k0: f32,
+    pub candidates: usize,
+    pub branch_deadline_ms: u64,
+    pub breaker_failures: u32,
+    pub breaker_open_ms: u64,
+    pub freshness_wait_ms: u64,
+    pub max_k: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisionSection {
+    pub max_restarts: u32,
+    pub window_ms: u64,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySection {
+    /// OTLP/HTTP endpoint for traces; empty: no export.
+    pub otlp_endpoint: String,
+    pub service_name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSection {
+    pub target: String,
+    /// `panic`, `error` or `stall`.
+    pub action: String,
+    #[serde(default)]
+    pub stall_ms: u64,
+    /// Fire on records/requests with this event id, user or item id (any if absent).
+    #[serde(default)]
+    pub on: Option<String>,
+    #[serde(default)]
+    pub times: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: NodeSection {
+                name: "node-1".into(),
+                data_dir: PathBuf::from("./troupe-data"),
+            },
+            http: HttpSection {
+                addr: "127.0.0.1:8080".into(),
+                max_body_bytes: 16 << 20,
+                max_events_per_request: 10_000,
+                max_in_flight: 256,
+                auth_token: Secret::default(),
+                request_timeout_ms: 10_000,
+            },
+            journal: JournalSection {
+                partitions: 8,
+                max_commit_records: 20_000,
+                idempotency_window_secs: 24 * 3600,
+                max_future_skew_secs: 300,
+                poll_interval_ms: 100,
+                retention: false,
+            },
+            features: FeaturesSection {
+                history_len: 200,
+                checkpoint_every_records: 50_000,
+                checkpoint_interval_ms: 30_000,
+                poison_max_attempts: 3,
+            },
+            events: EventsSection {
+                kind_weights: [
+                    ("view", 1.0),
+                    ("click", 2.0),
+                    ("add_to_cart", 4.0),
+                    ("purchase", 8.0),
+                    ("rating", 1.0),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+                default_weight: 1.0,
+                value_transform: "binary".into(),
+                negative_kinds: vec!["dislike".into()],
+                seen_kinds: Vec::new(),
+            },
+            popularity: PopularitySection {
+                half_life_hours: 72.0,
+            },
+            content: ContentSection {
+                onnx_model_dir: String::new(),
+                onnx_max_len: 128,
+                tfidf_dim: 1024,
+                batch_size: 32,
+                workers: 1,
+                profile_half_life_days: 30.0,
+            },
+            als: AlsSection {
+                factors: 64,
+                iterations: 15,
+                reg: 0.05,
+                alpha: 1.0,
+                reg_scaling: "count".into(),
+                retrain_every_events: 50_000,
+                retrain_interval_ms: 600_000,
+                min_interactions: 100,
+                keep_versions: 3,
+                validation_users: 500,
+            },
+            ranker: RankerSection {
+                weight_als: 0.8,
+                weight_content: 0.1,
+                weight_popularity: 0.1,
+                normalization: "rrf".into(),
+                rrf_k0: 60.0,
+                candidates: 100,
+                branch_deadline_ms: 50,
+                breaker_failures: 3,
+                breaker_open_ms: 2_000,
+                freshness_wait_ms: 200,
+                max_k: 500,
+            },
+            supervision: SupervisionSection {
+                max_restarts: 5,
+                window_ms: 30_000,
+                backoff_base_ms: 50,
+                backoff_max_ms: 5_000,
+            },
+            telemetry: TelemetrySection {
+                otlp_endpoint: String::new(),
+                service_name: "troupe".into(),
+            },
+            faults: Vec::new(),
+        }
+    }
+}
+
+macro_rules! default_from {
+    ($($t:ident . $f:ident),*) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                Config::default().$f
+            }
+        }
+    )*};
+}
+default_from!(
+    NodeSection.node,
+    HttpSection.http,
+    JournalSection.journal,
+    FeaturesSection.features,
+    EventsSection.events,
+    PopularitySection.popularity,
+    ContentSection.content,
+    AlsSection.als,
+    RankerSection.ranker,
+    SupervisionSection.supervision,
+    TelemetrySection.telemetry
+);
+
+impl Config {
+    /// Reads and parses a config file (syntax and unknown keys; see `validate`).
+    pub fn load(path: &Path) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Applies environment overrides for deployment fields.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = get("TROUPE_NODE_NAME") {
+            self.node.name = v;
+        }
+        if let Some(v) = get("TROUPE_DATA_DIR") {
+            self.node.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = get("TROUPE_HTTP_ADDR") {
+            self.http.addr = v;
+        }
+        if let Some(v) = get("TROUPE_AUTH_TOKEN") {
+            self.http.auth_token = Secret(v);
+        }
+        if let Some(v) = get("TROUPE_OTLP_ENDPOINT") {
+            self.telemetry.otlp_endpoint = v;
+        }
+    }
+
+    /// Every problem with the values, at once.
+    pub fn validate(&self, faults_allowed: bool) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut need = |ok: bool, msg: &str| {
+            if !ok {
+                p.push(msg.to_string());
+            }
+        };
+        need(
+            !self.node.name.trim().is_empty(),
+            "node.name must not be empty",
+        );
+        need(
+            self.http.addr.parse::<std::net::SocketAddr>().is_ok(),
+            "http.addr must be host:port with a numeric IP (e.g. 127.0.0.1:8080)",
+        );
+        need(
+            self.http.max_body_bytes >= 1024,
+            "http.max_body_bytes must be >= 1024",
+        );
+        need(
+            self.http.max_events_per_request >= 1,
+            "http.max_events_per_request must be >= 1",
+        );
+        need(
+            self.http.max_in_flight >= 1,
+            "http.max_in_flight must be >= 1",
+        );
+        need(
+            (2..=4096).contains(&self.journal.partitions),
+            "journal.partitions must be in 2..=4096",
+        );
+        need(
+            self.journal.max_commit_records >= 1,
+            "journal.max_commit_records must be >= 1",
+        );
+        need(
+            self.journal.poll_interval_ms >= 1,
+            "journal.poll_interval_ms must be >= 1",
+        );
+        need(
+            self.features.history_len >= 1,
+            "features.history_len must be >= 1",
+        );
+        need(
+            self.features.checkpoint_every_records >= 1,
+            "features.checkpoint_every_records must be >= 1",
+        );
+        need(
+            self.features.checkpoint_interval_ms >= 1,
+            "features.checkpoint_interval_ms must be >= 1",
+        );
+        need(
+            self.features.poison_max_attempts >= 1,
+            "features.poison_max_attempts must be >= 1",
+        );
+        need(
+            self.events
+                .kind_weights
+                .values()
+                .all(|w| w.is_finite() && *w >= 0.0),
+            "events.kind_weights must be finite and >= 0",
+        );
+        need(
+            self.events
+                .value_transform
+                .parse::<ValueTransform>()
+                .is_ok(),
+            "events.value_transform must be binary, raw or log1p",
+        );
+        need(
+            self.popularity.half_life_hours >= 0.0,
+            "popularity.half_life_hours must be >= 0",
+        );
+        need(
+            self.content.tfidf_dim >= 1,
+            "content.tfidf_dim must be >= 1",
+        );
+        need(
+            self.content.batch_size >= 1,
+            "content.batch_size must be >= 1",
+        );
+        need(self.content.workers >= 1, "content.workers must be >= 1");
+        if !self.content.onnx_model_dir.is_empty() {
+            let d = Path::new(&self.content.onnx_model_dir);
+            need(
+                d.join("model.onnx").is_file() && d.join("tokenizer.json").is_file(),
+                "content.onnx_model_dir must contain model.onnx and tokenizer.json",
+            );
+        }
+        need(
+            (1..=1024).contains(&self.als.factors),
+            "als.factors must be in 1..=1024",
+        );
+        need(self.als.iterations >= 1, "als.iterations must be >= 1");
+        need(
+            self.als.reg >= 0.0 && self.als.alpha >= 0.0,
+            "als.reg and als.alpha must be >= 0",
+        );
+        need(
+            matches!(self.als.reg_scaling.as_str(), "count" | "none"),
+            "als.reg_scaling must be count or none",
+        );
+        need(
+            self.als.retrain_every_events >= 1,
+            "als.retrain_every_events must be >= 1",
+        );
+        need(
+            self.als.retrain_interval_ms >= 1,
+            "als.retrain_interval_ms must be >= 1",
+        );
+        need(
+            self.als.keep_versions >= 1,
+            "als.keep_versions must be >= 1",
+        );
+        let w = [
+            self.ranker.weight_als,
+            self.ranker.weight_content,
+            self.ranker.weight_popularity,
+        ];
+        need(
+            w.iter().all(|x| x.is_finite() && *x >= 0.0) && w.iter().sum::<f32>() > 0.0,
+            "ranker weights must be >= 0 and not all 0",
+        );
+        need(
+            matches!(self.ranker.normalization.as_str(), "rrf" | "zscore"),
+            "ranker.normalization must be rrf or zscore",
+        );
+        need(
+            self.ranker.candidates >= 1,
+            "ranker.candidates must be >= 1",
+        );
+        need(
+            self.ranker.branch_deadline_ms >= 1,
+            "ranker.branch_deadline_ms must be >= 1",
+        );
+        need(
+            self.ranker.breaker_failures >= 1,
+            "ranker.breaker_failures must be >= 1",
+        );
+        need(
+            (1..=10_000).contains(&self.ranker.max_k),
+            "ranker.max_k must be in 1..=10000",
+        );
+        need(
+            self.supervision.backoff_base_ms <= self.supervision.backoff_max_ms,
+            "supervision.backoff_base_ms must be <= backoff_max_ms",
+        );
+        need(
+            self.supervision.window_ms >= 1,
+            "supervision.window_ms must be >= 1",
+        );
+        if !self.faults.is_empty() && !faults_allowed {
+            p.push(
+                "[[faults]] is set but TROUPE_ALLOW_FAULTS=1 is not: refusing to inject faults"
+                    .into(),
+            );
+        }
+        for (i, f) in self.faults.iter().enumerate() {
+            if !matches!(f.action.as_str(), "panic" | "error" | "stall") {
+                p.push(format!("faults[{i}].action must be panic, error or stall"));
+            }
+        }
+        p
+    }
+
+    /// Typed settings for the actors.
+    pub fn settings(&self) -> Settings {
+        let ms = Duration::from_millis;
+        let mut s = Settings::defaults(&self.node.name);
+        s.partitions = self.journal.partitions;
+        s.max_commit_records = self.journal.max_commit_records;
+        s.idempotency_window = Duration::from_secs(self.journal.idempotency_window_secs);
+        s.max_future_skew = Duration::from_secs(self.journal.max_future_skew_secs);
+        s.poll_interval = ms(self.journal.poll_interval_ms);
+        s.retention = self.journal.retention;
+        s.checkpoint_every_records = self.features.checkpoint_every_records;
+        s.checkpoint_interval = ms(self.features.checkpoint_interval_ms);
+        s.poison_max_attempts = self.features.poison_max_attempts;
+        s.history_len = self.features.history_len;
+        s.weights = WeightConfig {
+            kind_weights: self
+                .events
+                .kind_weights
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), *v))
+                .collect(),
+            default_weight: self.events.default_weight,
+            transform: self
+                .events
+                .value_transform
+                .parse()
+                .unwrap_or(ValueTransform::Binary),
+            negative_kinds: self
+                .events
+                .negative_kinds
+                .iter()
+                .map(|k| k.to_ascii_lowercase())
+                .collect(),
+        };
+        s.seen_kinds = self.events.seen_kinds.clone();
+        s.popularity_half_life = Duration::from_secs_f64(self.popularity.half_life_hours * 3600.0);
+        s.content = ContentSettings {
+            onnx_model_dir: (!self.content.onnx_model_dir.is_empty())
+                .then(|| PathBuf::from(&self.content.onnx_model_dir)),
+            onnx_max_len: self.content.onnx_max_len,
+            tfidf_dim: self.content.tfidf_dim,
+            batch_size: self.content.batch_size,
+            workers: self.content.workers,
+            profile_half_life: Duration::from_secs_f64(
+                self.content.profile_half_life_days * 86_400.0,
+            ),
+        };
+        s.als = AlsSettings {
+            params: AlsParams {
+                factors: self.als.factors,
+                iterations: self.als.iterations,
+                reg: self.als.reg,
+                alpha: self.als.alpha,
+                reg_scaling: if self.als.reg_scaling == "none" {
+                    RegScaling::None
+                } else {
+                    RegScaling::Count
+                },
+                ..AlsParams::default()
+            },
+            retrain_every_events: self.als.retrain_every_events,
+            retrain_interval: ms(self.als.retrain_interval_ms),
+            min_interactions: self.als.min_interactions,
+            keep_versions: self.als.keep_versions,
+            validation_users: self.als.validation_users,
+        };
+        s.ranker = RankerSettings {
+            weights: [
+                self.ranker.weight_als,
+                self.ranker.weight_content,
+                self.ranker.weight_popularity,
+            ],
+            normalization: if self.ranker.normalization == "zscore" {
+                Normalization::ZScore
+            } else {
+                Normalization::Rrf {
+                    k0: self.ranker.rrf_k0,
+                }
+            },
+            candidates: self.ranker.candidates,
+            branch_deadline: ms(self.ranker.branch_deadline_ms),
+            breaker_failures: self.ranker.breaker_failures,
+            breaker_open: ms(self.ranker.breaker_open_ms),
+            freshness_wait: ms(self.ranker.freshness_wait_ms),
+            max_k: self.ranker.max_k,
+        };
+        s.restart = RestartPolicy {
+            max_restarts: self.supervision.max_restarts,
+            window: ms(self.supervision.window_ms),
+            backoff_base: ms(self.supervision.backoff_base_ms),
+            backoff_max: ms(self.supervision.backoff_max_ms),
+        };
+        s
+    }
+
+    pub fn faults(&self) -> Faults {
+        Faults {
+            list: self
+                .faults
+                .iter()
+                .map(|f| {
+                    let action = match f.action.as_str() {
+                        "panic" => FaultAction::Panic,
+                        "error" => FaultAction::Error,
+                        _ => FaultAction::Stall(Duration::from_millis(f.stall_ms)),
+                    };
+                    Fault::new(&f.target, action, f.on.clone(), f.times)
+                })
+                .collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cluster.toml");
+        let c = Config::load(&path).unwrap();
+        assert!(c.validate(false).is_empty(), "{:?}", c.validate(false));
+        let s = c.settings();
+        assert!(s.partitions > 1);
+    }
+
+    #[test]
+    fn every_problem_reported_and_unknown_keys_refused() {
+        let c = Config::parse("[journal]\npartitions = 1\n[ranker]\nmax_k = 0\n[[faults]]\ntarget = \"x\"\naction = \"boom\"\n").unwrap();
+        let p = c.validate(false);
+        assert!(p.iter().any(|m| m.contains("journal.partitions")));
+        assert!(p.iter().any(|m| m.contains("ranker.max_k")));
+        assert!(p.iter().any(|m| m.contains("TROUPE_ALLOW_FAULTS")));
+        assert!(p.iter().any(|m| m.contains("faults[0].action")));
+        let e = Config::parse("[journal]\npartitons = 4\n").unwrap_err();
+        assert!(e.contains("partitons"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_env_overrides() {
+        let mut c = Config::default();
+        c.apply_env(|k| (k == "TROUPE_AUTH_TOKEN").then(|| "hunter2".to_string()));
+        assert_eq!(c.http.auth_token.0, "hunter2");
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,218 @@
+//! `troupe node --config cluster.toml`: one node — store, actors, HTTP API — until
+//! SIGTERM/Ctrl-C (graceful: stop intake, commit, checkpoint, exit 0) or an escalation
+//! at the root supervisor (unready, cause logged, exit 1).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use troupe_actors::Discard;
+
+use anyhow::Context;
+use troupe_actors::ctx::Ctx;
+use troupe_actors::node::{self, NodeHandle};
+use troupe_actors::store::Store;
+use troupe_models::content::onnx::OnnxEncoder;
+use troupe_models::content::tfidf::HashedTfidf;
+use troupe_models::content::TextEncoder;
+
+use crate::config::Config;
+use crate::exit::CliError;
+use crate::http::{self, HttpOptions};
+
+#[derive(Debug, clap::Args)]
+pub struct NodeArgs {
+    /// Configuration file (see the documented example `cluster.toml`).
+    #[arg(long, default_value = "cluster.toml")]
+    pub config: PathBuf,
+}
+
+/// A booted node: actors running, HTTP listening.
+pub struct Booted {
+    pub handle: NodeHandle,
+    pub addr: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+    stop_http: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Loads, overrides from the environment and validates a config; every problem at once.
+pub fn load_config(path: &std::path::Path) -> Result<Config, CliError> {
+    let mut cfg = Config::load(path).map_err(CliError::input)?;
+    cfg.apply_env(|k| std::env::var(k).ok());
+    let allowed = std::env::var("TROUPE_ALLOW_FAULTS").is_ok_and(|v| v == "1");
+    let problems = cfg.validate(allowed);
+    if !problems.is_empty() {
+        return Err(CliError::input(format!(
+            "{}: {}",
+            path.display(),
+            problems.join("; ")
+        )));
+    }
+    Ok(cfg)
+}
+
+fn encoder(cfg: &Config) -> anyhow::Result<(Arc<dyn TextEncoder>, String)> {
+    let s = &cfg.content;
+    if s.onnx_model_dir.is_empty() {
+        let e = HashedTfidf::uniform(s.tfidf_dim)?;
+        Ok((Arc::new(e), format!("tf-hashed-{}", s.tfidf_dim)))
+    } else {
+        let dir = PathBuf::from(&s.onnx_model_dir);
+        let e = OnnxEncoder::load(&dir, s.onnx_max_len)
+            .with_context(|| format!("loading the content model in {}", dir.display()))?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        Ok((Arc::new(e), format!("onnx-{name}-{}", s.onnx_max_len)))
+    }
+}
+
+/// Opens the store, starts the supervision tree and the HTTP server.
+pub async fn boot(cfg: &Config) -> anyhow::Result<Booted> {
+    std::fs::create_dir_all(&cfg.node.data_dir)
+        .with_context(|| format!("creating {}", cfg.node.data_dir.display()))?;
+    let path = cfg.node.data_dir.join("troupe.redb");
+    let p = path.clone();
+    let (store, report) = tokio::task::spawn_blocking(move || Store::open(&p)).await??;
+    if report.repaired {
+        tracing::warn!(path = %path.display(), "store was not closed cleanly; recovered to its last complete commit");
+    }
+    if report.torn_records_cut > 0 {
+        tracing::warn!(
+            records = report.torn_records_cut,
+            "torn journal tail cut on start"
+        );
+    }
+    println!(
+        "troupe store {}: repaired={} torn_records_cut={}",
+        path.display(),
+        report.repaired,
+        report.torn_records_cut
+    );
+    let (enc, enc_name) = tokio::task::spawn_blocking({
+        let cfg = cfg.clone();
+        move || encoder(&cfg)
+    })
+    .await??;
+    let ctx = Arc::new(Ctx::new(cfg.settings(), store, cfg.faults()));
+    let handle = node::start(ctx.clone(), enc, enc_name)
+        .await
+        .context("starting the actors")?;
+    let listener = tokio::net::TcpListener::bind(&cfg.http.addr)
+        .await
+        .with_context(|| format!("binding {}", cfg.http.addr))?;
+    let addr = listener.local_addr()?;
+    let opts = HttpOptions {
+        max_body_bytes: cfg.http.max_body_bytes,
+        max_events_per_request: cfg.http.max_events_per_request,
+        max_in_flight: cfg.http.max_in_flight,
+        auth_token: (!cfg.http.auth_token.0.is_empty()).then(|| cfg.http.auth_token.0.clone()),
+        request_timeout: Duration::from_millis(cfg.http.request_timeout_ms),
+    };
+    let app = http::router(ctx, opts);
+    let (stop_http, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                // A dropped sender also means stop.
+                rx.await.discard();
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    Ok(Booted {
+        handle,
+        addr,
+        server,
+        stop_http,
+    })
+}
+
+/// Graceful stop of a booted node; returns the problems met.
+pub async fn stop(b: Booted) -> Vec<String> {
+    let problems = node::shutdown(b.handle).await;
+    b.stop_http.send(()).discard();
+    if tokio::time::timeout(Duration::from_secs(10), b.server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("http server did not stop within 10 s");
+    }
+    problems
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn terminate_signal() {
+    let ctrl_c = async {
+        // Without a Ctrl-C handler, SIGTERM still stops the node.
+        tokio::signal::ctrl_c().await.discard();
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            CliError::Internal(anyhow::Error::new(e).context("starting the async runtime"))
+        })
+}
+
+/// Waits for a stop signal or an escalation; stops gracefully on a signal.
+pub async fn serve_until_stopped(mut b: Booted) -> Result<(), CliError> {
+    let outcome = tokio::select! {
+        _ = terminate_signal() => None,
+        _ = &mut b.handle.root_done => Some(b.handle.ctx.health.escalated().unwrap_or_else(|| "root supervisor stopped".into())),
+    };
+    match outcome {
+        None => {
+            tracing::info!("stop requested: draining, committing and checkpointing");
+            let problems = stop(b).await;
+            if problems.is_empty() {
+                tracing::info!("stopped cleanly");
+                Ok(())
+            } else {
+                Err(CliError::Internal(anyhow::anyhow!(
+                    "shutdown problems: {}",
+                    problems.join("; ")
+                )))
+            }
+        }
+        Some(reason) => {
+            b.handle.ctx.health.escalate(reason.clone());
+            tracing::error!(reason = %reason, "escalation reached the root supervisor; exiting");
+            Err(CliError::Internal(anyhow::anyhow!("escalated: {reason}")))
+        }
+    }
+}
+
+pub fn run(args: NodeArgs) -> Result<(), CliError> {
+    let cfg = load_config(&args.config)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let b = boot(&cfg).await.map_err(CliError::Internal)?;
+        println!(
+            "troupe node {} listening on http://{}",
+            cfg.node.name, b.addr
+        );
+        serve_until_stopped(b).await
+    })
+}
