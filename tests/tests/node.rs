@@ -345,3 +345,39 @@ fn freshness_bad_input_items_and_graceful_stop() {
     assert_eq!(node.get("/v1/users/u3").body["kind_counts"]["purchase"], 5);
     assert!(node.log(1).contains("stopped cleanly"));
 }
+
+#[test]
+fn demo_runs_a_node_loads_trains_and_explains() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = troupe_tests::troupe(&[
+        "demo",
+        "--exit",
+        "--addr",
+        "127.0.0.1:0",
+        "--gen-users",
+        "300",
+        "--gen-items",
+        "150",
+        "--gen-events",
+        "6000",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("loaded 150 items and 6000 events"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("trained ALS v1"), "{stdout}");
+    assert!(stdout.contains("serving at http://127.0.0.1:"), "{stdout}");
+    let rec_lines = stdout
+        .lines()
+        .filter(|l| l.contains("als ") && l.contains("content ") && l.contains("popularity "))
+        .count();
+    assert!(rec_lines >= 10, "{stdout}");
+}

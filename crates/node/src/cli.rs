@@ -205,18 +205,33 @@ pub struct GenArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct DemoArgs {
-    /// Work folder (default: a fresh temporary folder).
+    /// Work folder for data and the node's store (default: a fresh temporary folder).
     #[arg(long)]
     pub dir: Option<PathBuf>,
-    #[arg(long, default_value_t = 5_000)]
-    pub users: usize,
+    /// Event file to load instead of generated data (same columns as `eval`).
+    #[arg(long, requires = "items")]
+    pub events: Option<PathBuf>,
+    /// Item file to load with `--events`.
+    #[arg(long)]
+    pub items: Option<PathBuf>,
+    #[command(flatten)]
+    pub columns: ColumnArgs,
+    /// Generated data: users, items, events.
     #[arg(long, default_value_t = 2_000)]
-    pub items: usize,
-    #[arg(long, default_value_t = 250_000)]
-    pub events: u64,
+    pub gen_users: usize,
+    #[arg(long, default_value_t = 1_000)]
+    pub gen_items: usize,
+    #[arg(long, default_value_t = 100_000)]
+    pub gen_events: u64,
+    /// HTTP address of the demo node (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: String,
     /// How many users' recommendations to print.
     #[arg(long, default_value_t = 3)]
     pub show: usize,
+    /// Stop after printing instead of serving until Ctrl-C.
+    #[arg(long)]
+    pub exit: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -1,167 +1,180 @@
-//! `troupe demo`: the one-command tour on embedded defaults. Generates a synthetic data set
-//! in a work folder, evaluates every branch on a time split, trains on everything and prints
-//! a few users' recommendations with each branch's share.
+//! `troupe demo`: the one-command tour on embedded defaults. Starts one node in a work
+//! folder, loads data (generated, or `--events/--items`) through the journal, trains ALS,
+//! prints a few users' recommendations with each branch's share, and keeps serving at
+//! the printed URL until Ctrl-C.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use std::collections::HashSet;
-use tracing::info;
-use troupe_models::als;
-use troupe_models::blend::Filters;
-use troupe_models::dataset::{Dataset, WeightConfig};
-use troupe_models::evaluate::BlendSettings;
-use troupe_models::popularity::Popularity;
-use troupe_models::recommender::Recommender;
-use troupe_models::sparse::Csr;
+use troupe_actors::journal::AppendRequest;
+use troupe_actors::names;
+use troupe_actors::node;
+use troupe_actors::ranker::{RankerMsg, RecommendRequest};
+use troupe_actors::record::{partition_of, Event, Item, Payload, CATALOG_STREAM};
+use troupe_actors::trainer::AlsTrainerMsg;
+use troupe_actors::wire::WIRE_VERSION;
+use troupe_models::data::{read_items, Columns, EventReader};
 
-use crate::cli::{ColumnArgs, DemoArgs, EvalArgs, GenArgs, SplitArg};
+use crate::cli::{DemoArgs, GenArgs};
+use crate::config::Config;
 use crate::exit::{CliError, CmdResult};
+use crate::node_cmd;
 
-pub fn run(a: DemoArgs) -> CmdResult {
-    let tmp;
-    let dir = match &a.dir {
-        Some(d) => d.clone(),
-        None => {
-            tmp = tempfile_dir()?;
-            tmp.clone()
-        }
-    };
-    let started = Instant::now();
-    let gen = GenArgs {
-        out: dir.clone(),
-        users: a.users,
-        items: a.items,
-        events: a.events,
-        clusters: 12,
-        seed: 42,
-        gzip: false,
-    };
-    let stats = crate::gen_cmd::generate_to_dir(&gen)?;
-    info!(dir = %dir.display(), events = stats.events, "generated synthetic data");
+const BATCH: usize = 2_000;
 
-    let eval = EvalArgs {
-        train: None,
-        test: None,
-        events: Some(dir.join("events.csv")),
-        split: Some(SplitArg::Time),
-        holdout: 0.2,
-        seed: 42,
-        items: dir.join("items.csv"),
-        tags: None,
-        min_value: None,
-        k: 10,
-        tune: false,
-        tune_blend: false,
-        factors: 64,
-        iterations: 15,
-        reg: 0.05,
-        alpha: 1.0,
-        reg_scaling: crate::cli::RegScalingArg::Count,
-        cg_steps: 3,
-        content_model: None,
-        max_len: 64,
-        batch: 32,
-        tfidf_dim: 512,
-        weights: None,
-        normalization: None,
-        candidates: 100,
-        popularity_half_life_days: 0.0,
-        content_half_life_days: 0.0,
-        value_transform: "binary".into(),
-        kind_weights: None,
-        negative_kinds: "dislike".into(),
-        columns: ColumnArgs::default(),
-        json: false,
-    };
-    println!("== offline evaluation (time split, last 20% of each user's events) ==");
-    let report = crate::eval_cmd::evaluate(&eval)?;
-    let m = &report.models;
-    for (name, x) in [
-        ("popularity", &m.popularity),
-        ("als", &m.als),
-        ("content", &m.content),
-        ("ensemble", &m.ensemble),
-    ] {
-        println!(
-            "{name:<11} NDCG@10 {:.4}  P@10 {:.4}  coverage {:.3}  fit {:.2}s",
-            x.ndcg, x.precision, x.coverage, x.fit_seconds
-        );
-    }
+fn internal(e: impl std::fmt::Display) -> CliError {
+    CliError::Internal(anyhow::anyhow!("{e}"))
+}
 
-    println!("\n== recommendations from a model trained on all events ==");
-    let mut data = Dataset::default();
-    let (items, _) =
-        troupe_models::data::read_items(&dir.join("items.csv"), &Default::default(), false)?;
-    data.add_items(items);
-    let rows = crate::eval_cmd::load_events(
-        &dir.join("events.csv"),
-        &ColumnArgs::default(),
-        None,
-        &mut data,
-    )?;
-    let weights = WeightConfig::default();
-    let mut history: Vec<Vec<(u32, f32, i64)>> = vec![Vec::new(); data.users.len()];
-    let mut pop = Popularity::new(data.items.len(), 30.0 * 86_400.0);
-    let mut now = 0;
-    for r in &rows {
-        if let Some(w) = weights.weight(data.kind_name(r.kind), r.value) {
-            history[r.user as usize].push((r.item, w, r.ts));
-            pop.add(r.item, w as f64, r.ts);
-        }
-        now = now.max(r.ts);
-    }
-    let triples: Vec<(u32, u32, f32)> = history
-        .iter()
-        .enumerate()
-        .flat_map(|(u, h)| h.iter().map(move |&(i, w, _)| (u as u32, i, w)))
-        .collect();
-    let matrix = Csr::from_triples(data.users.len(), data.items.len(), &triples);
-    let model = als::fit(&matrix, &als::AlsParams::default(), false, |_, _| {})?;
-    let emb = crate::eval_cmd::embed_items(&data, None, 64, 32, 512)?.embeddings;
-    let rec = Recommender::new(model, emb, pop, BlendSettings::default(), 0.0);
-    for u in 0..a.show.min(data.users.len()) as u32 {
-        let h = &history[u as usize];
-        let seen: HashSet<u32> = h.iter().map(|x| x.0).collect();
-        let seen_f = |i: u32| seen.contains(&i);
-        let never = |_: u32| false;
-        let filters = Filters {
-            seen: &seen_f,
-            hidden: &never,
-            in_category: None,
-            exclude: &[],
-        };
-        let ans = rec.recommend(h, now, 5, &filters);
-        println!(
-            "user {} ({} events):",
-            data.users.name(u).unwrap_or("?"),
-            h.len()
-        );
-        for b in &ans.items {
-            let rec_item = &data.catalog[b.item as usize];
-            let s = b.shares();
-            println!(
-                "  {:<7} score {:.3}  als {:>3.0}% content {:>3.0}% popularity {:>3.0}%  [{}] {}",
-                rec_item.id,
-                b.score,
-                s[0] * 100.0,
-                s[1] * 100.0,
-                s[2] * 100.0,
-                rec_item.categories.join(","),
-                rec_item.text
-            );
+async fn append_all(entries: Vec<(u32, Payload)>) -> Result<(), CliError> {
+    for chunk in entries.chunks(BATCH) {
+        let r = node::append(AppendRequest::new(chunk.to_vec()), Duration::from_secs(60))
+            .await
+            .map_err(internal)?;
+        if let Some(e) = r.error {
+            return Err(internal(e));
         }
     }
-    println!(
-        "\ndata in {} ({:.1}s in all)",
-        dir.display(),
-        started.elapsed().as_secs_f64()
-    );
     Ok(())
 }
 
-fn tempfile_dir() -> Result<std::path::PathBuf, CliError> {
-    let base = std::env::temp_dir().join(format!("troupe-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&base)
-        .map_err(|e| CliError::Internal(anyhow::anyhow!("creating {}: {e}", base.display())))?;
-    Ok(base)
+pub fn run(a: DemoArgs) -> CmdResult {
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("troupe-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| internal(format!("creating {}: {e}", dir.display())))?;
+    let (events_path, items_path) = match (&a.events, &a.items) {
+        (Some(e), Some(i)) => (e.clone(), i.clone()),
+        _ => {
+            let gen = GenArgs {
+                out: dir.clone(),
+                users: a.gen_users,
+                items: a.gen_items,
+                events: a.gen_events,
+                clusters: 12,
+                seed: 42,
+                gzip: false,
+            };
+            crate::gen_cmd::generate_to_dir(&gen)?;
+            (dir.join("events.csv"), dir.join("items.csv"))
+        }
+    };
+    let cols = Columns::from(&a.columns);
+    let (items, _) = read_items(&items_path, &cols, a.columns.skip_bad_rows)?;
+    let mut events = Vec::new();
+    for ev in EventReader::open(&events_path, &cols, a.columns.skip_bad_rows)? {
+        events.push(ev?);
+    }
+    let mut cfg = Config::default();
+    cfg.node.name = "demo".into();
+    cfg.node.data_dir = dir.join("node");
+    cfg.http.addr = a.addr.clone();
+    // The demo trains once, explicitly, after loading; retrains follow new events.
+    cfg.als.retrain_every_events = (events.len() as u64 / 2).max(10_000);
+    let problems = cfg.validate(false);
+    if !problems.is_empty() {
+        return Err(CliError::input(problems.join("; ")));
+    }
+    let started = Instant::now();
+    let rt = node_cmd::runtime()?;
+    rt.block_on(async move {
+        let booted = node_cmd::boot(&cfg).await.map_err(CliError::Internal)?;
+        let url = format!("http://{}", booted.addr);
+        let p = cfg.journal.partitions;
+        let catalog: Vec<(u32, Payload)> = items
+            .iter()
+            .map(|i| {
+                (
+                    CATALOG_STREAM,
+                    Payload::ItemUpsert(Item {
+                        id: i.id.clone(),
+                        text: i.text.clone(),
+                        categories: i.categories.clone(),
+                        ..Default::default()
+                    }),
+                )
+            })
+            .collect();
+        append_all(catalog).await?;
+        let n_events = events.len();
+        let name = events_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let entries: Vec<(u32, Payload)> = events
+            .into_iter()
+            .enumerate()
+            .map(|(row, e)| {
+                let ev = Event {
+                    event_id: Some(format!("{name}-{row}")),
+                    user: e.user,
+                    item: e.item,
+                    kind: e.kind.unwrap_or_else(|| "view".into()),
+                    value: e.value,
+                    ts_ms: e.ts * 1000,
+                    request_id: None,
+                };
+                (partition_of(&ev.user, p), Payload::Event(ev))
+            })
+            .collect();
+        let users: Vec<String> = {
+            let mut seen = std::collections::BTreeSet::new();
+            entries
+                .iter()
+                .filter_map(|(_, pl)| match pl {
+                    Payload::Event(e) if seen.insert(e.user.clone()) => Some(e.user.clone()),
+                    _ => None,
+                })
+                .take(a.show)
+                .collect()
+        };
+        append_all(entries).await?;
+        println!("loaded {} items and {n_events} events through the journal in {:.1}s", items.len(), started.elapsed().as_secs_f64());
+        let report = node::call(names::ALS_TRAINER, Duration::from_secs(3600), AlsTrainerMsg::Retrain).await.map_err(internal)?;
+        println!(
+            "trained ALS v{}: {} users x {} items, {} interactions, validation NDCG@10 {:.4} ({} held-out users) in {:.1}s",
+            report.model_version, report.users, report.items, report.interactions, report.candidate_ndcg, report.validation_users, report.train_ms as f64 / 1000.0
+        );
+        // Item embeddings are computed off the request path; wait for them (bounded).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while booted.handle.ctx.content.read().len() < items.len() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let texts: std::collections::HashMap<&str, &str> = items.iter().map(|i| (i.id.as_str(), i.text.as_str())).collect();
+        for user in users {
+            let req = RecommendRequest {
+                version: WIRE_VERSION,
+                user: user.clone(),
+                k: 5,
+                request_id: format!("demo-{user}"),
+                ..Default::default()
+            };
+            let r = node::call(names::RANKER, Duration::from_secs(10), |port| RankerMsg::Recommend(req, port)).await.map_err(internal)?;
+            println!("\nuser {user} (applied offset {}, degraded {}):", r.applied_offset, r.degraded);
+            for it in &r.items {
+                let s = &it.shares;
+                println!(
+                    "  {:<8} score {:.4}  als {:>3.0}% content {:>3.0}% popularity {:>3.0}%  [{}] {}",
+                    it.item,
+                    it.score,
+                    s.first().unwrap_or(&0.0) * 100.0,
+                    s.get(1).unwrap_or(&0.0) * 100.0,
+                    s.get(2).unwrap_or(&0.0) * 100.0,
+                    it.categories.join(","),
+                    texts.get(it.item.as_str()).unwrap_or(&"")
+                );
+            }
+        }
+        println!("\nserving at {url} (store in {})", cfg.node.data_dir.display());
+        println!("  curl '{url}/v1/recommendations/<user>?k=10&explain=true'");
+        println!("  curl -X POST {url}/v1/events -d '[{{\"user\":\"u1\",\"item\":\"i1\",\"kind\":\"purchase\"}}]'");
+        println!("  curl {url}/v1/cluster ; curl {url}/metrics");
+        if a.exit {
+            let problems = node_cmd::stop(booted).await;
+            if !problems.is_empty() {
+                return Err(internal(problems.join("; ")));
+            }
+            return Ok(());
+        }
+        println!("Ctrl-C to stop");
+        node_cmd::serve_until_stopped(booted).await
+    })
 }

@@ -1,0 +1,329 @@
+//! Fault injection through the release binary's fault hook (`TROUPE_ALLOW_FAULTS=1`):
+//! actor panics and restarts with replay, escalation, poison records, and the ranker's
+//! circuit breaker.
+
+use serde_json::{json, Value};
+use troupe_tests::{wait_until, Node};
+
+const ALLOW: &[(&str, &str)] = &[("TROUPE_ALLOW_FAULTS", "1")];
+
+const BASE: &str = "
+[journal]
+partitions = 3
+poll_interval_ms = 20
+[features]
+checkpoint_every_records = 50
+checkpoint_interval_ms = 200
+[supervision]
+backoff_base_ms = 5
+backoff_max_ms = 40
+";
+
+fn post_ok(node: &Node, events: Value) -> Value {
+    let r = node.post("/v1/events", &events.to_string());
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    r.body
+}
+
+fn child(cluster: &Value, name: &str) -> Value {
+    cluster["supervisors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["children"].as_array().cloned().unwrap_or_default())
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no child {name} in {cluster}"))
+}
+
+fn restarts(node: &Node, name: &str) -> u64 {
+    child(&node.get("/v1/cluster").body, name)["restarts"]
+        .as_u64()
+        .unwrap()
+}
+
+fn history_items(node: &Node, user: &str) -> Vec<String> {
+    let r = node.get(&format!("/v1/users/{user}"));
+    r.body["history"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .map(|t| t["item"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_actor_kind_restarts_after_a_panic_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = r#"
+[[faults]]
+target = "user_features"
+action = "panic"
+on = "ev-uf"
+times = 1
+[[faults]]
+target = "item_stats"
+action = "panic"
+on = "ev-is"
+times = 1
+[[faults]]
+target = "als_trainer"
+action = "panic"
+on = "ev-tr"
+times = 1
+[[faults]]
+target = "catalog"
+action = "panic"
+on = "item-cat"
+times = 1
+[[faults]]
+target = "ranker"
+action = "panic"
+on = "victim"
+times = 1
+[[faults]]
+target = "journal"
+action = "error"
+on = "ev-j"
+times = 1
+"#;
+    let node = Node::start(dir.path(), &format!("{BASE}{faults}"), ALLOW);
+    // Journal: a failed commit answers 503 and acks nothing; the retry is applied once.
+    let batch = json!([{"event_id": "ev-j", "user": "a", "item": "j1", "kind": "view"}, {"event_id": "ev-j2", "user": "a", "item": "j2", "kind": "view"}]);
+    let r = node.post("/v1/events", &batch.to_string());
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert!(r.retry_after.is_some());
+    wait_until(30, "journal restarted", || {
+        restarts(&node, "journal") >= 1 && node.get("/readyz").status == 200
+    });
+    let body = post_ok(&node, batch);
+    assert_eq!(body["acked"], 2);
+    // Consumers: each panics once on its record, restarts, replays from its checkpoint.
+    for (id, user, item) in [
+        ("ev-uf", "b", "uf1"),
+        ("ev-is", "c", "is1"),
+        ("ev-tr", "d", "tr1"),
+    ] {
+        post_ok(
+            &node,
+            json!([{"event_id": id, "user": user, "item": item, "kind": "click"}, {"user": user, "item": format!("{item}-after"), "kind": "view"}]),
+        );
+    }
+    for name in ["item_stats", "als_trainer"] {
+        wait_until(30, name, || restarts(&node, name) >= 1);
+    }
+    wait_until(30, "a user_features restart", || {
+        (0..3).any(|p| restarts(&node, &format!("user_features-{p}")) >= 1)
+    });
+    for (user, item) in [
+        ("a", "j1"),
+        ("a", "j2"),
+        ("b", "uf1"),
+        ("b", "uf1-after"),
+        ("c", "is1"),
+        ("d", "tr1"),
+    ] {
+        wait_until(30, &format!("{user} has {item}"), || {
+            history_items(&node, user).contains(&item.to_string())
+        });
+    }
+    // Exactly once: the retried journal batch and the replayed panic record appear once.
+    assert_eq!(
+        history_items(&node, "a")
+            .iter()
+            .filter(|i| *i == "j1")
+            .count(),
+        1
+    );
+    assert_eq!(
+        history_items(&node, "b")
+            .iter()
+            .filter(|i| *i == "uf1")
+            .count(),
+        1
+    );
+    // Catalog: panics on the upsert, restarts, replays it.
+    assert_eq!(
+        node.put("/v1/items/item-2", r#"{"text": "a blue bicycle"}"#)
+            .status,
+        200
+    );
+    assert_eq!(
+        node.put(
+            "/v1/items/item-cat",
+            r#"{"text": "a red bicycle", "categories": ["bikes"]}"#
+        )
+        .status,
+        200
+    );
+    wait_until(30, "catalog restarted", || restarts(&node, "catalog") >= 1);
+    wait_until(30, "item embedded after the catalog's restart", || {
+        let r = node.get("/v1/items/item-cat/similar?k=1");
+        r.status == 200 && r.body["items"][0]["item"] == "item-2"
+    });
+    // Ranker: the panicking request fails, the next ones are served by the new incarnation.
+    let r = node.get("/v1/recommendations/victim?k=3");
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    wait_until(30, "ranker restarted", || {
+        node.get("/v1/recommendations/victim?k=3").status == 200
+    });
+    assert!(restarts(&node, "ranker") >= 1);
+    assert_eq!(node.get("/readyz").status, 200);
+}
+
+#[test]
+fn poison_record_goes_to_dead_letters_and_the_rest_flows() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "{BASE}\n[[faults]]\ntarget = \"user_features\"\naction = \"panic\"\non = \"poison-1\"\n"
+    );
+    let node = Node::start(dir.path(), &format!("{extra}\n"), ALLOW);
+    // Same user (same partition) before and after the poison record.
+    post_ok(
+        &node,
+        json!([
+            {"event_id": "ok-1", "user": "p", "item": "x1", "kind": "view"},
+            {"event_id": "poison-1", "user": "p", "item": "bad", "kind": "view"},
+            {"event_id": "ok-2", "user": "p", "item": "x2", "kind": "view"},
+        ]),
+    );
+    wait_until(60, "poison record in dead letters", || {
+        node.get("/v1/admin/dead-letters").body["dead_letters"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty())
+    });
+    let dl = node.get("/v1/admin/dead-letters").body;
+    let letters = dl["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 1, "{dl}");
+    assert!(letters[0]["consumer"]
+        .as_str()
+        .unwrap()
+        .starts_with("user_features-"));
+    assert_eq!(letters[0]["attempts"], 3);
+    assert!(letters[0]["record"].as_str().unwrap().contains("poison-1"));
+    wait_until(30, "later events applied", || {
+        history_items(&node, "p") == vec!["x1".to_string(), "x2".to_string()]
+    });
+    post_ok(
+        &node,
+        json!([{"event_id": "ok-3", "user": "p", "item": "x3", "kind": "view"}]),
+    );
+    wait_until(30, "flow continues", || {
+        history_items(&node, "p").contains(&"x3".to_string())
+    });
+}
+
+#[test]
+fn exceeding_restart_intensity_escalates_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "
+[journal]
+partitions = 2
+poll_interval_ms = 20
+[features]
+poison_max_attempts = 1000
+[supervision]
+max_restarts = 2
+window_ms = 60000
+backoff_base_ms = 5
+backoff_max_ms = 20
+[[faults]]
+target = \"user_features\"
+action = \"panic\"
+on = \"boom\"
+";
+    let mut node = Node::start(dir.path(), extra, ALLOW);
+    post_ok(
+        &node,
+        json!([{"event_id": "boom", "user": "z", "item": "i", "kind": "view"}]),
+    );
+    let code = node.wait_exit(60);
+    assert_eq!(code, Some(1), "node should exit 1 after escalation");
+    let log = node.log(1);
+    assert!(log.contains("escalat"), "{log}");
+}
+
+#[test]
+fn failing_als_branch_degrades_answers_and_cycles_its_breaker() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "{BASE}
+[als]
+factors = 8
+iterations = 3
+min_interactions = 10
+retrain_every_events = 1000000
+[ranker]
+breaker_failures = 3
+breaker_open_ms = 300
+branch_deadline_ms = 2000
+[[faults]]
+target = \"branch.als\"
+action = \"error\"
+times = 3
+"
+    );
+    let node = Node::start(dir.path(), &extra, ALLOW);
+    let mut evs = Vec::new();
+    for u in 0..20 {
+        for i in 0..8 {
+            evs.push(json!({"user": format!("u{u}"), "item": format!("i{}", (u * 3 + i) % 40), "kind": "view"}));
+        }
+    }
+    post_ok(&node, Value::Array(evs));
+    wait_until(30, "trainer caught up", || {
+        let r = node.post("/v1/admin/retrain", "");
+        r.status == 200 && r.body["accepted"] == true
+    });
+    let als_status = |b: &Value| -> String {
+        b["branches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == "als")
+            .unwrap()["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    for _ in 0..3 {
+        let r = node.get("/v1/recommendations/u1?k=5");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body["degraded"], true);
+        assert_eq!(als_status(&r.body), "failed");
+        assert!(
+            !r.body["items"].as_array().unwrap().is_empty(),
+            "other branches still answer"
+        );
+    }
+    let r = node.get("/v1/recommendations/u1?k=5");
+    assert_eq!(als_status(&r.body), "open");
+    assert_eq!(r.body["degraded"], true);
+    // After the open interval the half-open probe succeeds (the fault is spent).
+    wait_until(30, "breaker closes", || {
+        let r = node.get("/v1/recommendations/u1?k=5");
+        als_status(&r.body) == "ok" && r.body["degraded"] == false
+    });
+    let cluster = node.get("/v1/cluster").body;
+    let ranker = cluster["actors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "ranker")
+        .unwrap();
+    let als = ranker["state"]["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "als")
+        .unwrap();
+    let states: Vec<&str> = als["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t[0].as_str().unwrap())
+        .collect();
+    assert_eq!(states, vec!["open", "half_open", "closed"], "{als}");
+    assert_eq!(als["state"], "closed");
+}
