@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""Benchmarks of a running Troupe node, each next to its reference measured in the same run.
+
+  ingest     acked events/s at batch 1, 100, 1000 vs a raw write+fdatasync loop
+  serving    recommendations/s and latency (wrk) vs nginx serving a static file
+  freshness  event ack -> applied_offset reaching it, p50/p99
+  recovery   restart time vs journal length, checkpoints off and on
+
+Usage: node_bench.py <what> --troupe target/release/troupe [--out DIR]
+Standard library only (plus `wrk` and `nginx` for `serving`).
+"""
+import argparse
+import http.client
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+class Node:
+    def __init__(self, troupe, workdir, extra=""):
+        self.troupe, self.dir = troupe, workdir
+        self.port = free_port()
+        self.cfg = os.path.join(workdir, "node.toml")
+        with open(self.cfg, "w") as f:
+            f.write(f'[node]\nname = "bench"\ndata_dir = "{workdir}/data"\n'
+                    f'[http]\naddr = "127.0.0.1:{self.port}"\nmax_in_flight = 4096\n{extra}\n')
+        self.proc = None
+
+    def start(self, timeout=600):
+        t0 = time.time()
+        log = open(os.path.join(self.dir, "node.log"), "a")
+        self.proc = subprocess.Popen([self.troupe, "node", "--config", self.cfg],
+                                     stdout=log, stderr=log, env={**os.environ, "TROUPE_LOG": "warn"})
+        while time.time() - t0 < timeout:
+            try:
+                st, _ = self.get("/readyz")
+                if st == 200:
+                    return time.time() - t0
+            except OSError:
+                pass
+            time.sleep(0.01)
+        raise RuntimeError("node not ready")
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait()
+
+    def conn(self):
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+
+    def get(self, path, conn=None):
+        c = conn or self.conn()
+        c.request("GET", path)
+        r = c.getresponse()
+        body = r.read()
+        return r.status, json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def post(self, path, body, conn=None, ctype="application/x-ndjson"):
+        c = conn or self.conn()
+        c.request("POST", path, body=body, headers={"Content-Type": ctype})
+        r = c.getresponse()
+        return r.status, json.loads(r.read() or b"null")
+
+    def caught_up(self):
+        _, c = self.get("/v1/cluster")
+        heads = {str(h["stream"]): h["offset"] for h in c["journal_heads"]}
+        for a in c["actors"]:
+            if a["name"].startswith("user_features-"):
+                p = str(a["state"]["partition"])
+                if a["state"]["applied_offset"] < heads.get(p, 0):
+                    return False
+        return True
+
+
+def ndjson_batch(prefix, start, n, users=20000, items=10000):
+    lines = []
+    for k in range(start, start + n):
+        lines.append('{"event_id":"%s-%d","user":"u%d","item":"i%d","kind":"view"}'
+                     % (prefix, k, k * 7919 % users, k * 104729 % items))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+# ---------------------------------------------------------------- ingest
+def raw_fsync_rate(path, record_bytes, batch, seconds=3.0):
+    """Records/s of appending `batch` records of `record_bytes` then one fdatasync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    buf = os.urandom(record_bytes * batch)
+    n, t0 = 0, time.time()
+    while time.time() - t0 < seconds:
+        os.write(fd, buf)
+        os.fdatasync(fd)
+        n += batch
+    dt = time.time() - t0
+    os.close(fd)
+    os.unlink(path)
+    return n / dt
+
+
+def ingest(a):
+    work = tempfile.mkdtemp(prefix="troupe-ingest-", dir=a.dir)
+    node = Node(a.troupe, work, "[journal]\npartitions = 8\n[als]\nmin_interactions = 1000000000\n")
+    node.start()
+    # The raw loop writes records of the size the client sends (one NDJSON line).
+    record_bytes = len(ndjson_batch("b1000c0", 123456, 1))
+    rows = []
+    for batch, clients in ((1, 16), (100, 8), (1000, 4)):
+        bodies = {c: [ndjson_batch(f"b{batch}c{c}", k * batch, batch) for k in range(4000 if batch == 1 else 400 if batch == 100 else 60)]
+                  for c in range(clients)}
+        acked = [0] * clients
+        stop = time.time() + a.seconds
+
+        def run(c):
+            conn = node.conn()
+            for body in bodies[c]:
+                if time.time() > stop:
+                    break
+                st, r = node.post("/v1/events", body, conn)
+                if st == 200:
+                    acked[c] += r["acked"]
+        t0 = time.time()
+        ts = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        dt = time.time() - t0
+        rate = sum(acked) / dt
+        t1 = time.time()
+        while not node.caught_up():
+            time.sleep(0.01)
+        lag = time.time() - t1
+        raw = raw_fsync_rate(os.path.join(work, "raw.bin"), record_bytes, batch)
+        rows.append((batch, clients, rate, raw, rate / raw, lag))
+    node.stop()
+    print(f"raw loop: {record_bytes}-byte records (one NDJSON event line), write + fdatasync per batch; {a.seconds:.0f} s per batch size")
+    print(f"{'batch':>6} {'clients':>7} {'troupe ev/s':>12} {'raw ev/s':>12} {'ratio':>6} {'apply lag s':>11}")
+    for b, c, r, raw, ratio, lag in rows:
+        print(f"{b:>6} {c:>7} {r:>12.0f} {raw:>12.0f} {ratio:>6.2f} {lag:>11.2f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- freshness
+def freshness(a):
+    work = tempfile.mkdtemp(prefix="troupe-fresh-", dir=a.dir)
+    node = Node(a.troupe, work, "[journal]\npartitions = 8\n")
+    node.start()
+    conn = node.conn()
+    for k in range(0, 50000, 1000):
+        node.post("/v1/events", ndjson_batch("warm", k, 1000), conn)
+    # Background ingest at batch 100 while measuring, to include apply under load.
+    stop = threading.Event()
+
+    def background():
+        c = node.conn()
+        k = 0
+        while not stop.is_set():
+            node.post("/v1/events", ndjson_batch("bg", k, 100), c)
+            k += 100
+    bg = threading.Thread(target=background)
+    bg.start()
+    lat = []
+    poll = node.conn()
+    for k in range(a.samples):
+        user = f"fresh{k % 500}"
+        body = json.dumps([{"user": user, "item": f"i{k}", "kind": "purchase"}]).encode()
+        st, r = node.post("/v1/events", body, conn, "application/json")
+        t_ack = time.time()
+        off = r["results"][0]["offset"]
+        while True:
+            _, u = node.get(f"/v1/users/{user}", poll)
+            if isinstance(u, dict) and u.get("applied_offset", 0) >= off:
+                break
+        lat.append((time.time() - t_ack) * 1000)
+    stop.set()
+    bg.join()
+    node.stop()
+    print(f"freshness over {a.samples} events (background ingest at batch 100): "
+          f"p50 {pct(lat, 0.5):.2f} ms  p99 {pct(lat, 0.99):.2f} ms  max {max(lat):.2f} ms "
+          f"(includes one GET per poll, ~{statistics.mean(lat[:10]):.2f} ms)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- recovery
+def recovery(a):
+    print(f"{'events':>8} {'checkpoints':>11} {'restart to ready s':>18}")
+    for n in a.sizes:
+        for mode in ("off", "on"):
+            work = tempfile.mkdtemp(prefix="troupe-recovery-", dir=a.dir)
+            cp = ("checkpoint_every_records = 1000000000000\ncheckpoint_interval_ms = 1000000000000\n"
+                  if mode == "off" else "checkpoint_every_records = 100000\ncheckpoint_interval_ms = 2000\n")
+            node = Node(a.troupe, work, f"[journal]\npartitions = 8\n[features]\n{cp}[als]\nmin_interactions = 1000000000\n")
+            node.start()
+            conns = [node.conn() for _ in range(4)]
+
+            def load(c):
+                for k in range(c * 1000, n, 4000):
+                    node.post("/v1/events", ndjson_batch("r", k, min(1000, n - k)), conns[c])
+            ts = [threading.Thread(target=load, args=(c,)) for c in range(4)]
+            [t.start() for t in ts]
+            [t.join() for t in ts]
+            while not node.caught_up():
+                time.sleep(0.05)
+            if mode == "on":
+                time.sleep(2.5)  # let the interval checkpoint land
+            node.kill9()
+            t = node.start()
+            node.stop()
+            print(f"{n:>8} {mode:>11} {t:>18.2f}")
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- serving
+WRK_LUA = """
+math.randomseed(7)
+request = function()
+  return wrk.format("GET", "/v1/recommendations/u" .. math.random(0, %d) .. "?k=10")
+end
+%s
+"""
+
+
+def wrk(url, conns, seconds, script=None):
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    if script:
+        cmd += ["-s", script]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+    def lat(label):
+        m = re.search(label + r"\s+([\d.]+)(us|ms|s)\b", out)
+        v, u = float(m.group(1)), m.group(2)
+        return v / 1000 if u == "us" else v * 1000 if u == "s" else v
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, lat("50%"), lat("99%"), int(errors.group(1)) if errors else 0
+
+
+def serving(a):
+    work = tempfile.mkdtemp(prefix="troupe-serving-", dir=a.dir)
+    # nginx on a static file the size of a k=10 answer.
+    root = os.path.join(work, "www")
+    os.makedirs(root)
+    port_n = free_port()
+    conf = os.path.join(work, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 2; pid {work}/nginx.pid; error_log {work}/nginx.err;
+events {{ worker_connections 1024; }}
+http {{ access_log off; server {{ listen 127.0.0.1:{port_n}; root {root}; }} }}
+""")
+    for items in a.items:
+        users = 20000
+        events = max(200000, items * 20)
+        port = free_port()
+        d = os.path.join(work, f"demo{items}")
+        demo = subprocess.Popen([a.troupe, "demo", "--dir", d, "--addr", f"127.0.0.1:{port}",
+                                 "--gen-users", str(users), "--gen-items", str(items), "--gen-events", str(events)],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "TROUPE_LOG": "warn"})
+        for line in demo.stdout:
+            if line.startswith("serving at"):
+                break
+        url = f"http://127.0.0.1:{port}/"
+        c = http.client.HTTPConnection("127.0.0.1", port)
+        c.request("GET", "/v1/recommendations/u1?k=10")
+        sample = c.getresponse().read()
+        with open(os.path.join(root, "rec.json"), "wb") as f:
+            f.write(sample)
+        ng = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"])
+        time.sleep(0.5)
+        script = os.path.join(work, "rec.lua")
+        with open(script, "w") as f:
+            f.write(WRK_LUA % (users - 1, ""))
+        t_rps, t50, t99, t_err = wrk(url, a.conns, a.seconds, script)
+        n_rps, n50, n99, _ = wrk(f"http://127.0.0.1:{port_n}/rec.json", a.conns, a.seconds)
+        # Half of Troupe's max rate: each connection waits between requests.
+        delay_ms = max(0.0, a.conns / (t_rps / 2) * 1000 - t50)
+        half = os.path.join(work, "half.lua")
+        with open(half, "w") as f:
+            f.write(WRK_LUA % (users - 1, "delay = function() return %d end" % round(delay_ms)))
+        h_rps, h50, h99, _ = wrk(url, a.conns, a.seconds, half)
+        ng.send_signal(signal.SIGQUIT)
+        ng.wait()
+        demo.send_signal(signal.SIGTERM)
+        demo.wait()
+        print(f"{items} items ({len(sample)} B answers, {a.conns} connections, wrk -t2, 2 cores shared):")
+        print(f"  troupe  {t_rps:9.0f} req/s  p50 {t50:6.2f} ms  p99 {t99:6.2f} ms  non-2xx {t_err}")
+        print(f"  nginx   {n_rps:9.0f} req/s  p50 {n50:6.2f} ms  p99 {n99:6.2f} ms")
+        print(f"  ratio   {t_rps / n_rps:9.3f}")
+        print(f"  at ~half rate ({h_rps:.0f} req/s): p50 {h50:.2f} ms  p99 {h99:.2f} ms")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["ingest", "freshness", "recovery", "serving"])
+    p.add_argument("--troupe", default="target/release/troupe")
+    p.add_argument("--dir", default=None, help="where temporary data dirs go (same disk as the raw loop)")
+    p.add_argument("--seconds", type=float, default=10)
+    p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--sizes", type=int, nargs="+", default=[100000, 300000, 1000000])
+    p.add_argument("--items", type=int, nargs="+", default=[10000, 100000])
+    p.add_argument("--conns", type=int, default=32)
+    a = p.parse_args()
+    a.troupe = os.path.abspath(a.troupe)
+    {"ingest": ingest, "freshness": freshness, "recovery": recovery, "serving": serving}[a.what](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
