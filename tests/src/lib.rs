@@ -245,6 +245,17 @@ impl Node {
         .expect("node answers")
     }
 
+    /// POST with extra headers.
+    pub fn post_with(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut r = agent()
+            .post(format!("{}{path}", self.url()))
+            .header("Content-Type", "application/json");
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        reply(r.send(body)).expect("node answers")
+    }
+
     pub fn put(&self, path: &str, body: &str) -> Reply {
         reply(
             agent()

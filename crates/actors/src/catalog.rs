@@ -163,6 +163,8 @@ impl CatalogState {
         .await??;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        self.ctx
+            .note_checkpoint(names::CATALOG, CATALOG_STREAM, self.applied);
         Ok(())
     }
 }

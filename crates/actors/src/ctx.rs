@@ -73,6 +73,8 @@ pub struct Ctx {
     pub last_acked: Vec<Mutex<FxHashMap<String, u64>>>,
     /// Record each consumer is applying right now (for poison-record accounting).
     pub in_flight: Mutex<FxHashMap<String, (u32, u64)>>,
+    /// Offset each consumer's last durable checkpoint covers, per stream (retention).
+    pub checkpointed: Mutex<FxHashMap<(String, u32), u64>>,
     pub catalog: RwLock<CatalogView>,
     pub content: RwLock<ContentIndex>,
     pub als: ArcSwapOption<AlsServing>,
@@ -90,6 +92,7 @@ impl Ctx {
             applied: (0..p).map(head).collect(),
             last_acked: (0..p).map(|_| Mutex::new(FxHashMap::default())).collect(),
             in_flight: Mutex::new(FxHashMap::default()),
+            checkpointed: Mutex::new(FxHashMap::default()),
             catalog: RwLock::new(CatalogView::default()),
             content: RwLock::new(ContentIndex::new(0, String::new())),
             als: ArcSwapOption::empty(),
@@ -127,6 +130,37 @@ impl Ctx {
         self.in_flight
             .lock()
             .insert(consumer.to_string(), (stream, offset));
+    }
+
+    /// Records that `consumer`'s durable checkpoint covers `stream` up to `offset`.
+    pub fn note_checkpoint(&self, consumer: &str, stream: u32, offset: u64) {
+        self.checkpointed
+            .lock()
+            .insert((consumer.to_string(), stream), offset);
+    }
+
+    /// Consumers whose checkpoints bound retention of `stream`.
+    pub fn consumers_of(&self, stream: u32) -> Vec<String> {
+        if stream == CATALOG_STREAM {
+            vec![crate::names::CATALOG.to_string()]
+        } else {
+            vec![
+                crate::names::user_features(stream),
+                crate::names::ITEM_STATS.to_string(),
+                crate::names::ALS_TRAINER.to_string(),
+            ]
+        }
+    }
+
+    /// Highest offset of `stream` every consumer has checkpointed past (None if any
+    /// consumer has no checkpoint in this process yet).
+    pub fn retainable(&self, stream: u32) -> Option<u64> {
+        let cp = self.checkpointed.lock();
+        self.consumers_of(stream)
+            .iter()
+            .map(|c| cp.get(&(c.clone(), stream)).copied())
+            .collect::<Option<Vec<u64>>>()
+            .and_then(|v| v.into_iter().min())
     }
 
     pub fn clear_in_flight(&self, consumer: &str) {

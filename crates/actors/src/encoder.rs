@@ -141,6 +141,31 @@ impl Actor for ContentEncoder {
         })
     }
 
+    /// A restarted encoder lost its mailbox: re-request every catalogue item whose
+    /// embedding is missing or stale (cache hits make this cheap).
+    async fn post_start(
+        &self,
+        myself: ActorRef<ContentEncoderMsg>,
+        st: &mut ContentEncoderState,
+    ) -> Result<(), ActorProcessingErr> {
+        let missing: Vec<(String, String)> = {
+            let view = st.ctx.catalog.read();
+            let index = st.ctx.content.read();
+            view.items
+                .values()
+                .filter(|i| index.text_hash(&i.id) != Some(text_hash(&i.text)))
+                .map(|i| (i.id.clone(), i.text.clone()))
+                .collect()
+        };
+        if !missing.is_empty() {
+            myself.send_message(ContentEncoderMsg::Encode(ItemTexts {
+                version: crate::wire::WIRE_VERSION,
+                items: missing,
+            }))?;
+        }
+        Ok(())
+    }
+
     async fn handle(
         &self,
         _: ActorRef<ContentEncoderMsg>,
@@ -150,6 +175,19 @@ impl Actor for ContentEncoder {
         match msg {
             ContentEncoderMsg::Encode(texts) => {
                 let items = texts.items;
+                for (id, _) in &items {
+                    match st.ctx.faults.on_key("content_encoder", id) {
+                        Some(crate::faults::FaultAction::Panic) => {
+                            panic!("injected panic in content_encoder on item {id}")
+                        }
+                        Some(crate::faults::FaultAction::Error) => {
+                            return Err(
+                                format!("injected fault in content_encoder on item {id}").into()
+                            )
+                        }
+                        _ => {}
+                    }
+                }
                 st.requested += items.len() as u64;
                 let batch = st.ctx.settings.content.batch_size.max(1);
                 for chunk in items.chunks(batch) {

@@ -224,6 +224,8 @@ impl UserFeaturesState {
         self.last_checkpoint = Instant::now();
         self.checkpoint_offset = self.applied;
         self.checkpoints += 1;
+        self.ctx
+            .note_checkpoint(&self.name, self.partition, self.applied);
         Ok(())
     }
 

@@ -190,6 +190,9 @@ impl ItemStatsState {
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         self.checkpoints += 1;
+        for (s, &o) in self.applied.iter().enumerate() {
+            self.ctx.note_checkpoint(names::ITEM_STATS, s as u32, o);
+        }
         Ok(())
     }
 

@@ -75,6 +75,8 @@ pub enum JournalMsg {
     Append(AppendRequest, RpcReplyPort<AppendReply>),
     /// Commit what is pending (sent to itself).
     Flush,
+    /// Delete records every consumer has checkpointed past (periodic, when enabled).
+    Retain,
     #[rpc]
     Observe(RpcReplyPort<Observation>),
 }
@@ -91,6 +93,7 @@ pub struct JournalState {
     commits: u64,
     records: u64,
     duplicates: u64,
+    truncated: u64,
 }
 
 fn now_ms() -> i64 {
@@ -162,7 +165,19 @@ impl Actor for Journal {
             commits: 0,
             records: 0,
             duplicates: 0,
+            truncated: 0,
         })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<JournalMsg>,
+        st: &mut JournalState,
+    ) -> Result<(), ActorProcessingErr> {
+        if st.ctx.settings.retention {
+            myself.send_interval(st.ctx.settings.checkpoint_interval, || JournalMsg::Retain);
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -195,6 +210,29 @@ impl Actor for Journal {
                     myself.send_message(JournalMsg::Flush)?;
                 }
             }
+            JournalMsg::Retain => {
+                let ctx = st.ctx.clone();
+                let cuts: Vec<(u32, u64)> = ctx
+                    .streams()
+                    .into_iter()
+                    .filter_map(|s| ctx.retainable(s).map(|o| (s, o + 1)))
+                    .collect();
+                let store = ctx.store.clone();
+                let n = tokio::task::spawn_blocking(
+                    move || -> Result<u64, crate::store::StoreError> {
+                        let mut n = 0;
+                        for (s, before) in cuts {
+                            n += store.truncate(s, before)?;
+                        }
+                        Ok(n)
+                    },
+                )
+                .await??;
+                if n > 0 {
+                    tracing::debug!(records = n, "journal records past every checkpoint deleted");
+                }
+                st.truncated += n;
+            }
             JournalMsg::Observe(port) => {
                 let heads: Vec<(u32, u64)> = {
                     let mut v: Vec<_> = st.next.iter().map(|(&s, &o)| (s, o)).collect();
@@ -208,6 +246,7 @@ impl Actor for Journal {
                         "commits": st.commits,
                         "records": st.records,
                         "duplicates": st.duplicates,
+                        "truncated": st.truncated,
                         "idempotency_keys": st.idem.len(),
                         "pending_requests": st.pending.len(),
                     }),

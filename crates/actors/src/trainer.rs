@@ -437,6 +437,9 @@ impl AlsTrainerState {
         .await??;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        for (s, &o) in self.applied.iter().enumerate() {
+            self.ctx.note_checkpoint(names::ALS_TRAINER, s as u32, o);
+        }
         Ok(())
     }
 }
