@@ -381,3 +381,135 @@ fn demo_runs_a_node_loads_trains_and_explains() {
         .count();
     assert!(rec_lines >= 10, "{stdout}");
 }
+
+/// A minimal OTLP/HTTP collector: records (path, body) of every POST, answers 200.
+/// Requests seen by the collector: (path, body).
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+fn collector() -> (u16, Seen) {
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let out = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(stream.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    let mut len = 0usize;
+                    loop {
+                        let mut h = String::new();
+                        r.read_line(&mut h).unwrap();
+                        if h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    r.read_exact(&mut body).unwrap();
+                    seen.lock().unwrap().push((path, body));
+                    let mut w = stream.try_clone().unwrap();
+                    w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n").unwrap();
+                }
+            });
+        }
+    });
+    (port, out)
+}
+
+#[test]
+fn spans_are_exported_over_otlp_http() {
+    let (port, seen) = collector();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!("{FAST}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nservice_name = \"troupe-otlp-test\"\n");
+    let mut node = Node::start(dir.path(), &extra, &[]);
+    assert_eq!(
+        node.post(
+            "/v1/events",
+            &json!([{"user": "o", "item": "p", "kind": "view"}]).to_string()
+        )
+        .status,
+        200
+    );
+    assert_eq!(node.get("/v1/recommendations/o?k=3").status, 200);
+    assert_eq!(node.terminate(), Some(0));
+    let got = seen.lock().unwrap().clone();
+    let traces: Vec<&(String, Vec<u8>)> = got.iter().filter(|(p, _)| p == "/v1/traces").collect();
+    assert!(
+        !traces.is_empty(),
+        "no OTLP export received: {:?}",
+        got.iter().map(|g| &g.0).collect::<Vec<_>>()
+    );
+    let all: Vec<u8> = traces.iter().flat_map(|(_, b)| b.clone()).collect();
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        text.contains("troupe-otlp-test"),
+        "service name missing from the export"
+    );
+    assert!(
+        text.contains("/v1/recommendations/{user}"),
+        "request span missing from the export"
+    );
+}
+
+#[test]
+fn load_resumes_from_its_state_file_and_reports_bad_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("ev.csv");
+    write_events(&events, 500, 10);
+    let items = dir.path().join("items.csv");
+    std::fs::write(
+        &items,
+        "item,title,genres\nit1,red shoes,shoes\nit2,blue hat,hats\n",
+    )
+    .unwrap();
+    let node = Node::start(dir.path(), FAST, &[]);
+    let url = node.url();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "load",
+            "--url",
+            &url,
+            "--batch",
+            "64",
+            "--events",
+            events.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        troupe_tests::troupe(&args)
+    };
+    let first = run(&["--limit", "200", "--items", items.to_str().unwrap()]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let r1: Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(r1["acked"], 200);
+    let second = run(&[]);
+    let r2: Value = serde_json::from_slice(&second.stdout).unwrap();
+    assert_eq!(r2["resumed_after_row"], 200);
+    assert_eq!(r2["acked"], 300);
+    assert_eq!(r2["duplicates"], 0);
+    wait_until(30, "all applied", || applied_items(&node, 10).len() == 500);
+    assert_eq!(
+        node.get("/v1/items/it1/similar?k=1").body["items"][0]["item"],
+        "it2"
+    );
+    // A malformed row: a clear error naming file, line and field; nothing after it sent.
+    let bad = dir.path().join("bad.csv");
+    std::fs::write(&bad, "user,item,value\nu1,i1,2\nu2,i2,notanumber\n").unwrap();
+    let out = troupe_tests::troupe(&["load", "--url", &url, "--events", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.csv:3: field `value`"), "{err}");
+}

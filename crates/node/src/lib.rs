@@ -22,6 +22,7 @@ pub mod gen_cmd;
 pub mod http;
 pub mod load_cmd;
 pub mod node_cmd;
+pub mod telemetry;
 
 use std::process::ExitCode;
 
@@ -31,7 +32,11 @@ use clap::Parser;
 /// (0 ok, 1 internal error, 2 bad arguments or input).
 pub fn run() -> ExitCode {
     let args = cli::Cli::parse();
-    init_logging(args.verbose);
+    // `troupe node` installs logging itself, once its config names the OTLP endpoint.
+    let node_logs = matches!(args.command, cli::Command::Node(_));
+    if !node_logs {
+        init_logging(args.verbose);
+    }
     if let Some(n) = args.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -47,7 +52,7 @@ pub fn run() -> ExitCode {
         cli::Command::Demo(a) => demo::run(a),
         cli::Command::Embed(a) => eval_cmd::embed(a),
         cli::Command::FitAls(a) => eval_cmd::fit_als(a),
-        cli::Command::Node(a) => node_cmd::run(a),
+        cli::Command::Node(a) => node_cmd::run(a, args.verbose),
         cli::Command::Load(a) => load_cmd::run(*a),
     };
     match result {
@@ -60,12 +65,6 @@ pub fn run() -> ExitCode {
 }
 
 fn init_logging(verbose: bool) {
-    let default = if verbose { "debug" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TROUPE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ignored = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    // Only fails for an invalid OTLP endpoint, and none is given here.
+    telemetry::init(verbose, None).ok();
 }

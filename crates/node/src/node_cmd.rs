@@ -204,15 +204,26 @@ pub async fn serve_until_stopped(mut b: Booted) -> Result<(), CliError> {
     }
 }
 
-pub fn run(args: NodeArgs) -> Result<(), CliError> {
+pub fn run(args: NodeArgs, verbose: bool) -> Result<(), CliError> {
     let cfg = load_config(&args.config)?;
     let rt = runtime()?;
-    rt.block_on(async {
+    // The batch exporter runs on its own thread; the runtime only needs to exist.
+    let _guard = rt.enter();
+    let t = &cfg.telemetry;
+    let otlp = (!t.otlp_endpoint.is_empty())
+        .then_some((t.otlp_endpoint.as_str(), t.service_name.as_str()));
+    let telemetry = crate::telemetry::init(verbose, otlp).map_err(CliError::input)?;
+    if otlp.is_some() {
+        tracing::info!(endpoint = %t.otlp_endpoint, "exporting traces over OTLP/HTTP");
+    }
+    let result = rt.block_on(async {
         let b = boot(&cfg).await.map_err(CliError::Internal)?;
         println!(
             "troupe node {} listening on http://{}",
             cfg.node.name, b.addr
         );
         serve_until_stopped(b).await
-    })
+    });
+    telemetry.shutdown();
+    result
 }
