@@ -246,11 +246,15 @@ end
 
 
 def wrk(url, conns, seconds, script=None):
-    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{seconds}s", "--latency"]
+    cmd = ["wrk", "-t2", f"-c{conns}", f"-d{int(seconds)}s", "--latency"]
     if script:
         cmd += ["-s", script]
-    out = subprocess.run(cmd + [url], capture_output=True, text=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    res = subprocess.run(cmd + [url], capture_output=True, text=True)
+    out = res.stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise RuntimeError(f"wrk failed on {url}: {out} {res.stderr}")
+    rps = float(m.group(1))
 
     def lat(label):
         m = re.search(label + r"\s+([\d.]+)(us|ms|s)\b", out)
@@ -274,7 +278,7 @@ http {{ access_log off; server {{ listen 127.0.0.1:{port_n}; root {root}; }} }}
 """)
     for items in a.items:
         users = 20000
-        events = max(200000, items * 20)
+        events = max(200000, items * 5)
         port = free_port()
         d = os.path.join(work, f"demo{items}")
         demo = subprocess.Popen([a.troupe, "demo", "--dir", d, "--addr", f"127.0.0.1:{port}",
@@ -291,7 +295,15 @@ http {{ access_log off; server {{ listen 127.0.0.1:{port_n}; root {root}; }} }}
         with open(os.path.join(root, "rec.json"), "wb") as f:
             f.write(sample)
         ng = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"])
-        time.sleep(0.5)
+        t0 = time.time()
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port_n), timeout=1).close()
+                break
+            except OSError:
+                if ng.poll() is not None or time.time() - t0 > 30:
+                    raise RuntimeError(f"nginx did not start (exit {ng.poll()})")
+                time.sleep(0.05)
         script = os.path.join(work, "rec.lua")
         with open(script, "w") as f:
             f.write(WRK_LUA % (users - 1, ""))
@@ -327,6 +339,7 @@ def main():
     p.add_argument("--conns", type=int, default=32)
     a = p.parse_args()
     a.troupe = os.path.abspath(a.troupe)
+    a.dir = os.path.abspath(a.dir) if a.dir else None
     {"ingest": ingest, "freshness": freshness, "recovery": recovery, "serving": serving}[a.what](a)
 
 

@@ -369,10 +369,13 @@ fn demo_runs_a_node_loads_trains_and_explains() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        stdout.contains("loaded 150 items and 6000 events"),
-        "{stdout}"
-    );
+    // The generator aims at the requested event count (a few may be dropped as repeats).
+    let loaded = stdout
+        .lines()
+        .find(|l| l.starts_with("loaded 150 items and "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let n: usize = loaded.split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert!((5_900..=6_000).contains(&n), "{loaded}");
     assert!(stdout.contains("trained ALS v1"), "{stdout}");
     assert!(stdout.contains("serving at http://127.0.0.1:"), "{stdout}");
     let rec_lines = stdout

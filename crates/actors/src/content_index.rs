@@ -12,6 +12,8 @@ pub struct ContentIndex {
     data: Vec<f32>,
     /// Hash of the text each row was computed from (0: row empty or deleted).
     text_hash: Vec<u128>,
+    /// Rows with an embedding.
+    live: usize,
 }
 
 impl ContentIndex {
@@ -37,6 +39,9 @@ impl ContentIndex {
             self.text_hash.resize(i + 1, 0);
             self.data.resize((i + 1) * self.dim, 0.0);
         }
+        if self.text_hash[i] == 0 {
+            self.live += 1;
+        }
         self.text_hash[i] = text_hash;
         self.data[i * self.dim..(i + 1) * self.dim].copy_from_slice(v);
     }
@@ -45,6 +50,9 @@ impl ContentIndex {
     pub fn remove(&mut self, id: &str) {
         if let Some(i) = self.ids.get(id) {
             let i = i as usize;
+            if self.text_hash[i] != 0 {
+                self.live -= 1;
+            }
             self.text_hash[i] = 0;
             self.data[i * self.dim..(i + 1) * self.dim].fill(0.0);
         }
@@ -69,7 +77,7 @@ impl ContentIndex {
     }
 
     pub fn len(&self) -> usize {
-        self.text_hash.iter().filter(|h| **h != 0).count()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
@@ -86,5 +94,27 @@ impl ContentIndex {
     pub fn row(&self, id: &str) -> Option<&[f32]> {
         let i = self.index(id)? as usize;
         Some(&self.data[i * self.dim..(i + 1) * self.dim])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_replace_remove_keep_counts_and_rows() {
+        let mut c = ContentIndex::new(2, "e".into());
+        c.set("a", 1, &[1.0, 0.0]);
+        c.set("b", 2, &[0.0, 1.0]);
+        c.set("a", 3, &[0.5, 0.5]);
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.row("a"), Some(&[0.5, 0.5][..]));
+        c.remove("a");
+        c.remove("a");
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.index("a"), None);
+        assert_eq!(c.matrix().nrows(), 2);
+        c.set("x", 4, &[1.0]);
+        assert_eq!(c.len(), 1, "wrong width is ignored");
     }
 }
