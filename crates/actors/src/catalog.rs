@@ -154,13 +154,7 @@ impl CatalogState {
                 deleted: view.deleted.clone(),
             }
         };
-        let store = self.ctx.store.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), ActorProcessingErr> {
-            let bytes = bincode::serde::encode_to_vec(&cp, bincode::config::standard())?;
-            store.put_checkpoint(CHECKPOINT_NAME, &bytes)?;
-            Ok(())
-        })
-        .await??;
+        crate::consumer::save_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), cp).await?;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         self.ctx
@@ -196,28 +190,18 @@ impl Actor for Catalog {
         myself: ActorRef<CatalogMsg>,
         st: &mut CatalogState,
     ) -> Result<(), ActorProcessingErr> {
-        let store = st.ctx.store.clone();
-        let cp = tokio::task::spawn_blocking(
-            move || -> Result<Option<Checkpoint>, ActorProcessingErr> {
-                let Some(bytes) = store.get_checkpoint(CHECKPOINT_NAME)? else {
-                    return Ok(None);
-                };
-                let (cp, _): (Checkpoint, usize) =
-                    bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
-                        .map_err(|e| {
-                            format!("checkpoint {CHECKPOINT_NAME} does not decode: {e}")
-                        })?;
-                if cp.format != CATALOG_CHECKPOINT_FORMAT {
-                    return Err(format!(
-                        "checkpoint {CHECKPOINT_NAME} has unknown format {}",
-                        cp.format
-                    )
-                    .into());
+        let cp: Option<Checkpoint> = crate::consumer::load_checkpoint(
+            &st.ctx,
+            CHECKPOINT_NAME.to_string(),
+            |cp: &Checkpoint| {
+                if cp.format == CATALOG_CHECKPOINT_FORMAT {
+                    Ok(())
+                } else {
+                    Err(format!("unknown format {}", cp.format))
                 }
-                Ok(Some(cp))
             },
         )
-        .await??;
+        .await?;
         // The view is rebuilt from the checkpoint (a restart must not keep stale entries).
         let items: Vec<(String, String)> = {
             let mut view = st.ctx.catalog.write();

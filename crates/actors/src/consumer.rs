@@ -168,3 +168,47 @@ pub fn count_failure(ctx: &Ctx, child: &str) {
         }
     }
 }
+
+/// Writes a consumer's checkpoint (state and offsets in one value, so one store write)
+/// off the async runtime.
+pub async fn save_checkpoint<T>(
+    ctx: &Arc<Ctx>,
+    name: String,
+    cp: T,
+) -> Result<(), ActorProcessingErr>
+where
+    T: serde::Serialize + Send + 'static,
+{
+    let store = ctx.store.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), ActorProcessingErr> {
+        let bytes = bincode::serde::encode_to_vec(&cp, bincode::config::standard())?;
+        store.put_checkpoint(&name, &bytes)?;
+        Ok(())
+    })
+    .await?
+}
+
+/// Reads a consumer's checkpoint; `check` refuses an unknown format or a shape that does
+/// not fit the configuration, with a reason.
+pub async fn load_checkpoint<T, F>(
+    ctx: &Arc<Ctx>,
+    name: String,
+    check: F,
+) -> Result<Option<T>, ActorProcessingErr>
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+    F: FnOnce(&T) -> Result<(), String> + Send + 'static,
+{
+    let store = ctx.store.clone();
+    tokio::task::spawn_blocking(move || -> Result<Option<T>, ActorProcessingErr> {
+        let Some(bytes) = store.get_checkpoint(&name)? else {
+            return Ok(None);
+        };
+        let (cp, _): (T, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+                .map_err(|e| format!("checkpoint {name} does not decode: {e}"))?;
+        check(&cp).map_err(|e| format!("checkpoint {name}: {e}"))?;
+        Ok(Some(cp))
+    })
+    .await?
+}

@@ -212,14 +212,7 @@ impl UserFeaturesState {
             applied: self.applied,
             users: self.users.clone(),
         };
-        let store = self.ctx.store.clone();
-        let name = checkpoint_name(self.partition);
-        tokio::task::spawn_blocking(move || -> Result<(), ActorProcessingErr> {
-            let bytes = bincode::serde::encode_to_vec(&cp, bincode::config::standard())?;
-            store.put_checkpoint(&name, &bytes)?;
-            Ok(())
-        })
-        .await??;
+        crate::consumer::save_checkpoint(&self.ctx, checkpoint_name(self.partition), cp).await?;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         self.checkpoint_offset = self.applied;
@@ -363,30 +356,19 @@ impl Actor for UserFeatures {
         myself: ActorRef<UserFeaturesMsg>,
         st: &mut UserFeaturesState,
     ) -> Result<(), ActorProcessingErr> {
-        let store = st.ctx.store.clone();
         let cname = checkpoint_name(st.partition);
-        let cp = tokio::task::spawn_blocking(move || -> Result<Option<Checkpoint>, ActorProcessingErr> {
-            match store.get_checkpoint(&cname)? {
-                None => Ok(None),
-                Some(bytes) => {
-                    if bytes.len() < 2 {
-                        return Err(format!("checkpoint {cname} is truncated").into());
-                    }
-                    let (cp, _): (Checkpoint, usize) =
-                        bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
-                            .map_err(|e| format!("checkpoint {cname} does not decode: {e}"))?;
-                    if cp.format != FEATURES_CHECKPOINT_FORMAT {
-                        return Err(format!(
-                            "checkpoint {cname} has format {}, this build reads {FEATURES_CHECKPOINT_FORMAT}",
-                            cp.format
-                        )
-                        .into());
-                    }
-                    Ok(Some(cp))
+        let cp: Option<Checkpoint> =
+            crate::consumer::load_checkpoint(&st.ctx, cname, |cp: &Checkpoint| {
+                if cp.format == FEATURES_CHECKPOINT_FORMAT {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "format {}, this build reads {FEATURES_CHECKPOINT_FORMAT}",
+                        cp.format
+                    ))
                 }
-            }
-        })
-        .await??;
+            })
+            .await?;
         if let Some(cp) = cp {
             st.applied = cp.applied;
             st.checkpoint_offset = cp.applied;

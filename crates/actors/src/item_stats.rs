@@ -180,13 +180,7 @@ impl ItemStatsState {
             popularity: self.popularity.clone(),
             latest_ts_ms: self.latest_ts_ms,
         };
-        let store = self.ctx.store.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), ActorProcessingErr> {
-            let bytes = bincode::serde::encode_to_vec(&cp, bincode::config::standard())?;
-            store.put_checkpoint(CHECKPOINT_NAME, &bytes)?;
-            Ok(())
-        })
-        .await??;
+        crate::consumer::save_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), cp).await?;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         self.checkpoints += 1;
@@ -259,36 +253,24 @@ impl Actor for ItemStats {
         myself: ActorRef<ItemStatsMsg>,
         st: &mut ItemStatsState,
     ) -> Result<(), ActorProcessingErr> {
-        let store = st.ctx.store.clone();
         let p = st.ctx.settings.partitions as usize;
-        let cp = tokio::task::spawn_blocking(
-            move || -> Result<Option<Checkpoint>, ActorProcessingErr> {
-                let Some(bytes) = store.get_checkpoint(CHECKPOINT_NAME)? else {
-                    return Ok(None);
-                };
-                let (cp, _): (Checkpoint, usize) =
-                    bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
-                        .map_err(|e| {
-                            format!("checkpoint {CHECKPOINT_NAME} does not decode: {e}")
-                        })?;
+        let cp: Option<Checkpoint> = crate::consumer::load_checkpoint(
+            &st.ctx,
+            CHECKPOINT_NAME.to_string(),
+            move |cp: &Checkpoint| {
                 if cp.format != ITEM_STATS_CHECKPOINT_FORMAT {
-                    return Err(format!(
-                        "checkpoint {CHECKPOINT_NAME} has unknown format {}",
-                        cp.format
-                    )
-                    .into());
-                }
-                if cp.applied.len() != p {
-                    return Err(format!(
-                        "checkpoint {CHECKPOINT_NAME} has {} partitions, config has {p}",
+                    Err(format!("unknown format {}", cp.format))
+                } else if cp.applied.len() != p {
+                    Err(format!(
+                        "{} partitions, the config has {p}",
                         cp.applied.len()
-                    )
-                    .into());
+                    ))
+                } else {
+                    Ok(())
                 }
-                Ok(Some(cp))
             },
         )
-        .await??;
+        .await?;
         if let Some(cp) = cp {
             st.applied = cp.applied;
             st.ids = cp.ids;

@@ -428,13 +428,7 @@ impl AlsTrainerState {
             events_since_train: self.events_since_train,
             next_version: self.next_version,
         };
-        let store = self.ctx.store.clone();
-        tokio::task::spawn_blocking(move || -> Result<(), ActorProcessingErr> {
-            let bytes = bincode::serde::encode_to_vec(&cp, bincode::config::standard())?;
-            store.put_checkpoint(CHECKPOINT_NAME, &bytes)?;
-            Ok(())
-        })
-        .await??;
+        crate::consumer::save_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), cp).await?;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         for (s, &o) in self.applied.iter().enumerate() {
@@ -493,34 +487,33 @@ impl Actor for AlsTrainer {
     ) -> Result<(), ActorProcessingErr> {
         let ctx = st.ctx.clone();
         let p = ctx.settings.partitions as usize;
-        let loaded = tokio::task::spawn_blocking(move || -> Result<_, ActorProcessingErr> {
-            let cp = match ctx.store.get_checkpoint(CHECKPOINT_NAME)? {
-                None => None,
-                Some(bytes) => {
-                    let (cp, _): (Checkpoint, usize) =
-                        bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
-                            .map_err(|e| {
-                                format!("checkpoint {CHECKPOINT_NAME} does not decode: {e}")
-                            })?;
-                    if cp.format != TRAINER_CHECKPOINT_FORMAT || cp.applied.len() != p {
-                        return Err(format!(
-                            "checkpoint {CHECKPOINT_NAME}: unknown format {} or partition count",
-                            cp.format
-                        )
-                        .into());
-                    }
-                    Some(cp)
+        let cp: Option<Checkpoint> = crate::consumer::load_checkpoint(
+            &ctx,
+            CHECKPOINT_NAME.to_string(),
+            move |cp: &Checkpoint| {
+                if cp.format != TRAINER_CHECKPOINT_FORMAT {
+                    Err(format!("unknown format {}", cp.format))
+                } else if cp.applied.len() != p {
+                    Err(format!(
+                        "{} partitions, the config has {p}",
+                        cp.applied.len()
+                    ))
+                } else {
+                    Ok(())
                 }
-            };
+            },
+        )
+        .await?;
+        let loaded = tokio::task::spawn_blocking(move || -> Result<_, ActorProcessingErr> {
             let versions = ctx.store.model_versions()?;
             let model = match versions.last() {
                 Some(&v) => load_model(&ctx, v)?,
                 None => None,
             };
-            Ok((cp, model, versions))
+            Ok((model, versions))
         })
         .await??;
-        let (cp, model, versions) = loaded;
+        let (model, versions) = loaded;
         if let Some(cp) = cp {
             st.applied = cp.applied;
             st.users = cp.users;
