@@ -149,8 +149,6 @@ async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response
         .unwrap_or_else(|| "unmatched".into());
     let id = st.requests.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("http", %method, route = %route, request = id);
-    let _enter = span.enter();
-    drop(_enter);
     let is_probe = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
     let writes = method != axum::http::Method::GET || path.starts_with("/v1/admin");
     if writes {
@@ -383,7 +381,7 @@ async fn append(st: &AppState, entries: Vec<(u32, Payload)>) -> Result<Vec<Posit
     Ok(reply.positions)
 }
 
-fn positions_json(st: &AppState, positions: &[Position]) -> Vec<Value> {
+fn positions_json(positions: &[Position]) -> Vec<Value> {
     positions
         .iter()
         .map(|p| {
@@ -392,7 +390,6 @@ fn positions_json(st: &AppState, positions: &[Position]) -> Vec<Value> {
             } else {
                 json!(p.stream)
             };
-            let _ = st;
             json!({"partition": stream, "offset": p.offset, "duplicate": p.duplicate})
         })
         .collect()
@@ -416,7 +413,7 @@ async fn post_events(State(st): State<AppState>, body: Body) -> ApiResult {
         .collect();
     let positions = append(&st, entries).await?;
     let acked = positions.iter().filter(|p| !p.duplicate).count();
-    Ok(Json(json!({"acked": acked, "duplicates": positions.len() - acked, "results": positions_json(&st, &positions)})).into_response())
+    Ok(Json(json!({"acked": acked, "duplicates": positions.len() - acked, "results": positions_json(&positions)})).into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -462,7 +459,7 @@ async fn put_item(
     }
     let item = to_item(id, item).map_err(ApiError::bad)?;
     let pos = append(&st, vec![(CATALOG_STREAM, Payload::ItemUpsert(item))]).await?;
-    Ok(Json(json!({"results": positions_json(&st, &pos)})).into_response())
+    Ok(Json(json!({"results": positions_json(&pos)})).into_response())
 }
 
 async fn post_items(State(st): State<AppState>, body: Body) -> ApiResult {
@@ -495,7 +492,7 @@ async fn post_items(State(st): State<AppState>, body: Body) -> ApiResult {
         )));
     }
     let pos = append(&st, entries).await?;
-    Ok(Json(json!({"results": positions_json(&st, &pos)})).into_response())
+    Ok(Json(json!({"results": positions_json(&pos)})).into_response())
 }
 
 async fn delete_item(
@@ -505,7 +502,7 @@ async fn delete_item(
     let Path(id) = path.map_err(|e| ApiError::bad(e.body_text()))?;
     check_id("id", &id).map_err(ApiError::bad)?;
     let pos = append(&st, vec![(CATALOG_STREAM, Payload::ItemDelete { id })]).await?;
-    Ok(Json(json!({"results": positions_json(&st, &pos)})).into_response())
+    Ok(Json(json!({"results": positions_json(&pos)})).into_response())
 }
 
 type Q = Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>;
@@ -712,7 +709,7 @@ async fn delete_user(
     check_id("user", &user).map_err(ApiError::bad)?;
     let p = partition_of(&user, st.ctx.settings.partitions);
     let pos = append(&st, vec![(p, Payload::EraseUser { user })]).await?;
-    Ok(Json(json!({"results": positions_json(&st, &pos)})).into_response())
+    Ok(Json(json!({"results": positions_json(&pos)})).into_response())
 }
 
 async fn cluster(State(st): State<AppState>) -> ApiResult {
@@ -756,14 +753,13 @@ async fn dead_letters(State(st): State<AppState>) -> ApiResult {
     Ok(Json(json!({"dead_letters": docs})).into_response())
 }
 
-async fn retrain(State(st): State<AppState>) -> ApiResult {
+async fn retrain() -> ApiResult {
     let r = node::call(
         names::ALS_TRAINER,
         Duration::from_secs(3600),
         AlsTrainerMsg::Retrain,
     )
     .await?;
-    let _ = &st;
     Ok(Json(serde_json::to_value(&r).unwrap_or(Value::Null)).into_response())
 }
 
