@@ -194,11 +194,7 @@ impl Actor for Catalog {
             &st.ctx,
             CHECKPOINT_NAME.to_string(),
             |cp: &Checkpoint| {
-                if cp.format == CATALOG_CHECKPOINT_FORMAT {
-                    Ok(())
-                } else {
-                    Err(format!("unknown format {}", cp.format))
-                }
+                crate::consumer::check_checkpoint(cp.format, CATALOG_CHECKPOINT_FORMAT, None)
             },
         )
         .await?;

@@ -188,6 +188,24 @@ where
     .await?
 }
 
+/// The usual checkpoint check: a known format and, for consumers of every partition, one
+/// offset per configured partition (`streams`: found, configured).
+pub fn check_checkpoint(
+    format: u16,
+    expected: u16,
+    streams: Option<(usize, usize)>,
+) -> Result<(), String> {
+    if format != expected {
+        return Err(format!("format {format}, this build reads {expected}"));
+    }
+    match streams {
+        Some((found, configured)) if found != configured => {
+            Err(format!("{found} partitions, the config has {configured}"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Reads a consumer's checkpoint; `check` refuses an unknown format or a shape that does
 /// not fit the configuration, with a reason.
 pub async fn load_checkpoint<T, F>(

@@ -359,14 +359,7 @@ impl Actor for UserFeatures {
         let cname = checkpoint_name(st.partition);
         let cp: Option<Checkpoint> =
             crate::consumer::load_checkpoint(&st.ctx, cname, |cp: &Checkpoint| {
-                if cp.format == FEATURES_CHECKPOINT_FORMAT {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "format {}, this build reads {FEATURES_CHECKPOINT_FORMAT}",
-                        cp.format
-                    ))
-                }
+                crate::consumer::check_checkpoint(cp.format, FEATURES_CHECKPOINT_FORMAT, None)
             })
             .await?;
         if let Some(cp) = cp {

@@ -258,16 +258,11 @@ impl Actor for ItemStats {
             &st.ctx,
             CHECKPOINT_NAME.to_string(),
             move |cp: &Checkpoint| {
-                if cp.format != ITEM_STATS_CHECKPOINT_FORMAT {
-                    Err(format!("unknown format {}", cp.format))
-                } else if cp.applied.len() != p {
-                    Err(format!(
-                        "{} partitions, the config has {p}",
-                        cp.applied.len()
-                    ))
-                } else {
-                    Ok(())
-                }
+                crate::consumer::check_checkpoint(
+                    cp.format,
+                    ITEM_STATS_CHECKPOINT_FORMAT,
+                    Some((cp.applied.len(), p)),
+                )
             },
         )
         .await?;

@@ -250,6 +250,14 @@ fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
 }
 
 impl AlsTrainerState {
+    /// The compacted interactions as `(user, item, weight, latest ts)`.
+    fn pair_list(&self) -> Vec<(u32, u32, f32, i64)> {
+        self.pairs
+            .iter()
+            .map(|(&(u, i), &(w, t))| (u, i, w, t))
+            .collect()
+    }
+
     fn apply(&mut self, r: &Record) {
         match &r.payload {
             Payload::Event(e) => {
@@ -326,11 +334,7 @@ impl AlsTrainerState {
             version,
             users: self.users.len(),
             items: self.items.clone(),
-            pairs: self
-                .pairs
-                .iter()
-                .map(|(&(u, i), &(w, t))| (u, i, w, t))
-                .collect(),
+            pairs: self.pair_list(),
             params: self.ctx.settings.als.params.clone(),
             validation_users: self.ctx.settings.als.validation_users,
             serving: self.ctx.als.load_full(),
@@ -420,11 +424,7 @@ impl AlsTrainerState {
             applied: self.applied.clone(),
             users: self.users.clone(),
             items: self.items.clone(),
-            pairs: self
-                .pairs
-                .iter()
-                .map(|(&(u, i), &(w, t))| (u, i, w, t))
-                .collect(),
+            pairs: self.pair_list(),
             events_since_train: self.events_since_train,
             next_version: self.next_version,
         };
@@ -491,16 +491,11 @@ impl Actor for AlsTrainer {
             &ctx,
             CHECKPOINT_NAME.to_string(),
             move |cp: &Checkpoint| {
-                if cp.format != TRAINER_CHECKPOINT_FORMAT {
-                    Err(format!("unknown format {}", cp.format))
-                } else if cp.applied.len() != p {
-                    Err(format!(
-                        "{} partitions, the config has {p}",
-                        cp.applied.len()
-                    ))
-                } else {
-                    Ok(())
-                }
+                crate::consumer::check_checkpoint(
+                    cp.format,
+                    TRAINER_CHECKPOINT_FORMAT,
+                    Some((cp.applied.len(), p)),
+                )
             },
         )
         .await?;
