@@ -264,66 +264,106 @@ def wrk(url, conns, seconds, script=None):
     return rps, lat("50%"), lat("99%"), int(errors.group(1)) if errors else 0
 
 
+def metric(port, name, labels):
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def start_demo(a, d, port, users, items, events, extra):
+    os.makedirs(d, exist_ok=True)
+    cfg = os.path.join(d, "base.toml")
+    with open(cfg, "w") as f:
+        f.write("[http]\nmax_in_flight = 4096\n" + extra)
+    demo = subprocess.Popen([a.troupe, "demo", "--dir", d, "--addr", f"127.0.0.1:{port}", "--config", cfg,
+                             "--gen-users", str(users), "--gen-items", str(items), "--gen-events", str(events)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "TROUPE_LOG": "warn"})
+    for line in demo.stdout:
+        if line.startswith("serving at"):
+            return demo
+    raise RuntimeError(f"demo did not start (exit {demo.wait()})")
+
+
 def serving(a):
     work = tempfile.mkdtemp(prefix="troupe-serving-", dir=a.dir)
-    # nginx on a static file the size of a k=10 answer.
+    # nginx answers every request path with a static file the size of a k=10 answer, so
+    # both servers get the same request stream from the same wrk script.
     root = os.path.join(work, "www")
     os.makedirs(root)
+    # nginx workers run as an unprivileged user: they must be able to read the file.
+    os.chmod(work, 0o755)
+    os.chmod(root, 0o755)
     port_n = free_port()
     conf = os.path.join(work, "nginx.conf")
     with open(conf, "w") as f:
         f.write(f"""worker_processes 2; pid {work}/nginx.pid; error_log {work}/nginx.err;
 events {{ worker_connections 1024; }}
-http {{ access_log off; server {{ listen 127.0.0.1:{port_n}; root {root}; }} }}
+http {{ access_log off; default_type application/json;
+  server {{ listen 127.0.0.1:{port_n}; root {root}; location / {{ try_files /rec.json =404; }} }} }}
 """)
+    users = 20000
+    script = os.path.join(work, "rec.lua")
+    with open(script, "w") as f:
+        f.write(WRK_LUA % (users - 1, ""))
     for items in a.items:
-        users = 20000
         events = max(200000, items * 5)
-        port = free_port()
-        d = os.path.join(work, f"demo{items}")
-        demo = subprocess.Popen([a.troupe, "demo", "--dir", d, "--addr", f"127.0.0.1:{port}",
-                                 "--gen-users", str(users), "--gen-items", str(items), "--gen-events", str(events)],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                env={**os.environ, "TROUPE_LOG": "warn"})
-        for line in demo.stdout:
-            if line.startswith("serving at"):
-                break
-        url = f"http://127.0.0.1:{port}/"
-        c = http.client.HTTPConnection("127.0.0.1", port)
-        c.request("GET", "/v1/recommendations/u1?k=10")
-        sample = c.getresponse().read()
-        with open(os.path.join(root, "rec.json"), "wb") as f:
-            f.write(sample)
-        ng = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"])
-        t0 = time.time()
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port_n), timeout=1).close()
-                break
-            except OSError:
-                if ng.poll() is not None or time.time() - t0 > 30:
-                    raise RuntimeError(f"nginx did not start (exit {ng.poll()})")
-                time.sleep(0.05)
-        script = os.path.join(work, "rec.lua")
-        with open(script, "w") as f:
-            f.write(WRK_LUA % (users - 1, ""))
-        t_rps, t50, t99, t_err = wrk(url, a.conns, a.seconds, script)
-        n_rps, n50, n99, _ = wrk(f"http://127.0.0.1:{port_n}/rec.json", a.conns, a.seconds)
-        # Half of Troupe's max rate: each connection waits between requests.
-        delay_ms = max(0.0, a.conns / (t_rps / 2) * 1000 - t50)
-        half = os.path.join(work, "half.lua")
-        with open(half, "w") as f:
-            f.write(WRK_LUA % (users - 1, "delay = function() return %d end" % round(delay_ms)))
-        h_rps, h50, h99, _ = wrk(url, a.conns, a.seconds, half)
-        ng.send_signal(signal.SIGQUIT)
-        ng.wait()
-        demo.send_signal(signal.SIGTERM)
-        demo.wait()
-        print(f"{items} items ({len(sample)} B answers, {a.conns} connections, wrk -t2, 2 cores shared):")
-        print(f"  troupe  {t_rps:9.0f} req/s  p50 {t50:6.2f} ms  p99 {t99:6.2f} ms  non-2xx {t_err}")
-        print(f"  nginx   {n_rps:9.0f} req/s  p50 {n50:6.2f} ms  p99 {n99:6.2f} ms")
-        print(f"  ratio   {t_rps / n_rps:9.3f}")
-        print(f"  at ~half rate ({h_rps:.0f} req/s): p50 {h50:.2f} ms  p99 {h99:.2f} ms")
+        rows = []
+        nginx_rps = None
+        # Uncached: every request computes ALS, content and popularity candidates.
+        # Cached: the per-user candidate cache, warmed by one pass over the users first.
+        for mode, extra in [("uncached", "[ranker]\ncache_users = 0\n"), ("cached", "")]:
+            port = free_port()
+            demo = start_demo(a, os.path.join(work, f"demo{items}-{mode}"), port, users, items, events, extra)
+            url = f"http://127.0.0.1:{port}/"
+            if nginx_rps is None:
+                c = http.client.HTTPConnection("127.0.0.1", port)
+                c.request("GET", "/v1/recommendations/u1?k=10")
+                sample = c.getresponse().read()
+                with open(os.path.join(root, "rec.json"), "wb") as f:
+                    f.write(sample)
+                ng = subprocess.Popen(["nginx", "-c", conf, "-g", "daemon off;"])
+                t0 = time.time()
+                while True:
+                    try:
+                        socket.create_connection(("127.0.0.1", port_n), timeout=1).close()
+                        break
+                    except OSError:
+                        if ng.poll() is not None or time.time() - t0 > 30:
+                            raise RuntimeError(f"nginx did not start (exit {ng.poll()})")
+                        time.sleep(0.05)
+                nginx_rps, n50, n99, n_err = wrk(f"http://127.0.0.1:{port_n}/", a.conns, a.seconds, script)
+                if n_err:
+                    raise RuntimeError(f"nginx answered {n_err} requests with an error status")
+                ng.send_signal(signal.SIGQUIT)
+                ng.wait()
+            if mode == "cached":
+                wrk(url, a.conns, a.seconds, script)
+            hits0 = metric(port, "troupe_candidate_cache_total", 'outcome="hit"')
+            miss0 = metric(port, "troupe_candidate_cache_total", 'outcome="miss"')
+            t_rps, t50, t99, t_err = wrk(url, a.conns, a.seconds, script)
+            hits = metric(port, "troupe_candidate_cache_total", 'outcome="hit"') - hits0
+            miss = metric(port, "troupe_candidate_cache_total", 'outcome="miss"') - miss0
+            # Half of the max rate: each connection waits between requests.
+            delay_ms = max(0.0, a.conns / (t_rps / 2) * 1000 - t50)
+            half = os.path.join(work, f"half-{mode}.lua")
+            with open(half, "w") as f:
+                f.write(WRK_LUA % (users - 1, "delay = function() return %d end" % round(delay_ms)))
+            h_rps, h50, h99, _ = wrk(url, a.conns, a.seconds, half)
+            demo.send_signal(signal.SIGTERM)
+            demo.wait()
+            hit_ratio = hits / (hits + miss) if hits + miss else 0.0
+            rows.append((mode, t_rps, t50, t99, t_err, h_rps, h50, h99, hit_ratio))
+        print(f"{items} items, {users} users ({len(sample)} B answers, {a.conns} connections, wrk -t2, 2 cores shared):")
+        print(f"  nginx            {nginx_rps:9.0f} req/s  p50 {n50:6.2f} ms  p99 {n99:6.2f} ms  non-2xx {n_err}")
+        for mode, t_rps, t50, t99, t_err, h_rps, h50, h99, hit_ratio in rows:
+            print(f"  troupe {mode:9} {t_rps:9.0f} req/s  p50 {t50:6.2f} ms  p99 {t99:6.2f} ms  non-2xx {t_err}"
+                  f"  ratio {t_rps / nginx_rps:.3f}  cache hits {hit_ratio:.0%}")
+            print(f"    at ~half rate ({h_rps:.0f} req/s): p50 {h50:.2f} ms  p99 {h99:.2f} ms")
     shutil.rmtree(work, ignore_errors=True)
 
 

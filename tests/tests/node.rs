@@ -228,6 +228,43 @@ fn freshness_bad_input_items_and_graceful_stop() {
         .unwrap()
         .iter()
         .all(|i| i["item"] != top.as_str()));
+    // The per-user candidate cache: a repeat is answered from it with the same items;
+    // the user's next acked event drops the entry; a delete filters cached lists at once.
+    wait_until(10, "an answer from the candidate cache", || {
+        node.get("/v1/recommendations/u5?k=10").body["cached"] == true
+    });
+    let a = node.get("/v1/recommendations/u5?k=10");
+    let b = node.get("/v1/recommendations/u5?k=10");
+    assert_eq!(
+        (&a.body["cached"], &b.body["cached"]),
+        (&json!(true), &json!(true))
+    );
+    assert_eq!(a.body["items"], b.body["items"]);
+    let gone = b.body["items"][1]["item"].as_str().unwrap().to_string();
+    assert_eq!(node.delete(&format!("/v1/items/{gone}")).status, 200);
+    wait_until(10, "delete filtered from the cached answer", || {
+        let r = node.get("/v1/recommendations/u5?k=10");
+        assert_eq!(r.body["cached"], true, "{:?}", r.body);
+        r.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["item"] != gone.as_str())
+    });
+    let bought = b.body["items"][0]["item"].as_str().unwrap().to_string();
+    let ack = node.post(
+        "/v1/events",
+        &json!([{"user": "u5", "item": bought, "kind": "purchase"}]).to_string(),
+    );
+    let off = ack.body["results"][0]["offset"].as_u64().unwrap();
+    let r = node.get("/v1/recommendations/u5?k=10");
+    assert_eq!(r.body["cached"], false, "{:?}", r.body);
+    assert!(r.body["applied_offset"].as_u64().unwrap() >= off);
+    assert!(r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["item"] != bought.as_str() && i["item"] != gone.as_str()));
     // Delete takes effect at once for everyone; unknown users get a cold-start answer.
     let r = node.get("/v1/recommendations/nobody?k=5");
     assert_eq!(r.status, 200);

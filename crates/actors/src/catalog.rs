@@ -111,16 +111,13 @@ impl CatalogState {
             for r in &buf {
                 match &r.payload {
                     Payload::ItemUpsert(item) => {
-                        view.deleted.remove(&item.id);
-                        view.placeholders.remove(&item.id);
                         encode.push((item.id.clone(), item.text.clone()));
                         send_categories(item);
-                        view.items.insert(item.id.clone(), item.clone());
+                        view.upsert(item.clone());
                         self.upserts += 1;
                     }
                     Payload::ItemDelete { id } => {
-                        view.items.remove(id);
-                        view.deleted.insert(id.clone());
+                        view.delete(id);
                         removed.push(id.clone());
                         self.deletes += 1;
                     }
@@ -206,7 +203,7 @@ impl Actor for Catalog {
             view.placeholders = placeholders;
             if let Some(cp) = cp {
                 st.applied = cp.applied;
-                view.items = cp.items;
+                view.set_items(cp.items);
                 view.deleted = cp.deleted;
                 view.applied = cp.applied;
             }

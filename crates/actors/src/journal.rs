@@ -326,16 +326,16 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
     }
     // Keys that left the window are deleted in the same commit.
     let horizon = now - ctx.settings.idempotency_window.as_millis() as i64;
-    let mut expired = Vec::new();
+    let mut expired = 0;
     while st.idem_order.front().is_some_and(|(at, _)| *at < horizon) {
         let (at, k) = st.idem_order.pop_front().expect("front exists");
         if st.idem.get(&k).is_some_and(|v| v.2 == at) {
             st.idem.remove(&k);
-            expired.push(k);
+            expired += 1;
         }
     }
     let started = Instant::now();
-    let result = if appends.is_empty() && expired.is_empty() {
+    let result = if appends.is_empty() && expired == 0 {
         Ok(())
     } else if injected {
         Err("injected commit failure".to_string())
@@ -343,7 +343,7 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
         let store = ctx.store.clone();
         tokio::task::spawn_blocking(move || {
             store
-                .append(&appends, now, Some(&expired))
+                .append(&appends, now, (expired > 0).then_some(horizon))
                 .map_err(|e| e.to_string())
         })
         .await
@@ -386,10 +386,17 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
         }
     }
     for r in &committed {
-        if let Payload::Event(e) = &r.payload {
+        // An erase counts too: a request after it waits for it, and cached candidates
+        // of the user are dropped.
+        let user = match &r.payload {
+            Payload::Event(e) => Some(&e.user),
+            Payload::EraseUser { user } => Some(user),
+            _ => None,
+        };
+        if let Some(user) = user {
             ctx.last_acked[r.stream as usize]
                 .lock()
-                .insert(e.user.clone(), r.offset);
+                .insert(user.clone(), r.offset);
         }
     }
     let mut dups = 0;

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub dead_letters: Counter,
     pub recommend_seconds: Histogram,
     pub recommendations: Family<Labels, Counter>,
+    pub candidate_cache: Family<Labels, Counter>,
     pub branch_outcomes: Family<Labels, Counter>,
     /// 0 closed, 1 open, 2 half-open.
     pub breaker_state: Family<Labels, Gauge>,
@@ -51,6 +52,7 @@ impl Metrics {
             dead_letters: Counter::default(),
             recommend_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 14)),
             recommendations: Family::default(),
+            candidate_cache: Family::default(),
             branch_outcomes: Family::default(),
             breaker_state: Family::default(),
             model_version: Gauge::default(),
@@ -120,6 +122,11 @@ impl Metrics {
                 "recommendations",
                 "Recommendations served, by outcome",
                 m.recommendations.clone(),
+            );
+            r.register(
+                "candidate_cache",
+                "Per-user candidate cache lookups: hit, miss or bypass",
+                m.candidate_cache.clone(),
             );
             r.register(
                 "branch_outcomes",

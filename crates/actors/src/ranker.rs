@@ -11,6 +11,7 @@ use crate::Discard;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster_derive::RactorClusterMessage;
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -25,11 +26,13 @@ use crate::faults::FaultAction;
 use crate::features::{UserFeaturesMsg, UserQuery, UserView};
 use crate::item_stats::{ItemStatsMsg, TopRequest};
 use crate::messages::Observation;
-use crate::metrics::label;
+use crate::metrics::{label, labels2};
 use crate::names;
 use crate::record::partition_of;
+use crate::serving::CatalogView;
 use crate::wire::{self, WIRE_VERSION};
 use crate::wire_payload;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
 pub const BRANCHES: [&str; 3] = ["als", "content", "popularity"];
 
@@ -80,6 +83,8 @@ pub struct RecommendReply {
     pub degraded: bool,
     pub stale: bool,
     pub cold_start: bool,
+    /// ALS and content candidates came from the per-user cache.
+    pub cached: bool,
     pub branches: Vec<BranchReport>,
     pub error: Option<String>,
 }
@@ -119,18 +124,20 @@ pub enum RankerMsg {
 
 /// What a request must not show.
 struct Exclusions {
-    seen: FxHashSet<String>,
+    seen: Arc<FxHashSet<String>>,
     exclude: FxHashSet<String>,
     category: Option<String>,
 }
 
 impl Exclusions {
-    fn blocks(&self, ctx: &Ctx, id: &str) -> bool {
-        if self.seen.contains(id) || self.exclude.contains(id) {
-            return true;
-        }
-        let view = ctx.catalog.read();
-        if view.hidden(id) {
+    /// `view` is the catalogue, read-locked once by the caller for a whole scan.
+    fn blocks(&self, view: &CatalogView, id: &str) -> bool {
+        self.seen.contains(id) || self.blocks_unseen(view, id)
+    }
+
+    /// Everything but the seen set (which scans check by row, see `seen_rows`).
+    fn blocks_unseen(&self, view: &CatalogView, id: &str) -> bool {
+        if (!self.exclude.is_empty() && self.exclude.contains(id)) || view.hidden(id) {
             return true;
         }
         match &self.category {
@@ -138,34 +145,125 @@ impl Exclusions {
             None => false,
         }
     }
+
+    /// The seen set as rows of an index (one lookup per seen item instead of one string
+    /// lookup per scanned candidate).
+    fn seen_rows(&self, row: impl Fn(&str) -> Option<u32>) -> FxHashSet<u32> {
+        self.seen.iter().filter_map(|id| row(id)).collect()
+    }
 }
 
 enum BranchError {
     Failed(String),
 }
 
+type Candidates = Vec<(String, f32)>;
+/// A branch's own list (ALS, content) or one shared between requests (popularity).
+type Owned = Box<Candidates>;
+
+/// The ALS and content candidates of one user (for one category filter), reused while
+/// the user has no newer acked event, the same ALS version serves, and the entry is
+/// younger than `ranker.cache_ttl`. Lists are filtered by the user's seen set, the
+/// category and the catalogue as it was; deletes and hides are filtered again per request.
+struct UserCandidates {
+    /// The user's last acked offset these reflect.
+    user_offset: u64,
+    als_version: u64,
+    built: Instant,
+    cold_start: bool,
+    seen: Arc<FxHashSet<String>>,
+    als: (Option<Owned>, BranchReport),
+    content: (Option<Owned>, BranchReport),
+}
+
+type CacheKey = (String, Option<String>);
+
+/// Popularity list of one category, shared by requests for `ranker.popularity_refresh`.
+struct PopularList {
+    fetched: Instant,
+    asked: usize,
+    items: Arc<Candidates>,
+}
+
+/// Depth of a shared popularity list (requests filter seen items out of it).
+const POPULAR_DEPTH: usize = 1000;
+
+/// Branch statuses (see [`BranchReport::status`]).
+const STATUSES: [&str; 6] = ["ok", "empty", "failed", "timeout", "open", "unavailable"];
+const CACHE_OUTCOMES: [&str; 3] = ["hit", "miss", "bypass"];
+
+/// Metric handles resolved once (a family lookup builds its label strings every time).
+struct Handles {
+    outcomes: Vec<Vec<Counter>>,
+    breakers: Vec<Gauge>,
+    /// ok, degraded.
+    served: [Counter; 2],
+    cache: Vec<Counter>,
+}
+
+impl Handles {
+    fn new(m: &crate::metrics::Metrics) -> Handles {
+        Handles {
+            outcomes: BRANCHES
+                .iter()
+                .map(|b| {
+                    STATUSES
+                        .iter()
+                        .map(|s| {
+                            m.branch_outcomes
+                                .get_or_create(&labels2("branch", b, "status", s))
+                                .clone()
+                        })
+                        .collect()
+                })
+                .collect(),
+            breakers: BRANCHES
+                .iter()
+                .map(|b| m.breaker_state.get_or_create(&label("branch", b)).clone())
+                .collect(),
+            served: ["ok", "degraded"].map(|o| {
+                m.recommendations
+                    .get_or_create(&label("outcome", o))
+                    .clone()
+            }),
+            cache: CACHE_OUTCOMES
+                .iter()
+                .map(|o| {
+                    m.candidate_cache
+                        .get_or_create(&label("outcome", o))
+                        .clone()
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Shared by the actor and its request tasks.
 pub struct RankerCore {
     ctx: Arc<Ctx>,
+    handles: Handles,
     breakers: [Breaker; 3],
+    cache: Option<quick_cache::sync::Cache<CacheKey, Arc<UserCandidates>>>,
+    popular: Mutex<FxHashMap<Option<String>, PopularList>>,
 }
-
-type Candidates = Vec<(String, f32)>;
 
 impl RankerCore {
     pub fn new(ctx: Arc<Ctx>) -> RankerCore {
         let r = &ctx.settings.ranker;
         let b = |n: &str| Breaker::new(n, r.breaker_failures, r.breaker_open);
         RankerCore {
+            handles: Handles::new(&ctx.metrics),
             breakers: [b("als"), b("content"), b("popularity")],
+            cache: (r.cache_users > 0).then(|| quick_cache::sync::Cache::new(r.cache_users)),
+            popular: Mutex::new(FxHashMap::default()),
             ctx,
         }
     }
-
     /// Runs one branch under its breaker, deadline and fault hook.
-    async fn branch<F>(&self, idx: usize, fut: F) -> (Option<Candidates>, BranchReport)
+    async fn branch<T, F>(&self, idx: usize, fut: F) -> (Option<T>, BranchReport)
     where
-        F: std::future::Future<Output = Result<Option<Candidates>, String>>,
+        T: std::ops::Deref<Target = Candidates>,
+        F: std::future::Future<Output = Result<Option<T>, String>>,
     {
         let name = BRANCHES[idx];
         let started = Instant::now();
@@ -222,18 +320,11 @@ impl RankerCore {
     }
 
     fn note(&self, idx: usize, status: &str) {
-        let m = &self.ctx.metrics;
-        m.branch_outcomes
-            .get_or_create(&crate::metrics::labels2(
-                "branch",
-                BRANCHES[idx],
-                "status",
-                status,
-            ))
-            .inc();
-        m.breaker_state
-            .get_or_create(&label("branch", BRANCHES[idx]))
-            .set(self.breakers[idx].state().gauge());
+        let h = &self.handles;
+        if let Some(s) = STATUSES.iter().position(|x| *x == status) {
+            h.outcomes[idx][s].inc();
+        }
+        h.breakers[idx].set(self.breakers[idx].state().gauge());
     }
 
     async fn fetch_user(&self, user: &str, partition: u32) -> Option<UserView> {
@@ -260,61 +351,100 @@ impl RankerCore {
         }
     }
 
-    pub async fn recommend(&self, req: RecommendRequest) -> RecommendReply {
-        let started = Instant::now();
+    /// The popularity list for `category`, at least `want` deep when the catalogue has
+    /// that many, shared between requests for `ranker.popularity_refresh`.
+    async fn popular_list(
+        &self,
+        category: Option<String>,
+        want: usize,
+        now_ms: i64,
+    ) -> Result<Arc<Candidates>, String> {
+        let refresh = self.ctx.settings.ranker.popularity_refresh;
+        if let Some(e) = self.popular.lock().get(&category) {
+            let deep_enough = e.asked >= want || e.items.len() < e.asked;
+            if e.fetched.elapsed() < refresh && deep_enough {
+                return Ok(e.items.clone());
+            }
+        }
+        let ask = want.clamp(POPULAR_DEPTH, 100_000);
+        let cell = ractor::registry::where_is(names::ITEM_STATS).ok_or("item stats unavailable")?;
+        let actor: ActorRef<ItemStatsMsg> = cell.into();
+        let top = ractor::call_t!(
+            actor,
+            ItemStatsMsg::Top,
+            self.ctx.settings.ranker.branch_deadline.as_millis() as u64,
+            TopRequest {
+                version: WIRE_VERSION,
+                n: ask as u32,
+                category: category.clone(),
+                now_ms,
+            }
+        )
+        .map_err(|e| e.to_string())?;
+        let items = Arc::new(top.items);
+        if !refresh.is_zero() {
+            self.popular.lock().insert(
+                category,
+                PopularList {
+                    fetched: Instant::now(),
+                    asked: ask,
+                    items: items.clone(),
+                },
+            );
+        }
+        Ok(items)
+    }
+
+    /// Waits (bounded) for the user's acked events, reads the user's features and runs
+    /// the ALS and content branches. Returns the candidates, whether the features were
+    /// read, and whether the wait hit its bound.
+    async fn user_candidates(
+        &self,
+        req: &RecommendRequest,
+        p: u32,
+        target: u64,
+        n: usize,
+        now: i64,
+    ) -> (UserCandidates, bool, bool, u64) {
         let ctx = &self.ctx;
         let s = &ctx.settings;
-        let mut reply = RecommendReply {
-            version: WIRE_VERSION,
-            request_id: req.request_id.clone(),
-            user: req.user.clone(),
-            content_encoder: ctx.content.read().encoder.clone(),
-            ..Default::default()
-        };
-        let p = partition_of(&req.user, s.partitions);
-        // Freshness: wait until this user's last acked event is applied (bounded).
-        let target = ctx.last_acked[p as usize]
-            .lock()
-            .get(&req.user)
-            .copied()
-            .unwrap_or(0);
-        reply.awaited_offset = target;
+        let mut stale = false;
         let mut rx = ctx.applied[p as usize].subscribe();
         if *rx.borrow() < target {
             let waited =
                 tokio::time::timeout(s.ranker.freshness_wait, rx.wait_for(|&o| o >= target)).await;
-            reply.stale = !matches!(waited, Ok(Ok(_)));
+            stale = !matches!(waited, Ok(Ok(_)));
         }
+        let als_version = ctx.als.load().as_ref().map_or(0, |m| m.version);
         let view = self.fetch_user(&req.user, p).await;
         let features_ok = view.is_some();
         let view = view.unwrap_or_default();
-        reply.applied_offset = view.applied_offset.max(*ctx.applied[p as usize].borrow());
-        reply.cold_start = !view.known || view.history.is_empty();
-        let excl = Arc::new(Exclusions {
-            seen: view
-                .seen
+        let applied = view.applied_offset;
+        let seen: Arc<FxHashSet<String>> = Arc::new(
+            view.seen
                 .iter()
                 .chain(view.disliked.iter())
                 .cloned()
                 .collect(),
+        );
+        let excl = Arc::new(Exclusions {
+            seen: seen.clone(),
             exclude: req.exclude.iter().cloned().collect(),
             category: req.category.clone(),
         });
-        let k = req.k.max(1) as usize;
-        let n = s.ranker.candidates.max(k);
-        let now_ms = if req.now_ms > 0 {
-            req.now_ms
+        let now_ms = if now > 0 {
+            now
         } else {
             view.last_ts_ms.max(now_ms())
         };
-        let history = Arc::new(view.history.clone());
+        let history = Arc::new(view.history);
 
         let als_fut = self.branch(0, {
             let (ctx, excl, history, vector, vv) = (
                 ctx.clone(),
                 excl.clone(),
                 history.clone(),
-                view.vector.clone(),
+                view.vector,
                 view.vector_version,
             );
             async move {
@@ -322,7 +452,7 @@ impl RankerCore {
                     return Ok(None);
                 };
                 if history.is_empty() {
-                    return Ok(Some(Vec::new()));
+                    return Ok(Some(Owned::default()));
                 }
                 tokio::task::spawn_blocking(move || {
                     let v = if vv == model.version && !vector.is_empty() {
@@ -338,17 +468,25 @@ impl RankerCore {
                         return Vec::new();
                     }
                     let mut scratch = Vec::new();
+                    let seen = excl.seen_rows(|id| model.items.get(id));
+                    let catalog = ctx.catalog.read();
                     let top = topk::top_k_dense(
                         model.item_factors.view(),
                         &v,
                         n,
-                        |i| model.items.name(i).is_none_or(|id| excl.blocks(&ctx, id)),
+                        |i| {
+                            seen.contains(&i)
+                                || model
+                                    .items
+                                    .name(i)
+                                    .is_none_or(|id| excl.blocks_unseen(&catalog, id))
+                        },
                         &mut scratch,
                     );
                     named(&top, |i| model.items.name(i))
                 })
                 .await
-                .map(Some)
+                .map(|v| Some(Box::new(v)))
                 .map_err(|e| e.to_string())
             }
         });
@@ -360,9 +498,10 @@ impl RankerCore {
                     return Ok(None);
                 }
                 if history.is_empty() {
-                    return Ok(Some(Vec::new()));
+                    return Ok(Some(Owned::default()));
                 }
                 tokio::task::spawn_blocking(move || {
+                    // Lock order: content before catalog.
                     let index = ctx.content.read();
                     let touched: Vec<(u32, f32, i64)> = history
                         .iter()
@@ -374,55 +513,134 @@ impl RankerCore {
                         return Vec::new();
                     };
                     let mut scratch = Vec::new();
-                    let top = content::score_profile(
-                        index.matrix(),
+                    let seen = excl.seen_rows(|id| index.index(id));
+                    let catalog = ctx.catalog.read();
+                    let top = index.top_k(
                         &profile,
                         n,
                         |i| {
-                            index
-                                .name(i)
-                                .is_none_or(|id| index.index(id).is_none() || excl.blocks(&ctx, id))
+                            !index.live(i)
+                                || seen.contains(&i)
+                                || index
+                                    .name(i)
+                                    .is_none_or(|id| excl.blocks_unseen(&catalog, id))
                         },
                         &mut scratch,
                     );
                     named(&top, |i| index.name(i))
                 })
                 .await
-                .map(Some)
+                .map(|v| Some(Box::new(v)))
                 .map_err(|e| e.to_string())
             }
         });
-        let pop_fut = self.branch(2, {
-            let (ctx, excl, category) = (ctx.clone(), excl.clone(), req.category.clone());
-            let want = (n + excl.seen.len() + excl.exclude.len()).min(100_000) as u32;
-            let deadline = s.ranker.branch_deadline;
-            async move {
-                let cell = ractor::registry::where_is(names::ITEM_STATS)
-                    .ok_or("item stats unavailable")?;
-                let actor: ActorRef<ItemStatsMsg> = cell.into();
-                let top = ractor::call_t!(
-                    actor,
-                    ItemStatsMsg::Top,
-                    deadline.as_millis() as u64,
-                    TopRequest {
-                        version: WIRE_VERSION,
-                        n: want,
-                        category,
-                        now_ms,
-                    }
-                )
-                .map_err(|e| e.to_string())?;
-                Ok(Some(
-                    top.items
-                        .into_iter()
-                        .filter(|(id, _)| !excl.blocks(&ctx, id))
-                        .take(n)
-                        .collect(),
-                ))
-            }
+        let (als, content) = tokio::join!(als_fut, content_fut);
+        let entry = UserCandidates {
+            user_offset: target,
+            als_version,
+            built: Instant::now(),
+            cold_start: !view.known || history.is_empty(),
+            seen,
+            als,
+            content,
+        };
+        (entry, features_ok, stale, applied)
+    }
+
+    pub async fn recommend(&self, req: RecommendRequest) -> RecommendReply {
+        let started = Instant::now();
+        let ctx = &self.ctx;
+        let s = &ctx.settings;
+        let mut reply = RecommendReply {
+            version: WIRE_VERSION,
+            request_id: req.request_id.clone(),
+            user: req.user.clone(),
+            content_encoder: ctx.content.read().encoder.clone(),
+            ..Default::default()
+        };
+        let p = partition_of(&req.user, s.partitions);
+        // Freshness: the answer reflects this user's last acked event (bounded wait).
+        let target = ctx.last_acked[p as usize]
+            .lock()
+            .get(&req.user)
+            .copied()
+            .unwrap_or(0);
+        reply.awaited_offset = target;
+        let k = req.k.max(1) as usize;
+        let n = s.ranker.candidates.max(k);
+        let als_version = ctx.als.load().as_ref().map_or(0, |m| m.version);
+        // Requests with their own exclusions or clock bypass the cache.
+        let cache = self
+            .cache
+            .as_ref()
+            .filter(|_| req.exclude.is_empty() && req.now_ms == 0);
+        let key = (req.user.clone(), req.category.clone());
+        let hit = cache.and_then(|c| c.get(&key)).filter(|e| {
+            e.user_offset == target
+                && e.als_version == als_version
+                && e.built.elapsed() < s.ranker.cache_ttl
         });
-        let ((als, r0), (cnt, r1), (pop, r2)) = tokio::join!(als_fut, content_fut, pop_fut);
-        reply.als_model_version = ctx.als.load().as_ref().map_or(0, |m| m.version);
+        let outcome = match (&cache, &hit) {
+            (None, _) => "bypass",
+            (Some(_), Some(_)) => "hit",
+            (Some(_), None) => "miss",
+        };
+        self.handles.cache[CACHE_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(0)]
+        .inc();
+        let mut features_ok = true;
+        let mut view_applied = 0;
+        let user = match hit {
+            Some(e) => {
+                reply.cached = true;
+                e
+            }
+            None => {
+                let (e, ok, stale, applied) =
+                    self.user_candidates(&req, p, target, n, req.now_ms).await;
+                features_ok = ok;
+                view_applied = applied;
+                reply.stale = stale;
+                let e = Arc::new(e);
+                // Only complete answers are reused. A missing ALS model is complete (a
+                // new version drops the entry); an empty content index is not.
+                let failed = [&e.als.1, &e.content.1]
+                    .iter()
+                    .any(|r| matches!(r.status.as_str(), "failed" | "timeout" | "open"))
+                    || e.content.1.status == "unavailable";
+                if let Some(c) = cache {
+                    if ok && !stale && !failed {
+                        c.insert(key, e.clone());
+                    }
+                }
+                e
+            }
+        };
+        reply.applied_offset = view_applied.max(*ctx.applied[p as usize].borrow());
+        reply.cold_start = user.cold_start;
+
+        let excl = Exclusions {
+            seen: user.seen.clone(),
+            exclude: req.exclude.iter().cloned().collect(),
+            category: req.category.clone(),
+        };
+        let want = n + excl.seen.len() + excl.exclude.len();
+        let (pop, r2) = self
+            .branch(2, async {
+                self.popular_list(req.category.clone(), want, req.now_ms)
+                    .await
+                    .map(Some)
+            })
+            .await;
+        let mut r0 = user.als.1.clone();
+        let mut r1 = user.content.1.clone();
+        if reply.cached {
+            r0.micros = 0;
+            r1.micros = 0;
+        }
+        reply.als_model_version = als_version;
         reply.branches = vec![r0, r1, r2];
         reply.degraded = !features_ok
             || reply
@@ -430,24 +648,53 @@ impl RankerCore {
                 .iter()
                 .any(|b| matches!(b.status.as_str(), "failed" | "timeout" | "open"));
 
-        // Blend over a per-request index of candidate ids.
-        let mut ids: Vec<String> = Vec::new();
-        let mut index: FxHashMap<String, u32> = FxHashMap::default();
+        // Blend over a per-request index of candidate ids; what the catalogue hides or
+        // deletes, and what the request excludes, is filtered here for every branch.
+        let catalog = ctx.catalog.read();
+        let total = user.als.0.as_ref().map_or(0, |l| l.len())
+            + user.content.0.as_ref().map_or(0, |l| l.len())
+            + n;
+        let mut ids: Vec<&str> = Vec::with_capacity(total);
+        let mut index: FxHashMap<&str, u32> =
+            FxHashMap::with_capacity_and_hasher(total, Default::default());
         let mut lists: Vec<Vec<Scored>> = Vec::new();
-        for cands in [als, cnt, pop] {
+        fn slice(l: Option<&Candidates>) -> &[(String, f32)] {
+            l.map_or(&[], Vec::as_slice)
+        }
+        // ALS and content lists were scanned without the user's seen items, and a cached
+        // entry dies with the user's next event, so they skip the seen check.
+        let sources = [
+            (slice(user.als.0.as_deref()), usize::MAX, false),
+            (slice(user.content.0.as_deref()), usize::MAX, false),
+            (slice(pop.as_deref()), n, true),
+        ];
+        for (cands, limit, check_seen) in sources {
             let list = cands
-                .unwrap_or_default()
-                .into_iter()
+                .iter()
+                .filter(|(id, _)| {
+                    !(if check_seen {
+                        excl.blocks(&catalog, id)
+                    } else {
+                        excl.blocks_unseen(&catalog, id)
+                    })
+                })
+                .take(limit)
                 .map(|(id, score)| {
                     let next = ids.len() as u32;
-                    let i = *index.entry(id.clone()).or_insert_with(|| {
-                        ids.push(id);
+                    let i = *index.entry(id.as_str()).or_insert_with(|| {
+                        ids.push(id.as_str());
                         next
                     });
-                    Scored { item: i, score }
+                    Scored {
+                        item: i,
+                        score: *score,
+                    }
                 })
                 .collect();
             lists.push(list);
+        }
+        if let Some(b) = reply.branches.get_mut(2) {
+            b.candidates = lists[2].len() as u32;
         }
         let weights = req
             .weights
@@ -464,18 +711,17 @@ impl RankerCore {
             })
             .collect();
         let blended = blend::blend(&branch_lists, s.ranker.normalization, k, |_| true);
-        let catalog = ctx.catalog.read();
         reply.items = blended
             .iter()
             .map(|b| {
-                let id = ids[b.item as usize].clone();
+                let id = ids[b.item as usize];
                 let categories = catalog
                     .items
-                    .get(&id)
+                    .get(id)
                     .map(|i| i.categories.clone())
                     .unwrap_or_default();
                 RecommendedItem {
-                    item: id,
+                    item: id.to_string(),
                     score: b.score,
                     shares: b.shares(),
                     categories,
@@ -486,13 +732,7 @@ impl RankerCore {
         ctx.metrics
             .recommend_seconds
             .observe(started.elapsed().as_secs_f64());
-        ctx.metrics
-            .recommendations
-            .get_or_create(&label(
-                "outcome",
-                if reply.degraded { "degraded" } else { "ok" },
-            ))
-            .inc();
+        self.handles.served[usize::from(reply.degraded)].inc();
         reply
     }
 
@@ -509,14 +749,14 @@ impl RankerCore {
             let index = ctx.content.read();
             if let Some(row) = index.row(&req.item).map(<[f32]>::to_vec) {
                 let catalog = ctx.catalog.read();
-                let top = topk::top_k_dense(
-                    index.matrix(),
+                let top = index.top_k(
                     &row,
                     k,
                     |i| {
-                        index.name(i).is_none_or(|id| {
-                            id == req.item || index.index(id).is_none() || catalog.hidden(id)
-                        })
+                        !index.live(i)
+                            || index
+                                .name(i)
+                                .is_none_or(|id| id == req.item || catalog.hidden(id))
                     },
                     &mut scratch,
                 );

@@ -20,12 +20,43 @@ pub struct CatalogView {
     pub deleted: FxHashSet<String>,
     /// Catalogue stream offset applied.
     pub applied: u64,
+    /// Ids of items with the hidden flag (kept by `upsert`/`delete`/`set_items`, so the
+    /// per-candidate check is a lookup in a usually empty set).
+    hidden_ids: FxHashSet<String>,
 }
 
 impl CatalogView {
     /// Hidden or deleted items never show.
     pub fn hidden(&self, id: &str) -> bool {
-        self.deleted.contains(id) || self.items.get(id).is_some_and(|i| i.hidden)
+        (!self.deleted.is_empty() && self.deleted.contains(id))
+            || (!self.hidden_ids.is_empty() && self.hidden_ids.contains(id))
+    }
+
+    pub fn upsert(&mut self, item: Item) {
+        self.deleted.remove(&item.id);
+        self.placeholders.remove(&item.id);
+        if item.hidden {
+            self.hidden_ids.insert(item.id.clone());
+        } else {
+            self.hidden_ids.remove(&item.id);
+        }
+        self.items.insert(item.id.clone(), item);
+    }
+
+    pub fn delete(&mut self, id: &str) {
+        self.items.remove(id);
+        self.hidden_ids.remove(id);
+        self.deleted.insert(id.to_string());
+    }
+
+    /// Replaces every item (loading a checkpoint).
+    pub fn set_items(&mut self, items: FxHashMap<String, Item>) {
+        self.hidden_ids = items
+            .values()
+            .filter(|i| i.hidden)
+            .map(|i| i.id.clone())
+            .collect();
+        self.items = items;
     }
 
     pub fn in_category(&self, id: &str, category: &str) -> bool {

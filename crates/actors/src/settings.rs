@@ -96,6 +96,13 @@ pub struct RankerSettings {
     /// How long a request waits for the user's acked events to be applied.
     pub freshness_wait: Duration,
     pub max_k: usize,
+    /// Users whose ALS and content candidates are cached (0: no cache). An entry is
+    /// used only while the user has no newer acked event, the ALS version is unchanged
+    /// and it is younger than `cache_ttl`.
+    pub cache_users: usize,
+    pub cache_ttl: Duration,
+    /// How long one popularity list (per category) is reused.
+    pub popularity_refresh: Duration,
 }
 
 impl Settings {
@@ -140,6 +147,9 @@ impl Settings {
                 breaker_open: Duration::from_secs(2),
                 freshness_wait: Duration::from_millis(200),
                 max_k: 500,
+                cache_users: 100_000,
+                cache_ttl: Duration::from_secs(60),
+                popularity_refresh: Duration::from_millis(500),
             },
             restart: RestartPolicy::default(),
             retention: false,

@@ -16,7 +16,54 @@ use crate::record::{self, Payload, Record, RecordError};
 
 const JOURNAL: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("journal");
 /// key -> (stream, offset, appended at, ms)
-const IDEM: TableDefinition<u128, (u32, u64, i64)> = TableDefinition::new("idempotency");
+/// Layout 1 kept one row per key (random inserts); read only to migrate.
+const IDEM_V1: TableDefinition<u128, (u32, u64, i64)> = TableDefinition::new("idempotency");
+/// One row per commit: `(acked at ms, first stream, first offset)` -> packed
+/// `(key, stream, offset)` entries. Appends stay sequential, and expiry is a range delete.
+const IDEM: TableDefinition<(i64, u32, u64), &[u8]> = TableDefinition::new("idempotency_groups");
+/// Version of the packed idempotency group.
+const IDEM_GROUP_FORMAT: u16 = 1;
+const IDEM_ENTRY_BYTES: usize = 16 + 4 + 8;
+
+fn encode_idem_group(entries: &[(u128, u32, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + entries.len() * IDEM_ENTRY_BYTES);
+    out.extend_from_slice(&IDEM_GROUP_FORMAT.to_le_bytes());
+    for (k, s, o) in entries {
+        out.extend_from_slice(&k.to_le_bytes());
+        out.extend_from_slice(&s.to_le_bytes());
+        out.extend_from_slice(&o.to_le_bytes());
+    }
+    out
+}
+
+fn decode_idem_group(b: &[u8]) -> Result<Vec<(u128, u32, u64)>, String> {
+    let (head, body) = b.split_at_checked(2).ok_or("idempotency group too short")?;
+    let format = u16::from_le_bytes([head[0], head[1]]);
+    if format != IDEM_GROUP_FORMAT {
+        return Err(format!(
+            "idempotency group format {format} (this build reads {IDEM_GROUP_FORMAT})"
+        ));
+    }
+    if body.len() % IDEM_ENTRY_BYTES != 0 {
+        return Err("idempotency group of a partial length".into());
+    }
+    Ok(body
+        .chunks_exact(IDEM_ENTRY_BYTES)
+        .map(|e| {
+            let mut k = [0u8; 16];
+            k.copy_from_slice(&e[..16]);
+            let mut s = [0u8; 4];
+            s.copy_from_slice(&e[16..20]);
+            let mut o = [0u8; 8];
+            o.copy_from_slice(&e[20..]);
+            (
+                u128::from_le_bytes(k),
+                u32::from_le_bytes(s),
+                u64::from_le_bytes(o),
+            )
+        })
+        .collect())
+}
 const CHECKPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("checkpoints");
 /// (consumer, stream, offset) -> failures seen
 const FAILURES: TableDefinition<(&str, u32, u64), u32> = TableDefinition::new("failures");
@@ -29,7 +76,7 @@ const MODELS: TableDefinition<u64, &[u8]> = TableDefinition::new("als_models");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Version of the store layout written by this build (tables and value formats).
-pub const STORE_FORMAT: u32 = 1;
+pub const STORE_FORMAT: u32 = 2;
 
 /// Errors of the store. Any of them on a write means the write did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +183,28 @@ impl Store {
                         .map_err(self.err())?;
                 }
                 Some(v) if v == STORE_FORMAT => {}
+                Some(1) => {
+                    // Layout 1 -> 2: per-key idempotency rows become per-time groups.
+                    let mut groups: std::collections::BTreeMap<i64, Vec<(u128, u32, u64)>> =
+                        Default::default();
+                    {
+                        let old = tx.open_table(IDEM_V1).map_err(self.err())?;
+                        for row in old.iter().map_err(self.err())? {
+                            let (k, v) = row.map_err(self.err())?;
+                            let (s, o, at) = v.value();
+                            groups.entry(at).or_default().push((k.value(), s, o));
+                        }
+                    }
+                    tx.delete_table(IDEM_V1).map_err(self.err())?;
+                    let mut idem = tx.open_table(IDEM).map_err(self.err())?;
+                    for (at, entries) in groups {
+                        let (_, s, o) = entries[0];
+                        idem.insert((at, s, o), encode_idem_group(&entries).as_slice())
+                            .map_err(self.err())?;
+                    }
+                    meta.insert("format", STORE_FORMAT.to_le_bytes().as_slice())
+                        .map_err(self.err())?;
+                }
                 Some(v) => {
                     return Err(StoreError::Format {
                         path: self.path.clone(),
@@ -242,12 +311,15 @@ impl Store {
         let tx = self.db.begin_read().map_err(self.err())?;
         let t = tx.open_table(IDEM).map_err(self.err())?;
         let mut out = Vec::new();
-        for row in t.iter().map_err(self.err())? {
+        for row in t.range((since_ms, 0, 0)..).map_err(self.err())? {
             let (k, v) = row.map_err(self.err())?;
-            let (s, o, at) = v.value();
-            if at >= since_ms {
-                out.push((k.value(), s, o, at));
-            }
+            let (at, _, _) = k.value();
+            let entries =
+                decode_idem_group(v.value()).map_err(|reason| StoreError::Checkpoint {
+                    name: format!("idempotency group at {at}"),
+                    reason,
+                })?;
+            out.extend(entries.into_iter().map(|(k, s, o)| (k, s, o, at)));
         }
         Ok(out)
     }
@@ -258,22 +330,27 @@ impl Store {
         &self,
         records: &[(Append, u64)],
         now_ms: i64,
-        expire: Option<&[u128]>,
+        expire_before_ms: Option<i64>,
     ) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(self.err())?;
         {
             let mut j = tx.open_table(JOURNAL).map_err(self.err())?;
             let mut idem = tx.open_table(IDEM).map_err(self.err())?;
+            let mut keys = Vec::new();
             for (a, offset) in records {
                 j.insert((a.stream, *offset), a.bytes.as_slice())
                     .map_err(self.err())?;
                 if a.key != 0 {
-                    idem.insert(a.key, (a.stream, *offset, now_ms))
-                        .map_err(self.err())?;
+                    keys.push((a.key, a.stream, *offset));
                 }
             }
-            for k in expire.unwrap_or(&[]) {
-                idem.remove(k).map_err(self.err())?;
+            if let Some(&(_, s, o)) = keys.first() {
+                idem.insert((now_ms, s, o), encode_idem_group(&keys).as_slice())
+                    .map_err(self.err())?;
+            }
+            if let Some(before) = expire_before_ms {
+                idem.retain_in(..(before, 0, 0), |_, _| false)
+                    .map_err(self.err())?;
             }
         }
         tx.commit().map_err(self.err())?;
@@ -601,6 +678,42 @@ mod tests {
         assert_eq!(s.get_checkpoint("x").unwrap().unwrap(), b"abc");
         assert_eq!(s.failures("c").unwrap(), vec![((1, 5), 2)]);
         assert_eq!(s.last_offset(1).unwrap(), 9);
+    }
+
+    #[test]
+    fn idempotency_groups_expire_by_time_and_layout_1_migrates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            // A layout-1 store: one idempotency row per key.
+            let db = redb::Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(IDEM_V1).unwrap();
+                t.insert(7u128, (0u32, 1u64, 100i64)).unwrap();
+                t.insert(8u128, (1u32, 1u64, 200i64)).unwrap();
+                let mut m = tx.open_table(META).unwrap();
+                m.insert("format", 1u32.to_le_bytes().as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let (s, _) = Store::open(&path).unwrap();
+        let mut w = s.idempotency_window(0).unwrap();
+        w.sort_unstable();
+        assert_eq!(w, vec![(7, 0, 1, 100), (8, 1, 1, 200)]);
+        // New keys land in one group per commit; expiry drops whole groups by time.
+        let batch: Vec<(Append, u64)> = (1..=4).map(|i| (append_of(0, &ev(i)), i as u64)).collect();
+        s.append(&batch, 300, Some(150)).unwrap();
+        let w = s.idempotency_window(0).unwrap();
+        assert!(!w.iter().any(|e| e.0 == 7), "older than the horizon: gone");
+        assert!(w.iter().any(|e| e.0 == 8));
+        let fresh: Vec<_> = w.iter().filter(|e| e.3 == 300).collect();
+        assert_eq!(fresh.len(), 4);
+        assert!(fresh.iter().all(|e| e.0 == batch[(e.2 - 1) as usize].0.key));
+        assert_eq!(s.idempotency_window(250).unwrap().len(), 4);
+        drop(s);
+        let (s, _) = Store::open(&path).unwrap();
+        assert_eq!(s.idempotency_window(0).unwrap().len(), 5);
     }
 
     #[test]

@@ -88,7 +88,12 @@ pub fn blend(
     allowed: impl Fn(u32) -> bool,
 ) -> Vec<Blended> {
     let nb = lists.len();
-    let mut acc: FxHashMap<u32, Vec<f32>> = FxHashMap::default();
+    let total: usize = lists.iter().map(|l| l.items.len()).sum();
+    // Item -> slot; contributions in one flat buffer (`nb` per slot).
+    let mut slot: FxHashMap<u32, usize> =
+        FxHashMap::with_capacity_and_hasher(total, Default::default());
+    let mut items: Vec<u32> = Vec::with_capacity(total);
+    let mut contrib: Vec<f32> = Vec::with_capacity(total * nb);
     for (b, list) in lists.iter().enumerate() {
         let w = if list.weight.is_finite() {
             list.weight.max(0.0)
@@ -99,22 +104,34 @@ pub fn blend(
             if !allowed(s.item) {
                 continue;
             }
-            let c = acc.entry(s.item).or_insert_with(|| vec![0.0; nb]);
-            // A branch lists an item once; keep its best value if it repeats.
-            c[b] = c[b].max(w * v);
+            let j = *slot.entry(s.item).or_insert_with(|| {
+                items.push(s.item);
+                contrib.resize(contrib.len() + nb, 0.0);
+                items.len() - 1
+            });
+            let c = &mut contrib[j * nb + b];
+            *c = c.max(w * v);
         }
     }
-    let mut out: Vec<Blended> = acc
-        .into_iter()
-        .map(|(item, contributions)| Blended {
-            item,
-            score: contributions.iter().sum(),
-            contributions,
-        })
+    let row = |j: usize| &contrib[j * nb..(j + 1) * nb];
+    let mut order: Vec<(f32, u32, usize)> = (0..items.len())
+        .map(|j| (row(j).iter().sum(), items[j], j))
         .collect();
-    out.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.item.cmp(&b.item)));
-    out.truncate(k);
-    out
+    let better =
+        |a: &(f32, u32, usize), b: &(f32, u32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    if order.len() > k {
+        order.select_nth_unstable_by(k, better);
+        order.truncate(k);
+    }
+    order.sort_by(better);
+    order
+        .into_iter()
+        .map(|(score, item, j)| Blended {
+            item,
+            score,
+            contributions: row(j).to_vec(),
+        })
+        .collect()
 }
 
 /// What a request may filter out. Every test is a closure so callers can back it with

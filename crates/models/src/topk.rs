@@ -91,8 +91,10 @@ impl TopK {
 pub fn select(scores: &[f32], k: usize, excluded: impl Fn(u32) -> bool) -> Vec<Scored> {
     let mut top = TopK::new(k);
     for (i, &s) in scores.iter().enumerate() {
+        // Indices ascend, so a score equal to the threshold loses the tie-break too:
+        // `excluded` (often a lookup) runs only for items that would enter.
         if let Some(t) = top.threshold() {
-            if s < t {
+            if s <= t {
                 continue;
             }
         }

@@ -232,6 +232,10 @@ pub struct DemoArgs {
     /// Stop after printing instead of serving until Ctrl-C.
     #[arg(long)]
     pub exit: bool,
+    /// Node settings to start from (a `cluster.toml`); the demo still sets the node
+    /// name, data folder and address.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

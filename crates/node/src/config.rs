@@ -145,6 +145,9 @@ pub struct RankerSection {
     pub breaker_open_ms: u64,
     pub freshness_wait_ms: u64,
     pub max_k: usize,
+    pub cache_users: usize,
+    pub cache_ttl_ms: u64,
+    pub popularity_refresh_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +262,9 @@ impl Default for Config {
                 breaker_open_ms: 2_000,
                 freshness_wait_ms: 200,
                 max_k: 500,
+                cache_users: 100_000,
+                cache_ttl_ms: 60_000,
+                popularity_refresh_ms: 500,
             },
             supervision: SupervisionSection {
                 max_restarts: 5,
@@ -579,6 +585,9 @@ impl Config {
             breaker_open: ms(self.ranker.breaker_open_ms),
             freshness_wait: ms(self.ranker.freshness_wait_ms),
             max_k: self.ranker.max_k,
+            cache_users: self.ranker.cache_users,
+            cache_ttl: ms(self.ranker.cache_ttl_ms),
+            popularity_refresh: ms(self.ranker.popularity_refresh_ms),
         };
         s.restart = RestartPolicy {
             max_restarts: self.supervision.max_restarts,

@@ -66,7 +66,10 @@ pub fn run(a: DemoArgs) -> CmdResult {
     for ev in EventReader::open(&events_path, &cols, a.columns.skip_bad_rows)? {
         events.push(ev?);
     }
-    let mut cfg = Config::default();
+    let mut cfg = match &a.config {
+        Some(path) => Config::load(path).map_err(CliError::input)?,
+        None => Config::default(),
+    };
     cfg.node.name = "demo".into();
     cfg.node.data_dir = dir.join("node");
     cfg.http.addr = a.addr.clone();

@@ -14,7 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use troupe_actors::ctx::Ctx;
@@ -22,7 +22,7 @@ use troupe_actors::features::{UserFeaturesMsg, UserQuery};
 use troupe_actors::journal::{AppendRequest, Position};
 use troupe_actors::names;
 use troupe_actors::node::{self, CallError};
-use troupe_actors::ranker::{RankerMsg, RecommendRequest, SimilarRequest};
+use troupe_actors::ranker::{BranchReport, RankerMsg, RecommendRequest, SimilarRequest};
 use troupe_actors::record::{partition_of, Event, Item, Payload, CATALOG_STREAM};
 use troupe_actors::trainer::AlsTrainerMsg;
 use troupe_actors::wire::WIRE_VERSION;
@@ -597,37 +597,102 @@ async fn recommend(
     if let Some(e) = reply.error {
         return Err(ApiError::unavailable(e));
     }
-    let items: Vec<Value> = reply
+    let items: Vec<RecItemOut<'_>> = reply
         .items
         .iter()
-        .map(|i| {
-            let mut v = json!({
-                "item": i.item,
-                "score": i.score,
-                "shares": {"als": i.shares.first(), "content": i.shares.get(1), "popularity": i.shares.get(2)},
-            });
-            if explain {
-                v["categories"] = json!(i.categories);
-            }
-            v
+        .map(|i| RecItemOut {
+            item: &i.item,
+            score: i.score,
+            shares: SharesOut {
+                als: i.shares.first().copied(),
+                content: i.shares.get(1).copied(),
+                popularity: i.shares.get(2).copied(),
+            },
+            categories: explain.then_some(i.categories.as_slice()),
         })
         .collect();
-    let mut body = json!({
-        "request_id": reply.request_id,
-        "user": reply.user,
-        "items": items,
-        "model_versions": {"als": reply.als_model_version, "content": reply.content_encoder},
-        "applied_offset": reply.applied_offset,
-        "awaited_offset": reply.awaited_offset,
-        "degraded": reply.degraded,
-        "stale": reply.stale,
-        "cold_start": reply.cold_start,
-        "branches": reply.branches.iter().map(|b| json!({"name": b.name, "status": b.status})).collect::<Vec<_>>(),
-    });
-    if explain {
-        body["branches"] = json!(reply.branches);
-    }
+    let body = RecommendationsOut {
+        request_id: &reply.request_id,
+        user: &reply.user,
+        items,
+        model_versions: ModelVersionsOut {
+            als: reply.als_model_version,
+            content: &reply.content_encoder,
+        },
+        applied_offset: reply.applied_offset,
+        awaited_offset: reply.awaited_offset,
+        degraded: reply.degraded,
+        stale: reply.stale,
+        cold_start: reply.cold_start,
+        cached: reply.cached,
+        branches: if explain {
+            BranchesOut::Full(&reply.branches)
+        } else {
+            BranchesOut::Brief(
+                reply
+                    .branches
+                    .iter()
+                    .map(|b| BriefBranch {
+                        name: &b.name,
+                        status: &b.status,
+                    })
+                    .collect(),
+            )
+        },
+    };
     Ok(Json(body).into_response())
+}
+
+/// Body of `GET /v1/recommendations/{user}` (serialised straight from borrowed fields).
+#[derive(Serialize)]
+struct RecommendationsOut<'a> {
+    request_id: &'a str,
+    user: &'a str,
+    items: Vec<RecItemOut<'a>>,
+    model_versions: ModelVersionsOut<'a>,
+    applied_offset: u64,
+    awaited_offset: u64,
+    degraded: bool,
+    stale: bool,
+    cold_start: bool,
+    cached: bool,
+    branches: BranchesOut<'a>,
+}
+
+#[derive(Serialize)]
+struct RecItemOut<'a> {
+    item: &'a str,
+    score: f32,
+    shares: SharesOut,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    categories: Option<&'a [String]>,
+}
+
+#[derive(Serialize)]
+struct SharesOut {
+    als: Option<f32>,
+    content: Option<f32>,
+    popularity: Option<f32>,
+}
+
+#[derive(Serialize)]
+struct ModelVersionsOut<'a> {
+    als: u64,
+    content: &'a str,
+}
+
+#[derive(Serialize)]
+struct BriefBranch<'a> {
+    name: &'a str,
+    status: &'a str,
+}
+
+/// Branch statuses, or with `explain` the full reports (candidates, time).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BranchesOut<'a> {
+    Brief(Vec<BriefBranch<'a>>),
+    Full(&'a [BranchReport]),
 }
 
 async fn similar(
