@@ -89,20 +89,10 @@ impl CatalogState {
         let mut applier = self.applier.take().ok_or("applier missing")?;
         let ctx = self.ctx.clone();
         let mut applied = self.applied;
-        let mut buf = Vec::new();
-        let result = {
-            let mut f = |r: &Record| buf.push(r.clone());
-            if records.is_empty() {
-                let head = ctx.head(CATALOG_STREAM);
-                applier
-                    .catch_up(&ctx, CATALOG_STREAM, &mut applied, head, &mut f)
-                    .await
-            } else {
-                applier
-                    .apply(&ctx, CATALOG_STREAM, &mut applied, records, &mut f)
-                    .await
-            }
-        };
+        let head = ctx.head(CATALOG_STREAM);
+        let (buf, result) = applier
+            .next_batch(&ctx, CATALOG_STREAM, &mut applied, records, head)
+            .await;
         self.applier = Some(applier);
         let mut encode = Vec::new();
         let mut removed = Vec::new();
@@ -254,12 +244,8 @@ impl Actor for Catalog {
             }
             CatalogMsg::Checkpoint(port) => {
                 let r = st.checkpoint().await;
-                port.send(CheckpointReply {
-                    version: WIRE_VERSION,
-                    offsets: vec![(CATALOG_STREAM, st.applied)],
-                    error: r.err().map(|e| e.to_string()),
-                })
-                .discard();
+                port.send(CheckpointReply::new(vec![(CATALOG_STREAM, st.applied)], r))
+                    .discard();
             }
             CatalogMsg::Observe(port) => {
                 let (items, placeholders, deleted) = {

@@ -50,7 +50,7 @@ impl Applier {
         stream: u32,
         applied: &mut u64,
         records: Vec<Record>,
-        f: &mut (dyn FnMut(&Record) + Send),
+        f: &mut (dyn FnMut(Record) + Send),
     ) -> Result<u64, ActorProcessingErr> {
         let mut n = 0;
         if let Some(first) = records.iter().map(|r| r.offset).find(|&o| o > *applied) {
@@ -60,7 +60,7 @@ impl Applier {
         }
         for r in records {
             if r.offset == *applied + 1 {
-                self.one(ctx, &r, applied, f).await?;
+                self.one(ctx, r, applied, f).await?;
                 n += 1;
             }
         }
@@ -75,7 +75,7 @@ impl Applier {
         stream: u32,
         applied: &mut u64,
         upto: u64,
-        f: &mut (dyn FnMut(&Record) + Send),
+        f: &mut (dyn FnMut(Record) + Send),
     ) -> Result<u64, ActorProcessingErr> {
         let mut n = 0;
         while *applied < upto {
@@ -96,7 +96,7 @@ impl Applier {
                     tracing::warn!(consumer = %self.name, stream, from = *applied + 1, to = r.offset - 1, "records missing from the journal (retention); skipping");
                     *applied = r.offset - 1;
                 }
-                self.one(ctx, &r, applied, f).await?;
+                self.one(ctx, r, applied, f).await?;
                 n += 1;
             }
         }
@@ -104,12 +104,35 @@ impl Applier {
         Ok(n)
     }
 
+    /// The records of `stream` to apply next, in offset order, each past its checks
+    /// (poison accounting, fault hook): those of a notification (after any gap before
+    /// them, read from the store), or with none, everything up to `upto` read from the
+    /// store. `*applied` moves past them; the count result comes back beside them so a
+    /// caller applies what passed before it reports a failure.
+    pub async fn next_batch(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        stream: u32,
+        applied: &mut u64,
+        records: Vec<Record>,
+        upto: u64,
+    ) -> (Vec<Record>, Result<u64, ActorProcessingErr>) {
+        let mut out = Vec::new();
+        let mut f = |r: Record| out.push(r);
+        let result = if records.is_empty() {
+            self.catch_up(ctx, stream, applied, upto, &mut f).await
+        } else {
+            self.apply(ctx, stream, applied, records, &mut f).await
+        };
+        (out, result)
+    }
+
     async fn one(
         &mut self,
         ctx: &Arc<Ctx>,
-        r: &Record,
+        r: Record,
         applied: &mut u64,
-        f: &mut (dyn FnMut(&Record) + Send),
+        f: &mut (dyn FnMut(Record) + Send),
     ) -> Result<(), ActorProcessingErr> {
         let attempts = self
             .failures
@@ -138,9 +161,10 @@ impl Applier {
             return Ok(());
         }
         ctx.set_in_flight(&self.name, r.stream, r.offset);
-        faults::apply(&ctx.faults, self.kind, r).await?;
+        faults::apply(&ctx.faults, self.kind, &r).await?;
+        let offset = r.offset;
         f(r);
-        *applied = r.offset;
+        *applied = offset;
         Ok(())
     }
 }

@@ -293,20 +293,10 @@ impl UserFeaturesState {
         let mut applied = self.applied;
         let ctx = self.ctx.clone();
         let partition = self.partition;
-        let mut buf: Vec<Record> = Vec::new();
-        let result = {
-            let mut f = |r: &Record| buf.push(r.clone());
-            if records.is_empty() {
-                let head = ctx.head(partition);
-                applier
-                    .catch_up(&ctx, partition, &mut applied, head, &mut f)
-                    .await
-            } else {
-                applier
-                    .apply(&ctx, partition, &mut applied, records, &mut f)
-                    .await
-            }
-        };
+        let head = ctx.head(partition);
+        let (buf, result) = applier
+            .next_batch(&ctx, partition, &mut applied, records, head)
+            .await;
         self.applier = Some(applier);
         // Records passed every check (faults included) in order; apply them now.
         for r in &buf {
@@ -409,12 +399,8 @@ impl Actor for UserFeatures {
             }
             UserFeaturesMsg::Checkpoint(port) => {
                 let r = st.checkpoint().await;
-                port.send(CheckpointReply {
-                    version: WIRE_VERSION,
-                    offsets: vec![(st.partition, st.applied)],
-                    error: r.err().map(|e| e.to_string()),
-                })
-                .discard();
+                port.send(CheckpointReply::new(vec![(st.partition, st.applied)], r))
+                    .discard();
             }
             UserFeaturesMsg::Observe(port) => {
                 port.send(Observation::new(

@@ -131,20 +131,10 @@ impl ItemStatsState {
         let mut applier = self.applier.take().ok_or("applier missing")?;
         let ctx = self.ctx.clone();
         let mut applied = self.applied[stream as usize];
-        let mut buf = Vec::new();
-        let result = {
-            let mut f = |r: &Record| buf.push(r.clone());
-            if records.is_empty() {
-                let head = ctx.head(stream);
-                applier
-                    .catch_up(&ctx, stream, &mut applied, head, &mut f)
-                    .await
-            } else {
-                applier
-                    .apply(&ctx, stream, &mut applied, records, &mut f)
-                    .await
-            }
-        };
+        let head = ctx.head(stream);
+        let (buf, result) = applier
+            .next_batch(&ctx, stream, &mut applied, records, head)
+            .await;
         self.applier = Some(applier);
         for r in &buf {
             self.apply(r);
@@ -313,17 +303,8 @@ impl Actor for ItemStats {
             }
             ItemStatsMsg::Checkpoint(port) => {
                 let r = st.checkpoint().await;
-                port.send(CheckpointReply {
-                    version: WIRE_VERSION,
-                    offsets: st
-                        .applied
-                        .iter()
-                        .enumerate()
-                        .map(|(s, &o)| (s as u32, o))
-                        .collect(),
-                    error: r.err().map(|e| e.to_string()),
-                })
-                .discard();
+                port.send(CheckpointReply::partitions(&st.applied, r))
+                    .discard();
             }
             ItemStatsMsg::Observe(port) => {
                 port.send(Observation::new(

@@ -69,6 +69,27 @@ pub struct CheckpointReply {
     pub error: Option<String>,
 }
 
+impl CheckpointReply {
+    /// The answer to a forced checkpoint covering `offsets`.
+    pub fn new<E: std::fmt::Display>(offsets: Vec<(u32, u64)>, result: Result<(), E>) -> Self {
+        CheckpointReply {
+            version: crate::wire::WIRE_VERSION,
+            offsets,
+            error: result.err().map(|e| e.to_string()),
+        }
+    }
+
+    /// The same for a consumer of every partition (`applied[p]` for partition `p`).
+    pub fn partitions<E: std::fmt::Display>(applied: &[u64], result: Result<(), E>) -> Self {
+        let offsets = applied
+            .iter()
+            .enumerate()
+            .map(|(s, &o)| (s as u32, o))
+            .collect();
+        Self::new(offsets, result)
+    }
+}
+
 wire_payload!(RecordBatch, Observation, CheckpointReply);
 
 /// Item texts to embed.

@@ -300,11 +300,9 @@ impl AlsTrainerState {
                 continue;
             }
             let upto = head.min(applied + READ_PER_TICK);
-            let mut buf = Vec::new();
-            let r = {
-                let mut f = |r: &Record| buf.push(r.clone());
-                applier.catch_up(&ctx, s, &mut applied, upto, &mut f).await
-            };
+            let (buf, r) = applier
+                .next_batch(&ctx, s, &mut applied, Vec::new(), upto)
+                .await;
             for rec in &buf {
                 self.apply(rec);
             }
@@ -619,17 +617,8 @@ impl Actor for AlsTrainer {
             }
             AlsTrainerMsg::Checkpoint(port) => {
                 let r = st.checkpoint().await;
-                port.send(CheckpointReply {
-                    version: WIRE_VERSION,
-                    offsets: st
-                        .applied
-                        .iter()
-                        .enumerate()
-                        .map(|(s, &o)| (s as u32, o))
-                        .collect(),
-                    error: r.err().map(|e| e.to_string()),
-                })
-                .discard();
+                port.send(CheckpointReply::partitions(&st.applied, r))
+                    .discard();
             }
             AlsTrainerMsg::Observe(port) => {
                 let serving = st.ctx.als.load_full();
