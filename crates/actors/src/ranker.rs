@@ -178,6 +178,24 @@ struct UserCandidates {
 
 type CacheKey = (String, Option<String>);
 
+/// Room one typical user takes in the candidate cache, in ids (two candidate lists of
+/// `ranker.candidates` plus some seen items). The cache holds `cache_users` of these.
+const CACHE_IDS_PER_USER: u64 = 256;
+
+/// Weighs a cache entry by the ids it holds, so users with long seen sets take more room
+/// and the cache's memory stays bounded whatever the mix.
+#[derive(Clone)]
+struct IdsWeighter;
+
+impl quick_cache::Weighter<CacheKey, Arc<UserCandidates>> for IdsWeighter {
+    fn weight(&self, _: &CacheKey, e: &Arc<UserCandidates>) -> u64 {
+        let len = |l: &Option<Owned>| l.as_ref().map_or(0, |l| l.len());
+        (1 + e.seen.len() + len(&e.als.0) + len(&e.content.0)) as u64
+    }
+}
+
+type CandidateCache = quick_cache::sync::Cache<CacheKey, Arc<UserCandidates>, IdsWeighter>;
+
 /// Popularity list of one category, shared by requests for `ranker.popularity_refresh`.
 struct PopularList {
     fetched: Instant,
@@ -243,7 +261,7 @@ pub struct RankerCore {
     ctx: Arc<Ctx>,
     handles: Handles,
     breakers: [Breaker; 3],
-    cache: Option<quick_cache::sync::Cache<CacheKey, Arc<UserCandidates>>>,
+    cache: Option<CandidateCache>,
     popular: Mutex<FxHashMap<Option<String>, PopularList>>,
 }
 
@@ -254,11 +272,18 @@ impl RankerCore {
         RankerCore {
             handles: Handles::new(&ctx.metrics),
             breakers: [b("als"), b("content"), b("popularity")],
-            cache: (r.cache_users > 0).then(|| quick_cache::sync::Cache::new(r.cache_users)),
+            cache: (r.cache_users > 0).then(|| {
+                CandidateCache::with_weighter(
+                    r.cache_users,
+                    r.cache_users as u64 * CACHE_IDS_PER_USER,
+                    IdsWeighter,
+                )
+            }),
             popular: Mutex::new(FxHashMap::default()),
             ctx,
         }
     }
+
     /// Runs one branch under its breaker, deadline and fault hook.
     async fn branch<T, F>(&self, idx: usize, fut: F) -> (Option<T>, BranchReport)
     where

@@ -96,9 +96,10 @@ pub struct RankerSettings {
     /// How long a request waits for the user's acked events to be applied.
     pub freshness_wait: Duration,
     pub max_k: usize,
-    /// Users whose ALS and content candidates are cached (0: no cache). An entry is
-    /// used only while the user has no newer acked event, the ALS version is unchanged
-    /// and it is younger than `cache_ttl`.
+    /// Users whose ALS and content candidates are cached (0: no cache), counted in
+    /// typical users of 256 ids each (candidates plus seen items; heavier users take
+    /// more room, so memory stays bounded). An entry is used only while the user has no
+    /// newer acked event, the ALS version is unchanged and it is younger than `cache_ttl`.
     pub cache_users: usize,
     pub cache_ttl: Duration,
     /// How long one popularity list (per category) is reused.
