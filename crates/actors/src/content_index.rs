@@ -25,8 +25,6 @@ pub struct ContentIndex {
     /// Per dimension, `(row, value)` of every non-zero value; `None` once a dense row
     /// arrived.
     postings: Option<Vec<Vec<(u32, f32)>>>,
-    /// Bumped on every change (observability and tests).
-    generation: u64,
 }
 
 impl ContentIndex {
@@ -42,10 +40,6 @@ impl ContentIndex {
     /// Whether scoring can use the inverted index.
     pub fn sparse(&self) -> bool {
         self.postings.is_some()
-    }
-
-    pub fn generation(&self) -> u64 {
-        self.generation
     }
 
     /// Drops row `i`'s values from the inverted index.
@@ -84,7 +78,6 @@ impl ContentIndex {
         }
         self.text_hash[i] = text_hash;
         self.data[i * self.dim..(i + 1) * self.dim].copy_from_slice(v);
-        self.generation += 1;
         let nnz = v.iter().filter(|x| **x != 0.0).count();
         if nnz as f32 > SPARSE_MAX_DENSITY * self.dim as f32 {
             self.postings = None;
@@ -105,7 +98,6 @@ impl ContentIndex {
             if self.text_hash[i] != 0 {
                 self.live -= 1;
                 self.unpost(i);
-                self.generation += 1;
             }
             self.text_hash[i] = 0;
             self.data[i * self.dim..(i + 1) * self.dim].fill(0.0);

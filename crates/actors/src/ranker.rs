@@ -428,6 +428,7 @@ impl RankerCore {
         req: &RecommendRequest,
         p: u32,
         target: u64,
+        als_version: u64,
         n: usize,
         now: i64,
     ) -> (UserCandidates, bool, bool, u64) {
@@ -440,7 +441,6 @@ impl RankerCore {
                 tokio::time::timeout(s.ranker.freshness_wait, rx.wait_for(|&o| o >= target)).await;
             stale = !matches!(waited, Ok(Ok(_)));
         }
-        let als_version = ctx.als.load().as_ref().map_or(0, |m| m.version);
         let view = self.fetch_user(&req.user, p).await;
         let features_ok = view.is_some();
         let view = view.unwrap_or_default();
@@ -605,16 +605,13 @@ impl RankerCore {
                 && e.als_version == als_version
                 && e.built.elapsed() < s.ranker.cache_ttl
         });
+        // Indices into CACHE_OUTCOMES.
         let outcome = match (&cache, &hit) {
-            (None, _) => "bypass",
-            (Some(_), Some(_)) => "hit",
-            (Some(_), None) => "miss",
+            (Some(_), Some(_)) => 0,
+            (Some(_), None) => 1,
+            (None, _) => 2,
         };
-        self.handles.cache[CACHE_OUTCOMES
-            .iter()
-            .position(|o| *o == outcome)
-            .unwrap_or(0)]
-        .inc();
+        self.handles.cache[outcome].inc();
         let mut features_ok = true;
         let mut view_applied = 0;
         let user = match hit {
@@ -623,8 +620,9 @@ impl RankerCore {
                 e
             }
             None => {
-                let (e, ok, stale, applied) =
-                    self.user_candidates(&req, p, target, n, req.now_ms).await;
+                let (e, ok, stale, applied) = self
+                    .user_candidates(&req, p, target, als_version, n, req.now_ms)
+                    .await;
                 features_ok = ok;
                 view_applied = applied;
                 reply.stale = stale;

@@ -98,6 +98,8 @@ pub enum StoreError {
     },
     #[error("checkpoint {name}: {reason}")]
     Checkpoint { name: String, reason: String },
+    #[error("idempotency group acked at {at_ms} ms: {reason}")]
+    IdempotencyGroup { at_ms: i64, reason: String },
 }
 
 /// What opening the store found.
@@ -314,11 +316,8 @@ impl Store {
         for row in t.range((since_ms, 0, 0)..).map_err(self.err())? {
             let (k, v) = row.map_err(self.err())?;
             let (at, _, _) = k.value();
-            let entries =
-                decode_idem_group(v.value()).map_err(|reason| StoreError::Checkpoint {
-                    name: format!("idempotency group at {at}"),
-                    reason,
-                })?;
+            let entries = decode_idem_group(v.value())
+                .map_err(|reason| StoreError::IdempotencyGroup { at_ms: at, reason })?;
             out.extend(entries.into_iter().map(|(k, s, o)| (k, s, o, at)));
         }
         Ok(out)
