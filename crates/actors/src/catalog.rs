@@ -4,6 +4,7 @@
 //! placeholder entry (derived, not journaled).
 
 use crate::Discard;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -38,11 +39,11 @@ pub enum CatalogMsg {
 }
 
 #[derive(Serialize, Deserialize)]
-struct Checkpoint {
+struct Checkpoint<'a> {
     format: u16,
     applied: u64,
-    items: FxHashMap<String, Item>,
-    deleted: FxHashSet<String>,
+    items: Cow<'a, FxHashMap<String, Item>>,
+    deleted: Cow<'a, FxHashSet<String>>,
 }
 
 pub struct Catalog;
@@ -132,16 +133,17 @@ impl CatalogState {
     }
 
     async fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
-        let cp = {
+        let bytes = {
             let view = self.ctx.catalog.read();
-            Checkpoint {
+            let cp = Checkpoint {
                 format: CATALOG_CHECKPOINT_FORMAT,
                 applied: self.applied,
-                items: view.items.clone(),
-                deleted: view.deleted.clone(),
-            }
+                items: Cow::Borrowed(&view.items),
+                deleted: Cow::Borrowed(&view.deleted),
+            };
+            bincode::serde::encode_to_vec(&cp, bincode::config::standard())?
         };
-        crate::consumer::save_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), cp).await?;
+        crate::consumer::write_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), bytes).await?;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         self.ctx
@@ -193,8 +195,8 @@ impl Actor for Catalog {
             view.placeholders = placeholders;
             if let Some(cp) = cp {
                 st.applied = cp.applied;
-                view.set_items(cp.items);
-                view.deleted = cp.deleted;
+                view.set_items(cp.items.into_owned());
+                view.deleted = cp.deleted.into_owned();
                 view.applied = cp.applied;
             }
             view.items

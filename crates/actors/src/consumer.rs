@@ -169,6 +169,21 @@ impl Applier {
     }
 }
 
+/// Applies checked records one by one, each marked in flight while `f` runs, so a panic
+/// in `f` is counted against the record that caused it.
+pub fn apply_marked<'r>(
+    ctx: &Ctx,
+    consumer: &str,
+    records: impl IntoIterator<Item = &'r Record>,
+    mut f: impl FnMut(&Record),
+) {
+    for r in records {
+        ctx.set_in_flight(consumer, r.stream, r.offset);
+        f(r);
+    }
+    ctx.clear_in_flight(consumer);
+}
+
 /// The supervisors' failure hook: counts a failure against the record the failed
 /// consumer was applying, durably and outside the failed actor.
 pub fn count_failure(ctx: &Ctx, child: &str) {
@@ -193,23 +208,30 @@ pub fn count_failure(ctx: &Ctx, child: &str) {
     }
 }
 
-/// Writes a consumer's checkpoint (state and offsets in one value, so one store write)
-/// off the async runtime.
+/// Writes a consumer's checkpoint (state and offsets in one value, so one store write).
+/// The state is encoded from borrowed fields (no copy of it), then written off the async
+/// runtime.
 pub async fn save_checkpoint<T>(
     ctx: &Arc<Ctx>,
     name: String,
-    cp: T,
+    cp: &T,
 ) -> Result<(), ActorProcessingErr>
 where
-    T: serde::Serialize + Send + 'static,
+    T: serde::Serialize,
 {
+    let bytes = bincode::serde::encode_to_vec(cp, bincode::config::standard())?;
+    write_checkpoint(ctx, name, bytes).await
+}
+
+/// Writes encoded checkpoint bytes off the async runtime.
+pub async fn write_checkpoint(
+    ctx: &Arc<Ctx>,
+    name: String,
+    bytes: Vec<u8>,
+) -> Result<(), ActorProcessingErr> {
     let store = ctx.store.clone();
-    tokio::task::spawn_blocking(move || -> Result<(), ActorProcessingErr> {
-        let bytes = bincode::serde::encode_to_vec(&cp, bincode::config::standard())?;
-        store.put_checkpoint(&name, &bytes)?;
-        Ok(())
-    })
-    .await?
+    tokio::task::spawn_blocking(move || store.put_checkpoint(&name, &bytes)).await??;
+    Ok(())
 }
 
 /// The usual checkpoint check: a known format and, for consumers of every partition, one

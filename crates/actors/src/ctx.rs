@@ -127,9 +127,13 @@ impl Ctx {
     }
 
     pub fn set_in_flight(&self, consumer: &str, stream: u32, offset: u64) {
-        self.in_flight
-            .lock()
-            .insert(consumer.to_string(), (stream, offset));
+        let mut m = self.in_flight.lock();
+        match m.get_mut(consumer) {
+            Some(v) => *v = (stream, offset),
+            None => {
+                m.insert(consumer.to_string(), (stream, offset));
+            }
+        }
     }
 
     /// Records that `consumer`'s durable checkpoint covers `stream` up to `offset`.

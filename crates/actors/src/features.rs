@@ -7,6 +7,7 @@
 //! after it. Fold-in runs after each applied batch, coalesced per user, off the ack path.
 
 use crate::Discard;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -116,11 +117,12 @@ pub struct UserFeaturesState {
     dirty: FxHashSet<String>,
 }
 
+/// Borrowed when written, owned when read.
 #[derive(Serialize, Deserialize)]
-struct Checkpoint {
+struct Checkpoint<'a> {
     format: u16,
     applied: u64,
-    users: FxHashMap<String, UserState>,
+    users: Cow<'a, FxHashMap<String, UserState>>,
 }
 
 fn checkpoint_name(p: u32) -> String {
@@ -132,12 +134,23 @@ impl UserFeaturesState {
         let ctx = self.ctx.clone();
         match &r.payload {
             Payload::Event(e) => {
-                let u = self.users.entry(e.user.clone()).or_default();
+                // Keys are cloned only when new (most events touch known users and kinds).
+                if !self.users.contains_key(&e.user) {
+                    self.users.insert(e.user.clone(), UserState::default());
+                }
+                let Some(u) = self.users.get_mut(&e.user) else {
+                    return;
+                };
                 let weight = ctx
                     .settings
                     .weights
                     .weight(Some(&e.kind), e.value.unwrap_or(f32::NAN));
-                *u.kind_counts.entry(e.kind.clone()).or_default() += 1;
+                match u.kind_counts.get_mut(&e.kind) {
+                    Some(c) => *c += 1,
+                    None => {
+                        u.kind_counts.insert(e.kind.clone(), 1);
+                    }
+                }
                 u.events += 1;
                 u.last_ts_ms = u.last_ts_ms.max(e.ts_ms);
                 u.last_offset = r.offset;
@@ -150,7 +163,9 @@ impl UserFeaturesState {
                     Some(w) => {
                         u.disliked.remove(&e.item);
                         let kinds = &ctx.settings.seen_kinds;
-                        if kinds.is_empty() || kinds.iter().any(|k| k == &e.kind) {
+                        if (kinds.is_empty() || kinds.iter().any(|k| k == &e.kind))
+                            && !u.seen.contains(&e.item)
+                        {
                             u.seen.insert(e.item.clone());
                         }
                         // Late events go to their place by time.
@@ -171,7 +186,9 @@ impl UserFeaturesState {
                         }
                     }
                 }
-                self.dirty.insert(e.user.clone());
+                if !self.dirty.contains(&e.user) {
+                    self.dirty.insert(e.user.clone());
+                }
             }
             Payload::EraseUser { user } => {
                 self.users.remove(user);
@@ -210,9 +227,9 @@ impl UserFeaturesState {
         let cp = Checkpoint {
             format: FEATURES_CHECKPOINT_FORMAT,
             applied: self.applied,
-            users: self.users.clone(),
+            users: Cow::Borrowed(&self.users),
         };
-        crate::consumer::save_checkpoint(&self.ctx, checkpoint_name(self.partition), cp).await?;
+        crate::consumer::save_checkpoint(&self.ctx, checkpoint_name(self.partition), &cp).await?;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         self.checkpoint_offset = self.applied;
@@ -299,9 +316,8 @@ impl UserFeaturesState {
             .await;
         self.applier = Some(applier);
         // Records passed every check (faults included) in order; apply them now.
-        for r in &buf {
-            self.apply(r);
-        }
+        let name = self.name.clone();
+        crate::consumer::apply_marked(&ctx, &name, &buf, |r| self.apply(r));
         self.applied = applied;
         let n = result?;
         self.since_checkpoint += n;
@@ -355,7 +371,7 @@ impl Actor for UserFeatures {
         if let Some(cp) = cp {
             st.applied = cp.applied;
             st.checkpoint_offset = cp.applied;
-            st.users = cp.users;
+            st.users = cp.users.into_owned();
         }
         st.applier = Some(Applier::load(&st.ctx, &st.name, "user_features").await?);
         let before = st.applied;

@@ -2,6 +2,7 @@
 //! One per node, fed by every partition; checkpoints `{state, offsets per partition}`.
 
 use crate::Discard;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -64,13 +65,14 @@ pub enum ItemStatsMsg {
     Observe(RpcReplyPort<Observation>),
 }
 
+/// Borrowed when written, owned when read.
 #[derive(Serialize, Deserialize)]
-struct Checkpoint {
+struct Checkpoint<'a> {
     format: u16,
     applied: Vec<u64>,
-    ids: IdMap,
-    categorized: FxHashSet<u32>,
-    popularity: Popularity,
+    ids: Cow<'a, IdMap>,
+    categorized: Cow<'a, FxHashSet<u32>>,
+    popularity: Cow<'a, Popularity>,
     latest_ts_ms: i64,
 }
 
@@ -136,9 +138,7 @@ impl ItemStatsState {
             .next_batch(&ctx, stream, &mut applied, records, head)
             .await;
         self.applier = Some(applier);
-        for r in &buf {
-            self.apply(r);
-        }
+        crate::consumer::apply_marked(&ctx, names::ITEM_STATS, &buf, |r| self.apply(r));
         self.applied[stream as usize] = applied;
         self.since_checkpoint += result?;
         self.ctx
@@ -165,12 +165,12 @@ impl ItemStatsState {
         let cp = Checkpoint {
             format: ITEM_STATS_CHECKPOINT_FORMAT,
             applied: self.applied.clone(),
-            ids: self.ids.clone(),
-            categorized: self.categorized.clone(),
-            popularity: self.popularity.clone(),
+            ids: Cow::Borrowed(&self.ids),
+            categorized: Cow::Borrowed(&self.categorized),
+            popularity: Cow::Borrowed(&self.popularity),
             latest_ts_ms: self.latest_ts_ms,
         };
-        crate::consumer::save_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), cp).await?;
+        crate::consumer::save_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), &cp).await?;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         self.checkpoints += 1;
@@ -258,9 +258,9 @@ impl Actor for ItemStats {
         .await?;
         if let Some(cp) = cp {
             st.applied = cp.applied;
-            st.ids = cp.ids;
-            st.categorized = cp.categorized;
-            st.popularity = cp.popularity;
+            st.ids = cp.ids.into_owned();
+            st.categorized = cp.categorized.into_owned();
+            st.popularity = cp.popularity.into_owned();
             st.latest_ts_ms = cp.latest_ts_ms;
         }
         st.applier = Some(Applier::load(&st.ctx, names::ITEM_STATS, "item_stats").await?);

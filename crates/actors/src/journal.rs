@@ -29,7 +29,7 @@ use crate::messages::{Observation, RecordBatch};
 use crate::metrics::label;
 use crate::names;
 use crate::record::{Payload, Record, CATALOG_STREAM};
-use crate::store::{append_of, Append};
+use crate::store::JournalBatch;
 use crate::wire::{self, WIRE_VERSION};
 use crate::wire_payload;
 use crate::{catalog::CatalogMsg, features::UserFeaturesMsg};
@@ -277,7 +277,9 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
     let now = now_ms();
     let mut next = st.next.clone();
     let mut fresh: FxHashMap<u128, (u32, u64)> = FxHashMap::default();
-    let mut appends: Vec<(Append, u64)> = Vec::with_capacity(n);
+    // One batch (one row) per stream, records encoded straight into it.
+    let mut batches: FxHashMap<u32, JournalBatch> = FxHashMap::default();
+    let mut keys: Vec<(u128, u32, u64)> = Vec::with_capacity(n);
     let mut committed: Vec<Record> = Vec::with_capacity(n);
     let mut replies = Vec::with_capacity(batch.len());
     let mut injected = false;
@@ -305,6 +307,7 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
             let offset = *off;
             if key != 0 {
                 fresh.insert(key, (stream, offset));
+                keys.push((key, stream, offset));
             }
             let rec = Record {
                 stream,
@@ -314,7 +317,10 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
             if let Some(FaultAction::Error) = ctx.faults.on_record("journal", &rec) {
                 injected = true;
             }
-            appends.push((append_of(stream, &rec.payload), offset));
+            batches
+                .entry(stream)
+                .or_insert_with(|| JournalBatch::new(stream, offset))
+                .push(&rec.payload);
             committed.push(rec);
             positions.push(Position {
                 stream,
@@ -335,15 +341,16 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
         }
     }
     let started = Instant::now();
-    let result = if appends.is_empty() && expired == 0 {
+    let result = if batches.is_empty() && expired == 0 {
         Ok(())
     } else if injected {
         Err("injected commit failure".to_string())
     } else {
         let store = ctx.store.clone();
+        let batches: Vec<JournalBatch> = batches.into_values().collect();
         tokio::task::spawn_blocking(move || {
             store
-                .append(&appends, now, (expired > 0).then_some(horizon))
+                .append(&batches, &keys, now, (expired > 0).then_some(horizon))
                 .map_err(|e| e.to_string())
         })
         .await
@@ -394,9 +401,13 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
             _ => None,
         };
         if let Some(user) = user {
-            ctx.last_acked[r.stream as usize]
-                .lock()
-                .insert(user.clone(), r.offset);
+            let mut m = ctx.last_acked[r.stream as usize].lock();
+            match m.get_mut(user) {
+                Some(o) => *o = r.offset,
+                None => {
+                    m.insert(user.clone(), r.offset);
+                }
+            }
         }
     }
     let mut dups = 0;

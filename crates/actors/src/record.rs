@@ -108,12 +108,20 @@ fn config() -> bincode::config::Configuration {
 
 /// Encodes a payload for the journal.
 pub fn encode(payload: &Payload) -> Vec<u8> {
-    let body = bincode::serde::encode_to_vec(payload, config()).unwrap_or_default();
-    let mut out = Vec::with_capacity(body.len() + 6);
-    out.extend_from_slice(&RECORD_FORMAT.to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.extend_from_slice(&body);
+    let mut out = Vec::with_capacity(96);
+    encode_into(payload, &mut out);
     out
+}
+
+/// Appends the encoded record to `out` (no intermediate buffer).
+pub fn encode_into(payload: &Payload, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&RECORD_FORMAT.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    // Writing into a Vec cannot fail, and every payload type serialises.
+    let _ = bincode::serde::encode_into_std_write(payload, out, config());
+    let crc = crc32fast::hash(&out[start + 6..]);
+    out[start + 2..start + 6].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Decodes a stored record.

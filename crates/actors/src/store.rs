@@ -2,9 +2,10 @@
 //! idempotency window, checkpoints, poison-record counts, dead letters, the embedding
 //! cache and model snapshots, all in one file so one commit (one fsync) covers them.
 //!
-//! Keys are chosen so that a partition's records are one contiguous, ordered range:
-//! `journal[(stream, offset)]`. Offsets start at 1; an `applied_offset` of 0 means nothing
-//! was applied yet.
+//! Keys are chosen so that a partition's records are one contiguous, ordered range: one
+//! row per stream per commit, `journal_batches[(stream, last offset)]`, holding that
+//! commit's records of the stream. Offsets start at 1; an `applied_offset` of 0 means
+//! nothing was applied yet.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +15,127 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::record::{self, Payload, Record, RecordError};
 
-const JOURNAL: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("journal");
+/// `(stream, last offset in the batch)` -> a [`JournalBatch`]: the records of one stream
+/// from one commit. Keying by the last offset makes "the batch holding offset `o`" the
+/// first row at or after `(stream, o)`.
+const JOURNAL: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("journal_batches");
+/// Layout 1 and 2 kept one row per record, keyed `(stream, offset)`; read only to migrate.
+const JOURNAL_V2: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("journal");
+/// Version of the batch container (`[format u16][first offset u64][count u32]` then per
+/// record `[length u32][record]`, each record carrying its own format and checksum).
+const BATCH_FORMAT: u16 = 1;
+const BATCH_HEADER: usize = 2 + 8 + 4;
+
+/// Records of one stream with consecutive offsets, encoded as one journal row.
+pub struct JournalBatch {
+    stream: u32,
+    first: u64,
+    count: u32,
+    bytes: Vec<u8>,
+}
+
+impl JournalBatch {
+    /// An empty batch whose first record will have offset `first`.
+    pub fn new(stream: u32, first: u64) -> Self {
+        let mut bytes = Vec::with_capacity(4096);
+        bytes.extend_from_slice(&BATCH_FORMAT.to_le_bytes());
+        bytes.extend_from_slice(&first.to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        JournalBatch {
+            stream,
+            first,
+            count: 0,
+            bytes,
+        }
+    }
+
+    /// Appends the next record (offset `first + len`).
+    pub fn push(&mut self, payload: &Payload) {
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(&[0; 4]);
+        record::encode_into(payload, &mut self.bytes);
+        self.seal(at);
+    }
+
+    /// Appends an already encoded record.
+    pub fn push_encoded(&mut self, rec: &[u8]) {
+        let at = self.bytes.len();
+        self.bytes
+            .extend_from_slice(&(rec.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(rec);
+        self.seal(at);
+    }
+
+    fn seal(&mut self, at: usize) {
+        let len = (self.bytes.len() - at - 4) as u32;
+        self.bytes[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        self.count += 1;
+        self.bytes[10..BATCH_HEADER].copy_from_slice(&self.count.to_le_bytes());
+    }
+
+    pub fn stream(&self) -> u32 {
+        self.stream
+    }
+
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Offset of the last record (the row key).
+    pub fn last(&self) -> u64 {
+        self.first + u64::from(self.count.max(1)) - 1
+    }
+}
+
+/// A stored batch split into its records.
+struct Framed<'a> {
+    first: u64,
+    /// Records the header announces.
+    declared: u32,
+    records: Vec<&'a [u8]>,
+    /// The bytes end before the announced records do (or run past them).
+    torn: bool,
+}
+
+/// Splits a stored batch. `Err` for a header that is too short or of an unknown format.
+fn frame(b: &[u8]) -> Result<Framed<'_>, String> {
+    if b.len() < BATCH_HEADER {
+        return Err(format!(
+            "batch of {} bytes, shorter than its header",
+            b.len()
+        ));
+    }
+    let format = u16::from_le_bytes([b[0], b[1]]);
+    if format != BATCH_FORMAT {
+        return Err(format!(
+            "journal batch format {format} (this build reads {BATCH_FORMAT})"
+        ));
+    }
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&b[2..10]);
+    let declared = u32::from_le_bytes([b[10], b[11], b[12], b[13]]);
+    let mut records = Vec::with_capacity(declared as usize);
+    let mut rest = &b[BATCH_HEADER..];
+    while records.len() < declared as usize && rest.len() >= 4 {
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if rest.len() - 4 < len {
+            break;
+        }
+        records.push(&rest[4..4 + len]);
+        rest = &rest[4 + len..];
+    }
+    let torn = records.len() < declared as usize || !rest.is_empty();
+    Ok(Framed {
+        first: u64::from_le_bytes(first),
+        declared,
+        records,
+        torn,
+    })
+}
 /// key -> (stream, offset, appended at, ms)
 /// Layout 1 kept one row per key (random inserts); read only to migrate.
 const IDEM_V1: TableDefinition<u128, (u32, u64, i64)> = TableDefinition::new("idempotency");
@@ -76,7 +197,7 @@ const MODELS: TableDefinition<u64, &[u8]> = TableDefinition::new("als_models");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Version of the store layout written by this build (tables and value formats).
-pub const STORE_FORMAT: u32 = 2;
+pub const STORE_FORMAT: u32 = 3;
 
 /// Errors of the store. Any of them on a write means the write did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +221,12 @@ pub enum StoreError {
     Checkpoint { name: String, reason: String },
     #[error("idempotency group acked at {at_ms} ms: {reason}")]
     IdempotencyGroup { at_ms: i64, reason: String },
+    #[error("journal batch {stream}/..{last}: {reason}")]
+    Batch {
+        stream: u32,
+        last: u64,
+        reason: String,
+    },
 }
 
 /// What opening the store found.
@@ -120,13 +247,6 @@ pub struct Store {
 
 /// Failures counted against one record: `((stream, offset), count)`.
 pub type FailureCount = ((u32, u64), u32);
-
-/// One record to append.
-pub struct Append {
-    pub stream: u32,
-    pub key: u128,
-    pub bytes: Vec<u8>,
-}
 
 fn db_err<E: Into<redb::Error>>(path: &Path) -> impl FnOnce(E) -> StoreError + '_ {
     move |e| StoreError::Db {
@@ -185,25 +305,11 @@ impl Store {
                         .map_err(self.err())?;
                 }
                 Some(v) if v == STORE_FORMAT => {}
-                Some(1) => {
-                    // Layout 1 -> 2: per-key idempotency rows become per-time groups.
-                    let mut groups: std::collections::BTreeMap<i64, Vec<(u128, u32, u64)>> =
-                        Default::default();
-                    {
-                        let old = tx.open_table(IDEM_V1).map_err(self.err())?;
-                        for row in old.iter().map_err(self.err())? {
-                            let (k, v) = row.map_err(self.err())?;
-                            let (s, o, at) = v.value();
-                            groups.entry(at).or_default().push((k.value(), s, o));
-                        }
+                Some(v @ (1 | 2)) => {
+                    if v == 1 {
+                        self.migrate_idempotency_v1(&tx)?;
                     }
-                    tx.delete_table(IDEM_V1).map_err(self.err())?;
-                    let mut idem = tx.open_table(IDEM).map_err(self.err())?;
-                    for (at, entries) in groups {
-                        let (_, s, o) = entries[0];
-                        idem.insert((at, s, o), encode_idem_group(&entries).as_slice())
-                            .map_err(self.err())?;
-                    }
+                    self.migrate_journal_v2(&tx)?;
                     meta.insert("format", STORE_FORMAT.to_le_bytes().as_slice())
                         .map_err(self.err())?;
                 }
@@ -219,12 +325,59 @@ impl Store {
         Ok(())
     }
 
-    /// Cuts, per stream, trailing records that fail to decode (a torn or corrupt tail).
-    /// Stops at the first good record from the end: corruption in the middle is reported
-    /// by readers, never silently dropped.
+    /// Layout 2 -> 3: one row per record becomes one single-record batch per row.
+    fn migrate_journal_v2(&self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let mut rows = Vec::new();
+        {
+            let old = tx.open_table(JOURNAL_V2).map_err(self.err())?;
+            for row in old.iter().map_err(self.err())? {
+                let (k, v) = row.map_err(self.err())?;
+                let (s, o) = k.value();
+                let mut b = JournalBatch::new(s, o);
+                b.push_encoded(v.value());
+                rows.push(b);
+            }
+        }
+        tx.delete_table(JOURNAL_V2).map_err(self.err())?;
+        let mut j = tx.open_table(JOURNAL).map_err(self.err())?;
+        for b in rows {
+            j.insert((b.stream, b.last()), b.bytes.as_slice())
+                .map_err(self.err())?;
+        }
+        Ok(())
+    }
+
+    /// Layout 1 -> 2: per-key idempotency rows become per-time groups.
+    fn migrate_idempotency_v1(&self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let mut groups: std::collections::BTreeMap<i64, Vec<(u128, u32, u64)>> = Default::default();
+        {
+            let old = tx.open_table(IDEM_V1).map_err(self.err())?;
+            for row in old.iter().map_err(self.err())? {
+                let (k, v) = row.map_err(self.err())?;
+                let (s, o, at) = v.value();
+                groups.entry(at).or_default().push((k.value(), s, o));
+            }
+        }
+        tx.delete_table(IDEM_V1).map_err(self.err())?;
+        let mut idem = tx.open_table(IDEM).map_err(self.err())?;
+        for (at, entries) in groups {
+            let (_, s, o) = entries[0];
+            idem.insert((at, s, o), encode_idem_group(&entries).as_slice())
+                .map_err(self.err())?;
+        }
+        Ok(())
+    }
+
+    /// Cuts, per stream, trailing records that fail to decode (a torn or corrupt tail):
+    /// whole batches at the end, and the bad end of the last batch that still holds a good
+    /// record. Stops at the first good record from the end: corruption in the middle is
+    /// reported by readers, never silently dropped.
     fn cut_torn_tails(&self) -> Result<u64, StoreError> {
         let streams = self.streams()?;
-        let mut cut = Vec::new();
+        // Rows to delete, and rows to rewrite with their good prefix.
+        let mut remove = Vec::new();
+        let mut rewrite = Vec::new();
+        let mut cut = 0u64;
         {
             let tx = self.db.begin_read().map_err(self.err())?;
             let t = tx.open_table(JOURNAL).map_err(self.err())?;
@@ -232,25 +385,56 @@ impl Store {
                 let range = t.range((s, 0)..=(s, u64::MAX)).map_err(self.err())?;
                 for row in range.rev() {
                     let (k, v) = row.map_err(self.err())?;
-                    match record::decode(v.value()) {
-                        Ok(_) => break,
-                        Err(RecordError::Version(_)) => break,
-                        Err(_) => cut.push(k.value()),
+                    let key = k.value();
+                    let Ok(f) = frame(v.value()) else {
+                        // An unknown format is refused by readers, not cut; a header
+                        // too short to parse is one torn record.
+                        if v.value().len() < BATCH_HEADER {
+                            remove.push(key);
+                            cut += 1;
+                            continue;
+                        }
+                        break;
+                    };
+                    // A record of an unknown version is kept (readers refuse it clearly).
+                    let good = f
+                        .records
+                        .iter()
+                        .rposition(|r| {
+                            matches!(record::decode(r), Ok(_) | Err(RecordError::Version(_)))
+                        })
+                        .map_or(0, |i| i + 1);
+                    let total = (f.declared as usize).max(f.records.len());
+                    cut += (total - good) as u64;
+                    if good == 0 {
+                        remove.push(key);
+                        continue;
                     }
+                    if good < total || f.torn {
+                        let mut b = JournalBatch::new(s, f.first);
+                        f.records[..good].iter().for_each(|r| b.push_encoded(r));
+                        remove.push(key);
+                        rewrite.push(b);
+                    }
+                    break;
                 }
             }
         }
-        if !cut.is_empty() {
+        if !remove.is_empty() {
             let tx = self.db.begin_write().map_err(self.err())?;
             {
                 let mut t = tx.open_table(JOURNAL).map_err(self.err())?;
-                for k in &cut {
+                for k in &remove {
                     t.remove(k).map_err(self.err())?;
+                }
+                for b in &rewrite {
+                    t.insert((b.stream, b.last()), b.bytes.as_slice())
+                        .map_err(self.err())?;
                 }
             }
             tx.commit().map_err(self.err())?;
         }
-        Ok(cut.len() as u64)
+        Ok(cut)
     }
 
     /// Streams that have at least one record.
@@ -300,7 +484,17 @@ impl Store {
             .map_err(self.err())?
             .next();
         match first {
-            Some(row) => Ok(row.map_err(self.err())?.0.value().1),
+            Some(row) => {
+                let (k, v) = row.map_err(self.err())?;
+                let last = k.value().1;
+                frame(v.value())
+                    .map(|f| f.first)
+                    .map_err(|reason| StoreError::Batch {
+                        stream,
+                        last,
+                        reason,
+                    })
+            }
             None => Ok(0),
         }
     }
@@ -323,11 +517,13 @@ impl Store {
         Ok(out)
     }
 
-    /// Appends records at the given offsets plus their idempotency entries in one
-    /// durable commit (one fsync), and drops idempotency entries older than `expire_before_ms`.
+    /// Appends batches (each one row) plus the idempotency entries `(key, stream, offset)`
+    /// of their records in one durable commit (one fsync), and drops idempotency entries
+    /// older than `expire_before_ms`.
     pub fn append(
         &self,
-        records: &[(Append, u64)],
+        batches: &[JournalBatch],
+        keys: &[(u128, u32, u64)],
         now_ms: i64,
         expire_before_ms: Option<i64>,
     ) -> Result<(), StoreError> {
@@ -335,16 +531,12 @@ impl Store {
         {
             let mut j = tx.open_table(JOURNAL).map_err(self.err())?;
             let mut idem = tx.open_table(IDEM).map_err(self.err())?;
-            let mut keys = Vec::new();
-            for (a, offset) in records {
-                j.insert((a.stream, *offset), a.bytes.as_slice())
+            for b in batches.iter().filter(|b| !b.is_empty()) {
+                j.insert((b.stream, b.last()), b.bytes.as_slice())
                     .map_err(self.err())?;
-                if a.key != 0 {
-                    keys.push((a.key, a.stream, *offset));
-                }
             }
             if let Some(&(_, s, o)) = keys.first() {
-                idem.insert((now_ms, s, o), encode_idem_group(&keys).as_slice())
+                idem.insert((now_ms, s, o), encode_idem_group(keys).as_slice())
                     .map_err(self.err())?;
             }
             if let Some(before) = expire_before_ms {
@@ -364,25 +556,46 @@ impl Store {
         for row in t
             .range((stream, from)..=(stream, u64::MAX))
             .map_err(self.err())?
-            .take(limit)
         {
+            if out.len() >= limit {
+                break;
+            }
             let (k, v) = row.map_err(self.err())?;
-            let (stream, offset) = k.value();
-            let payload = record::decode(v.value()).map_err(|source| StoreError::Record {
+            let last = k.value().1;
+            let bad = |reason: String| StoreError::Batch {
                 stream,
-                offset,
-                source,
-            })?;
-            out.push(Record {
-                stream,
-                offset,
-                payload,
-            });
+                last,
+                reason,
+            };
+            let f = frame(v.value()).map_err(bad)?;
+            if f.torn {
+                return Err(bad("records cut short inside the batch".into()));
+            }
+            for (i, r) in f.records.iter().enumerate() {
+                let offset = f.first + i as u64;
+                if offset < from {
+                    continue;
+                }
+                if out.len() >= limit {
+                    break;
+                }
+                let payload = record::decode(r).map_err(|source| StoreError::Record {
+                    stream,
+                    offset,
+                    source,
+                })?;
+                out.push(Record {
+                    stream,
+                    offset,
+                    payload,
+                });
+            }
         }
         Ok(out)
     }
 
-    /// Deletes journal records of `stream` with offsets `< before` (retention).
+    /// Deletes journal batches of `stream` whose records all have offsets `< before`
+    /// (retention); returns the number of records deleted.
     pub fn truncate(&self, stream: u32, before: u64) -> Result<u64, StoreError> {
         if before <= 1 {
             return Ok(0);
@@ -391,8 +604,8 @@ impl Store {
         let mut n = 0;
         {
             let mut t = tx.open_table(JOURNAL).map_err(self.err())?;
-            t.retain_in((stream, 0)..(stream, before), |_, _| {
-                n += 1;
+            t.retain_in((stream, 0)..(stream, before), |_, v| {
+                n += frame(v).map_or(1, |f| u64::from(f.declared));
                 false
             })
             .map_err(self.err())?;
@@ -622,15 +835,6 @@ impl Store {
     }
 }
 
-/// Encodes a payload as a journal append.
-pub fn append_of(stream: u32, payload: &Payload) -> Append {
-    Append {
-        stream,
-        key: payload.idempotency_key(),
-        bytes: record::encode(payload),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,6 +852,25 @@ mod tests {
         })
     }
 
+    /// One batch per stream for `(stream, payload)` pairs, offsets from `next`, and the
+    /// idempotency entries of the records.
+    fn batches(
+        items: impl IntoIterator<Item = (u32, Payload)>,
+        next: &mut std::collections::BTreeMap<u32, u64>,
+    ) -> (Vec<JournalBatch>, Vec<(u128, u32, u64)>) {
+        let mut out: std::collections::BTreeMap<u32, JournalBatch> = Default::default();
+        let mut keys = Vec::new();
+        for (stream, p) in items {
+            let o = next.entry(stream).or_insert(0);
+            *o += 1;
+            out.entry(stream)
+                .or_insert_with(|| JournalBatch::new(stream, *o))
+                .push(&p);
+            keys.push((p.idempotency_key(), stream, *o));
+        }
+        (out.into_values().collect(), keys)
+    }
+
     #[test]
     fn append_read_truncate_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -655,20 +878,31 @@ mod tests {
         {
             let (s, rep) = Store::open(&path).unwrap();
             assert!(!rep.repaired);
-            let batch: Vec<(Append, u64)> = (1..=10)
-                .map(|i| (append_of(i % 2, &ev(i)), i as u64))
-                .collect();
-            s.append(&batch, 5, None).unwrap();
+            let mut next = Default::default();
+            // Two commits: 5 + 5 records per stream.
+            for c in 0..2 {
+                let (b, keys) = batches((10 * c..10 * c + 10).map(|i| (i % 2, ev(i))), &mut next);
+                s.append(&b, &keys, 5, None).unwrap();
+            }
             assert_eq!(s.streams().unwrap(), vec![0, 1]);
             assert_eq!(s.last_offset(0).unwrap(), 10);
             let r = s.read(1, 0, 100).unwrap();
+            assert_eq!(r.len(), 10);
+            assert_eq!(r[2].payload, ev(5));
+            // From the middle of a batch, and a limit inside the next one.
+            let r = s.read(1, 4, 3).unwrap();
             assert_eq!(
                 r.iter().map(|r| r.offset).collect::<Vec<_>>(),
-                vec![1, 3, 5, 7, 9]
+                vec![4, 5, 6]
             );
-            assert_eq!(s.truncate(1, 5).unwrap(), 2);
-            assert_eq!(s.first_offset(1).unwrap(), 5);
-            assert_eq!(s.idempotency_window(0).unwrap().len(), 10);
+            assert_eq!(r[0].payload, ev(7));
+            // Retention drops whole batches only: nothing below 5 is needed, batch 1..=5
+            // still holds 5.
+            assert_eq!(s.truncate(1, 5).unwrap(), 0);
+            assert_eq!(s.truncate(1, 6).unwrap(), 5);
+            assert_eq!(s.first_offset(1).unwrap(), 6);
+            assert_eq!(s.read(1, 0, 100).unwrap()[0].offset, 6);
+            assert_eq!(s.idempotency_window(0).unwrap().len(), 20);
             s.put_checkpoint("x", b"abc").unwrap();
             assert_eq!(s.count_failure("c", 1, 5).unwrap(), 1);
             assert_eq!(s.count_failure("c", 1, 5).unwrap(), 2);
@@ -676,7 +910,7 @@ mod tests {
         let (s, _) = Store::open(&path).unwrap();
         assert_eq!(s.get_checkpoint("x").unwrap().unwrap(), b"abc");
         assert_eq!(s.failures("c").unwrap(), vec![((1, 5), 2)]);
-        assert_eq!(s.last_offset(1).unwrap(), 9);
+        assert_eq!(s.last_offset(1).unwrap(), 10);
     }
 
     #[test]
@@ -701,14 +935,16 @@ mod tests {
         w.sort_unstable();
         assert_eq!(w, vec![(7, 0, 1, 100), (8, 1, 1, 200)]);
         // New keys land in one group per commit; expiry drops whole groups by time.
-        let batch: Vec<(Append, u64)> = (1..=4).map(|i| (append_of(0, &ev(i)), i as u64)).collect();
-        s.append(&batch, 300, Some(150)).unwrap();
+        let (batch, keys) = batches((1..=4).map(|i| (0, ev(i))), &mut Default::default());
+        s.append(&batch, &keys, 300, Some(150)).unwrap();
         let w = s.idempotency_window(0).unwrap();
         assert!(!w.iter().any(|e| e.0 == 7), "older than the horizon: gone");
         assert!(w.iter().any(|e| e.0 == 8));
         let fresh: Vec<_> = w.iter().filter(|e| e.3 == 300).collect();
         assert_eq!(fresh.len(), 4);
-        assert!(fresh.iter().all(|e| e.0 == batch[(e.2 - 1) as usize].0.key));
+        assert!(fresh
+            .iter()
+            .all(|e| e.0 == ev(e.2 as u32).idempotency_key()));
         assert_eq!(s.idempotency_window(250).unwrap().len(), 4);
         drop(s);
         let (s, _) = Store::open(&path).unwrap();
@@ -721,18 +957,71 @@ mod tests {
         let path = dir.path().join("store.redb");
         {
             let (s, _) = Store::open(&path).unwrap();
-            let mut batch: Vec<(Append, u64)> =
-                (1..=3).map(|i| (append_of(0, &ev(i)), i as u64)).collect();
-            // A record whose body was cut short (as a torn write would leave it).
-            let mut torn = append_of(0, &ev(4));
-            torn.bytes.truncate(torn.bytes.len() - 2);
-            batch.push((torn, 4));
-            s.append(&batch, 0, None).unwrap();
+            let mut next = Default::default();
+            let (b, keys) = batches((1..=2).map(|i| (0, ev(i))), &mut next);
+            s.append(&b, &keys, 0, None).unwrap();
+            // The last commit: a good record, then one whose body was cut short (as a
+            // torn write would leave it), then a batch that ends inside its framing.
+            let mut b = JournalBatch::new(0, 3);
+            b.push(&ev(3));
+            let mut torn = record::encode(&ev(4));
+            torn.truncate(torn.len() - 2);
+            b.push_encoded(&torn);
+            b.push_encoded(&record::encode(&ev(5)));
+            b.bytes.truncate(b.bytes.len() - 3);
+            s.append(&[b], &[], 0, None).unwrap();
+            // Stream 1: a whole batch of bad records goes, the batch before it stays.
+            let (b, keys) = batches([(1, ev(6))], &mut Default::default());
+            s.append(&b, &keys, 0, None).unwrap();
+            let mut b = JournalBatch::new(1, 2);
+            b.push_encoded(&torn);
+            s.append(&[b], &[], 0, None).unwrap();
         }
         let (s, rep) = Store::open(&path).unwrap();
-        assert_eq!(rep.torn_records_cut, 1);
+        assert_eq!(rep.torn_records_cut, 3);
         assert_eq!(s.last_offset(0).unwrap(), 3);
-        assert_eq!(s.read(0, 1, 10).unwrap().len(), 3);
+        let r = s.read(0, 1, 10).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[2].payload, ev(3));
+        assert_eq!(s.last_offset(1).unwrap(), 1);
+        // Appends continue after the cut.
+        let (b, keys) = batches([(0, ev(7))], &mut [(0, 3)].into_iter().collect());
+        s.append(&b, &keys, 0, None).unwrap();
+        assert_eq!(s.read(0, 4, 10).unwrap()[0].payload, ev(7));
+    }
+
+    #[test]
+    fn layout_2_journal_rows_migrate_to_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        {
+            let db = redb::Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(JOURNAL_V2).unwrap();
+                for i in 1..=3u32 {
+                    t.insert((0u32, i as u64), record::encode(&ev(i)).as_slice())
+                        .unwrap();
+                }
+                let mut m = tx.open_table(META).unwrap();
+                m.insert("format", 2u32.to_le_bytes().as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let (s, rep) = Store::open(&path).unwrap();
+        assert_eq!(rep.torn_records_cut, 0);
+        assert_eq!(
+            (s.first_offset(0).unwrap(), s.last_offset(0).unwrap()),
+            (1, 3)
+        );
+        let r = s.read(0, 2, 10).unwrap();
+        assert_eq!(
+            r.iter().map(|r| &r.payload).collect::<Vec<_>>(),
+            vec![&ev(2), &ev(3)]
+        );
+        drop(s);
+        let (s, _) = Store::open(&path).unwrap();
+        assert_eq!(s.read(0, 0, 10).unwrap().len(), 3);
     }
 
     #[test]

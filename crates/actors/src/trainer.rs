@@ -5,6 +5,7 @@
 //! for rollback; serving continues on the old version while a retrain runs.
 
 use crate::Discard;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -76,12 +77,13 @@ pub enum AlsTrainerMsg {
     Observe(RpcReplyPort<Observation>),
 }
 
+/// Borrowed when written, owned when read.
 #[derive(Serialize, Deserialize)]
-struct Checkpoint {
+struct Checkpoint<'a> {
     format: u16,
     applied: Vec<u64>,
-    users: IdMap,
-    items: IdMap,
+    users: Cow<'a, IdMap>,
+    items: Cow<'a, IdMap>,
     pairs: Vec<(u32, u32, f32, i64)>,
     events_since_train: u64,
     next_version: u64,
@@ -303,9 +305,7 @@ impl AlsTrainerState {
             let (buf, r) = applier
                 .next_batch(&ctx, s, &mut applied, Vec::new(), upto)
                 .await;
-            for rec in &buf {
-                self.apply(rec);
-            }
+            crate::consumer::apply_marked(&ctx, names::ALS_TRAINER, &buf, |r| self.apply(r));
             self.applied[s as usize] = applied;
             match r {
                 Ok(n) => self.since_checkpoint += n,
@@ -420,13 +420,13 @@ impl AlsTrainerState {
         let cp = Checkpoint {
             format: TRAINER_CHECKPOINT_FORMAT,
             applied: self.applied.clone(),
-            users: self.users.clone(),
-            items: self.items.clone(),
+            users: Cow::Borrowed(&self.users),
+            items: Cow::Borrowed(&self.items),
             pairs: self.pair_list(),
             events_since_train: self.events_since_train,
             next_version: self.next_version,
         };
-        crate::consumer::save_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), cp).await?;
+        crate::consumer::save_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), &cp).await?;
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         for (s, &o) in self.applied.iter().enumerate() {
@@ -509,8 +509,8 @@ impl Actor for AlsTrainer {
         let (model, versions) = loaded;
         if let Some(cp) = cp {
             st.applied = cp.applied;
-            st.users = cp.users;
-            st.items = cp.items;
+            st.users = cp.users.into_owned();
+            st.items = cp.items.into_owned();
             st.pairs = cp
                 .pairs
                 .into_iter()

@@ -314,18 +314,24 @@ fn to_event(e: EventIn, now: i64, skew_ms: i64) -> Result<Event, String> {
 fn parse_events(text: &str, now: i64, skew_ms: i64, max: usize) -> Result<Vec<Event>, ApiError> {
     let trimmed = text.trim_start();
     let raw: Vec<(usize, Result<EventIn, String>)> = if trimmed.starts_with('[') {
-        let values: Vec<Value> = serde_json::from_str(text)
-            .map_err(|e| ApiError::bad(format!("body is not a JSON array of events: {e}")))?;
-        values
-            .into_iter()
-            .enumerate()
-            .map(|(i, v)| {
-                (
-                    i,
-                    serde_json::from_value::<EventIn>(v).map_err(|e| e.to_string()),
-                )
-            })
-            .collect()
+        // Well-formed arrays decode in one pass; the element-by-element pass below only
+        // runs to name the bad elements.
+        if let Ok(events) = serde_json::from_str::<Vec<EventIn>>(text) {
+            events.into_iter().map(Ok).enumerate().collect()
+        } else {
+            let values: Vec<Value> = serde_json::from_str(text)
+                .map_err(|e| ApiError::bad(format!("body is not a JSON array of events: {e}")))?;
+            values
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    (
+                        i,
+                        serde_json::from_value::<EventIn>(v).map_err(|e| e.to_string()),
+                    )
+                })
+                .collect()
+        }
     } else {
         text.lines()
             .enumerate()
@@ -381,18 +387,42 @@ async fn append(st: &AppState, entries: Vec<(u32, Payload)>) -> Result<Vec<Posit
     Ok(reply.positions)
 }
 
-fn positions_json(positions: &[Position]) -> Vec<Value> {
+/// A partition number, or `"catalog"` for the catalog stream.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum StreamOut {
+    Partition(u32),
+    Named(&'static str),
+}
+
+/// Where one accepted record went.
+#[derive(Serialize)]
+struct PositionOut {
+    partition: StreamOut,
+    offset: u64,
+    duplicate: bool,
+}
+
+fn positions_json(positions: &[Position]) -> Vec<PositionOut> {
     positions
         .iter()
-        .map(|p| {
-            let stream = if p.stream == CATALOG_STREAM {
-                json!("catalog")
+        .map(|p| PositionOut {
+            partition: if p.stream == CATALOG_STREAM {
+                StreamOut::Named("catalog")
             } else {
-                json!(p.stream)
-            };
-            json!({"partition": stream, "offset": p.offset, "duplicate": p.duplicate})
+                StreamOut::Partition(p.stream)
+            },
+            offset: p.offset,
+            duplicate: p.duplicate,
         })
         .collect()
+}
+
+#[derive(Serialize)]
+struct EventsOut {
+    acked: usize,
+    duplicates: usize,
+    results: Vec<PositionOut>,
 }
 
 async fn post_events(State(st): State<AppState>, body: Body) -> ApiResult {
@@ -413,7 +443,12 @@ async fn post_events(State(st): State<AppState>, body: Body) -> ApiResult {
         .collect();
     let positions = append(&st, entries).await?;
     let acked = positions.iter().filter(|p| !p.duplicate).count();
-    Ok(Json(json!({"acked": acked, "duplicates": positions.len() - acked, "results": positions_json(&positions)})).into_response())
+    Ok(Json(EventsOut {
+        acked,
+        duplicates: positions.len() - acked,
+        results: positions_json(&positions),
+    })
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]
