@@ -118,8 +118,11 @@ pub fn encode_into(payload: &Payload, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&RECORD_FORMAT.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
-    // Writing into a Vec cannot fail, and every payload type serialises.
-    let _ = bincode::serde::encode_into_std_write(payload, out, config());
+    // Writing into a Vec cannot fail, and every payload type serialises; were it to
+    // fail anyway, the record keeps an empty body that readers refuse.
+    if bincode::serde::encode_into_std_write(payload, out, config()).is_err() {
+        out.truncate(start + 6);
+    }
     let crc = crc32fast::hash(&out[start + 6..]);
     out[start + 2..start + 6].copy_from_slice(&crc.to_le_bytes());
 }
