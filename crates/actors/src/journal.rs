@@ -279,7 +279,6 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
     let mut fresh: FxHashMap<u128, (u32, u64)> = FxHashMap::default();
     // One batch (one row) per stream, records encoded straight into it.
     let mut batches: FxHashMap<u32, JournalBatch> = FxHashMap::default();
-    let mut keys: Vec<(u128, u32, u64)> = Vec::with_capacity(n);
     let mut committed: Vec<Record> = Vec::with_capacity(n);
     let mut replies = Vec::with_capacity(batch.len());
     let mut injected = false;
@@ -307,7 +306,6 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
             let offset = *off;
             if key != 0 {
                 fresh.insert(key, (stream, offset));
-                keys.push((key, stream, offset));
             }
             let rec = Record {
                 stream,
@@ -348,6 +346,7 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
     } else {
         let store = ctx.store.clone();
         let batches: Vec<JournalBatch> = batches.into_values().collect();
+        let keys: Vec<(u128, u32, u64)> = fresh.iter().map(|(&k, &(s, o))| (k, s, o)).collect();
         tokio::task::spawn_blocking(move || {
             store
                 .append(&batches, &keys, now, (expired > 0).then_some(horizon))

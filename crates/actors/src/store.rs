@@ -73,21 +73,50 @@ impl JournalBatch {
         self.bytes[10..BATCH_HEADER].copy_from_slice(&self.count.to_le_bytes());
     }
 
-    pub fn stream(&self) -> u32 {
-        self.stream
-    }
-
-    pub fn len(&self) -> usize {
-        self.count as usize
-    }
-
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
 
-    /// Offset of the last record (the row key).
-    pub fn last(&self) -> u64 {
-        self.first + u64::from(self.count.max(1)) - 1
+    /// The row key: `(stream, offset of the last record)`.
+    fn key(&self) -> (u32, u64) {
+        (self.stream, self.first + u64::from(self.count.max(1)) - 1)
+    }
+}
+
+/// What the torn-tail check does with a batch row, looking from the stream's end.
+enum TailRow {
+    /// Sound at its end: stop here.
+    Keep,
+    /// Nothing good in it: delete it (counting its records) and look at the row before.
+    Remove(u64),
+    /// Good records then bad ones: keep the good prefix (cutting the rest) and stop.
+    Trim(JournalBatch, u64),
+}
+
+fn check_tail_row(stream: u32, bytes: &[u8]) -> TailRow {
+    let f = match frame(bytes) {
+        Ok(f) => f,
+        // A header too short to parse is one torn record.
+        Err(_) if bytes.len() < BATCH_HEADER => return TailRow::Remove(1),
+        // An unknown format is refused by readers, not cut.
+        Err(_) => return TailRow::Keep,
+    };
+    // A record of an unknown version is kept (readers refuse it clearly).
+    let good = f
+        .records
+        .iter()
+        .rposition(|r| matches!(record::decode(r), Ok(_) | Err(RecordError::Version(_))))
+        .map_or(0, |i| i + 1);
+    let total = (f.declared as usize).max(f.records.len());
+    let cut = (total - good) as u64;
+    if good == 0 {
+        TailRow::Remove(cut)
+    } else if good < total || f.torn {
+        let mut b = JournalBatch::new(stream, f.first);
+        f.records[..good].iter().for_each(|r| b.push_encoded(r));
+        TailRow::Trim(b, cut)
+    } else {
+        TailRow::Keep
     }
 }
 
@@ -341,8 +370,7 @@ impl Store {
         tx.delete_table(JOURNAL_V2).map_err(self.err())?;
         let mut j = tx.open_table(JOURNAL).map_err(self.err())?;
         for b in rows {
-            j.insert((b.stream, b.last()), b.bytes.as_slice())
-                .map_err(self.err())?;
+            j.insert(b.key(), b.bytes.as_slice()).map_err(self.err())?;
         }
         Ok(())
     }
@@ -385,38 +413,19 @@ impl Store {
                 let range = t.range((s, 0)..=(s, u64::MAX)).map_err(self.err())?;
                 for row in range.rev() {
                     let (k, v) = row.map_err(self.err())?;
-                    let key = k.value();
-                    let Ok(f) = frame(v.value()) else {
-                        // An unknown format is refused by readers, not cut; a header
-                        // too short to parse is one torn record.
-                        if v.value().len() < BATCH_HEADER {
-                            remove.push(key);
-                            cut += 1;
-                            continue;
+                    match check_tail_row(s, v.value()) {
+                        TailRow::Keep => break,
+                        TailRow::Remove(n) => {
+                            cut += n;
+                            remove.push(k.value());
                         }
-                        break;
-                    };
-                    // A record of an unknown version is kept (readers refuse it clearly).
-                    let good = f
-                        .records
-                        .iter()
-                        .rposition(|r| {
-                            matches!(record::decode(r), Ok(_) | Err(RecordError::Version(_)))
-                        })
-                        .map_or(0, |i| i + 1);
-                    let total = (f.declared as usize).max(f.records.len());
-                    cut += (total - good) as u64;
-                    if good == 0 {
-                        remove.push(key);
-                        continue;
+                        TailRow::Trim(b, n) => {
+                            cut += n;
+                            remove.push(k.value());
+                            rewrite.push(b);
+                            break;
+                        }
                     }
-                    if good < total || f.torn {
-                        let mut b = JournalBatch::new(s, f.first);
-                        f.records[..good].iter().for_each(|r| b.push_encoded(r));
-                        remove.push(key);
-                        rewrite.push(b);
-                    }
-                    break;
                 }
             }
         }
@@ -428,8 +437,7 @@ impl Store {
                     t.remove(k).map_err(self.err())?;
                 }
                 for b in &rewrite {
-                    t.insert((b.stream, b.last()), b.bytes.as_slice())
-                        .map_err(self.err())?;
+                    t.insert(b.key(), b.bytes.as_slice()).map_err(self.err())?;
                 }
             }
             tx.commit().map_err(self.err())?;
@@ -532,8 +540,7 @@ impl Store {
             let mut j = tx.open_table(JOURNAL).map_err(self.err())?;
             let mut idem = tx.open_table(IDEM).map_err(self.err())?;
             for b in batches.iter().filter(|b| !b.is_empty()) {
-                j.insert((b.stream, b.last()), b.bytes.as_slice())
-                    .map_err(self.err())?;
+                j.insert(b.key(), b.bytes.as_slice()).map_err(self.err())?;
             }
             if let Some(&(_, s, o)) = keys.first() {
                 idem.insert((now_ms, s, o), encode_idem_group(keys).as_slice())
@@ -871,6 +878,18 @@ mod tests {
         (out.into_values().collect(), keys)
     }
 
+    /// Writes a store file as an older build left it: `fill` writes its tables.
+    fn old_layout(path: &Path, format: u32, fill: impl FnOnce(&redb::WriteTransaction)) {
+        let db = redb::Database::create(path).unwrap();
+        let tx = db.begin_write().unwrap();
+        fill(&tx);
+        tx.open_table(META)
+            .unwrap()
+            .insert("format", format.to_le_bytes().as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+    }
+
     #[test]
     fn append_read_truncate_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -917,19 +936,12 @@ mod tests {
     fn idempotency_groups_expire_by_time_and_layout_1_migrates() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
-        {
-            // A layout-1 store: one idempotency row per key.
-            let db = redb::Database::create(&path).unwrap();
-            let tx = db.begin_write().unwrap();
-            {
-                let mut t = tx.open_table(IDEM_V1).unwrap();
-                t.insert(7u128, (0u32, 1u64, 100i64)).unwrap();
-                t.insert(8u128, (1u32, 1u64, 200i64)).unwrap();
-                let mut m = tx.open_table(META).unwrap();
-                m.insert("format", 1u32.to_le_bytes().as_slice()).unwrap();
-            }
-            tx.commit().unwrap();
-        }
+        // A layout-1 store: one idempotency row per key.
+        old_layout(&path, 1, |tx| {
+            let mut t = tx.open_table(IDEM_V1).unwrap();
+            t.insert(7u128, (0u32, 1u64, 100i64)).unwrap();
+            t.insert(8u128, (1u32, 1u64, 200i64)).unwrap();
+        });
         let (s, _) = Store::open(&path).unwrap();
         let mut w = s.idempotency_window(0).unwrap();
         w.sort_unstable();
@@ -994,20 +1006,14 @@ mod tests {
     fn layout_2_journal_rows_migrate_to_batches() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
-        {
-            let db = redb::Database::create(&path).unwrap();
-            let tx = db.begin_write().unwrap();
-            {
-                let mut t = tx.open_table(JOURNAL_V2).unwrap();
-                for i in 1..=3u32 {
-                    t.insert((0u32, i as u64), record::encode(&ev(i)).as_slice())
-                        .unwrap();
-                }
-                let mut m = tx.open_table(META).unwrap();
-                m.insert("format", 2u32.to_le_bytes().as_slice()).unwrap();
+        // A layout-2 store: one journal row per record.
+        old_layout(&path, 2, |tx| {
+            let mut t = tx.open_table(JOURNAL_V2).unwrap();
+            for i in 1..=3u32 {
+                t.insert((0u32, i as u64), record::encode(&ev(i)).as_slice())
+                    .unwrap();
             }
-            tx.commit().unwrap();
-        }
+        });
         let (s, rep) = Store::open(&path).unwrap();
         assert_eq!(rep.torn_records_cut, 0);
         assert_eq!(
