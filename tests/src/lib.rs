@@ -5,6 +5,45 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// Wall time of one test, appended as `<seconds> <test name>` to the file named by
+/// `TROUPE_TEST_TIMES` (when set) on drop; CI prints the list. The name is the test
+/// thread's (libtest names it after the test).
+pub struct Timed {
+    started: std::time::Instant,
+}
+
+/// Starts timing the current test (keep the guard alive for the whole test).
+pub fn timed() -> Timed {
+    Timed {
+        started: std::time::Instant::now(),
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        let Ok(path) = std::env::var("TROUPE_TEST_TIMES") else {
+            return;
+        };
+        let name = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        let outcome = if std::thread::panicking() { " (failed)" } else { "" };
+        let line = format!(
+            "{:8.1} s  {name}{outcome}\n",
+            self.started.elapsed().as_secs_f64()
+        );
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            f.write_all(line.as_bytes()).ok();
+        }
+    }
+}
+
 /// Path of the `troupe` binary under test.
 pub fn troupe_bin() -> PathBuf {
     if let Ok(p) = std::env::var("TROUPE_BIN") {
@@ -254,6 +293,24 @@ impl Node {
             r = r.header(*k, *v);
         }
         reply(r.send(body)).expect("node answers")
+    }
+
+    /// GET with extra headers.
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut r = agent().get(format!("{}{path}", self.url()));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        reply(r.call()).expect("node answers")
+    }
+
+    /// HEAD with extra headers: the status only.
+    pub fn head(&self, path: &str, headers: &[(&str, &str)]) -> u16 {
+        let mut r = agent().head(format!("{}{path}", self.url()));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.call().expect("node answers").status().as_u16()
     }
 
     pub fn put(&self, path: &str, body: &str) -> Reply {

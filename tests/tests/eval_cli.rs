@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use serde_json::Value;
-use troupe_tests::{parse_report, shared_data, troupe};
+use troupe_tests::{parse_report, shared_data, timed, troupe};
 
 fn gen(dir: &Path, users: &str, items: &str, events: &str) {
     let out = troupe(&[
@@ -49,6 +49,7 @@ fn check_contract(r: &Value) {
 
 #[test]
 fn synthetic_eval_has_the_contracted_shape_and_real_signal() {
+    let _t = timed();
     let d = tempfile::tempdir().unwrap();
     gen(d.path(), "1500", "600", "60000");
     let ev = d.path().join("events.csv");
@@ -81,6 +82,7 @@ fn synthetic_eval_has_the_contracted_shape_and_real_signal() {
 
 #[test]
 fn tiny_onnx_model_runs_through_eval() {
+    let _t = timed();
     let d = tempfile::tempdir().unwrap();
     gen(d.path(), "300", "120", "6000");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/models/tests/data/tiny-bert");
@@ -105,6 +107,7 @@ fn tiny_onnx_model_runs_through_eval() {
 
 #[test]
 fn bad_input_exits_2_naming_file_line_and_field() {
+    let _t = timed();
     let d = tempfile::tempdir().unwrap();
     let items = d.path().join("items.csv");
     std::fs::write(&items, "item,text\na,hello\nb,world\n").unwrap();
@@ -179,6 +182,7 @@ fn bad_input_exits_2_naming_file_line_and_field() {
 
 #[test]
 fn gen_is_deterministic() {
+    let _t = timed();
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
     gen(a.path(), "200", "50", "3000");
@@ -194,6 +198,7 @@ fn gen_is_deterministic() {
 
 #[test]
 fn movielens_default_eval_meets_the_peer_figures() {
+    let _t = timed();
     let Some(data) = shared_data() else { return };
     let ml = data.join("ml-latest-small");
     let split = ml.join("split");
@@ -235,6 +240,7 @@ fn movielens_default_eval_meets_the_peer_figures() {
 
 #[test]
 fn online_retail_loads_as_shipped() {
+    let _t = timed();
     let Some(data) = shared_data() else { return };
     let or = data.join("online-retail");
     let out = troupe(&[

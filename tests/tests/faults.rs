@@ -3,7 +3,7 @@
 //! circuit breaker.
 
 use serde_json::{json, Value};
-use troupe_tests::{wait_until, Node};
+use troupe_tests::{timed, wait_until, Node};
 
 const ALLOW: &[(&str, &str)] = &[("TROUPE_ALLOW_FAULTS", "1")];
 
@@ -55,6 +55,7 @@ fn history_items(node: &Node, user: &str) -> Vec<String> {
 
 #[test]
 fn every_actor_kind_restarts_after_a_panic_and_loses_nothing() {
+    let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let faults = r#"
 [[faults]]
@@ -174,6 +175,7 @@ times = 1
 
 #[test]
 fn poison_record_goes_to_dead_letters_and_the_rest_flows() {
+    let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let extra = format!(
         "{BASE}\n[[faults]]\ntarget = \"user_features\"\naction = \"panic\"\non = \"poison-1\"\n"
@@ -216,6 +218,7 @@ fn poison_record_goes_to_dead_letters_and_the_rest_flows() {
 
 #[test]
 fn exceeding_restart_intensity_escalates_and_exits_non_zero() {
+    let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let extra = "
 [journal]
@@ -246,6 +249,7 @@ on = \"boom\"
 
 #[test]
 fn failing_als_branch_degrades_answers_and_cycles_its_breaker() {
+    let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let extra = format!(
         "{BASE}
@@ -330,6 +334,7 @@ times = 3
 
 #[test]
 fn content_encoder_panic_restarts_and_re_requests_missing_embeddings() {
+    let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let extra = format!("{BASE}\n[[faults]]\ntarget = \"content_encoder\"\naction = \"panic\"\non = \"enc-x\"\ntimes = 1\n");
     let node = Node::start(dir.path(), &extra, ALLOW);
@@ -354,6 +359,7 @@ fn content_encoder_panic_restarts_and_re_requests_missing_embeddings() {
 
 #[test]
 fn stalled_content_branch_times_out_and_is_flagged() {
+    let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let extra = format!(
         "{BASE}\n[ranker]\nbranch_deadline_ms = 100\n[[faults]]\ntarget = \"branch.content\"\naction = \"stall\"\nstall_ms = 5000\ntimes = 1\n"
@@ -394,6 +400,7 @@ fn stalled_content_branch_times_out_and_is_flagged() {
 
 #[test]
 fn bearer_token_guards_writes_and_admin_only() {
+    let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(dir.path(), BASE, &[("TROUPE_AUTH_TOKEN", "s3cret-token")]);
     let ev = json!([{"user": "a", "item": "b", "kind": "view"}]).to_string();
@@ -424,6 +431,7 @@ fn bearer_token_guards_writes_and_admin_only() {
 
 #[test]
 fn retention_deletes_only_what_every_consumer_checkpointed() {
+    let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let extra = "
 [journal]
@@ -458,4 +466,171 @@ checkpoint_interval_ms = 100
         .map(|u| history_items(&node, &format!("u{u}")).len())
         .sum();
     assert_eq!(total, 600, "every event survives retention and a SIGKILL");
+}
+
+fn actor_state(node: &Node, name: &str) -> Value {
+    node.get("/v1/cluster").body["actors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name)
+        .unwrap_or_else(|| panic!("no actor {name}"))["state"]
+        .clone()
+}
+
+#[test]
+fn an_error_counts_as_poison_for_every_consumer() {
+    let _t = timed();
+    let dir = tempfile::tempdir().unwrap();
+    let mut faults = String::new();
+    for (target, on) in [
+        ("user_features", "err-uf"),
+        ("item_stats", "err-is"),
+        ("als_trainer", "err-tr"),
+        ("catalog", "item-err"),
+    ] {
+        faults.push_str(&format!(
+            "[[faults]]\ntarget = \"{target}\"\naction = \"error\"\non = \"{on}\"\n"
+        ));
+    }
+    let node = Node::start(dir.path(), &format!("{BASE}{faults}"), ALLOW);
+    for (id, user) in [("err-uf", "e1"), ("err-is", "e2"), ("err-tr", "e3")] {
+        post_ok(
+            &node,
+            json!([
+                {"event_id": id, "user": user, "item": format!("{id}-x"), "kind": "view"},
+                {"event_id": format!("{id}-after"), "user": user, "item": format!("{id}-after"), "kind": "view"},
+            ]),
+        );
+    }
+    assert_eq!(
+        node.put("/v1/items/item-err", r#"{"text": "never applied"}"#)
+            .status,
+        200
+    );
+    assert_eq!(
+        node.put("/v1/items/item-ok", r#"{"text": "applied"}"#).status,
+        200
+    );
+    // Each consumer fails three times on its record (an Err, not a panic), which is
+    // counted; the record goes to the dead letters and the consumer moves on.
+    wait_until(60, "four dead letters", || {
+        node.get("/v1/admin/dead-letters").body["dead_letters"]
+            .as_array()
+            .is_some_and(|d| d.len() == 4)
+    });
+    let dl = node.get("/v1/admin/dead-letters").body;
+    let mut consumers: Vec<String> = dl["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert_eq!(d["attempts"], 3, "{d}");
+            troupe_tests_kind(d["consumer"].as_str().unwrap())
+        })
+        .collect();
+    consumers.sort();
+    assert_eq!(
+        consumers,
+        vec!["als_trainer", "catalog", "item_stats", "user_features"]
+    );
+    // The node kept running and the records after the poison ones were applied.
+    assert_eq!(node.get("/healthz").status, 200);
+    wait_until(30, "ready", || node.get("/readyz").status == 200);
+    wait_until(30, "events after the poison record", || {
+        history_items(&node, "e1") == vec!["err-uf-after".to_string()]
+    });
+    wait_until(30, "item after the poison record", || {
+        node.get("/v1/items/item-ok").status == 200
+    });
+    assert_eq!(node.get("/v1/items/item-err").status, 404);
+}
+
+fn troupe_tests_kind(name: &str) -> String {
+    name.split('-').next().unwrap().to_string()
+}
+
+#[test]
+fn categories_applied_after_the_last_checkpoint_survive_a_kill() {
+    let _t = timed();
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "
+[journal]
+partitions = 2
+poll_interval_ms = 20
+[features]
+checkpoint_every_records = 1
+checkpoint_interval_ms = 3600000
+";
+    let mut node = Node::start(dir.path(), extra, &[]);
+    post_ok(
+        &node,
+        json!([
+            {"user": "c1", "item": "lamp", "kind": "purchase"},
+            {"user": "c2", "item": "lamp", "kind": "purchase"},
+            {"user": "c3", "item": "chair", "kind": "view"},
+        ]),
+    );
+    wait_until(30, "item stats checkpointed the events", || {
+        actor_state(&node, "item_stats")["checkpoints"]
+            .as_u64()
+            .is_some_and(|c| c >= 1)
+    });
+    // The category arrives after that checkpoint.
+    assert_eq!(
+        node.put("/v1/items/lamp", r#"{"text": "a lamp", "categories": ["lights"]}"#)
+            .status,
+        200
+    );
+    let lights = |node: &Node| -> Vec<String> {
+        node.get("/v1/recommendations/newcomer?k=5&category=lights").body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["item"].as_str().unwrap().to_string())
+            .collect()
+    };
+    wait_until(30, "category applied", || lights(&node) == vec!["lamp"]);
+    node.kill9();
+    node.spawn();
+    assert_eq!(lights(&node), vec!["lamp"], "category lost by the restart");
+}
+
+#[test]
+fn the_trainer_is_ready_only_once_it_has_caught_up() {
+    let _t = timed();
+    let dir = tempfile::tempdir().unwrap();
+    // Ticks are rare, and nothing is checkpointed: after a kill the trainer must replay
+    // the whole journal before the node may say it is ready.
+    let extra = "
+[journal]
+partitions = 3
+poll_interval_ms = 5000
+[features]
+checkpoint_every_records = 100000000
+checkpoint_interval_ms = 3600000
+[als]
+min_interactions = 1000000000
+";
+    let mut node = Node::start(dir.path(), extra, &[]);
+    let evs: Vec<Value> = (0..3000)
+        .map(|i| json!({"event_id": format!("t{i}"), "user": format!("u{}", i % 50), "item": format!("i{i}"), "kind": "view"}))
+        .collect();
+    for c in evs.chunks(500) {
+        post_ok(&node, Value::Array(c.to_vec()));
+    }
+    node.kill9();
+    node.spawn();
+    let cluster = node.get("/v1/cluster").body;
+    let heads: Vec<Value> = cluster["journal_heads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["stream"] != "catalog")
+        .cloned()
+        .collect();
+    let trainer = actor_state(&node, "als_trainer");
+    assert_eq!(trainer["recovering"], false, "{trainer}");
+    assert_eq!(trainer["applied_offsets"], Value::Array(heads), "{trainer}");
+    assert_eq!(trainer["interactions"].as_u64(), Some(3000));
 }

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use troupe_tests::{troupe_bin, wait_until, Node};
+use troupe_tests::{timed, troupe_bin, wait_until, Node};
 
 const FAST: &str = "
 [journal]
@@ -63,6 +63,7 @@ fn acked_rows(log: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn kill9_during_load_loses_no_acked_event_and_applies_each_once() {
+    let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.csv");
     let (n, users) = (12_000, 40);
@@ -155,6 +156,7 @@ fn kill9_during_load_loses_no_acked_event_and_applies_each_once() {
 
 #[test]
 fn freshness_bad_input_items_and_graceful_stop() {
+    let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let mut node = Node::start_with(dir.path(), "max_body_bytes = 4096", FAST, &[]);
     // Some history and items so every branch has something.
@@ -302,7 +304,7 @@ fn freshness_bad_input_items_and_graceful_stop() {
             "future",
             json!([{"user": "u", "item": "i", "kind": "v", "ts": 32503680000000i64}]).to_string(),
             400,
-            "future",
+            "after the node's clock",
         ),
         ("empty", "".into(), 400, "no events"),
         (
@@ -385,6 +387,7 @@ fn freshness_bad_input_items_and_graceful_stop() {
 
 #[test]
 fn demo_runs_a_node_loads_trains_and_explains() {
+    let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let out = troupe_tests::troupe(&[
         "demo",
@@ -468,6 +471,7 @@ fn collector() -> (u16, Seen) {
 
 #[test]
 fn spans_are_exported_over_otlp_http() {
+    let _t = timed();
     let (port, seen) = collector();
     let dir = tempfile::tempdir().unwrap();
     let extra = format!("{FAST}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nservice_name = \"troupe-otlp-test\"\n");
@@ -503,6 +507,7 @@ fn spans_are_exported_over_otlp_http() {
 
 #[test]
 fn load_resumes_from_its_state_file_and_reports_bad_rows() {
+    let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("ev.csv");
     write_events(&events, 500, 10);

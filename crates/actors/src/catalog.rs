@@ -1,29 +1,26 @@
 //! Catalog: items (text, categories, hidden flag, attributes) from the journaled catalog
-//! stream; upserts and deletes. Publishes the view the ranker filters with, feeds the
-//! content encoder and item categories to ItemStats. Items seen only in events get a
-//! placeholder entry (derived, not journaled).
+//! stream; upserts and deletes. Publishes the view the ranker filters with and feeds the
+//! content encoder (ItemStats reads categories from the same stream itself). Items seen
+//! only in events get a placeholder entry (derived, not journaled).
 
 use crate::Discard;
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster_derive::RactorClusterMessage;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
-use crate::consumer::Applier;
+use crate::consumer::{Apply, ConsumerRuntime, Cursors};
 use crate::ctx::Ctx;
 use crate::encoder::ContentEncoderMsg;
-use crate::item_stats::{Categorize, ItemStatsMsg};
 use crate::messages::{CheckpointReply, ItemIds, ItemTexts, Observation, RecordBatch};
-use crate::metrics::labels2;
 use crate::names;
 use crate::record::{Item, Payload, Record, CATALOG_STREAM};
 use crate::wire::WIRE_VERSION;
 
-pub const CATALOG_CHECKPOINT_FORMAT: u16 = 1;
+pub const CATALOG_CHECKPOINT_FORMAT: u16 = 2;
 const CHECKPOINT_NAME: &str = "catalog";
 
 #[derive(RactorClusterMessage)]
@@ -41,21 +38,27 @@ pub enum CatalogMsg {
 #[derive(Serialize, Deserialize)]
 struct Checkpoint<'a> {
     format: u16,
-    applied: u64,
+    cursors: Cow<'a, Cursors>,
     items: Cow<'a, FxHashMap<String, Item>>,
     deleted: Cow<'a, FxHashSet<String>>,
 }
 
 pub struct Catalog;
 
-pub struct CatalogState {
+/// What records are applied to: the shared catalogue view, plus the work they leave for
+/// after the step (texts to embed, embeddings to drop).
+struct Items {
     ctx: Arc<Ctx>,
-    applied: u64,
-    applier: Option<Applier>,
-    since_checkpoint: u64,
-    last_checkpoint: Instant,
+    encode: Vec<(String, String)>,
+    removed: Vec<String>,
     upserts: u64,
     deletes: u64,
+}
+
+pub struct CatalogState {
+    ctx: Arc<Ctx>,
+    rt: ConsumerRuntime,
+    data: Items,
 }
 
 fn send_encode(items: Vec<(String, String)>) {
@@ -71,64 +74,44 @@ fn send_encode(items: Vec<(String, String)>) {
     }
 }
 
-fn send_categories(item: &Item) {
-    if item.categories.is_empty() {
-        return;
-    }
-    if let Some(s) = ractor::registry::where_is(names::ITEM_STATS) {
-        s.send_message(ItemStatsMsg::Categorize(Categorize {
-            version: WIRE_VERSION,
-            item: item.id.clone(),
-            categories: item.categories.clone(),
-        }))
-        .discard();
+impl Apply for Items {
+    fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr> {
+        match &r.payload {
+            Payload::ItemUpsert(item) => {
+                self.encode.push((item.id.clone(), item.text.clone()));
+                self.ctx.catalog.write().upsert(item.clone());
+                self.upserts += 1;
+            }
+            Payload::ItemDelete { id } => {
+                self.ctx.catalog.write().delete(id);
+                self.removed.push(id.clone());
+                self.deletes += 1;
+            }
+            Payload::Event(_) | Payload::EraseUser { .. } => {}
+        }
+        Ok(())
     }
 }
 
 impl CatalogState {
-    async fn process(&mut self, records: Vec<Record>) -> Result<(), ActorProcessingErr> {
-        let mut applier = self.applier.take().ok_or("applier missing")?;
-        let ctx = self.ctx.clone();
-        let mut applied = self.applied;
-        let head = ctx.head(CATALOG_STREAM);
-        let (buf, result) = applier
-            .next_batch(&ctx, CATALOG_STREAM, &mut applied, records, head)
-            .await;
-        self.applier = Some(applier);
-        let mut encode = Vec::new();
-        let mut removed = Vec::new();
-        {
-            let mut view = ctx.catalog.write();
-            for r in &buf {
-                match &r.payload {
-                    Payload::ItemUpsert(item) => {
-                        encode.push((item.id.clone(), item.text.clone()));
-                        send_categories(item);
-                        view.upsert(item.clone());
-                        self.upserts += 1;
-                    }
-                    Payload::ItemDelete { id } => {
-                        view.delete(id);
-                        removed.push(id.clone());
-                        self.deletes += 1;
-                    }
-                    _ => {}
-                }
-            }
-            view.applied = applied;
-        }
+    /// After records were applied: drop embeddings of deleted items, ask for new ones,
+    /// publish the position (waking reads that wait for it), checkpoint when due.
+    async fn after_apply(&mut self) -> Result<(), ActorProcessingErr> {
+        let ctx = &self.ctx;
         // Lock order is content before catalog (the ranker's): never nest them here.
-        if !removed.is_empty() {
+        if !self.data.removed.is_empty() {
             let mut content = ctx.content.write();
-            removed.iter().for_each(|id| content.remove(id));
+            self.data.removed.drain(..).for_each(|id| content.remove(&id));
         }
-        self.applied = applied;
-        send_encode(encode);
-        self.since_checkpoint += result?;
-        ctx.metrics
-            .applied_offset
-            .get_or_create(&labels2("consumer", "catalog", "stream", "catalog"))
-            .set(applied as i64);
+        send_encode(std::mem::take(&mut self.data.encode));
+        let applied = self.rt.applied(CATALOG_STREAM);
+        if ctx.catalog.read().applied != applied {
+            ctx.catalog.write().applied = applied;
+        }
+        ctx.publish_applied(CATALOG_STREAM, applied);
+        if self.rt.checkpoint_due(ctx) {
+            self.checkpoint().await?;
+        }
         Ok(())
     }
 
@@ -137,17 +120,14 @@ impl CatalogState {
             let view = self.ctx.catalog.read();
             let cp = Checkpoint {
                 format: CATALOG_CHECKPOINT_FORMAT,
-                applied: self.applied,
+                cursors: Cow::Borrowed(&self.rt.cursors),
                 items: Cow::Borrowed(&view.items),
                 deleted: Cow::Borrowed(&view.deleted),
             };
-            bincode::serde::encode_to_vec(&cp, bincode::config::standard())?
+            crate::codec::encode(&cp)?
         };
         crate::consumer::write_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), bytes).await?;
-        self.since_checkpoint = 0;
-        self.last_checkpoint = Instant::now();
-        self.ctx
-            .note_checkpoint(names::CATALOG, CATALOG_STREAM, self.applied);
+        self.rt.checkpointed(&self.ctx);
         Ok(())
     }
 }
@@ -163,14 +143,17 @@ impl Actor for Catalog {
         ctx: Arc<Ctx>,
     ) -> Result<CatalogState, ActorProcessingErr> {
         ctx.health.begin_recovery(names::CATALOG);
+        let rt = ConsumerRuntime::load(&ctx, names::CATALOG, "catalog", [CATALOG_STREAM]).await?;
         Ok(CatalogState {
+            data: Items {
+                ctx: ctx.clone(),
+                encode: Vec::new(),
+                removed: Vec::new(),
+                upserts: 0,
+                deletes: 0,
+            },
             ctx,
-            applied: 0,
-            applier: None,
-            since_checkpoint: 0,
-            last_checkpoint: Instant::now(),
-            upserts: 0,
-            deletes: 0,
+            rt,
         })
     }
 
@@ -182,9 +165,9 @@ impl Actor for Catalog {
         let cp: Option<Checkpoint> = crate::consumer::load_checkpoint(
             &st.ctx,
             CHECKPOINT_NAME.to_string(),
-            |cp: &Checkpoint| {
-                crate::consumer::check_checkpoint(cp.format, CATALOG_CHECKPOINT_FORMAT, None)
-            },
+            CATALOG_CHECKPOINT_FORMAT,
+            vec![CATALOG_STREAM],
+            |_: &Checkpoint| Ok(()),
         )
         .await?;
         // The view is rebuilt from the checkpoint (a restart must not keep stale entries).
@@ -194,10 +177,11 @@ impl Actor for Catalog {
             *view = Default::default();
             view.placeholders = placeholders;
             if let Some(cp) = cp {
-                st.applied = cp.applied;
+                st.rt
+                    .restore(cp.cursors.into_owned())
+                    .map_err(|e| format!("checkpoint of {}: {e}", names::CATALOG))?;
                 view.set_items(cp.items.into_owned());
                 view.deleted = cp.deleted.into_owned();
-                view.applied = cp.applied;
             }
             view.items
                 .values()
@@ -205,8 +189,8 @@ impl Actor for Catalog {
                 .collect()
         };
         send_encode(items);
-        st.applier = Some(Applier::load(&st.ctx, names::CATALOG, "catalog").await?);
-        st.process(Vec::new()).await?;
+        st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
+        st.after_apply().await?;
         st.ctx.health.end_recovery(names::CATALOG);
         myself.send_interval(st.ctx.settings.poll_interval, || CatalogMsg::Tick);
         Ok(())
@@ -221,20 +205,15 @@ impl Actor for Catalog {
         match msg {
             CatalogMsg::Committed(b) => {
                 if b.stream == CATALOG_STREAM {
-                    st.process(b.into_records()).await?;
+                    st.rt.notified(&st.ctx, b, &mut st.data).await?;
+                    st.after_apply().await?;
                 }
             }
             CatalogMsg::Tick => {
-                if st.ctx.head(CATALOG_STREAM) > st.applied {
-                    st.process(Vec::new()).await?;
+                if st.ctx.head(CATALOG_STREAM) > st.rt.applied(CATALOG_STREAM) {
+                    st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
                 }
-                let s = &st.ctx.settings;
-                if st.since_checkpoint > 0
-                    && (st.since_checkpoint >= s.checkpoint_every_records
-                        || st.last_checkpoint.elapsed() >= s.checkpoint_interval)
-                {
-                    st.checkpoint().await?;
-                }
+                st.after_apply().await?;
             }
             CatalogMsg::Placeholders(ids) => {
                 let mut view = st.ctx.catalog.write();
@@ -246,7 +225,7 @@ impl Actor for Catalog {
             }
             CatalogMsg::Checkpoint(port) => {
                 let r = st.checkpoint().await;
-                port.send(CheckpointReply::new(vec![(CATALOG_STREAM, st.applied)], r))
+                port.send(CheckpointReply::new(st.rt.positions(), r))
                     .discard();
             }
             CatalogMsg::Observe(port) => {
@@ -254,21 +233,53 @@ impl Actor for Catalog {
                     let v = st.ctx.catalog.read();
                     (v.items.len(), v.placeholders.len(), v.deleted.len())
                 };
-                port.send(Observation::new(
-                    names::CATALOG,
-                    serde_json::json!({
-                        "applied_offset": st.applied,
-                        "items": items,
-                        "placeholders": placeholders,
-                        "deleted": deleted,
-                        "upserts": st.upserts,
-                        "deletes": st.deletes,
-                        "dead_lettered": st.applier.as_ref().map_or(0, |a| a.dead_lettered),
-                    }),
-                ))
-                .discard();
+                let mut doc = st.rt.observe();
+                doc["applied_offset"] = st.rt.applied(CATALOG_STREAM).into();
+                doc["items"] = items.into();
+                doc["placeholders"] = placeholders.into();
+                doc["deleted"] = deleted.into();
+                doc["upserts"] = st.data.upserts.into();
+                doc["deletes"] = st.data.deletes.into();
+                port.send(Observation::new(names::CATALOG, doc)).discard();
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn checkpoint_round_trips() {
+        let mut items = FxHashMap::default();
+        items.insert(
+            "a".to_string(),
+            Item {
+                id: "a".into(),
+                text: "red lamp".into(),
+                categories: vec!["lights".into()],
+                hidden: true,
+                attributes: [("k".to_string(), "v".to_string())].into(),
+            },
+        );
+        let cp = Checkpoint {
+            format: CATALOG_CHECKPOINT_FORMAT,
+            cursors: Cow::Owned(Cursors::default()),
+            items: Cow::Owned(items),
+            deleted: Cow::Owned(["b".to_string()].into_iter().collect()),
+        };
+        let back: Checkpoint = crate::consumer::decode_checkpoint(&crate::codec::encode(&cp).unwrap()).unwrap();
+        assert_eq!(back.items["a"], cp.items["a"]);
+        assert!(back.deleted.contains("b"));
+    }
+
+    proptest! {
+        #[test]
+        fn checkpoint_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = crate::consumer::decode_checkpoint::<Checkpoint>(&bytes);
+        }
     }
 }

@@ -1,187 +1,425 @@
-//! Applying journal records by offset: gap filling from the store, poison-record
-//! handling (dead letters after K counted failures) and fault hooks. Shared by every
-//! actor that consumes the journal.
+//! The consumer runtime: everything a journal consumer does besides applying a record.
+//!
+//! Each consumer actor (UserFeatures, ItemStats, Catalog, AlsTrainer) keeps a
+//! [`ConsumerRuntime`] beside its own state and gives it an [`Apply`] implementation. The
+//! runtime owns, per stream it reads, the [`Cursor`] (applied position and the keys of
+//! recently applied records), and for the consumer as a whole the durable failure counts,
+//! the in-flight mark, dead-lettering and the checkpoint cadence.
+//!
+//! Positions: offsets increase within a stream but may be sparse. "The next record" is
+//! whatever the log holds after the applied position: a notified batch is applied
+//! directly only when it continues from that position (its `prev`, or a record inside
+//! it, equals the position); otherwise the runtime reads the log after the position.
+//! Records deleted by retention while a consumer still needed them stop the consumer with
+//! a [`Fatal`] error: never a silent skip.
+//!
+//! Poison records: the record being applied is marked in flight (in `Ctx`) while its
+//! checks and its apply run; the mark is cleared only after every record of a step
+//! succeeded, so a panic or an `Err` leaves it for the supervisor's failure hook
+//! ([`count_failure`]), which counts it durably. After `poison_max_attempts` counted
+//! failures the record goes to the dead letters and the consumer moves past it.
+//!
+//! Dedupe: a record whose idempotency key was applied within the horizon (the records'
+//! append time, `idempotency_window`) and among the last `consumer_dedupe_keys` keys of its
+//! stream is skipped. The window is part of the cursor, so it is checkpointed with the
+//! state and replay makes the same decisions.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 use ractor::ActorProcessingErr;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
 
 use crate::ctx::Ctx;
 use crate::faults;
+use crate::messages::RecordBatch;
 use crate::record::Record;
+use crate::supervisor::Fatal;
 
 /// Records read from the store per catch-up step.
-const CATCH_UP_CHUNK: usize = 4096;
+pub const CATCH_UP_CHUNK: usize = 4096;
 
-/// Per-consumer bookkeeping for applying records.
-pub struct Applier {
-    /// Registered name (`user_features-3`); failure counts are kept under it.
+/// Keys of the records a consumer applied recently in one stream, oldest first. Bounded
+/// by count and by the records' append time; stored as the low 64 bits of the key.
+#[derive(Debug, Clone, Default)]
+pub struct RecentKeys {
+    order: VecDeque<(i64, u64)>,
+    set: FxHashSet<u64>,
+}
+
+impl RecentKeys {
+    /// True when `key` (appended at `at_ms`) was applied within the window: the record is
+    /// a duplicate. Otherwise remembers it. Keys 0 and records of unknown time are never
+    /// duplicates.
+    pub fn seen_or_insert(&mut self, key: u128, at_ms: i64, horizon_ms: i64, cap: usize) -> bool {
+        if key == 0 || at_ms <= 0 || cap == 0 {
+            return false;
+        }
+        let k = key as u64;
+        while self
+            .order
+            .front()
+            .is_some_and(|&(t, _)| t < at_ms.saturating_sub(horizon_ms))
+        {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        if self.set.contains(&k) {
+            return true;
+        }
+        self.order.push_back((at_ms, k));
+        self.set.insert(k);
+        while self.order.len() > cap {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        false
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+impl Serialize for RecentKeys {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.order.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RecentKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let order: VecDeque<(i64, u64)> = VecDeque::deserialize(d)?;
+        let set = order.iter().map(|&(_, k)| k).collect();
+        Ok(RecentKeys { order, set })
+    }
+}
+
+/// Where a consumer stands in one stream.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Cursor {
+    /// Offset of the last record applied (0: none).
+    pub applied: u64,
+    pub recent: RecentKeys,
+}
+
+/// Cursors by stream, as a consumer's checkpoint stores them.
+pub type Cursors = BTreeMap<u32, Cursor>;
+
+/// How a consumer applies one record. An `Err` fails the actor and counts against the
+/// record (as a panic does).
+pub trait Apply: Send {
+    fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr>;
+}
+
+/// The outcome of one catch-up step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Step {
+    /// Records applied (duplicates and dead letters not counted).
+    pub applied: u64,
+    /// The log holds nothing more up to the target.
+    pub done: bool,
+}
+
+/// Per-consumer bookkeeping for applying records (see the module docs).
+pub struct ConsumerRuntime {
+    /// Registered name (`user_features-3`); failure counts and dead letters are kept
+    /// under it.
     pub name: String,
     /// Actor kind used for fault targets (`user_features`).
     pub kind: &'static str,
+    pub cursors: Cursors,
     failures: FxHashMap<(u32, u64), u32>,
     pub dead_lettered: u64,
+    pub duplicates: u64,
+    /// Records applied since the last checkpoint.
+    pub since_checkpoint: u64,
+    pub last_checkpoint: Instant,
+    pub checkpoints: u64,
 }
 
-impl Applier {
-    /// Loads the consumer's durable failure counts.
+impl ConsumerRuntime {
+    /// A runtime reading `streams` from their start, with the consumer's durable failure
+    /// counts loaded.
     pub async fn load(
         ctx: &Arc<Ctx>,
         name: &str,
         kind: &'static str,
-    ) -> Result<Applier, ActorProcessingErr> {
+        streams: impl IntoIterator<Item = u32>,
+    ) -> Result<ConsumerRuntime, ActorProcessingErr> {
         let store = ctx.store.clone();
         let n = name.to_string();
         let failures = tokio::task::spawn_blocking(move || store.failures(&n)).await??;
-        Ok(Applier {
+        Ok(ConsumerRuntime {
             name: name.to_string(),
             kind,
+            cursors: streams
+                .into_iter()
+                .map(|s| (s, Cursor::default()))
+                .collect(),
             failures: failures.into_iter().collect(),
             dead_lettered: 0,
+            duplicates: 0,
+            since_checkpoint: 0,
+            last_checkpoint: Instant::now(),
+            checkpoints: 0,
         })
     }
 
-    /// Applies `records` of `stream` after `*applied`, first reading any gap before them
-    /// from the store. `f` applies one record.
-    pub async fn apply(
-        &mut self,
-        ctx: &Arc<Ctx>,
-        stream: u32,
-        applied: &mut u64,
-        records: Vec<Record>,
-        f: &mut (dyn FnMut(Record) + Send),
-    ) -> Result<u64, ActorProcessingErr> {
-        let mut n = 0;
-        if let Some(first) = records.iter().map(|r| r.offset).find(|&o| o > *applied) {
-            if first > *applied + 1 {
-                n += self.catch_up(ctx, stream, applied, first - 1, f).await?;
+    /// Positions from a checkpoint; streams it does not name start from 0, streams it
+    /// names that this consumer does not read are refused.
+    pub fn restore(&mut self, cursors: Cursors) -> Result<(), String> {
+        for (s, c) in cursors {
+            match self.cursors.get_mut(&s) {
+                Some(slot) => *slot = c,
+                None => return Err(format!("it has a position in stream {s}, which this consumer does not read (was the partition count changed?)")),
             }
         }
-        for r in records {
-            if r.offset == *applied + 1 {
-                self.one(ctx, r, applied, f).await?;
-                n += 1;
-            }
-        }
-        ctx.clear_in_flight(&self.name);
-        Ok(n)
-    }
-
-    /// Reads and applies records of `stream` from the store up to `upto` (inclusive).
-    pub async fn catch_up(
-        &mut self,
-        ctx: &Arc<Ctx>,
-        stream: u32,
-        applied: &mut u64,
-        upto: u64,
-        f: &mut (dyn FnMut(Record) + Send),
-    ) -> Result<u64, ActorProcessingErr> {
-        let mut n = 0;
-        while *applied < upto {
-            let store = ctx.store.clone();
-            let from = *applied + 1;
-            let chunk =
-                tokio::task::spawn_blocking(move || store.read(stream, from, CATCH_UP_CHUNK))
-                    .await??;
-            if chunk.is_empty() {
-                break;
-            }
-            for r in chunk {
-                if r.offset > upto {
-                    break;
-                }
-                // Retention may have removed records a stale checkpoint pointed before.
-                if r.offset > *applied + 1 {
-                    tracing::warn!(consumer = %self.name, stream, from = *applied + 1, to = r.offset - 1, "records missing from the journal (retention); skipping");
-                    *applied = r.offset - 1;
-                }
-                self.one(ctx, r, applied, f).await?;
-                n += 1;
-            }
-        }
-        ctx.clear_in_flight(&self.name);
-        Ok(n)
-    }
-
-    /// The records of `stream` to apply next, in offset order, each past its checks
-    /// (poison accounting, fault hook): those of a notification (after any gap before
-    /// them, read from the store), or with none, everything up to `upto` read from the
-    /// store. `*applied` moves past them; the count result comes back beside them so a
-    /// caller applies what passed before it reports a failure.
-    pub async fn next_batch(
-        &mut self,
-        ctx: &Arc<Ctx>,
-        stream: u32,
-        applied: &mut u64,
-        records: Vec<Record>,
-        upto: u64,
-    ) -> (Vec<Record>, Result<u64, ActorProcessingErr>) {
-        let mut out = Vec::new();
-        let mut f = |r: Record| out.push(r);
-        let result = if records.is_empty() {
-            self.catch_up(ctx, stream, applied, upto, &mut f).await
-        } else {
-            self.apply(ctx, stream, applied, records, &mut f).await
-        };
-        (out, result)
-    }
-
-    async fn one(
-        &mut self,
-        ctx: &Arc<Ctx>,
-        r: Record,
-        applied: &mut u64,
-        f: &mut (dyn FnMut(Record) + Send),
-    ) -> Result<(), ActorProcessingErr> {
-        let attempts = self
-            .failures
-            .get(&(r.stream, r.offset))
-            .copied()
-            .unwrap_or(0);
-        if attempts >= ctx.settings.poison_max_attempts {
-            let doc = serde_json::json!({
-                "consumer": self.name,
-                "stream": r.stream,
-                "offset": r.offset,
-                "attempts": attempts,
-                "record": format!("{:?}", r.payload),
-            });
-            let store = ctx.store.clone();
-            let (name, s, o) = (self.name.clone(), r.stream, r.offset);
-            tokio::task::spawn_blocking(move || {
-                store.dead_letter(&name, s, o, doc.to_string().as_bytes())
-            })
-            .await??;
-            tracing::warn!(consumer = %self.name, stream = r.stream, offset = r.offset, attempts, "record moved to dead letters");
-            ctx.metrics.dead_letters.inc();
-            self.failures.remove(&(r.stream, r.offset));
-            self.dead_lettered += 1;
-            *applied = r.offset;
-            return Ok(());
-        }
-        ctx.set_in_flight(&self.name, r.stream, r.offset);
-        faults::apply(&ctx.faults, self.kind, &r).await?;
-        let offset = r.offset;
-        f(r);
-        *applied = offset;
         Ok(())
     }
-}
 
-/// Applies checked records one by one, each marked in flight while `f` runs, so a panic
-/// in `f` is counted against the record that caused it.
-pub fn apply_marked<'r>(
-    ctx: &Ctx,
-    consumer: &str,
-    records: impl IntoIterator<Item = &'r Record>,
-    mut f: impl FnMut(&Record),
-) {
-    for r in records {
-        ctx.set_in_flight(consumer, r.stream, r.offset);
-        f(r);
+    /// Offset applied in `stream` (0 for a stream this consumer does not read).
+    pub fn applied(&self, stream: u32) -> u64 {
+        self.cursors.get(&stream).map_or(0, |c| c.applied)
     }
-    ctx.clear_in_flight(consumer);
+
+    /// Applied offsets of every stream, in stream order.
+    pub fn positions(&self) -> Vec<(u32, u64)> {
+        self.cursors.iter().map(|(&s, c)| (s, c.applied)).collect()
+    }
+
+    /// Applies a notified batch when it continues from the applied position; otherwise
+    /// reads the log after that position up to the batch's end.
+    pub async fn notified<A: Apply>(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        batch: RecordBatch,
+        target: &mut A,
+    ) -> Result<u64, ActorProcessingErr> {
+        let stream = batch.stream;
+        let Some(applied) = self.cursors.get(&stream).map(|c| c.applied) else {
+            return Ok(0);
+        };
+        let last = batch.records.last().map_or(0, |r| r.offset);
+        if last <= applied {
+            return Ok(0);
+        }
+        let start = if batch.prev == applied {
+            Some(0)
+        } else {
+            batch
+                .records
+                .iter()
+                .position(|r| r.offset == applied)
+                .map(|i| i + 1)
+        };
+        match start {
+            Some(i) => {
+                let mut records = batch.records;
+                records.drain(..i);
+                self.apply_records(ctx, stream, records, target).await
+            }
+            None => {
+                // A gap before the batch (a lost or reordered notification): the log
+                // has what is missing.
+                let mut n = 0;
+                loop {
+                    let step = self
+                        .catch_up(ctx, stream, last, CATCH_UP_CHUNK, target)
+                        .await?;
+                    n += step.applied;
+                    if step.done {
+                        return Ok(n);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads at most `limit` records of `stream` after the applied position and up to
+    /// `upto` from the log and applies them.
+    pub async fn catch_up<A: Apply>(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        stream: u32,
+        upto: u64,
+        limit: usize,
+        target: &mut A,
+    ) -> Result<Step, ActorProcessingErr> {
+        let after = self.applied(stream);
+        if after >= upto {
+            return Ok(Step {
+                applied: 0,
+                done: true,
+            });
+        }
+        let store = ctx.store.clone();
+        let read =
+            tokio::task::spawn_blocking(move || store.read_after(stream, after, upto, limit))
+                .await??;
+        if read.truncated > after {
+            return Err(Fatal(format!(
+                "records of stream {stream} after offset {after} (up to {}) were deleted by retention while {} still needed them; restore the store from a backup or reset this consumer",
+                read.truncated, self.name
+            ))
+            .into());
+        }
+        let done = read.records.len() < limit;
+        let applied = self.apply_records(ctx, stream, read.records, target).await?;
+        Ok(Step { applied, done })
+    }
+
+    /// Catches up every stream with its head (as published now), chunk by chunk.
+    pub async fn catch_up_all<A: Apply>(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        target: &mut A,
+    ) -> Result<u64, ActorProcessingErr> {
+        let streams: Vec<u32> = self.cursors.keys().copied().collect();
+        let mut n = 0;
+        for s in streams {
+            let head = ctx.head(s);
+            loop {
+                let step = self
+                    .catch_up(ctx, s, head, CATCH_UP_CHUNK, target)
+                    .await?;
+                n += step.applied;
+                if step.done {
+                    break;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Applies records of `stream` that follow the applied position, in order, each past
+    /// its checks (poison accounting, dedupe, fault hook).
+    async fn apply_records<A: Apply>(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        stream: u32,
+        records: Vec<Record>,
+        target: &mut A,
+    ) -> Result<u64, ActorProcessingErr> {
+        let horizon = ctx.settings.idempotency_window.as_millis() as i64;
+        let cap = ctx.settings.consumer_dedupe_keys;
+        let mut n = 0;
+        for r in records {
+            let Some(cursor) = self.cursors.get_mut(&stream) else {
+                break;
+            };
+            if r.offset <= cursor.applied {
+                continue;
+            }
+            let attempts = self
+                .failures
+                .get(&(r.stream, r.offset))
+                .copied()
+                .unwrap_or(0);
+            if attempts >= ctx.settings.poison_max_attempts {
+                self.dead_letter(ctx, &r, attempts).await?;
+                if let Some(c) = self.cursors.get_mut(&stream) {
+                    c.applied = r.offset;
+                }
+                continue;
+            }
+            ctx.set_in_flight(&self.name, r.stream, r.offset);
+            faults::apply(&ctx.faults, self.kind, &r).await?;
+            let Some(cursor) = self.cursors.get_mut(&stream) else {
+                break;
+            };
+            if cursor
+                .recent
+                .seen_or_insert(r.key, r.at_ms, horizon, cap)
+            {
+                self.duplicates += 1;
+                ctx.metrics.consumer_duplicates.inc();
+            } else {
+                target.apply(&r)?;
+                n += 1;
+            }
+            if let Some(c) = self.cursors.get_mut(&stream) {
+                c.applied = r.offset;
+            }
+        }
+        // Cleared only when every record of the step went through: an error above leaves
+        // the mark for the supervisor's failure hook.
+        ctx.clear_in_flight(&self.name);
+        self.since_checkpoint += n;
+        ctx.metrics
+            .applied_offset
+            .get_or_create(&crate::metrics::labels2(
+                "consumer",
+                self.kind,
+                "stream",
+                crate::metrics::stream_label(stream),
+            ))
+            .set(self.applied(stream) as i64);
+        Ok(n)
+    }
+
+    async fn dead_letter(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        r: &Record,
+        attempts: u32,
+    ) -> Result<(), ActorProcessingErr> {
+        let doc = serde_json::json!({
+            "consumer": self.name,
+            "stream": crate::metrics::stream_label(r.stream),
+            "offset": r.offset,
+            "attempts": attempts,
+            "record": format!("{:?}", r.payload),
+        });
+        let store = ctx.store.clone();
+        let (name, s, o) = (self.name.clone(), r.stream, r.offset);
+        tokio::task::spawn_blocking(move || {
+            store.dead_letter(&name, s, o, doc.to_string().as_bytes())
+        })
+        .await??;
+        tracing::warn!(consumer = %self.name, stream = r.stream, offset = r.offset, attempts, "record moved to dead letters");
+        ctx.metrics.dead_letters.inc();
+        self.failures.remove(&(r.stream, r.offset));
+        self.dead_lettered += 1;
+        Ok(())
+    }
+
+    /// True when the checkpoint cadence asks for one (records or time since the last).
+    pub fn checkpoint_due(&self, ctx: &Ctx) -> bool {
+        let s = &ctx.settings;
+        self.since_checkpoint > 0
+            && (self.since_checkpoint >= s.checkpoint_every_records
+                || self.last_checkpoint.elapsed() >= s.checkpoint_interval)
+    }
+
+    /// Records a durable checkpoint of the current positions (retention may now delete
+    /// what every consumer has checkpointed past).
+    pub fn checkpointed(&mut self, ctx: &Ctx) {
+        self.since_checkpoint = 0;
+        self.last_checkpoint = Instant::now();
+        self.checkpoints += 1;
+        for (&s, c) in &self.cursors {
+            ctx.note_checkpoint(&self.name, s, c.applied);
+        }
+    }
+
+    /// Counters for `Observe`.
+    pub fn observe(&self) -> serde_json::Value {
+        serde_json::json!({
+            "applied_offsets": self.positions().iter().map(|&(s, o)| serde_json::json!({"stream": crate::metrics::stream_label(s), "offset": o})).collect::<Vec<_>>(),
+            "checkpoints": self.checkpoints,
+            "dead_lettered": self.dead_lettered,
+            "duplicates_skipped": self.duplicates,
+        })
+    }
 }
 
 /// The supervisors' failure hook: counts a failure against the record the failed
@@ -208,9 +446,9 @@ pub fn count_failure(ctx: &Ctx, child: &str) {
     }
 }
 
-/// Writes a consumer's checkpoint (state and offsets in one value, so one store write).
-/// The state is encoded from borrowed fields (no copy of it), then written off the async
-/// runtime.
+/// Writes a consumer's checkpoint (state and positions in one value, so one store
+/// write). The state is encoded from borrowed fields (no copy of it), then written off
+/// the async runtime.
 pub async fn save_checkpoint<T>(
     ctx: &Arc<Ctx>,
     name: String,
@@ -219,7 +457,7 @@ pub async fn save_checkpoint<T>(
 where
     T: serde::Serialize,
 {
-    let bytes = bincode::serde::encode_to_vec(cp, bincode::config::standard())?;
+    let bytes = crate::codec::encode(cp)?;
     write_checkpoint(ctx, name, bytes).await
 }
 
@@ -234,29 +472,19 @@ pub async fn write_checkpoint(
     Ok(())
 }
 
-/// The usual checkpoint check: a known format and, for consumers of every partition, one
-/// offset per configured partition (`streams`: found, configured).
-pub fn check_checkpoint(
-    format: u16,
-    expected: u16,
-    streams: Option<(usize, usize)>,
-) -> Result<(), String> {
-    if format != expected {
-        return Err(format!("format {format}, this build reads {expected}"));
-    }
-    match streams {
-        Some((found, configured)) if found != configured => {
-            Err(format!("{found} partitions, the config has {configured}"))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Reads a consumer's checkpoint; `check` refuses an unknown format or a shape that does
-/// not fit the configuration, with a reason.
+/// Reads a consumer's checkpoint. Every checkpoint struct starts with its `format: u16`.
+///
+/// - the format this build writes: decoded, then `check` may refuse a shape that does not
+///   fit the configuration;
+/// - an older format: dropped (the state is rebuilt by replaying the journal) when the
+///   journal still holds every record of `streams`; otherwise a [`Fatal`] error, since a
+///   rebuild would silently miss what retention deleted;
+/// - a newer format (written by a newer build): refused.
 pub async fn load_checkpoint<T, F>(
     ctx: &Arc<Ctx>,
     name: String,
+    format: u16,
+    streams: Vec<u32>,
     check: F,
 ) -> Result<Option<T>, ActorProcessingErr>
 where
@@ -268,11 +496,271 @@ where
         let Some(bytes) = store.get_checkpoint(&name)? else {
             return Ok(None);
         };
-        let (cp, _): (T, usize) =
-            bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
-                .map_err(|e| format!("checkpoint {name} does not decode: {e}"))?;
+        let found = checkpoint_format(&bytes)
+            .map_err(|e| format!("checkpoint {name} does not decode: {e}"))?;
+        if found < format {
+            for s in streams {
+                let cut = store.truncated(s)?;
+                if cut > 0 {
+                    return Err(Fatal(format!("checkpoint {name} has format {found}, this build reads {format}, and retention deleted stream {s} up to offset {cut}: the state cannot be rebuilt by replay")).into());
+                }
+            }
+            tracing::warn!(checkpoint = %name, found, expected = format, "checkpoint of an older format dropped; rebuilding by replaying the journal");
+            return Ok(None);
+        }
+        if found > format {
+            return Err(format!(
+                "checkpoint {name} has format {found}, newer than this build's {format}"
+            )
+            .into());
+        }
+        let cp = decode_checkpoint::<T>(&bytes)
+            .map_err(|e| format!("checkpoint {name} does not decode: {e}"))?;
         check(&cp).map_err(|e| format!("checkpoint {name}: {e}"))?;
         Ok(Some(cp))
     })
     .await?
+}
+
+/// The format number every checkpoint starts with.
+pub fn checkpoint_format(bytes: &[u8]) -> Result<u16, String> {
+    crate::codec::decode::<u16>(bytes)
+}
+
+/// Decodes a whole checkpoint value (an error, never a panic, on any bytes).
+pub fn decode_checkpoint<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    crate::codec::decode(bytes)
+}
+
+/// The shape check of consumers of every partition: one cursor per configured partition.
+pub fn check_partitions(cursors: &Cursors, partitions: u32) -> Result<(), String> {
+    let found = cursors
+        .keys()
+        .filter(|&&s| s != crate::record::CATALOG_STREAM)
+        .count();
+    if found == partitions as usize {
+        Ok(())
+    } else {
+        Err(format!(
+            "{found} partitions, the config has {partitions}"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faults::Faults;
+    use crate::record::{Event, Payload};
+    use crate::settings::Settings;
+    use crate::store::{JournalBatch, Store};
+
+    fn ev(i: u64) -> Payload {
+        Payload::Event(Event {
+            event_id: Some(format!("e{i}")),
+            user: "u".into(),
+            item: format!("i{i}"),
+            kind: "view".into(),
+            value: None,
+            ts_ms: i as i64,
+            request_id: None,
+        })
+    }
+
+    fn ctx(dir: &std::path::Path, tweak: impl FnOnce(&mut Settings)) -> Arc<Ctx> {
+        let (store, _) = Store::open(&dir.join("s.redb")).unwrap();
+        let mut s = Settings::defaults("t");
+        s.partitions = 2;
+        tweak(&mut s);
+        Arc::new(Ctx::new(s, store, Faults::default()))
+    }
+
+    /// Appends records of stream 0 at the given offsets (one batch per consecutive run),
+    /// each keyed `key(offset)` and appended at `at(offset)`.
+    fn put(ctx: &Ctx, offsets: &[u64], key: impl Fn(u64) -> u128, at: impl Fn(u64) -> i64) {
+        for &o in offsets {
+            let mut b = JournalBatch::new(0, o, at(o));
+            b.push(key(o), &ev(o));
+            ctx.store.append(&[b], &[], 0, None).unwrap();
+        }
+    }
+
+    fn record(o: u64, key: u128) -> Record {
+        Record {
+            stream: 0,
+            offset: o,
+            key,
+            at_ms: 1,
+            payload: ev(o),
+        }
+    }
+
+    /// Records what it applied; fails on `fail_at`.
+    #[derive(Default)]
+    struct Seen {
+        offsets: Vec<u64>,
+        fail_at: Option<u64>,
+    }
+
+    impl Apply for Seen {
+        fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr> {
+            if self.fail_at == Some(r.offset) {
+                return Err("refused".into());
+            }
+            self.offsets.push(r.offset);
+            Ok(())
+        }
+    }
+
+    async fn runtime(ctx: &Arc<Ctx>) -> ConsumerRuntime {
+        ConsumerRuntime::load(ctx, "c-0", "c", [0]).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn sparse_offsets_gaps_and_targets_beyond_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ctx(dir.path(), |_| {});
+        put(&ctx, &[1, 2, 5, 6, 10], |o| o as u128, |_| 1);
+        let mut rt = runtime(&ctx).await;
+        let mut seen = Seen::default();
+        // Up to a target between records: stops there, and says the log has no more.
+        let step = rt.catch_up(&ctx, 0, 8, 100, &mut seen).await.unwrap();
+        assert_eq!((step.applied, step.done), (4, true));
+        assert_eq!(seen.offsets, vec![1, 2, 5, 6]);
+        // A target before the next stored record: nothing to do, and it ends.
+        let step = rt.catch_up(&ctx, 0, 9, 100, &mut seen).await.unwrap();
+        assert_eq!((step.applied, step.done, rt.applied(0)), (0, true, 6));
+        // A notification that follows on (prev = applied) is applied as given.
+        let batch = RecordBatch::new(0, 6, vec![record(10, 10)]);
+        assert_eq!(rt.notified(&ctx, batch, &mut seen).await.unwrap(), 1);
+        // One whose prev is ahead (a notification was lost): the log fills the gap.
+        put(&ctx, &[12, 13], |o| o as u128, |_| 1);
+        let batch = RecordBatch::new(0, 12, vec![record(13, 13)]);
+        assert_eq!(rt.notified(&ctx, batch, &mut seen).await.unwrap(), 2);
+        assert_eq!(seen.offsets, vec![1, 2, 5, 6, 10, 12, 13]);
+        // An old notification changes nothing.
+        let batch = RecordBatch::new(0, 1, vec![record(2, 2)]);
+        assert_eq!(rt.notified(&ctx, batch, &mut seen).await.unwrap(), 0);
+        // Limits count records, not offsets.
+        let mut again = runtime(&ctx).await;
+        let step = again.catch_up(&ctx, 0, 100, 3, &mut Seen::default()).await.unwrap();
+        assert_eq!((step.applied, step.done, again.applied(0)), (3, false, 5));
+    }
+
+    #[tokio::test]
+    async fn records_lost_to_retention_stop_the_consumer() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ctx(dir.path(), |_| {});
+        put(&ctx, &[1, 2, 3, 4, 5, 6], |o| o as u128, |_| 1);
+        let mut rt = runtime(&ctx).await;
+        let mut seen = Seen::default();
+        rt.catch_up(&ctx, 0, 2, 100, &mut seen).await.unwrap();
+        ctx.store.truncate(0, 5).unwrap();
+        let err = rt.catch_up(&ctx, 0, 6, 100, &mut seen).await.unwrap_err();
+        assert!(err.downcast_ref::<Fatal>().is_some(), "{err}");
+        assert!(err.to_string().contains("retention"), "{err}");
+        assert_eq!(seen.offsets, vec![1, 2], "nothing skipped silently");
+        // A consumer already past the cut is not affected.
+        let mut ahead = runtime(&ctx).await;
+        ahead.cursors.get_mut(&0).unwrap().applied = 4;
+        ahead.catch_up(&ctx, 0, 6, 100, &mut seen).await.unwrap();
+        assert_eq!(ahead.applied(0), 6);
+    }
+
+    #[tokio::test]
+    async fn an_error_counts_against_its_record_until_it_is_dead_lettered() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ctx(dir.path(), |s| s.poison_max_attempts = 2);
+        put(&ctx, &[1, 2, 3], |o| o as u128, |_| 1);
+        for attempt in 1..=2 {
+            // Each incarnation fails on record 2 and leaves it marked in flight; the
+            // supervisor's hook counts it.
+            let mut rt = runtime(&ctx).await;
+            let mut seen = Seen {
+                fail_at: Some(2),
+                ..Default::default()
+            };
+            assert!(rt.catch_up(&ctx, 0, 3, 100, &mut seen).await.is_err());
+            assert_eq!(ctx.in_flight.lock().get("c-0").copied(), Some((0, 2)));
+            count_failure(&ctx, "c-0");
+            assert_eq!(ctx.store.failures("c-0").unwrap(), vec![((0, 2), attempt)]);
+        }
+        let mut rt = runtime(&ctx).await;
+        let mut seen = Seen {
+            fail_at: Some(2),
+            ..Default::default()
+        };
+        rt.catch_up(&ctx, 0, 3, 100, &mut seen).await.unwrap();
+        assert_eq!(seen.offsets, vec![1, 3]);
+        assert_eq!((rt.dead_lettered, rt.applied(0)), (1, 3));
+        assert_eq!(ctx.store.dead_letters().unwrap().len(), 1);
+        assert!(ctx.in_flight.lock().get("c-0").is_none());
+    }
+
+    #[tokio::test]
+    async fn duplicates_in_the_log_are_applied_once_within_the_horizon() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ctx(dir.path(), |s| {
+            s.idempotency_window = std::time::Duration::from_secs(10);
+            s.consumer_dedupe_keys = 100;
+        });
+        // Offsets 1..=4 carry the same key: 2 and 3 are within the horizon of 1, 4 is
+        // past it. Offset 5 has no key (never a duplicate).
+        let at = |o: u64| [0, 1_000, 5_000, 10_500, 12_000, 13_000][o as usize];
+        put(&ctx, &[1, 2, 3, 4], |_| 42, at);
+        put(&ctx, &[5], |_| 0, at);
+        let mut rt = runtime(&ctx).await;
+        let mut seen = Seen::default();
+        rt.catch_up(&ctx, 0, 5, 100, &mut seen).await.unwrap();
+        assert_eq!(seen.offsets, vec![1, 4, 5]);
+        assert_eq!((rt.duplicates, rt.applied(0)), (2, 5));
+        // The window travels with the cursor (checkpoints), so replay decides the same.
+        let bytes = crate::codec::encode(&rt.cursors).unwrap();
+        let mut restored = runtime(&ctx).await;
+        restored.restore(crate::codec::decode(&bytes).unwrap()).unwrap();
+        put(&ctx, &[6], |_| 42, |_| 14_000);
+        let mut seen = Seen::default();
+        restored.catch_up(&ctx, 0, 6, 100, &mut seen).await.unwrap();
+        assert!(seen.offsets.is_empty(), "{:?}", seen.offsets);
+    }
+
+    #[test]
+    fn recent_keys_forget_by_time_and_by_count() {
+        let mut w = RecentKeys::default();
+        let h = 1000;
+        assert!(!w.seen_or_insert(7, 10_000, h, 3));
+        assert!(w.seen_or_insert(7, 10_500, h, 3), "within the horizon");
+        assert!(!w.seen_or_insert(7, 11_001, h, 3), "past the horizon: new");
+        // Count bound: the oldest key leaves first.
+        for k in 1..=3u128 {
+            assert!(!w.seen_or_insert(100 + k, 11_002, h, 3));
+        }
+        assert_eq!(w.len(), 3);
+        assert!(!w.seen_or_insert(7, 11_003, h, 3), "pushed out by count");
+        // Keys 0 and unknown times never dedupe.
+        assert!(!w.seen_or_insert(0, 11_004, h, 3));
+        assert!(!w.seen_or_insert(0, 11_004, h, 3));
+        assert!(!w.seen_or_insert(9, 0, h, 3));
+        assert!(!w.seen_or_insert(9, 0, h, 3));
+        // Round trip keeps the decisions.
+        let bytes = crate::codec::encode(&w).unwrap();
+        let mut back: RecentKeys = decode_checkpoint(&bytes).unwrap();
+        assert!(back.seen_or_insert(7, 11_005, h, 3));
+    }
+
+    #[test]
+    fn checkpoint_format_is_read_from_the_prefix() {
+        #[derive(Serialize)]
+        struct Cp {
+            format: u16,
+            x: Vec<u64>,
+        }
+        let b = crate::codec::encode(&Cp {
+            format: 300,
+            x: vec![1, 2],
+        })
+        .unwrap();
+        assert_eq!(checkpoint_format(&b).unwrap(), 300);
+        assert!(checkpoint_format(&[]).is_err());
+    }
 }

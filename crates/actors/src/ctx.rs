@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::content_index::ContentIndex;
 use crate::faults::Faults;
 use crate::metrics::Metrics;
-use crate::record::CATALOG_STREAM;
+use crate::record::{partition_of, Payload, CATALOG_STREAM};
 use crate::serving::{AlsServing, CatalogView};
 use crate::settings::Settings;
 use crate::store::Store;
@@ -65,12 +65,12 @@ pub struct Ctx {
     pub settings: Settings,
     pub store: Store,
     pub faults: Faults,
-    /// Last durable offset per stream (`0..P` partitions, then the catalog).
+    /// Offset of the last durable record per stream (`0..P` partitions, then the
+    /// catalog), published before the records are acked.
     pub heads: Vec<watch::Sender<u64>>,
-    /// Offset applied by each partition's UserFeatures.
+    /// Offset applied by the consumer that serves reads of each stream: UserFeatures of
+    /// each partition, then the Catalog. Reads wait on these (read-your-writes).
     pub applied: Vec<watch::Sender<u64>>,
-    /// Last acked offset per user, per partition (what a request waits for).
-    pub last_acked: Vec<Mutex<FxHashMap<String, u64>>>,
     /// Record each consumer is applying right now (for poison-record accounting).
     pub in_flight: Mutex<FxHashMap<String, (u32, u64)>>,
     /// Offset each consumer's last durable checkpoint covers, per stream (retention).
@@ -89,8 +89,7 @@ impl Ctx {
         let head = |_| watch::channel(0u64).0;
         Ctx {
             heads: (0..=p).map(head).collect(),
-            applied: (0..p).map(head).collect(),
-            last_acked: (0..p).map(|_| Mutex::new(FxHashMap::default())).collect(),
+            applied: (0..=p).map(head).collect(),
             in_flight: Mutex::new(FxHashMap::default()),
             checkpointed: Mutex::new(FxHashMap::default()),
             catalog: RwLock::new(CatalogView::default()),
@@ -117,6 +116,61 @@ impl Ctx {
     /// Last durable offset of a stream.
     pub fn head(&self, stream: u32) -> u64 {
         *self.heads[self.head_index(stream)].borrow()
+    }
+
+    /// Offset applied by the serving consumer of a stream.
+    pub fn applied(&self, stream: u32) -> u64 {
+        *self.applied[self.head_index(stream)].borrow()
+    }
+
+    /// Publishes the serving consumer's position in a stream (wakes waiting reads).
+    pub fn publish_applied(&self, stream: u32, offset: u64) {
+        self.applied[self.head_index(stream)].send_if_modified(|o| {
+            let changed = *o != offset;
+            *o = offset;
+            changed
+        });
+    }
+
+    /// Waits (at most `wait`) until the serving consumer of `stream` has applied
+    /// `target`; false when the wait ran out.
+    pub async fn wait_applied(&self, stream: u32, target: u64, wait: std::time::Duration) -> bool {
+        let mut rx = self.applied[self.head_index(stream)].subscribe();
+        if *rx.borrow() >= target {
+            return true;
+        }
+        matches!(
+            tokio::time::timeout(wait, rx.wait_for(|&o| o >= target)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// True for a stream this node has: a configured partition or the catalog.
+    pub fn has_stream(&self, stream: u32) -> bool {
+        stream == CATALOG_STREAM || stream < self.settings.partitions
+    }
+
+    /// Refuses an entry whose stream does not fit its payload: events and erasures go to
+    /// their user's partition, item operations to the catalog.
+    pub fn check_entry(&self, stream: u32, payload: &Payload) -> Result<(), String> {
+        let p = self.settings.partitions;
+        let want = match payload {
+            Payload::Event(e) => partition_of(&e.user, p),
+            Payload::EraseUser { user } => partition_of(user, p),
+            Payload::ItemUpsert(_) | Payload::ItemDelete { .. } => CATALOG_STREAM,
+        };
+        if stream == want {
+            Ok(())
+        } else if !self.has_stream(stream) {
+            Err(format!(
+                "stream {stream} is neither a partition (0..{p}) nor the catalog"
+            ))
+        } else {
+            Err(format!(
+                "stream {stream} is not this record's stream ({})",
+                crate::metrics::stream_label(want)
+            ))
+        }
     }
 
     /// All streams: partitions then the catalog.
@@ -146,7 +200,10 @@ impl Ctx {
     /// Consumers whose checkpoints bound retention of `stream`.
     pub fn consumers_of(&self, stream: u32) -> Vec<String> {
         if stream == CATALOG_STREAM {
-            vec![crate::names::CATALOG.to_string()]
+            vec![
+                crate::names::CATALOG.to_string(),
+                crate::names::ITEM_STATS.to_string(),
+            ]
         } else {
             vec![
                 crate::names::user_features(stream),

@@ -17,16 +17,15 @@ use ractor_cluster_derive::RactorClusterMessage;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
-use crate::consumer::Applier;
+use crate::consumer::{Apply, ConsumerRuntime, Cursors};
 use crate::ctx::Ctx;
 use crate::messages::{CheckpointReply, Observation, RecordBatch};
-use crate::metrics::labels2;
 use crate::record::{Payload, Record};
 use crate::wire::WIRE_VERSION;
 use crate::wire_payload;
 
 /// Version of the UserFeatures checkpoint format.
-pub const FEATURES_CHECKPOINT_FORMAT: u16 = 1;
+pub const FEATURES_CHECKPOINT_FORMAT: u16 = 2;
 
 /// One interaction in a user's history.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -58,12 +57,15 @@ pub struct UserState {
 pub struct UserView {
     pub version: u16,
     pub known: bool,
+    /// The query's `unchanged_since` equals `last_offset`: only the positions are filled.
+    pub unchanged: bool,
     pub history: Vec<Touch>,
     pub seen: Vec<String>,
     pub disliked: Vec<String>,
     pub kind_counts: Vec<(String, u64)>,
     pub events: u64,
     pub last_ts_ms: i64,
+    /// Offset of the user's last applied event (0: none).
     pub last_offset: u64,
     /// Partition offset applied when this view was taken.
     pub applied_offset: u64,
@@ -71,11 +73,14 @@ pub struct UserView {
     pub vector: Vec<f32>,
 }
 
-/// A user to erase.
+/// A user to read.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct UserQuery {
     pub version: u16,
     pub user: String,
+    /// When non-zero and equal to the user's `last_offset`, the answer carries only the
+    /// positions (`unchanged: true`): the caller's copy is current.
+    pub unchanged_since: u64,
 }
 
 wire_payload!(UserView, UserQuery);
@@ -101,27 +106,28 @@ pub struct UserFeaturesArgs {
 
 pub struct UserFeatures;
 
+/// The users of one partition: what records are applied to.
+struct Partition {
+    ctx: Arc<Ctx>,
+    users: FxHashMap<String, UserState>,
+    /// Users touched since the last fold-in.
+    dirty: FxHashSet<String>,
+}
+
 pub struct UserFeaturesState {
     ctx: Arc<Ctx>,
     partition: u32,
-    name: String,
-    users: FxHashMap<String, UserState>,
-    applied: u64,
-    applier: Option<Applier>,
-    since_checkpoint: u64,
-    last_checkpoint: Instant,
-    checkpoint_offset: u64,
-    checkpoints: u64,
+    rt: ConsumerRuntime,
+    data: Partition,
     replayed: u64,
     fold_ins: u64,
-    dirty: FxHashSet<String>,
 }
 
 /// Borrowed when written, owned when read.
 #[derive(Serialize, Deserialize)]
 struct Checkpoint<'a> {
     format: u16,
-    applied: u64,
+    cursors: Cow<'a, Cursors>,
     users: Cow<'a, FxHashMap<String, UserState>>,
 }
 
@@ -129,9 +135,9 @@ fn checkpoint_name(p: u32) -> String {
     format!("user_features/{p}")
 }
 
-impl UserFeaturesState {
-    fn apply(&mut self, r: &Record) {
-        let ctx = self.ctx.clone();
+impl Apply for Partition {
+    fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr> {
+        let ctx = &self.ctx;
         match &r.payload {
             Payload::Event(e) => {
                 // Keys are cloned only when new (most events touch known users and kinds).
@@ -139,7 +145,7 @@ impl UserFeaturesState {
                     self.users.insert(e.user.clone(), UserState::default());
                 }
                 let Some(u) = self.users.get_mut(&e.user) else {
-                    return;
+                    return Ok(());
                 };
                 let weight = ctx
                     .settings
@@ -196,19 +202,31 @@ impl UserFeaturesState {
             }
             Payload::ItemUpsert(_) | Payload::ItemDelete { .. } => {}
         }
+        Ok(())
     }
+}
 
-    fn view(&self, user: &str) -> UserView {
-        let applied = self.applied;
-        match self.users.get(user) {
+impl UserFeaturesState {
+    fn view(&self, q: &UserQuery) -> UserView {
+        let applied = self.rt.applied(self.partition);
+        match self.data.users.get(&q.user) {
             None => UserView {
                 version: WIRE_VERSION,
+                applied_offset: applied,
+                ..Default::default()
+            },
+            Some(u) if q.unchanged_since != 0 && q.unchanged_since == u.last_offset => UserView {
+                version: WIRE_VERSION,
+                known: true,
+                unchanged: true,
+                last_offset: u.last_offset,
                 applied_offset: applied,
                 ..Default::default()
             },
             Some(u) => UserView {
                 version: WIRE_VERSION,
                 known: true,
+                unchanged: false,
                 history: u.history.iter().cloned().collect(),
                 seen: u.seen.iter().cloned().collect(),
                 disliked: u.disliked.iter().cloned().collect(),
@@ -226,44 +244,30 @@ impl UserFeaturesState {
     async fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
         let cp = Checkpoint {
             format: FEATURES_CHECKPOINT_FORMAT,
-            applied: self.applied,
-            users: Cow::Borrowed(&self.users),
+            cursors: Cow::Borrowed(&self.rt.cursors),
+            users: Cow::Borrowed(&self.data.users),
         };
         crate::consumer::save_checkpoint(&self.ctx, checkpoint_name(self.partition), &cp).await?;
-        self.since_checkpoint = 0;
-        self.last_checkpoint = Instant::now();
-        self.checkpoint_offset = self.applied;
-        self.checkpoints += 1;
-        self.ctx
-            .note_checkpoint(&self.name, self.partition, self.applied);
-        Ok(())
-    }
-
-    async fn maybe_checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
-        let s = &self.ctx.settings;
-        if self.applied > self.checkpoint_offset
-            && (self.since_checkpoint >= s.checkpoint_every_records
-                || self.last_checkpoint.elapsed() >= s.checkpoint_interval)
-        {
-            self.checkpoint().await?;
-        }
+        self.rt.checkpointed(&self.ctx);
         Ok(())
     }
 
     /// Folds in the users touched since the last call against the serving ALS model.
     async fn fold_in_dirty(&mut self) -> Result<(), ActorProcessingErr> {
-        if self.dirty.is_empty() {
+        if self.data.dirty.is_empty() {
             return Ok(());
         }
         let Some(model) = self.ctx.als.load_full() else {
-            self.dirty.clear();
+            self.data.dirty.clear();
             return Ok(());
         };
+        let users = &self.data.users;
         let jobs: Vec<(String, Vec<(u32, f32)>)> = self
+            .data
             .dirty
             .drain()
             .filter_map(|u| {
-                let st = self.users.get(&u)?;
+                let st = users.get(&u)?;
                 let inter: Vec<(u32, f32)> = st
                     .history
                     .iter()
@@ -284,46 +288,23 @@ impl UserFeaturesState {
         .await?;
         self.fold_ins += solved.len() as u64;
         for (u, v) in solved {
-            if let Some(st) = self.users.get_mut(&u) {
+            if let Some(st) = self.data.users.get_mut(&u) {
                 st.vector = Some((model.version, v));
             }
         }
         Ok(())
     }
 
-    fn publish(&self) {
-        self.ctx.applied[self.partition as usize].send_replace(self.applied);
-        self.ctx
-            .metrics
-            .applied_offset
-            .get_or_create(&labels2(
-                "consumer",
-                "user_features",
-                "stream",
-                self.partition,
-            ))
-            .set(self.applied as i64);
-    }
-
-    async fn process(&mut self, records: Vec<Record>) -> Result<(), ActorProcessingErr> {
-        let mut applier = self.applier.take().ok_or("applier missing")?;
-        let mut applied = self.applied;
-        let ctx = self.ctx.clone();
-        let partition = self.partition;
-        let head = ctx.head(partition);
-        let (buf, result) = applier
-            .next_batch(&ctx, partition, &mut applied, records, head)
-            .await;
-        self.applier = Some(applier);
-        // Records passed every check (faults included) in order; apply them now.
-        let name = self.name.clone();
-        crate::consumer::apply_marked(&ctx, &name, &buf, |r| self.apply(r));
-        self.applied = applied;
-        let n = result?;
-        self.since_checkpoint += n;
+    /// After records were applied: fold-in, publish the position (waking reads that wait
+    /// for it), checkpoint when due.
+    async fn after_apply(&mut self) -> Result<(), ActorProcessingErr> {
         self.fold_in_dirty().await?;
-        self.publish();
-        self.maybe_checkpoint().await
+        self.ctx
+            .publish_applied(self.partition, self.rt.applied(self.partition));
+        if self.rt.checkpoint_due(&self.ctx) {
+            self.checkpoint().await?;
+        }
+        Ok(())
     }
 }
 
@@ -339,20 +320,18 @@ impl Actor for UserFeatures {
     ) -> Result<UserFeaturesState, ActorProcessingErr> {
         let name = crate::names::user_features(args.partition);
         args.ctx.health.begin_recovery(&name);
+        let rt = ConsumerRuntime::load(&args.ctx, &name, "user_features", [args.partition]).await?;
         Ok(UserFeaturesState {
+            data: Partition {
+                ctx: args.ctx.clone(),
+                users: FxHashMap::default(),
+                dirty: FxHashSet::default(),
+            },
             ctx: args.ctx,
             partition: args.partition,
-            name,
-            users: FxHashMap::default(),
-            applied: 0,
-            applier: None,
-            since_checkpoint: 0,
-            last_checkpoint: Instant::now(),
-            checkpoint_offset: 0,
-            checkpoints: 0,
+            rt,
             replayed: 0,
             fold_ins: 0,
-            dirty: FxHashSet::default(),
         })
     }
 
@@ -363,30 +342,33 @@ impl Actor for UserFeatures {
         st: &mut UserFeaturesState,
     ) -> Result<(), ActorProcessingErr> {
         let cname = checkpoint_name(st.partition);
-        let cp: Option<Checkpoint> =
-            crate::consumer::load_checkpoint(&st.ctx, cname, |cp: &Checkpoint| {
-                crate::consumer::check_checkpoint(cp.format, FEATURES_CHECKPOINT_FORMAT, None)
-            })
-            .await?;
+        let cp: Option<Checkpoint> = crate::consumer::load_checkpoint(
+            &st.ctx,
+            cname,
+            FEATURES_CHECKPOINT_FORMAT,
+            vec![st.partition],
+            |_: &Checkpoint| Ok(()),
+        )
+        .await?;
         if let Some(cp) = cp {
-            st.applied = cp.applied;
-            st.checkpoint_offset = cp.applied;
-            st.users = cp.users.into_owned();
+            st.rt
+                .restore(cp.cursors.into_owned())
+                .map_err(|e| format!("checkpoint of {}: {e}", st.rt.name))?;
+            st.data.users = cp.users.into_owned();
         }
-        st.applier = Some(Applier::load(&st.ctx, &st.name, "user_features").await?);
-        let before = st.applied;
+        let before = st.rt.applied(st.partition);
         let started = Instant::now();
-        st.process(Vec::new()).await?;
-        st.replayed = st.applied - before;
+        st.replayed = st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
+        st.after_apply().await?;
         tracing::info!(
             partition = st.partition,
             checkpoint = before,
             replayed = st.replayed,
-            users = st.users.len(),
+            users = st.data.users.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "user features recovered"
         );
-        st.ctx.health.end_recovery(&st.name);
+        st.ctx.health.end_recovery(&st.rt.name);
         myself.send_interval(st.ctx.settings.poll_interval, || UserFeaturesMsg::Tick);
         Ok(())
     }
@@ -400,42 +382,75 @@ impl Actor for UserFeatures {
         match msg {
             UserFeaturesMsg::Committed(batch) => {
                 if batch.stream == st.partition {
-                    st.process(batch.into_records()).await?;
+                    st.rt.notified(&st.ctx, batch, &mut st.data).await?;
+                    st.after_apply().await?;
                 }
             }
             UserFeaturesMsg::Tick => {
-                if st.ctx.head(st.partition) > st.applied {
-                    st.process(Vec::new()).await?;
-                } else {
-                    st.maybe_checkpoint().await?;
+                if st.ctx.head(st.partition) > st.rt.applied(st.partition) {
+                    st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
                 }
+                st.after_apply().await?;
             }
             UserFeaturesMsg::GetUser(q, port) => {
-                port.send(st.view(&q.user)).discard();
+                port.send(st.view(&q)).discard();
             }
             UserFeaturesMsg::Checkpoint(port) => {
                 let r = st.checkpoint().await;
-                port.send(CheckpointReply::new(vec![(st.partition, st.applied)], r))
+                port.send(CheckpointReply::new(st.rt.positions(), r))
                     .discard();
             }
             UserFeaturesMsg::Observe(port) => {
-                port.send(Observation::new(
-                    &st.name,
-                    serde_json::json!({
-                        "partition": st.partition,
-                        "applied_offset": st.applied,
-                        "head": st.ctx.head(st.partition),
-                        "checkpoint_offset": st.checkpoint_offset,
-                        "checkpoints": st.checkpoints,
-                        "replayed_on_start": st.replayed,
-                        "users": st.users.len(),
-                        "fold_ins": st.fold_ins,
-                        "dead_lettered": st.applier.as_ref().map_or(0, |a| a.dead_lettered),
-                    }),
-                ))
-                .discard();
+                let mut doc = st.rt.observe();
+                doc["partition"] = st.partition.into();
+                doc["applied_offset"] = st.rt.applied(st.partition).into();
+                doc["head"] = st.ctx.head(st.partition).into();
+                doc["replayed_on_start"] = st.replayed.into();
+                doc["users"] = st.data.users.len().into();
+                doc["fold_ins"] = st.fold_ins.into();
+                port.send(Observation::new(&st.rt.name, doc)).discard();
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn checkpoint_round_trips() {
+        let mut users = FxHashMap::default();
+        let mut u = UserState::default();
+        u.history.push_back(Touch {
+            item: "i".into(),
+            kind: "view".into(),
+            weight: 1.5,
+            ts_ms: 9,
+        });
+        u.seen.insert("i".into());
+        u.last_offset = 4;
+        users.insert("u".to_string(), u);
+        let mut cursors = Cursors::default();
+        cursors.insert(2, Default::default());
+        let cp = Checkpoint {
+            format: FEATURES_CHECKPOINT_FORMAT,
+            cursors: Cow::Owned(cursors),
+            users: Cow::Owned(users),
+        };
+        let back: Checkpoint = crate::consumer::decode_checkpoint(&crate::codec::encode(&cp).unwrap()).unwrap();
+        assert_eq!(back.format, FEATURES_CHECKPOINT_FORMAT);
+        assert_eq!(back.users["u"].history, cp.users["u"].history);
+        assert_eq!(back.users["u"].last_offset, 4);
+        assert!(back.cursors.contains_key(&2));
+    }
+
+    proptest! {
+        #[test]
+        fn checkpoint_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = crate::consumer::decode_checkpoint::<Checkpoint>(&bytes);
+        }
     }
 }

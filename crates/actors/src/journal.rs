@@ -3,8 +3,14 @@
 //! Appends from every partition wait in this actor's mailbox while a commit is under way;
 //! the next `Flush` takes all of them (up to `max_commit_records`) into one store commit
 //! (one fsync), then acks each caller with `{stream, offset}` per record. A record whose
-//! idempotency key was acked within the window is not appended again; its original
+//! idempotency key was acked within the window (bounded in count by
+//! `idempotency_max_keys`; the oldest keys leave first) is not appended again; its original
 //! position is returned with `duplicate: true`.
+//!
+//! Entries are checked at the boundary: an event or erasure must name its user's
+//! partition, an item operation the catalog stream; a request with any other entry is
+//! refused whole. Offsets come from the store's persisted heads, so none is handed out
+//! twice, whatever was cut from a torn tail.
 //!
 //! On a commit error (fsync failure, full disk) the journal answers every caller in the
 //! batch with an error, marks the node unready, and fails: the supervisor restarts it,
@@ -28,21 +34,43 @@ use crate::item_stats::ItemStatsMsg;
 use crate::messages::{Observation, RecordBatch};
 use crate::metrics::label;
 use crate::names;
+use crate::metrics::stream_label;
 use crate::record::{Payload, Record, CATALOG_STREAM};
+use crate::supervisor::Fatal;
 use crate::store::JournalBatch;
 use crate::wire::{self, WIRE_VERSION};
 use crate::wire_payload;
 use crate::{catalog::CatalogMsg, features::UserFeaturesMsg};
 
-/// Records to append (each with its stream).
+/// One record to append: its stream, its idempotency key (0: not deduplicated) and what
+/// it carries.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppendEntry {
+    pub stream: u32,
+    pub key: u128,
+    pub payload: Payload,
+}
+
+impl AppendEntry {
+    /// An entry keyed by its payload's own key (the event id, or a hash of the event).
+    pub fn new(stream: u32, payload: Payload) -> Self {
+        AppendEntry {
+            stream,
+            key: payload.idempotency_key(),
+            payload,
+        }
+    }
+}
+
+/// Records to append.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AppendRequest {
     pub version: u16,
-    pub entries: Vec<(u32, Payload)>,
+    pub entries: Vec<AppendEntry>,
 }
 
 impl AppendRequest {
-    pub fn new(entries: Vec<(u32, Payload)>) -> Self {
+    pub fn new(entries: Vec<AppendEntry>) -> Self {
         AppendRequest {
             version: WIRE_VERSION,
             entries,
@@ -85,15 +113,78 @@ pub struct Journal;
 
 pub struct JournalState {
     ctx: Arc<Ctx>,
+    /// Per stream, the highest offset ever assigned: the next record gets one more.
     next: FxHashMap<u32, u64>,
-    idem: FxHashMap<u128, (u32, u64, i64)>,
-    idem_order: VecDeque<(i64, u128)>,
+    /// Per stream, the offset of the last record the log holds (what consumers reach).
+    last: FxHashMap<u32, u64>,
+    idem: Idempotency,
     pending: VecDeque<(AppendRequest, RpcReplyPort<AppendReply>)>,
     flush_scheduled: bool,
     commits: u64,
     records: u64,
     duplicates: u64,
     truncated: u64,
+}
+
+/// The keys acked within the idempotency window, bounded in count (the oldest leave
+/// first): key -> (stream, offset, acked at ms).
+struct Idempotency {
+    map: FxHashMap<u128, (u32, u64, i64)>,
+    order: VecDeque<(i64, u128)>,
+    max: usize,
+}
+
+impl Idempotency {
+    fn new(mut keys: Vec<(u128, u32, u64, i64)>, max: usize) -> Self {
+        keys.sort_unstable_by_key(|k| k.3);
+        let skip = keys.len().saturating_sub(max);
+        let mut i = Idempotency {
+            map: FxHashMap::default(),
+            order: VecDeque::new(),
+            max,
+        };
+        for (k, s, o, at) in keys.into_iter().skip(skip) {
+            i.insert(k, s, o, at);
+        }
+        i
+    }
+
+    fn get(&self, key: u128) -> Option<(u32, u64)> {
+        self.map.get(&key).map(|&(s, o, _)| (s, o))
+    }
+
+    fn insert(&mut self, key: u128, stream: u32, offset: u64, at: i64) {
+        self.map.insert(key, (stream, offset, at));
+        self.order.push_back((at, key));
+        while self.map.len() > self.max {
+            self.pop_oldest();
+        }
+    }
+
+    /// Forgets keys acked before `horizon`; returns how many.
+    fn expire(&mut self, horizon: i64) -> usize {
+        let mut n = 0;
+        while self.order.front().is_some_and(|(at, _)| *at < horizon) {
+            n += usize::from(self.pop_oldest());
+        }
+        n
+    }
+
+    fn pop_oldest(&mut self) -> bool {
+        let Some((at, k)) = self.order.pop_front() else {
+            return false;
+        };
+        // A key re-inserted later has a newer entry in `order`; only the live one counts.
+        if self.map.get(&k).is_some_and(|v| v.2 == at) {
+            self.map.remove(&k);
+            return true;
+        }
+        false
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
 }
 
 fn now_ms() -> i64 {
@@ -112,6 +203,29 @@ fn reply_error(port: RpcReplyPort<AppendReply>, msg: &str) {
     .discard();
 }
 
+/// Every entry in a configured stream that fits its payload, or the reasons why not.
+fn check_entries(ctx: &Ctx, req: &AppendRequest) -> Result<(), String> {
+    let problems: Vec<String> = req
+        .entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| {
+            ctx.check_entry(e.stream, &e.payload)
+                .err()
+                .map(|why| format!("entry {}: {why}", i + 1))
+        })
+        .take(10)
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "append refused, nothing was written: {}",
+            problems.join("; ")
+        ))
+    }
+}
+
 impl Actor for Journal {
     type Msg = JournalMsg;
     type State = JournalState;
@@ -125,30 +239,38 @@ impl Actor for Journal {
         let store = ctx.store.clone();
         let streams = ctx.streams();
         let window = ctx.settings.idempotency_window.as_millis() as i64;
-        let (next, keys) =
-            tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+        let partitions = ctx.settings.partitions;
+        let (next, last, keys) = tokio::task::spawn_blocking(
+            move || -> Result<_, ActorProcessingErr> {
+                // Records in streams the config does not have would belong to users that
+                // now hash elsewhere: refuse rather than serve a split history.
+                if let Some(s) = store
+                    .streams()?
+                    .into_iter()
+                    .find(|&s| s != CATALOG_STREAM && s >= partitions)
+                {
+                    return Err(Fatal(format!("the store holds records of partition {s} but journal.partitions is {partitions}; the partition count is fixed for the life of the data")).into());
+                }
                 let mut next = FxHashMap::default();
+                let mut last = FxHashMap::default();
                 for s in streams {
-                    next.insert(s, store.last_offset(s)?);
+                    next.insert(s, store.next_after(s)?);
+                    last.insert(s, store.last_offset(s)?);
                 }
                 let keys = store.idempotency_window(now_ms() - window)?;
-                Ok((next, keys))
-            })
-            .await??;
-        let mut idem = FxHashMap::default();
-        let mut order: Vec<(i64, u128)> = Vec::with_capacity(keys.len());
-        for (k, s, o, at) in keys {
-            idem.insert(k, (s, o, at));
-            order.push((at, k));
-        }
-        order.sort_unstable();
-        for (&s, &o) in &next {
+                Ok((next, last, keys))
+            },
+        )
+        .await??;
+        let idem = Idempotency::new(keys, ctx.settings.idempotency_max_keys.max(1));
+        for (&s, &o) in &last {
             ctx.heads[ctx.head_index(s)].send_replace(o);
             ctx.metrics
                 .journal_head
-                .get_or_create(&label("stream", s))
+                .get_or_create(&label("stream", stream_label(s)))
                 .set(o as i64);
         }
+        ctx.metrics.idempotency_keys.set(idem.len() as i64);
         ctx.health.journal_failed.store(false, Ordering::Relaxed);
         tracing::info!(
             streams = next.len(),
@@ -158,8 +280,8 @@ impl Actor for Journal {
         Ok(JournalState {
             ctx,
             next,
+            last,
             idem,
-            idem_order: order.into(),
             pending: VecDeque::new(),
             flush_scheduled: false,
             commits: 0,
@@ -196,6 +318,10 @@ impl Actor for Journal {
                     reply_error(port, "node is shutting down");
                     return Ok(());
                 }
+                if let Err(e) = check_entries(&st.ctx, &req) {
+                    reply_error(port, &e);
+                    return Ok(());
+                }
                 st.pending.push_back((req, port));
                 if !st.flush_scheduled {
                     st.flush_scheduled = true;
@@ -215,7 +341,7 @@ impl Actor for Journal {
                 let cuts: Vec<(u32, u64)> = ctx
                     .streams()
                     .into_iter()
-                    .filter_map(|s| ctx.retainable(s).map(|o| (s, o + 1)))
+                    .filter_map(|s| ctx.retainable(s).map(|o| (s, o.saturating_add(1))))
                     .collect();
                 let store = ctx.store.clone();
                 let n = tokio::task::spawn_blocking(
@@ -234,10 +360,10 @@ impl Actor for Journal {
                 st.truncated += n;
             }
             JournalMsg::Observe(port) => {
-                let heads: Vec<(u32, u64)> = {
-                    let mut v: Vec<_> = st.next.iter().map(|(&s, &o)| (s, o)).collect();
+                let heads: Vec<(String, u64)> = {
+                    let mut v: Vec<_> = st.last.iter().map(|(&s, &o)| (s, o)).collect();
                     v.sort_unstable();
-                    v
+                    v.into_iter().map(|(s, o)| (stream_label(s), o)).collect()
                 };
                 port.send(Observation::new(
                     names::JOURNAL,
@@ -269,7 +395,7 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
             break;
         }
         n += req.entries.len();
-        batch.push(st.pending.pop_front().expect("front exists"));
+        batch.extend(st.pending.pop_front());
     }
     if batch.is_empty() {
         return Ok(());
@@ -284,15 +410,14 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
     let mut injected = false;
     for (req, port) in batch {
         let mut positions = Vec::with_capacity(req.entries.len());
-        for (stream, payload) in req.entries {
-            let key = payload.idempotency_key();
+        for AppendEntry {
+            stream,
+            key,
+            payload,
+        } in req.entries
+        {
             if key != 0 {
-                let known = st
-                    .idem
-                    .get(&key)
-                    .map(|&(s, o, _)| (s, o))
-                    .or_else(|| fresh.get(&key).copied());
-                if let Some((s, o)) = known {
+                if let Some((s, o)) = st.idem.get(key).or_else(|| fresh.get(&key).copied()) {
                     positions.push(Position {
                         stream: s,
                         offset: o,
@@ -310,6 +435,8 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
             let rec = Record {
                 stream,
                 offset,
+                key,
+                at_ms: now,
                 payload,
             };
             if let Some(FaultAction::Error) = ctx.faults.on_record("journal", &rec) {
@@ -317,8 +444,8 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
             }
             batches
                 .entry(stream)
-                .or_insert_with(|| JournalBatch::new(stream, offset))
-                .push(&rec.payload);
+                .or_insert_with(|| JournalBatch::new(stream, offset, now))
+                .push(key, &rec.payload);
             committed.push(rec);
             positions.push(Position {
                 stream,
@@ -330,14 +457,7 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
     }
     // Keys that left the window are deleted in the same commit.
     let horizon = now - ctx.settings.idempotency_window.as_millis() as i64;
-    let mut expired = 0;
-    while st.idem_order.front().is_some_and(|(at, _)| *at < horizon) {
-        let (at, k) = st.idem_order.pop_front().expect("front exists");
-        if st.idem.get(&k).is_some_and(|v| v.2 == at) {
-            st.idem.remove(&k);
-            expired += 1;
-        }
-    }
+    let expired = st.idem.expire(horizon);
     let started = Instant::now();
     let result = if batches.is_empty() && expired == 0 {
         Ok(())
@@ -376,38 +496,29 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
     st.records += committed.len() as u64;
     st.next = next;
     for (k, (s, o)) in fresh {
-        st.idem.insert(k, (s, o, now));
-        st.idem_order.push_back((now, k));
+        st.idem.insert(k, s, o, now);
     }
-    // Publish heads and per-user acked offsets before acking, so a client that reads
-    // right after its ack waits for its own events.
-    for (&s, &o) in &st.next {
-        let h = &ctx.heads[ctx.head_index(s)];
-        if *h.borrow() != o {
-            h.send_replace(o);
-            ctx.metrics
-                .journal_head
-                .get_or_create(&label("stream", s))
-                .set(o as i64);
-        }
+    ctx.metrics.idempotency_keys.set(st.idem.len() as i64);
+    // Group the records by stream with the position each batch follows, then publish
+    // heads before acking, so a client that reads right after its ack waits for its own
+    // events.
+    let mut by_stream: FxHashMap<u32, RecordBatch> = FxHashMap::default();
+    for r in committed {
+        let prev = st.last.get(&r.stream).copied().unwrap_or(0);
+        by_stream
+            .entry(r.stream)
+            .or_insert_with(|| RecordBatch::new(r.stream, prev, Vec::new()))
+            .records
+            .push(r);
     }
-    for r in &committed {
-        // An erase counts too: a request after it waits for it, and cached candidates
-        // of the user are dropped.
-        let user = match &r.payload {
-            Payload::Event(e) => Some(&e.user),
-            Payload::EraseUser { user } => Some(user),
-            _ => None,
-        };
-        if let Some(user) = user {
-            let mut m = ctx.last_acked[r.stream as usize].lock();
-            match m.get_mut(user) {
-                Some(o) => *o = r.offset,
-                None => {
-                    m.insert(user.clone(), r.offset);
-                }
-            }
-        }
+    for (&s, b) in &by_stream {
+        let o = b.records.last().map_or(0, |r| r.offset);
+        st.last.insert(s, o);
+        ctx.heads[ctx.head_index(s)].send_replace(o);
+        ctx.metrics
+            .journal_head
+            .get_or_create(&label("stream", stream_label(s)))
+            .set(o as i64);
     }
     let mut dups = 0;
     for (port, positions) in replies {
@@ -423,25 +534,21 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
     }
     st.duplicates += dups;
     ctx.metrics.events_duplicate.inc_by(dups);
-    notify(&ctx, committed);
+    notify(by_stream.into_values());
     Ok(())
 }
 
 /// Hands committed records to their consumers. A lost notification only costs latency:
 /// consumers poll the journal head and read what they missed from the store.
-fn notify(ctx: &Ctx, committed: Vec<Record>) {
-    let mut by_stream: FxHashMap<u32, Vec<(u64, Payload)>> = FxHashMap::default();
-    for r in committed {
-        by_stream
-            .entry(r.stream)
-            .or_default()
-            .push((r.offset, r.payload));
-    }
-    for (stream, records) in by_stream {
-        let batch = RecordBatch::new(stream, records);
-        if stream == CATALOG_STREAM {
+fn notify(batches: impl Iterator<Item = RecordBatch>) {
+    for batch in batches {
+        if batch.stream == CATALOG_STREAM {
             if let Some(c) = ractor::registry::where_is(names::CATALOG) {
-                c.send_message(CatalogMsg::Committed(batch)).discard();
+                c.send_message(CatalogMsg::Committed(batch.clone()))
+                    .discard();
+            }
+            if let Some(s) = ractor::registry::where_is(names::ITEM_STATS) {
+                s.send_message(ItemStatsMsg::Committed(batch)).discard();
             }
             continue;
         }
@@ -449,9 +556,81 @@ fn notify(ctx: &Ctx, committed: Vec<Record>) {
             s.send_message(ItemStatsMsg::Committed(batch.clone()))
                 .discard();
         }
-        if let Some(f) = ractor::registry::where_is(names::user_features(stream)) {
+        if let Some(f) = ractor::registry::where_is(names::user_features(batch.stream)) {
             f.send_message(UserFeaturesMsg::Committed(batch)).discard();
         }
-        let _ = ctx;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faults::Faults;
+    use crate::record::{partition_of, Event};
+    use crate::settings::Settings;
+    use crate::store::Store;
+
+    fn ev(user: &str) -> Payload {
+        Payload::Event(Event {
+            event_id: Some(format!("id-{user}")),
+            user: user.into(),
+            item: "i".into(),
+            kind: "view".into(),
+            value: None,
+            ts_ms: 1,
+            request_id: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn entries_outside_the_configured_streams_are_refused_at_the_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("s.redb")).unwrap();
+        let mut s = Settings::defaults("t");
+        s.partitions = 4;
+        let ctx = Arc::new(Ctx::new(s, store, Faults::default()));
+        let (j, _) = Actor::spawn(None, Journal, ctx.clone()).await.unwrap();
+        let append = |entries: Vec<AppendEntry>| {
+            let j = j.clone();
+            async move {
+                j.call(|p| JournalMsg::Append(AppendRequest::new(entries), p), None)
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }
+        };
+        let p = partition_of("alice", 4);
+        for (stream, payload) in [
+            (99, ev("alice")),
+            (CATALOG_STREAM - 1, ev("alice")),
+            ((p + 1) % 4, ev("alice")),
+            (p, Payload::ItemDelete { id: "x".into() }),
+        ] {
+            let r = append(vec![
+                AppendEntry::new(p, ev("alice")),
+                AppendEntry::new(stream, payload),
+            ])
+            .await;
+            assert!(r.error.as_deref().is_some_and(|e| e.contains("entry 2")), "{r:?}");
+            assert!(r.positions.is_empty());
+        }
+        // Nothing of the refused requests was written; a good one gets offset 1.
+        let r = append(vec![AppendEntry::new(p, ev("alice"))]).await;
+        assert_eq!(r.error, None);
+        assert_eq!(r.positions[0].offset, 1);
+        assert_eq!(ctx.store.streams().unwrap(), vec![p]);
+        j.stop(None);
+    }
+
+    #[test]
+    fn idempotency_keys_are_bounded_by_time_and_count() {
+        let mut i = Idempotency::new(vec![(1, 0, 1, 100), (2, 0, 2, 200), (3, 0, 3, 300)], 2);
+        assert_eq!(i.len(), 2, "loading keeps the newest");
+        assert_eq!(i.get(1), None);
+        assert_eq!(i.get(3), Some((0, 3)));
+        i.insert(4, 1, 1, 400);
+        assert_eq!((i.len(), i.get(2)), (2, None), "the oldest leaves first");
+        assert_eq!(i.expire(350), 1);
+        assert_eq!((i.get(3), i.get(4)), (None, Some((1, 1))));
     }
 }

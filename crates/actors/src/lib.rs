@@ -4,25 +4,28 @@
 //! ```text
 //! HTTP (node crate) --Append--> Journal --(commit: 1 fsync per group)--> ack
 //!      Journal --Committed--> UserFeatures(p) (history, seen, fold-in)   [per partition]
-//!              --Committed--> ItemStats (decayed popularity)            [all partitions]
+//!              --Committed--> ItemStats (decayed popularity)   [all partitions, catalog]
 //!              --Committed--> Catalog (catalog stream) --> ContentEncoder (pool)
 //!      AlsTrainer pulls every partition from the store, retrains, swaps models
 //!      Ranker: UserFeatures + {ALS, content, popularity} under deadlines and breakers
 //! ```
-//! Every consumer applies by offset and can re-read the journal, so a lost message costs
-//! latency, never data. Edges and what bounds them: appends are bounded by the HTTP
-//! layer's in-flight limit and the commit group size; `Committed` notifications are
+//! Every consumer applies by position (offsets may be sparse) through one runtime
+//! ([`consumer`]) and can re-read the journal, so a lost message costs latency, never
+//! data. Edges and what bounds them: appends are bounded by the HTTP layer's write
+//! admission and the commit group size; `Committed` notifications are
 //! bounded by the commit rate (one per stream per commit); encoder batches by a
 //! semaphore of `workers`; ranker branches by their deadline.
 //!
 //! Modules: [`record`] (journal records, hashing), [`store`] (redb), [`journal`],
 //! [`features`], [`item_stats`], [`catalog`], [`encoder`], [`trainer`], [`ranker`],
-//! [`breaker`], [`supervisor`], [`consumer`] (apply-by-offset, poison records),
+//! [`breaker`], [`supervisor`], [`consumer`] (the consumer runtime: cursors, poison
+//! records, dedupe, checkpoint cadence), [`codec`] (bounded bincode),
 //! [`node`] (assembles the supervision tree), [`ctx`] (shared state), [`settings`],
 //! [`faults`], [`metrics`], [`wire`]/[`messages`] (cluster-ready payloads).
 
 pub mod breaker;
 pub mod catalog;
+pub mod codec;
 pub mod consumer;
 pub mod content_index;
 pub mod ctx;

@@ -34,6 +34,14 @@ pub struct Metrics {
     pub embeddings_computed: Counter,
     pub embeddings_cached: Counter,
     pub http_requests: Family<Labels, Counter>,
+    /// Requests being handled, by admission class (`read`, `write`).
+    pub http_in_flight: Family<Labels, Gauge>,
+    /// Requests refused because their class was saturated, by class.
+    pub http_saturated: Family<Labels, Counter>,
+    /// Records a consumer skipped as duplicates of a key it applied within the horizon.
+    pub consumer_duplicates: Counter,
+    /// Idempotency keys the journal remembers (bounded by `idempotency_max_keys`).
+    pub idempotency_keys: Gauge,
 }
 
 impl Metrics {
@@ -60,6 +68,10 @@ impl Metrics {
             embeddings_computed: Counter::default(),
             embeddings_cached: Counter::default(),
             http_requests: Family::default(),
+            http_in_flight: Family::default(),
+            http_saturated: Family::default(),
+            consumer_duplicates: Counter::default(),
+            idempotency_keys: Gauge::default(),
         };
         {
             let mut r = m.registry.lock();
@@ -163,6 +175,26 @@ impl Metrics {
                 "HTTP requests by route and status",
                 m.http_requests.clone(),
             );
+            r.register(
+                "http_in_flight",
+                "HTTP requests being handled, by admission class (read, write)",
+                m.http_in_flight.clone(),
+            );
+            r.register(
+                "http_saturated",
+                "HTTP requests refused with 503 because their admission class was full",
+                m.http_saturated.clone(),
+            );
+            r.register(
+                "consumer_duplicates",
+                "Records skipped by a consumer as duplicates of a key applied within the horizon",
+                m.consumer_duplicates.clone(),
+            );
+            r.register(
+                "idempotency_keys",
+                "Idempotency keys the journal remembers",
+                m.idempotency_keys.clone(),
+            );
         }
         m
     }
@@ -174,6 +206,15 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// The label value of a stream: its partition number, or `catalog`.
+pub fn stream_label(stream: u32) -> String {
+    if stream == crate::record::CATALOG_STREAM {
+        "catalog".to_string()
+    } else {
+        stream.to_string()
     }
 }
 

@@ -8,6 +8,7 @@
 //! the actor owns the breakers and answers `Observe`.
 
 use crate::Discard;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,10 @@ pub struct RecommendRequest {
     pub request_id: String,
     /// Clock for decays (ms); 0 = the node's clock.
     pub now_ms: i64,
+    /// Read-your-writes: the answer reflects the user's partition up to this offset (the
+    /// offset a write of this user was acked with), or is flagged `stale`. `None`: up to
+    /// the partition's head when the request arrived.
+    pub min_offset: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -78,7 +83,7 @@ pub struct RecommendReply {
     pub als_model_version: u64,
     pub content_encoder: String,
     pub applied_offset: u64,
-    /// Offset of the user's last acked event that the answer waited for.
+    /// Partition offset the answer waited for (`min_offset`, or the head at arrival).
     pub awaited_offset: u64,
     pub degraded: bool,
     pub stale: bool,
@@ -162,12 +167,19 @@ type Candidates = Vec<(String, f32)>;
 type Owned = Box<Candidates>;
 
 /// The ALS and content candidates of one user (for one category filter), reused while
-/// the user has no newer acked event, the same ALS version serves, and the entry is
+/// the user has no newer applied event, the same ALS version serves, and the entry is
 /// younger than `ranker.cache_ttl`. Lists are filtered by the user's seen set, the
 /// category and the catalogue as it was; deletes and hides are filtered again per request.
+///
+/// Validity comes from positions only: the entry holds the offset of the user's last
+/// event it reflects and the partition offset up to which that was checked. A request
+/// whose target is at or below the checked offset uses it at once; otherwise the
+/// partition's UserFeatures confirms the user's last event is unchanged (a light query).
 struct UserCandidates {
-    /// The user's last acked offset these reflect.
+    /// Offset of the user's last event these reflect (0: none).
     user_offset: u64,
+    /// Partition offset up to which `user_offset` is known to be the user's last event.
+    checked_to: std::sync::atomic::AtomicU64,
     als_version: u64,
     built: Instant,
     cold_start: bool,
@@ -352,12 +364,20 @@ impl RankerCore {
         h.breakers[idx].set(self.breakers[idx].state().gauge());
     }
 
-    async fn fetch_user(&self, user: &str, partition: u32) -> Option<UserView> {
+    /// The user's features from the partition's UserFeatures; with `unchanged_since`
+    /// (the caller's copy's offset) the answer is light when the user has not changed.
+    async fn fetch_user(
+        &self,
+        user: &str,
+        partition: u32,
+        unchanged_since: u64,
+    ) -> Option<UserView> {
         let cell = ractor::registry::where_is(names::user_features(partition))?;
         let actor: ActorRef<UserFeaturesMsg> = cell.into();
         let q = UserQuery {
             version: WIRE_VERSION,
             user: user.to_string(),
+            unchanged_since,
         };
         let timeout = self
             .ctx
@@ -420,31 +440,17 @@ impl RankerCore {
         Ok(items)
     }
 
-    /// Waits (bounded) for the user's acked events, reads the user's features and runs
-    /// the ALS and content branches. Returns the candidates, whether the features were
-    /// read, and whether the wait hit its bound.
+    /// Runs the ALS and content branches for the user's features `view`.
     async fn user_candidates(
         &self,
         req: &RecommendRequest,
-        p: u32,
-        target: u64,
+        view: UserView,
         als_version: u64,
         n: usize,
         now: i64,
-    ) -> (UserCandidates, bool, bool, u64) {
+    ) -> UserCandidates {
         let ctx = &self.ctx;
         let s = &ctx.settings;
-        let mut stale = false;
-        let mut rx = ctx.applied[p as usize].subscribe();
-        if *rx.borrow() < target {
-            let waited =
-                tokio::time::timeout(s.ranker.freshness_wait, rx.wait_for(|&o| o >= target)).await;
-            stale = !matches!(waited, Ok(Ok(_)));
-        }
-        let view = self.fetch_user(&req.user, p).await;
-        let features_ok = view.is_some();
-        let view = view.unwrap_or_default();
-        let applied = view.applied_offset;
         let seen: Arc<FxHashSet<String>> = Arc::new(
             view.seen
                 .iter()
@@ -560,16 +566,16 @@ impl RankerCore {
             }
         });
         let (als, content) = tokio::join!(als_fut, content_fut);
-        let entry = UserCandidates {
-            user_offset: target,
+        UserCandidates {
+            user_offset: view.last_offset,
+            checked_to: std::sync::atomic::AtomicU64::new(view.applied_offset),
             als_version,
             built: Instant::now(),
             cold_start: !view.known || history.is_empty(),
             seen,
             als,
             content,
-        };
-        (entry, features_ok, stale, applied)
+        }
     }
 
     pub async fn recommend(&self, req: RecommendRequest) -> RecommendReply {
@@ -584,13 +590,11 @@ impl RankerCore {
             ..Default::default()
         };
         let p = partition_of(&req.user, s.partitions);
-        // Freshness: the answer reflects this user's last acked event (bounded wait).
-        let target = ctx.last_acked[p as usize]
-            .lock()
-            .get(&req.user)
-            .copied()
-            .unwrap_or(0);
+        // Read-your-writes: the answer reflects the partition up to the client's position
+        // (or the head at arrival), or says it is stale.
+        let target = req.min_offset.unwrap_or_else(|| ctx.head(p));
         reply.awaited_offset = target;
+        reply.stale = !ctx.wait_applied(p, target, s.ranker.freshness_wait).await;
         let k = req.k.max(1) as usize;
         let n = s.ranker.candidates.max(k);
         let als_version = ctx.als.load().as_ref().map_or(0, |m| m.version);
@@ -600,11 +604,25 @@ impl RankerCore {
             .as_ref()
             .filter(|_| req.exclude.is_empty() && req.now_ms == 0);
         let key = (req.user.clone(), req.category.clone());
-        let hit = cache.and_then(|c| c.get(&key)).filter(|e| {
-            e.user_offset == target
-                && e.als_version == als_version
-                && e.built.elapsed() < s.ranker.cache_ttl
+        let cached = cache.and_then(|c| c.get(&key)).filter(|e| {
+            e.als_version == als_version && e.built.elapsed() < s.ranker.cache_ttl
         });
+        let mut features_ok = true;
+        let mut view_applied = 0;
+        // An entry checked up to the target is current; otherwise ask whether the user's
+        // last event is still the one it reflects (the answer is full when it is not).
+        let (hit, view) = match cached {
+            Some(e) if e.checked_to.load(Ordering::Relaxed) >= target => (Some(e), None),
+            Some(e) => match self.fetch_user(&req.user, p, e.user_offset).await {
+                Some(v) if v.last_offset == e.user_offset => {
+                    e.checked_to.fetch_max(v.applied_offset, Ordering::Relaxed);
+                    view_applied = v.applied_offset;
+                    (Some(e), None)
+                }
+                v => (None, v),
+            },
+            None => (None, self.fetch_user(&req.user, p, 0).await),
+        };
         // Indices into CACHE_OUTCOMES.
         let outcome = match (&cache, &hit) {
             (Some(_), Some(_)) => 0,
@@ -612,21 +630,19 @@ impl RankerCore {
             (None, _) => 2,
         };
         self.handles.cache[outcome].inc();
-        let mut features_ok = true;
-        let mut view_applied = 0;
         let user = match hit {
             Some(e) => {
                 reply.cached = true;
                 e
             }
             None => {
-                let (e, ok, stale, applied) = self
-                    .user_candidates(&req, p, target, als_version, n, req.now_ms)
-                    .await;
-                features_ok = ok;
-                view_applied = applied;
-                reply.stale = stale;
-                let e = Arc::new(e);
+                features_ok = view.is_some();
+                let view = view.unwrap_or_default();
+                view_applied = view.applied_offset;
+                let e = Arc::new(
+                    self.user_candidates(&req, view, als_version, n, req.now_ms)
+                        .await,
+                );
                 // Only complete answers are reused. A missing ALS model is complete (a
                 // new version drops the entry); an empty content index is not.
                 let failed = [&e.als.1, &e.content.1]
@@ -634,14 +650,14 @@ impl RankerCore {
                     .any(|r| matches!(r.status.as_str(), "failed" | "timeout" | "open"))
                     || e.content.1.status == "unavailable";
                 if let Some(c) = cache {
-                    if ok && !stale && !failed {
+                    if features_ok && !reply.stale && !failed {
                         c.insert(key, e.clone());
                     }
                 }
                 e
             }
         };
-        reply.applied_offset = view_applied.max(*ctx.applied[p as usize].borrow());
+        reply.applied_offset = view_applied.max(ctx.applied(p));
         reply.cold_start = user.cold_start;
 
         let excl = Exclusions {

@@ -82,10 +82,16 @@ impl Payload {
 }
 
 /// A decoded record with its position.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub stream: u32,
+    /// Position in the stream. Offsets increase within a stream but need not be
+    /// consecutive: "the next record" is whatever the log holds after a position.
     pub offset: u64,
+    /// Idempotency key the record was appended with (0: none).
+    pub key: u128,
+    /// When the log appended it (ms since the epoch; 0 when unknown).
+    pub at_ms: i64,
     pub payload: Payload,
 }
 
@@ -102,10 +108,6 @@ pub enum RecordError {
     Body(String),
 }
 
-fn config() -> bincode::config::Configuration {
-    bincode::config::standard()
-}
-
 /// Encodes a payload for the journal.
 pub fn encode(payload: &Payload) -> Vec<u8> {
     let mut out = Vec::with_capacity(96);
@@ -120,7 +122,7 @@ pub fn encode_into(payload: &Payload, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0; 4]);
     // Writing into a Vec cannot fail, and every payload type serialises; were it to
     // fail anyway, the record keeps an empty body that readers refuse.
-    if bincode::serde::encode_into_std_write(payload, out, config()).is_err() {
+    if crate::codec::encode_into(payload, out).is_err() {
         out.truncate(start + 6);
     }
     let crc = crc32fast::hash(&out[start + 6..]);
@@ -142,9 +144,7 @@ pub fn decode(bytes: &[u8]) -> Result<Payload, RecordError> {
     if stored != computed {
         return Err(RecordError::Checksum { stored, computed });
     }
-    bincode::serde::decode_from_slice(body, config())
-        .map(|(p, _)| p)
-        .map_err(|e| RecordError::Body(e.to_string()))
+    crate::codec::decode(body).map_err(RecordError::Body)
 }
 
 /// 128-bit hash of byte strings (two independent 64-bit FNV-1a style lanes with
@@ -253,6 +253,19 @@ mod tests {
         fn any_event_round_trips(user in ".{0,20}", item in ".{0,20}", ts in any::<i64>(), v in proptest::option::of(-1e6f32..1e6)) {
             let p = Payload::Event(Event { event_id: None, user, item, kind: "k".into(), value: v, ts_ms: ts, request_id: Some("r".into()) });
             prop_assert_eq!(decode(&encode(&p)).unwrap(), p);
+        }
+
+        /// Any stored bytes: a payload or an error, never a panic; a valid checksum over
+        /// garbage still only yields an error.
+        #[test]
+        fn any_bytes_decode_or_fail(mut bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = decode(&bytes);
+            if bytes.len() >= 6 {
+                bytes[0..2].copy_from_slice(&RECORD_FORMAT.to_le_bytes());
+                let crc = crc32fast::hash(&bytes[6..]);
+                bytes[2..6].copy_from_slice(&crc.to_le_bytes());
+                let _ = decode(&bytes);
+            }
         }
     }
 }

@@ -121,12 +121,24 @@ impl AlsServing {
                 s.format
             ));
         }
+        if s.factors == 0 || s.factors != s.params.factors || s.factors > 4096 {
+            return Err(format!(
+                "ALS snapshot with {} factors, its parameters say {}",
+                s.factors, s.params.factors
+            ));
+        }
+        if !s.data.iter().all(|x| x.is_finite()) {
+            return Err("ALS snapshot with non-finite factors".into());
+        }
         let n = s.items.len();
         let factors = Array2::from_shape_vec((n, s.factors), s.data).map_err(|e| e.to_string())?;
         let mut items = IdMap::default();
-        s.items.iter().for_each(|i| {
+        for i in &s.items {
+            if items.get(i).is_some() {
+                return Err(format!("ALS snapshot lists item `{i}` twice"));
+            }
             items.intern(i);
-        });
+        }
         let fold_in = FoldIn::new(factors.view(), &s.params);
         Ok(AlsServing {
             version: s.version,
@@ -138,5 +150,44 @@ impl AlsServing {
             trained_at_ms: s.trained_at_ms,
             interactions: s.interactions,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn snapshot_round_trips_and_a_wrong_shape_is_refused() {
+        let mut snap = AlsSnapshot {
+            format: ALS_SNAPSHOT_FORMAT,
+            version: 3,
+            items: vec!["a".into(), "b".into()],
+            factors: 2,
+            data: vec![1.0, 0.0, 0.0, 1.0],
+            params: AlsParams {
+                factors: 2,
+                ..AlsParams::default()
+            },
+            validation_ndcg: 0.5,
+            trained_at_ms: 1,
+            interactions: 2,
+            extra: BTreeMap::new(),
+        };
+        let bytes = crate::codec::encode(&snap).unwrap();
+        let back = AlsServing::from_snapshot(crate::codec::decode(&bytes).unwrap()).unwrap();
+        assert_eq!((back.version, back.items.get("b")), (3, Some(1)));
+        snap.data.pop();
+        assert!(AlsServing::from_snapshot(snap).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn snapshot_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            if let Ok(s) = crate::codec::decode::<AlsSnapshot>(&bytes) {
+                let _ = AlsServing::from_snapshot(s);
+            }
+        }
     }
 }

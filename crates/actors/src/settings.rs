@@ -37,8 +37,13 @@ pub struct Settings {
     pub partitions: u32,
     /// Largest number of records in one commit group.
     pub max_commit_records: usize,
-    /// How long an idempotency key is remembered.
+    /// How long an idempotency key is remembered (the dedupe horizon, append and
+    /// consumer side).
     pub idempotency_window: Duration,
+    /// Most idempotency keys the journal keeps in memory; the oldest leave first.
+    pub idempotency_max_keys: usize,
+    /// Most keys a consumer remembers per stream for its own dedupe (0: off).
+    pub consumer_dedupe_keys: usize,
     /// Events later than now + this are rejected.
     pub max_future_skew: Duration,
     /// Consumers check the journal head this often (catches up after a lost notification).
@@ -114,6 +119,8 @@ impl Settings {
             partitions: 4,
             max_commit_records: 20_000,
             idempotency_window: Duration::from_secs(24 * 3600),
+            idempotency_max_keys: 1_000_000,
+            consumer_dedupe_keys: 10_000,
             max_future_skew: Duration::from_secs(300),
             poll_interval: Duration::from_millis(200),
             checkpoint_every_records: 50_000,

@@ -21,12 +21,26 @@ use crate::record::{self, Payload, Record, RecordError};
 const JOURNAL: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("journal_batches");
 /// Layout 1 and 2 kept one row per record, keyed `(stream, offset)`; read only to migrate.
 const JOURNAL_V2: TableDefinition<(u32, u64), &[u8]> = TableDefinition::new("journal");
-/// Version of the batch container (`[format u16][first offset u64][count u32]` then per
-/// record `[length u32][record]`, each record carrying its own format and checksum).
-const BATCH_FORMAT: u16 = 1;
-const BATCH_HEADER: usize = 2 + 8 + 4;
+/// stream -> the highest offset ever assigned (acked or not). Written in the same commit
+/// as the records, never lowered: cutting a torn tail or retention cannot make an offset
+/// be handed out twice.
+const HEADS: TableDefinition<u32, u64> = TableDefinition::new("journal_heads");
+/// stream -> the highest offset deleted by retention. A consumer whose position is below
+/// it has lost records and must stop (see `consumer.rs`).
+const TRUNCATED: TableDefinition<u32, u64> = TableDefinition::new("journal_truncated");
+/// Version of the batch container written by this build:
+/// `[format u16][first offset u64][count u32][appended at ms i64]`, then per record
+/// `[length u32][idempotency key u128][record]`, each record carrying its own format and
+/// checksum. Format 1 (read only) had no time and no keys: `[format][first][count]` then
+/// `[length][record]`.
+const BATCH_FORMAT: u16 = 2;
+const BATCH_FORMAT_1: u16 = 1;
+const BATCH_HEADER_1: usize = 2 + 8 + 4;
+const BATCH_HEADER: usize = BATCH_HEADER_1 + 8;
+const KEY_BYTES: usize = 16;
 
-/// Records of one stream with consecutive offsets, encoded as one journal row.
+/// Records of one stream with consecutive offsets from one commit, encoded as one
+/// journal row.
 pub struct JournalBatch {
     stream: u32,
     first: u64,
@@ -35,12 +49,13 @@ pub struct JournalBatch {
 }
 
 impl JournalBatch {
-    /// An empty batch whose first record will have offset `first`.
-    pub fn new(stream: u32, first: u64) -> Self {
+    /// An empty batch whose first record will have offset `first`, appended at `at_ms`.
+    pub fn new(stream: u32, first: u64, at_ms: i64) -> Self {
         let mut bytes = Vec::with_capacity(4096);
         bytes.extend_from_slice(&BATCH_FORMAT.to_le_bytes());
         bytes.extend_from_slice(&first.to_le_bytes());
         bytes.extend_from_slice(&0u32.to_le_bytes());
+        bytes.extend_from_slice(&at_ms.to_le_bytes());
         JournalBatch {
             stream,
             first,
@@ -49,19 +64,21 @@ impl JournalBatch {
         }
     }
 
-    /// Appends the next record (offset `first + len`).
-    pub fn push(&mut self, payload: &Payload) {
+    /// Appends the next record (offset `first + len`) with its idempotency key.
+    pub fn push(&mut self, key: u128, payload: &Payload) {
         let at = self.bytes.len();
         self.bytes.extend_from_slice(&[0; 4]);
+        self.bytes.extend_from_slice(&key.to_le_bytes());
         record::encode_into(payload, &mut self.bytes);
         self.seal(at);
     }
 
     /// Appends an already encoded record.
-    pub fn push_encoded(&mut self, rec: &[u8]) {
+    pub fn push_encoded(&mut self, key: u128, rec: &[u8]) {
         let at = self.bytes.len();
         self.bytes
-            .extend_from_slice(&(rec.len() as u32).to_le_bytes());
+            .extend_from_slice(&((rec.len() + KEY_BYTES) as u32).to_le_bytes());
+        self.bytes.extend_from_slice(&key.to_le_bytes());
         self.bytes.extend_from_slice(rec);
         self.seal(at);
     }
@@ -70,16 +87,25 @@ impl JournalBatch {
         let len = (self.bytes.len() - at - 4) as u32;
         self.bytes[at..at + 4].copy_from_slice(&len.to_le_bytes());
         self.count += 1;
-        self.bytes[10..BATCH_HEADER].copy_from_slice(&self.count.to_le_bytes());
+        self.bytes[10..14].copy_from_slice(&self.count.to_le_bytes());
     }
 
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
 
+    pub fn stream(&self) -> u32 {
+        self.stream
+    }
+
+    /// Offset of the last record (of the first one to come while empty).
+    pub fn last(&self) -> u64 {
+        self.first + u64::from(self.count.max(1)) - 1
+    }
+
     /// The row key: `(stream, offset of the last record)`.
     fn key(&self) -> (u32, u64) {
-        (self.stream, self.first + u64::from(self.count.max(1)) - 1)
+        (self.stream, self.last())
     }
 }
 
@@ -87,17 +113,17 @@ impl JournalBatch {
 enum TailRow {
     /// Sound at its end: stop here.
     Keep,
-    /// Nothing good in it: delete it (counting its records) and look at the row before.
-    Remove(u64),
+    /// Nothing good in it: delete it (listing its offsets) and look at the row before.
+    Remove(Vec<u64>),
     /// Good records then bad ones: keep the good prefix (cutting the rest) and stop.
-    Trim(JournalBatch, u64),
+    Trim(JournalBatch, Vec<u64>),
 }
 
-fn check_tail_row(stream: u32, bytes: &[u8]) -> TailRow {
+fn check_tail_row(stream: u32, last: u64, bytes: &[u8]) -> TailRow {
     let f = match frame(bytes) {
         Ok(f) => f,
-        // A header too short to parse is one torn record.
-        Err(_) if bytes.len() < BATCH_HEADER => return TailRow::Remove(1),
+        // A header too short to parse is one torn record (at the row's key).
+        Err(_) if bytes.len() < BATCH_HEADER_1 => return TailRow::Remove(vec![last]),
         // An unknown format is refused by readers, not cut.
         Err(_) => return TailRow::Keep,
     };
@@ -105,66 +131,131 @@ fn check_tail_row(stream: u32, bytes: &[u8]) -> TailRow {
     let good = f
         .records
         .iter()
-        .rposition(|r| matches!(record::decode(r), Ok(_) | Err(RecordError::Version(_))))
+        .rposition(|r| {
+            matches!(
+                record::decode(r.body),
+                Ok(_) | Err(RecordError::Version(_))
+            )
+        })
         .map_or(0, |i| i + 1);
     let total = (f.declared as usize).max(f.records.len());
-    let cut = (total - good) as u64;
+    let cut: Vec<u64> = (good..total).map(|i| f.first + i as u64).collect();
     if good == 0 {
         TailRow::Remove(cut)
     } else if good < total || f.torn {
-        let mut b = JournalBatch::new(stream, f.first);
-        f.records[..good].iter().for_each(|r| b.push_encoded(r));
+        let mut b = JournalBatch::new(stream, f.first, f.at_ms);
+        for r in &f.records[..good] {
+            b.push_encoded(r.key.unwrap_or_else(|| legacy_key(r.body)), r.body);
+        }
         TailRow::Trim(b, cut)
     } else {
         TailRow::Keep
     }
 }
 
+/// The key a format-1 record had: derived from its payload (0 when it does not decode).
+fn legacy_key(body: &[u8]) -> u128 {
+    record::decode(body).map_or(0, |p| p.idempotency_key())
+}
+
+/// One record of a stored batch, not yet decoded.
+struct RawRecord<'a> {
+    /// `None` in format-1 batches (derive it from the payload).
+    key: Option<u128>,
+    body: &'a [u8],
+}
+
 /// A stored batch split into its records.
 struct Framed<'a> {
     first: u64,
+    /// When the batch was appended (0 for format-1 batches: unknown).
+    at_ms: i64,
     /// Records the header announces.
     declared: u32,
-    records: Vec<&'a [u8]>,
+    records: Vec<RawRecord<'a>>,
     /// The bytes end before the announced records do (or run past them).
     torn: bool,
 }
 
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
 /// Splits a stored batch. `Err` for a header that is too short or of an unknown format.
 fn frame(b: &[u8]) -> Result<Framed<'_>, String> {
-    if b.len() < BATCH_HEADER {
+    if b.len() < BATCH_HEADER_1 {
         return Err(format!(
             "batch of {} bytes, shorter than its header",
             b.len()
         ));
     }
     let format = u16::from_le_bytes([b[0], b[1]]);
-    if format != BATCH_FORMAT {
-        return Err(format!(
-            "journal batch format {format} (this build reads {BATCH_FORMAT})"
-        ));
-    }
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&b[2..10]);
+    let (header, keyed, at_ms) = match format {
+        BATCH_FORMAT if b.len() >= BATCH_HEADER => {
+            (BATCH_HEADER, true, le_u64(&b[14..22]) as i64)
+        }
+        BATCH_FORMAT => {
+            return Err(format!(
+                "batch of {} bytes, shorter than its header",
+                b.len()
+            ))
+        }
+        BATCH_FORMAT_1 => (BATCH_HEADER_1, false, 0),
+        _ => {
+            return Err(format!(
+                "journal batch format {format} (this build reads {BATCH_FORMAT_1} and {BATCH_FORMAT})"
+            ))
+        }
+    };
+    let first = le_u64(&b[2..10]);
     let declared = u32::from_le_bytes([b[10], b[11], b[12], b[13]]);
-    let mut records = Vec::with_capacity(declared as usize);
-    let mut rest = &b[BATCH_HEADER..];
+    // The declared count is outside input: it bounds the loop, never an allocation.
+    let mut records = Vec::with_capacity((declared as usize).min(b.len() / 4));
+    let mut rest = &b[header..];
+    let mut torn = false;
     while records.len() < declared as usize && rest.len() >= 4 {
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if rest.len() - 4 < len {
+        if rest.len() - 4 < len || (keyed && len < KEY_BYTES) {
+            torn = true;
             break;
         }
-        records.push(&rest[4..4 + len]);
+        let entry = &rest[4..4 + len];
+        records.push(if keyed {
+            let mut k = [0u8; KEY_BYTES];
+            k.copy_from_slice(&entry[..KEY_BYTES]);
+            RawRecord {
+                key: Some(u128::from_le_bytes(k)),
+                body: &entry[KEY_BYTES..],
+            }
+        } else {
+            RawRecord {
+                key: None,
+                body: entry,
+            }
+        });
         rest = &rest[4 + len..];
     }
-    let torn = records.len() < declared as usize || !rest.is_empty();
+    let torn = torn || records.len() < declared as usize || !rest.is_empty();
     Ok(Framed {
-        first: u64::from_le_bytes(first),
+        first,
+        at_ms,
         declared,
         records,
         torn,
     })
 }
+
+/// Records read after a position, with what retention has deleted.
+#[derive(Debug, Default)]
+pub struct ReadAfter {
+    pub records: Vec<Record>,
+    /// The highest offset of the stream deleted by retention (0: none), read in the same
+    /// snapshot as `records`.
+    pub truncated: u64,
+}
+
 /// key -> (stream, offset, appended at, ms)
 /// Layout 1 kept one row per key (random inserts); read only to migrate.
 const IDEM_V1: TableDefinition<u128, (u32, u64, i64)> = TableDefinition::new("idempotency");
@@ -226,7 +317,7 @@ const MODELS: TableDefinition<u64, &[u8]> = TableDefinition::new("als_models");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Version of the store layout written by this build (tables and value formats).
-pub const STORE_FORMAT: u32 = 3;
+pub const STORE_FORMAT: u32 = 4;
 
 /// Errors of the store. Any of them on a write means the write did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +375,25 @@ fn db_err<E: Into<redb::Error>>(path: &Path) -> impl FnOnce(E) -> StoreError + '
     }
 }
 
+/// The streams with at least one row in a journal table (one range probe per stream).
+fn journal_streams(
+    t: &impl ReadableTable<(u32, u64), &'static [u8]>,
+) -> Result<Vec<u32>, redb::StorageError> {
+    let mut out = Vec::new();
+    let mut next = Some(0u32);
+    while let Some(s) = next {
+        match t.range((s, 0)..=(u32::MAX, u64::MAX))?.next() {
+            Some(row) => {
+                let stream = row?.0.value().0;
+                out.push(stream);
+                next = stream.checked_add(1);
+            }
+            None => next = None,
+        }
+    }
+    Ok(out)
+}
+
 impl Store {
     /// Opens (or creates) the store at `path`, repairing it after an unclean shutdown and
     /// cutting records at a stream's tail that fail their checksum.
@@ -317,6 +427,8 @@ impl Store {
         let tx = self.db.begin_write().map_err(self.err())?;
         {
             tx.open_table(JOURNAL).map_err(self.err())?;
+            tx.open_table(HEADS).map_err(self.err())?;
+            tx.open_table(TRUNCATED).map_err(self.err())?;
             tx.open_table(IDEM).map_err(self.err())?;
             tx.open_table(CHECKPOINTS).map_err(self.err())?;
             tx.open_table(FAILURES).map_err(self.err())?;
@@ -334,11 +446,14 @@ impl Store {
                         .map_err(self.err())?;
                 }
                 Some(v) if v == STORE_FORMAT => {}
-                Some(v @ (1 | 2)) => {
+                Some(v @ 1..=3) => {
                     if v == 1 {
                         self.migrate_idempotency_v1(&tx)?;
                     }
-                    self.migrate_journal_v2(&tx)?;
+                    if v <= 2 {
+                        self.migrate_journal_v2(&tx)?;
+                    }
+                    self.migrate_heads_v3(&tx)?;
                     meta.insert("format", STORE_FORMAT.to_le_bytes().as_slice())
                         .map_err(self.err())?;
                 }
@@ -362,8 +477,8 @@ impl Store {
             for row in old.iter().map_err(self.err())? {
                 let (k, v) = row.map_err(self.err())?;
                 let (s, o) = k.value();
-                let mut b = JournalBatch::new(s, o);
-                b.push_encoded(v.value());
+                let mut b = JournalBatch::new(s, o, 0);
+                b.push_encoded(legacy_key(v.value()), v.value());
                 rows.push(b);
             }
         }
@@ -371,6 +486,29 @@ impl Store {
         let mut j = tx.open_table(JOURNAL).map_err(self.err())?;
         for b in rows {
             j.insert(b.key(), b.bytes.as_slice()).map_err(self.err())?;
+        }
+        Ok(())
+    }
+
+    /// Layout 3 -> 4: the head of every stream is recorded (from its last row, before any
+    /// torn tail is cut, so no offset of the old layout is handed out again).
+    fn migrate_heads_v3(&self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let mut heads = Vec::new();
+        {
+            let j = tx.open_table(JOURNAL).map_err(self.err())?;
+            for s in journal_streams(&j).map_err(self.err())? {
+                let last = j
+                    .range((s, 0)..=(s, u64::MAX))
+                    .map_err(self.err())?
+                    .next_back();
+                if let Some(row) = last {
+                    heads.push((s, row.map_err(self.err())?.0.value().1));
+                }
+            }
+        }
+        let mut t = tx.open_table(HEADS).map_err(self.err())?;
+        for (s, o) in heads {
+            t.insert(s, o).map_err(self.err())?;
         }
         Ok(())
     }
@@ -400,12 +538,16 @@ impl Store {
     /// whole batches at the end, and the bad end of the last batch that still holds a good
     /// record. Stops at the first good record from the end: corruption in the middle is
     /// reported by readers, never silently dropped.
+    ///
+    /// The heads stay where they were, so the offsets of cut records are never handed
+    /// out again; their idempotency entries are deleted, so a client that retries one of
+    /// them has it appended anew instead of being told it is a duplicate.
     fn cut_torn_tails(&self) -> Result<u64, StoreError> {
         let streams = self.streams()?;
-        // Rows to delete, and rows to rewrite with their good prefix.
+        // Rows to delete, rows to rewrite with their good prefix, offsets cut.
         let mut remove = Vec::new();
         let mut rewrite = Vec::new();
-        let mut cut = 0u64;
+        let mut cut: rustc_hash::FxHashSet<(u32, u64)> = Default::default();
         {
             let tx = self.db.begin_read().map_err(self.err())?;
             let t = tx.open_table(JOURNAL).map_err(self.err())?;
@@ -413,14 +555,15 @@ impl Store {
                 let range = t.range((s, 0)..=(s, u64::MAX)).map_err(self.err())?;
                 for row in range.rev() {
                     let (k, v) = row.map_err(self.err())?;
-                    match check_tail_row(s, v.value()) {
+                    let (_, last) = k.value();
+                    match check_tail_row(s, last, v.value()) {
                         TailRow::Keep => break,
-                        TailRow::Remove(n) => {
-                            cut += n;
+                        TailRow::Remove(offsets) => {
+                            cut.extend(offsets.into_iter().map(|o| (s, o)));
                             remove.push(k.value());
                         }
-                        TailRow::Trim(b, n) => {
-                            cut += n;
+                        TailRow::Trim(b, offsets) => {
+                            cut.extend(offsets.into_iter().map(|o| (s, o)));
                             remove.push(k.value());
                             rewrite.push(b);
                             break;
@@ -429,49 +572,81 @@ impl Store {
                 }
             }
         }
-        if !remove.is_empty() {
-            let tx = self.db.begin_write().map_err(self.err())?;
-            {
-                let mut t = tx.open_table(JOURNAL).map_err(self.err())?;
-                for k in &remove {
-                    t.remove(k).map_err(self.err())?;
+        if remove.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.db.begin_write().map_err(self.err())?;
+        {
+            let mut t = tx.open_table(JOURNAL).map_err(self.err())?;
+            let mut heads = tx.open_table(HEADS).map_err(self.err())?;
+            for &(s, last) in &remove {
+                let head = heads.get(s).map_err(self.err())?.map_or(0, |v| v.value());
+                if last > head {
+                    heads.insert(s, last).map_err(self.err())?;
                 }
-                for b in &rewrite {
-                    t.insert(b.key(), b.bytes.as_slice()).map_err(self.err())?;
+                t.remove((s, last)).map_err(self.err())?;
+            }
+            for b in &rewrite {
+                t.insert(b.key(), b.bytes.as_slice()).map_err(self.err())?;
+            }
+            // Idempotency entries of cut records: rewrite the groups that hold any.
+            let mut idem = tx.open_table(IDEM).map_err(self.err())?;
+            let mut changed = Vec::new();
+            for row in idem.iter().map_err(self.err())? {
+                let (k, v) = row.map_err(self.err())?;
+                let (at, _, _) = k.value();
+                let entries = decode_idem_group(v.value())
+                    .map_err(|reason| StoreError::IdempotencyGroup { at_ms: at, reason })?;
+                if entries.iter().any(|&(_, s, o)| cut.contains(&(s, o))) {
+                    let kept: Vec<_> = entries
+                        .into_iter()
+                        .filter(|&(_, s, o)| !cut.contains(&(s, o)))
+                        .collect();
+                    changed.push((k.value(), kept));
                 }
             }
-            tx.commit().map_err(self.err())?;
+            for (k, kept) in changed {
+                if kept.is_empty() {
+                    idem.remove(k).map_err(self.err())?;
+                } else {
+                    idem.insert(k, encode_idem_group(&kept).as_slice())
+                        .map_err(self.err())?;
+                }
+            }
         }
-        Ok(cut)
+        tx.commit().map_err(self.err())?;
+        Ok(cut.len() as u64)
     }
 
     /// Streams that have at least one record.
     pub fn streams(&self) -> Result<Vec<u32>, StoreError> {
         let tx = self.db.begin_read().map_err(self.err())?;
         let t = tx.open_table(JOURNAL).map_err(self.err())?;
-        let mut out = Vec::new();
-        let mut next = Some(0u32);
-        while let Some(s) = next {
-            let first = t
-                .range((s, 0)..=(u32::MAX, u64::MAX))
-                .map_err(self.err())?
-                .next();
-            match first {
-                Some(row) => {
-                    let (k, _) = row.map_err(self.err())?;
-                    let stream = k.value().0;
-                    out.push(stream);
-                    next = stream.checked_add(1);
-                }
-                None => next = None,
-            }
-        }
-        Ok(out)
+        journal_streams(&t).map_err(self.err())
     }
 
-    /// Highest offset of `stream` (0 when empty).
+    /// The highest offset ever assigned in `stream` (0 when none): the next append
+    /// continues after it.
+    pub fn next_after(&self, stream: u32) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let heads = tx.open_table(HEADS).map_err(self.err())?;
+        let head = heads.get(stream).map_err(self.err())?.map_or(0, |v| v.value());
+        Ok(head.max(self.last_row(&tx, stream)?))
+    }
+
+    /// Offset of the last record of `stream` that a consumer can reach: the last stored
+    /// record, or the last one retention deleted when nothing newer is stored (0: none).
     pub fn last_offset(&self, stream: u32) -> Result<u64, StoreError> {
         let tx = self.db.begin_read().map_err(self.err())?;
+        let truncated = tx.open_table(TRUNCATED).map_err(self.err())?;
+        let cut = truncated
+            .get(stream)
+            .map_err(self.err())?
+            .map_or(0, |v| v.value());
+        Ok(cut.max(self.last_row(&tx, stream)?))
+    }
+
+    fn last_row(&self, tx: &redb::ReadTransaction, stream: u32) -> Result<u64, StoreError> {
         let t = tx.open_table(JOURNAL).map_err(self.err())?;
         let last = t
             .range((stream, 0)..=(stream, u64::MAX))
@@ -507,6 +682,13 @@ impl Store {
         }
     }
 
+    /// The highest offset of `stream` deleted by retention (0: none).
+    pub fn truncated(&self, stream: u32) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(TRUNCATED).map_err(self.err())?;
+        Ok(t.get(stream).map_err(self.err())?.map_or(0, |v| v.value()))
+    }
+
     /// The idempotency entries appended at or after `since_ms`.
     pub fn idempotency_window(
         &self,
@@ -526,8 +708,8 @@ impl Store {
     }
 
     /// Appends batches (each one row) plus the idempotency entries `(key, stream, offset)`
-    /// of their records in one durable commit (one fsync), and drops idempotency entries
-    /// older than `expire_before_ms`.
+    /// of their records in one durable commit (one fsync), moves the heads past them, and
+    /// drops idempotency groups acked before `expire_before_ms`.
     pub fn append(
         &self,
         batches: &[JournalBatch],
@@ -538,9 +720,17 @@ impl Store {
         let tx = self.db.begin_write().map_err(self.err())?;
         {
             let mut j = tx.open_table(JOURNAL).map_err(self.err())?;
+            let mut heads = tx.open_table(HEADS).map_err(self.err())?;
             let mut idem = tx.open_table(IDEM).map_err(self.err())?;
             for b in batches.iter().filter(|b| !b.is_empty()) {
                 j.insert(b.key(), b.bytes.as_slice()).map_err(self.err())?;
+                let head = heads
+                    .get(b.stream)
+                    .map_err(self.err())?
+                    .map_or(0, |v| v.value());
+                if b.last() > head {
+                    heads.insert(b.stream, b.last()).map_err(self.err())?;
+                }
             }
             if let Some(&(_, s, o)) = keys.first() {
                 idem.insert((now_ms, s, o), encode_idem_group(keys).as_slice())
@@ -555,18 +745,35 @@ impl Store {
         Ok(())
     }
 
-    /// Reads up to `limit` records of `stream` with offsets `>= from`.
-    pub fn read(&self, stream: u32, from: u64, limit: usize) -> Result<Vec<Record>, StoreError> {
+    /// Reads up to `limit` records of `stream` with offsets `> after` and `<= upto`, in
+    /// offset order (offsets may be sparse), and, from the same snapshot, how far
+    /// retention has deleted.
+    pub fn read_after(
+        &self,
+        stream: u32,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<ReadAfter, StoreError> {
         let tx = self.db.begin_read().map_err(self.err())?;
+        let truncated = tx
+            .open_table(TRUNCATED)
+            .map_err(self.err())?
+            .get(stream)
+            .map_err(self.err())?
+            .map_or(0, |v| v.value());
         let t = tx.open_table(JOURNAL).map_err(self.err())?;
         let mut out = Vec::new();
-        for row in t
-            .range((stream, from)..=(stream, u64::MAX))
+        if after >= upto || limit == 0 {
+            return Ok(ReadAfter {
+                records: out,
+                truncated,
+            });
+        }
+        'rows: for row in t
+            .range((stream, after + 1)..=(stream, u64::MAX))
             .map_err(self.err())?
         {
-            if out.len() >= limit {
-                break;
-            }
             let (k, v) = row.map_err(self.err())?;
             let last = k.value().1;
             let bad = |reason: String| StoreError::Batch {
@@ -580,13 +787,13 @@ impl Store {
             }
             for (i, r) in f.records.iter().enumerate() {
                 let offset = f.first + i as u64;
-                if offset < from {
+                if offset <= after {
                     continue;
                 }
-                if out.len() >= limit {
-                    break;
+                if offset > upto || out.len() >= limit {
+                    break 'rows;
                 }
-                let payload = record::decode(r).map_err(|source| StoreError::Record {
+                let payload = record::decode(r.body).map_err(|source| StoreError::Record {
                     stream,
                     offset,
                     source,
@@ -594,28 +801,43 @@ impl Store {
                 out.push(Record {
                     stream,
                     offset,
+                    key: r.key.unwrap_or_else(|| payload.idempotency_key()),
+                    at_ms: f.at_ms,
                     payload,
                 });
             }
         }
-        Ok(out)
+        Ok(ReadAfter {
+            records: out,
+            truncated,
+        })
     }
 
     /// Deletes journal batches of `stream` whose records all have offsets `< before`
-    /// (retention); returns the number of records deleted.
+    /// (retention) and records the highest offset deleted; returns the number of records
+    /// deleted.
     pub fn truncate(&self, stream: u32, before: u64) -> Result<u64, StoreError> {
         if before <= 1 {
             return Ok(0);
         }
         let tx = self.db.begin_write().map_err(self.err())?;
         let mut n = 0;
+        let mut highest = 0;
         {
             let mut t = tx.open_table(JOURNAL).map_err(self.err())?;
-            t.retain_in((stream, 0)..(stream, before), |_, v| {
+            t.retain_in((stream, 0)..(stream, before), |k, v| {
                 n += frame(v).map_or(1, |f| u64::from(f.declared));
+                highest = highest.max(k.1);
                 false
             })
             .map_err(self.err())?;
+            if highest > 0 {
+                let mut cut = tx.open_table(TRUNCATED).map_err(self.err())?;
+                let prev = cut.get(stream).map_err(self.err())?.map_or(0, |v| v.value());
+                if highest > prev {
+                    cut.insert(stream, highest).map_err(self.err())?;
+                }
+            }
         }
         tx.commit().map_err(self.err())?;
         Ok(n)
@@ -846,6 +1068,7 @@ impl Store {
 mod tests {
     use super::*;
     use crate::record::Event;
+    use proptest::prelude::*;
 
     fn ev(i: u32) -> Payload {
         Payload::Event(Event {
@@ -870,10 +1093,11 @@ mod tests {
         for (stream, p) in items {
             let o = next.entry(stream).or_insert(0);
             *o += 1;
+            let key = p.idempotency_key();
             out.entry(stream)
-                .or_insert_with(|| JournalBatch::new(stream, *o))
-                .push(&p);
-            keys.push((p.idempotency_key(), stream, *o));
+                .or_insert_with(|| JournalBatch::new(stream, *o, 77))
+                .push(key, &p);
+            keys.push((key, stream, *o));
         }
         (out.into_values().collect(), keys)
     }
@@ -890,6 +1114,24 @@ mod tests {
         tx.commit().unwrap();
     }
 
+    /// A format-1 batch row (no time, no keys), as layout 3 wrote it.
+    fn batch_v1(first: u64, payloads: &[Payload]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&BATCH_FORMAT_1.to_le_bytes());
+        b.extend_from_slice(&first.to_le_bytes());
+        b.extend_from_slice(&(payloads.len() as u32).to_le_bytes());
+        for p in payloads {
+            let r = record::encode(p);
+            b.extend_from_slice(&(r.len() as u32).to_le_bytes());
+            b.extend_from_slice(&r);
+        }
+        b
+    }
+
+    fn offsets(r: &ReadAfter) -> Vec<u64> {
+        r.records.iter().map(|r| r.offset).collect()
+    }
+
     #[test]
     fn append_read_truncate_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -904,32 +1146,39 @@ mod tests {
                 s.append(&b, &keys, 5, None).unwrap();
             }
             assert_eq!(s.streams().unwrap(), vec![0, 1]);
-            assert_eq!(s.last_offset(0).unwrap(), 10);
-            let r = s.read(1, 0, 100).unwrap();
-            assert_eq!(r.len(), 10);
-            assert_eq!(r[2].payload, ev(5));
-            // From the middle of a batch, and a limit inside the next one.
-            let r = s.read(1, 4, 3).unwrap();
-            assert_eq!(
-                r.iter().map(|r| r.offset).collect::<Vec<_>>(),
-                vec![4, 5, 6]
-            );
-            assert_eq!(r[0].payload, ev(7));
+            assert_eq!((s.last_offset(0).unwrap(), s.next_after(0).unwrap()), (10, 10));
+            let r = s.read_after(1, 0, u64::MAX, 100).unwrap();
+            assert_eq!(r.records.len(), 10);
+            assert_eq!(r.records[2].payload, ev(5));
+            assert_eq!(r.records[2].key, ev(5).idempotency_key());
+            assert_eq!(r.records[2].at_ms, 77);
+            // From the middle of a batch, a limit inside the next one, and an upper bound.
+            let r = s.read_after(1, 3, u64::MAX, 3).unwrap();
+            assert_eq!(offsets(&r), vec![4, 5, 6]);
+            assert_eq!(r.records[0].payload, ev(7));
+            assert_eq!(offsets(&s.read_after(1, 3, 5, 100).unwrap()), vec![4, 5]);
+            assert!(s.read_after(1, 10, u64::MAX, 100).unwrap().records.is_empty());
             // Retention drops whole batches only: nothing below 5 is needed, batch 1..=5
             // still holds 5.
             assert_eq!(s.truncate(1, 5).unwrap(), 0);
+            assert_eq!(s.truncated(1).unwrap(), 0);
             assert_eq!(s.truncate(1, 6).unwrap(), 5);
             assert_eq!(s.first_offset(1).unwrap(), 6);
-            assert_eq!(s.read(1, 0, 100).unwrap()[0].offset, 6);
+            let r = s.read_after(1, 0, u64::MAX, 100).unwrap();
+            assert_eq!((r.records[0].offset, r.truncated), (6, 5));
             assert_eq!(s.idempotency_window(0).unwrap().len(), 20);
             s.put_checkpoint("x", b"abc").unwrap();
             assert_eq!(s.count_failure("c", 1, 5).unwrap(), 1);
             assert_eq!(s.count_failure("c", 1, 5).unwrap(), 2);
+            // Everything retained away: the last offset stays where the records ended.
+            assert_eq!(s.truncate(1, 11).unwrap(), 5);
+            assert_eq!(s.last_offset(1).unwrap(), 10);
         }
         let (s, _) = Store::open(&path).unwrap();
         assert_eq!(s.get_checkpoint("x").unwrap().unwrap(), b"abc");
         assert_eq!(s.failures("c").unwrap(), vec![((1, 5), 2)]);
-        assert_eq!(s.last_offset(1).unwrap(), 10);
+        assert_eq!((s.last_offset(1).unwrap(), s.next_after(1).unwrap()), (10, 10));
+        assert_eq!(s.truncated(1).unwrap(), 10);
     }
 
     #[test]
@@ -964,9 +1213,14 @@ mod tests {
     }
 
     #[test]
-    fn torn_tail_is_cut_on_open() {
+    fn torn_tail_is_cut_on_open_without_reusing_offsets() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
+        let torn = {
+            let mut t = record::encode(&ev(4));
+            t.truncate(t.len() - 2);
+            t
+        };
         {
             let (s, _) = Store::open(&path).unwrap();
             let mut next = Default::default();
@@ -974,39 +1228,55 @@ mod tests {
             s.append(&b, &keys, 0, None).unwrap();
             // The last commit: a good record, then one whose body was cut short (as a
             // torn write would leave it), then a batch that ends inside its framing.
-            let mut b = JournalBatch::new(0, 3);
-            b.push(&ev(3));
-            let mut torn = record::encode(&ev(4));
-            torn.truncate(torn.len() - 2);
-            b.push_encoded(&torn);
-            b.push_encoded(&record::encode(&ev(5)));
+            // Its keys were acked (idempotency entries written with it).
+            let mut b = JournalBatch::new(0, 3, 0);
+            b.push(ev(3).idempotency_key(), &ev(3));
+            b.push_encoded(ev(4).idempotency_key(), &torn);
+            b.push(ev(5).idempotency_key(), &ev(5));
             b.bytes.truncate(b.bytes.len() - 3);
-            s.append(&[b], &[], 0, None).unwrap();
+            let keys: Vec<_> = (3..=5).map(|i| (ev(i).idempotency_key(), 0, i as u64)).collect();
+            s.append(&[b], &keys, 0, None).unwrap();
             // Stream 1: a whole batch of bad records goes, the batch before it stays.
             let (b, keys) = batches([(1, ev(6))], &mut Default::default());
             s.append(&b, &keys, 0, None).unwrap();
-            let mut b = JournalBatch::new(1, 2);
-            b.push_encoded(&torn);
-            s.append(&[b], &[], 0, None).unwrap();
+            let mut b = JournalBatch::new(1, 2, 0);
+            b.push_encoded(ev(7).idempotency_key(), &torn);
+            s.append(&[b], &[(ev(7).idempotency_key(), 1, 2)], 0, None).unwrap();
         }
         let (s, rep) = Store::open(&path).unwrap();
         assert_eq!(rep.torn_records_cut, 3);
         assert_eq!(s.last_offset(0).unwrap(), 3);
-        let r = s.read(0, 1, 10).unwrap();
-        assert_eq!(r.len(), 3);
-        assert_eq!(r[2].payload, ev(3));
+        let r = s.read_after(0, 0, u64::MAX, 10).unwrap();
+        assert_eq!(r.records.len(), 3);
+        assert_eq!(r.records[2].payload, ev(3));
         assert_eq!(s.last_offset(1).unwrap(), 1);
-        // Appends continue after the cut.
-        let (b, keys) = batches([(0, ev(7))], &mut [(0, 3)].into_iter().collect());
+        // The heads stay: offsets 4, 5 (stream 0) and 2 (stream 1) are never reused.
+        assert_eq!((s.next_after(0).unwrap(), s.next_after(1).unwrap()), (5, 2));
+        // The cut records' keys are forgotten (a retry is appended anew); others stay.
+        let keys: Vec<u128> = s.idempotency_window(-1).unwrap().iter().map(|e| e.0).collect();
+        for i in [4, 5, 7] {
+            assert!(!keys.contains(&ev(i).idempotency_key()), "key of cut record {i}");
+        }
+        for i in [1, 2, 3, 6] {
+            assert!(keys.contains(&ev(i).idempotency_key()), "key of kept record {i}");
+        }
+        // Appends continue after the head; readers see a sparse stream.
+        let (b, keys) = batches([(0, ev(8))], &mut [(0, 5)].into_iter().collect());
         s.append(&b, &keys, 0, None).unwrap();
-        assert_eq!(s.read(0, 4, 10).unwrap()[0].payload, ev(7));
+        let r = s.read_after(0, 3, u64::MAX, 10).unwrap();
+        assert_eq!(offsets(&r), vec![6]);
+        assert_eq!(r.records[0].payload, ev(8));
+        drop(s);
+        let (s, rep) = Store::open(&path).unwrap();
+        assert_eq!(rep.torn_records_cut, 0);
+        assert_eq!(s.next_after(0).unwrap(), 6);
     }
 
     #[test]
-    fn layout_2_journal_rows_migrate_to_batches() {
+    fn older_layouts_migrate_and_format_1_batches_stay_readable() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.redb");
-        // A layout-2 store: one journal row per record.
+        // Layout 2: one journal row per record.
+        let path = dir.path().join("v2.redb");
         old_layout(&path, 2, |tx| {
             let mut t = tx.open_table(JOURNAL_V2).unwrap();
             for i in 1..=3u32 {
@@ -1016,18 +1286,32 @@ mod tests {
         });
         let (s, rep) = Store::open(&path).unwrap();
         assert_eq!(rep.torn_records_cut, 0);
+        assert_eq!((s.first_offset(0).unwrap(), s.next_after(0).unwrap()), (1, 3));
+        let r = s.read_after(0, 1, u64::MAX, 10).unwrap();
         assert_eq!(
-            (s.first_offset(0).unwrap(), s.last_offset(0).unwrap()),
-            (1, 3)
-        );
-        let r = s.read(0, 2, 10).unwrap();
-        assert_eq!(
-            r.iter().map(|r| &r.payload).collect::<Vec<_>>(),
+            r.records.iter().map(|r| &r.payload).collect::<Vec<_>>(),
             vec![&ev(2), &ev(3)]
         );
+        assert_eq!(r.records[0].key, ev(2).idempotency_key());
         drop(s);
+        // Layout 3: format-1 batches; the heads are recorded from them.
+        let path = dir.path().join("v3.redb");
+        old_layout(&path, 3, |tx| {
+            let mut t = tx.open_table(JOURNAL).unwrap();
+            t.insert((0u32, 2u64), batch_v1(1, &[ev(1), ev(2)]).as_slice())
+                .unwrap();
+            t.insert((5u32, 7u64), batch_v1(7, &[ev(7)]).as_slice())
+                .unwrap();
+        });
         let (s, _) = Store::open(&path).unwrap();
-        assert_eq!(s.read(0, 0, 10).unwrap().len(), 3);
+        assert_eq!((s.next_after(0).unwrap(), s.next_after(5).unwrap()), (2, 7));
+        let r = s.read_after(5, 0, u64::MAX, 10).unwrap();
+        assert_eq!((r.records[0].offset, r.records[0].at_ms), (7, 0));
+        assert_eq!(r.records[0].key, ev(7).idempotency_key());
+        // New batches (format 2) follow the old ones in the same stream.
+        let (b, keys) = batches([(0, ev(3))], &mut [(0, 2)].into_iter().collect());
+        s.append(&b, &keys, 0, None).unwrap();
+        assert_eq!(offsets(&s.read_after(0, 0, u64::MAX, 10).unwrap()), vec![1, 2, 3]);
     }
 
     #[test]
@@ -1038,5 +1322,37 @@ mod tests {
             s.put_model(v, &[v as u8], 3).unwrap();
         }
         assert_eq!(s.model_versions().unwrap(), vec![3, 4, 5]);
+    }
+
+    proptest! {
+        /// A stored batch of any bytes splits or is refused; never a panic.
+        #[test]
+        fn any_batch_bytes_frame_or_refuse(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            if let Ok(f) = frame(&bytes) {
+                prop_assert!(f.records.len() <= f.declared as usize);
+                for r in &f.records {
+                    let _ = record::decode(r.body);
+                }
+            }
+            let _ = check_tail_row(0, 1, &bytes);
+            let _ = decode_idem_group(&bytes);
+        }
+
+        /// Batches round trip: what is pushed is what frames back, keys and time included.
+        #[test]
+        fn batches_round_trip(first in 1u64..1_000_000, at in any::<i64>(), n in 1usize..20, key in any::<u128>()) {
+            let mut b = JournalBatch::new(3, first, at);
+            for i in 0..n {
+                b.push(key ^ i as u128, &ev(i as u32));
+            }
+            let f = frame(&b.bytes).unwrap();
+            prop_assert!(!f.torn);
+            prop_assert_eq!((f.first, f.at_ms, f.records.len()), (first, at, n));
+            for (i, r) in f.records.iter().enumerate() {
+                prop_assert_eq!(r.key, Some(key ^ i as u128));
+                prop_assert_eq!(record::decode(r.body).unwrap(), ev(i as u32));
+            }
+            prop_assert_eq!(b.key(), (3, first + n as u64 - 1));
+        }
     }
 }

@@ -23,6 +23,23 @@ use serde::Serialize;
 
 use crate::settings::RestartPolicy;
 
+/// A failure that restarting cannot fix (records lost to retention, a checkpoint that
+/// cannot be rebuilt): the supervisor escalates at once instead of restarting the child
+/// until its intensity runs out.
+#[derive(Debug)]
+pub struct Fatal(pub String);
+
+/// Marks the reason of a fatal escalation, so a parent supervisor passes it on at once.
+const FATAL_MARK: &str = "a restart cannot fix";
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
 /// Starts (or restarts) one child linked to the given supervisor.
 pub type StartFn = Arc<
     dyn Fn(ActorCell) -> Pin<Box<dyn Future<Output = Result<ActorCell, SpawnErr>> + Send>>
@@ -137,6 +154,7 @@ impl Supervisor {
         state: &mut SupervisorState,
         cell: &ActorCell,
         why: String,
+        fatal: bool,
     ) {
         if state.stopping {
             return;
@@ -152,16 +170,18 @@ impl Supervisor {
         if let Some(h) = &state.on_failure {
             h(&state.children[idx].spec.name);
         }
-        Self::child_down(myself, state, idx, why);
+        Self::child_down(myself, state, idx, why, fatal);
     }
 
     /// Counts a failure of child `idx` (no longer running) and schedules its restart
-    /// after the backoff, or escalates when the restart intensity is exceeded.
+    /// after the backoff, or escalates when the restart intensity is exceeded or the
+    /// failure is [`Fatal`].
     fn child_down(
         myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         idx: usize,
         why: String,
+        fatal: bool,
     ) {
         let child = &mut state.children[idx];
         tracing::warn!(child = %child.spec.name, reason = %why, generation = child.generation, "child failed");
@@ -177,11 +197,18 @@ impl Supervisor {
             child.recent.pop_front();
         }
         let n = child.recent.len() as u32;
-        if n > policy.max_restarts {
-            let reason = format!(
-                "escalate: child {} failed {} times within {:?} (last: {})",
-                child.spec.name, n, policy.window, why
-            );
+        if fatal || n > policy.max_restarts {
+            let reason = if fatal {
+                format!(
+                    "escalate: child {} failed in a way {FATAL_MARK}: {}",
+                    child.spec.name, why
+                )
+            } else {
+                format!(
+                    "escalate: child {} failed {} times within {:?} (last: {})",
+                    child.spec.name, n, policy.window, why
+                )
+            };
             tracing::error!(reason = %reason, "restart intensity exceeded");
             if let Some(h) = &state.on_escalate {
                 h(&reason);
@@ -248,7 +275,13 @@ impl Actor for Supervisor {
                     }
                     Err(e) => {
                         // A failed start counts like a failure of the child.
-                        Self::child_down(&myself, state, idx, format!("start failed: {e}"));
+                        Self::child_down(
+                            &myself,
+                            state,
+                            idx,
+                            format!("start failed: {e}"),
+                            false,
+                        );
                     }
                 }
             }
@@ -295,12 +328,15 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorFailed(cell, err) => {
-                self.child_failed(&myself, state, &cell, err.to_string());
+                let fatal = err.downcast_ref::<Fatal>().is_some();
+                self.child_failed(&myself, state, &cell, err.to_string(), fatal);
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 // A child never stops on its own: an unexpected stop is a failure.
                 let why = reason.unwrap_or_else(|| "stopped".into());
-                self.child_failed(&myself, state, &cell, why);
+                // A child that escalated fatally stopped its own subtree: pass it on.
+                let fatal = why.contains(FATAL_MARK);
+                self.child_failed(&myself, state, &cell, why, fatal);
             }
             _ => {}
         }

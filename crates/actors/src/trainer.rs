@@ -20,7 +20,7 @@ use troupe_models::metrics::user_metrics;
 use troupe_models::sparse::Csr;
 use troupe_models::topk;
 
-use crate::consumer::Applier;
+use crate::consumer::{Apply, ConsumerRuntime, Cursors};
 use crate::ctx::Ctx;
 use crate::messages::{CheckpointReply, Observation};
 use crate::metrics::label;
@@ -30,10 +30,10 @@ use crate::serving::{AlsServing, AlsSnapshot};
 use crate::wire::WIRE_VERSION;
 use crate::wire_payload;
 
-pub const TRAINER_CHECKPOINT_FORMAT: u16 = 1;
+pub const TRAINER_CHECKPOINT_FORMAT: u16 = 2;
 const CHECKPOINT_NAME: &str = "als_trainer";
 /// Journal records the trainer reads per tick and partition (keeps it responsive).
-const READ_PER_TICK: u64 = 100_000;
+const READ_PER_TICK: usize = 100_000;
 
 /// Outcome of one retrain.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -81,7 +81,7 @@ pub enum AlsTrainerMsg {
 #[derive(Serialize, Deserialize)]
 struct Checkpoint<'a> {
     format: u16,
-    applied: Vec<u64>,
+    cursors: Cow<'a, Cursors>,
     users: Cow<'a, IdMap>,
     items: Cow<'a, IdMap>,
     pairs: Vec<(u32, u32, f32, i64)>,
@@ -93,22 +93,28 @@ pub struct AlsTrainer;
 
 type Finished = Arc<Mutex<Option<(RetrainReport, Option<AlsServing>)>>>;
 
-pub struct AlsTrainerState {
+/// The compacted interactions records are applied to.
+struct Interactions {
     ctx: Arc<Ctx>,
-    applied: Vec<u64>,
     users: IdMap,
     items: IdMap,
     pairs: FxHashMap<(u32, u32), (f32, i64)>,
     events_since_train: u64,
+}
+
+pub struct AlsTrainerState {
+    ctx: Arc<Ctx>,
+    rt: ConsumerRuntime,
+    data: Interactions,
+    /// While recovering: the heads at start, which the trainer must reach before it
+    /// reports itself recovered.
+    recover_to: Option<Vec<(u32, u64)>>,
     last_train: Instant,
     next_version: u64,
     training: bool,
     waiting: Vec<RpcReplyPort<RetrainReport>>,
     finished: Finished,
     reports: Vec<RetrainReport>,
-    applier: Option<Applier>,
-    since_checkpoint: u64,
-    last_checkpoint: Instant,
 }
 
 /// What a training run needs (a copy, so the actor keeps consuming meanwhile).
@@ -251,7 +257,7 @@ fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
     (report, Some(serving))
 }
 
-impl AlsTrainerState {
+impl Interactions {
     /// The compacted interactions as `(user, item, weight, latest ts)`.
     fn pair_list(&self) -> Vec<(u32, u32, f32, i64)> {
         self.pairs
@@ -259,8 +265,10 @@ impl AlsTrainerState {
             .map(|(&(u, i), &(w, t))| (u, i, w, t))
             .collect()
     }
+}
 
-    fn apply(&mut self, r: &Record) {
+impl Apply for Interactions {
+    fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr> {
         match &r.payload {
             Payload::Event(e) => {
                 let u = self.users.intern(&e.user);
@@ -289,34 +297,35 @@ impl AlsTrainerState {
             }
             _ => {}
         }
+        Ok(())
     }
+}
 
+impl AlsTrainerState {
+    /// Reads up to `READ_PER_TICK` records of each partition. While recovering, reads
+    /// only up to the heads at start and ends the recovery once they are reached.
     async fn pull(&mut self) -> Result<(), ActorProcessingErr> {
-        let mut applier = self.applier.take().ok_or("applier missing")?;
         let ctx = self.ctx.clone();
-        let mut result = Ok(());
-        for s in 0..self.applied.len() as u32 {
-            let head = ctx.head(s);
-            let mut applied = self.applied[s as usize];
-            if head <= applied {
-                continue;
-            }
-            let upto = head.min(applied + READ_PER_TICK);
-            let (buf, r) = applier
-                .next_batch(&ctx, s, &mut applied, Vec::new(), upto)
-                .await;
-            crate::consumer::apply_marked(&ctx, names::ALS_TRAINER, &buf, |r| self.apply(r));
-            self.applied[s as usize] = applied;
-            match r {
-                Ok(n) => self.since_checkpoint += n,
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
-            }
+        let mut all_done = true;
+        for (s, _) in self.rt.positions() {
+            let target = match &self.recover_to {
+                Some(to) => to.iter().find(|t| t.0 == s).map_or(0, |t| t.1),
+                None => ctx.head(s),
+            };
+            let step = self
+                .rt
+                .catch_up(&ctx, s, target, READ_PER_TICK, &mut self.data)
+                .await?;
+            all_done &= step.done;
         }
-        self.applier = Some(applier);
-        result
+        if all_done && self.recover_to.take().is_some() {
+            tracing::info!(
+                interactions = self.data.pairs.len(),
+                "als trainer caught up with the journal"
+            );
+            ctx.health.end_recovery(names::ALS_TRAINER);
+        }
+        Ok(())
     }
 
     fn start_training(&mut self, myself: &ActorRef<AlsTrainerMsg>) {
@@ -324,15 +333,15 @@ impl AlsTrainerState {
             return;
         }
         self.training = true;
-        self.events_since_train = 0;
+        self.data.events_since_train = 0;
         self.last_train = Instant::now();
         let version = self.next_version;
         self.next_version += 1;
         let input = TrainInput {
             version,
-            users: self.users.len(),
-            items: self.items.clone(),
-            pairs: self.pair_list(),
+            users: self.data.users.len(),
+            items: self.data.items.clone(),
+            pairs: self.data.pair_list(),
             params: self.ctx.settings.als.params.clone(),
             validation_users: self.ctx.settings.als.validation_users,
             serving: self.ctx.als.load_full(),
@@ -368,7 +377,7 @@ impl AlsTrainerState {
             let keep = self.ctx.settings.als.keep_versions;
             let v = model.version;
             let r = tokio::task::spawn_blocking(move || -> Result<(), ActorProcessingErr> {
-                let bytes = bincode::serde::encode_to_vec(&snap, bincode::config::standard())?;
+                let bytes = crate::codec::encode(&snap)?;
                 store.put_model(v, &bytes, keep)?;
                 Ok(())
             })
@@ -419,19 +428,15 @@ impl AlsTrainerState {
     async fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
         let cp = Checkpoint {
             format: TRAINER_CHECKPOINT_FORMAT,
-            applied: self.applied.clone(),
-            users: Cow::Borrowed(&self.users),
-            items: Cow::Borrowed(&self.items),
-            pairs: self.pair_list(),
-            events_since_train: self.events_since_train,
+            cursors: Cow::Borrowed(&self.rt.cursors),
+            users: Cow::Borrowed(&self.data.users),
+            items: Cow::Borrowed(&self.data.items),
+            pairs: self.data.pair_list(),
+            events_since_train: self.data.events_since_train,
             next_version: self.next_version,
         };
         crate::consumer::save_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), &cp).await?;
-        self.since_checkpoint = 0;
-        self.last_checkpoint = Instant::now();
-        for (s, &o) in self.applied.iter().enumerate() {
-            self.ctx.note_checkpoint(names::ALS_TRAINER, s as u32, o);
-        }
+        self.rt.checkpointed(&self.ctx);
         Ok(())
     }
 }
@@ -441,9 +446,8 @@ fn load_model(ctx: &Ctx, version: u64) -> Result<Option<AlsServing>, ActorProces
     let Some(bytes) = ctx.store.get_model(version)? else {
         return Ok(None);
     };
-    let (snap, _): (AlsSnapshot, usize) =
-        bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
-            .map_err(|e| format!("model snapshot {version} does not decode: {e}"))?;
+    let snap: AlsSnapshot = crate::codec::decode(&bytes)
+        .map_err(|e| format!("model snapshot {version} does not decode: {e}"))?;
     Ok(Some(AlsServing::from_snapshot(snap)?))
 }
 
@@ -458,43 +462,49 @@ impl Actor for AlsTrainer {
         ctx: Arc<Ctx>,
     ) -> Result<AlsTrainerState, ActorProcessingErr> {
         ctx.health.begin_recovery(names::ALS_TRAINER);
-        let p = ctx.settings.partitions as usize;
+        let rt = ConsumerRuntime::load(
+            &ctx,
+            names::ALS_TRAINER,
+            "als_trainer",
+            0..ctx.settings.partitions,
+        )
+        .await?;
         Ok(AlsTrainerState {
+            data: Interactions {
+                ctx: ctx.clone(),
+                users: IdMap::default(),
+                items: IdMap::default(),
+                pairs: FxHashMap::default(),
+                events_since_train: 0,
+            },
             ctx,
-            applied: vec![0; p],
-            users: IdMap::default(),
-            items: IdMap::default(),
-            pairs: FxHashMap::default(),
-            events_since_train: 0,
+            rt,
+            recover_to: None,
             last_train: Instant::now(),
             next_version: 1,
             training: false,
             waiting: Vec::new(),
             finished: Arc::new(Mutex::new(None)),
             reports: Vec::new(),
-            applier: None,
-            since_checkpoint: 0,
-            last_checkpoint: Instant::now(),
         })
     }
 
+    /// Loads the checkpoint and the newest model; the journal after the checkpoint is
+    /// replayed by the ticks (the actor stays responsive), and the trainer reports itself
+    /// recovered only once it has reached the heads it saw here.
     async fn post_start(
         &self,
         myself: ActorRef<AlsTrainerMsg>,
         st: &mut AlsTrainerState,
     ) -> Result<(), ActorProcessingErr> {
         let ctx = st.ctx.clone();
-        let p = ctx.settings.partitions as usize;
+        let p = ctx.settings.partitions;
         let cp: Option<Checkpoint> = crate::consumer::load_checkpoint(
             &ctx,
             CHECKPOINT_NAME.to_string(),
-            move |cp: &Checkpoint| {
-                crate::consumer::check_checkpoint(
-                    cp.format,
-                    TRAINER_CHECKPOINT_FORMAT,
-                    Some((cp.applied.len(), p)),
-                )
-            },
+            TRAINER_CHECKPOINT_FORMAT,
+            (0..p).collect(),
+            move |cp: &Checkpoint| crate::consumer::check_partitions(&cp.cursors, p),
         )
         .await?;
         let loaded = tokio::task::spawn_blocking(move || -> Result<_, ActorProcessingErr> {
@@ -508,15 +518,17 @@ impl Actor for AlsTrainer {
         .await??;
         let (model, versions) = loaded;
         if let Some(cp) = cp {
-            st.applied = cp.applied;
-            st.users = cp.users.into_owned();
-            st.items = cp.items.into_owned();
-            st.pairs = cp
+            st.rt
+                .restore(cp.cursors.into_owned())
+                .map_err(|e| format!("checkpoint of {}: {e}", names::ALS_TRAINER))?;
+            st.data.users = cp.users.into_owned();
+            st.data.items = cp.items.into_owned();
+            st.data.pairs = cp
                 .pairs
                 .into_iter()
                 .map(|(u, i, w, t)| ((u, i), (w, t)))
                 .collect();
-            st.events_since_train = cp.events_since_train;
+            st.data.events_since_train = cp.events_since_train;
             st.next_version = cp.next_version;
         }
         st.next_version = st.next_version.max(versions.last().map_or(1, |v| v + 1));
@@ -529,8 +541,14 @@ impl Actor for AlsTrainer {
             st.ctx.metrics.model_version.set(m.version as i64);
             st.ctx.als.store(Some(Arc::new(m)));
         }
-        st.applier = Some(Applier::load(&st.ctx, names::ALS_TRAINER, "als_trainer").await?);
-        st.ctx.health.end_recovery(names::ALS_TRAINER);
+        st.recover_to = Some(
+            st.rt
+                .positions()
+                .into_iter()
+                .map(|(s, _)| (s, st.ctx.head(s)))
+                .collect(),
+        );
+        st.pull().await?;
         myself.send_interval(st.ctx.settings.poll_interval, || AlsTrainerMsg::Tick);
         Ok(())
     }
@@ -546,23 +564,21 @@ impl Actor for AlsTrainer {
                 st.pull().await?;
                 let ctx = st.ctx.clone();
                 let s = &ctx.settings;
-                let due = st.events_since_train >= s.als.retrain_every_events
-                    || (st.events_since_train > 0
+                let due = st.data.events_since_train >= s.als.retrain_every_events
+                    || (st.data.events_since_train > 0
                         && st.last_train.elapsed() >= s.als.retrain_interval);
-                if due && st.pairs.len() >= s.als.min_interactions {
+                if due && st.recover_to.is_none() && st.data.pairs.len() >= s.als.min_interactions
+                {
                     st.start_training(&myself);
                 }
-                if st.since_checkpoint > 0
-                    && (st.since_checkpoint >= s.checkpoint_every_records
-                        || st.last_checkpoint.elapsed() >= s.checkpoint_interval)
-                {
+                if st.rt.checkpoint_due(&ctx) {
                     st.checkpoint().await?;
                 }
             }
             AlsTrainerMsg::Trained(_) => st.finish_training().await?,
             AlsTrainerMsg::Retrain(port) => {
                 st.pull().await?;
-                if st.pairs.is_empty() {
+                if st.data.pairs.is_empty() {
                     port.send(RetrainReport {
                         version: WIRE_VERSION,
                         reason: "no interactions to train on".into(),
@@ -617,28 +633,58 @@ impl Actor for AlsTrainer {
             }
             AlsTrainerMsg::Checkpoint(port) => {
                 let r = st.checkpoint().await;
-                port.send(CheckpointReply::partitions(&st.applied, r))
+                port.send(CheckpointReply::new(st.rt.positions(), r))
                     .discard();
             }
             AlsTrainerMsg::Observe(port) => {
                 let serving = st.ctx.als.load_full();
-                port.send(Observation::new(
-                    names::ALS_TRAINER,
-                    serde_json::json!({
-                        "applied_offsets": st.applied,
-                        "users": st.users.len(),
-                        "items": st.items.len(),
-                        "interactions": st.pairs.len(),
-                        "events_since_train": st.events_since_train,
-                        "training": st.training,
-                        "serving_version": serving.as_ref().map(|m| m.version),
-                        "serving_ndcg": serving.as_ref().map(|m| m.validation_ndcg),
-                        "reports": st.reports,
-                    }),
-                ))
-                .discard();
+                let mut doc = st.rt.observe();
+                doc["recovering"] = st.recover_to.is_some().into();
+                doc["users"] = st.data.users.len().into();
+                doc["items"] = st.data.items.len().into();
+                doc["interactions"] = st.data.pairs.len().into();
+                doc["events_since_train"] = st.data.events_since_train.into();
+                doc["training"] = st.training.into();
+                doc["serving_version"] = serving.as_ref().map(|m| m.version).into();
+                doc["serving_ndcg"] = serving.as_ref().map(|m| m.validation_ndcg).into();
+                doc["reports"] = serde_json::to_value(&st.reports).unwrap_or_default();
+                port.send(Observation::new(names::ALS_TRAINER, doc))
+                    .discard();
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn checkpoint_round_trips() {
+        let mut users = IdMap::default();
+        let mut items = IdMap::default();
+        let (u, i) = (users.intern("u"), items.intern("i"));
+        let cp = Checkpoint {
+            format: TRAINER_CHECKPOINT_FORMAT,
+            cursors: Cow::Owned(Cursors::default()),
+            users: Cow::Owned(users),
+            items: Cow::Owned(items),
+            pairs: vec![(u, i, 2.5, 7)],
+            events_since_train: 3,
+            next_version: 4,
+        };
+        let back: Checkpoint = crate::consumer::decode_checkpoint(&crate::codec::encode(&cp).unwrap()).unwrap();
+        assert_eq!(back.pairs, cp.pairs);
+        assert_eq!((back.events_since_train, back.next_version), (3, 4));
+        assert_eq!(back.items.get("i"), Some(i));
+    }
+
+    proptest! {
+        #[test]
+        fn checkpoint_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = crate::consumer::decode_checkpoint::<Checkpoint>(&bytes);
+        }
     }
 }

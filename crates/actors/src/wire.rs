@@ -15,13 +15,10 @@ macro_rules! wire_payload {
     ($($t:ty),* $(,)?) => {$(
         impl ractor::BytesConvertable for $t {
             fn into_bytes(self) -> Vec<u8> {
-                bincode::serde::encode_to_vec(&self, bincode::config::standard()).unwrap_or_default()
+                $crate::codec::encode(&self).unwrap_or_default()
             }
             fn from_bytes(bytes: Vec<u8>) -> Self {
-                match bincode::serde::decode_from_slice(&bytes, bincode::config::standard()) {
-                    Ok((v, _)) => v,
-                    Err(_) => <$t>::default(),
-                }
+                $crate::codec::decode(&bytes).unwrap_or_default()
             }
         }
     )*};

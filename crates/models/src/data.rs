@@ -630,4 +630,29 @@ mod tests {
         assert_eq!(parse_timestamp("1970-01-01T00:01:00+00:00"), Ok(60));
         assert!(parse_timestamp("nope").is_err());
     }
+
+    proptest::proptest! {
+        /// Any bytes as an event, item or tag file: rows or errors naming file and line,
+        /// never a panic (gzip included: a 0x1f 0x8b prefix selects the decoder).
+        #[test]
+        fn any_bytes_are_rows_or_errors(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), header in 0usize..4) {
+            let heads: [&[u8]; 4] = [b"", b"user,item,value,ts\n", b"item,title,genres\n", b"\x1f\x8b"];
+            let mut bytes = heads[header].to_vec();
+            bytes.extend_from_slice(&body);
+            let d = tempfile::tempdir().unwrap();
+            let p = write(&d, "x.csv", &bytes);
+            for skip in [false, true] {
+                if let Ok(r) = EventReader::open(&p, &Columns::default(), skip) {
+                    for e in r.take(1000) {
+                        if let Err(e) = e {
+                            proptest::prop_assert!(e.to_string().contains("x.csv"), "{}", e);
+                        }
+                    }
+                }
+                let _ = read_items(&p, &Columns::default(), skip);
+            }
+            let _ = read_tags(&p, true);
+            let _ = read_tags(&p, false);
+        }
+    }
 }

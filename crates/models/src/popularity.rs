@@ -77,6 +77,8 @@ impl DecayedCounter {
 pub struct Popularity {
     counts: DecayedCounter,
     categories: FxHashMap<String, Vec<u32>>,
+    /// The categories each item is listed under (so a change can unlist it).
+    of_item: FxHashMap<u32, Vec<String>>,
 }
 
 impl Popularity {
@@ -84,6 +86,7 @@ impl Popularity {
         Popularity {
             counts: DecayedCounter::new(items, half_life_seconds),
             categories: Default::default(),
+            of_item: Default::default(),
         }
     }
 
@@ -92,13 +95,31 @@ impl Popularity {
         self.counts.add(item as usize, weight, ts);
     }
 
-    /// Declares `item`'s categories (replacing nothing: call once per item).
+    /// Sets `item`'s categories, replacing what it had (an empty list unlists it).
     pub fn set_categories(&mut self, item: u32, categories: &[String]) {
+        if let Some(old) = self.of_item.remove(&item) {
+            for c in old.iter().filter(|c| !categories.contains(c)) {
+                if let Some(v) = self.categories.get_mut(c) {
+                    v.retain(|&i| i != item);
+                    if v.is_empty() {
+                        self.categories.remove(c);
+                    }
+                }
+            }
+        }
+        let mut listed = Vec::with_capacity(categories.len());
         for c in categories {
+            if listed.contains(c) {
+                continue;
+            }
             let v = self.categories.entry(c.clone()).or_default();
             if !v.contains(&item) {
                 v.push(item);
             }
+            listed.push(c.clone());
+        }
+        if !listed.is_empty() {
+            self.of_item.insert(item, listed);
         }
         self.counts.ensure(item as usize + 1);
     }
@@ -183,5 +204,21 @@ mod tests {
             .collect();
         assert_eq!(g, vec![0, 1]);
         assert!(p.top_k(2, 0, Some("zzz"), |_| false).is_empty());
+        // A change of categories unlists the item from the old ones.
+        p.set_categories(0, &["b".into()]);
+        let a: Vec<u32> = p
+            .top_k(5, 0, Some("a"), |_| false)
+            .iter()
+            .map(|s| s.item)
+            .collect();
+        assert_eq!(a, vec![3]);
+        let b: Vec<u32> = p
+            .top_k(5, 0, Some("b"), |_| false)
+            .iter()
+            .map(|s| s.item)
+            .collect();
+        assert_eq!(b, vec![2, 0]);
+        p.set_categories(3, &[]);
+        assert!(p.top_k(5, 0, Some("a"), |_| false).is_empty());
     }
 }

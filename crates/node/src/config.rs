@@ -1,7 +1,7 @@
 //! `cluster.toml`: the node's configuration file. Every key has a default; unknown keys
 //! are errors; `validate` reports every problem at once. Deployment fields can be
 //! overridden from the environment (`TROUPE_NODE_NAME`, `TROUPE_DATA_DIR`,
-//! `TROUPE_HTTP_ADDR`, `TROUPE_AUTH_TOKEN`, `TROUPE_OTLP_ENDPOINT`).
+//! `TROUPE_HTTP_ADDR`, `TROUPE_AUTH_TOKEN`, `TROUPE_READ_TOKEN`, `TROUPE_OTLP_ENDPOINT`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -63,9 +63,16 @@ pub struct HttpSection {
     pub addr: String,
     pub max_body_bytes: usize,
     pub max_events_per_request: usize,
+    /// Reads handled at once.
     pub max_in_flight: usize,
+    /// Writes handled at once (admitted separately from reads).
+    pub max_in_flight_writes: usize,
     pub auth_token: Secret,
+    pub read_token: Secret,
+    pub public_reads: bool,
     pub request_timeout_ms: u64,
+    pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -74,6 +81,8 @@ pub struct JournalSection {
     pub partitions: u32,
     pub max_commit_records: usize,
     pub idempotency_window_secs: u64,
+    pub idempotency_max_keys: usize,
+    pub consumer_dedupe_keys: usize,
     pub max_future_skew_secs: u64,
     pub poll_interval_ms: u64,
     pub retention: bool,
@@ -194,13 +203,20 @@ impl Default for Config {
                 max_body_bytes: 16 << 20,
                 max_events_per_request: 10_000,
                 max_in_flight: 256,
+                max_in_flight_writes: 64,
                 auth_token: Secret::default(),
+                read_token: Secret::default(),
+                public_reads: true,
                 request_timeout_ms: 10_000,
+                header_read_timeout_ms: 5_000,
+                body_read_timeout_ms: 10_000,
             },
             journal: JournalSection {
                 partitions: 8,
                 max_commit_records: 20_000,
                 idempotency_window_secs: 24 * 3600,
+                idempotency_max_keys: 1_000_000,
+                consumer_dedupe_keys: 10_000,
                 max_future_skew_secs: 300,
                 poll_interval_ms: 100,
                 retention: false,
@@ -329,6 +345,9 @@ impl Config {
         if let Some(v) = get("TROUPE_AUTH_TOKEN") {
             self.http.auth_token = Secret(v);
         }
+        if let Some(v) = get("TROUPE_READ_TOKEN") {
+            self.http.read_token = Secret(v);
+        }
         if let Some(v) = get("TROUPE_OTLP_ENDPOINT") {
             self.telemetry.otlp_endpoint = v;
         }
@@ -359,8 +378,28 @@ impl Config {
             "http.max_events_per_request must be >= 1",
         );
         need(
-            self.http.max_in_flight >= 1,
-            "http.max_in_flight must be >= 1",
+            self.http.max_in_flight >= 1 && self.http.max_in_flight_writes >= 1,
+            "http.max_in_flight and http.max_in_flight_writes must be >= 1",
+        );
+        need(
+            self.http.request_timeout_ms >= 1
+                && self.http.header_read_timeout_ms >= 1
+                && self.http.body_read_timeout_ms >= 1,
+            "http.request_timeout_ms, header_read_timeout_ms and body_read_timeout_ms must be >= 1",
+        );
+        need(
+            self.http.read_token.0.is_empty() || !self.http.auth_token.0.is_empty(),
+            "http.read_token needs http.auth_token (a read token alone would leave writes open)",
+        );
+        need(
+            self.http.auth_token.0.is_empty()
+                || self.http.read_token.0.is_empty()
+                || self.http.auth_token != self.http.read_token,
+            "http.read_token must differ from http.auth_token",
+        );
+        need(
+            self.journal.idempotency_max_keys >= 1,
+            "journal.idempotency_max_keys must be >= 1",
         );
         need(
             (2..=4096).contains(&self.journal.partitions),
@@ -507,6 +546,8 @@ impl Config {
         s.partitions = self.journal.partitions;
         s.max_commit_records = self.journal.max_commit_records;
         s.idempotency_window = Duration::from_secs(self.journal.idempotency_window_secs);
+        s.idempotency_max_keys = self.journal.idempotency_max_keys;
+        s.consumer_dedupe_keys = self.journal.consumer_dedupe_keys;
         s.max_future_skew = Duration::from_secs(self.journal.max_future_skew_secs);
         s.poll_interval = ms(self.journal.poll_interval_ms);
         s.retention = self.journal.retention;
@@ -639,6 +680,16 @@ mod tests {
         assert!(p.iter().any(|m| m.contains("faults[0].action")));
         let e = Config::parse("[journal]\npartitons = 4\n").unwrap_err();
         assert!(e.contains("partitons"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Any text as a config file: a config or an error, never a panic.
+        #[test]
+        fn any_text_parses_or_is_refused(text in "\\PC*") {
+            if let Ok(c) = Config::parse(&text) {
+                let _ = c.validate(false);
+            }
+        }
     }
 
     #[test]

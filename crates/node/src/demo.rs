@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use troupe_actors::journal::AppendRequest;
+use troupe_actors::journal::{AppendEntry, AppendRequest};
 use troupe_actors::names;
 use troupe_actors::node;
 use troupe_actors::ranker::{RankerMsg, RecommendRequest};
@@ -27,7 +27,11 @@ fn internal(e: impl std::fmt::Display) -> CliError {
 
 async fn append_all(entries: Vec<(u32, Payload)>) -> Result<(), CliError> {
     for chunk in entries.chunks(BATCH) {
-        let r = node::append(AppendRequest::new(chunk.to_vec()), Duration::from_secs(60))
+        let chunk = chunk
+            .iter()
+            .map(|(s, p)| AppendEntry::new(*s, p.clone()))
+            .collect();
+        let r = node::append(AppendRequest::new(chunk), Duration::from_secs(60))
             .await
             .map_err(internal)?;
         if let Some(e) = r.error {

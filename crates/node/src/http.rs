@@ -1,51 +1,113 @@
-//! The HTTP/JSON API (axum) under `/v1`, plus `/healthz`, `/readyz` and `/metrics`.
-//! Every error is JSON `{error, detail}` with the right status; overload and an
-//! unavailable journal answer 503 with `Retry-After`.
+//! The HTTP/JSON API (axum on a hyper server configured here) under `/v1`, plus
+//! `/healthz`, `/readyz` and `/metrics`.
+//!
+//! - Every error is JSON `{error, detail}` with the right status; overload and an
+//!   unavailable journal answer 503 with `Retry-After`.
+//! - Access: each handler takes an [`Admitted`] extractor naming its class. Writes and
+//!   admin routes need the bearer token when one is configured; user data needs it too
+//!   (or the read token); recommendations, similar items and item reads are public
+//!   unless `http.public_reads = false`. Probes and the OpenAPI document are public.
+//! - Admission: reads and writes have separate in-flight limits, so clients holding
+//!   write slots (slow bodies, big batches) never starve recommendations. Headers must
+//!   arrive within `header_read_timeout`, bodies within `body_read_timeout`; a declared
+//!   `Content-Length` over the limit is refused before the body is read.
+//! - Reads wait (bounded) for the stream they read to reach `min_offset` or, without
+//!   it, the stream's head at arrival (read-your-writes), and say `stale` when it did not.
+//! - Every route refuses unknown query parameters and repeats of single-valued ones.
+//!
+//! [`openapi`](crate::openapi) states the same rules; `scripts/api-fuzz.sh` checks the
+//! server against that document.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path, RawQuery, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use prometheus_client::metrics::gauge::Gauge;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use troupe_actors::ctx::Ctx;
 use troupe_actors::features::{UserFeaturesMsg, UserQuery};
-use troupe_actors::journal::{AppendRequest, Position};
+use troupe_actors::journal::{AppendEntry, AppendRequest, Position};
 use troupe_actors::names;
 use troupe_actors::node::{self, CallError};
 use troupe_actors::ranker::{BranchReport, RankerMsg, RecommendRequest, SimilarRequest};
-use troupe_actors::record::{partition_of, Event, Item, Payload, CATALOG_STREAM};
+use troupe_actors::record::{hash128, partition_of, Event, Item, Payload, CATALOG_STREAM};
 use troupe_actors::trainer::AlsTrainerMsg;
 use troupe_actors::wire::WIRE_VERSION;
 
-/// The OpenAPI document served at `/v1/openapi.json`.
-pub const OPENAPI: &str = include_str!("openapi.json");
+use crate::limits::{self, check_id, check_text};
+use crate::openapi::{self, ApiShape};
 
 /// Limits and options of the HTTP layer.
 #[derive(Clone)]
 pub struct HttpOptions {
     pub max_body_bytes: usize,
     pub max_events_per_request: usize,
-    pub max_in_flight: usize,
+    /// Reads (recommendations, similar items, items, users, cluster, admin reads)
+    /// handled at once.
+    pub max_in_flight_reads: usize,
+    /// Writes (events, items, erasures, admin actions) handled at once.
+    pub max_in_flight_writes: usize,
+    /// Bearer token of writes and admin routes (and user data).
     pub auth_token: Option<String>,
+    /// A second token that only reads user data (and reads, when they are not public).
+    pub read_token: Option<String>,
+    /// Recommendations, similar items and item reads need no token.
+    pub public_reads: bool,
+    /// How long a request may wait on the node's actors.
     pub request_timeout: Duration,
+    /// How long a client may take to send a request's body.
+    pub body_timeout: Duration,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Duration,
+}
+
+/// One admission class: its permits and its in-flight gauge.
+#[derive(Clone)]
+struct Class {
+    name: &'static str,
+    permits: Arc<Semaphore>,
+    in_flight: Gauge,
+}
+
+impl Class {
+    fn new(ctx: &Ctx, name: &'static str, n: usize) -> Class {
+        Class {
+            name,
+            permits: Arc::new(Semaphore::new(n.max(1))),
+            in_flight: ctx
+                .metrics
+                .http_in_flight
+                .get_or_create(&troupe_actors::metrics::label("class", name))
+                .clone(),
+        }
+    }
+
+    fn saturated(&self) -> bool {
+        self.permits.available_permits() == 0
+    }
 }
 
 #[derive(Clone)]
 pub struct AppState {
     ctx: Arc<Ctx>,
     opts: HttpOptions,
-    permits: Arc<Semaphore>,
+    reads: Class,
+    writes: Class,
     requests: Arc<AtomicU64>,
+    openapi: Arc<String>,
 }
 
 /// An API error rendered as JSON.
@@ -68,6 +130,12 @@ impl ApiError {
     }
     fn bad(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", detail)
+    }
+    fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
+    }
+    fn too_large(error: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, error, detail)
     }
     fn unavailable(detail: impl Into<String>) -> Self {
         ApiError {
@@ -100,17 +168,35 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
+/// The router, with the OpenAPI document built from the same options.
 pub fn router(ctx: Arc<Ctx>, opts: HttpOptions) -> Router {
+    let s = &ctx.settings;
+    let shape = ApiShape {
+        max_k: s.ranker.max_k,
+        max_events_per_request: opts.max_events_per_request,
+        max_body_bytes: opts.max_body_bytes,
+        max_future_skew_secs: s.max_future_skew.as_secs(),
+        idempotency_window_secs: s.idempotency_window.as_secs(),
+        writes_need_token: opts.auth_token.is_some(),
+        user_data_needs_token: opts.auth_token.is_some() || opts.read_token.is_some(),
+        reads_need_token: !opts.public_reads
+            && (opts.auth_token.is_some() || opts.read_token.is_some()),
+    };
     let state = AppState {
-        permits: Arc::new(Semaphore::new(opts.max_in_flight)),
+        reads: Class::new(&ctx, "read", opts.max_in_flight_reads),
+        writes: Class::new(&ctx, "write", opts.max_in_flight_writes),
         requests: Arc::new(AtomicU64::new(0)),
+        openapi: Arc::new(openapi::document(&shape).to_string()),
         ctx,
         opts,
     };
     Router::new()
         .route("/v1/events", post(post_events))
         .route("/v1/items", post(post_items))
-        .route("/v1/items/{id}", put(put_item).delete(delete_item))
+        .route(
+            "/v1/items/{id}",
+            get(get_item).put(put_item).delete(delete_item),
+        )
         .route("/v1/items/{id}/similar", get(similar))
         .route("/v1/recommendations/{user}", get(recommend))
         .route("/v1/users/{id}", get(get_user).delete(delete_user))
@@ -118,29 +204,74 @@ pub fn router(ctx: Arc<Ctx>, opts: HttpOptions) -> Router {
         .route("/v1/admin/dead-letters", get(dead_letters))
         .route("/v1/admin/retrain", post(retrain))
         .route("/v1/admin/rollback", post(rollback))
-        .route(
-            "/v1/openapi.json",
-            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
-        )
+        .route("/v1/openapi.json", get(openapi_doc))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
-                "method not allowed on this route",
+                "method not allowed on this route (see the Allow header)",
             )
         })
-        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
 
-/// Per-request span, in-flight limit (503 + Retry-After past it), auth for writes and
-/// admin, and the request counter.
-async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let path = req.uri().path().to_string();
+/// Serves `app` on `listener` until `stop` resolves, then lets requests in flight finish
+/// (at most 10 s). HTTP/1.1 with keep-alive; headers must arrive within `header_timeout`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let sock = match accepted {
+                    Ok((sock, _)) => sock,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = sock.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout);
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(sock), svc));
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut stop => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("http connections did not close within 10 s");
+    }
+}
+
+/// Per-request span and the request counter by route and status.
+async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let route = req
         .extensions()
@@ -149,47 +280,7 @@ async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response
         .unwrap_or_else(|| "unmatched".into());
     let id = st.requests.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("http", %method, route = %route, request = id);
-    let is_probe = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
-    let writes = method != axum::http::Method::GET || path.starts_with("/v1/admin");
-    if writes {
-        if let Some(token) = &st.opts.auth_token {
-            let ok = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|t| t == token);
-            if !ok {
-                return ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "a valid bearer token is required for this route",
-                )
-                .into_response();
-            }
-        }
-    }
-    let permit = if is_probe {
-        None
-    } else {
-        match st.permits.clone().try_acquire_owned() {
-            Ok(p) => Some(p),
-            Err(_) => {
-                return ApiError {
-                    retry_after: Some(1),
-                    ..ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "overloaded",
-                        "too many requests in flight",
-                    )
-                }
-                .into_response()
-            }
-        }
-    };
-    let fut = next.run(req);
-    let resp = tracing::Instrument::instrument(fut, span).await;
-    drop(permit);
+    let resp = tracing::Instrument::instrument(next.run(req), span).await;
     st.ctx
         .metrics
         .http_requests
@@ -203,20 +294,278 @@ async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response
     resp
 }
 
-async fn body_text(st: &AppState, body: Body) -> Result<String, ApiError> {
-    let bytes: Bytes = axum::body::to_bytes(body, st.opts.max_body_bytes)
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!(
-                    "request body is over the limit of {} bytes",
-                    st.opts.max_body_bytes
-                ),
-            )
-        })?;
-    String::from_utf8(bytes.to_vec())
+/// Who may call a route and which in-flight limit it counts against.
+pub trait Access: Send + Sync + 'static {
+    /// Needs a token (which ones: see [`Admitted`]).
+    fn needs_token(o: &HttpOptions) -> bool;
+    /// The read token is enough.
+    const READ_TOKEN_OK: bool;
+    /// Counts against the write limit and carries a body.
+    const WRITE: bool;
+}
+
+/// Writes and admin routes.
+pub struct Writes;
+/// Recommendations, similar items, item reads: public unless `public_reads = false`.
+pub struct Reads;
+/// User data.
+pub struct UserData;
+/// Operational reads (cluster state): public.
+pub struct Ops;
+
+impl Access for Writes {
+    fn needs_token(o: &HttpOptions) -> bool {
+        o.auth_token.is_some()
+    }
+    const READ_TOKEN_OK: bool = false;
+    const WRITE: bool = true;
+}
+
+impl Access for Reads {
+    fn needs_token(o: &HttpOptions) -> bool {
+        !o.public_reads && (o.auth_token.is_some() || o.read_token.is_some())
+    }
+    const READ_TOKEN_OK: bool = true;
+    const WRITE: bool = false;
+}
+
+impl Access for UserData {
+    fn needs_token(o: &HttpOptions) -> bool {
+        o.auth_token.is_some() || o.read_token.is_some()
+    }
+    const READ_TOKEN_OK: bool = true;
+    const WRITE: bool = false;
+}
+
+impl Access for Ops {
+    fn needs_token(_: &HttpOptions) -> bool {
+        false
+    }
+    const READ_TOKEN_OK: bool = false;
+    const WRITE: bool = false;
+}
+
+/// A request past its access check and admitted into its class; the slot is held until
+/// the handler returns.
+pub struct Admitted<A> {
+    _permit: OwnedSemaphorePermit,
+    in_flight: Gauge,
+    _access: PhantomData<A>,
+}
+
+impl<A> Drop for Admitted<A> {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+    }
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Constant-time comparison, so the time of a refusal says nothing about the token.
+fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+impl<A: Access> FromRequestParts<AppState> for Admitted<A> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
+        let o = &st.opts;
+        if A::needs_token(o) {
+            let given = bearer(parts);
+            let ok = given.is_some_and(|t| {
+                o.auth_token.as_deref().is_some_and(|a| same_token(t, a))
+                    || (A::READ_TOKEN_OK
+                        && o.read_token.as_deref().is_some_and(|r| same_token(t, r)))
+            });
+            if !ok {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "a valid bearer token is required for this route",
+                ));
+            }
+        }
+        if A::WRITE {
+            // Refused before a byte of the body is read.
+            let declared = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > o.max_body_bytes as u64) {
+                return Err(ApiError::too_large(
+                    "payload_too_large",
+                    format!(
+                        "request body is over the limit of {} bytes",
+                        o.max_body_bytes
+                    ),
+                ));
+            }
+            check_content_type(&parts.headers)?;
+        }
+        let class = if A::WRITE { &st.writes } else { &st.reads };
+        match class.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                class.in_flight.inc();
+                Ok(Admitted {
+                    _permit: permit,
+                    in_flight: class.in_flight.clone(),
+                    _access: PhantomData,
+                })
+            }
+            Err(_) => {
+                st.ctx
+                    .metrics
+                    .http_saturated
+                    .get_or_create(&troupe_actors::metrics::label("class", class.name))
+                    .inc();
+                Err(ApiError {
+                    retry_after: Some(1),
+                    ..ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        format!("too many {}s in flight", class.name),
+                    )
+                })
+            }
+        }
+    }
+}
+
+/// Bodies are JSON (or NDJSON for events); another declared type is refused.
+fn check_content_type(h: &HeaderMap) -> Result<(), ApiError> {
+    let Some(v) = h.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = v
+        .to_str()
+        .ok()
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match essence.as_deref() {
+        Some("application/json" | "application/x-ndjson") => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "the body must be application/json (or application/x-ndjson for events)",
+        )),
+    }
+}
+
+/// Query parameters of one request, checked against the route's list.
+struct Params(Vec<(String, String)>);
+
+impl Params {
+    /// Refuses unknown names and repeats of single-valued ones (`multi` lists the names
+    /// that may repeat).
+    fn parse(raw: Option<String>, known: &[&str], multi: &[&str]) -> Result<Params, ApiError> {
+        let pairs: Vec<(String, String)> = match raw.as_deref() {
+            None | Some("") => Vec::new(),
+            Some(q) => serde_urlencoded::from_str(q)
+                .map_err(|e| ApiError::bad(format!("query string does not parse: {e}")))?,
+        };
+        for (i, (k, _)) in pairs.iter().enumerate() {
+            if !known.contains(&k.as_str()) {
+                return Err(ApiError::bad(if known.is_empty() {
+                    format!("unknown query parameter `{k}`: this route takes none")
+                } else {
+                    format!(
+                        "unknown query parameter `{k}`; this route takes {}",
+                        known.join(", ")
+                    )
+                }));
+            }
+            if !multi.contains(&k.as_str()) && pairs[..i].iter().any(|(p, _)| p == k) {
+                return Err(ApiError::bad(format!(
+                    "query parameter `{k}` is given more than once"
+                )));
+            }
+        }
+        Ok(Params(pairs))
+    }
+
+    fn none(raw: Option<String>) -> Result<(), ApiError> {
+        Self::parse(raw, &[], &[]).map(|_| ())
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0
+            .iter()
+            .filter(move |(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn k(&self, max: usize) -> Result<u32, ApiError> {
+        match self.get("k") {
+            None => Ok(10),
+            Some(s) => match s.parse::<u64>() {
+                Ok(k) if (1..=max as u64).contains(&k) => Ok(k as u32),
+                _ => Err(ApiError::bad(format!(
+                    "k must be an integer in 1..={max}, got `{s}`"
+                ))),
+            },
+        }
+    }
+
+    fn min_offset(&self) -> Result<Option<u64>, ApiError> {
+        self.get("min_offset")
+            .map(|s| {
+                s.parse::<u64>()
+                    .ok()
+                    .filter(|&o| o <= limits::MAX_OFFSET)
+                    .ok_or_else(|| {
+                        ApiError::bad(format!(
+                            "min_offset must be an integer in 0..={}, got `{s}`",
+                            limits::MAX_OFFSET
+                        ))
+                    })
+            })
+            .transpose()
+    }
+}
+
+fn path_id(what: &str, path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(id) = path.map_err(|e| ApiError::bad(format!("{what}: {}", e.body_text())))?;
+    check_id(what, &id).map_err(ApiError::bad)?;
+    Ok(id)
+}
+
+/// Reads a body within the size limit and the body timeout.
+async fn read_body(st: &AppState, body: Body) -> Result<Bytes, ApiError> {
+    let limit = st.opts.max_body_bytes;
+    match tokio::time::timeout(st.opts.body_timeout, axum::body::to_bytes(body, limit)).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms",
+                st.opts.body_timeout.as_millis()
+            ),
+        )),
+        Ok(Err(_)) => Err(ApiError::too_large(
+            "payload_too_large",
+            format!("request body is over the limit of {limit} bytes"),
+        )),
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+fn body_text(bytes: &Bytes) -> Result<&str, ApiError> {
+    std::str::from_utf8(bytes)
         .map_err(|e| ApiError::bad(format!("request body is not valid UTF-8: {e}")))
 }
 
@@ -232,17 +581,27 @@ fn writable(st: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A field that may be absent but never null: `null` is refused with serde's "invalid
+/// type: null" error.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
 /// An event as clients send it.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an event object")]
 struct EventIn {
+    #[serde(default, deserialize_with = "present")]
     event_id: Option<String>,
     user: String,
     item: String,
     kind: String,
+    #[serde(default, deserialize_with = "present")]
     value: Option<f64>,
     /// Milliseconds since the epoch, or an RFC 3339 string; absent: now.
+    #[serde(default, deserialize_with = "present")]
     ts: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
     request_id: Option<String>,
 }
 
@@ -253,33 +612,24 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn check_id(what: &str, v: &str) -> Result<(), String> {
-    if v.is_empty() {
-        return Err(format!("{what} must not be empty"));
-    }
-    if v.len() > 256 {
-        return Err(format!("{what} is longer than 256 bytes"));
-    }
-    if v.chars().any(char::is_control) {
-        return Err(format!("{what} contains control characters"));
-    }
-    Ok(())
-}
-
-fn to_event(e: EventIn, now: i64, skew_ms: i64) -> Result<Event, String> {
+/// A checked event and whether it carried its own identity (`event_id` or `ts`).
+fn to_event(e: EventIn, now: i64, skew_ms: i64) -> Result<(Event, bool), String> {
     check_id("user", &e.user)?;
     check_id("item", &e.item)?;
     check_id("kind", &e.kind)?;
     if let Some(id) = &e.event_id {
         check_id("event_id", id)?;
     }
-    let ts_ms = match e.ts {
-        None | Some(Value::Null) => now,
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .ok_or("ts must be an integer number of milliseconds")?,
-        Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(&s)
-            .map_err(|err| format!("ts `{s}` is not RFC 3339: {err}"))?
+    if let Some(id) = &e.request_id {
+        check_id("request_id", id)?;
+    }
+    let ts_ms = match &e.ts {
+        None => now,
+        Some(Value::Number(n)) => n.as_i64().filter(|&t| t >= 0).ok_or_else(|| {
+            format!("ts {n} must be a whole number of milliseconds since 1970")
+        })?,
+        Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
+            .map_err(|err| format!("ts `{s}` is not an RFC 3339 date-time: {err}"))?
             .timestamp_millis(),
         Some(_) => {
             return Err("ts must be milliseconds since the epoch or an RFC 3339 string".into())
@@ -287,7 +637,7 @@ fn to_event(e: EventIn, now: i64, skew_ms: i64) -> Result<Event, String> {
     };
     if ts_ms > now + skew_ms {
         return Err(format!(
-            "ts {ts_ms} is more than {} s in the future",
+            "ts {ts_ms} is more than {} s after the node's clock",
             skew_ms / 1000
         ));
     }
@@ -296,24 +646,39 @@ fn to_event(e: EventIn, now: i64, skew_ms: i64) -> Result<Event, String> {
     }
     let value = match e.value {
         None => None,
-        Some(v) if v.is_finite() && v.abs() <= 1e9 => Some(v as f32),
-        Some(_) => return Err("value must be a finite number".into()),
+        Some(v) if v.abs() <= limits::MAX_ABS_VALUE => Some(v as f32),
+        Some(v) => {
+            return Err(format!(
+                "value {v} is out of range: it must lie within ±{:e} (values are stored as 32-bit floats)",
+                limits::MAX_ABS_VALUE
+            ))
+        }
     };
-    Ok(Event {
-        event_id: e.event_id,
-        user: e.user,
-        item: e.item,
-        kind: e.kind.to_ascii_lowercase(),
-        value,
-        ts_ms,
-        request_id: e.request_id,
-    })
+    let own_identity = e.event_id.is_some() || e.ts.is_some();
+    Ok((
+        Event {
+            event_id: e.event_id,
+            user: e.user,
+            item: e.item,
+            kind: e.kind.to_ascii_lowercase(),
+            value,
+            ts_ms,
+            request_id: e.request_id,
+        },
+        own_identity,
+    ))
 }
 
-/// Parses a JSON array or NDJSON body into events; every problem names its event.
-fn parse_events(text: &str, now: i64, skew_ms: i64, max: usize) -> Result<Vec<Event>, ApiError> {
+/// Parses a JSON array or NDJSON body into events; every problem names its event or line.
+fn parse_events(
+    text: &str,
+    now: i64,
+    skew_ms: i64,
+    max: usize,
+) -> Result<Vec<(Event, bool)>, ApiError> {
     let trimmed = text.trim_start();
-    let raw: Vec<(usize, Result<EventIn, String>)> = if trimmed.starts_with('[') {
+    let array = trimmed.starts_with('[');
+    let raw: Vec<(usize, Result<EventIn, String>)> = if array {
         // Well-formed arrays decode in one pass; the element-by-element pass below only
         // runs to name the bad elements.
         if let Ok(events) = serde_json::from_str::<Vec<EventIn>>(text) {
@@ -348,17 +713,12 @@ fn parse_events(text: &str, now: i64, skew_ms: i64, max: usize) -> Result<Vec<Ev
         return Err(ApiError::bad("no events in the body"));
     }
     if raw.len() > max {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
+        return Err(ApiError::too_large(
             "too_many_events",
             format!("{} events in one request; the limit is {max}", raw.len()),
         ));
     }
-    let what = if trimmed.starts_with('[') {
-        "event"
-    } else {
-        "line"
-    };
+    let what = if array { "event" } else { "line" };
     let mut out = Vec::with_capacity(raw.len());
     let mut problems = Vec::new();
     for (i, r) in raw {
@@ -378,7 +738,19 @@ fn parse_events(text: &str, now: i64, skew_ms: i64, max: usize) -> Result<Vec<Ev
     Ok(out)
 }
 
-async fn append(st: &AppState, entries: Vec<(u32, Payload)>) -> Result<Vec<Position>, ApiError> {
+/// The idempotency key of event number `index` of a request. An event with `event_id`
+/// or `ts` has its own (the payload's); one with neither is identified by the request
+/// (its `Idempotency-Key`, else its whole body) and its place in it, so a retry of the
+/// same request maps to the same keys although the node's clock moved.
+fn event_key(payload: &Payload, own: bool, request: &[u8], index: usize) -> u128 {
+    if own {
+        payload.idempotency_key()
+    } else {
+        hash128(&[b"req", request, &(index as u64).to_le_bytes()])
+    }
+}
+
+async fn append(st: &AppState, entries: Vec<AppendEntry>) -> Result<Vec<Position>, ApiError> {
     writable(st)?;
     let reply = node::append(AppendRequest::new(entries), st.opts.request_timeout).await?;
     if let Some(e) = reply.error {
@@ -398,24 +770,24 @@ enum StreamOut {
 /// Where one accepted record went.
 #[derive(Serialize)]
 struct PositionOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
     partition: StreamOut,
     offset: u64,
     duplicate: bool,
 }
 
-fn positions_json(positions: &[Position]) -> Vec<PositionOut> {
-    positions
-        .iter()
-        .map(|p| PositionOut {
-            partition: if p.stream == CATALOG_STREAM {
-                StreamOut::Named("catalog")
-            } else {
-                StreamOut::Partition(p.stream)
-            },
-            offset: p.offset,
-            duplicate: p.duplicate,
-        })
-        .collect()
+fn position_out(p: &Position, id: Option<String>) -> PositionOut {
+    PositionOut {
+        id,
+        partition: if p.stream == CATALOG_STREAM {
+            StreamOut::Named("catalog")
+        } else {
+            StreamOut::Partition(p.stream)
+        },
+        offset: p.offset,
+        duplicate: p.duplicate,
+    }
 }
 
 #[derive(Serialize)]
@@ -425,190 +797,312 @@ struct EventsOut {
     results: Vec<PositionOut>,
 }
 
-async fn post_events(State(st): State<AppState>, body: Body) -> ApiResult {
-    let text = body_text(&st, body).await?;
+async fn post_events(
+    State(st): State<AppState>,
+    _a: Admitted<Writes>,
+    q: RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    Params::none(q.0)?;
+    let idem = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let b = v.as_bytes();
+            if b.is_empty() || b.len() > limits::MAX_ID_CHARS || !b.iter().all(|c| (0x21..=0x7e).contains(c)) {
+                return Err(ApiError::bad(format!(
+                    "Idempotency-Key must be 1..={} visible ASCII characters (no spaces)",
+                    limits::MAX_ID_CHARS
+                )));
+            }
+            Some(String::from_utf8_lossy(b).into_owned())
+        }
+    };
+    let bytes = read_body(&st, body).await?;
+    let text = body_text(&bytes)?;
     let skew = st.ctx.settings.max_future_skew.as_millis() as i64;
     let events =
-        parse_events(&text, now_ms(), skew, st.opts.max_events_per_request).inspect_err(|_| {
+        parse_events(text, now_ms(), skew, st.opts.max_events_per_request).inspect_err(|_| {
             st.ctx
                 .metrics
                 .events_rejected
                 .get_or_create(&troupe_actors::metrics::label("reason", "invalid"))
                 .inc();
         })?;
+    let request: Vec<u8> = match &idem {
+        Some(k) => [b"key:".as_slice(), k.as_bytes()].concat(),
+        None => hash128(&[b"body", &bytes]).to_le_bytes().to_vec(),
+    };
     let p = st.ctx.settings.partitions;
-    let entries: Vec<(u32, Payload)> = events
+    let entries: Vec<AppendEntry> = events
         .into_iter()
-        .map(|e| (partition_of(&e.user, p), Payload::Event(e)))
+        .enumerate()
+        .map(|(i, (e, own))| {
+            let stream = partition_of(&e.user, p);
+            let payload = Payload::Event(e);
+            AppendEntry {
+                stream,
+                key: event_key(&payload, own, &request, i),
+                payload,
+            }
+        })
         .collect();
     let positions = append(&st, entries).await?;
     let acked = positions.iter().filter(|p| !p.duplicate).count();
     Ok(Json(EventsOut {
         acked,
         duplicates: positions.len() - acked,
-        results: positions_json(&positions),
+        results: positions.iter().map(|p| position_out(p, None)).collect(),
     })
     .into_response())
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an item object")]
 struct ItemIn {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     id: Option<String>,
-    #[serde(default)]
-    text: String,
-    #[serde(default)]
-    categories: Vec<String>,
-    #[serde(default)]
-    hidden: bool,
-    #[serde(default)]
-    attributes: std::collections::BTreeMap<String, String>,
+    #[serde(default, deserialize_with = "present")]
+    text: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    categories: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    hidden: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
+    attributes: Option<BTreeMap<String, String>>,
 }
 
 fn to_item(id: String, i: ItemIn) -> Result<Item, String> {
     check_id("id", &id)?;
-    if i.text.len() > 64 * 1024 {
-        return Err("text is longer than 64 KiB".into());
+    let text = i.text.unwrap_or_default();
+    check_text("text", &text, 0, limits::MAX_TEXT_CHARS)?;
+    let mut categories = i.categories.unwrap_or_default();
+    if categories.len() > limits::MAX_CATEGORIES {
+        return Err(format!(
+            "{} categories; the limit is {}",
+            categories.len(),
+            limits::MAX_CATEGORIES
+        ));
+    }
+    for c in &categories {
+        check_text("category", c, 1, limits::MAX_CATEGORY_CHARS)?;
+    }
+    let mut seen = std::collections::HashSet::new();
+    categories.retain(|c| seen.insert(c.clone()));
+    let attributes = i.attributes.unwrap_or_default();
+    if attributes.len() > limits::MAX_ATTRIBUTES {
+        return Err(format!(
+            "{} attributes; the limit is {}",
+            attributes.len(),
+            limits::MAX_ATTRIBUTES
+        ));
+    }
+    for (k, v) in &attributes {
+        check_text("attribute name", k, 1, limits::MAX_ATTRIBUTE_KEY_CHARS)?;
+        check_text(
+            &format!("attribute `{k}`"),
+            v,
+            0,
+            limits::MAX_ATTRIBUTE_VALUE_CHARS,
+        )?;
     }
     Ok(Item {
         id,
-        text: i.text,
-        categories: i.categories,
-        hidden: i.hidden,
-        attributes: i.attributes,
+        text,
+        categories,
+        hidden: i.hidden.unwrap_or(false),
+        attributes,
     })
+}
+
+fn items_out(positions: &[Position], ids: Vec<String>) -> Response {
+    let results: Vec<PositionOut> = positions
+        .iter()
+        .zip(ids)
+        .map(|(p, id)| position_out(p, Some(id)))
+        .collect();
+    Json(json!({ "results": results })).into_response()
 }
 
 async fn put_item(
     State(st): State<AppState>,
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    _a: Admitted<Writes>,
+    path: Result<Path<String>, PathRejection>,
+    q: RawQuery,
     body: Body,
 ) -> ApiResult {
-    let Path(id) = path.map_err(|e| ApiError::bad(e.body_text()))?;
-    let text = body_text(&st, body).await?;
+    let id = path_id("id", path)?;
+    Params::none(q.0)?;
+    let bytes = read_body(&st, body).await?;
     let item: ItemIn =
-        serde_json::from_str(&text).map_err(|e| ApiError::bad(format!("item: {e}")))?;
+        serde_json::from_str(body_text(&bytes)?).map_err(|e| ApiError::bad(format!("item: {e}")))?;
     if item.id.as_ref().is_some_and(|x| *x != id) {
         return Err(ApiError::bad("body id differs from the path id"));
     }
-    let item = to_item(id, item).map_err(ApiError::bad)?;
-    let pos = append(&st, vec![(CATALOG_STREAM, Payload::ItemUpsert(item))]).await?;
-    Ok(Json(json!({"results": positions_json(&pos)})).into_response())
+    let item = to_item(id.clone(), item).map_err(ApiError::bad)?;
+    let pos = append(
+        &st,
+        vec![AppendEntry::new(CATALOG_STREAM, Payload::ItemUpsert(item))],
+    )
+    .await?;
+    Ok(items_out(&pos, vec![id]))
 }
 
-async fn post_items(State(st): State<AppState>, body: Body) -> ApiResult {
-    let text = body_text(&st, body).await?;
-    let items: Vec<ItemIn> = serde_json::from_str(&text)
+async fn post_items(
+    State(st): State<AppState>,
+    _a: Admitted<Writes>,
+    q: RawQuery,
+    body: Body,
+) -> ApiResult {
+    Params::none(q.0)?;
+    let bytes = read_body(&st, body).await?;
+    let items: Vec<ItemIn> = serde_json::from_str(body_text(&bytes)?)
         .map_err(|e| ApiError::bad(format!("body is not a JSON array of items: {e}")))?;
     if items.is_empty() {
         return Err(ApiError::bad("no items in the body"));
     }
     if items.len() > st.opts.max_events_per_request {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
+        return Err(ApiError::too_large(
             "too_many_items",
-            "too many items in one request",
+            format!(
+                "{} items in one request; the limit is {}",
+                items.len(),
+                st.opts.max_events_per_request
+            ),
         ));
     }
     let mut entries = Vec::with_capacity(items.len());
+    let mut ids = Vec::with_capacity(items.len());
     let mut problems = Vec::new();
     for (n, mut i) in items.into_iter().enumerate() {
-        let id = i.id.take().unwrap_or_default();
+        let Some(id) = i.id.take() else {
+            problems.push(format!("item {}: id is required", n + 1));
+            continue;
+        };
         match to_item(id, i) {
-            Ok(it) => entries.push((CATALOG_STREAM, Payload::ItemUpsert(it))),
+            Ok(it) => {
+                ids.push(it.id.clone());
+                entries.push(AppendEntry::new(CATALOG_STREAM, Payload::ItemUpsert(it)));
+            }
             Err(e) => problems.push(format!("item {}: {e}", n + 1)),
         }
     }
     if !problems.is_empty() {
+        problems.truncate(20);
         return Err(ApiError::bad(format!(
             "nothing was accepted: {}",
             problems.join("; ")
         )));
     }
     let pos = append(&st, entries).await?;
-    Ok(Json(json!({"results": positions_json(&pos)})).into_response())
+    Ok(items_out(&pos, ids))
 }
 
 async fn delete_item(
     State(st): State<AppState>,
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    _a: Admitted<Writes>,
+    path: Result<Path<String>, PathRejection>,
+    q: RawQuery,
 ) -> ApiResult {
-    let Path(id) = path.map_err(|e| ApiError::bad(e.body_text()))?;
-    check_id("id", &id).map_err(ApiError::bad)?;
-    let pos = append(&st, vec![(CATALOG_STREAM, Payload::ItemDelete { id })]).await?;
-    Ok(Json(json!({"results": positions_json(&pos)})).into_response())
+    let id = path_id("id", path)?;
+    Params::none(q.0)?;
+    let pos = append(
+        &st,
+        vec![AppendEntry::new(
+            CATALOG_STREAM,
+            Payload::ItemDelete { id: id.clone() },
+        )],
+    )
+    .await?;
+    Ok(items_out(&pos, vec![id]))
 }
 
-type Q = Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>;
-
-fn query(q: Q) -> Result<HashMap<String, String>, ApiError> {
-    q.map(|Query(m)| m)
-        .map_err(|e| ApiError::bad(e.body_text()))
+/// Waits (bounded by `freshness_wait`) for the serving consumer of `stream` to reach
+/// `min_offset`, or the stream's head at arrival; true when it did not (stale).
+async fn wait_fresh(st: &AppState, stream: u32, min_offset: Option<u64>) -> bool {
+    let ctx = &st.ctx;
+    let target = min_offset.unwrap_or_else(|| ctx.head(stream));
+    !ctx.wait_applied(stream, target, ctx.settings.ranker.freshness_wait)
+        .await
 }
 
-fn parse_k(q: &HashMap<String, String>, max: usize) -> Result<u32, ApiError> {
-    match q.get("k") {
-        None => Ok(10),
-        Some(s) => match s.parse::<u64>() {
-            Ok(k) if k >= 1 && k <= max as u64 => Ok(k as u32),
-            _ => Err(ApiError::bad(format!(
-                "k must be an integer in 1..={max}, got `{s}`"
-            ))),
-        },
-    }
+async fn get_item(
+    State(st): State<AppState>,
+    _a: Admitted<Reads>,
+    path: Result<Path<String>, PathRejection>,
+    q: RawQuery,
+) -> ApiResult {
+    let id = path_id("id", path)?;
+    let q = Params::parse(q.0, &["min_offset"], &[])?;
+    let stale = wait_fresh(&st, CATALOG_STREAM, q.min_offset()?).await;
+    let view = st.ctx.catalog.read();
+    let item = view
+        .items
+        .get(&id)
+        .ok_or_else(|| ApiError::not_found(format!("no item `{id}` in the catalog")))?;
+    Ok(Json(json!({
+        "id": item.id,
+        "text": item.text,
+        "categories": item.categories,
+        "hidden": item.hidden,
+        "attributes": item.attributes,
+        "applied_offset": view.applied,
+        "stale": stale,
+    }))
+    .into_response())
 }
 
 async fn recommend(
     State(st): State<AppState>,
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    q: Q,
+    _a: Admitted<Reads>,
+    path: Result<Path<String>, PathRejection>,
+    q: RawQuery,
 ) -> ApiResult {
-    let Path(user) = path.map_err(|e| ApiError::bad(e.body_text()))?;
-    check_id("user", &user).map_err(ApiError::bad)?;
-    let q = query(q)?;
-    for key in q.keys() {
-        if !matches!(
-            key.as_str(),
-            "k" | "category" | "exclude" | "explain" | "weights"
-        ) {
-            return Err(ApiError::bad(format!("unknown query parameter `{key}`")));
-        }
-    }
-    let k = parse_k(&q, st.ctx.settings.ranker.max_k)?;
-    let explain = match q.get("explain").map(String::as_str) {
-        None | Some("false") | Some("0") => false,
-        Some("true") | Some("1") | Some("") => true,
+    let user = path_id("user", path)?;
+    let q = Params::parse(
+        q.0,
+        &["k", "category", "exclude", "explain", "weights", "min_offset"],
+        &["exclude"],
+    )?;
+    let k = q.k(st.ctx.settings.ranker.max_k)?;
+    let explain = match q.get("explain") {
+        None | Some("false") => false,
+        Some("true") => true,
         Some(v) => {
             return Err(ApiError::bad(format!(
                 "explain must be true or false, got `{v}`"
             )))
         }
     };
-    let weights = match q.get("weights") {
-        None => None,
-        Some(w) => {
-            let v: Result<Vec<f32>, _> = w.split(',').map(|x| x.trim().parse::<f32>()).collect();
-            match v {
-                Ok(v) if v.len() == 3 && v.iter().all(|x| x.is_finite() && *x >= 0.0) => Some(v),
-                _ => {
-                    return Err(ApiError::bad(
-                        "weights must be three numbers >= 0: als,content,popularity",
-                    ))
-                }
-            }
-        }
-    };
-    let exclude: Vec<String> = q
-        .get("exclude")
-        .map(|s| {
-            s.split(',')
-                .map(str::trim)
-                .filter(|x| !x.is_empty())
-                .map(str::to_string)
-                .collect()
+    let weights = q
+        .get("weights")
+        .map(limits::parse_weights)
+        .transpose()
+        .map_err(ApiError::bad)?
+        .map(|w| w.to_vec());
+    let category = q
+        .get("category")
+        .map(|c| {
+            check_text("category", c, 1, limits::MAX_CATEGORY_CHARS)
+                .map(|_| c.to_string())
+                .map_err(ApiError::bad)
         })
-        .unwrap_or_default();
+        .transpose()?;
+    let mut exclude = Vec::new();
+    for (n, v) in q.all("exclude").enumerate() {
+        if n >= limits::MAX_EXCLUDE_PARAMS {
+            return Err(ApiError::bad(format!(
+                "more than {} exclude parameters",
+                limits::MAX_EXCLUDE_PARAMS
+            )));
+        }
+        check_text("exclude", v, 0, limits::MAX_EXCLUDE_CHARS).map_err(ApiError::bad)?;
+        exclude.extend(
+            v.split(',')
+                .filter(|x| !x.is_empty())
+                .map(str::to_string),
+        );
+    }
     let request_id = format!(
         "{}-{:x}-{}",
         st.ctx.settings.node_name,
@@ -619,11 +1113,12 @@ async fn recommend(
         version: WIRE_VERSION,
         user,
         k,
-        category: q.get("category").filter(|c| !c.is_empty()).cloned(),
+        category,
         exclude,
         weights,
         request_id,
         now_ms: 0,
+        min_offset: q.min_offset()?,
     };
     let reply = node::call(names::RANKER, st.opts.request_timeout, |p| {
         RankerMsg::Recommend(req, p)
@@ -639,9 +1134,9 @@ async fn recommend(
             item: &i.item,
             score: i.score,
             shares: SharesOut {
-                als: i.shares.first().copied(),
-                content: i.shares.get(1).copied(),
-                popularity: i.shares.get(2).copied(),
+                als: i.shares.first().copied().unwrap_or(0.0),
+                content: i.shares.get(1).copied().unwrap_or(0.0),
+                popularity: i.shares.get(2).copied().unwrap_or(0.0),
             },
             categories: explain.then_some(i.categories.as_slice()),
         })
@@ -705,9 +1200,9 @@ struct RecItemOut<'a> {
 
 #[derive(Serialize)]
 struct SharesOut {
-    als: Option<f32>,
-    content: Option<f32>,
-    popularity: Option<f32>,
+    als: f32,
+    content: f32,
+    popularity: f32,
 }
 
 #[derive(Serialize)]
@@ -732,13 +1227,17 @@ enum BranchesOut<'a> {
 
 async fn similar(
     State(st): State<AppState>,
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
-    q: Q,
+    _a: Admitted<Reads>,
+    path: Result<Path<String>, PathRejection>,
+    q: RawQuery,
 ) -> ApiResult {
-    let Path(item) = path.map_err(|e| ApiError::bad(e.body_text()))?;
-    check_id("item", &item).map_err(ApiError::bad)?;
-    let q = query(q)?;
-    let k = parse_k(&q, st.ctx.settings.ranker.max_k)?;
+    let item = path_id("id", path)?;
+    let q = Params::parse(q.0, &["k", "min_offset"], &[])?;
+    let k = q.k(st.ctx.settings.ranker.max_k)?;
+    wait_fresh(&st, CATALOG_STREAM, q.min_offset()?).await;
+    if st.ctx.catalog.read().deleted.contains(&item) {
+        return Err(ApiError::not_found(format!("item `{item}` was deleted")));
+    }
     let req = SimilarRequest {
         version: WIRE_VERSION,
         item,
@@ -749,11 +1248,10 @@ async fn similar(
     })
     .await?;
     if r.source.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("item `{}` has no embedding or factors", r.item),
-        ));
+        return Err(ApiError::not_found(format!(
+            "item `{}` has no embedding or factors",
+            r.item
+        )));
     }
     Ok(Json(json!({
         "item": r.item,
@@ -765,25 +1263,25 @@ async fn similar(
 
 async fn get_user(
     State(st): State<AppState>,
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    _a: Admitted<UserData>,
+    path: Result<Path<String>, PathRejection>,
+    q: RawQuery,
 ) -> ApiResult {
-    let Path(user) = path.map_err(|e| ApiError::bad(e.body_text()))?;
-    check_id("user", &user).map_err(ApiError::bad)?;
+    let user = path_id("id", path)?;
+    let q = Params::parse(q.0, &["min_offset"], &[])?;
     let p = partition_of(&user, st.ctx.settings.partitions);
-    let q = UserQuery {
+    let stale = wait_fresh(&st, p, q.min_offset()?).await;
+    let query = UserQuery {
         version: WIRE_VERSION,
         user: user.clone(),
+        unchanged_since: 0,
     };
     let v = node::call(&names::user_features(p), st.opts.request_timeout, |port| {
-        UserFeaturesMsg::GetUser(q, port)
+        UserFeaturesMsg::GetUser(query, port)
     })
     .await?;
     if !v.known {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no events for user `{user}`"),
-        ));
+        return Err(ApiError::not_found(format!("no events for user `{user}`")));
     }
     Ok(Json(json!({
         "user": user,
@@ -792,7 +1290,8 @@ async fn get_user(
         "last_event_ms": v.last_ts_ms,
         "last_offset": v.last_offset,
         "applied_offset": v.applied_offset,
-        "kind_counts": v.kind_counts.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+        "stale": stale,
+        "kind_counts": v.kind_counts.into_iter().collect::<BTreeMap<_, _>>(),
         "history": v.history.iter().map(|t| json!({"item": t.item, "kind": t.kind, "weight": t.weight, "ts": t.ts_ms})).collect::<Vec<_>>(),
         "seen": v.seen.len(),
         "disliked": v.disliked,
@@ -803,16 +1302,24 @@ async fn get_user(
 
 async fn delete_user(
     State(st): State<AppState>,
-    path: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    _a: Admitted<Writes>,
+    path: Result<Path<String>, PathRejection>,
+    q: RawQuery,
 ) -> ApiResult {
-    let Path(user) = path.map_err(|e| ApiError::bad(e.body_text()))?;
-    check_id("user", &user).map_err(ApiError::bad)?;
+    let user = path_id("id", path)?;
+    Params::none(q.0)?;
     let p = partition_of(&user, st.ctx.settings.partitions);
-    let pos = append(&st, vec![(p, Payload::EraseUser { user })]).await?;
-    Ok(Json(json!({"results": positions_json(&pos)})).into_response())
+    let pos = append(
+        &st,
+        vec![AppendEntry::new(p, Payload::EraseUser { user })],
+    )
+    .await?;
+    let results: Vec<PositionOut> = pos.iter().map(|p| position_out(p, None)).collect();
+    Ok(Json(json!({ "results": results })).into_response())
 }
 
-async fn cluster(State(st): State<AppState>) -> ApiResult {
+async fn cluster(State(st): State<AppState>, _a: Admitted<Ops>, q: RawQuery) -> ApiResult {
+    Params::none(q.0)?;
     let (actors, sups) = node::observe_all(&st.ctx, Duration::from_secs(2)).await;
     let actors: Vec<Value> = actors
         .into_iter()
@@ -826,13 +1333,21 @@ async fn cluster(State(st): State<AppState>) -> ApiResult {
         .map(|(n, s)| json!({"name": n, "children": s.map(|s| s.children)}))
         .collect();
     let h = &st.ctx.health;
+    let streams = |f: &dyn Fn(u32) -> u64| {
+        st.ctx
+            .streams()
+            .iter()
+            .map(|&s| json!({"stream": troupe_actors::metrics::stream_label(s), "offset": f(s)}))
+            .collect::<Vec<_>>()
+    };
     Ok(Json(json!({
         "node": st.ctx.settings.node_name,
         "partitions": st.ctx.settings.partitions,
         "ready": h.ready(),
         "recovering": h.recovering(),
         "escalated": h.escalated(),
-        "journal_heads": st.ctx.streams().iter().map(|&s| json!({"stream": if s == CATALOG_STREAM { json!("catalog") } else { json!(s) }, "offset": st.ctx.head(s)})).collect::<Vec<_>>(),
+        "journal_heads": streams(&|s| st.ctx.head(s)),
+        "applied": streams(&|s| st.ctx.applied(s)),
         "als_model_version": st.ctx.als.load().as_ref().map(|m| m.version),
         "actors": actors,
         "supervisors": sups,
@@ -840,7 +1355,8 @@ async fn cluster(State(st): State<AppState>) -> ApiResult {
     .into_response())
 }
 
-async fn dead_letters(State(st): State<AppState>) -> ApiResult {
+async fn dead_letters(State(st): State<AppState>, _a: Admitted<Writes>, q: RawQuery) -> ApiResult {
+    Params::none(q.0)?;
     let store = st.ctx.store.clone();
     let docs = tokio::task::spawn_blocking(move || store.dead_letters())
         .await
@@ -853,7 +1369,8 @@ async fn dead_letters(State(st): State<AppState>) -> ApiResult {
     Ok(Json(json!({"dead_letters": docs})).into_response())
 }
 
-async fn retrain() -> ApiResult {
+async fn retrain(_a: Admitted<Writes>, q: RawQuery) -> ApiResult {
+    Params::none(q.0)?;
     let r = node::call(
         names::ALS_TRAINER,
         Duration::from_secs(3600),
@@ -863,7 +1380,8 @@ async fn retrain() -> ApiResult {
     Ok(Json(serde_json::to_value(&r).unwrap_or(Value::Null)).into_response())
 }
 
-async fn rollback(State(st): State<AppState>) -> ApiResult {
+async fn rollback(State(st): State<AppState>, _a: Admitted<Writes>, q: RawQuery) -> ApiResult {
+    Params::none(q.0)?;
     let r = node::call(
         names::ALS_TRAINER,
         st.opts.request_timeout,
@@ -876,98 +1394,172 @@ async fn rollback(State(st): State<AppState>) -> ApiResult {
     Ok(Json(json!({"serving_version": r.serving_version})).into_response())
 }
 
-async fn healthz(State(st): State<AppState>) -> Response {
-    match st.ctx.health.escalated() {
+async fn openapi_doc(State(st): State<AppState>, q: RawQuery) -> ApiResult {
+    Params::none(q.0)?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        st.openapi.as_str().to_string(),
+    )
+        .into_response())
+}
+
+async fn healthz(State(st): State<AppState>, q: RawQuery) -> ApiResult {
+    Params::none(q.0)?;
+    Ok(match st.ctx.health.escalated() {
         None => Json(json!({"status": "ok"})).into_response(),
         Some(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "escalated", "detail": e})),
         )
             .into_response(),
-    }
+    })
 }
 
-async fn readyz(State(st): State<AppState>) -> Response {
+async fn readyz(State(st): State<AppState>, q: RawQuery) -> ApiResult {
+    Params::none(q.0)?;
     let h = &st.ctx.health;
+    let in_flight = |c: &Class| c.in_flight.get();
     let body = json!({
         "ready": h.ready(),
         "recovering": h.recovering(),
         "escalated": h.escalated(),
         "journal_failed": h.journal_failed.load(Ordering::Relaxed),
         "draining": h.draining.load(Ordering::Relaxed),
+        "saturated": {"reads": st.reads.saturated(), "writes": st.writes.saturated()},
+        "in_flight": {"reads": in_flight(&st.reads), "writes": in_flight(&st.writes)},
     });
     let status = if h.ready() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(body)).into_response()
+    Ok((status, Json(body)).into_response())
 }
 
-async fn metrics(State(st): State<AppState>, _h: HeaderMap) -> Response {
-    (
+async fn metrics(State(st): State<AppState>, q: RawQuery) -> ApiResult {
+    Params::none(q.0)?;
+    Ok((
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         st.ctx.metrics.render(),
     )
-        .into_response()
+        .into_response())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(text: &str) -> Result<Vec<(Event, bool)>, ApiError> {
+        parse_events(text, 1_700_000_000_000, 1000, 10)
+    }
+
     #[test]
     fn events_parse_array_and_ndjson_with_located_errors() {
-        let now = 1_700_000_000_000;
-        let a = parse_events(
-            r#"[{"user":"u","item":"i","kind":"View","ts":5}]"#,
-            now,
-            1000,
-            10,
-        )
-        .unwrap();
-        assert_eq!(a[0].kind, "view");
-        assert_eq!(a[0].ts_ms, 5);
-        let n = parse_events(
+        let a = parse(r#"[{"user":"u","item":"i","kind":"View","ts":5}]"#).unwrap();
+        assert_eq!((a[0].0.kind.as_str(), a[0].0.ts_ms, a[0].1), ("view", 5, true));
+        let n = parse(
             "{\"user\":\"u\",\"item\":\"i\",\"kind\":\"v\",\"ts\":\"2023-11-14T22:13:20Z\"}\n\n",
-            now,
-            1000,
-            10,
         )
         .unwrap();
-        assert_eq!(n[0].ts_ms, 1_700_000_000_000);
-        let e = parse_events(
-            "{\"user\":\"u\",\"item\":\"i\",\"kind\":\"v\"}\n{\"user\":\"u\",\"kind\":\"v\"}",
-            now,
-            1000,
-            10,
-        )
-        .unwrap_err();
-        assert!(
-            e.detail.contains("line 2") && e.detail.contains("item"),
-            "{}",
-            e.detail
-        );
-        let e = parse_events(
-            r#"[{"user":"u","item":"i","kind":"v","extra":1}]"#,
-            now,
-            1000,
-            10,
-        )
-        .unwrap_err();
+        assert_eq!(n[0].0.ts_ms, 1_700_000_000_000);
+        let e = parse("{\"user\":\"u\",\"item\":\"i\",\"kind\":\"v\"}\n{\"user\":\"u\",\"kind\":\"v\"}")
+            .unwrap_err();
+        assert!(e.detail.contains("line 2") && e.detail.contains("item"), "{}", e.detail);
+        let e = parse(r#"[{"user":"u","item":"i","kind":"v","extra":1}]"#).unwrap_err();
         assert!(e.detail.contains("extra"), "{}", e.detail);
-        let e = parse_events(
-            r#"[{"user":"u","item":"i","kind":"v","ts":9999999999999}]"#,
-            now,
-            1000,
-            10,
-        )
-        .unwrap_err();
-        assert!(e.detail.contains("future"), "{}", e.detail);
-        let e = parse_events(r#"[{"user":1,"item":"i","kind":"v"}]"#, now, 1000, 10).unwrap_err();
+        let e = parse(r#"[{"user":"u","item":"i","kind":"v","ts":9999999999999}]"#).unwrap_err();
+        assert!(e.detail.contains("after the node's clock"), "{}", e.detail);
+        let e = parse(r#"[{"user":1,"item":"i","kind":"v"}]"#).unwrap_err();
         assert!(e.detail.contains("event 1"), "{}", e.detail);
+    }
+
+    #[test]
+    fn errors_name_limits_not_internal_types() {
+        let e = parse(r#"[{"user":"u","item":"i","kind":"v","value":1e308}]"#).unwrap_err();
+        assert!(e.detail.contains("out of range") && e.detail.contains("32-bit"), "{}", e.detail);
+        let e = parse("[5]").unwrap_err();
+        assert!(!e.detail.contains("EventIn") && e.detail.contains("an event object"), "{}", e.detail);
+        for field in ["event_id", "value", "ts", "request_id"] {
+            let body = format!(r#"[{{"user":"u","item":"i","kind":"v","{field}":null}}]"#);
+            let e = parse(&body).unwrap_err();
+            assert!(e.detail.contains("null"), "{field}: {}", e.detail);
+        }
+        let long = "x".repeat(limits::MAX_ID_CHARS + 1);
+        let e = parse(&format!(r#"[{{"user":"u","item":"i","kind":"v","request_id":"{long}"}}]"#)).unwrap_err();
+        assert!(e.detail.contains("request_id"), "{}", e.detail);
+    }
+
+    #[test]
+    fn retries_without_ids_map_to_the_same_keys() {
+        let p = Payload::Event(Event {
+            event_id: None,
+            user: "u".into(),
+            item: "i".into(),
+            kind: "view".into(),
+            value: None,
+            ts_ms: 1,
+            request_id: None,
+        });
+        let body = b"[{\"user\":\"u\",\"item\":\"i\",\"kind\":\"view\"}]";
+        let req = hash128(&[b"body", body]).to_le_bytes();
+        assert_eq!(event_key(&p, false, &req, 0), event_key(&p, false, &req, 0));
+        assert_ne!(event_key(&p, false, &req, 0), event_key(&p, false, &req, 1));
+        let other = hash128(&[b"body", b"[]"]).to_le_bytes();
+        assert_ne!(event_key(&p, false, &req, 0), event_key(&p, false, &other, 0));
+        assert_eq!(event_key(&p, true, &req, 3), p.idempotency_key());
+    }
+
+    #[test]
+    fn items_have_limits_on_every_field() {
+        let ok = ItemIn {
+            id: None,
+            text: Some("t".into()),
+            categories: Some(vec!["a".into(), "a".into()]),
+            hidden: None,
+            attributes: Some([("k".to_string(), "v".to_string())].into()),
+        };
+        assert_eq!(to_item("x".into(), ok).unwrap().categories, vec!["a"]);
+        let many: Vec<String> = (0..=limits::MAX_CATEGORIES).map(|i| i.to_string()).collect();
+        let e = to_item("x".into(), ItemIn { id: None, text: None, categories: Some(many), hidden: None, attributes: None }).unwrap_err();
+        assert!(e.contains("categories"), "{e}");
+        let attrs: BTreeMap<String, String> = (0..=limits::MAX_ATTRIBUTES).map(|i| (i.to_string(), String::new())).collect();
+        assert!(to_item("x".into(), ItemIn { id: None, text: None, categories: None, hidden: None, attributes: Some(attrs) }).is_err());
+        let big: BTreeMap<String, String> = [("k".to_string(), "v".repeat(limits::MAX_ATTRIBUTE_VALUE_CHARS + 1))].into();
+        assert!(to_item("x".into(), ItemIn { id: None, text: None, categories: None, hidden: None, attributes: Some(big) }).is_err());
+        let e = serde_json::from_str::<ItemIn>(r#"{"id": null}"#).unwrap_err();
+        assert!(e.to_string().contains("null"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Any body text: events or a 4xx with a reason, never a panic.
+        #[test]
+        fn any_body_parses_or_is_refused(text in "(\\PC|\\n|[\\[\\]{}\",:])*") {
+            if let Err(e) = parse(&text) {
+                proptest::prop_assert!(e.status.is_client_error());
+                proptest::prop_assert!(!e.detail.is_empty());
+            }
+        }
+
+        /// Any query string: parameters or a 400, never a panic.
+        #[test]
+        fn any_query_parses_or_is_refused(q in "\\PC*") {
+            if let Ok(p) = Params::parse(Some(q), &["k", "min_offset"], &[]) {
+                let _ = p.k(500);
+                let _ = p.min_offset();
+            }
+        }
+    }
+
+    #[test]
+    fn query_parameters_unknown_or_repeated_are_refused() {
+        let p = |q: &str| Params::parse(Some(q.to_string()), &["k", "exclude"], &["exclude"]);
+        assert!(p("k=1&exclude=a&exclude=b").is_ok());
+        assert!(p("k=1&k=2").unwrap_err().detail.contains("more than once"));
+        assert!(p("colour=red").unwrap_err().detail.contains("colour"));
+        assert!(Params::none(Some("x=1".into())).is_err());
+        assert!(Params::none(None).is_ok());
     }
 }

@@ -10,7 +10,10 @@
 //! - [`exit`]: error classification into exit codes.
 //! - [`config`]: `cluster.toml` (defaults, validation, env overrides, secrets).
 //! - [`node_cmd`]: `troupe node` (store, actors, HTTP, graceful stop).
-//! - [`http`]: the axum API under `/v1` and the probes.
+//! - [`http`]: the axum API under `/v1` and the probes, on a hyper server with header and
+//!   body timeouts and separate read and write admission.
+//! - [`limits`]: the limit of every API field (enforced by `http`, stated by `openapi`).
+//! - [`openapi`]: the OpenAPI 3.1 document, built from the node's own limits.
 //! - [`load_cmd`]: `troupe load` (bulk import, resumable).
 
 pub mod cli;
@@ -20,8 +23,10 @@ pub mod eval_cmd;
 pub mod exit;
 pub mod gen_cmd;
 pub mod http;
+pub mod limits;
 pub mod load_cmd;
 pub mod node_cmd;
+pub mod openapi;
 pub mod telemetry;
 
 use std::process::ExitCode;

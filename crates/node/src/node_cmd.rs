@@ -68,6 +68,24 @@ fn encoder(cfg: &Config) -> anyhow::Result<(Arc<dyn TextEncoder>, String)> {
     }
 }
 
+/// The HTTP layer's options from the config.
+pub fn http_options(cfg: &Config) -> HttpOptions {
+    let h = &cfg.http;
+    let secret = |s: &crate::config::Secret| (!s.0.is_empty()).then(|| s.0.clone());
+    HttpOptions {
+        max_body_bytes: h.max_body_bytes,
+        max_events_per_request: h.max_events_per_request,
+        max_in_flight_reads: h.max_in_flight,
+        max_in_flight_writes: h.max_in_flight_writes,
+        auth_token: secret(&h.auth_token),
+        read_token: secret(&h.read_token),
+        public_reads: h.public_reads,
+        request_timeout: Duration::from_millis(h.request_timeout_ms),
+        body_timeout: Duration::from_millis(h.body_read_timeout_ms),
+        header_timeout: Duration::from_millis(h.header_read_timeout_ms),
+    }
+}
+
 /// Opens the store, starts the supervision tree and the HTTP server.
 pub async fn boot(cfg: &Config) -> anyhow::Result<Booted> {
     std::fs::create_dir_all(&cfg.node.data_dir)
@@ -103,25 +121,16 @@ pub async fn boot(cfg: &Config) -> anyhow::Result<Booted> {
         .await
         .with_context(|| format!("binding {}", cfg.http.addr))?;
     let addr = listener.local_addr()?;
-    let opts = HttpOptions {
-        max_body_bytes: cfg.http.max_body_bytes,
-        max_events_per_request: cfg.http.max_events_per_request,
-        max_in_flight: cfg.http.max_in_flight,
-        auth_token: (!cfg.http.auth_token.0.is_empty()).then(|| cfg.http.auth_token.0.clone()),
-        request_timeout: Duration::from_millis(cfg.http.request_timeout_ms),
-    };
+    let opts = http_options(cfg);
+    let header_timeout = opts.header_timeout;
     let app = http::router(ctx, opts);
     let (stop_http, rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                // A dropped sender also means stop.
-                rx.await.discard();
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "http server failed");
-        }
+        // A dropped sender also means stop.
+        http::serve(listener, app, header_timeout, async {
+            rx.await.discard();
+        })
+        .await;
     });
     Ok(Booted {
         handle,

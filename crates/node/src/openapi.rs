@@ -1,0 +1,444 @@
+//! The OpenAPI 3.1 document served at `/v1/openapi.json`, built from the node's own
+//! limits and access rules, so it states exactly what this node enforces: id lengths and
+//! characters, `k` up to `ranker.max_k`, events per request, which routes need which
+//! token, and every status each route can answer.
+
+use serde_json::{json, Map, Value};
+
+use crate::limits::*;
+
+/// What the document depends on.
+pub struct ApiShape {
+    pub max_k: usize,
+    pub max_events_per_request: usize,
+    pub max_body_bytes: usize,
+    pub max_future_skew_secs: u64,
+    pub idempotency_window_secs: u64,
+    /// Writes and admin routes need the bearer token.
+    pub writes_need_token: bool,
+    /// `GET /v1/users/{id}` needs a token (write or read token).
+    pub user_data_needs_token: bool,
+    /// Recommendations, similar items and item reads need a token.
+    pub reads_need_token: bool,
+}
+
+fn text(min: usize, max: usize, description: &str) -> Value {
+    json!({
+        "type": "string",
+        "minLength": min,
+        "maxLength": max,
+        "pattern": NO_CONTROL_PATTERN,
+        "description": description,
+    })
+}
+
+fn id(description: &str) -> Value {
+    text(1, MAX_ID_CHARS, description)
+}
+
+fn error_ref() -> Value {
+    json!({"$ref": "#/components/responses/Error"})
+}
+
+/// Responses: `200` with `ok`, plus the listed error statuses.
+fn responses(ok: Value, errors: &[u16]) -> Value {
+    let mut m = Map::new();
+    m.insert("200".into(), ok);
+    for s in errors {
+        m.insert(s.to_string(), error_ref());
+    }
+    Value::Object(m)
+}
+
+fn json_ok(description: &str, schema: Value) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": schema}}})
+}
+
+fn path_param(name: &str, description: &str) -> Value {
+    json!({"name": name, "in": "path", "required": true, "schema": id(description)})
+}
+
+fn min_offset_param(of: &str) -> Value {
+    json!({
+        "name": "min_offset",
+        "in": "query",
+        "required": false,
+        "description": format!("Read-your-writes: the answer reflects {of} up to this offset (the `offset` a write was acked with), waiting up to `ranker.freshness_wait_ms`, or says `stale: true`. Without it the answer waits for the stream's head at arrival (same bound)."),
+        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
+    })
+}
+
+fn k_param(max_k: usize) -> Value {
+    json!({
+        "name": "k",
+        "in": "query",
+        "required": false,
+        "description": "number of items (default 10)",
+        "schema": {"type": "integer", "minimum": 1, "maximum": max_k, "default": 10},
+    })
+}
+
+/// An operation; `secured` adds the bearer requirement and its 401.
+fn op(summary: &str, description: &str, params: Vec<Value>, mut resp: Value, secured: bool) -> Value {
+    let mut o = json!({
+        "summary": summary,
+        "description": description,
+        "parameters": params,
+    });
+    if secured {
+        o["security"] = json!([{"bearer": []}]);
+        resp["401"] = error_ref();
+    }
+    o["responses"] = resp;
+    o
+}
+
+fn with_body(mut o: Value, body: Value) -> Value {
+    o["requestBody"] = body;
+    o
+}
+
+fn position_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["partition", "offset", "duplicate"],
+        "properties": {
+            "partition": {"oneOf": [{"type": "integer", "minimum": 0}, {"const": "catalog"}]},
+            "offset": {"type": "integer", "minimum": 1},
+            "duplicate": {"type": "boolean"},
+        },
+    })
+}
+
+/// Builds the document.
+pub fn document(s: &ApiShape) -> Value {
+    let event = json!({
+        "type": "object",
+        "additionalProperties": false,
+        "required": ["user", "item", "kind"],
+        "description": "An interaction. No field may be null.",
+        "properties": {
+            "event_id": id("idempotency key chosen by the client"),
+            "user": id("user id"),
+            "item": id("item id"),
+            "kind": id("event kind (view, click, purchase, rating, dislike, ...); lower-cased"),
+            "value": {"type": "number", "minimum": -MAX_ABS_VALUE, "maximum": MAX_ABS_VALUE, "description": "optional value (rating, quantity), stored as a 32-bit float"},
+            "ts": {
+                "description": format!("event time, milliseconds since the Unix epoch or an RFC 3339 date-time, from 1970 on and at most journal.max_future_skew_secs ({}) after the node's clock (that bound depends on the clock, so the schema cannot state it); default: the node's clock at arrival", s.max_future_skew_secs),
+                "oneOf": [
+                    {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
+                    {"type": "string", "format": "date-time"},
+                ],
+            },
+            "request_id": id("the recommendation this event came from"),
+        },
+    });
+    let item_props = json!({
+        "text": text(0, MAX_TEXT_CHARS, "title and description, embedded by the content model"),
+        "categories": {
+            "type": "array",
+            "maxItems": MAX_CATEGORIES,
+            "items": text(1, MAX_CATEGORY_CHARS, "category"),
+        },
+        "hidden": {"type": "boolean", "description": "hidden items are never recommended"},
+        "attributes": {
+            "type": "object",
+            "maxProperties": MAX_ATTRIBUTES,
+            "propertyNames": text(1, MAX_ATTRIBUTE_KEY_CHARS, "attribute name"),
+            "additionalProperties": text(0, MAX_ATTRIBUTE_VALUE_CHARS, "attribute value"),
+        },
+    });
+    let mut item_in = json!({
+        "type": "object",
+        "additionalProperties": false,
+        "description": "A catalog item. Absent fields take their defaults (empty text, no categories, not hidden, no attributes); no field may be null.",
+        "properties": item_props.clone(),
+    });
+    item_in["properties"]["id"] = id("item id; in PUT it must equal the path id");
+    let mut item_batch = item_in.clone();
+    item_batch["required"] = json!(["id"]);
+    let mut item_out = json!({
+        "type": "object",
+        "required": ["id", "text", "categories", "hidden", "attributes", "applied_offset", "stale"],
+        "properties": item_props,
+    });
+    item_out["properties"]["id"] = json!({"type": "string"});
+    item_out["properties"]["applied_offset"] = json!({"type": "integer"});
+    item_out["properties"]["stale"] = json!({"type": "boolean"});
+    let item_ack = json!({
+        "type": "object",
+        "required": ["results"],
+        "properties": {"results": {"type": "array", "items": {
+            "type": "object",
+            "required": ["id", "partition", "offset", "duplicate"],
+            "properties": {
+                "id": {"type": "string"},
+                "partition": {"const": "catalog"},
+                "offset": {"type": "integer", "minimum": 1},
+                "duplicate": {"type": "boolean"},
+            },
+        }}},
+    });
+    let events_ack = json!({
+        "type": "object",
+        "required": ["acked", "duplicates", "results"],
+        "properties": {
+            "acked": {"type": "integer", "minimum": 0},
+            "duplicates": {"type": "integer", "minimum": 0},
+            "results": {"type": "array", "items": position_schema()},
+        },
+    });
+    let branch = json!({
+        "type": "object",
+        "required": ["name", "status"],
+        "properties": {
+            "name": {"enum": ["als", "content", "popularity"]},
+            "status": {"enum": ["ok", "empty", "failed", "timeout", "open", "unavailable"]},
+            "candidates": {"type": "integer"},
+            "micros": {"type": "integer"},
+        },
+    });
+    let share = json!({"type": "number", "minimum": 0, "maximum": 1});
+    let recs = json!({
+        "type": "object",
+        "required": ["request_id", "user", "items", "model_versions", "applied_offset", "awaited_offset", "degraded", "stale", "cold_start", "cached", "branches"],
+        "properties": {
+            "request_id": {"type": "string"},
+            "user": {"type": "string"},
+            "items": {"type": "array", "items": {
+                "type": "object",
+                "required": ["item", "score", "shares"],
+                "properties": {
+                    "item": {"type": "string"},
+                    "score": {"type": "number"},
+                    "shares": {"type": "object", "required": ["als", "content", "popularity"], "properties": {"als": share, "content": share, "popularity": share}},
+                    "categories": {"type": "array", "items": {"type": "string"}},
+                },
+            }},
+            "model_versions": {"type": "object", "required": ["als", "content"], "properties": {"als": {"type": "integer"}, "content": {"type": "string"}}},
+            "applied_offset": {"type": "integer"},
+            "awaited_offset": {"type": "integer"},
+            "degraded": {"type": "boolean"},
+            "stale": {"type": "boolean"},
+            "cold_start": {"type": "boolean"},
+            "cached": {"type": "boolean"},
+            "branches": {"type": "array", "items": branch},
+        },
+    });
+    let similar = json!({
+        "type": "object",
+        "required": ["item", "source", "items"],
+        "properties": {
+            "item": {"type": "string"},
+            "source": {"enum": ["content", "als"]},
+            "items": {"type": "array", "items": {"type": "object", "required": ["item", "score"], "properties": {"item": {"type": "string"}, "score": {"type": "number"}}}},
+        },
+    });
+    let user = json!({
+        "type": "object",
+        "required": ["user", "partition", "events", "last_event_ms", "last_offset", "applied_offset", "stale", "kind_counts", "history", "seen", "disliked", "als_vector_version"],
+        "properties": {
+            "user": {"type": "string"},
+            "partition": {"type": "integer"},
+            "events": {"type": "integer"},
+            "last_event_ms": {"type": "integer"},
+            "last_offset": {"type": "integer"},
+            "applied_offset": {"type": "integer"},
+            "stale": {"type": "boolean"},
+            "kind_counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "history": {"type": "array", "items": {"type": "object", "required": ["item", "kind", "weight", "ts"], "properties": {"item": {"type": "string"}, "kind": {"type": "string"}, "weight": {"type": "number"}, "ts": {"type": "integer"}}}},
+            "seen": {"type": "integer"},
+            "disliked": {"type": "array", "items": {"type": "string"}},
+            "als_vector_version": {"type": "integer"},
+        },
+    });
+    let erase_ack = json!({
+        "type": "object",
+        "required": ["results"],
+        "properties": {"results": {"type": "array", "items": position_schema()}},
+    });
+    let json_body = |schema: Value, description: &str| {
+        json!({"required": true, "description": description, "content": {"application/json": {"schema": schema}}})
+    };
+    let w = s.writes_need_token;
+    let r = s.reads_need_token;
+    let u = s.user_data_needs_token;
+    // Statuses every route can answer: 400 (bad query or path), 503 (saturated, journal
+    // recovering, shutting down, actor unavailable).
+    let body_errors: &[u16] = &[400, 408, 413, 415, 503];
+    let retry_rule = format!("A retry is safe: an event with `event_id` is identified by it; one without `event_id` but with `ts` by its content; one with neither by the request's `Idempotency-Key` header (or, without it, the whole body) and its place in the request. A duplicate within journal.idempotency_window_secs ({} s; and among the newest journal.idempotency_max_keys keys) is not appended again: its result says `duplicate: true` with the original position. Past that horizon a retry counts as a new event.", s.idempotency_window_secs);
+    let events_op = with_body(
+        op(
+            "Append events; the answer comes once they are durable",
+            &format!("Up to {} events per request (413 past that), body at most {} bytes (413, refused from Content-Length before it is read). Any invalid event refuses the whole request (400, every problem listed, nothing accepted). {retry_rule}", s.max_events_per_request, s.max_body_bytes),
+            vec![json!({"name": "Idempotency-Key", "in": "header", "required": false, "description": "identifies the request for events without `event_id` and `ts` (see the retry rule)", "schema": {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS, "pattern": "^[!-~]+$"}})],
+            responses(json_ok("durable: one position per event, in order", events_ack), body_errors),
+            w,
+        ),
+        json!({
+            "required": true,
+            "description": "a JSON array of events, or NDJSON (one event per line) with Content-Type application/x-ndjson",
+            "content": {
+                "application/json": {"schema": {"type": "array", "minItems": 1, "maxItems": s.max_events_per_request, "items": {"$ref": "#/components/schemas/Event"}}},
+                "application/x-ndjson": {"schema": {"$ref": "#/components/schemas/Event"}},
+            },
+        }),
+    );
+    let items_op = with_body(
+        op(
+            "Upsert items (batch)",
+            &format!("Up to {} items per request. Journaled on the catalog stream; answered once durable.", s.max_events_per_request),
+            vec![],
+            responses(json_ok("durable", item_ack.clone()), body_errors),
+            w,
+        ),
+        json_body(json!({"type": "array", "minItems": 1, "maxItems": s.max_events_per_request, "items": {"$ref": "#/components/schemas/ItemBatchEntry"}}), "items"),
+    );
+    let put_item = with_body(
+        op(
+            "Upsert one item",
+            "Journaled on the catalog stream; answered once durable. A body `id` must equal the path id.",
+            vec![path_param("id", "item id")],
+            responses(json_ok("durable", item_ack.clone()), body_errors),
+            w,
+        ),
+        json_body(json!({"$ref": "#/components/schemas/Item"}), "the item"),
+    );
+    let delete_item = op(
+        "Delete an item",
+        "Journaled; once applied the item is filtered from every branch and reads of it answer 404. Deleting an unknown item is not an error.",
+        vec![path_param("id", "item id")],
+        responses(json_ok("durable", item_ack), &[400, 503]),
+        w,
+    );
+    let get_item = op(
+        "One catalog item",
+        "Waits for the catalog stream like every read (see `min_offset`).",
+        vec![path_param("id", "item id"), min_offset_param("the catalog stream")],
+        responses(json_ok("the item", item_out), &[400, 404, 503]),
+        r,
+    );
+    let similar_op = op(
+        "Items similar to one item",
+        "By content embedding, or by ALS factors when the item has no text. 404 for an item with neither, and for a deleted item.",
+        vec![path_param("id", "item id"), k_param(s.max_k), min_offset_param("the catalog stream")],
+        responses(json_ok("similar items, best first", similar), &[400, 404, 503]),
+        r,
+    );
+    let recs_op = op(
+        "Top-k items for a user, with each branch's share",
+        "Unknown users get popular items with `cold_start: true`. `degraded` means a branch failed, timed out or had its breaker open.",
+        vec![
+            path_param("user", "user id"),
+            k_param(s.max_k),
+            json!({"name": "category", "in": "query", "required": false, "description": "only items of this category", "schema": text(1, MAX_CATEGORY_CHARS, "category")}),
+            json!({"name": "exclude", "in": "query", "required": false, "style": "form", "explode": true, "description": "items not to show: each value is a comma-separated list of item ids (empty entries ignored); the parameter may repeat", "schema": {"type": "array", "maxItems": MAX_EXCLUDE_PARAMS, "items": text(0, MAX_EXCLUDE_CHARS, "comma-separated item ids")}}),
+            json!({"name": "explain", "in": "query", "required": false, "description": "add each item's categories and every branch's candidates and time", "schema": {"type": "boolean", "default": false}}),
+            json!({"name": "weights", "in": "query", "required": false, "description": "blend weights for this request: als,content,popularity", "schema": {"type": "string", "pattern": weights_pattern()}}),
+            min_offset_param("the user's partition"),
+        ],
+        responses(json_ok("recommendations", recs), &[400, 503]),
+        r,
+    );
+    let user_op = op(
+        "A user's features and history",
+        "Personal data: needs a token when the node has one (the write token or the read token).",
+        vec![path_param("id", "user id"), min_offset_param("the user's partition")],
+        responses(json_ok("the user", user), &[400, 404, 503]),
+        u,
+    );
+    let erase_op = op(
+        "Erase a user",
+        "Journaled in the user's partition; once applied, history, features and trainer interactions of the user are gone and reads answer 404.",
+        vec![path_param("id", "user id")],
+        responses(json_ok("durable", erase_ack), &[400, 503]),
+        w,
+    );
+    let cluster_op = op(
+        "Actor tree, offsets, models, breakers",
+        "",
+        vec![],
+        responses(json_ok("node state", json!({"type": "object", "required": ["node", "partitions", "ready", "actors", "supervisors"]})), &[400, 503]),
+        false,
+    );
+    let dead_op = op(
+        "Poison records moved to the dead letters",
+        "",
+        vec![],
+        responses(json_ok("dead letters", json!({"type": "object", "required": ["dead_letters"], "properties": {"dead_letters": {"type": "array", "items": {"type": "object"}}}})), &[400, 503]),
+        w,
+    );
+    let retrain_op = op(
+        "Retrain ALS now",
+        "Answers the validation report once training finished (the candidate is served only when it validates at least as well as the serving model).",
+        vec![],
+        responses(json_ok("validation report", json!({"type": "object", "required": ["accepted", "reason", "model_version", "serving_version"], "properties": {"accepted": {"type": "boolean"}, "reason": {"type": "string"}, "model_version": {"type": "integer"}, "serving_version": {"type": "integer"}}})), &[400, 503]),
+        w,
+    );
+    let rollback_op = op(
+        "Serve the previous ALS model version",
+        "409 when no older version is stored or no model is served.",
+        vec![],
+        responses(json_ok("now serving", json!({"type": "object", "required": ["serving_version"], "properties": {"serving_version": {"type": "integer"}}})), &[400, 409, 503]),
+        w,
+    );
+    let probe = |summary: &str, schema: Value, errors: &[u16]| {
+        op(summary, "", vec![], responses(json_ok("ok", schema), errors), false)
+    };
+    let healthz = probe("Liveness", json!({"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}), &[400, 503]);
+    let readyz = probe(
+        "Readiness (false while recovering, after an escalation, while the journal recovers, while draining); shows admission saturation",
+        json!({"type": "object", "required": ["ready", "saturated"], "properties": {"ready": {"type": "boolean"}, "saturated": {"type": "object", "required": ["reads", "writes"], "properties": {"reads": {"type": "boolean"}, "writes": {"type": "boolean"}}}}}),
+        &[400, 503],
+    );
+    let metrics = op(
+        "Prometheus metrics",
+        "",
+        vec![],
+        json!({"200": {"description": "OpenMetrics text", "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}, "400": error_ref()}),
+        false,
+    );
+    let openapi = probe("This document", json!({"type": "object"}), &[400]);
+    let mut doc = json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Troupe",
+            "version": "1",
+            "description": "Real-time recommendations from supervised actors. Errors are JSON {error, detail}. Every route refuses unknown query parameters and repeats of single-valued ones (400). Reads and writes are admitted separately: past `http.max_in_flight` reads or `http.max_in_flight_writes` writes the node answers 503 with Retry-After. Headers must arrive within `http.header_read_timeout_ms` (else the connection closes) and bodies within `http.body_read_timeout_ms` (408). HEAD is answered like GET.",
+        },
+        "components": {
+            "schemas": {
+                "Event": event,
+                "Item": item_in,
+                "ItemBatchEntry": item_batch,
+            },
+            "responses": {
+                "Error": {"description": "error", "content": {"application/json": {"schema": {
+                    "type": "object",
+                    "required": ["error", "detail"],
+                    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+                }}}},
+            },
+        },
+        "paths": {
+            "/v1/events": {"post": events_op},
+            "/v1/items": {"post": items_op},
+            "/v1/items/{id}": {"get": get_item, "put": put_item, "delete": delete_item},
+            "/v1/items/{id}/similar": {"get": similar_op},
+            "/v1/recommendations/{user}": {"get": recs_op},
+            "/v1/users/{id}": {"get": user_op, "delete": erase_op},
+            "/v1/cluster": {"get": cluster_op},
+            "/v1/admin/dead-letters": {"get": dead_op},
+            "/v1/admin/retrain": {"post": retrain_op},
+            "/v1/admin/rollback": {"post": rollback_op},
+            "/v1/openapi.json": {"get": openapi},
+            "/healthz": {"get": healthz},
+            "/readyz": {"get": readyz},
+            "/metrics": {"get": metrics},
+        },
+    });
+    if w || r || u {
+        doc["components"]["securitySchemes"] = json!({"bearer": {"type": "http", "scheme": "bearer"}});
+    }
+    doc
+}
