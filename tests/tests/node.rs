@@ -550,6 +550,34 @@ fn load_resumes_from_its_state_file_and_reports_bad_rows() {
         node.get("/v1/items/it1/similar?k=1").body["items"][0]["item"],
         "it2"
     );
+    // The same file into a second, fresh node: its progress is its own, so it receives
+    // every row (the first node's progress is not taken for it).
+    let dir2 = tempfile::tempdir().unwrap();
+    let fresh = Node::start(dir2.path(), FAST, &[]);
+    let third = troupe_tests::troupe(&[
+        "load",
+        "--url",
+        &fresh.url(),
+        "--batch",
+        "64",
+        "--events",
+        events.to_str().unwrap(),
+    ]);
+    assert!(
+        third.status.success(),
+        "{}",
+        String::from_utf8_lossy(&third.stderr)
+    );
+    let r3: Value = serde_json::from_slice(&third.stdout).unwrap();
+    assert_eq!((r3["resumed_after_row"].as_u64(), r3["acked"].as_u64()), (Some(0), Some(500)));
+    assert_ne!(r3["state"], r2["state"], "progress is kept per target");
+    wait_until(30, "all applied on the fresh node", || {
+        applied_items(&fresh, 10).len() == 500
+    });
+    // --restart sends every row again; the node drops them as duplicates.
+    let again = run(&["--restart"]);
+    let r4: Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!((r4["acked"].as_u64(), r4["duplicates"].as_u64()), (Some(0), Some(500)));
     // A malformed row: a clear error naming file, line and field; nothing after it sent.
     let bad = dir.path().join("bad.csv");
     std::fs::write(&bad, "user,item,value\nu1,i1,2\nu2,i2,notanumber\n").unwrap();

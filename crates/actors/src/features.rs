@@ -23,9 +23,10 @@ use crate::messages::{CheckpointReply, Observation, RecordBatch};
 use crate::record::{Payload, Record};
 use crate::wire::WIRE_VERSION;
 use crate::wire_payload;
+use troupe_models::interest::{self, Interest};
 
 /// Version of the UserFeatures checkpoint format.
-pub const FEATURES_CHECKPOINT_FORMAT: u16 = 2;
+pub const FEATURES_CHECKPOINT_FORMAT: u16 = 3;
 
 /// One interaction in a user's history.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -39,7 +40,11 @@ pub struct Touch {
 /// Features of one user.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct UserState {
+    /// The latest touches, at most `features.history_len` (what `GET /v1/users` shows).
     pub history: VecDeque<Touch>,
+    /// Every positive item with its summed weight and latest time (ms): what ALS fold-in
+    /// and the content profile read, never capped by `history_len`.
+    pub interests: FxHashMap<String, Interest>,
     /// Items to filter as already seen.
     pub seen: FxHashSet<String>,
     pub disliked: FxHashSet<String>,
@@ -60,6 +65,8 @@ pub struct UserView {
     /// The query's `unchanged_since` equals `last_offset`: only the positions are filled.
     pub unchanged: bool,
     pub history: Vec<Touch>,
+    /// `(item, summed weight, latest ts ms)` of every positive item.
+    pub interests: Vec<(String, f32, i64)>,
     pub seen: Vec<String>,
     pub disliked: Vec<String>,
     pub kind_counts: Vec<(String, u64)>,
@@ -160,6 +167,7 @@ impl Apply for Partition {
                 u.events += 1;
                 u.last_ts_ms = u.last_ts_ms.max(e.ts_ms);
                 u.last_offset = r.offset;
+                interest::record(&mut u.interests, e.item.as_str(), weight, e.ts_ms);
                 match weight {
                     None => {
                         // A negative kind filters the item for this user.
@@ -228,6 +236,11 @@ impl UserFeaturesState {
                 known: true,
                 unchanged: false,
                 history: u.history.iter().cloned().collect(),
+                interests: u
+                    .interests
+                    .iter()
+                    .map(|(i, x)| (i.clone(), x.weight, x.ts))
+                    .collect(),
                 seen: u.seen.iter().cloned().collect(),
                 disliked: u.disliked.iter().cloned().collect(),
                 kind_counts: u.kind_counts.iter().map(|(k, v)| (k.clone(), *v)).collect(),
@@ -269,9 +282,9 @@ impl UserFeaturesState {
             .filter_map(|u| {
                 let st = users.get(&u)?;
                 let inter: Vec<(u32, f32)> = st
-                    .history
+                    .interests
                     .iter()
-                    .filter_map(|t| model.items.get(&t.item).map(|i| (i, t.weight)))
+                    .filter_map(|(item, x)| model.items.get(item).map(|i| (i, x.weight)))
                     .collect();
                 Some((u, inter))
             })

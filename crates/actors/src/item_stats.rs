@@ -152,15 +152,10 @@ impl ItemStatsState {
     }
 
     fn top(&self, req: &TopRequest) -> TopReply {
-        let now = if req.now_ms > 0 {
-            req.now_ms
-        } else {
-            self.data.latest_ts_ms
-        } / 1000;
         let items = self
             .data
             .popularity
-            .top_k(req.n as usize, now, req.category.as_deref(), |_| false)
+            .top_k(req.n as usize, req.category.as_deref(), |_| false)
             .into_iter()
             .filter_map(|s| self.data.ids.name(s.item).map(|n| (n.to_string(), s.score)))
             .collect();
@@ -287,7 +282,7 @@ mod tests {
             latest_ts_ms: 100_000,
         };
         let back: Checkpoint = crate::consumer::decode_checkpoint(&crate::codec::encode(&cp).unwrap()).unwrap();
-        let top = back.popularity.top_k(5, 100, Some("lights"), |_| false);
+        let top = back.popularity.top_k(5, Some("lights"), |_| false);
         assert_eq!(top.iter().map(|s| s.item).collect::<Vec<_>>(), vec![i]);
         assert_eq!(back.latest_ts_ms, 100_000);
     }

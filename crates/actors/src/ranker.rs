@@ -91,7 +91,21 @@ pub struct RecommendReply {
     /// ALS and content candidates came from the per-user cache.
     pub cached: bool,
     pub branches: Vec<BranchReport>,
+    /// Set when every branch the weights select had no candidate for this user: the
+    /// answer then blends with the configured weights instead (shares show it), and this
+    /// says so. `None` for a normal answer.
+    pub fallback: Option<Fallback>,
     pub error: Option<String>,
+}
+
+/// What an answer fell back to (see `RecommendReply::fallback`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Fallback {
+    /// The weights the request (or config) asked for.
+    pub requested: Vec<f32>,
+    /// The weights the answer used.
+    pub used: Vec<f32>,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -447,7 +461,6 @@ impl RankerCore {
         view: UserView,
         als_version: u64,
         n: usize,
-        now: i64,
     ) -> UserCandidates {
         let ctx = &self.ctx;
         let s = &ctx.settings;
@@ -463,18 +476,14 @@ impl RankerCore {
             exclude: req.exclude.iter().cloned().collect(),
             category: req.category.clone(),
         });
-        let now_ms = if now > 0 {
-            now
-        } else {
-            view.last_ts_ms.max(now_ms())
-        };
-        let history = Arc::new(view.history);
+        // Models read the uncapped interests, never the display history.
+        let interests = Arc::new(view.interests);
 
         let als_fut = self.branch(0, {
-            let (ctx, excl, history, vector, vv) = (
+            let (ctx, excl, interests, vector, vv) = (
                 ctx.clone(),
                 excl.clone(),
-                history.clone(),
+                interests.clone(),
                 view.vector,
                 view.vector_version,
             );
@@ -482,16 +491,16 @@ impl RankerCore {
                 let Some(model) = ctx.als.load_full() else {
                     return Ok(None);
                 };
-                if history.is_empty() {
+                if interests.is_empty() {
                     return Ok(Some(Owned::default()));
                 }
                 tokio::task::spawn_blocking(move || {
                     let v = if vv == model.version && !vector.is_empty() {
                         vector
                     } else {
-                        let inter: Vec<(u32, f32)> = history
+                        let inter: Vec<(u32, f32)> = interests
                             .iter()
-                            .filter_map(|t| model.items.get(&t.item).map(|i| (i, t.weight)))
+                            .filter_map(|(item, w, _)| model.items.get(item).map(|i| (i, *w)))
                             .collect();
                         model.fold_in.solve(model.item_factors.view(), &inter)
                     };
@@ -522,24 +531,24 @@ impl RankerCore {
             }
         });
         let content_fut = self.branch(1, {
-            let (ctx, excl, history) = (ctx.clone(), excl.clone(), history.clone());
+            let (ctx, excl, interests) = (ctx.clone(), excl.clone(), interests.clone());
             let half_life = s.content.profile_half_life.as_secs_f64();
             async move {
                 if ctx.content.read().is_empty() {
                     return Ok(None);
                 }
-                if history.is_empty() {
+                if interests.is_empty() {
                     return Ok(Some(Owned::default()));
                 }
                 tokio::task::spawn_blocking(move || {
                     // Lock order: content before catalog.
                     let index = ctx.content.read();
-                    let touched: Vec<(u32, f32, i64)> = history
+                    let touched: Vec<(u32, f32, i64)> = interests
                         .iter()
-                        .filter_map(|t| index.index(&t.item).map(|i| (i, t.weight, t.ts_ms / 1000)))
+                        .filter_map(|(item, w, ts)| index.index(item).map(|i| (i, *w, ts / 1000)))
                         .collect();
                     let Some(profile) =
-                        content::user_profile(index.matrix(), &touched, now_ms / 1000, half_life)
+                        content::user_profile(index.matrix(), &touched, half_life)
                     else {
                         return Vec::new();
                     };
@@ -571,7 +580,7 @@ impl RankerCore {
             checked_to: std::sync::atomic::AtomicU64::new(view.applied_offset),
             als_version,
             built: Instant::now(),
-            cold_start: !view.known || history.is_empty(),
+            cold_start: !view.known || interests.is_empty(),
             seen,
             als,
             content,
@@ -640,7 +649,7 @@ impl RankerCore {
                 let view = view.unwrap_or_default();
                 view_applied = view.applied_offset;
                 let e = Arc::new(
-                    self.user_candidates(&req, view, als_version, n, req.now_ms)
+                    self.user_candidates(&req, view, als_version, n)
                         .await,
                 );
                 // Only complete answers are reused. A missing ALS model is complete (a
@@ -735,12 +744,14 @@ impl RankerCore {
         if let Some(b) = reply.branches.get_mut(2) {
             b.candidates = lists[2].len() as u32;
         }
-        let weights = req
+        let requested = req
             .weights
             .as_ref()
             .filter(|w| w.len() == 3)
             .map(|w| [w[0], w[1], w[2]])
             .unwrap_or(s.ranker.weights);
+        let (weights, fallback) = fallback_weights(requested, s.ranker.weights, &lists);
+        reply.fallback = fallback;
         let branch_lists: Vec<BranchList<'_>> = lists
             .iter()
             .zip(weights)
@@ -823,17 +834,55 @@ impl RankerCore {
     }
 }
 
+/// The weights to blend with: `requested`, unless every branch it selects (weight > 0)
+/// has no candidate while another branch has some. Then the configured weights (or, when
+/// those select nothing usable either, equal weights over the branches with candidates),
+/// and a [`Fallback`] saying so: an answer never shows one branch's order with every share
+/// zero.
+fn fallback_weights(
+    requested: [f32; 3],
+    configured: [f32; 3],
+    lists: &[Vec<Scored>],
+) -> ([f32; 3], Option<Fallback>) {
+    let usable = |w: &[f32; 3]| w.iter().zip(lists).any(|(&w, l)| w > 0.0 && !l.is_empty());
+    if usable(&requested) || lists.iter().all(Vec::is_empty) {
+        return (requested, None);
+    }
+    let used = if usable(&configured) {
+        configured
+    } else {
+        let mut w = [0.0; 3];
+        for (x, l) in w.iter_mut().zip(lists) {
+            if !l.is_empty() {
+                *x = 1.0;
+            }
+        }
+        w
+    };
+    let selected: Vec<&str> = BRANCH_NAMES
+        .iter()
+        .zip(requested)
+        .filter(|(_, w)| *w > 0.0)
+        .map(|(n, _)| *n)
+        .collect();
+    let fb = Fallback {
+        requested: requested.to_vec(),
+        used: used.to_vec(),
+        reason: format!(
+            "the selected branches ({}) have no candidates for this user",
+            selected.join(", ")
+        ),
+    };
+    (used, Some(fb))
+}
+
+/// Branch names in weight order.
+const BRANCH_NAMES: [&str; 3] = ["als", "content", "popularity"];
+
 fn named<'a>(top: &[Scored], name: impl Fn(u32) -> Option<&'a str>) -> Vec<(String, f32)> {
     top.iter()
         .filter_map(|s| name(s.item).map(|n| (n.to_string(), s.score)))
         .collect()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 pub struct Ranker;
@@ -908,5 +957,37 @@ impl Actor for Ranker {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(items: &[u32]) -> Vec<Scored> {
+        items
+            .iter()
+            .map(|&item| Scored { item, score: 1.0 })
+            .collect()
+    }
+
+    #[test]
+    fn weights_that_select_only_empty_branches_fall_back_and_say_so() {
+        let lists = vec![list(&[1, 2]), Vec::new(), list(&[3])];
+        // Content only, and content is empty: the configured weights, flagged.
+        let (w, fb) = fallback_weights([0.0, 1.0, 0.0], [0.8, 0.1, 0.1], &lists);
+        assert_eq!(w, [0.8, 0.1, 0.1]);
+        let fb = fb.unwrap();
+        assert_eq!(fb.requested, vec![0.0, 1.0, 0.0]);
+        assert!(fb.reason.contains("content"), "{}", fb.reason);
+        // Configured weights that select nothing usable either: equal over non-empty.
+        let (w, fb) = fallback_weights([0.0, 1.0, 0.0], [0.0, 1.0, 0.0], &lists);
+        assert_eq!((w, fb.is_some()), ([1.0, 0.0, 1.0], true));
+        // A usable selection is kept as asked, even when other branches are empty.
+        let (w, fb) = fallback_weights([1.0, 0.0, 0.0], [0.8, 0.1, 0.1], &lists);
+        assert_eq!((w, fb), ([1.0, 0.0, 0.0], None));
+        // Nothing anywhere: nothing to fall back to.
+        let empty = vec![Vec::new(), Vec::new(), Vec::new()];
+        assert!(fallback_weights([0.0, 1.0, 0.0], [0.8, 0.1, 0.1], &empty).1.is_none());
     }
 }

@@ -114,6 +114,9 @@ pub struct RankerSettings {
 impl Settings {
     /// Defaults suited to tests and the demo (small intervals are set by callers).
     pub fn defaults(node_name: &str) -> Settings {
+        // Model definitions and their defaults are the evaluation's: one place for both.
+        let defaults = troupe_models::evaluate::EvalConfig::default();
+        let days = |d: f64| Duration::from_secs_f64(d.max(0.0) * 86_400.0);
         Settings {
             node_name: node_name.to_string(),
             partitions: 4,
@@ -127,19 +130,19 @@ impl Settings {
             checkpoint_interval: Duration::from_secs(30),
             poison_max_attempts: 3,
             history_len: 200,
-            weights: WeightConfig::default(),
+            weights: defaults.weights,
             seen_kinds: Vec::new(),
-            popularity_half_life: Duration::from_secs(7 * 86_400),
+            popularity_half_life: days(defaults.popularity_half_life_days),
             content: ContentSettings {
                 onnx_model_dir: None,
                 onnx_max_len: 128,
                 tfidf_dim: 1024,
                 batch_size: 32,
                 workers: 1,
-                profile_half_life: Duration::from_secs(30 * 86_400),
+                profile_half_life: days(defaults.content_half_life_days),
             },
             als: AlsSettings {
-                params: AlsParams::default(),
+                params: defaults.als,
                 retrain_every_events: 50_000,
                 retrain_interval: Duration::from_secs(600),
                 min_interactions: 100,
@@ -147,9 +150,9 @@ impl Settings {
                 validation_users: 500,
             },
             ranker: RankerSettings {
-                weights: [0.8, 0.1, 0.1],
-                normalization: Normalization::Rrf { k0: 60.0 },
-                candidates: 100,
+                weights: defaults.blend.weights,
+                normalization: defaults.blend.normalization,
+                candidates: defaults.blend.candidates,
                 branch_deadline: Duration::from_millis(50),
                 breaker_failures: 3,
                 breaker_open: Duration::from_secs(2),

@@ -375,6 +375,20 @@ fn db_err<E: Into<redb::Error>>(path: &Path) -> impl FnOnce(E) -> StoreError + '
     }
 }
 
+/// A new store's identity: unique per creation (time, process, path), not secret.
+fn new_store_id(path: &Path) -> u128 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let thread = format!("{:?}", std::thread::current().id());
+    record::hash128(&[
+        &nanos.to_le_bytes(),
+        &std::process::id().to_le_bytes(),
+        path.as_os_str().as_encoded_bytes(),
+        thread.as_bytes(),
+    ])
+}
+
 /// The streams with at least one row in a journal table (one range probe per stream).
 fn journal_streams(
     t: &impl ReadableTable<(u32, u64), &'static [u8]>,
@@ -464,9 +478,21 @@ impl Store {
                     })
                 }
             }
+            if meta.get("store_id").map_err(self.err())?.is_none() {
+                let id = new_store_id(&self.path);
+                meta.insert("store_id", id.to_le_bytes().as_slice())
+                    .map_err(self.err())?;
+            }
         }
         tx.commit().map_err(self.err())?;
         Ok(())
+    }
+
+    /// The identity given to this store when it was created (32 hex digits): tells one
+    /// node's data from another's, and a fresh data directory from the one it replaced.
+    pub fn identity(&self) -> Result<String, StoreError> {
+        let bytes = self.get_meta("store_id")?.unwrap_or_default();
+        Ok(bytes.iter().rev().map(|b| format!("{b:02x}")).collect())
     }
 
     /// Layout 2 -> 3: one row per record becomes one single-record batch per row.
@@ -1130,6 +1156,17 @@ mod tests {
 
     fn offsets(r: &ReadAfter) -> Vec<u64> {
         r.records.iter().map(|r| r.offset).collect()
+    }
+
+    #[test]
+    fn identity_is_kept_across_opens_and_new_for_a_new_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.redb");
+        let first = Store::open(&a).unwrap().0.identity().unwrap();
+        assert_eq!(first.len(), 32);
+        assert_eq!(Store::open(&a).unwrap().0.identity().unwrap(), first);
+        let b = dir.path().join("b.redb");
+        assert_ne!(Store::open(&b).unwrap().0.identity().unwrap(), first);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::blend::{self, BranchList, Normalization};
 use crate::content;
 use crate::dataset::{split_per_user, Interaction, SplitKind, WeightConfig};
 use crate::error::{ModelError, Result};
+use crate::interest;
 use crate::metrics::{MetricsAccumulator, RankMetrics};
 use crate::popularity::Popularity;
 use crate::sparse::Csr;
@@ -139,8 +140,11 @@ pub struct Evaluation<'a> {
 
 /// Per-user training view: weighted positives and filtered items.
 struct UserData {
-    /// (item, weight, ts) of positive rows.
+    /// (item, weight, ts) of positive rows (popularity counts every row).
     positives: Vec<Vec<(u32, f32, i64)>>,
+    /// (item, summed weight, latest ts) per item, as [`crate::interest`] defines them:
+    /// what ALS and the content profile read, served and evaluated alike.
+    interests: Vec<Vec<(u32, f32, i64)>>,
     /// Sorted items to exclude from this user's lists (all train rows, negatives included).
     seen: Vec<Vec<u32>>,
     now: i64,
@@ -153,12 +157,16 @@ fn user_data(
     kind_name: &(dyn Fn(u16) -> Option<String> + Sync),
 ) -> UserData {
     let mut positives = vec![Vec::new(); n_users];
+    let mut interests: Vec<rustc_hash::FxHashMap<u32, interest::Interest>> =
+        vec![Default::default(); n_users];
     let mut seen: Vec<Vec<u32>> = vec![Vec::new(); n_users];
     let mut now = i64::MIN;
     for r in rows {
         now = now.max(r.ts);
         seen[r.user as usize].push(r.item);
-        if let Some(wt) = w.weight(kind_name(r.kind).as_deref(), r.value) {
+        let weight = w.weight(kind_name(r.kind).as_deref(), r.value);
+        interest::record(&mut interests[r.user as usize], &r.item, weight, r.ts);
+        if let Some(wt) = weight {
             if wt > 0.0 {
                 positives[r.user as usize].push((r.item, wt, r.ts));
             }
@@ -168,8 +176,18 @@ fn user_data(
         s.sort_unstable();
         s.dedup();
     });
+    let interests = interests
+        .into_par_iter()
+        .map(|m| {
+            let mut v: Vec<(u32, f32, i64)> =
+                m.into_iter().map(|(i, x)| (i, x.weight, x.ts)).collect();
+            v.sort_unstable_by_key(|x| x.0);
+            v
+        })
+        .collect();
     UserData {
         positives,
+        interests,
         seen,
         now: if now == i64::MIN { 0 } else { now },
     }
@@ -177,12 +195,12 @@ fn user_data(
 
 fn weight_matrix(ud: &UserData, n_items: usize) -> Csr {
     let triples: Vec<(u32, u32, f32)> = ud
-        .positives
+        .interests
         .iter()
         .enumerate()
         .flat_map(|(u, v)| v.iter().map(move |&(i, w, _)| (u as u32, i, w)))
         .collect();
-    Csr::from_triples(ud.positives.len(), n_items, &triples)
+    Csr::from_triples(ud.interests.len(), n_items, &triples)
 }
 
 /// Relevant test items per evaluated user (positives only), in user order.
@@ -248,7 +266,7 @@ fn content_candidates(
     let profiles: Vec<Option<Vec<f32>>> = users
         .par_iter()
         .map(|&u| {
-            content::user_profile(emb, &ud.positives[u as usize], ud.now, half_life_days * DAY)
+            content::user_profile(emb, &ud.interests[u as usize], half_life_days * DAY)
         })
         .collect();
     let mut q = Array2::<f32>::zeros((users.len(), dim));
@@ -289,7 +307,7 @@ fn popularity_candidates(
         .map(|&u| ud.seen[u as usize].len())
         .max()
         .unwrap_or(0);
-    let global = pop.top_k(n + max_seen, ud.now, None, |_| false);
+    let global = pop.top_k(n + max_seen, None, |_| false);
     users
         .par_iter()
         .map(|&u| {

@@ -8,6 +8,8 @@
 //! - [`data`]: streaming CSV readers for events and catalogues (gzip, column picking,
 //!   errors naming file, line and field).
 //! - [`dataset`]: string ids to dense indices, confidence weights per kind/value, splits.
+//! - [`interest`]: a user's interactions per item, as ALS and the content profile read
+//!   them (served and evaluated alike).
 //! - [`sparse`]: CSR matrices (ALS never builds a dense users x items matrix).
 //! - [`als`]: implicit ALS with conjugate gradient, loss, real-time fold-in.
 //! - [`topk`]: exact top-k, single query and batched (GEMM).
@@ -26,6 +28,7 @@ pub mod data;
 pub mod dataset;
 pub mod error;
 pub mod evaluate;
+pub mod interest;
 pub mod kernels;
 pub mod metrics;
 pub mod popularity;

@@ -129,21 +129,27 @@ impl Popularity {
         self.counts.value(item as usize, now)
     }
 
-    /// The `k` most popular items at `now`, globally or within `category`.
+    /// The `k` most popular items, globally or within `category`. Decay shrinks every
+    /// item by the same factor, so the ranking is the same at any time after the events;
+    /// scores are relative to the most popular item (1.0), which keeps them finite and
+    /// distinct however far the clock is from the events (absolute decayed counts of
+    /// events years old underflow an `f32`).
     pub fn top_k(
         &self,
         k: usize,
-        now: i64,
         category: Option<&str>,
         excluded: impl Fn(u32) -> bool,
     ) -> Vec<Scored> {
         let mut top = TopK::new(k);
-        let scale = self.counts.factor(now, self.counts.anchor);
         let rel = self.counts.relative_values();
+        let max = rel.iter().copied().fold(0.0f64, f64::max);
+        if max <= 0.0 || !max.is_finite() {
+            return Vec::new();
+        }
         let mut offer = |i: u32| {
             if let Some(&v) = rel.get(i as usize) {
                 if v > 0.0 && !excluded(i) {
-                    top.push(i, (v * scale) as f32);
+                    top.push(i, (v / max) as f32);
                 }
             }
         };
@@ -172,8 +178,13 @@ mod tests {
         p.add(1, 1.0, 5); // late event
         assert!((p.score(0, 10) - 0.5).abs() < 1e-9);
         assert!((p.score(1, 10) - (1.0 + 2f64.powf(-0.5))).abs() < 1e-9);
-        let top = p.top_k(5, 10, None, |_| false);
+        let top = p.top_k(5, None, |_| false);
         assert_eq!(top.iter().map(|s| s.item).collect::<Vec<_>>(), vec![1, 0]);
+        // Read long after the events (a wall clock years past a data set), the ranking
+        // and distinct scores stay.
+        let late = p.top_k(5, None, |_| false);
+        assert_eq!(late[0].score, 1.0);
+        assert!(late[1].score > 0.0 && late[1].score < 1.0);
         // Far-future events re-anchor without overflow.
         p.add(2, 1.0, 1_000_000);
         assert!((p.score(2, 1_000_000) - 1.0).abs() < 1e-9);
@@ -192,33 +203,33 @@ mod tests {
         p.set_categories(3, &["a".into()]);
         p.set_categories(2, &["b".into()]);
         let a: Vec<u32> = p
-            .top_k(5, 0, Some("a"), |_| false)
+            .top_k(5, Some("a"), |_| false)
             .iter()
             .map(|s| s.item)
             .collect();
         assert_eq!(a, vec![0, 3]);
         let g: Vec<u32> = p
-            .top_k(2, 0, None, |i| i == 2)
+            .top_k(2, None, |i| i == 2)
             .iter()
             .map(|s| s.item)
             .collect();
         assert_eq!(g, vec![0, 1]);
-        assert!(p.top_k(2, 0, Some("zzz"), |_| false).is_empty());
+        assert!(p.top_k(2, Some("zzz"), |_| false).is_empty());
         // A change of categories unlists the item from the old ones.
         p.set_categories(0, &["b".into()]);
         let a: Vec<u32> = p
-            .top_k(5, 0, Some("a"), |_| false)
+            .top_k(5, Some("a"), |_| false)
             .iter()
             .map(|s| s.item)
             .collect();
         assert_eq!(a, vec![3]);
         let b: Vec<u32> = p
-            .top_k(5, 0, Some("b"), |_| false)
+            .top_k(5, Some("b"), |_| false)
             .iter()
             .map(|s| s.item)
             .collect();
         assert_eq!(b, vec![2, 0]);
         p.set_categories(3, &[]);
-        assert!(p.top_k(5, 0, Some("a"), |_| false).is_empty());
+        assert!(p.top_k(5, Some("a"), |_| false).is_empty());
     }
 }

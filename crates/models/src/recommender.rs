@@ -56,11 +56,11 @@ impl Recommender {
         self.fold_in.solve(self.als.item_factors.view(), &inter)
     }
 
-    /// Top-k for a user with the given history at time `now`, after `filters`.
+    /// Top-k for a user with the given interests `(item, weight, latest ts)` (see
+    /// [`crate::interest`]), after `filters`.
     pub fn recommend(
         &self,
         history: &[(u32, f32, i64)],
-        now: i64,
         k: usize,
         filters: &Filters<'_>,
     ) -> Answer {
@@ -82,7 +82,6 @@ impl Recommender {
         let content = match content::user_profile(
             self.embeddings.view(),
             history,
-            now,
             self.content_half_life_days * DAY,
         ) {
             Some(p) => {
@@ -90,7 +89,7 @@ impl Recommender {
             }
             None => Vec::new(),
         };
-        let popularity = self.popularity.top_k(n, now, None, |i| !allowed(i));
+        let popularity = self.popularity.top_k(n, None, |i| !allowed(i));
         let lists = [
             BranchList {
                 weight: self.blend.weights[0],
@@ -177,7 +176,7 @@ mod tests {
             in_category: None,
             exclude: &[8],
         };
-        let ans = rec.recommend(&history, 0, 5, &f);
+        let ans = rec.recommend(&history, 5, &f);
         assert_eq!(ans.items.len(), 5);
         for b in &ans.items {
             assert!(
@@ -195,7 +194,7 @@ mod tests {
             ans.items
         );
         // A user with no history still gets popularity (cold start).
-        let cold = rec.recommend(&[], 0, 3, &f);
+        let cold = rec.recommend(&[], 3, &f);
         assert_eq!(cold.items.len(), 3);
         assert!(cold.branches[0].is_empty() && cold.branches[1].is_empty());
         let sim = rec.similar_items(0, 3);

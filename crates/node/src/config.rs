@@ -193,6 +193,8 @@ pub struct FaultSection {
 
 impl Default for Config {
     fn default() -> Self {
+        // Model settings default to the evaluation's (one place for both).
+        let model = troupe_models::evaluate::EvalConfig::default();
         Config {
             node: NodeSection {
                 name: "node-1".into(),
@@ -244,7 +246,7 @@ impl Default for Config {
                 seen_kinds: Vec::new(),
             },
             popularity: PopularitySection {
-                half_life_hours: 72.0,
+                half_life_hours: model.popularity_half_life_days * 24.0,
             },
             content: ContentSection {
                 onnx_model_dir: String::new(),
@@ -252,14 +254,17 @@ impl Default for Config {
                 tfidf_dim: 1024,
                 batch_size: 32,
                 workers: 1,
-                profile_half_life_days: 30.0,
+                profile_half_life_days: model.content_half_life_days,
             },
             als: AlsSection {
-                factors: 64,
-                iterations: 15,
-                reg: 0.05,
-                alpha: 1.0,
-                reg_scaling: "count".into(),
+                factors: model.als.factors,
+                iterations: model.als.iterations,
+                reg: model.als.reg,
+                alpha: model.als.alpha,
+                reg_scaling: match model.als.reg_scaling {
+                    RegScaling::Count => "count".into(),
+                    RegScaling::None => "none".into(),
+                },
                 retrain_every_events: 50_000,
                 retrain_interval_ms: 600_000,
                 min_interactions: 100,
@@ -267,12 +272,18 @@ impl Default for Config {
                 validation_users: 500,
             },
             ranker: RankerSection {
-                weight_als: 0.8,
-                weight_content: 0.1,
-                weight_popularity: 0.1,
-                normalization: "rrf".into(),
-                rrf_k0: 60.0,
-                candidates: 100,
+                weight_als: model.blend.weights[0],
+                weight_content: model.blend.weights[1],
+                weight_popularity: model.blend.weights[2],
+                normalization: match model.blend.normalization {
+                    Normalization::Rrf { .. } => "rrf".into(),
+                    Normalization::ZScore => "zscore".into(),
+                },
+                rrf_k0: match model.blend.normalization {
+                    Normalization::Rrf { k0 } => k0,
+                    Normalization::ZScore => 60.0,
+                },
+                candidates: model.blend.candidates,
                 branch_deadline_ms: 50,
                 breaker_failures: 3,
                 breaker_open_ms: 2_000,
@@ -668,6 +679,23 @@ mod tests {
         assert!(c.validate(false).is_empty(), "{:?}", c.validate(false));
         let s = c.settings();
         assert!(s.partitions > 1);
+    }
+
+    #[test]
+    fn model_defaults_are_the_evaluations_and_the_shipped_file_states_them() {
+        let eval = troupe_models::evaluate::EvalConfig::default();
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cluster.toml");
+        for s in [Config::default().settings(), Config::load(&path).unwrap().settings()] {
+            assert_eq!(s.ranker.weights, eval.blend.weights);
+            assert_eq!(s.ranker.normalization, eval.blend.normalization);
+            assert_eq!(s.ranker.candidates, eval.blend.candidates);
+            let days = |d: Duration| d.as_secs_f64() / 86_400.0;
+            assert!((days(s.popularity_half_life) - eval.popularity_half_life_days).abs() < 1e-9);
+            assert!((days(s.content.profile_half_life) - eval.content_half_life_days).abs() < 1e-9);
+            let (a, b) = (&s.als.params, &eval.als);
+            assert_eq!((a.factors, a.iterations, a.reg, a.alpha), (b.factors, b.iterations, b.reg, b.alpha));
+            assert_eq!(a.reg_scaling, b.reg_scaling);
+        }
     }
 
     #[test]

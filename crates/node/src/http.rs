@@ -1155,6 +1155,7 @@ async fn recommend(
         stale: reply.stale,
         cold_start: reply.cold_start,
         cached: reply.cached,
+        fallback: reply.fallback.as_ref(),
         branches: if explain {
             BranchesOut::Full(&reply.branches)
         } else {
@@ -1186,6 +1187,8 @@ struct RecommendationsOut<'a> {
     stale: bool,
     cold_start: bool,
     cached: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    fallback: Option<&'a troupe_actors::ranker::Fallback>,
     branches: BranchesOut<'a>,
 }
 
@@ -1342,6 +1345,7 @@ async fn cluster(State(st): State<AppState>, _a: Admitted<Ops>, q: RawQuery) -> 
     };
     Ok(Json(json!({
         "node": st.ctx.settings.node_name,
+        "store_id": st.ctx.store.identity().unwrap_or_default(),
         "partitions": st.ctx.settings.partitions,
         "ready": h.ready(),
         "recovering": h.recovering(),
@@ -1406,7 +1410,12 @@ async fn openapi_doc(State(st): State<AppState>, q: RawQuery) -> ApiResult {
 async fn healthz(State(st): State<AppState>, q: RawQuery) -> ApiResult {
     Params::none(q.0)?;
     Ok(match st.ctx.health.escalated() {
-        None => Json(json!({"status": "ok"})).into_response(),
+        None => Json(json!({
+            "status": "ok",
+            "node": st.ctx.settings.node_name,
+            "store_id": st.ctx.store.identity().unwrap_or_default(),
+        }))
+        .into_response(),
         Some(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"status": "escalated", "detail": e})),

@@ -38,9 +38,16 @@ pub struct LoadArgs {
     /// Prefix of generated event ids (default: the event file's name).
     #[arg(long)]
     pub id_prefix: Option<String>,
-    /// Progress file for resuming (default: `<events>.load-state.json`).
+    /// Progress file for resuming. Default: one file per (node store, URL, input file)
+    /// under `$TROUPE_STATE_DIR`, else `$XDG_STATE_HOME/troupe/load`, else
+    /// `~/.local/state/troupe/load`. A state file written for another target or another
+    /// input is ignored (with a message): a fresh node always receives every row.
     #[arg(long)]
     pub state: Option<PathBuf>,
+    /// Ignore any saved progress and send every row (the node drops rows it already
+    /// acknowledged within its idempotency window, by event id).
+    #[arg(long)]
+    pub restart: bool,
     /// Give up on a batch after retrying this long (seconds).
     #[arg(long, default_value_t = 120)]
     pub retry_for_secs: u64,
@@ -69,18 +76,40 @@ enum Outcome {
 }
 
 impl Client {
+    fn get(&self, path: &str) -> anyhow::Result<Outcome> {
+        self.send("GET", path, "", "")
+    }
+
     fn post(&self, path: &str, content_type: &str, body: &str) -> anyhow::Result<Outcome> {
+        self.send("POST", path, content_type, body)
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &str,
+    ) -> anyhow::Result<Outcome> {
         let started = Instant::now();
         let mut delay = Duration::from_millis(50);
         loop {
-            let mut req = self
-                .agent
-                .post(format!("{}{path}", self.base))
-                .header("Content-Type", content_type);
-            if let Some(t) = &self.token {
-                req = req.header("Authorization", format!("Bearer {t}"));
-            }
-            let err = match req.send(body) {
+            let url = format!("{}{path}", self.base);
+            let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
+            let sent = if method == "GET" {
+                let mut req = self.agent.get(&url);
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.call()
+            } else {
+                let mut req = self.agent.post(&url).header("Content-Type", content_type);
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.send(body)
+            };
+            let err = match sent {
                 Ok(mut r) => {
                     let status = r.status().as_u16();
                     let text = r.body_mut().read_to_string().unwrap_or_default();
@@ -106,12 +135,110 @@ impl Client {
     }
 }
 
-fn state_path(args: &LoadArgs, events: &std::path::Path) -> PathBuf {
-    args.state.clone().unwrap_or_else(|| {
-        let mut p = events.as_os_str().to_owned();
-        p.push(".load-state.json");
-        PathBuf::from(p)
-    })
+/// What a load's progress belongs to: the node's store (a fresh data directory has a new
+/// one), the URL it was reached at, and the input file's identity.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct LoadKey {
+    url: String,
+    node: String,
+    store_id: String,
+    /// Canonical path, size, modification time and a hash of the first MiB.
+    input: String,
+}
+
+impl LoadKey {
+    fn digest(&self) -> String {
+        let text = serde_json::to_string(self).unwrap_or_default();
+        format!("{:032x}", troupe_actors::record::hash128(&[text.as_bytes()]))
+    }
+}
+
+/// The input file's identity: canonical path, size, modification time and a hash of its
+/// first MiB (a rewritten file of the same size and time still differs there).
+fn input_identity(path: &std::path::Path) -> Result<String, CliError> {
+    use std::io::Read;
+    let canon = std::fs::canonicalize(path)
+        .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+    let meta = std::fs::metadata(&canon)
+        .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let mut head = Vec::with_capacity(1 << 20);
+    std::fs::File::open(&canon)
+        .and_then(|f| f.take(1 << 20).read_to_end(&mut head))
+        .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
+    let h = troupe_actors::record::hash128(&[&head]);
+    Ok(format!(
+        "{} size={} modified_ns={modified} head={h:032x}",
+        canon.display(),
+        meta.len()
+    ))
+}
+
+/// Where progress files go by default.
+fn state_dir() -> PathBuf {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = env("TROUPE_STATE_DIR") {
+        return d.join("load");
+    }
+    if let Some(d) = env("XDG_STATE_HOME") {
+        return d.join("troupe").join("load");
+    }
+    match env("HOME") {
+        Some(h) => h.join(".local/state/troupe/load"),
+        None => std::env::temp_dir().join("troupe-state").join("load"),
+    }
+}
+
+/// Saved progress: rows of the input the target acknowledged, in order.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct LoadState {
+    key: LoadKey,
+    id_prefix: String,
+    acked_rows: u64,
+}
+
+/// Rows to skip, with the reason printed when there are any.
+fn resume_from(path: &std::path::Path, key: &LoadKey, prefix: &str) -> u64 {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return 0;
+    };
+    match serde_json::from_str::<LoadState>(&text) {
+        Ok(st) if st.key == *key && st.id_prefix == prefix => {
+            eprintln!(
+                "resuming after row {}: node {} (store {}) acknowledged rows 1..={} of this file in an earlier run (progress in {}; --restart sends every row again)",
+                st.acked_rows, key.node, key.store_id, st.acked_rows, path.display()
+            );
+            st.acked_rows
+        }
+        Ok(st) => {
+            let why = if st.key.store_id != key.store_id || st.key.url != key.url {
+                format!(
+                    "it is for node {} (store {}) at {}",
+                    st.key.node, st.key.store_id, st.key.url
+                )
+            } else if st.key.input != key.input {
+                "the input file changed since".to_string()
+            } else {
+                format!("it used event ids {}-<row>", st.id_prefix)
+            };
+            eprintln!(
+                "ignoring progress file {}: {why}; sending every row",
+                path.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!(
+                "ignoring unreadable progress file {}: {e}; sending every row",
+                path.display()
+            );
+            0
+        }
+    }
 }
 
 pub fn run(args: LoadArgs) -> Result<(), CliError> {
@@ -175,18 +302,44 @@ pub fn run(args: LoadArgs) -> Result<(), CliError> {
     let Some(events_path) = &args.events else {
         return Ok(());
     };
-    let state = state_path(&args, events_path);
-    let resume: u64 = std::fs::read_to_string(&state)
-        .ok()
-        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-        .and_then(|v| v["acked_rows"].as_u64())
-        .unwrap_or(0);
     let prefix = args.id_prefix.clone().unwrap_or_else(|| {
         events_path
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| "events".into())
     });
+    let health = match client.get("/healthz").map_err(CliError::Internal)? {
+        Outcome::Ok(v) => v,
+        Outcome::Refused(s, t) => {
+            return Err(CliError::input(format!(
+                "{}: the node refused /healthz (HTTP {s}): {t}",
+                client.base
+            )))
+        }
+    };
+    let key = LoadKey {
+        url: client.base.clone(),
+        node: health["node"].as_str().unwrap_or_default().to_string(),
+        store_id: health["store_id"].as_str().unwrap_or_default().to_string(),
+        input: input_identity(events_path)?,
+    };
+    if key.store_id.is_empty() {
+        eprintln!("the node does not report a store identity: progress is keyed by its URL only");
+    }
+    let state = match &args.state {
+        Some(p) => p.clone(),
+        None => state_dir().join(format!("{}.json", key.digest())),
+    };
+    if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            CliError::input(format!("progress directory {}: {e}", dir.display()))
+        })?;
+    }
+    let resume = if args.restart {
+        0
+    } else {
+        resume_from(&state, &key, &prefix)
+    };
     let mut acked_log = match &args.acked_log {
         Some(p) => Some(
             std::fs::OpenOptions::new()
@@ -205,7 +358,7 @@ pub fn run(args: LoadArgs) -> Result<(), CliError> {
             .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
     if resume > 0 {
-        pb.set_message(format!("resuming after row {resume}"));
+        pb.set_message(format!("resumed after row {resume}"));
     }
     let mut batch: Vec<(u64, String, Value)> = Vec::with_capacity(args.batch);
     let (mut acked, mut dups) = (0u64, 0u64);
@@ -251,10 +404,12 @@ pub fn run(args: LoadArgs) -> Result<(), CliError> {
         }
         let last = batch.last().map_or(0, |b| b.0 + 1);
         let tmp = state.with_extension("tmp");
-        std::fs::write(
-            &tmp,
-            json!({"acked_rows": last, "id_prefix": prefix}).to_string(),
-        )
+        let saved = LoadState {
+            key: key.clone(),
+            id_prefix: prefix.clone(),
+            acked_rows: last,
+        };
+        std::fs::write(&tmp, serde_json::to_string(&saved).unwrap_or_default())
         .and_then(|_| std::fs::rename(&tmp, &state))
         .map_err(|e| CliError::Internal(anyhow::Error::new(e).context("saving load progress")))?;
         pb.set_position(last);
@@ -292,11 +447,11 @@ pub fn run(args: LoadArgs) -> Result<(), CliError> {
     flush(&mut batch, &mut acked, &mut dups)?;
     pb.finish();
     eprintln!(
-        "events: {acked} acked, {dups} duplicates (already acked), resumed after row {resume}"
+        "events: {acked} acked, {dups} duplicates (already acked), {resume} rows skipped as acknowledged in an earlier run"
     );
     println!(
         "{}",
-        json!({"acked": acked, "duplicates": dups, "resumed_after_row": resume, "rows": row})
+        json!({"acked": acked, "duplicates": dups, "resumed_after_row": resume, "rows": row, "state": state.display().to_string()})
     );
     Ok(())
 }

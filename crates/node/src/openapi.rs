@@ -222,6 +222,16 @@ pub fn document(s: &ApiShape) -> Value {
             "stale": {"type": "boolean"},
             "cold_start": {"type": "boolean"},
             "cached": {"type": "boolean"},
+            "fallback": {
+                "description": "Present when every branch the weights select had no candidate for this user: the answer used `used` instead (shares show it).",
+                "type": "object",
+                "required": ["requested", "used", "reason"],
+                "properties": {
+                    "requested": {"type": "array", "items": {"type": "number"}},
+                    "used": {"type": "array", "items": {"type": "number"}},
+                    "reason": {"type": "string"},
+                },
+            },
             "branches": {"type": "array", "items": branch},
         },
     });
@@ -385,7 +395,7 @@ pub fn document(s: &ApiShape) -> Value {
     let probe = |summary: &str, schema: Value, errors: &[u16]| {
         op(summary, "", vec![], responses(json_ok("ok", schema), errors), false)
     };
-    let healthz = probe("Liveness", json!({"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}}), &[400, 503]);
+    let healthz = probe("Liveness, with the node's name and the identity of its store (new for every fresh data directory)", json!({"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "node": {"type": "string"}, "store_id": {"type": "string"}}}), &[400, 503]);
     let readyz = probe(
         "Readiness (false while recovering, after an escalation, while the journal recovers, while draining); shows admission saturation",
         json!({"type": "object", "required": ["ready", "saturated"], "properties": {"ready": {"type": "boolean"}, "saturated": {"type": "object", "required": ["reads", "writes"], "properties": {"reads": {"type": "boolean"}, "writes": {"type": "boolean"}}}}}),

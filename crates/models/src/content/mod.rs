@@ -52,14 +52,20 @@ pub fn decay(age_seconds: f64, half_life_seconds: f64) -> f64 {
 }
 
 /// Builds a user profile: the time-decayed, weighted mean of the embeddings of the items
-/// the user touched, L2-normalised. `touched` holds `(item, weight, timestamp)`; `now` is
-/// the data's clock. Returns `None` when nothing usable was touched.
+/// the user touched, L2-normalised. `touched` holds `(item, weight, timestamp)`. Ages are
+/// measured from the user's own latest touch, not from a global clock, so a user who comes
+/// back after a long absence still has a profile (their last interests, at full weight).
+/// Returns `None` when nothing usable was touched.
 pub fn user_profile(
     embeddings: ArrayView2<f32>,
     touched: &[(u32, f32, i64)],
-    now: i64,
     half_life_seconds: f64,
 ) -> Option<Vec<f32>> {
+    let now = touched
+        .iter()
+        .filter(|&&(item, w, _)| (item as usize) < embeddings.nrows() && w > 0.0)
+        .map(|&(_, _, ts)| ts)
+        .max()?;
     let dim = embeddings.ncols();
     let mut acc = vec![0f32; dim];
     let mut any = false;
@@ -109,14 +115,25 @@ mod tests {
     use ndarray::array;
 
     #[test]
+    fn a_returning_user_keeps_a_profile_however_old_their_events() {
+        let e = array![[1.0f32, 0.0], [0.0, 1.0]];
+        // Every touch is far older than ten half-lives of any clock: ages count from the
+        // user's own latest touch, so the profile is the same as if they were fresh.
+        let old = user_profile(e.view(), &[(0, 1.0, 1_000), (1, 1.0, 990)], 10.0).unwrap();
+        let shifted = user_profile(e.view(), &[(0, 1.0, 901_000), (1, 1.0, 900_990)], 10.0).unwrap();
+        assert!(old.iter().zip(&shifted).all(|(a, b)| (a - b).abs() < 1e-6));
+        assert!(old[0] > old[1] && old[1] > 0.0);
+    }
+
+    #[test]
     fn profile_is_decayed_weighted_mean() {
         let e = array![[1.0f32, 0.0], [0.0, 1.0], [0.6, 0.8]];
         // Item 0 touched now, item 1 one half-life ago with double weight: equal pull.
-        let p = user_profile(e.view(), &[(0, 1.0, 100), (1, 2.0, 90)], 100, 10.0).unwrap();
+        let p = user_profile(e.view(), &[(0, 1.0, 100), (1, 2.0, 90)], 10.0).unwrap();
         assert!((p[0] - p[1]).abs() < 1e-6);
         assert!((kernels::norm2(&p) - 1.0).abs() < 1e-5);
-        assert!(user_profile(e.view(), &[(9, 1.0, 0)], 0, 0.0).is_none());
-        assert!(user_profile(e.view(), &[], 0, 0.0).is_none());
+        assert!(user_profile(e.view(), &[(9, 1.0, 0)], 0.0).is_none());
+        assert!(user_profile(e.view(), &[], 0.0).is_none());
         let mut s = Vec::new();
         let top = score_profile(e.view(), &p, 2, |i| i == 0, &mut s);
         assert_eq!(top[0].item, 2);
