@@ -74,11 +74,16 @@ fn send_encode(items: Vec<(String, String)>) {
     }
 }
 
+/// What the content model embeds for an item: the same text `troupe eval` embeds.
+fn embed_text(item: &Item) -> String {
+    troupe_models::data::content_text(&item.text, &item.categories, &[])
+}
+
 impl Apply for Items {
     fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr> {
         match &r.payload {
             Payload::ItemUpsert(item) => {
-                self.encode.push((item.id.clone(), item.text.clone()));
+                self.encode.push((item.id.clone(), embed_text(item)));
                 self.ctx.catalog.write().upsert(item.clone());
                 self.upserts += 1;
             }
@@ -185,7 +190,7 @@ impl Actor for Catalog {
             }
             view.items
                 .values()
-                .map(|i| (i.id.clone(), i.text.clone()))
+                .map(|i| (i.id.clone(), embed_text(i)))
                 .collect()
         };
         send_encode(items);

@@ -76,17 +76,23 @@ pub struct ItemRecord {
 impl ItemRecord {
     /// The text given to content encoders: the item text, then its categories and tags.
     pub fn content_text(&self, tags: &[String]) -> String {
-        let mut s = self.text.clone();
-        if !self.categories.is_empty() {
-            s.push_str(". ");
-            s.push_str(&self.categories.join(", "));
-        }
-        if !tags.is_empty() {
-            s.push_str(". ");
-            s.push_str(&tags.join(", "));
-        }
-        s
+        content_text(&self.text, &self.categories, tags)
     }
+}
+
+/// The text given to content encoders, served and evaluated alike: the item text, then
+/// its categories, then its tags.
+pub fn content_text(text: &str, categories: &[String], tags: &[String]) -> String {
+    let mut s = text.to_string();
+    if !categories.is_empty() {
+        s.push_str(". ");
+        s.push_str(&categories.join(", "));
+    }
+    if !tags.is_empty() {
+        s.push_str(". ");
+        s.push_str(&tags.join(", "));
+    }
+    s
 }
 
 fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read + Send>> {

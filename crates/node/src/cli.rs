@@ -38,6 +38,9 @@ pub enum Command {
     Node(crate::node_cmd::NodeArgs),
     /// Bulk-import events and items into a running node (resumable, idempotent).
     Load(Box<crate::load_cmd::LoadArgs>),
+    /// Quality as served: load a train split into a live node over HTTP, retrain, ask for
+    /// every test user's recommendations per branch and score them like `eval`.
+    OnlineEval(Box<crate::online_eval::OnlineEvalArgs>),
 }
 
 /// Column names for CSV inputs (default: picked by common header names).
@@ -143,14 +146,14 @@ pub struct EvalArgs {
     /// Folder with model.onnx + tokenizer.json (default: hashed TF-IDF).
     #[arg(long)]
     pub content_model: Option<PathBuf>,
-    /// Token limit per text for the ONNX encoder.
-    #[arg(long, default_value_t = 64)]
+    /// Token limit per text for the ONNX encoder (the node's `content.onnx_max_len`).
+    #[arg(long, default_value_t = 128)]
     pub max_len: usize,
     /// Texts per ONNX batch.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    /// Width of the hashed TF-IDF encoder.
-    #[arg(long, default_value_t = 512)]
+    /// Width of the hashed TF encoder (the node's `content.tfidf_dim`).
+    #[arg(long, default_value_t = 1024)]
     pub tfidf_dim: usize,
     /// Blend weights, e.g. `als=0.7,content=0.1,popularity=0.2` (default: the validated defaults).
     #[arg(long)]

@@ -102,7 +102,9 @@ pub fn embed_items(
             OnnxEncoder::load(dir, max_len)
                 .map_err(|e| CliError::input(format!("--content-model {}: {e}", dir.display())))?,
         ),
-        None => Box::new(HashedTfidf::fit(&refs, tfidf_dim)?),
+        // The node's encoder (uniform IDF: an item's embedding depends on its text alone),
+        // so served and evaluated content scores are the same function.
+        None => Box::new(HashedTfidf::uniform(tfidf_dim)?),
     };
     let name = encoder.name();
     let load_seconds = started.elapsed().as_secs_f64();

@@ -26,6 +26,7 @@ pub mod http;
 pub mod limits;
 pub mod load_cmd;
 pub mod node_cmd;
+pub mod online_eval;
 pub mod openapi;
 pub mod telemetry;
 
@@ -59,6 +60,7 @@ pub fn run() -> ExitCode {
         cli::Command::FitAls(a) => eval_cmd::fit_als(a),
         cli::Command::Node(a) => node_cmd::run(a, args.verbose),
         cli::Command::Load(a) => load_cmd::run(*a),
+        cli::Command::OnlineEval(a) => online_eval::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -60,6 +60,9 @@ pub struct LoadArgs {
     /// Stop after this many events (0: all).
     #[arg(long, default_value_t = 0)]
     pub limit: u64,
+    /// Skip rows whose value is below this (as `troupe eval --min-value`).
+    #[arg(long)]
+    pub min_value: Option<f32>,
 }
 
 struct Client {
@@ -242,6 +245,13 @@ fn resume_from(path: &std::path::Path, key: &LoadKey, prefix: &str) -> u64 {
 }
 
 pub fn run(args: LoadArgs) -> Result<(), CliError> {
+    let summary = load(&args)?;
+    println!("{summary}");
+    Ok(())
+}
+
+/// Loads what `args` names; returns the summary `run` prints.
+pub fn load(args: &LoadArgs) -> Result<Value, CliError> {
     if args.events.is_none() && args.items.is_none() {
         return Err(CliError::input(
             "nothing to load: give --events and/or --items",
@@ -300,7 +310,7 @@ pub fn run(args: LoadArgs) -> Result<(), CliError> {
         );
     }
     let Some(events_path) = &args.events else {
-        return Ok(());
+        return Ok(json!({"acked": 0, "duplicates": 0, "resumed_after_row": 0, "rows": 0}));
     };
     let prefix = args.id_prefix.clone().unwrap_or_else(|| {
         events_path
@@ -426,6 +436,11 @@ pub fn run(args: LoadArgs) -> Result<(), CliError> {
         if args.limit > 0 && r >= args.limit {
             break;
         }
+        if let (Some(min), Some(v)) = (args.min_value, ev.value) {
+            if v < min {
+                continue;
+            }
+        }
         let id = format!("{prefix}-{r}");
         let mut v = json!({
             "event_id": id,
@@ -449,9 +464,5 @@ pub fn run(args: LoadArgs) -> Result<(), CliError> {
     eprintln!(
         "events: {acked} acked, {dups} duplicates (already acked), {resume} rows skipped as acknowledged in an earlier run"
     );
-    println!(
-        "{}",
-        json!({"acked": acked, "duplicates": dups, "resumed_after_row": resume, "rows": row, "state": state.display().to_string()})
-    );
-    Ok(())
+    Ok(json!({"acked": acked, "duplicates": dups, "resumed_after_row": resume, "rows": row, "state": state.display().to_string()}))
 }

@@ -1,0 +1,136 @@
+//! Served quality equals evaluated quality: a fresh node, loaded over HTTP with a train
+//! split and retrained, answers branch by branch what `troupe eval` scores on the same
+//! files with the same settings (NDCG@10 within 0.005).
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use troupe_tests::{parse_report, shared_data, timed, troupe, Node};
+
+/// Node settings for these runs: model settings at their defaults (which are `troupe
+/// eval`'s), a display history far shorter than most users' (it must not cap what the
+/// models read), retraining only when asked, no candidate cache.
+const NODE: &str = "
+[journal]
+partitions = 4
+poll_interval_ms = 20
+[features]
+history_len = 5
+[als]
+min_interactions = 1
+retrain_every_events = 1000000000
+retrain_interval_ms = 86400000
+[ranker]
+cache_users = 0
+freshness_wait_ms = 2000
+";
+
+const TOLERANCE: f64 = 0.005;
+
+/// Splits an event file per user: every fifth row of a user (in file order) goes to test.
+fn split(events: &Path, dir: &Path) -> (PathBuf, PathBuf) {
+    let (train, test) = (dir.join("train.csv"), dir.join("test.csv"));
+    let mut tr = std::fs::File::create(&train).unwrap();
+    let mut te = std::fs::File::create(&test).unwrap();
+    let mut lines = std::io::BufReader::new(std::fs::File::open(events).unwrap()).lines();
+    let header = lines.next().unwrap().unwrap();
+    writeln!(tr, "{header}").unwrap();
+    writeln!(te, "{header}").unwrap();
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    for line in lines {
+        let line = line.unwrap();
+        let user = line.split(',').next().unwrap_or_default().to_string();
+        let n = seen.entry(user).or_default();
+        *n += 1;
+        if *n % 5 == 0 {
+            writeln!(te, "{line}").unwrap();
+        } else {
+            writeln!(tr, "{line}").unwrap();
+        }
+    }
+    (train, test)
+}
+
+/// Runs `troupe eval` and `troupe online-eval` against a fresh node on the same files and
+/// checks every model's NDCG@10.
+fn served_matches_evaluated(dir: &Path, train: &Path, test: &Path, items: &Path) {
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let eval = parse_report(&troupe(&[
+        "eval",
+        "--train",
+        &p(train),
+        "--test",
+        &p(test),
+        "--items",
+        &p(items),
+        "--json",
+    ]));
+    let node = Node::start(dir, NODE, &[("TROUPE_STATE_DIR", dir.to_str().unwrap())]);
+    let served = parse_report(&troupe(&[
+        "online-eval",
+        "--url",
+        &node.url(),
+        "--train",
+        &p(train),
+        "--test",
+        &p(test),
+        "--items",
+        &p(items),
+        "--json",
+    ]));
+    assert_eq!(served["users"], eval["users"], "the same test users");
+    let mut report = String::new();
+    let mut worst: f64 = 0.0;
+    for model in ["popularity", "als", "content", "ensemble"] {
+        let ndcg = |r: &Value| r["models"][model]["ndcg"].as_f64().unwrap();
+        let (e, s) = (ndcg(&eval), ndcg(&served));
+        worst = worst.max((e - s).abs());
+        report.push_str(&format!("{model}: eval {e:.4} served {s:.4}\n"));
+    }
+    println!("{report}");
+    assert!(
+        worst <= TOLERANCE,
+        "served NDCG@10 differs from eval by {worst:.4}:\n{report}served details: {}",
+        served["details"]
+    );
+}
+
+#[test]
+fn served_quality_matches_eval_on_generated_data() {
+    let _t = timed();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("gen");
+    let out = troupe(&[
+        "gen",
+        "--out",
+        data.to_str().unwrap(),
+        "--users",
+        "300",
+        "--items",
+        "400",
+        "--events",
+        "24000",
+        "--seed",
+        "11",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (train, test) = split(&data.join("events.csv"), dir.path());
+    served_matches_evaluated(dir.path(), &train, &test, &data.join("items.csv"));
+}
+
+#[test]
+fn served_quality_matches_eval_on_movielens() {
+    let _t = timed();
+    let Some(root) = shared_data() else {
+        return;
+    };
+    let ml = root.join("ml-latest-small");
+    let dir = tempfile::tempdir().unwrap();
+    served_matches_evaluated(
+        dir.path(),
+        &ml.join("split/train.csv"),
+        &ml.join("split/test.csv"),
+        &ml.join("movies.csv"),
+    );
+}
