@@ -259,3 +259,48 @@ fn online_retail_loads_as_shipped() {
     check_contract(&r);
     assert!(r["users"].as_u64().unwrap() > 3000);
 }
+
+#[test]
+fn eval_with_a_node_config_uses_its_settings_and_refuses_competing_flags() {
+    let _t = timed();
+    let d = tempfile::tempdir().unwrap();
+    gen(d.path(), "200", "150", "8000");
+    let ev = d.path().join("events.csv");
+    let items = d.path().join("items.csv");
+    let config = d.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "[als]\nfactors = 8\niterations = 3\n[ranker]\nweight_als = 0.5\nweight_content = 0.25\nweight_popularity = 0.25\n[popularity]\nhalf_life_hours = 48.0\n",
+    )
+    .unwrap();
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "eval",
+            "--events",
+            ev.to_str().unwrap(),
+            "--split",
+            "random",
+            "--items",
+            items.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--json",
+        ];
+        v.extend_from_slice(extra);
+        troupe(&v)
+    };
+    let r = parse_report(&args(&[]));
+    check_contract(&r);
+    let blend = &r["details"]["blend"]["weights"];
+    assert_eq!(blend["als"].as_f64(), Some(0.5), "{blend}");
+    assert_eq!(blend["content"].as_f64(), Some(0.25), "{blend}");
+    assert_eq!(r["details"]["als"]["factors"], 8);
+    assert_eq!(r["details"]["popularity_half_life_days"].as_f64(), Some(2.0));
+    let out = args(&["--factors", "16"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--factors"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -181,6 +181,16 @@ pub struct EvalArgs {
     pub negative_kinds: String,
     #[command(flatten)]
     pub columns: ColumnArgs,
+    /// Evaluate with a node's settings: ALS, event weights, blend, decays and the content
+    /// encoder come from this config file (`cluster.toml`), exactly as the node reads
+    /// them. The flags that set the same things are refused alongside it.
+    #[arg(long, conflicts_with_all = [
+        "factors", "iterations", "reg", "alpha", "reg_scaling", "cg_steps", "content_model",
+        "max_len", "tfidf_dim", "weights", "normalization", "candidates",
+        "popularity_half_life_days", "content_half_life_days", "value_transform",
+        "kind_weights", "negative_kinds",
+    ])]
+    pub config: Option<PathBuf>,
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     pub json: bool,

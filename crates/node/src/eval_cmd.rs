@@ -1,7 +1,7 @@
 //! `troupe eval`: load data, split if asked, fit every branch, print the report.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -178,6 +178,45 @@ fn parse_weights(s: &str) -> Result<[f32; 3], CliError> {
     Ok(w)
 }
 
+/// The content encoder an evaluation uses.
+pub struct EncoderChoice {
+    pub model_dir: Option<PathBuf>,
+    pub max_len: usize,
+    pub tfidf_dim: usize,
+}
+
+/// The encoder from the flags, or from the node config given with `--config`.
+pub fn encoder_from_args(a: &EvalArgs) -> Result<EncoderChoice, CliError> {
+    match &a.config {
+        Some(path) => {
+            let s = node_settings(path)?;
+            Ok(EncoderChoice {
+                model_dir: s.content.onnx_model_dir.clone(),
+                max_len: s.content.onnx_max_len,
+                tfidf_dim: s.content.tfidf_dim,
+            })
+        }
+        None => Ok(EncoderChoice {
+            model_dir: a.content_model.clone(),
+            max_len: a.max_len,
+            tfidf_dim: a.tfidf_dim,
+        }),
+    }
+}
+
+fn node_settings(path: &Path) -> Result<troupe_actors::settings::Settings, CliError> {
+    let c = crate::config::Config::load(path).map_err(CliError::input)?;
+    let problems = c.validate(false);
+    if !problems.is_empty() {
+        return Err(CliError::input(format!(
+            "{}: {}",
+            path.display(),
+            problems.join("; ")
+        )));
+    }
+    Ok(c.settings())
+}
+
 /// Turns the CLI flags into an evaluation config (validating everything first).
 pub fn config_from_args(a: &EvalArgs) -> Result<EvalConfig, CliError> {
     if a.k == 0 || a.k > 1000 {
@@ -185,6 +224,36 @@ pub fn config_from_args(a: &EvalArgs) -> Result<EvalConfig, CliError> {
     }
     if !(0.0..1.0).contains(&a.holdout) || a.holdout == 0.0 {
         return Err(CliError::input("--holdout must be in (0, 1)"));
+    }
+    if let Some(path) = &a.config {
+        // The node's settings, read by the node's own code.
+        let s = node_settings(path)?;
+        let days = |d: std::time::Duration| d.as_secs_f64() / 86_400.0;
+        let als = AlsParams {
+            seed: a.seed,
+            ..s.als.params.clone()
+        };
+        als.validate()?;
+        return Ok(EvalConfig {
+            k: a.k,
+            als,
+            weights: s.weights.clone(),
+            blend: BlendSettings {
+                weights: s.ranker.weights,
+                normalization: s.ranker.normalization,
+                candidates: s.ranker.candidates.max(a.k),
+            },
+            popularity_half_life_days: days(s.popularity_half_life),
+            content_half_life_days: days(s.content.profile_half_life),
+            tune: a.tune || a.tune_blend,
+            tune_blend_only: a.tune_blend,
+            validation_fraction: a.holdout,
+            validation_split: match a.split {
+                Some(SplitArg::Time) => SplitKind::Time,
+                _ => SplitKind::Random,
+            },
+            seed: a.seed,
+        });
     }
     let mut weights = WeightConfig {
         transform: a
@@ -304,12 +373,13 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport, CliError> {
     let cfg = config_from_args(a)?;
     let Loaded { data, train, test } = load(a)?;
     let kind_name = kind_names(&data);
+    let enc = encoder_from_args(a)?;
     let e = embed_items(
         &data,
-        a.content_model.as_deref(),
-        a.max_len,
+        enc.model_dir.as_deref(),
+        enc.max_len,
         a.batch,
-        a.tfidf_dim,
+        enc.tfidf_dim,
     )?;
     let ev = Evaluation {
         n_users: data.users.len(),
