@@ -134,3 +134,48 @@ fn served_quality_matches_eval_on_movielens() {
         &ml.join("movies.csv"),
     );
 }
+
+#[test]
+fn a_returning_user_keeps_a_content_profile_after_ten_half_lives() {
+    let _t = timed();
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(
+        dir.path(),
+        "[journal]\npartitions = 2\npoll_interval_ms = 20\n[content]\nprofile_half_life_days = 1.0\n",
+        &[],
+    );
+    let items: Vec<Value> = [
+        ("lamp-1", "brass desk lamp warm light"),
+        ("lamp-2", "brass floor lamp warm light"),
+        ("lamp-3", "brass reading lamp warm light"),
+        ("sock-1", "wool hiking socks"),
+        ("sock-2", "wool running socks"),
+    ]
+    .iter()
+    .map(|(id, text)| serde_json::json!({"id": id, "text": text}))
+    .collect();
+    assert_eq!(node.post("/v1/items", &Value::Array(items).to_string()).status, 200);
+    // The returning user's events are 20 years old (thousands of half-lives); another
+    // user is active now, so the data's clock is far ahead of them.
+    let old = 1_000_000_000_000i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let events = serde_json::json!([
+        {"user": "back", "item": "lamp-1", "kind": "purchase", "ts": old},
+        {"user": "back", "item": "lamp-2", "kind": "view", "ts": old + 1000},
+        {"user": "fresh", "item": "sock-1", "kind": "view", "ts": now},
+    ]);
+    assert_eq!(node.post("/v1/events", &events.to_string()).status, 200);
+    let mut last = Value::Null;
+    troupe_tests::wait_until(60, "a content answer for the returning user", || {
+        let r = node.get("/v1/recommendations/back?k=2&weights=0,1,0");
+        last = r.body.clone();
+        r.status == 200
+            && r.body["fallback"].is_null()
+            && r.body["items"].as_array().is_some_and(|a| !a.is_empty())
+    });
+    assert_eq!(last["items"][0]["item"], "lamp-3", "{last}");
+    assert!(last["items"][0]["shares"]["content"].as_f64().unwrap() > 0.99, "{last}");
+}

@@ -173,7 +173,7 @@ fn input_identity(path: &std::path::Path) -> Result<String, CliError> {
     std::fs::File::open(&canon)
         .and_then(|f| f.take(1 << 20).read_to_end(&mut head))
         .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
-    let h = troupe_actors::record::hash128(&[&head]);
+    let h = troupe_actors::record::hash128(&[head.as_slice()]);
     Ok(format!(
         "{} size={} modified_ns={modified} head={h:032x}",
         canon.display(),
