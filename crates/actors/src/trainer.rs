@@ -1,7 +1,8 @@
 //! AlsTrainer: keeps a compacted interaction store (one aggregated weight per user/item
 //! pair, fed from every partition of the journal), retrains ALS every N events or T,
 //! validates the candidate against the serving model on held-out interactions, and swaps
-//! it in atomically only when its NDCG@10 is not worse. Versions are kept in the store
+//! it in atomically only when its NDCG@10 is not worse (refit on every interaction first,
+//! so the held-out rows are not missing from what serves). Versions are kept in the store
 //! for rollback; serving continues on the old version while a retrain runs.
 
 use crate::Discard;
@@ -236,12 +237,33 @@ fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
         Some(s) => holdout_ndcg(&s.items, s.item_factors.view(), &s.fold_in, &cases),
         None => 0.0,
     };
-    report.train_ms = started.elapsed().as_millis() as u64;
     // A small tolerance: the two NDCGs are estimates on the same few hundred users.
     if input.serving.is_some() && report.candidate_ndcg + 1e-9 < report.serving_ndcg {
+        report.train_ms = started.elapsed().as_millis() as u64;
         report.reason = "candidate NDCG@10 is below the serving model's".into();
         return (report, None);
     }
+    drop(cases);
+    // Validation held rows out; the model that serves learns from every row (as the
+    // model `troupe eval` scores does).
+    let (model, fold) = if held.is_empty() {
+        (model, fold)
+    } else {
+        let all: Vec<(u32, u32, f32)> = input.pairs.iter().map(|p| (p.0, p.1, p.2)).collect();
+        let csr = Csr::from_triples(input.users, input.items.len(), &all);
+        match als::fit(&csr, &input.params, false, |_, _| {}) {
+            Ok(m) => {
+                let f = FoldIn::new(m.item_factors.view(), &m.params);
+                (m, f)
+            }
+            Err(e) => {
+                report.train_ms = started.elapsed().as_millis() as u64;
+                report.reason = format!("refit on every interaction failed: {e}");
+                return (report, None);
+            }
+        }
+    };
+    report.train_ms = started.elapsed().as_millis() as u64;
     report.accepted = true;
     report.reason = "accepted".into();
     let serving = AlsServing {
