@@ -235,16 +235,41 @@ fn is_zero(v: ndarray::ArrayView1<f32>) -> bool {
     v.iter().all(|x| *x == 0.0)
 }
 
+/// ALS candidates per user. With `fold_in`, each user's vector is solved from their
+/// interests against the item factors, as the serving path does; otherwise the trained
+/// user factors are used (the ALS benchmark, comparable with other ALS libraries).
 fn als_candidates(
     model: &als::AlsModel,
     users: &[u32],
     ud: &UserData,
     n: usize,
+    fold_in: bool,
 ) -> Vec<Vec<Scored>> {
-    let q = model.user_factors.select(
-        ndarray::Axis(0),
-        &users.iter().map(|&u| u as usize).collect::<Vec<_>>(),
-    );
+    let q = if fold_in {
+        let fold = als::FoldIn::new(model.item_factors.view(), &model.params);
+        let rows: Vec<Vec<f32>> = users
+            .par_iter()
+            .map(|&u| {
+                let inter: Vec<(u32, f32)> = ud.interests[u as usize]
+                    .iter()
+                    .map(|&(i, w, _)| (i, w))
+                    .collect();
+                fold.solve(model.item_factors.view(), &inter)
+            })
+            .collect();
+        let mut q = Array2::<f32>::zeros((users.len(), model.item_factors.ncols()));
+        for (r, v) in rows.iter().enumerate() {
+            if v.len() == q.ncols() {
+                q.row_mut(r).assign(&ndarray::ArrayView1::from(v.as_slice()));
+            }
+        }
+        q
+    } else {
+        model.user_factors.select(
+            ndarray::Axis(0),
+            &users.iter().map(|&u| u as usize).collect::<Vec<_>>(),
+        )
+    };
     let lists = topk::top_k_batch(model.item_factors.view(), q.view(), n, |r, i| {
         ud.seen[users[r] as usize].binary_search(&i).is_ok()
     });
@@ -472,7 +497,7 @@ impl Evaluation<'_> {
         let content_fit = self.embed_seconds + t.elapsed().as_secs_f64();
 
         let t = Instant::now();
-        let als_lists = als_candidates(&model, &users, &ud, n_cand);
+        let als_lists = als_candidates(&model, &users, &ud, n_cand, true);
         let als_rank = t.elapsed().as_secs_f64();
         let pop_lists = popularity_candidates(&pop, &users, &ud, n_cand);
 
@@ -593,7 +618,7 @@ impl Evaluation<'_> {
         let mut best_als: Option<(f64, AlsParams, Vec<Vec<Scored>>)> = None;
         for p in grid {
             let model = als::fit(&m, &p, false, |_, _| {})?;
-            let lists = als_candidates(&model, &users, &ud, n_cand);
+            let lists = als_candidates(&model, &users, &ud, n_cand, true);
             let s = ndcg_of(&lists);
             tried += 1;
             log(&format!(
@@ -727,7 +752,7 @@ pub fn evaluate_als(
     let fit_seconds = t.elapsed().as_secs_f64();
     let users: Vec<u32> = rel.iter().map(|(u, _)| *u).collect();
     let t = Instant::now();
-    let lists = als_candidates(&model, &users, &ud, k);
+    let lists = als_candidates(&model, &users, &ud, k, false);
     let recommend_seconds = t.elapsed().as_secs_f64();
     let (mm, coverage) = score_lists(
         lists.iter().map(|l| l.iter().map(|s| s.item).collect()),
