@@ -28,7 +28,11 @@ impl Drop for Timed {
             .name()
             .unwrap_or("unnamed")
             .to_string();
-        let outcome = if std::thread::panicking() { " (failed)" } else { "" };
+        let outcome = if std::thread::panicking() {
+            " (failed)"
+        } else {
+            ""
+        };
         let line = format!(
             "{:8.1} s  {name}{outcome}\n",
             self.started.elapsed().as_secs_f64()

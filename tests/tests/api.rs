@@ -48,15 +48,26 @@ fn reads_reflect_a_write_by_its_position_or_say_stale() {
     let rec = node.get(&format!("/v1/recommendations/ryw?k=5&min_offset={off}"));
     assert_eq!(rec.status, 200, "{:?}", rec.body);
     assert!(rec.body["applied_offset"].as_u64().unwrap() >= off);
-    assert_eq!((&rec.body["stale"], &rec.body["awaited_offset"]), (&json!(false), &json!(off)));
+    assert_eq!(
+        (&rec.body["stale"], &rec.body["awaited_offset"]),
+        (&json!(false), &json!(off))
+    );
     let u = node.get(&format!("/v1/users/ryw?min_offset={off}"));
     assert_eq!((u.status, &u.body["stale"]), (200, &json!(false)));
     assert_eq!(u.body["history"][0]["item"], "a");
     // A position the partition has not reached: answered within the freshness bound,
     // flagged stale.
     let started = Instant::now();
-    let far = node.get(&format!("/v1/recommendations/ryw?min_offset={}", off + 1_000_000));
-    assert_eq!((far.status, &far.body["stale"]), (200, &json!(true)), "{:?}", far.body);
+    let far = node.get(&format!(
+        "/v1/recommendations/ryw?min_offset={}",
+        off + 1_000_000
+    ));
+    assert_eq!(
+        (far.status, &far.body["stale"]),
+        (200, &json!(true)),
+        "{:?}",
+        far.body
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
     let u = node.get(&format!("/v1/users/ryw?min_offset={}", off + 1_000_000));
     assert_eq!((u.status, &u.body["stale"]), (200, &json!(true)));
@@ -65,7 +76,10 @@ fn reads_reflect_a_write_by_its_position_or_say_stale() {
     assert_eq!(w.status, 200, "{:?}", w.body);
     assert_eq!(w.body["results"][0]["partition"], "catalog");
     let item = node.get("/v1/items/ryw-item");
-    assert_eq!((item.status, &item.body["text"]), (200, &json!("a green lamp")));
+    assert_eq!(
+        (item.status, &item.body["text"]),
+        (200, &json!("a green lamp"))
+    );
     assert_eq!(node.delete("/v1/items/ryw-item").status, 200);
     assert_eq!(node.get("/v1/items/ryw-item").status, 404);
     assert_eq!(node.get("/v1/items/ryw-item/similar").status, 404);
@@ -95,7 +109,10 @@ fn a_retried_request_without_ids_is_applied_once_and_the_horizon_has_an_edge() {
     let a = node.post("/v1/events", &body);
     let b = node.post("/v1/events", &body);
     assert_eq!((a.status, b.status), (200, 200));
-    assert_eq!((&a.body["acked"], &b.body["duplicates"]), (&json!(2), &json!(2)));
+    assert_eq!(
+        (&a.body["acked"], &b.body["duplicates"]),
+        (&json!(2), &json!(2))
+    );
     assert_eq!(a.body["results"], {
         let mut r = b.body["results"].clone();
         for p in r.as_array_mut().unwrap() {
@@ -105,14 +122,23 @@ fn a_retried_request_without_ids_is_applied_once_and_the_horizon_has_an_edge() {
     });
     // With an Idempotency-Key the body may differ in form (here: NDJSON).
     let nd = "{\"user\":\"re\",\"item\":\"x3\",\"kind\":\"view\"}\n";
-    let key = [("Idempotency-Key", "req-77"), ("Content-Type", "application/x-ndjson")];
+    let key = [
+        ("Idempotency-Key", "req-77"),
+        ("Content-Type", "application/x-ndjson"),
+    ];
     assert_eq!(node.post_with("/v1/events", nd, &key).body["acked"], 1);
     let again = format!("\n{nd}");
-    assert_eq!(node.post_with("/v1/events", &again, &key).body["duplicates"], 1);
-    wait_until(30, "three events applied", || history(&node, "re").len() == 3);
+    assert_eq!(
+        node.post_with("/v1/events", &again, &key).body["duplicates"],
+        1
+    );
+    wait_until(30, "three events applied", || {
+        history(&node, "re").len() == 3
+    });
     // The edge of the horizon (2 s): a retry inside it is a duplicate; the first retry
     // the node takes as new comes no earlier than the horizon after the original.
-    let e = json!([{"event_id": "edge-1", "user": "edge", "item": "y", "kind": "view"}]).to_string();
+    let e =
+        json!([{"event_id": "edge-1", "user": "edge", "item": "y", "kind": "view"}]).to_string();
     let first = node.post("/v1/events", &e);
     let acked_at = Instant::now();
     assert_eq!(first.body["acked"], 1);
@@ -129,7 +155,10 @@ fn a_retried_request_without_ids_is_applied_once_and_the_horizon_has_an_edge() {
         }
     });
     let new_after = new_after.unwrap();
-    assert!(new_after >= Duration::from_secs(2), "taken as new after {new_after:?}");
+    assert!(
+        new_after >= Duration::from_secs(2),
+        "taken as new after {new_after:?}"
+    );
     wait_until(30, "the second copy applied", || {
         history(&node, "edge") == vec!["y".to_string(), "y".to_string()]
     });
@@ -142,13 +171,20 @@ fn tokens_guard_writes_and_user_data_while_public_reads_and_head_stay_open() {
     let node = Node::start(
         dir.path(),
         BASE,
-        &[("TROUPE_AUTH_TOKEN", "w-secret"), ("TROUPE_READ_TOKEN", "r-secret")],
+        &[
+            ("TROUPE_AUTH_TOKEN", "w-secret"),
+            ("TROUPE_READ_TOKEN", "r-secret"),
+        ],
     );
     let w = [("Authorization", "Bearer w-secret")];
     let r = [("Authorization", "Bearer r-secret")];
     let ev = json!([{"user": "tok", "item": "b", "kind": "view"}]).to_string();
     assert_eq!(node.post("/v1/events", &ev).status, 401);
-    assert_eq!(node.post_with("/v1/events", &ev, &r).status, 401, "the read token cannot write");
+    assert_eq!(
+        node.post_with("/v1/events", &ev, &r).status,
+        401,
+        "the read token cannot write"
+    );
     assert_eq!(node.post_with("/v1/events", &ev, &w).status, 200);
     // User data: either token; nothing without one (HEAD included).
     assert_eq!(node.get("/v1/users/tok").status, 401);
@@ -173,7 +209,10 @@ fn tokens_guard_writes_and_user_data_while_public_reads_and_head_stay_open() {
     assert!(doc["paths"]["/v1/users/{id}"]["get"]["security"].is_array());
     assert!(doc["paths"]["/v1/recommendations/{user}"]["get"]["security"].is_null());
     let log = node.log(1);
-    assert!(!log.contains("w-secret") && !log.contains("r-secret"), "tokens must never be logged");
+    assert!(
+        !log.contains("w-secret") && !log.contains("r-secret"),
+        "tokens must never be logged"
+    );
 }
 
 #[test]
@@ -189,15 +228,22 @@ fn every_field_and_parameter_has_a_limit_and_errors_say_which() {
         ("POST", "/v1/events", "[7]".to_string(), "an event object"),
         ("PUT", "/v1/items/a", json!({"id": null}).to_string(), "null"),
         ("PUT", "/v1/items/a", json!({"attributes": {"k": "v".repeat(1025)}}).to_string(), "attribute `k`"),
-        ("PUT", "/v1/items/a", json!({"attributes": (0..65).map(|i| (i.to_string(), String::new())).collect::<serde_json::Map<_, _>>()}).to_string(), "attributes"),
+        ("PUT", "/v1/items/a", json!({"attributes": (0..65).map(|i| (i.to_string(), json!(""))).collect::<serde_json::Map<_, _>>()}).to_string(), "attributes"),
         ("PUT", "/v1/items/a", json!({"categories": (0..33).map(|i| i.to_string()).collect::<Vec<_>>()}).to_string(), "categories"),
         ("PUT", "/v1/items/a", json!({"categories": [""]}).to_string(), "category"),
     ];
     for (method, path, body, needle) in cases {
-        let r = if method == "PUT" { node.put(path, &body) } else { node.post(path, &body) };
+        let r = if method == "PUT" {
+            node.put(path, &body)
+        } else {
+            node.post(path, &body)
+        };
         assert_eq!(r.status, 400, "{method} {path} {body}: {:?}", r.body);
         let detail = r.body["detail"].as_str().unwrap();
-        assert!(detail.contains(needle) && !detail.contains("struct "), "{needle}: {detail}");
+        assert!(
+            detail.contains(needle) && !detail.contains("struct "),
+            "{needle}: {detail}"
+        );
     }
     for (path, needle) in [
         ("/v1/users/u?colour=red", "colour"),
@@ -210,9 +256,17 @@ fn every_field_and_parameter_has_a_limit_and_errors_say_which() {
     ] {
         let r = node.get(path);
         assert_eq!(r.status, 400, "{path}: {:?}", r.body);
-        assert!(r.body["detail"].as_str().unwrap().contains(needle), "{path}: {:?}", r.body);
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(needle),
+            "{path}: {:?}",
+            r.body
+        );
     }
-    assert_eq!(node.get("/v1/recommendations/u?exclude=a,b&exclude=c&k=2").status, 200);
+    assert_eq!(
+        node.get("/v1/recommendations/u?exclude=a,b&exclude=c&k=2")
+            .status,
+        200
+    );
     let r = node.post_with("/v1/events", "[]", &[("Content-Type", "text/plain")]);
     assert_eq!(r.status, 415, "{:?}", r.body);
     // Nothing accepted so far: the bad requests wrote nothing.
@@ -258,7 +312,9 @@ fn slow_clients_hold_only_write_slots_and_time_out() {
     let reply = read_reply(&mut big, 5);
     assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
     // Four clients trickle bodies: every write slot is taken...
-    let mut slow: Vec<TcpStream> = (0..4).map(|_| stalled_post(node.port, "/v1/events", 500)).collect();
+    let mut slow: Vec<TcpStream> = (0..4)
+        .map(|_| stalled_post(node.port, "/v1/events", 500))
+        .collect();
     wait_until(10, "writes saturated", || {
         node.get("/readyz").body["saturated"]["writes"] == true
     });
@@ -277,13 +333,19 @@ fn slow_clients_hold_only_write_slots_and_time_out() {
         let reply = read_reply(s, 10);
         assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
     }
-    wait_until(10, "writes admitted again", || node.post("/v1/events", &ev).status == 200);
+    wait_until(10, "writes admitted again", || {
+        node.post("/v1/events", &ev).status == 200
+    });
     // A client that never finishes its headers is disconnected.
     let mut s = TcpStream::connect(("127.0.0.1", node.port)).unwrap();
-    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     let started = Instant::now();
     let reply = read_reply(&mut s, 10);
-    assert!(started.elapsed() < Duration::from_secs(8), "not disconnected: {reply}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "not disconnected: {reply}"
+    );
     assert!(!reply.contains("200 OK"), "{reply}");
 }
 
@@ -296,14 +358,23 @@ fn openapi_document_states_the_nodes_limits() {
     let doc: Value = node.get("/v1/openapi.json").body;
     assert_eq!(doc["openapi"], "3.1.0");
     let recs = &doc["paths"]["/v1/recommendations/{user}"]["get"];
-    let k = recs["parameters"].as_array().unwrap().iter().find(|p| p["name"] == "k").unwrap();
+    let k = recs["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "k")
+        .unwrap();
     assert_eq!(k["schema"]["maximum"], 77);
     assert_eq!(
-        doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]["maxItems"],
+        doc["paths"]["/v1/events"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            ["maxItems"],
         123
     );
     for status in ["400", "408", "413", "415", "503"] {
-        assert!(doc["paths"]["/v1/events"]["post"]["responses"][status].is_object(), "{status}");
+        assert!(
+            doc["paths"]["/v1/events"]["post"]["responses"][status].is_object(),
+            "{status}"
+        );
     }
     // No token configured: no route claims to need one.
     assert!(doc["paths"]["/v1/events"]["post"]["security"].is_null());

@@ -295,7 +295,10 @@ fn eval_with_a_node_config_uses_its_settings_and_refuses_competing_flags() {
     assert_eq!(blend["als"].as_f64(), Some(0.5), "{blend}");
     assert_eq!(blend["content"].as_f64(), Some(0.25), "{blend}");
     assert_eq!(r["details"]["als"]["factors"], 8);
-    assert_eq!(r["details"]["popularity_half_life_days"].as_f64(), Some(2.0));
+    assert_eq!(
+        r["details"]["popularity_half_life_days"].as_f64(),
+        Some(2.0)
+    );
     let out = args(&["--factors", "16"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

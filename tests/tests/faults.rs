@@ -509,7 +509,8 @@ fn an_error_counts_as_poison_for_every_consumer() {
         200
     );
     assert_eq!(
-        node.put("/v1/items/item-ok", r#"{"text": "applied"}"#).status,
+        node.put("/v1/items/item-ok", r#"{"text": "applied"}"#)
+            .status,
         200
     );
     // Each consumer fails three times on its record (an Err, not a panic), which is
@@ -578,12 +579,16 @@ checkpoint_interval_ms = 3600000
     });
     // The category arrives after that checkpoint.
     assert_eq!(
-        node.put("/v1/items/lamp", r#"{"text": "a lamp", "categories": ["lights"]}"#)
-            .status,
+        node.put(
+            "/v1/items/lamp",
+            r#"{"text": "a lamp", "categories": ["lights"]}"#
+        )
+        .status,
         200
     );
     let lights = |node: &Node| -> Vec<String> {
-        node.get("/v1/recommendations/newcomer?k=5&category=lights").body["items"]
+        node.get("/v1/recommendations/newcomer?k=5&category=lights")
+            .body["items"]
             .as_array()
             .unwrap()
             .iter()

@@ -569,7 +569,10 @@ fn load_resumes_from_its_state_file_and_reports_bad_rows() {
         String::from_utf8_lossy(&third.stderr)
     );
     let r3: Value = serde_json::from_slice(&third.stdout).unwrap();
-    assert_eq!((r3["resumed_after_row"].as_u64(), r3["acked"].as_u64()), (Some(0), Some(500)));
+    assert_eq!(
+        (r3["resumed_after_row"].as_u64(), r3["acked"].as_u64()),
+        (Some(0), Some(500))
+    );
     assert_ne!(r3["state"], r2["state"], "progress is kept per target");
     wait_until(30, "all applied on the fresh node", || {
         applied_items(&fresh, 10).len() == 500
@@ -577,7 +580,10 @@ fn load_resumes_from_its_state_file_and_reports_bad_rows() {
     // --restart sends every row again; the node drops them as duplicates.
     let again = run(&["--restart"]);
     let r4: Value = serde_json::from_slice(&again.stdout).unwrap();
-    assert_eq!((r4["acked"].as_u64(), r4["duplicates"].as_u64()), (Some(0), Some(500)));
+    assert_eq!(
+        (r4["acked"].as_u64(), r4["duplicates"].as_u64()),
+        (Some(0), Some(500))
+    );
     // A malformed row: a clear error naming file, line and field; nothing after it sent.
     let bad = dir.path().join("bad.csv");
     std::fs::write(&bad, "user,item,value\nu1,i1,2\nu2,i2,notanumber\n").unwrap();

@@ -114,7 +114,11 @@ fn served_quality_matches_eval_on_generated_data() {
         "--seed",
         "11",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (train, test) = split(&data.join("events.csv"), dir.path());
     served_matches_evaluated(dir.path(), &train, &test, &data.join("items.csv"));
 }
@@ -154,7 +158,11 @@ fn a_returning_user_keeps_a_content_profile_after_ten_half_lives() {
     .iter()
     .map(|(id, text)| serde_json::json!({"id": id, "text": text}))
     .collect();
-    assert_eq!(node.post("/v1/items", &Value::Array(items).to_string()).status, 200);
+    assert_eq!(
+        node.post("/v1/items", &Value::Array(items).to_string())
+            .status,
+        200
+    );
     // The returning user's events are 20 years old (thousands of half-lives); another
     // user is active now, so the data's clock is far ahead of them.
     let old = 1_000_000_000_000i64;
@@ -177,5 +185,8 @@ fn a_returning_user_keeps_a_content_profile_after_ten_half_lives() {
             && r.body["items"].as_array().is_some_and(|a| !a.is_empty())
     });
     assert_eq!(last["items"][0]["item"], "lamp-3", "{last}");
-    assert!(last["items"][0]["shares"]["content"].as_f64().unwrap() > 0.99, "{last}");
+    assert!(
+        last["items"][0]["shares"]["content"].as_f64().unwrap() > 0.99,
+        "{last}"
+    );
 }

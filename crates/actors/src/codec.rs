@@ -46,8 +46,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
         bytes,
         bits,
         [
-            12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32,
-            33, 34, 35, 36, 37, 38, 39, 40
+            12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33,
+            34, 35, 36, 37, 38, 39, 40
         ]
     )
 }
@@ -78,8 +78,8 @@ mod tests {
     proptest! {
         #[test]
         fn any_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = decode::<Vec<String>>(&bytes);
-            let _ = decode::<(u16, Vec<(u64, String)>, std::collections::BTreeMap<String, f32>)>(&bytes);
+            drop(decode::<Vec<String>>(&bytes));
+            drop(decode::<(u16, Vec<(u64, String)>, std::collections::BTreeMap<String, f32>)>(&bytes));
         }
     }
 }

@@ -273,7 +273,9 @@ impl ConsumerRuntime {
             .into());
         }
         let done = read.records.len() < limit;
-        let applied = self.apply_records(ctx, stream, read.records, target).await?;
+        let applied = self
+            .apply_records(ctx, stream, read.records, target)
+            .await?;
         Ok(Step { applied, done })
     }
 
@@ -288,9 +290,7 @@ impl ConsumerRuntime {
         for s in streams {
             let head = ctx.head(s);
             loop {
-                let step = self
-                    .catch_up(ctx, s, head, CATCH_UP_CHUNK, target)
-                    .await?;
+                let step = self.catch_up(ctx, s, head, CATCH_UP_CHUNK, target).await?;
                 n += step.applied;
                 if step.done {
                     break;
@@ -336,10 +336,7 @@ impl ConsumerRuntime {
             let Some(cursor) = self.cursors.get_mut(&stream) else {
                 break;
             };
-            if cursor
-                .recent
-                .seen_or_insert(r.key, r.at_ms, horizon, cap)
-            {
+            if cursor.recent.seen_or_insert(r.key, r.at_ms, horizon, cap) {
                 self.duplicates += 1;
                 ctx.metrics.consumer_duplicates.inc();
             } else {
@@ -541,9 +538,7 @@ pub fn check_partitions(cursors: &Cursors, partitions: u32) -> Result<(), String
     if found == partitions as usize {
         Ok(())
     } else {
-        Err(format!(
-            "{found} partitions, the config has {partitions}"
-        ))
+        Err(format!("{found} partitions, the config has {partitions}"))
     }
 }
 
@@ -643,7 +638,10 @@ mod tests {
         assert_eq!(rt.notified(&ctx, batch, &mut seen).await.unwrap(), 0);
         // Limits count records, not offsets.
         let mut again = runtime(&ctx).await;
-        let step = again.catch_up(&ctx, 0, 100, 3, &mut Seen::default()).await.unwrap();
+        let step = again
+            .catch_up(&ctx, 0, 100, 3, &mut Seen::default())
+            .await
+            .unwrap();
         assert_eq!((step.applied, step.done, again.applied(0)), (3, false, 5));
     }
 
@@ -717,7 +715,9 @@ mod tests {
         // The window travels with the cursor (checkpoints), so replay decides the same.
         let bytes = crate::codec::encode(&rt.cursors).unwrap();
         let mut restored = runtime(&ctx).await;
-        restored.restore(crate::codec::decode(&bytes).unwrap()).unwrap();
+        restored
+            .restore(crate::codec::decode(&bytes).unwrap())
+            .unwrap();
         put(&ctx, &[6], |_| 42, |_| 14_000);
         let mut seen = Seen::default();
         restored.catch_up(&ctx, 0, 6, 100, &mut seen).await.unwrap();

@@ -139,10 +139,11 @@ impl Ctx {
         if *rx.borrow() >= target {
             return true;
         }
-        matches!(
+        let reached = matches!(
             tokio::time::timeout(wait, rx.wait_for(|&o| o >= target)).await,
             Ok(Ok(_))
-        )
+        );
+        reached
     }
 
     /// True for a stream this node has: a configured partition or the catalog.

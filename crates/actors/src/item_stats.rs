@@ -178,7 +178,8 @@ impl Actor for ItemStats {
     ) -> Result<ItemStatsState, ActorProcessingErr> {
         ctx.health.begin_recovery(names::ITEM_STATS);
         let hl = ctx.settings.popularity_half_life.as_secs_f64();
-        let rt = ConsumerRuntime::load(&ctx, names::ITEM_STATS, "item_stats", ctx.streams()).await?;
+        let rt =
+            ConsumerRuntime::load(&ctx, names::ITEM_STATS, "item_stats", ctx.streams()).await?;
         Ok(ItemStatsState {
             data: Stats {
                 ctx: ctx.clone(),
@@ -233,11 +234,7 @@ impl Actor for ItemStats {
                 st.after_apply().await?;
             }
             ItemStatsMsg::Tick => {
-                let behind = st
-                    .rt
-                    .positions()
-                    .iter()
-                    .any(|&(s, o)| st.ctx.head(s) > o);
+                let behind = st.rt.positions().iter().any(|&(s, o)| st.ctx.head(s) > o);
                 if behind {
                     st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
                 }
@@ -255,7 +252,8 @@ impl Actor for ItemStats {
                 let mut doc = st.rt.observe();
                 doc["items"] = st.data.ids.len().into();
                 doc["latest_event_ms"] = st.data.latest_ts_ms.into();
-                port.send(Observation::new(names::ITEM_STATS, doc)).discard();
+                port.send(Observation::new(names::ITEM_STATS, doc))
+                    .discard();
             }
         }
         Ok(())
@@ -281,7 +279,8 @@ mod tests {
             popularity: Cow::Owned(popularity),
             latest_ts_ms: 100_000,
         };
-        let back: Checkpoint = crate::consumer::decode_checkpoint(&crate::codec::encode(&cp).unwrap()).unwrap();
+        let back: Checkpoint =
+            crate::consumer::decode_checkpoint(&crate::codec::encode(&cp).unwrap()).unwrap();
         let top = back.popularity.top_k(5, Some("lights"), |_| false);
         assert_eq!(top.iter().map(|s| s.item).collect::<Vec<_>>(), vec![i]);
         assert_eq!(back.latest_ts_ms, 100_000);
@@ -290,7 +289,7 @@ mod tests {
     proptest! {
         #[test]
         fn checkpoint_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
-            let _ = crate::consumer::decode_checkpoint::<Checkpoint>(&bytes);
+            drop(crate::consumer::decode_checkpoint::<Checkpoint>(&bytes));
         }
     }
 }

@@ -33,11 +33,11 @@ use crate::faults::FaultAction;
 use crate::item_stats::ItemStatsMsg;
 use crate::messages::{Observation, RecordBatch};
 use crate::metrics::label;
-use crate::names;
 use crate::metrics::stream_label;
+use crate::names;
 use crate::record::{Payload, Record, CATALOG_STREAM};
-use crate::supervisor::Fatal;
 use crate::store::JournalBatch;
+use crate::supervisor::Fatal;
 use crate::wire::{self, WIRE_VERSION};
 use crate::wire_payload;
 use crate::{catalog::CatalogMsg, features::UserFeaturesMsg};
@@ -611,7 +611,10 @@ mod tests {
                 AppendEntry::new(stream, payload),
             ])
             .await;
-            assert!(r.error.as_deref().is_some_and(|e| e.contains("entry 2")), "{r:?}");
+            assert!(
+                r.error.as_deref().is_some_and(|e| e.contains("entry 2")),
+                "{r:?}"
+            );
             assert!(r.positions.is_empty());
         }
         // Nothing of the refused requests was written; a good one gets offset 1.

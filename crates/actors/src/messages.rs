@@ -128,7 +128,10 @@ mod tests {
     fn payloads_round_trip() {
         let b = batch();
         let back = RecordBatch::from_bytes(b.clone().into_bytes());
-        assert_eq!((back.version, back.prev, &back.records), (WIRE_VERSION, 9, &b.records));
+        assert_eq!(
+            (back.version, back.prev, &back.records),
+            (WIRE_VERSION, 9, &b.records)
+        );
         let req = AppendRequest::new(vec![AppendEntry::new(3, b.records[0].payload.clone())]);
         let back = AppendRequest::from_bytes(req.clone().into_bytes());
         assert_eq!(back.entries, req.entries);

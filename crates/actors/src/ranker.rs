@@ -547,8 +547,7 @@ impl RankerCore {
                         .iter()
                         .filter_map(|(item, w, ts)| index.index(item).map(|i| (i, *w, ts / 1000)))
                         .collect();
-                    let Some(profile) =
-                        content::user_profile(index.matrix(), &touched, half_life)
+                    let Some(profile) = content::user_profile(index.matrix(), &touched, half_life)
                     else {
                         return Vec::new();
                     };
@@ -613,9 +612,9 @@ impl RankerCore {
             .as_ref()
             .filter(|_| req.exclude.is_empty() && req.now_ms == 0);
         let key = (req.user.clone(), req.category.clone());
-        let cached = cache.and_then(|c| c.get(&key)).filter(|e| {
-            e.als_version == als_version && e.built.elapsed() < s.ranker.cache_ttl
-        });
+        let cached = cache
+            .and_then(|c| c.get(&key))
+            .filter(|e| e.als_version == als_version && e.built.elapsed() < s.ranker.cache_ttl);
         let mut features_ok = true;
         let mut view_applied = 0;
         // An entry checked up to the target is current; otherwise ask whether the user's
@@ -648,10 +647,7 @@ impl RankerCore {
                 features_ok = view.is_some();
                 let view = view.unwrap_or_default();
                 view_applied = view.applied_offset;
-                let e = Arc::new(
-                    self.user_candidates(&req, view, als_version, n)
-                        .await,
-                );
+                let e = Arc::new(self.user_candidates(&req, view, als_version, n).await);
                 // Only complete answers are reused. A missing ALS model is complete (a
                 // new version drops the entry); an empty content index is not.
                 let failed = [&e.als.1, &e.content.1]
@@ -988,6 +984,8 @@ mod tests {
         assert_eq!((w, fb), ([1.0, 0.0, 0.0], None));
         // Nothing anywhere: nothing to fall back to.
         let empty = vec![Vec::new(), Vec::new(), Vec::new()];
-        assert!(fallback_weights([0.0, 1.0, 0.0], [0.8, 0.1, 0.1], &empty).1.is_none());
+        assert!(fallback_weights([0.0, 1.0, 0.0], [0.8, 0.1, 0.1], &empty)
+            .1
+            .is_none());
     }
 }

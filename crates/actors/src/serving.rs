@@ -186,7 +186,7 @@ mod tests {
         #[test]
         fn snapshot_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             if let Ok(s) = crate::codec::decode::<AlsSnapshot>(&bytes) {
-                let _ = AlsServing::from_snapshot(s);
+                drop(AlsServing::from_snapshot(s));
             }
         }
     }

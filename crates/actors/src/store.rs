@@ -131,12 +131,7 @@ fn check_tail_row(stream: u32, last: u64, bytes: &[u8]) -> TailRow {
     let good = f
         .records
         .iter()
-        .rposition(|r| {
-            matches!(
-                record::decode(r.body),
-                Ok(_) | Err(RecordError::Version(_))
-            )
-        })
+        .rposition(|r| matches!(record::decode(r.body), Ok(_) | Err(RecordError::Version(_))))
         .map_or(0, |i| i + 1);
     let total = (f.declared as usize).max(f.records.len());
     let cut: Vec<u64> = (good..total).map(|i| f.first + i as u64).collect();
@@ -193,9 +188,7 @@ fn frame(b: &[u8]) -> Result<Framed<'_>, String> {
     }
     let format = u16::from_le_bytes([b[0], b[1]]);
     let (header, keyed, at_ms) = match format {
-        BATCH_FORMAT if b.len() >= BATCH_HEADER => {
-            (BATCH_HEADER, true, le_u64(&b[14..22]) as i64)
-        }
+        BATCH_FORMAT if b.len() >= BATCH_HEADER => (BATCH_HEADER, true, le_u64(&b[14..22]) as i64),
         BATCH_FORMAT => {
             return Err(format!(
                 "batch of {} bytes, shorter than its header",
@@ -204,9 +197,10 @@ fn frame(b: &[u8]) -> Result<Framed<'_>, String> {
         }
         BATCH_FORMAT_1 => (BATCH_HEADER_1, false, 0),
         _ => {
+            let known = [BATCH_FORMAT_1, BATCH_FORMAT];
             return Err(format!(
-                "journal batch format {format} (this build reads {BATCH_FORMAT_1} and {BATCH_FORMAT})"
-            ))
+                "journal batch format {format} (this build reads {known:?})"
+            ));
         }
     };
     let first = le_u64(&b[2..10]);
@@ -656,7 +650,10 @@ impl Store {
     pub fn next_after(&self, stream: u32) -> Result<u64, StoreError> {
         let tx = self.db.begin_read().map_err(self.err())?;
         let heads = tx.open_table(HEADS).map_err(self.err())?;
-        let head = heads.get(stream).map_err(self.err())?.map_or(0, |v| v.value());
+        let head = heads
+            .get(stream)
+            .map_err(self.err())?
+            .map_or(0, |v| v.value());
         Ok(head.max(self.last_row(&tx, stream)?))
     }
 
@@ -859,7 +856,10 @@ impl Store {
             .map_err(self.err())?;
             if highest > 0 {
                 let mut cut = tx.open_table(TRUNCATED).map_err(self.err())?;
-                let prev = cut.get(stream).map_err(self.err())?.map_or(0, |v| v.value());
+                let prev = cut
+                    .get(stream)
+                    .map_err(self.err())?
+                    .map_or(0, |v| v.value());
                 if highest > prev {
                     cut.insert(stream, highest).map_err(self.err())?;
                 }
@@ -1183,7 +1183,10 @@ mod tests {
                 s.append(&b, &keys, 5, None).unwrap();
             }
             assert_eq!(s.streams().unwrap(), vec![0, 1]);
-            assert_eq!((s.last_offset(0).unwrap(), s.next_after(0).unwrap()), (10, 10));
+            assert_eq!(
+                (s.last_offset(0).unwrap(), s.next_after(0).unwrap()),
+                (10, 10)
+            );
             let r = s.read_after(1, 0, u64::MAX, 100).unwrap();
             assert_eq!(r.records.len(), 10);
             assert_eq!(r.records[2].payload, ev(5));
@@ -1194,7 +1197,11 @@ mod tests {
             assert_eq!(offsets(&r), vec![4, 5, 6]);
             assert_eq!(r.records[0].payload, ev(7));
             assert_eq!(offsets(&s.read_after(1, 3, 5, 100).unwrap()), vec![4, 5]);
-            assert!(s.read_after(1, 10, u64::MAX, 100).unwrap().records.is_empty());
+            assert!(s
+                .read_after(1, 10, u64::MAX, 100)
+                .unwrap()
+                .records
+                .is_empty());
             // Retention drops whole batches only: nothing below 5 is needed, batch 1..=5
             // still holds 5.
             assert_eq!(s.truncate(1, 5).unwrap(), 0);
@@ -1214,7 +1221,10 @@ mod tests {
         let (s, _) = Store::open(&path).unwrap();
         assert_eq!(s.get_checkpoint("x").unwrap().unwrap(), b"abc");
         assert_eq!(s.failures("c").unwrap(), vec![((1, 5), 2)]);
-        assert_eq!((s.last_offset(1).unwrap(), s.next_after(1).unwrap()), (10, 10));
+        assert_eq!(
+            (s.last_offset(1).unwrap(), s.next_after(1).unwrap()),
+            (10, 10)
+        );
         assert_eq!(s.truncated(1).unwrap(), 10);
     }
 
@@ -1271,14 +1281,17 @@ mod tests {
             b.push_encoded(ev(4).idempotency_key(), &torn);
             b.push(ev(5).idempotency_key(), &ev(5));
             b.bytes.truncate(b.bytes.len() - 3);
-            let keys: Vec<_> = (3..=5).map(|i| (ev(i).idempotency_key(), 0, i as u64)).collect();
+            let keys: Vec<_> = (3..=5)
+                .map(|i| (ev(i).idempotency_key(), 0, i as u64))
+                .collect();
             s.append(&[b], &keys, 0, None).unwrap();
             // Stream 1: a whole batch of bad records goes, the batch before it stays.
             let (b, keys) = batches([(1, ev(6))], &mut Default::default());
             s.append(&b, &keys, 0, None).unwrap();
             let mut b = JournalBatch::new(1, 2, 0);
             b.push_encoded(ev(7).idempotency_key(), &torn);
-            s.append(&[b], &[(ev(7).idempotency_key(), 1, 2)], 0, None).unwrap();
+            s.append(&[b], &[(ev(7).idempotency_key(), 1, 2)], 0, None)
+                .unwrap();
         }
         let (s, rep) = Store::open(&path).unwrap();
         assert_eq!(rep.torn_records_cut, 3);
@@ -1290,12 +1303,23 @@ mod tests {
         // The heads stay: offsets 4, 5 (stream 0) and 2 (stream 1) are never reused.
         assert_eq!((s.next_after(0).unwrap(), s.next_after(1).unwrap()), (5, 2));
         // The cut records' keys are forgotten (a retry is appended anew); others stay.
-        let keys: Vec<u128> = s.idempotency_window(-1).unwrap().iter().map(|e| e.0).collect();
+        let keys: Vec<u128> = s
+            .idempotency_window(-1)
+            .unwrap()
+            .iter()
+            .map(|e| e.0)
+            .collect();
         for i in [4, 5, 7] {
-            assert!(!keys.contains(&ev(i).idempotency_key()), "key of cut record {i}");
+            assert!(
+                !keys.contains(&ev(i).idempotency_key()),
+                "key of cut record {i}"
+            );
         }
         for i in [1, 2, 3, 6] {
-            assert!(keys.contains(&ev(i).idempotency_key()), "key of kept record {i}");
+            assert!(
+                keys.contains(&ev(i).idempotency_key()),
+                "key of kept record {i}"
+            );
         }
         // Appends continue after the head; readers see a sparse stream.
         let (b, keys) = batches([(0, ev(8))], &mut [(0, 5)].into_iter().collect());
@@ -1323,7 +1347,10 @@ mod tests {
         });
         let (s, rep) = Store::open(&path).unwrap();
         assert_eq!(rep.torn_records_cut, 0);
-        assert_eq!((s.first_offset(0).unwrap(), s.next_after(0).unwrap()), (1, 3));
+        assert_eq!(
+            (s.first_offset(0).unwrap(), s.next_after(0).unwrap()),
+            (1, 3)
+        );
         let r = s.read_after(0, 1, u64::MAX, 10).unwrap();
         assert_eq!(
             r.records.iter().map(|r| &r.payload).collect::<Vec<_>>(),
@@ -1348,7 +1375,10 @@ mod tests {
         // New batches (format 2) follow the old ones in the same stream.
         let (b, keys) = batches([(0, ev(3))], &mut [(0, 2)].into_iter().collect());
         s.append(&b, &keys, 0, None).unwrap();
-        assert_eq!(offsets(&s.read_after(0, 0, u64::MAX, 10).unwrap()), vec![1, 2, 3]);
+        assert_eq!(
+            offsets(&s.read_after(0, 0, u64::MAX, 10).unwrap()),
+            vec![1, 2, 3]
+        );
     }
 
     #[test]
@@ -1368,11 +1398,11 @@ mod tests {
             if let Ok(f) = frame(&bytes) {
                 prop_assert!(f.records.len() <= f.declared as usize);
                 for r in &f.records {
-                    let _ = record::decode(r.body);
+                    drop(record::decode(r.body));
                 }
             }
             let _ = check_tail_row(0, 1, &bytes);
-            let _ = decode_idem_group(&bytes);
+            drop(decode_idem_group(&bytes));
         }
 
         /// Batches round trip: what is pushed is what frames back, keys and time included.

@@ -275,13 +275,7 @@ impl Actor for Supervisor {
                     }
                     Err(e) => {
                         // A failed start counts like a failure of the child.
-                        Self::child_down(
-                            &myself,
-                            state,
-                            idx,
-                            format!("start failed: {e}"),
-                            false,
-                        );
+                        Self::child_down(&myself, state, idx, format!("start failed: {e}"), false);
                     }
                 }
             }

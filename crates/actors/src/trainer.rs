@@ -589,8 +589,7 @@ impl Actor for AlsTrainer {
                 let due = st.data.events_since_train >= s.als.retrain_every_events
                     || (st.data.events_since_train > 0
                         && st.last_train.elapsed() >= s.als.retrain_interval);
-                if due && st.recover_to.is_none() && st.data.pairs.len() >= s.als.min_interactions
-                {
+                if due && st.recover_to.is_none() && st.data.pairs.len() >= s.als.min_interactions {
                     st.start_training(&myself);
                 }
                 if st.rt.checkpoint_due(&ctx) {
@@ -697,7 +696,8 @@ mod tests {
             events_since_train: 3,
             next_version: 4,
         };
-        let back: Checkpoint = crate::consumer::decode_checkpoint(&crate::codec::encode(&cp).unwrap()).unwrap();
+        let back: Checkpoint =
+            crate::consumer::decode_checkpoint(&crate::codec::encode(&cp).unwrap()).unwrap();
         assert_eq!(back.pairs, cp.pairs);
         assert_eq!((back.events_since_train, back.next_version), (3, 4));
         assert_eq!(back.items.get("i"), Some(i));
@@ -706,7 +706,7 @@ mod tests {
     proptest! {
         #[test]
         fn checkpoint_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
-            let _ = crate::consumer::decode_checkpoint::<Checkpoint>(&bytes);
+            drop(crate::consumer::decode_checkpoint::<Checkpoint>(&bytes));
         }
     }
 }

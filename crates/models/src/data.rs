@@ -655,10 +655,10 @@ mod tests {
                         }
                     }
                 }
-                let _ = read_items(&p, &Columns::default(), skip);
+                drop(read_items(&p, &Columns::default(), skip));
             }
-            let _ = read_tags(&p, true);
-            let _ = read_tags(&p, false);
+            drop(read_tags(&p, true));
+            drop(read_tags(&p, false));
         }
     }
 }

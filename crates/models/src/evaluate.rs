@@ -260,7 +260,8 @@ fn als_candidates(
         let mut q = Array2::<f32>::zeros((users.len(), model.item_factors.ncols()));
         for (r, v) in rows.iter().enumerate() {
             if v.len() == q.ncols() {
-                q.row_mut(r).assign(&ndarray::ArrayView1::from(v.as_slice()));
+                q.row_mut(r)
+                    .assign(&ndarray::ArrayView1::from(v.as_slice()));
             }
         }
         q
@@ -290,9 +291,7 @@ fn content_candidates(
     let dim = emb.ncols();
     let profiles: Vec<Option<Vec<f32>>> = users
         .par_iter()
-        .map(|&u| {
-            content::user_profile(emb, &ud.interests[u as usize], half_life_days * DAY)
-        })
+        .map(|&u| content::user_profile(emb, &ud.interests[u as usize], half_life_days * DAY))
         .collect();
     let mut q = Array2::<f32>::zeros((users.len(), dim));
     for (r, p) in profiles.iter().enumerate() {

@@ -51,7 +51,13 @@ mod tests {
         let mut m: FxHashMap<String, Interest> = FxHashMap::default();
         record(&mut m, "a", Some(1.0), 10);
         record(&mut m, "a", Some(2.0), 5);
-        assert_eq!(m["a"], Interest { weight: 3.0, ts: 10 });
+        assert_eq!(
+            m["a"],
+            Interest {
+                weight: 3.0,
+                ts: 10
+            }
+        );
         record(&mut m, "b", Some(0.0), 7);
         record(&mut m, "b", Some(f32::NAN), 7);
         assert!(!m.contains_key("b"));

@@ -685,7 +685,10 @@ mod tests {
     fn model_defaults_are_the_evaluations_and_the_shipped_file_states_them() {
         let eval = troupe_models::evaluate::EvalConfig::default();
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cluster.toml");
-        for s in [Config::default().settings(), Config::load(&path).unwrap().settings()] {
+        for s in [
+            Config::default().settings(),
+            Config::load(&path).unwrap().settings(),
+        ] {
             assert_eq!(s.ranker.weights, eval.blend.weights);
             assert_eq!(s.ranker.normalization, eval.blend.normalization);
             assert_eq!(s.ranker.candidates, eval.blend.candidates);
@@ -693,7 +696,10 @@ mod tests {
             assert!((days(s.popularity_half_life) - eval.popularity_half_life_days).abs() < 1e-9);
             assert!((days(s.content.profile_half_life) - eval.content_half_life_days).abs() < 1e-9);
             let (a, b) = (&s.als.params, &eval.als);
-            assert_eq!((a.factors, a.iterations, a.reg, a.alpha), (b.factors, b.iterations, b.reg, b.alpha));
+            assert_eq!(
+                (a.factors, a.iterations, a.reg, a.alpha),
+                (b.factors, b.iterations, b.reg, b.alpha)
+            );
             assert_eq!(a.reg_scaling, b.reg_scaling);
         }
     }

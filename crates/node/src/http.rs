@@ -460,6 +460,7 @@ fn check_content_type(h: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Query parameters of one request, checked against the route's list.
+#[derive(Debug)]
 struct Params(Vec<(String, String)>);
 
 impl Params {
@@ -625,9 +626,10 @@ fn to_event(e: EventIn, now: i64, skew_ms: i64) -> Result<(Event, bool), String>
     }
     let ts_ms = match &e.ts {
         None => now,
-        Some(Value::Number(n)) => n.as_i64().filter(|&t| t >= 0).ok_or_else(|| {
-            format!("ts {n} must be a whole number of milliseconds since 1970")
-        })?,
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .filter(|&t| t >= 0)
+            .ok_or_else(|| format!("ts {n} must be a whole number of milliseconds since 1970"))?,
         Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
             .map_err(|err| format!("ts `{s}` is not an RFC 3339 date-time: {err}"))?
             .timestamp_millis(),
@@ -809,7 +811,10 @@ async fn post_events(
         None => None,
         Some(v) => {
             let b = v.as_bytes();
-            if b.is_empty() || b.len() > limits::MAX_ID_CHARS || !b.iter().all(|c| (0x21..=0x7e).contains(c)) {
+            if b.is_empty()
+                || b.len() > limits::MAX_ID_CHARS
+                || !b.iter().all(|c| (0x21..=0x7e).contains(c))
+            {
                 return Err(ApiError::bad(format!(
                     "Idempotency-Key must be 1..={} visible ASCII characters (no spaces)",
                     limits::MAX_ID_CHARS
@@ -934,8 +939,8 @@ async fn put_item(
     let id = path_id("id", path)?;
     Params::none(q.0)?;
     let bytes = read_body(&st, body).await?;
-    let item: ItemIn =
-        serde_json::from_str(body_text(&bytes)?).map_err(|e| ApiError::bad(format!("item: {e}")))?;
+    let item: ItemIn = serde_json::from_str(body_text(&bytes)?)
+        .map_err(|e| ApiError::bad(format!("item: {e}")))?;
     if item.id.as_ref().is_some_and(|x| *x != id) {
         return Err(ApiError::bad("body id differs from the path id"));
     }
@@ -1061,7 +1066,14 @@ async fn recommend(
     let user = path_id("user", path)?;
     let q = Params::parse(
         q.0,
-        &["k", "category", "exclude", "explain", "weights", "min_offset"],
+        &[
+            "k",
+            "category",
+            "exclude",
+            "explain",
+            "weights",
+            "min_offset",
+        ],
         &["exclude"],
     )?;
     let k = q.k(st.ctx.settings.ranker.max_k)?;
@@ -1097,11 +1109,7 @@ async fn recommend(
             )));
         }
         check_text("exclude", v, 0, limits::MAX_EXCLUDE_CHARS).map_err(ApiError::bad)?;
-        exclude.extend(
-            v.split(',')
-                .filter(|x| !x.is_empty())
-                .map(str::to_string),
-        );
+        exclude.extend(v.split(',').filter(|x| !x.is_empty()).map(str::to_string));
     }
     let request_id = format!(
         "{}-{:x}-{}",
@@ -1312,11 +1320,7 @@ async fn delete_user(
     let user = path_id("id", path)?;
     Params::none(q.0)?;
     let p = partition_of(&user, st.ctx.settings.partitions);
-    let pos = append(
-        &st,
-        vec![AppendEntry::new(p, Payload::EraseUser { user })],
-    )
-    .await?;
+    let pos = append(&st, vec![AppendEntry::new(p, Payload::EraseUser { user })]).await?;
     let results: Vec<PositionOut> = pos.iter().map(|p| position_out(p, None)).collect();
     Ok(Json(json!({ "results": results })).into_response())
 }
@@ -1468,15 +1472,24 @@ mod tests {
     #[test]
     fn events_parse_array_and_ndjson_with_located_errors() {
         let a = parse(r#"[{"user":"u","item":"i","kind":"View","ts":5}]"#).unwrap();
-        assert_eq!((a[0].0.kind.as_str(), a[0].0.ts_ms, a[0].1), ("view", 5, true));
+        assert_eq!(
+            (a[0].0.kind.as_str(), a[0].0.ts_ms, a[0].1),
+            ("view", 5, true)
+        );
         let n = parse(
             "{\"user\":\"u\",\"item\":\"i\",\"kind\":\"v\",\"ts\":\"2023-11-14T22:13:20Z\"}\n\n",
         )
         .unwrap();
         assert_eq!(n[0].0.ts_ms, 1_700_000_000_000);
-        let e = parse("{\"user\":\"u\",\"item\":\"i\",\"kind\":\"v\"}\n{\"user\":\"u\",\"kind\":\"v\"}")
-            .unwrap_err();
-        assert!(e.detail.contains("line 2") && e.detail.contains("item"), "{}", e.detail);
+        let e = parse(
+            "{\"user\":\"u\",\"item\":\"i\",\"kind\":\"v\"}\n{\"user\":\"u\",\"kind\":\"v\"}",
+        )
+        .unwrap_err();
+        assert!(
+            e.detail.contains("line 2") && e.detail.contains("item"),
+            "{}",
+            e.detail
+        );
         let e = parse(r#"[{"user":"u","item":"i","kind":"v","extra":1}]"#).unwrap_err();
         assert!(e.detail.contains("extra"), "{}", e.detail);
         let e = parse(r#"[{"user":"u","item":"i","kind":"v","ts":9999999999999}]"#).unwrap_err();
@@ -1488,16 +1501,27 @@ mod tests {
     #[test]
     fn errors_name_limits_not_internal_types() {
         let e = parse(r#"[{"user":"u","item":"i","kind":"v","value":1e308}]"#).unwrap_err();
-        assert!(e.detail.contains("out of range") && e.detail.contains("32-bit"), "{}", e.detail);
+        assert!(
+            e.detail.contains("out of range") && e.detail.contains("32-bit"),
+            "{}",
+            e.detail
+        );
         let e = parse("[5]").unwrap_err();
-        assert!(!e.detail.contains("EventIn") && e.detail.contains("an event object"), "{}", e.detail);
+        assert!(
+            !e.detail.contains("EventIn") && e.detail.contains("an event object"),
+            "{}",
+            e.detail
+        );
         for field in ["event_id", "value", "ts", "request_id"] {
             let body = format!(r#"[{{"user":"u","item":"i","kind":"v","{field}":null}}]"#);
             let e = parse(&body).unwrap_err();
             assert!(e.detail.contains("null"), "{field}: {}", e.detail);
         }
         let long = "x".repeat(limits::MAX_ID_CHARS + 1);
-        let e = parse(&format!(r#"[{{"user":"u","item":"i","kind":"v","request_id":"{long}"}}]"#)).unwrap_err();
+        let e = parse(&format!(
+            r#"[{{"user":"u","item":"i","kind":"v","request_id":"{long}"}}]"#
+        ))
+        .unwrap_err();
         assert!(e.detail.contains("request_id"), "{}", e.detail);
     }
 
@@ -1517,7 +1541,10 @@ mod tests {
         assert_eq!(event_key(&p, false, &req, 0), event_key(&p, false, &req, 0));
         assert_ne!(event_key(&p, false, &req, 0), event_key(&p, false, &req, 1));
         let other = hash128(&[b"body", b"[]"]).to_le_bytes();
-        assert_ne!(event_key(&p, false, &req, 0), event_key(&p, false, &other, 0));
+        assert_ne!(
+            event_key(&p, false, &req, 0),
+            event_key(&p, false, &other, 0)
+        );
         assert_eq!(event_key(&p, true, &req, 3), p.idempotency_key());
     }
 
@@ -1531,13 +1558,51 @@ mod tests {
             attributes: Some([("k".to_string(), "v".to_string())].into()),
         };
         assert_eq!(to_item("x".into(), ok).unwrap().categories, vec!["a"]);
-        let many: Vec<String> = (0..=limits::MAX_CATEGORIES).map(|i| i.to_string()).collect();
-        let e = to_item("x".into(), ItemIn { id: None, text: None, categories: Some(many), hidden: None, attributes: None }).unwrap_err();
+        let many: Vec<String> = (0..=limits::MAX_CATEGORIES)
+            .map(|i| i.to_string())
+            .collect();
+        let e = to_item(
+            "x".into(),
+            ItemIn {
+                id: None,
+                text: None,
+                categories: Some(many),
+                hidden: None,
+                attributes: None,
+            },
+        )
+        .unwrap_err();
         assert!(e.contains("categories"), "{e}");
-        let attrs: BTreeMap<String, String> = (0..=limits::MAX_ATTRIBUTES).map(|i| (i.to_string(), String::new())).collect();
-        assert!(to_item("x".into(), ItemIn { id: None, text: None, categories: None, hidden: None, attributes: Some(attrs) }).is_err());
-        let big: BTreeMap<String, String> = [("k".to_string(), "v".repeat(limits::MAX_ATTRIBUTE_VALUE_CHARS + 1))].into();
-        assert!(to_item("x".into(), ItemIn { id: None, text: None, categories: None, hidden: None, attributes: Some(big) }).is_err());
+        let attrs: BTreeMap<String, String> = (0..=limits::MAX_ATTRIBUTES)
+            .map(|i| (i.to_string(), String::new()))
+            .collect();
+        assert!(to_item(
+            "x".into(),
+            ItemIn {
+                id: None,
+                text: None,
+                categories: None,
+                hidden: None,
+                attributes: Some(attrs)
+            }
+        )
+        .is_err());
+        let big: BTreeMap<String, String> = [(
+            "k".to_string(),
+            "v".repeat(limits::MAX_ATTRIBUTE_VALUE_CHARS + 1),
+        )]
+        .into();
+        assert!(to_item(
+            "x".into(),
+            ItemIn {
+                id: None,
+                text: None,
+                categories: None,
+                hidden: None,
+                attributes: Some(big)
+            }
+        )
+        .is_err());
         let e = serde_json::from_str::<ItemIn>(r#"{"id": null}"#).unwrap_err();
         assert!(e.to_string().contains("null"), "{e}");
     }
@@ -1556,8 +1621,8 @@ mod tests {
         #[test]
         fn any_query_parses_or_is_refused(q in "\\PC*") {
             if let Ok(p) = Params::parse(Some(q), &["k", "min_offset"], &[]) {
-                let _ = p.k(500);
-                let _ = p.min_offset();
+                drop(p.k(500));
+                drop(p.min_offset());
             }
         }
     }

@@ -68,9 +68,8 @@ fn parse_weight(s: &str) -> Option<f32> {
             && int.len() <= 9
             && !int.starts_with('0')
             && int.bytes().all(|b| b.is_ascii_digit()));
-    let frac_ok = frac.is_none_or(|f| {
-        !f.is_empty() && f.len() <= 6 && f.bytes().all(|b| b.is_ascii_digit())
-    });
+    let frac_ok =
+        frac.is_none_or(|f| !f.is_empty() && f.len() <= 6 && f.bytes().all(|b| b.is_ascii_digit()));
     if int_ok && frac_ok {
         s.parse().ok()
     } else {
@@ -104,8 +103,20 @@ mod tests {
         assert_eq!(parse_weights("1,0,0").unwrap(), [1.0, 0.0, 0.0]);
         assert_eq!(parse_weights("0,0,0").unwrap(), [0.0; 3]);
         for bad in [
-            "", "1,2", "1,2,3,4", "-1,0,0", "1e3,0,0", "inf,0,0", "NaN,0,0", " 1,0,0", "01,0,0",
-            "1.,0,0", ".5,0,0", "+1,0,0", "1.1234567,0,0", "1234567890,0,0",
+            "",
+            "1,2",
+            "1,2,3,4",
+            "-1,0,0",
+            "1e3,0,0",
+            "inf,0,0",
+            "NaN,0,0",
+            " 1,0,0",
+            "01,0,0",
+            "1.,0,0",
+            ".5,0,0",
+            "+1,0,0",
+            "1.1234567,0,0",
+            "1234567890,0,0",
         ] {
             assert!(parse_weights(bad).is_err(), "{bad:?} accepted");
         }
@@ -116,7 +127,9 @@ mod tests {
         assert!(check_id("user", "é".repeat(256).as_str()).is_ok());
         assert!(check_id("user", "é".repeat(257).as_str()).is_err());
         assert!(check_id("user", "").unwrap_err().contains("empty"));
-        assert!(check_id("user", "a\u{85}b").unwrap_err().contains("control"));
+        assert!(check_id("user", "a\u{85}b")
+            .unwrap_err()
+            .contains("control"));
         assert!(check_text("text", "", 0, 10).is_ok());
     }
 }

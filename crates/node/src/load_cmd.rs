@@ -152,7 +152,10 @@ struct LoadKey {
 impl LoadKey {
     fn digest(&self) -> String {
         let text = serde_json::to_string(self).unwrap_or_default();
-        format!("{:032x}", troupe_actors::record::hash128(&[text.as_bytes()]))
+        format!(
+            "{:032x}",
+            troupe_actors::record::hash128(&[text.as_bytes()])
+        )
     }
 }
 
@@ -183,7 +186,11 @@ fn input_identity(path: &std::path::Path) -> Result<String, CliError> {
 
 /// Where progress files go by default.
 fn state_dir() -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(d) = env("TROUPE_STATE_DIR") {
         return d.join("load");
     }
@@ -341,9 +348,8 @@ pub fn load(args: &LoadArgs) -> Result<Value, CliError> {
         None => state_dir().join(format!("{}.json", key.digest())),
     };
     if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            CliError::input(format!("progress directory {}: {e}", dir.display()))
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CliError::input(format!("progress directory {}: {e}", dir.display())))?;
     }
     let resume = if args.restart {
         0
@@ -420,8 +426,10 @@ pub fn load(args: &LoadArgs) -> Result<Value, CliError> {
             acked_rows: last,
         };
         std::fs::write(&tmp, serde_json::to_string(&saved).unwrap_or_default())
-        .and_then(|_| std::fs::rename(&tmp, &state))
-        .map_err(|e| CliError::Internal(anyhow::Error::new(e).context("saving load progress")))?;
+            .and_then(|_| std::fs::rename(&tmp, &state))
+            .map_err(|e| {
+                CliError::Internal(anyhow::Error::new(e).context("saving load progress"))
+            })?;
         pb.set_position(last);
         batch.clear();
         Ok(())
@@ -464,5 +472,7 @@ pub fn load(args: &LoadArgs) -> Result<Value, CliError> {
     eprintln!(
         "events: {acked} acked, {dups} duplicates (already acked), {resume} rows skipped as acknowledged in an earlier run"
     );
-    Ok(json!({"acked": acked, "duplicates": dups, "resumed_after_row": resume, "rows": row, "state": state.display().to_string()}))
+    Ok(
+        json!({"acked": acked, "duplicates": dups, "resumed_after_row": resume, "rows": row, "state": state.display().to_string()}),
+    )
 }

@@ -134,9 +134,7 @@ fn wait_settled(http: &Http, token: Option<&str>, wait: Duration) -> Result<(), 
                         .as_array()
                         .into_iter()
                         .flatten()
-                        .filter_map(|s| {
-                            Some((s["stream"].to_string(), s["offset"].as_u64()?))
-                        })
+                        .filter_map(|s| Some((s["stream"].to_string(), s["offset"].as_u64()?)))
                         .collect()
                 };
                 let (heads, applied) = (offsets("journal_heads"), offsets("applied"));
@@ -339,8 +337,15 @@ pub fn run(a: OnlineEvalArgs) -> CmdResult {
     if a.json {
         println!("{report}");
     } else {
-        println!("served answers of {} users, K = {}, encoder: {encoder}", rel.len(), a.k);
-        println!("{:<12} {:>9} {:>9} {:>9} {:>9}", "model", "P@K", "R@K", "MAP@K", "NDCG@K");
+        println!(
+            "served answers of {} users, K = {}, encoder: {encoder}",
+            rel.len(),
+            a.k
+        );
+        println!(
+            "{:<12} {:>9} {:>9} {:>9} {:>9}",
+            "model", "P@K", "R@K", "MAP@K", "NDCG@K"
+        );
         for (name, _) in MODELS {
             let m = &report["models"][name];
             println!(

@@ -79,7 +79,13 @@ fn k_param(max_k: usize) -> Value {
 }
 
 /// An operation; `secured` adds the bearer requirement and its 401.
-fn op(summary: &str, description: &str, params: Vec<Value>, mut resp: Value, secured: bool) -> Value {
+fn op(
+    summary: &str,
+    description: &str,
+    params: Vec<Value>,
+    mut resp: Value,
+    secured: bool,
+) -> Value {
     let mut o = json!({
         "summary": summary,
         "description": description,
@@ -267,9 +273,7 @@ pub fn document(s: &ApiShape) -> Value {
         "required": ["results"],
         "properties": {"results": {"type": "array", "items": position_schema()}},
     });
-    let json_body = |schema: Value, description: &str| {
-        json!({"required": true, "description": description, "content": {"application/json": {"schema": schema}}})
-    };
+    let json_body = |schema: Value, description: &str| json!({"required": true, "description": description, "content": {"application/json": {"schema": schema}}});
     let w = s.writes_need_token;
     let r = s.reads_need_token;
     let u = s.user_data_needs_token;
@@ -324,7 +328,10 @@ pub fn document(s: &ApiShape) -> Value {
     let get_item = op(
         "One catalog item",
         "Waits for the catalog stream like every read (see `min_offset`).",
-        vec![path_param("id", "item id"), min_offset_param("the catalog stream")],
+        vec![
+            path_param("id", "item id"),
+            min_offset_param("the catalog stream"),
+        ],
         responses(json_ok("the item", item_out), &[400, 404, 503]),
         r,
     );
@@ -353,7 +360,10 @@ pub fn document(s: &ApiShape) -> Value {
     let user_op = op(
         "A user's features and history",
         "Personal data: needs a token when the node has one (the write token or the read token).",
-        vec![path_param("id", "user id"), min_offset_param("the user's partition")],
+        vec![
+            path_param("id", "user id"),
+            min_offset_param("the user's partition"),
+        ],
         responses(json_ok("the user", user), &[400, 404, 503]),
         u,
     );
@@ -368,14 +378,26 @@ pub fn document(s: &ApiShape) -> Value {
         "Actor tree, offsets, models, breakers",
         "",
         vec![],
-        responses(json_ok("node state", json!({"type": "object", "required": ["node", "partitions", "ready", "actors", "supervisors"]})), &[400, 503]),
+        responses(
+            json_ok(
+                "node state",
+                json!({"type": "object", "required": ["node", "partitions", "ready", "actors", "supervisors"]}),
+            ),
+            &[400, 503],
+        ),
         false,
     );
     let dead_op = op(
         "Poison records moved to the dead letters",
         "",
         vec![],
-        responses(json_ok("dead letters", json!({"type": "object", "required": ["dead_letters"], "properties": {"dead_letters": {"type": "array", "items": {"type": "object"}}}})), &[400, 503]),
+        responses(
+            json_ok(
+                "dead letters",
+                json!({"type": "object", "required": ["dead_letters"], "properties": {"dead_letters": {"type": "array", "items": {"type": "object"}}}}),
+            ),
+            &[400, 503],
+        ),
         w,
     );
     let retrain_op = op(
@@ -389,11 +411,23 @@ pub fn document(s: &ApiShape) -> Value {
         "Serve the previous ALS model version",
         "409 when no older version is stored or no model is served.",
         vec![],
-        responses(json_ok("now serving", json!({"type": "object", "required": ["serving_version"], "properties": {"serving_version": {"type": "integer"}}})), &[400, 409, 503]),
+        responses(
+            json_ok(
+                "now serving",
+                json!({"type": "object", "required": ["serving_version"], "properties": {"serving_version": {"type": "integer"}}}),
+            ),
+            &[400, 409, 503],
+        ),
         w,
     );
     let probe = |summary: &str, schema: Value, errors: &[u16]| {
-        op(summary, "", vec![], responses(json_ok("ok", schema), errors), false)
+        op(
+            summary,
+            "",
+            vec![],
+            responses(json_ok("ok", schema), errors),
+            false,
+        )
     };
     let healthz = probe("Liveness, with the node's name and the identity of its store (new for every fresh data directory)", json!({"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}, "node": {"type": "string"}, "store_id": {"type": "string"}}}), &[400, 503]);
     let readyz = probe(
@@ -448,7 +482,8 @@ pub fn document(s: &ApiShape) -> Value {
         },
     });
     if w || r || u {
-        doc["components"]["securitySchemes"] = json!({"bearer": {"type": "http", "scheme": "bearer"}});
+        doc["components"]["securitySchemes"] =
+            json!({"bearer": {"type": "http", "scheme": "bearer"}});
     }
     doc
 }

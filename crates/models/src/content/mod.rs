@@ -120,7 +120,8 @@ mod tests {
         // Every touch is far older than ten half-lives of any clock: ages count from the
         // user's own latest touch, so the profile is the same as if they were fresh.
         let old = user_profile(e.view(), &[(0, 1.0, 1_000), (1, 1.0, 990)], 10.0).unwrap();
-        let shifted = user_profile(e.view(), &[(0, 1.0, 901_000), (1, 1.0, 900_990)], 10.0).unwrap();
+        let shifted =
+            user_profile(e.view(), &[(0, 1.0, 901_000), (1, 1.0, 900_990)], 10.0).unwrap();
         assert!(old.iter().zip(&shifted).all(|(a, b)| (a - b).abs() < 1e-6));
         assert!(old[0] > old[1] && old[1] > 0.0);
     }
