@@ -290,9 +290,13 @@ impl Node {
 
     /// POST with extra headers.
     pub fn post_with(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
-        let mut r = agent()
-            .post(format!("{}{path}", self.url()))
-            .header("Content-Type", "application/json");
+        let mut r = agent().post(format!("{}{path}", self.url()));
+        if !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
+            r = r.header("Content-Type", "application/json");
+        }
         for (k, v) in headers {
             r = r.header(*k, *v);
         }

@@ -66,7 +66,7 @@ fn served_matches_evaluated(dir: &Path, train: &Path, test: &Path, items: &Path)
         &p(items),
         "--json",
     ]));
-    let node = Node::start(dir, NODE, &[("TROUPE_STATE_DIR", dir.to_str().unwrap())]);
+    let node = Node::start(dir, NODE, &[]);
     let served = parse_report(&troupe(&[
         "online-eval",
         "--url",

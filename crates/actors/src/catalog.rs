@@ -74,16 +74,11 @@ fn send_encode(items: Vec<(String, String)>) {
     }
 }
 
-/// What the content model embeds for an item: the same text `troupe eval` embeds.
-fn embed_text(item: &Item) -> String {
-    troupe_models::data::content_text(&item.text, &item.categories, &[])
-}
-
 impl Apply for Items {
     fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr> {
         match &r.payload {
             Payload::ItemUpsert(item) => {
-                self.encode.push((item.id.clone(), embed_text(item)));
+                self.encode.push((item.id.clone(), item.embed_text()));
                 self.ctx.catalog.write().upsert(item.clone());
                 self.upserts += 1;
             }
@@ -193,7 +188,7 @@ impl Actor for Catalog {
             }
             view.items
                 .values()
-                .map(|i| (i.id.clone(), embed_text(i)))
+                .map(|i| (i.id.clone(), i.embed_text()))
                 .collect()
         };
         send_encode(items);

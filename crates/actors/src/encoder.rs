@@ -100,7 +100,7 @@ async fn encode_batch(
         let view = ctx.catalog.read();
         ready
             .iter()
-            .map(|(id, _, _)| view.items.get(id).map(|i| text_hash(&i.text)))
+            .map(|(id, _, _)| view.items.get(id).map(|i| text_hash(&i.embed_text())))
             .collect()
     };
     let mut index = ctx.content.write();
@@ -153,8 +153,10 @@ impl Actor for ContentEncoder {
             let index = st.ctx.content.read();
             view.items
                 .values()
-                .filter(|i| index.text_hash(&i.id) != Some(text_hash(&i.text)))
-                .map(|i| (i.id.clone(), i.text.clone()))
+                .filter_map(|i| {
+                    let text = i.embed_text();
+                    (index.text_hash(&i.id) != Some(text_hash(&text))).then(|| (i.id.clone(), text))
+                })
                 .collect()
         };
         if !missing.is_empty() {

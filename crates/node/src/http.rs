@@ -441,9 +441,17 @@ impl<A: Access> FromRequestParts<AppState> for Admitted<A> {
 
 /// Bodies are JSON (or NDJSON for events); another declared type is refused.
 fn check_content_type(h: &HeaderMap) -> Result<(), ApiError> {
-    let Some(v) = h.get(header::CONTENT_TYPE) else {
+    let mut all = h.get_all(header::CONTENT_TYPE).iter();
+    let Some(v) = all.next() else {
         return Ok(());
     };
+    if all.next().is_some() {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "more than one Content-Type header",
+        ));
+    }
     let essence = v
         .to_str()
         .ok()
@@ -626,10 +634,19 @@ fn to_event(e: EventIn, now: i64, skew_ms: i64) -> Result<(Event, bool), String>
     }
     let ts_ms = match &e.ts {
         None => now,
+        // JSON has one number type: 1000.0 is the integer 1000.
         Some(Value::Number(n)) => n
             .as_i64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && (0.0..9.0e18).contains(f))
+                    .map(|f| f as i64)
+            })
             .filter(|&t| t >= 0)
             .ok_or_else(|| format!("ts {n} must be a whole number of milliseconds since 1970"))?,
+        Some(Value::Null) => {
+            return Err("ts is null: leave the field out to use the node's clock".into())
+        }
         Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
             .map_err(|err| format!("ts `{s}` is not an RFC 3339 date-time: {err}"))?
             .timestamp_millis(),
@@ -715,7 +732,8 @@ fn parse_events(
         return Err(ApiError::bad("no events in the body"));
     }
     if raw.len() > max {
-        return Err(ApiError::too_large(
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
             "too_many_events",
             format!("{} events in one request; the limit is {max}", raw.len()),
         ));
@@ -941,8 +959,10 @@ async fn put_item(
     let bytes = read_body(&st, body).await?;
     let item: ItemIn = serde_json::from_str(body_text(&bytes)?)
         .map_err(|e| ApiError::bad(format!("item: {e}")))?;
-    if item.id.as_ref().is_some_and(|x| *x != id) {
-        return Err(ApiError::bad("body id differs from the path id"));
+    if item.id.is_some() {
+        return Err(ApiError::bad(
+            "the item id is the path's: leave `id` out of the body",
+        ));
     }
     let item = to_item(id.clone(), item).map_err(ApiError::bad)?;
     let pos = append(
@@ -967,7 +987,8 @@ async fn post_items(
         return Err(ApiError::bad("no items in the body"));
     }
     if items.len() > st.opts.max_events_per_request {
-        return Err(ApiError::too_large(
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
             "too_many_items",
             format!(
                 "{} items in one request; the limit is {}",

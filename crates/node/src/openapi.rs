@@ -95,6 +95,9 @@ fn op(
         o["security"] = json!([{"bearer": []}]);
         resp["401"] = error_ref();
     }
+    // The HTTP layer's own limits on the request line and headers (no JSON body).
+    resp["414"] = json!({"description": "URI too long"});
+    resp["431"] = json!({"description": "request header fields too large"});
     o["responses"] = resp;
     o
 }
@@ -160,9 +163,10 @@ pub fn document(s: &ApiShape) -> Value {
         "description": "A catalog item. Absent fields take their defaults (empty text, no categories, not hidden, no attributes); no field may be null.",
         "properties": item_props.clone(),
     });
-    item_in["properties"]["id"] = id("item id; in PUT it must equal the path id");
     let mut item_batch = item_in.clone();
+    item_batch["properties"]["id"] = id("item id");
     item_batch["required"] = json!(["id"]);
+    item_in["description"] = json!("A catalog item (its id is the path's; a body `id` is refused). Absent fields take their defaults (empty text, no categories, not hidden, no attributes); no field may be null.");
     let mut item_out = json!({
         "type": "object",
         "required": ["id", "text", "categories", "hidden", "attributes", "applied_offset", "stale"],
@@ -311,7 +315,7 @@ pub fn document(s: &ApiShape) -> Value {
     let put_item = with_body(
         op(
             "Upsert one item",
-            "Journaled on the catalog stream; answered once durable. A body `id` must equal the path id.",
+            "Journaled on the catalog stream; answered once durable. The id is the path's; the body has no `id`.",
             vec![path_param("id", "item id")],
             responses(json_ok("durable", item_ack.clone()), body_errors),
             w,
