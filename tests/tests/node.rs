@@ -313,7 +313,7 @@ fn freshness_bad_input_items_and_graceful_stop() {
                 "[{}]",
                 vec![json!({"user": "u", "item": "i", "kind": "v"}).to_string(); 200].join(",")
             ),
-            400,
+            413,
             "limit",
         ),
     ];
