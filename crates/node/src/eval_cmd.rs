@@ -234,26 +234,16 @@ pub fn config_from_args(a: &EvalArgs) -> Result<EvalConfig, CliError> {
             ..s.als.params.clone()
         };
         als.validate()?;
-        return Ok(EvalConfig {
-            k: a.k,
-            als,
-            weights: s.weights.clone(),
-            blend: BlendSettings {
-                weights: s.ranker.weights,
-                normalization: s.ranker.normalization,
-                candidates: s.ranker.candidates.max(a.k),
-            },
-            popularity_half_life_days: days(s.popularity_half_life),
-            content_half_life_days: days(s.content.profile_half_life),
-            tune: a.tune || a.tune_blend,
-            tune_blend_only: a.tune_blend,
-            validation_fraction: a.holdout,
-            validation_split: match a.split {
-                Some(SplitArg::Time) => SplitKind::Time,
-                _ => SplitKind::Random,
-            },
-            seed: a.seed,
-        });
+        let blend = BlendSettings {
+            weights: s.ranker.weights,
+            normalization: s.ranker.normalization,
+            candidates: s.ranker.candidates.max(a.k),
+        };
+        let decays = (
+            days(s.popularity_half_life),
+            days(s.content.profile_half_life),
+        );
+        return Ok(eval_config(a, als, s.weights.clone(), blend, decays));
     }
     let mut weights = WeightConfig {
         transform: a
@@ -297,13 +287,27 @@ pub fn config_from_args(a: &EvalArgs) -> Result<EvalConfig, CliError> {
         seed: a.seed,
     };
     als.validate()?;
-    Ok(EvalConfig {
+    let decays = (a.popularity_half_life_days, a.content_half_life_days);
+    Ok(eval_config(a, als, weights, blend, decays))
+}
+
+/// The evaluation config from the model settings (flags or a node config) and the
+/// flags that only the evaluation has (k, tuning, split, seed). `decays` are the
+/// popularity and content half-lives in days.
+fn eval_config(
+    a: &EvalArgs,
+    als: AlsParams,
+    weights: WeightConfig,
+    blend: BlendSettings,
+    decays: (f64, f64),
+) -> EvalConfig {
+    EvalConfig {
         k: a.k,
         als,
         weights,
         blend,
-        popularity_half_life_days: a.popularity_half_life_days,
-        content_half_life_days: a.content_half_life_days,
+        popularity_half_life_days: decays.0,
+        content_half_life_days: decays.1,
         tune: a.tune || a.tune_blend,
         tune_blend_only: a.tune_blend,
         validation_fraction: a.holdout,
@@ -312,7 +316,7 @@ pub fn config_from_args(a: &EvalArgs) -> Result<EvalConfig, CliError> {
             _ => SplitKind::Random,
         },
         seed: a.seed,
-    })
+    }
 }
 
 /// Loaded, interned and split data.
