@@ -239,6 +239,43 @@ fn movielens_default_eval_meets_the_peer_figures() {
 }
 
 #[test]
+fn a_saved_split_evaluates_like_the_split_it_came_from() {
+    let _t = timed();
+    let d = tempfile::tempdir().unwrap();
+    gen(d.path(), "150", "120", "6000");
+    let ev = d.path().join("events.csv");
+    let items = d.path().join("items.csv");
+    let split = d.path().join("split");
+    let (ev, items, split) = (
+        ev.to_str().unwrap(),
+        items.to_str().unwrap(),
+        split.to_str().unwrap(),
+    );
+    let common = ["--items", items, "--iterations", "3", "--json"];
+    let mut a = vec![
+        "eval",
+        "--events",
+        ev,
+        "--split",
+        "time",
+        "--save-split",
+        split,
+    ];
+    a.extend_from_slice(&common);
+    let first = parse_report(&troupe(&a));
+    let (train, test) = (format!("{split}/train.csv"), format!("{split}/test.csv"));
+    let mut b = vec!["eval", "--train", &train, "--test", &test];
+    b.extend_from_slice(&common);
+    let second = parse_report(&troupe(&b));
+    assert_eq!(first["users"], second["users"]);
+    for m in ["popularity", "als", "content", "ensemble"] {
+        let (x, y) = (&first["models"][m]["ndcg"], &second["models"][m]["ndcg"]);
+        assert!(x.as_f64().unwrap() > 0.0, "{m}: {x}");
+        assert_eq!(x, y, "{m}");
+    }
+}
+
+#[test]
 fn online_retail_loads_as_shipped() {
     let _t = timed();
     let Some(data) = shared_data() else { return };

@@ -53,8 +53,8 @@ fn split(events: &Path, dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 /// Runs `troupe eval` and `troupe online-eval` against a fresh node on the same files and
-/// checks every model's NDCG@10.
-fn served_matches_evaluated(dir: &Path, train: &Path, test: &Path, items: &Path) {
+/// checks every model's NDCG@10; returns the served report.
+fn served_matches_evaluated(dir: &Path, train: &Path, test: &Path, items: &Path) -> Value {
     let p = |x: &Path| x.to_str().unwrap().to_string();
     let eval = parse_report(&troupe(&[
         "eval",
@@ -94,6 +94,22 @@ fn served_matches_evaluated(dir: &Path, train: &Path, test: &Path, items: &Path)
         "served NDCG@10 differs from eval by {worst:.4}:\n{report}served details: {}",
         served["details"]
     );
+    served
+}
+
+/// The default blend was chosen (on validation data) to beat every single branch on the
+/// shared data sets; this holds it to that as served.
+fn ensemble_beats_every_branch(served: &Value) {
+    let ndcg = |m: &str| served["models"][m]["ndcg"].as_f64().unwrap();
+    let best = ["popularity", "als", "content"]
+        .into_iter()
+        .map(ndcg)
+        .fold(0.0, f64::max);
+    assert!(
+        ndcg("ensemble") > best,
+        "served ensemble {} does not beat the best branch {best}",
+        ndcg("ensemble")
+    );
 }
 
 #[test]
@@ -131,12 +147,52 @@ fn served_quality_matches_eval_on_movielens() {
     };
     let ml = root.join("ml-latest-small");
     let dir = tempfile::tempdir().unwrap();
-    served_matches_evaluated(
+    let served = served_matches_evaluated(
         dir.path(),
         &ml.join("split/train.csv"),
         &ml.join("split/test.csv"),
         &ml.join("movies.csv"),
     );
+    ensemble_beats_every_branch(&served);
+}
+
+/// Online Retail split by time (the last 20 % of each customer's purchases), saved by
+/// `troupe eval --save-split` so both sides read the same files; quantities are values.
+#[test]
+fn served_quality_matches_eval_on_online_retail() {
+    let _t = timed();
+    let Some(root) = shared_data() else {
+        return;
+    };
+    let or = root.join("online-retail");
+    let dir = tempfile::tempdir().unwrap();
+    let split = dir.path().join("split");
+    let out = troupe(&[
+        "eval",
+        "--events",
+        or.join("events.csv.gz").to_str().unwrap(),
+        "--items",
+        or.join("items.csv").to_str().unwrap(),
+        "--split",
+        "time",
+        "--save-split",
+        split.to_str().unwrap(),
+        "--iterations",
+        "1",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served = served_matches_evaluated(
+        dir.path(),
+        &split.join("train.csv"),
+        &split.join("test.csv"),
+        &or.join("items.csv"),
+    );
+    ensemble_beats_every_branch(&served);
 }
 
 #[test]

@@ -121,7 +121,8 @@ pub struct AlsTrainerState {
 /// What a training run needs (a copy, so the actor keeps consuming meanwhile).
 struct TrainInput {
     version: u64,
-    users: usize,
+    /// [`als::row_key`] of every user id, by the trainer's user index.
+    user_keys: Vec<u64>,
     items: IdMap,
     pairs: Vec<(u32, u32, f32, i64)>,
     params: als::AlsParams,
@@ -171,7 +172,7 @@ fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
         version: WIRE_VERSION,
         model_version: input.version,
         interactions: input.pairs.len() as u64,
-        users: input.users as u32,
+        users: input.user_keys.len() as u32,
         items: input.items.len() as u32,
         serving_version: input.serving.as_ref().map_or(0, |s| s.version),
         ..Default::default()
@@ -202,8 +203,9 @@ fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
         .filter(|(k, _)| !held.contains(k))
         .map(|(_, p)| (p.0, p.1, p.2))
         .collect();
-    let csr = Csr::from_triples(input.users, input.items.len(), &triples);
-    let model = match als::fit(&csr, &input.params, false, |_, _| {}) {
+    let item_keys = input.items.row_keys();
+    let csr = Csr::from_triples(input.user_keys.len(), input.items.len(), &triples);
+    let model = match als::fit_keyed(&csr, &input.params, &input.user_keys, &item_keys) {
         Ok(m) => m,
         Err(e) => {
             report.reason = format!("training failed: {e}");
@@ -250,8 +252,8 @@ fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
         (model, fold)
     } else {
         let all: Vec<(u32, u32, f32)> = input.pairs.iter().map(|p| (p.0, p.1, p.2)).collect();
-        let csr = Csr::from_triples(input.users, input.items.len(), &all);
-        match als::fit(&csr, &input.params, false, |_, _| {}) {
+        let csr = Csr::from_triples(input.user_keys.len(), input.items.len(), &all);
+        match als::fit_keyed(&csr, &input.params, &input.user_keys, &item_keys) {
             Ok(m) => {
                 let f = FoldIn::new(m.item_factors.view(), &m.params);
                 (m, f)
@@ -361,7 +363,7 @@ impl AlsTrainerState {
         self.next_version += 1;
         let input = TrainInput {
             version,
-            users: self.data.users.len(),
+            user_keys: self.data.users.row_keys(),
             items: self.data.items.clone(),
             pairs: self.data.pair_list(),
             params: self.ctx.settings.als.params.clone(),

@@ -101,18 +101,74 @@ fn random_factors(rows: usize, k: usize, rng: &mut rand::rngs::StdRng) -> Array2
 
 /// Trains ALS on `weights` (users x items). `on_iteration(iter, loss)` is called after
 /// every full iteration when `track_loss` is set (computing the loss costs about a
-/// half-iteration).
+/// half-iteration). Start vectors come from one generator in row order, so the result
+/// depends on how rows were numbered; [`fit_keyed`] removes that dependence.
 pub fn fit(
     weights: &Csr,
     params: &AlsParams,
     track_loss: bool,
-    mut on_iteration: impl FnMut(usize, f64),
+    on_iteration: impl FnMut(usize, f64),
 ) -> Result<AlsModel> {
     params.validate()?;
-    let k = params.factors;
     let mut rng = rand::rngs::StdRng::seed_from_u64(params.seed);
-    let mut users = random_factors(weights.rows, k, &mut rng);
-    let mut items = random_factors(weights.cols, k, &mut rng);
+    let users = random_factors(weights.rows, params.factors, &mut rng);
+    let items = random_factors(weights.cols, params.factors, &mut rng);
+    fit_from(weights, params, users, items, track_loss, on_iteration)
+}
+
+/// A stable key of a user or item id for [`fit_keyed`].
+pub fn row_key(id: &str) -> u64 {
+    use std::hash::Hasher;
+    let mut h = rustc_hash::FxHasher::default();
+    h.write(id.as_bytes());
+    h.finish()
+}
+
+/// Start vectors drawn per row from a generator seeded by `seed` and the row's key.
+fn keyed_factors(keys: &[u64], k: usize, seed: u64) -> Array2<f32> {
+    let mut out = Array2::zeros((keys.len(), k));
+    for (mut row, &key) in out.rows_mut().into_iter().zip(keys) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ key);
+        row.iter_mut().for_each(|v| *v = rng.random::<f32>() * 0.01);
+    }
+    out
+}
+
+/// As [`fit`], but every row starts from a vector chosen by its key ([`row_key`] of its
+/// id): the same data numbered in any order gives the same model up to rounding, so a
+/// node (ids numbered as they arrive) and `troupe eval` (ids numbered as read) agree.
+pub fn fit_keyed(
+    weights: &Csr,
+    params: &AlsParams,
+    user_keys: &[u64],
+    item_keys: &[u64],
+) -> Result<AlsModel> {
+    params.validate()?;
+    if user_keys.len() != weights.rows || item_keys.len() != weights.cols {
+        return Err(ModelError::param(
+            "keys",
+            format!(
+                "{} user and {} item keys for a {} x {} matrix",
+                user_keys.len(),
+                item_keys.len(),
+                weights.rows,
+                weights.cols
+            ),
+        ));
+    }
+    let users = keyed_factors(user_keys, params.factors, params.seed);
+    let items = keyed_factors(item_keys, params.factors, params.seed.rotate_left(32));
+    fit_from(weights, params, users, items, false, |_, _| {})
+}
+
+fn fit_from(
+    weights: &Csr,
+    params: &AlsParams,
+    mut users: Array2<f32>,
+    mut items: Array2<f32>,
+    track_loss: bool,
+    mut on_iteration: impl FnMut(usize, f64),
+) -> Result<AlsModel> {
     // Store alpha * w = c - 1, which is what the solver needs.
     let cui = weights.map_values(|w| params.alpha * w.max(0.0));
     let ciu = cui.transpose();
@@ -535,6 +591,66 @@ mod tests {
             total += hits as f64 / t.len() as f64;
         }
         total / test.len() as f64
+    }
+
+    #[test]
+    fn a_keyed_fit_does_not_depend_on_how_rows_are_numbered() {
+        let (users, items) = (300, 200);
+        let (train, _) = planted(users, items, 3);
+        let params = AlsParams {
+            factors: 8,
+            iterations: 4,
+            ..Default::default()
+        };
+        let ukeys: Vec<u64> = (0..users).map(|u| row_key(&format!("u{u}"))).collect();
+        let ikeys: Vec<u64> = (0..items).map(|i| row_key(&format!("i{i}"))).collect();
+        let a = fit_keyed(
+            &Csr::from_triples(users, items, &train),
+            &params,
+            &ukeys,
+            &ikeys,
+        )
+        .unwrap();
+        // The same data with users and items numbered backwards.
+        let (ru, ri) = (|u: u32| users as u32 - 1 - u, |i: u32| items as u32 - 1 - i);
+        let flipped: Vec<(u32, u32, f32)> =
+            train.iter().map(|&(u, i, w)| (ru(u), ri(i), w)).collect();
+        let rev = |k: &[u64]| k.iter().rev().copied().collect::<Vec<_>>();
+        let b = fit_keyed(
+            &Csr::from_triples(users, items, &flipped),
+            &params,
+            &rev(&ukeys),
+            &rev(&ikeys),
+        )
+        .unwrap();
+        for i in 0..items {
+            let (x, y) = (
+                a.item_factors.row(i),
+                b.item_factors.row(ri(i as u32) as usize),
+            );
+            for (p, q) in x.iter().zip(y) {
+                assert!(
+                    (p - q).abs() <= 1e-4 * (1.0 + p.abs()),
+                    "item {i}: {p} vs {q}"
+                );
+            }
+        }
+        // Index-order starts differ, so the plain fit does depend on the numbering.
+        let c = fit(
+            &Csr::from_triples(users, items, &train),
+            &params,
+            false,
+            |_, _| {},
+        )
+        .unwrap();
+        assert!(c.item_factors != a.item_factors);
+        assert!(fit_keyed(
+            &Csr::from_triples(users, items, &train),
+            &params,
+            &ukeys[1..],
+            &ikeys
+        )
+        .is_err());
     }
 
     #[test]

@@ -113,6 +113,42 @@ fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read + Send>> {
     }
 }
 
+/// Writes events as CSV in the layout every reader here takes without flags:
+/// `user,item[,value],ts[,kind]`, the value and kind columns only when some event has one.
+pub fn write_events(path: &Path, events: &[Event]) -> Result<()> {
+    let has_value = events.iter().any(|e| e.value.is_some());
+    let has_kind = events.iter().any(|e| e.kind.is_some());
+    let csv_err = |e: csv::Error| ModelError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let mut w = csv::Writer::from_path(path).map_err(csv_err)?;
+    let mut header = vec!["user", "item"];
+    if has_value {
+        header.push("value");
+    }
+    header.push("ts");
+    if has_kind {
+        header.push("kind");
+    }
+    w.write_record(&header).map_err(csv_err)?;
+    for e in events {
+        let mut row = vec![e.user.clone(), e.item.clone()];
+        if has_value {
+            row.push(e.value.map(|v| v.to_string()).unwrap_or_default());
+        }
+        row.push(e.ts.to_string());
+        if has_kind {
+            row.push(e.kind.clone().unwrap_or_default());
+        }
+        w.write_record(&row).map_err(csv_err)?;
+    }
+    w.flush().map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// A gzip writer (fast compression) for generated files.
 pub fn gzip_writer<W: std::io::Write>(w: W) -> flate2::write::GzEncoder<W> {
     flate2::write::GzEncoder::new(w, flate2::Compression::fast())
@@ -506,6 +542,51 @@ mod tests {
         assert_eq!(evs[0].user, "a,b");
         assert_eq!(evs[0].ts, 1291191960);
         assert_eq!(evs[0].kind.as_deref(), Some("purchase"));
+    }
+
+    #[test]
+    fn written_events_read_back_the_same() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("w.csv");
+        let evs = vec![
+            Event {
+                user: "a,\"b\"".into(),
+                item: "X1".into(),
+                kind: Some("purchase".into()),
+                value: Some(2.5),
+                ts: 1291191960,
+            },
+            Event {
+                user: "c".into(),
+                item: "Y".into(),
+                kind: Some("view".into()),
+                value: Some(-1.0),
+                ts: 7,
+            },
+        ];
+        write_events(&p, &evs).unwrap();
+        let back: Vec<Event> = EventReader::open(&p, &Columns::default(), false)
+            .unwrap()
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(back, evs);
+        // Without values and kinds the columns are left out, not written empty.
+        let bare: Vec<Event> = evs
+            .iter()
+            .map(|e| Event {
+                kind: None,
+                value: None,
+                ..e.clone()
+            })
+            .collect();
+        write_events(&p, &bare).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.starts_with("user,item,ts\n"), "{text}");
+        let back: Vec<Event> = EventReader::open(&p, &Columns::default(), false)
+            .unwrap()
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(back, bare);
     }
 
     #[test]

@@ -39,6 +39,11 @@ impl IdMap {
         self.names.len()
     }
 
+    /// [`crate::als::row_key`] of every id, by index: what [`crate::als::fit_keyed`] takes.
+    pub fn row_keys(&self) -> Vec<u64> {
+        self.names.iter().map(|n| crate::als::row_key(n)).collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }

@@ -41,12 +41,12 @@ pub struct BlendSettings {
 }
 
 impl Default for BlendSettings {
-    /// Chosen on a validation split carved out of the MovieLens train file (see
-    /// `docs/adr/003-default-blend.md` for the command); never on test.
+    /// Chosen on validation splits carved out of the MovieLens and Online Retail train
+    /// parts, never on test (`bench/blend-defaults.sh`, `docs/adr/003-default-blend.md`).
     fn default() -> Self {
         BlendSettings {
-            weights: [0.8, 0.1, 0.1],
-            normalization: Normalization::Rrf { k0: 60.0 },
+            weights: [0.7, 0.15, 0.15],
+            normalization: Normalization::ZScore,
             candidates: 100,
         }
     }
@@ -125,8 +125,10 @@ pub struct EvalReport {
 
 /// Inputs of one evaluation.
 pub struct Evaluation<'a> {
-    pub n_users: usize,
-    pub n_items: usize,
+    /// [`als::row_key`] of every user id, by user index.
+    pub user_keys: &'a [u64],
+    /// [`als::row_key`] of every item id, by item index.
+    pub item_keys: &'a [u64],
     pub train: &'a [Interaction],
     pub test: &'a [Interaction],
     /// Kind name of an interaction's kind index.
@@ -447,13 +449,18 @@ impl Evaluation<'_> {
         if cfg.k == 0 {
             return Err(ModelError::param("k", "must be >= 1"));
         }
-        let rel = relevant(self.test, self.n_users, &cfg.weights, self.kind_name);
+        let rel = relevant(
+            self.test,
+            self.user_keys.len(),
+            &cfg.weights,
+            self.kind_name,
+        );
         if rel.is_empty() {
             return Err(ModelError::Empty(
                 "no user has a test row (after --min-value)".into(),
             ));
         }
-        let universe = self.n_items;
+        let universe = self.item_keys.len();
         let mut cfg = cfg.clone();
         let mut tune_details = serde_json::Value::Null;
         if cfg.tune {
@@ -466,23 +473,28 @@ impl Evaluation<'_> {
             tune_details = serde_json::to_value(&t).unwrap_or_default();
         }
 
-        let ud = user_data(self.train, self.n_users, &cfg.weights, self.kind_name);
+        let ud = user_data(
+            self.train,
+            self.user_keys.len(),
+            &cfg.weights,
+            self.kind_name,
+        );
         let users: Vec<u32> = rel.iter().map(|(u, _)| *u).collect();
         let n_cand = cfg.blend.candidates.max(cfg.k);
 
         let t = Instant::now();
-        let pop = popularity_model(&ud, self.n_items, cfg.popularity_half_life_days);
+        let pop = popularity_model(&ud, self.item_keys.len(), cfg.popularity_half_life_days);
         let pop_fit = t.elapsed().as_secs_f64();
 
         log(&format!(
             "fitting ALS: {} users x {} items, {} non-zeros",
-            self.n_users,
-            self.n_items,
+            self.user_keys.len(),
+            self.item_keys.len(),
             ud.positives.iter().map(Vec::len).sum::<usize>()
         ));
         let t = Instant::now();
-        let m = weight_matrix(&ud, self.n_items);
-        let model = als::fit(&m, &cfg.als, false, |_, _| {})?;
+        let m = weight_matrix(&ud, self.item_keys.len());
+        let model = als::fit_keyed(&m, &cfg.als, self.user_keys, self.item_keys)?;
         let als_fit = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
@@ -527,8 +539,8 @@ impl Evaluation<'_> {
             "content_half_life_days": cfg.content_half_life_days,
             "weights": {"transform": cfg.weights.transform, "kinds": cfg.weights.kind_weights, "negative_kinds": cfg.weights.negative_kinds},
             "data": {
-                "users": self.n_users,
-                "items": self.n_items,
+                "users": self.user_keys.len(),
+                "items": self.item_keys.len(),
                 "train_rows": self.train.len(),
                 "test_rows": self.test.len(),
                 "now": ud.now,
@@ -560,18 +572,18 @@ impl Evaluation<'_> {
             cfg.validation_split,
             cfg.seed ^ 0x5eed,
         )?;
-        let rel = relevant(&val, self.n_users, &cfg.weights, self.kind_name);
+        let rel = relevant(&val, self.user_keys.len(), &cfg.weights, self.kind_name);
         if rel.is_empty() {
             return Err(ModelError::Empty(
                 "validation split has no users; too little train data to tune".into(),
             ));
         }
         let users: Vec<u32> = rel.iter().map(|(u, _)| *u).collect();
-        let ud = user_data(&sub, self.n_users, &cfg.weights, self.kind_name);
+        let ud = user_data(&sub, self.user_keys.len(), &cfg.weights, self.kind_name);
         let n_cand = cfg.blend.candidates.max(cfg.k);
         let k = cfg.k;
-        let universe = self.n_items;
-        let m = weight_matrix(&ud, self.n_items);
+        let universe = self.item_keys.len();
+        let m = weight_matrix(&ud, self.item_keys.len());
         let mut tried = 0usize;
         let ndcg_of = |lists: &[Vec<Scored>]| {
             score_lists(
@@ -616,7 +628,7 @@ impl Evaluation<'_> {
         }
         let mut best_als: Option<(f64, AlsParams, Vec<Vec<Scored>>)> = None;
         for p in grid {
-            let model = als::fit(&m, &p, false, |_, _| {})?;
+            let model = als::fit_keyed(&m, &p, self.user_keys, self.item_keys)?;
             let lists = als_candidates(&model, &users, &ud, n_cand, true);
             let s = ndcg_of(&lists);
             tried += 1;
@@ -634,7 +646,7 @@ impl Evaluation<'_> {
         let half_lives = [0.0f64, 30.0, 180.0, 730.0];
         let mut best_pop: Option<(f64, f64, Vec<Vec<Scored>>)> = None;
         for &h in &half_lives {
-            let pop = popularity_model(&ud, self.n_items, h);
+            let pop = popularity_model(&ud, self.item_keys.len(), h);
             let lists = popularity_candidates(&pop, &users, &ud, n_cand);
             let s = ndcg_of(&lists);
             tried += 1;

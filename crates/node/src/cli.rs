@@ -104,6 +104,10 @@ pub struct EvalArgs {
     /// How to split --events per user.
     #[arg(long, value_enum)]
     pub split: Option<SplitArg>,
+    /// Write the split to this folder (created) as train.csv and test.csv, readable by
+    /// `--train/--test`, `troupe load` and `troupe online-eval` (with --events/--split).
+    #[arg(long, requires = "split")]
+    pub save_split: Option<PathBuf>,
     /// Fraction of each user's rows held out.
     #[arg(long, default_value_t = 0.2)]
     pub holdout: f64,

@@ -13,7 +13,7 @@ use troupe_models::blend::Normalization;
 use troupe_models::content::onnx::OnnxEncoder;
 use troupe_models::content::tfidf::HashedTfidf;
 use troupe_models::content::TextEncoder;
-use troupe_models::data::{read_items, read_tags, Columns, EventReader};
+use troupe_models::data::{read_items, read_tags, write_events, Columns, Event, EventReader};
 use troupe_models::dataset::{split_per_user, Dataset, Interaction, SplitKind, WeightConfig};
 use troupe_models::evaluate::{BlendSettings, EvalConfig, EvalReport, Evaluation};
 
@@ -334,6 +334,30 @@ fn kind_names(data: &Dataset) -> impl Fn(u16) -> Option<String> + Sync {
     move |k: u16| kinds.get(k as usize).cloned()
 }
 
+/// Writes a split as `train.csv` and `test.csv` under `dir`, with the original ids.
+fn save_split(
+    dir: &Path,
+    data: &Dataset,
+    train: &[Interaction],
+    test: &[Interaction],
+) -> Result<(), CliError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| CliError::input(format!("cannot create {}: {e}", dir.display())))?;
+    let event = |x: &Interaction| Event {
+        user: data.users.name(x.user).unwrap_or_default().to_string(),
+        item: data.items.name(x.item).unwrap_or_default().to_string(),
+        kind: data.kind_name(x.kind).map(str::to_string),
+        value: (!x.value.is_nan()).then_some(x.value),
+        ts: x.ts,
+    };
+    for (name, rows) in [("train.csv", train), ("test.csv", test)] {
+        let events: Vec<Event> = rows.iter().map(event).collect();
+        write_events(&dir.join(name), &events)?;
+    }
+    info!(dir = %dir.display(), train = train.len(), test = test.len(), "split saved");
+    Ok(())
+}
+
 fn load(a: &EvalArgs) -> Result<Loaded, CliError> {
     let mut data = Dataset::default();
     let cols = Columns::from(&a.columns);
@@ -354,7 +378,11 @@ fn load(a: &EvalArgs) -> Result<Loaded, CliError> {
                 SplitArg::Random => SplitKind::Random,
                 SplitArg::Time => SplitKind::Time,
             };
-            split_per_user(&rows, a.holdout, kind, a.seed)?
+            let (train, test) = split_per_user(&rows, a.holdout, kind, a.seed)?;
+            if let Some(dir) = &a.save_split {
+                save_split(dir, &data, &train, &test)?;
+            }
+            (train, test)
         }
         _ => {
             return Err(CliError::input(
@@ -385,9 +413,10 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport, CliError> {
         a.batch,
         enc.tfidf_dim,
     )?;
+    let (user_keys, item_keys) = (data.users.row_keys(), data.items.row_keys());
     let ev = Evaluation {
-        n_users: data.users.len(),
-        n_items: data.items.len(),
+        user_keys: &user_keys,
+        item_keys: &item_keys,
         train: &train,
         test: &test,
         kind_name: &kind_name,
