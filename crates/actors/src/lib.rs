@@ -45,6 +45,7 @@ pub mod settings;
 pub mod store;
 pub mod supervisor;
 pub mod trainer;
+pub mod user_store;
 pub mod wire;
 
 pub use troupe_models as models;

@@ -480,13 +480,7 @@ impl RankerCore {
         let interests = Arc::new(view.interests);
 
         let als_fut = self.branch(0, {
-            let (ctx, excl, interests, vector, vv) = (
-                ctx.clone(),
-                excl.clone(),
-                interests.clone(),
-                view.vector,
-                view.vector_version,
-            );
+            let (ctx, excl, interests) = (ctx.clone(), excl.clone(), interests.clone());
             async move {
                 let Some(model) = ctx.als.load_full() else {
                     return Ok(None);
@@ -495,15 +489,13 @@ impl RankerCore {
                     return Ok(Some(Owned::default()));
                 }
                 tokio::task::spawn_blocking(move || {
-                    let v = if vv == model.version && !vector.is_empty() {
-                        vector
-                    } else {
-                        let inter: Vec<(u32, f32)> = interests
-                            .iter()
-                            .filter_map(|(item, w, _)| model.items.get(item).map(|i| (i, *w)))
-                            .collect();
-                        model.fold_in.solve(model.item_factors.view(), &inter)
-                    };
+                    // Real-time fold-in: the user's vector from every interest up to
+                    // this request, against the serving item factors.
+                    let inter: Vec<(u32, f32)> = interests
+                        .iter()
+                        .filter_map(|(item, w, _)| model.items.get(item).map(|i| (i, *w)))
+                        .collect();
+                    let v = model.fold_in.solve(model.item_factors.view(), &inter);
                     if v.iter().all(|x| *x == 0.0) {
                         return Vec::new();
                     }

@@ -1327,7 +1327,6 @@ async fn get_user(
         "history": v.history.iter().map(|t| json!({"item": t.item, "kind": t.kind, "weight": t.weight, "ts": t.ts_ms})).collect::<Vec<_>>(),
         "seen": v.seen.len(),
         "disliked": v.disliked,
-        "als_vector_version": v.vector_version,
     }))
     .into_response())
 }

@@ -256,7 +256,7 @@ pub fn document(s: &ApiShape) -> Value {
     });
     let user = json!({
         "type": "object",
-        "required": ["user", "partition", "events", "last_event_ms", "last_offset", "applied_offset", "stale", "kind_counts", "history", "seen", "disliked", "als_vector_version"],
+        "required": ["user", "partition", "events", "last_event_ms", "last_offset", "applied_offset", "stale", "kind_counts", "history", "seen", "disliked"],
         "properties": {
             "user": {"type": "string"},
             "partition": {"type": "integer"},
@@ -269,7 +269,6 @@ pub fn document(s: &ApiShape) -> Value {
             "history": {"type": "array", "items": {"type": "object", "required": ["item", "kind", "weight", "ts"], "properties": {"item": {"type": "string"}, "kind": {"type": "string"}, "weight": {"type": "number"}, "ts": {"type": "integer"}}}},
             "seen": {"type": "integer"},
             "disliked": {"type": "array", "items": {"type": "string"}},
-            "als_vector_version": {"type": "integer"},
         },
     });
     let erase_ack = json!({

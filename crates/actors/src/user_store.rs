@@ -1,0 +1,767 @@
+//! The compact interaction store of one partition: every applied event of every user, in
+//! apply order, with ids interned to dense integers. Everything that needs a user's
+//! interactions reads it: the displayed history, the seen and disliked filters, kind
+//! counts, ALS fold-in and the content profile (through the interests), and the trainer's
+//! input.
+//!
+//! Layout: user, item and kind ids live once each in a [`Dict`] (one string per id, a hash
+//! table of indices into it); a user's events are one contiguous run of 18-byte records
+//! (time, raw value, item index, kind code). Nothing derived is stored: weights come from
+//! the current event-weight settings when a query runs, so one definition serves every
+//! reader and a settings change applies to past events too. The history cap limits only
+//! what a view shows.
+
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+use serde::{Deserialize, Serialize};
+use troupe_models::dataset::WeightConfig;
+use troupe_models::interest::{self, Interest};
+
+/// Ids interned to dense `u32` indices; each id's text is stored once. Removed ids leave a
+/// free slot that the next new id reuses.
+#[derive(Debug, Default, Clone)]
+pub struct Dict {
+    names: Vec<Box<str>>,
+    table: HashTable<u32>,
+    free: Vec<u32>,
+}
+
+fn hash_str(s: &str) -> u64 {
+    FxBuildHasher.hash_one(s)
+}
+
+impl Dict {
+    pub fn get(&self, name: &str) -> Option<u32> {
+        let names = &self.names;
+        self.table
+            .find(hash_str(name), |&i| &*names[i as usize] == name)
+            .copied()
+    }
+
+    /// Index of `name`, inserting it if new.
+    pub fn intern(&mut self, name: &str) -> u32 {
+        let h = hash_str(name);
+        if let Some(&i) = self.table.find(h, |&i| &*self.names[i as usize] == name) {
+            return i;
+        }
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.names[i as usize] = name.into();
+                i
+            }
+            None => {
+                self.names.push(name.into());
+                (self.names.len() - 1) as u32
+            }
+        };
+        let names = &self.names;
+        self.table
+            .insert_unique(h, i, |&j| hash_str(&names[j as usize]));
+        i
+    }
+
+    /// Forgets `name` (its text is dropped); returns its index.
+    pub fn remove(&mut self, name: &str) -> Option<u32> {
+        let names = &self.names;
+        let entry = self
+            .table
+            .find_entry(hash_str(name), |&i| &*names[i as usize] == name)
+            .ok()?;
+        let (i, _) = entry.remove();
+        self.names[i as usize] = Box::from("");
+        self.free.push(i);
+        Some(i)
+    }
+
+    pub fn name(&self, i: u32) -> &str {
+        self.names.get(i as usize).map_or("", |s| s)
+    }
+
+    /// Ids held (removed ones not counted).
+    pub fn len(&self) -> usize {
+        self.names.len() - self.free.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes on the heap: texts, the index vector and the hash table.
+    pub fn heap_bytes(&self) -> usize {
+        let texts: usize = self.names.iter().map(|n| n.len()).sum();
+        texts
+            + self.names.capacity() * std::mem::size_of::<Box<str>>()
+            + self.table.capacity() * (std::mem::size_of::<u32>() + 1)
+            + self.free.capacity() * 4
+    }
+
+    fn from_wire(w: DictWire) -> Result<Dict, String> {
+        let mut d = Dict {
+            names: w.names.into_iter().map(String::into_boxed_str).collect(),
+            table: HashTable::with_capacity(0),
+            free: w.free,
+        };
+        let mut is_free = vec![false; d.names.len()];
+        for &f in &d.free {
+            let slot = is_free
+                .get_mut(f as usize)
+                .ok_or_else(|| format!("free slot {f} beyond {} ids", d.names.len()))?;
+            if std::mem::replace(slot, true) {
+                return Err(format!("free slot {f} listed twice"));
+            }
+            if !d.names[f as usize].is_empty() {
+                return Err(format!("free slot {f} still has an id"));
+            }
+        }
+        d.table.reserve(d.names.len(), |_| 0);
+        for (i, n) in d.names.iter().enumerate() {
+            if is_free[i] {
+                continue;
+            }
+            let h = hash_str(n);
+            if d.table.find(h, |&j| d.names[j as usize] == *n).is_some() {
+                return Err(format!("id `{n}` listed twice"));
+            }
+            let names = &d.names;
+            d.table
+                .insert_unique(h, i as u32, |&j| hash_str(&names[j as usize]));
+        }
+        Ok(d)
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct DictWire {
+    names: Vec<String>,
+    free: Vec<u32>,
+}
+
+/// One applied event, 18 bytes: no padding, no pointers.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, packed)]
+struct Ev {
+    ts_ms: i64,
+    /// The event's value; NaN when it had none.
+    value: f32,
+    item: u32,
+    kind: u16,
+}
+
+/// The run of one user's events in apply order.
+#[derive(Debug, Default, Clone)]
+struct Row {
+    events: Vec<Ev>,
+    /// Journal offset of the user's last applied event.
+    last_offset: u64,
+}
+
+/// One touch as a view shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Touch {
+    pub item: String,
+    pub kind: String,
+    pub weight: f32,
+    pub ts_ms: i64,
+}
+
+/// How queries read the stored events: the node's current settings.
+#[derive(Clone, Copy)]
+pub struct Rules<'a> {
+    pub weights: &'a WeightConfig,
+    /// Kinds that mark an item as seen (empty: every positive kind).
+    pub seen_kinds: &'a [String],
+    /// How many touches a view shows.
+    pub history_len: usize,
+}
+
+/// Everything a query derives for one user.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UserSummary {
+    /// The latest positive touches by time (at most `history_len`, oldest first); touches
+    /// of an item a later negative cancelled are left out.
+    pub history: Vec<Touch>,
+    /// `(item, summed weight, latest ts ms)` per positive item ([`interest`]), by item id.
+    pub interests: Vec<(String, f32, i64)>,
+    /// Items with a positive touch of a seen kind, by id.
+    pub seen: Vec<String>,
+    /// Items whose latest signal is negative, by id.
+    pub disliked: Vec<String>,
+    pub kind_counts: Vec<(String, u64)>,
+    pub events: u64,
+    /// Latest event time (0 when every event is older than the epoch).
+    pub last_ts_ms: i64,
+    pub last_offset: u64,
+}
+
+/// Memory held by one store, by structure (bytes, heap included).
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct Footprint {
+    pub users: usize,
+    pub events: usize,
+    pub user_ids: usize,
+    pub item_ids: usize,
+    pub kind_ids: usize,
+    pub rows: usize,
+    pub event_runs: usize,
+}
+
+impl Footprint {
+    pub fn total(&self) -> usize {
+        self.user_ids + self.item_ids + self.kind_ids + self.rows + self.event_runs
+    }
+}
+
+/// The interactions of one partition.
+#[derive(Debug, Default, Clone)]
+pub struct UserStore {
+    users: Dict,
+    items: Dict,
+    kinds: Dict,
+    /// By user index; a removed user's row is empty.
+    rows: Vec<Row>,
+    events: usize,
+}
+
+impl UserStore {
+    pub fn users(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn events(&self) -> usize {
+        self.events
+    }
+
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.get(user).is_some()
+    }
+
+    /// Applies one event at journal `offset`.
+    pub fn apply(
+        &mut self,
+        user: &str,
+        item: &str,
+        kind: &str,
+        value: Option<f32>,
+        ts_ms: i64,
+        offset: u64,
+    ) {
+        let u = self.users.intern(user) as usize;
+        if self.rows.len() <= u {
+            self.rows.resize_with(u + 1, Row::default);
+        }
+        let ev = Ev {
+            ts_ms,
+            value: value.unwrap_or(f32::NAN),
+            item: self.items.intern(item),
+            kind: self.kinds.intern(kind).min(u16::MAX as u32) as u16,
+        };
+        let row = &mut self.rows[u];
+        // Grow by a quarter, not by doubling: runs are many and mostly short.
+        if row.events.len() == row.events.capacity() {
+            row.events.reserve_exact((row.events.len() / 4).max(2));
+        }
+        row.events.push(ev);
+        row.last_offset = offset;
+        self.events += 1;
+    }
+
+    /// Removes every trace of `user`; true when the user was known.
+    pub fn erase(&mut self, user: &str) -> bool {
+        let Some(u) = self.users.remove(user) else {
+            return false;
+        };
+        let row = std::mem::take(&mut self.rows[u as usize]);
+        self.events -= row.events.len();
+        true
+    }
+
+    /// Journal offset of the user's last applied event.
+    pub fn last_offset(&self, user: &str) -> Option<u64> {
+        self.users
+            .get(user)
+            .map(|u| self.rows[u as usize].last_offset)
+    }
+
+    fn run(&self, user: &str) -> Option<&Row> {
+        self.users.get(user).map(|u| &self.rows[u as usize])
+    }
+
+    fn weight(&self, rules: &Rules<'_>, e: &Ev) -> Option<f32> {
+        rules
+            .weights
+            .weight(Some(self.kinds.name(e.kind as u32)), e.value)
+    }
+
+    /// The user's interests by partition item index (the aggregate ALS and the content
+    /// profile read).
+    pub fn interests_by_index(&self, rules: &Rules<'_>, user: &str) -> Vec<(u32, Interest)> {
+        let Some(row) = self.run(user) else {
+            return Vec::new();
+        };
+        let mut m: FxHashMap<u32, Interest> = FxHashMap::default();
+        for e in &row.events {
+            interest::record(&mut m, &{ e.item }, self.weight(rules, e), e.ts_ms);
+        }
+        let mut v: Vec<(u32, Interest)> = m.into_iter().collect();
+        v.sort_unstable_by_key(|p| p.0);
+        v
+    }
+
+    /// Name of a partition item index.
+    pub fn item_name(&self, i: u32) -> &str {
+        self.items.name(i)
+    }
+
+    /// The user's interests with item ids.
+    pub fn interests(&self, rules: &Rules<'_>, user: &str) -> Vec<(String, f32, i64)> {
+        self.interests_by_index(rules, user)
+            .into_iter()
+            .map(|(i, x)| (self.items.name(i).to_string(), x.weight, x.ts))
+            .collect()
+    }
+
+    /// Everything a view of `user` shows; `None` for an unknown user.
+    pub fn summary(&self, rules: &Rules<'_>, user: &str) -> Option<UserSummary> {
+        let row = self.run(user)?;
+        let n = row.events.len();
+        // Per event: its weight, and whether a later negative of its item cancels it.
+        let weights: Vec<Option<f32>> = row.events.iter().map(|e| self.weight(rules, e)).collect();
+        let mut cancelled = vec![false; n];
+        let mut negative_after: rustc_hash::FxHashSet<u32> = Default::default();
+        for k in (0..n).rev() {
+            let item = row.events[k].item;
+            if weights[k].is_none() {
+                negative_after.insert(item);
+            } else if negative_after.contains(&item) {
+                cancelled[k] = true;
+            }
+        }
+        let mut history: Vec<usize> = (0..n)
+            .filter(|&k| weights[k].is_some() && !cancelled[k])
+            .collect();
+        history.sort_by_key(|&k| row.events[k].ts_ms);
+        let skip = history.len().saturating_sub(rules.history_len.max(1));
+        let history = history[skip..]
+            .iter()
+            .map(|&k| {
+                let e = row.events[k];
+                Touch {
+                    item: self.items.name(e.item).to_string(),
+                    kind: self.kinds.name(e.kind as u32).to_string(),
+                    weight: weights[k].unwrap_or(0.0),
+                    ts_ms: e.ts_ms,
+                }
+            })
+            .collect();
+        // Latest signal per item decides `disliked`; any positive of a seen kind, `seen`.
+        let mut latest_negative: FxHashMap<u32, bool> = FxHashMap::default();
+        let mut seen: Vec<u32> = Vec::new();
+        let mut counts: FxHashMap<u16, u64> = FxHashMap::default();
+        let mut last_ts_ms = 0i64;
+        for (e, w) in row.events.iter().zip(&weights) {
+            latest_negative.insert(e.item, w.is_none());
+            *counts.entry(e.kind).or_default() += 1;
+            last_ts_ms = last_ts_ms.max(e.ts_ms);
+            if w.is_some() {
+                let kind = self.kinds.name(e.kind as u32);
+                if rules.seen_kinds.is_empty() || rules.seen_kinds.iter().any(|k| k == kind) {
+                    seen.push(e.item);
+                }
+            }
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        let mut disliked: Vec<String> = latest_negative
+            .into_iter()
+            .filter(|p| p.1)
+            .map(|p| self.items.name(p.0).to_string())
+            .collect();
+        disliked.sort_unstable();
+        let mut kind_counts: Vec<(String, u64)> = counts
+            .into_iter()
+            .map(|(k, c)| (self.kinds.name(k as u32).to_string(), c))
+            .collect();
+        kind_counts.sort_unstable();
+        let mut interests = self.interests(rules, user);
+        interests.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut seen: Vec<String> = seen
+            .into_iter()
+            .map(|i| self.items.name(i).to_string())
+            .collect();
+        seen.sort_unstable();
+        Some(UserSummary {
+            history,
+            interests,
+            seen,
+            disliked,
+            kind_counts,
+            events: n as u64,
+            last_ts_ms,
+            last_offset: row.last_offset,
+        })
+    }
+
+    /// Every user's interests as `(user id, item id, weight, latest ts ms)`: the trainer's
+    /// input from this partition.
+    pub fn for_each_interest(&self, rules: &Rules<'_>, mut f: impl FnMut(&str, &str, Interest)) {
+        for (u, row) in self.rows.iter().enumerate() {
+            if row.events.is_empty() {
+                continue;
+            }
+            let user = self.users.name(u as u32);
+            let mut m: FxHashMap<u32, Interest> = FxHashMap::default();
+            for e in &row.events {
+                interest::record(&mut m, &{ e.item }, self.weight(rules, e), e.ts_ms);
+            }
+            for (i, x) in m {
+                f(user, self.items.name(i), x);
+            }
+        }
+    }
+
+    /// Memory by structure.
+    pub fn footprint(&self) -> Footprint {
+        let event_runs = self
+            .rows
+            .iter()
+            .map(|r| r.events.capacity() * std::mem::size_of::<Ev>())
+            .sum();
+        Footprint {
+            users: self.users.len(),
+            events: self.events,
+            user_ids: self.users.heap_bytes(),
+            item_ids: self.items.heap_bytes(),
+            kind_ids: self.kinds.heap_bytes(),
+            rows: self.rows.capacity() * std::mem::size_of::<Row>(),
+            event_runs,
+        }
+    }
+
+    /// Rebuilds a store from its checkpoint form, checking every index.
+    pub fn from_wire(w: StoreWire) -> Result<UserStore, String> {
+        let users = Dict::from_wire(w.users)?;
+        let items = Dict::from_wire(w.items)?;
+        let kinds = Dict::from_wire(w.kinds)?;
+        if w.rows.len() > users.names.len() {
+            return Err(format!(
+                "{} rows for {} user slots",
+                w.rows.len(),
+                users.names.len()
+            ));
+        }
+        let mut events = 0;
+        let mut rows = Vec::with_capacity(w.rows.len());
+        for (u, r) in w.rows.into_iter().enumerate() {
+            if !r.events.is_empty() && users.names[u].is_empty() {
+                return Err(format!("events for the removed user slot {u}"));
+            }
+            let mut run = Vec::with_capacity(r.events.len());
+            for (ts_ms, value, item, kind) in r.events {
+                if item as usize >= items.names.len() || kind as usize >= kinds.names.len() {
+                    return Err(format!("user slot {u}: item {item} or kind {kind} unknown"));
+                }
+                run.push(Ev {
+                    ts_ms,
+                    value,
+                    item,
+                    kind,
+                });
+            }
+            events += run.len();
+            rows.push(Row {
+                events: run,
+                last_offset: r.last_offset,
+            });
+        }
+        Ok(UserStore {
+            users,
+            items,
+            kinds,
+            rows,
+            events,
+        })
+    }
+}
+
+/// Checkpoint form of a [`UserStore`] as read back; a store serialises itself in this
+/// shape without copying (see its `Serialize`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StoreWire {
+    users: DictWire,
+    items: DictWire,
+    kinds: DictWire,
+    rows: Vec<RowWire>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct RowWire {
+    last_offset: u64,
+    events: Vec<(i64, f32, u32, u16)>,
+}
+
+/// Writes the [`StoreWire`] shape straight from the store: a checkpoint of many events
+/// does not first build a second copy of them.
+impl Serialize for UserStore {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeSeq, SerializeStruct};
+        struct DictRef<'a>(&'a Dict);
+        impl Serialize for DictRef<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut st = s.serialize_struct("DictWire", 2)?;
+                st.serialize_field("names", &self.0.names)?;
+                st.serialize_field("free", &self.0.free)?;
+                st.end()
+            }
+        }
+        struct EventsRef<'a>(&'a [Ev]);
+        impl Serialize for EventsRef<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.0.len()))?;
+                for e in self.0 {
+                    seq.serialize_element(&({ e.ts_ms }, { e.value }, { e.item }, { e.kind }))?;
+                }
+                seq.end()
+            }
+        }
+        struct RowRef<'a>(&'a Row);
+        impl Serialize for RowRef<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut st = s.serialize_struct("RowWire", 2)?;
+                st.serialize_field("last_offset", &self.0.last_offset)?;
+                st.serialize_field("events", &EventsRef(&self.0.events))?;
+                st.end()
+            }
+        }
+        struct RowsRef<'a>(&'a [Row]);
+        impl Serialize for RowsRef<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.0.len()))?;
+                for r in self.0 {
+                    seq.serialize_element(&RowRef(r))?;
+                }
+                seq.end()
+            }
+        }
+        let mut st = s.serialize_struct("StoreWire", 4)?;
+        st.serialize_field("users", &DictRef(&self.users))?;
+        st.serialize_field("items", &DictRef(&self.items))?;
+        st.serialize_field("kinds", &DictRef(&self.kinds))?;
+        st.serialize_field("rows", &RowsRef(&self.rows))?;
+        st.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// A straightforward model: every user's events as strings, updated per event the
+    /// way the feature store always defined them.
+    #[derive(Default, Clone)]
+    struct Reference {
+        users: BTreeMap<String, RefUser>,
+    }
+
+    #[derive(Default, Clone)]
+    struct RefUser {
+        touches: Vec<Touch>,
+        interests: FxHashMap<String, Interest>,
+        seen: BTreeSet<String>,
+        disliked: BTreeSet<String>,
+        kinds: BTreeMap<String, u64>,
+        events: u64,
+        last_ts_ms: i64,
+        last_offset: u64,
+    }
+
+    impl Reference {
+        #[allow(clippy::too_many_arguments)]
+        fn apply(
+            &mut self,
+            rules: &Rules<'_>,
+            user: &str,
+            item: &str,
+            kind: &str,
+            value: Option<f32>,
+            ts: i64,
+            offset: u64,
+        ) {
+            let u = self.users.entry(user.to_string()).or_default();
+            let w = rules.weights.weight(Some(kind), value.unwrap_or(f32::NAN));
+            *u.kinds.entry(kind.to_string()).or_default() += 1;
+            u.events += 1;
+            u.last_ts_ms = u.last_ts_ms.max(ts);
+            u.last_offset = offset;
+            interest::record(&mut u.interests, item, w, ts);
+            match w {
+                None => {
+                    u.disliked.insert(item.to_string());
+                    u.touches.retain(|t| t.item != item);
+                }
+                Some(w) => {
+                    u.disliked.remove(item);
+                    if rules.seen_kinds.is_empty() || rules.seen_kinds.iter().any(|k| k == kind) {
+                        u.seen.insert(item.to_string());
+                    }
+                    u.touches.push(Touch {
+                        item: item.to_string(),
+                        kind: kind.to_string(),
+                        weight: w,
+                        ts_ms: ts,
+                    });
+                }
+            }
+        }
+
+        fn summary(&self, rules: &Rules<'_>, user: &str) -> Option<UserSummary> {
+            let u = self.users.get(user)?;
+            let mut history = u.touches.clone();
+            history.sort_by_key(|t| t.ts_ms);
+            let skip = history.len().saturating_sub(rules.history_len.max(1));
+            let mut interests: Vec<(String, f32, i64)> = u
+                .interests
+                .iter()
+                .map(|(i, x)| (i.clone(), x.weight, x.ts))
+                .collect();
+            interests.sort_by(|a, b| a.0.cmp(&b.0));
+            Some(UserSummary {
+                history: history[skip..].to_vec(),
+                interests,
+                seen: u.seen.iter().cloned().collect(),
+                disliked: u.disliked.iter().cloned().collect(),
+                kind_counts: u.kinds.iter().map(|(k, c)| (k.clone(), *c)).collect(),
+                events: u.events,
+                last_ts_ms: u.last_ts_ms,
+                last_offset: u.last_offset,
+            })
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Event {
+            user: u8,
+            item: u8,
+            kind: u8,
+            value: Option<f32>,
+            ts: i64,
+        },
+        Erase(u8),
+        Restart,
+    }
+
+    const KINDS: [&str; 4] = ["view", "click", "purchase", "dislike"];
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            8 => (0u8..6, 0u8..8, 0u8..4, proptest::option::of(-1.0f32..5.0), 0i64..40)
+                .prop_map(|(user, item, kind, value, ts)| Op::Event { user, item, kind, value, ts }),
+            1 => (0u8..6).prop_map(Op::Erase),
+            1 => Just(Op::Restart),
+        ]
+    }
+
+    fn weights(raw: bool) -> WeightConfig {
+        let base = WeightConfig::default();
+        WeightConfig {
+            negative_kinds: ["dislike".to_string()].into_iter().collect(),
+            transform: if raw {
+                troupe_models::dataset::ValueTransform::Raw
+            } else {
+                base.transform
+            },
+            ..base
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn answers_like_the_reference_through_erasures_and_restarts(
+            ops in proptest::collection::vec(op(), 0..80),
+            raw in any::<bool>(),
+            only_views in any::<bool>(),
+            history_len in 1usize..6,
+        ) {
+            let w = weights(raw);
+            let seen_kinds = if only_views { vec!["view".to_string()] } else { Vec::new() };
+            let rules = Rules { weights: &w, seen_kinds: &seen_kinds, history_len };
+            let mut store = UserStore::default();
+            let mut reference = Reference::default();
+            for (offset, op) in ops.into_iter().enumerate() {
+                let offset = offset as u64 + 1;
+                match op {
+                    Op::Event { user, item, kind, value, ts } => {
+                        let (u, i, k) = (format!("u{user}"), format!("i{item}"), KINDS[kind as usize]);
+                        store.apply(&u, &i, k, value, ts, offset);
+                        reference.apply(&rules, &u, &i, k, value, ts, offset);
+                    }
+                    Op::Erase(user) => {
+                        let u = format!("u{user}");
+                        prop_assert_eq!(store.erase(&u), reference.users.remove(&u).is_some());
+                    }
+                    Op::Restart => {
+                        let bytes = crate::codec::encode(&store).unwrap();
+                        let wire: StoreWire = crate::codec::decode(&bytes).unwrap();
+                        store = UserStore::from_wire(wire).unwrap();
+                    }
+                }
+            }
+            let mut trainer_input = Vec::new();
+            store.for_each_interest(&rules, |u, i, x| trainer_input.push((u.to_string(), i.to_string(), x.weight, x.ts)));
+            trainer_input.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            let mut expected_input = Vec::new();
+            for (u, r) in &reference.users {
+                for (i, x) in &r.interests {
+                    expected_input.push((u.clone(), i.clone(), x.weight, x.ts));
+                }
+            }
+            expected_input.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            prop_assert_eq!(trainer_input, expected_input);
+            let mut events = 0;
+            for user in 0..6 {
+                let u = format!("u{user}");
+                let got = store.summary(&rules, &u);
+                let want = reference.summary(&rules, &u);
+                events += want.as_ref().map_or(0, |s| s.events as usize);
+                prop_assert_eq!(store.contains(&u), want.is_some());
+                prop_assert_eq!(store.last_offset(&u), want.as_ref().map(|s| s.last_offset));
+                prop_assert_eq!(got, want);
+            }
+            prop_assert_eq!(store.events(), events);
+            prop_assert_eq!(store.users(), reference.users.len());
+        }
+
+        #[test]
+        fn wire_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            if let Ok(w) = crate::codec::decode::<StoreWire>(&bytes) {
+                drop(UserStore::from_wire(w));
+            }
+        }
+    }
+
+    #[test]
+    fn an_erased_user_leaves_no_id_and_its_slot_is_reused() {
+        let mut s = UserStore::default();
+        s.apply("alice", "i1", "view", None, 1, 1);
+        s.apply("bob", "i2", "view", None, 2, 2);
+        assert!(s.erase("alice"));
+        assert!(!s.erase("alice"));
+        let bytes = crate::codec::encode(&s).unwrap();
+        assert!(!bytes.windows(5).any(|w| w == b"alice"));
+        s.apply("carol", "i1", "view", None, 3, 3);
+        assert_eq!(s.users(), 2);
+        assert_eq!(s.footprint().users, 2);
+        assert_eq!(s.events(), 2);
+        assert_eq!(s.users.get("carol"), Some(0));
+    }
+
+    #[test]
+    fn an_event_costs_eighteen_bytes_in_its_run() {
+        assert_eq!(std::mem::size_of::<Ev>(), 18);
+    }
+}
