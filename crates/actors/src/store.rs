@@ -402,13 +402,29 @@ fn journal_streams(
     Ok(out)
 }
 
+/// The store's default page cache. The journal is written once and read mostly right
+/// after it was written (consumers apply notified batches without reading the store), so
+/// a cache beyond the B-tree's interior pages buys little and, at redb's own default of
+/// 1 GiB, used to be most of a loaded node's memory.
+pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
+
 impl Store {
-    /// Opens (or creates) the store at `path`, repairing it after an unclean shutdown and
-    /// cutting records at a stream's tail that fail their checksum.
+    /// Opens (or creates) the store at `path` with the default page cache.
     pub fn open(path: &Path) -> Result<(Store, OpenReport), StoreError> {
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store at `path` with a page cache of at most `cache_bytes`,
+    /// repairing it after an unclean shutdown and cutting records at a stream's tail that
+    /// fail their checksum.
+    pub fn open_with_cache(
+        path: &Path,
+        cache_bytes: usize,
+    ) -> Result<(Store, OpenReport), StoreError> {
         let repaired = Arc::new(AtomicBool::new(false));
         let flag = repaired.clone();
         let db = Database::builder()
+            .set_cache_size(cache_bytes)
             .set_repair_callback(move |_| flag.store(true, Ordering::Relaxed))
             .create(path)
             .map_err(db_err(path))?;

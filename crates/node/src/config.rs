@@ -86,6 +86,8 @@ pub struct JournalSection {
     pub max_future_skew_secs: u64,
     pub poll_interval_ms: u64,
     pub retention: bool,
+    /// Page cache of the embedded store (MiB).
+    pub cache_mb: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -222,6 +224,7 @@ impl Default for Config {
                 max_future_skew_secs: 300,
                 poll_interval_ms: 100,
                 retention: false,
+                cache_mb: troupe_actors::store::DEFAULT_CACHE_BYTES >> 20,
             },
             features: FeaturesSection {
                 history_len: 200,
@@ -423,6 +426,10 @@ impl Config {
         need(
             self.journal.poll_interval_ms >= 1,
             "journal.poll_interval_ms must be >= 1",
+        );
+        need(
+            (1..=65_536).contains(&self.journal.cache_mb),
+            "journal.cache_mb must be in 1..=65536",
         );
         need(
             self.features.history_len >= 1,

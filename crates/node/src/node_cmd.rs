@@ -92,7 +92,9 @@ pub async fn boot(cfg: &Config) -> anyhow::Result<Booted> {
         .with_context(|| format!("creating {}", cfg.node.data_dir.display()))?;
     let path = cfg.node.data_dir.join("troupe.redb");
     let p = path.clone();
-    let (store, report) = tokio::task::spawn_blocking(move || Store::open(&p)).await??;
+    let cache = cfg.journal.cache_mb.saturating_mul(1 << 20);
+    let (store, report) =
+        tokio::task::spawn_blocking(move || Store::open_with_cache(&p, cache)).await??;
     if report.repaired {
         tracing::warn!(path = %path.display(), "store was not closed cleanly; recovered to its last complete commit");
     }
