@@ -294,32 +294,35 @@ impl UserStore {
             .weight(Some(self.kinds.name(e.kind as u32)), e.value)
     }
 
-    /// The user's interests by partition item index (the aggregate ALS and the content
-    /// profile read).
-    pub fn interests_by_index(&self, rules: &Rules<'_>, user: &str) -> Vec<(u32, Interest)> {
+    /// A run's interests by partition item index ([`interest`] over the events in apply
+    /// order), from each event's weight.
+    fn aggregate(
+        row: &Row,
+        weights: impl Iterator<Item = Option<f32>>,
+    ) -> FxHashMap<u32, Interest> {
+        let mut m: FxHashMap<u32, Interest> = FxHashMap::default();
+        for (e, w) in row.events.iter().zip(weights) {
+            interest::record(&mut m, &{ e.item }, w, e.ts_ms);
+        }
+        m
+    }
+
+    /// The user's interests with item ids, by id.
+    pub fn interests(&self, rules: &Rules<'_>, user: &str) -> Vec<(String, f32, i64)> {
         let Some(row) = self.run(user) else {
             return Vec::new();
         };
-        let mut m: FxHashMap<u32, Interest> = FxHashMap::default();
-        for e in &row.events {
-            interest::record(&mut m, &{ e.item }, self.weight(rules, e), e.ts_ms);
-        }
-        let mut v: Vec<(u32, Interest)> = m.into_iter().collect();
-        v.sort_unstable_by_key(|p| p.0);
-        v
+        let weights = row.events.iter().map(|e| self.weight(rules, e));
+        self.named_interests(Self::aggregate(row, weights))
     }
 
-    /// Name of a partition item index.
-    pub fn item_name(&self, i: u32) -> &str {
-        self.items.name(i)
-    }
-
-    /// The user's interests with item ids.
-    pub fn interests(&self, rules: &Rules<'_>, user: &str) -> Vec<(String, f32, i64)> {
-        self.interests_by_index(rules, user)
+    fn named_interests(&self, m: FxHashMap<u32, Interest>) -> Vec<(String, f32, i64)> {
+        let mut v: Vec<(String, f32, i64)> = m
             .into_iter()
             .map(|(i, x)| (self.items.name(i).to_string(), x.weight, x.ts))
-            .collect()
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Everything a view of `user` shows; `None` for an unknown user.
@@ -384,8 +387,7 @@ impl UserStore {
             .map(|(k, c)| (self.kinds.name(k as u32).to_string(), c))
             .collect();
         kind_counts.sort_unstable();
-        let mut interests = self.interests(rules, user);
-        interests.sort_by(|a, b| a.0.cmp(&b.0));
+        let interests = self.named_interests(Self::aggregate(row, weights.iter().copied()));
         let mut seen: Vec<String> = seen
             .into_iter()
             .map(|i| self.items.name(i).to_string())
@@ -411,10 +413,7 @@ impl UserStore {
                 continue;
             }
             let user = self.users.name(u as u32);
-            let mut m: FxHashMap<u32, Interest> = FxHashMap::default();
-            for e in &row.events {
-                interest::record(&mut m, &{ e.item }, self.weight(rules, e), e.ts_ms);
-            }
+            let m = Self::aggregate(row, row.events.iter().map(|e| self.weight(rules, e)));
             for (i, x) in m {
                 f(user, self.items.name(i), x);
             }
