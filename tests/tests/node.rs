@@ -143,13 +143,60 @@ fn kill9_during_load_loses_no_acked_event_and_applies_each_once() {
         applied_items(&node, users).len() >= n
     });
     check(&node);
-    // And once more after a kill with everything acked: replay from checkpoints.
+    // And once more after a kill with everything acked: recovery from a full checkpoint,
+    // the deltas after it and the journal. Events for other users after the restart's
+    // first (full) checkpoint make sure deltas exist at the kill.
+    let deltas_written = |node: &Node| {
+        let m = ureq::get(format!("{}/metrics", node.url()))
+            .call()
+            .unwrap()
+            .into_body()
+            .read_to_string()
+            .unwrap();
+        m.lines()
+            .filter(|l| {
+                l.starts_with("troupe_checkpoints_total{")
+                    && l.contains("consumer=\"user_features\"")
+                    && l.contains("form=\"delta\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    for round in 0..3 {
+        let extra: Vec<Value> = (0..40)
+            .map(|i| json!({"event_id": format!("x{round}-{i}"), "user": format!("x{i}"), "item": format!("xi{round}"), "kind": "view"}))
+            .collect();
+        assert_eq!(
+            node.post("/v1/events", &Value::Array(extra).to_string())
+                .status,
+            200
+        );
+        let before = deltas_written(&node);
+        wait_until(30, "a delta checkpoint", || deltas_written(&node) > before);
+    }
     node.kill9();
     node.spawn();
     wait_until(60, "all events applied after restart", || {
         applied_items(&node, users).len() >= n
     });
     check(&node);
+    let from_deltas: u64 = node.get("/v1/cluster").body["actors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["state"]["deltas_on_start"].as_u64())
+        .sum();
+    assert!(from_deltas > 0, "the restart replayed no delta checkpoint");
+    for i in 0..40 {
+        let h = node.get(&format!("/v1/users/x{i}")).body;
+        let items: Vec<&str> = h["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["item"].as_str().unwrap())
+            .collect();
+        assert_eq!(items, ["xi0", "xi1", "xi2"], "x{i}: {h}");
+    }
     let out = node.stdout(node.starts);
     assert!(out.contains("repaired="), "{out}");
 }

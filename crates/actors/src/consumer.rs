@@ -458,15 +458,27 @@ where
     write_checkpoint(ctx, name, bytes).await
 }
 
-/// Writes encoded checkpoint bytes off the async runtime.
+/// Writes encoded checkpoint bytes off the async runtime (a full checkpoint).
 pub async fn write_checkpoint(
     ctx: &Arc<Ctx>,
     name: String,
     bytes: Vec<u8>,
 ) -> Result<(), ActorProcessingErr> {
+    count_checkpoint(ctx, &name, "full", bytes.len());
     let store = ctx.store.clone();
     tokio::task::spawn_blocking(move || store.put_checkpoint(&name, &bytes)).await??;
     Ok(())
+}
+
+/// Counts a checkpoint write in the metrics, under the consumer kind its name starts with.
+pub fn count_checkpoint(ctx: &Ctx, name: &str, form: &str, bytes: usize) {
+    let kind = name.split('/').next().unwrap_or(name);
+    let l = crate::metrics::labels2("consumer", kind, "form", form);
+    ctx.metrics
+        .checkpoint_bytes
+        .get_or_create(&l)
+        .inc_by(bytes as u64);
+    ctx.metrics.checkpoints.get_or_create(&l).inc();
 }
 
 /// Reads a consumer's checkpoint. Every checkpoint struct starts with its `format: u16`.

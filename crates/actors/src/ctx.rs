@@ -19,6 +19,7 @@ use crate::record::{partition_of, Payload, CATALOG_STREAM};
 use crate::serving::{AlsServing, CatalogView};
 use crate::settings::Settings;
 use crate::store::Store;
+use crate::user_store::{Rules, UserStore};
 
 /// Node health: readiness and the reason of an escalation.
 #[derive(Debug, Default)]
@@ -75,6 +76,10 @@ pub struct Ctx {
     pub in_flight: Mutex<FxHashMap<String, (u32, u64)>>,
     /// Offset each consumer's last durable checkpoint covers, per stream (retention).
     pub checkpointed: Mutex<FxHashMap<(String, u32), u64>>,
+    /// The compact interaction store of each partition. Its UserFeatures actor is the
+    /// only writer (it replaces the store when it restarts and recovers); the trainer
+    /// reads every partition's store for its input.
+    pub user_stores: Vec<RwLock<UserStore>>,
     pub catalog: RwLock<CatalogView>,
     pub content: RwLock<ContentIndex>,
     pub als: ArcSwapOption<AlsServing>,
@@ -92,6 +97,7 @@ impl Ctx {
             applied: (0..=p).map(head).collect(),
             in_flight: Mutex::new(FxHashMap::default()),
             checkpointed: Mutex::new(FxHashMap::default()),
+            user_stores: (0..p).map(|_| RwLock::new(UserStore::default())).collect(),
             catalog: RwLock::new(CatalogView::default()),
             content: RwLock::new(ContentIndex::new(0, String::new())),
             als: ArcSwapOption::empty(),
@@ -101,6 +107,15 @@ impl Ctx {
             settings,
             store,
             faults,
+        }
+    }
+
+    /// How queries read the interaction stores: the node's current settings.
+    pub fn user_rules(&self) -> Rules<'_> {
+        Rules {
+            weights: &self.settings.weights,
+            seen_kinds: &self.settings.seen_kinds,
+            history_len: self.settings.history_len,
         }
     }
 
@@ -209,7 +224,6 @@ impl Ctx {
             vec![
                 crate::names::user_features(stream),
                 crate::names::ITEM_STATS.to_string(),
-                crate::names::ALS_TRAINER.to_string(),
             ]
         }
     }

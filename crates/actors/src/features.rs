@@ -4,9 +4,13 @@
 //! disliked sets, kind counts, last activity and the interests ALS fold-in and the content
 //! profile read. The ranker folds a user in against the serving model when it asks.
 //!
-//! Processes the journal by offset; checkpoints `{store, applied_offset}` in one store
-//! write every N records or T; on (re)start loads the checkpoint and replays the journal
-//! after it.
+//! Processes the journal by offset and checkpoints every N records or T, incrementally: a
+//! checkpoint is a delta (the events applied since the previous one, with the positions)
+//! written under its own key, and a full checkpoint replaces the store and every delta in
+//! one transaction once the deltas add up to `COMPACT_RATIO` times the last full one, after
+//! an erasure (a delta cannot remove what earlier ones hold), or as the first checkpoint
+//! after a start. On (re)start the actor loads the full checkpoint, replays the deltas
+//! after it, then the journal after their position.
 
 use crate::Discard;
 use std::borrow::Cow;
@@ -21,14 +25,21 @@ use crate::consumer::{Apply, ConsumerRuntime, Cursors};
 use crate::ctx::Ctx;
 use crate::messages::{CheckpointReply, Observation, RecordBatch};
 use crate::record::{Payload, Record};
-use crate::user_store::{Rules, StoreWire, UserStore};
+use crate::user_store::{DeltaWire, StoreWire, UserStore};
 use crate::wire::WIRE_VERSION;
 use crate::wire_payload;
 
 pub use crate::user_store::Touch;
 
-/// Version of the UserFeatures checkpoint format.
-pub const FEATURES_CHECKPOINT_FORMAT: u16 = 4;
+/// Version of the UserFeatures checkpoint format (full checkpoints and deltas).
+pub const FEATURES_CHECKPOINT_FORMAT: u16 = 5;
+/// A full checkpoint is written once the deltas after the last one add up to this many
+/// times its size: checkpoint bytes per applied event stay bounded (each event is written
+/// once in a delta and, amortised, `1 / COMPACT_RATIO` times more by compactions) and
+/// recovery reads at most `1 + COMPACT_RATIO` times the store's size.
+const COMPACT_RATIO: usize = 3;
+/// At most this many deltas follow a full checkpoint (bounds the keys recovery reads).
+const MAX_DELTAS: u64 = 1024;
 
 /// What the ranker gets for a user.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -84,9 +95,17 @@ pub struct UserFeaturesArgs {
 
 pub struct UserFeatures;
 
-/// The users of one partition: what records are applied to.
+/// The users of one partition: what records are applied to (the partition's store in
+/// `Ctx`, which this actor alone writes).
 struct Partition {
-    store: UserStore,
+    ctx: Arc<Ctx>,
+    partition: u32,
+}
+
+impl Partition {
+    fn store(&self) -> &parking_lot::RwLock<UserStore> {
+        &self.ctx.user_stores[self.partition as usize]
+    }
 }
 
 pub struct UserFeaturesState {
@@ -95,12 +114,22 @@ pub struct UserFeaturesState {
     rt: ConsumerRuntime,
     data: Partition,
     replayed: u64,
+    /// Deltas replayed on start.
+    deltas_on_start: u64,
+    /// Sequence number of the last checkpoint written or loaded (full or delta).
+    seq: u64,
+    /// Size of the last full checkpoint this actor wrote (0: none yet, the next one is
+    /// full), and of the deltas written after it.
+    full_bytes: usize,
+    delta_bytes: usize,
+    deltas: u64,
 }
 
-/// What a checkpoint holds (written from borrowed state, read back owned).
+/// What a full checkpoint holds (written from borrowed state, read back owned).
 #[derive(Serialize)]
 struct Checkpoint<'a> {
     format: u16,
+    seq: u64,
     cursors: Cow<'a, Cursors>,
     store: &'a UserStore,
 }
@@ -108,31 +137,74 @@ struct Checkpoint<'a> {
 #[derive(Deserialize)]
 struct StoredCheckpoint {
     format: u16,
+    seq: u64,
     cursors: Cursors,
     store: StoreWire,
+}
+
+/// A delta checkpoint: what changed since checkpoint `seq - 1`, and the positions.
+#[derive(Serialize, Deserialize)]
+struct DeltaCheckpoint<'a> {
+    format: u16,
+    seq: u64,
+    cursors: Cow<'a, Cursors>,
+    delta: DeltaWire,
 }
 
 fn checkpoint_name(p: u32) -> String {
     format!("user_features/{p}")
 }
 
-fn rules(ctx: &Ctx) -> Rules<'_> {
-    Rules {
-        weights: &ctx.settings.weights,
-        seen_kinds: &ctx.settings.seen_kinds,
-        history_len: ctx.settings.history_len,
+/// Prefix of the names of partition `p`'s deltas; a delta's name ends with its sequence
+/// number, zero-padded so names sort in sequence order.
+fn delta_prefix(p: u32) -> String {
+    format!("user_features/{p}/delta/")
+}
+
+/// Replays the deltas stored after full checkpoint `seq` onto `store`; returns the
+/// positions and sequence number of the last one (`None`: no deltas).
+fn replay_deltas(
+    store: &mut UserStore,
+    parts: Vec<(String, Vec<u8>)>,
+    mut seq: u64,
+) -> Result<Option<(Cursors, u64)>, String> {
+    let mut last = None;
+    for (name, bytes) in parts {
+        let format = crate::consumer::checkpoint_format(&bytes)
+            .map_err(|e| format!("checkpoint {name} does not decode: {e}"))?;
+        if format != FEATURES_CHECKPOINT_FORMAT {
+            return Err(format!(
+                "checkpoint {name} has format {format}, this build reads {FEATURES_CHECKPOINT_FORMAT}"
+            ));
+        }
+        let d: DeltaCheckpoint = crate::consumer::decode_checkpoint(&bytes)
+            .map_err(|e| format!("checkpoint {name} does not decode: {e}"))?;
+        if d.seq != seq + 1 {
+            return Err(format!(
+                "checkpoint {name} has sequence {}, expected {}: a delta is missing",
+                d.seq,
+                seq + 1
+            ));
+        }
+        store
+            .apply_delta(d.delta)
+            .map_err(|e| format!("checkpoint {name}: {e}"))?;
+        seq = d.seq;
+        last = Some((d.cursors.into_owned(), seq));
     }
+    Ok(last)
 }
 
 impl Apply for Partition {
     fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr> {
         match &r.payload {
             Payload::Event(e) => {
-                self.store
+                self.store()
+                    .write()
                     .apply(&e.user, &e.item, &e.kind, e.value, e.ts_ms, r.offset);
             }
             Payload::EraseUser { user } => {
-                self.store.erase(user);
+                self.store().write().erase(user);
             }
             Payload::ItemUpsert(_) | Payload::ItemDelete { .. } => {}
         }
@@ -143,7 +215,7 @@ impl Apply for Partition {
 impl UserFeaturesState {
     fn view(&self, q: &UserQuery) -> UserView {
         let applied = self.rt.applied(self.partition);
-        let store = &self.data.store;
+        let store = self.data.store().read();
         match store.last_offset(&q.user) {
             None => UserView {
                 version: WIRE_VERSION,
@@ -160,7 +232,7 @@ impl UserFeaturesState {
             },
             Some(_) => {
                 let s = store
-                    .summary(&rules(&self.ctx), &q.user)
+                    .summary(&self.ctx.user_rules(), &q.user)
                     .unwrap_or_default();
                 UserView {
                     version: WIRE_VERSION,
@@ -180,13 +252,73 @@ impl UserFeaturesState {
         }
     }
 
+    /// Writes a checkpoint: a delta of what changed since the previous one, or a full
+    /// one replacing every delta (see the module docs for when).
     async fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
-        let cp = Checkpoint {
-            format: FEATURES_CHECKPOINT_FORMAT,
-            cursors: Cow::Borrowed(&self.rt.cursors),
-            store: &self.data.store,
+        let p = self.partition;
+        let seq = self.seq + 1;
+        let (bytes, full) = {
+            let mut store = self.data.store().write();
+            let delta = if self.full_bytes == 0 || self.deltas >= MAX_DELTAS {
+                None
+            } else {
+                store.delta()
+            };
+            let mut out = None;
+            if let Some(delta) = delta {
+                let b = crate::codec::encode(&DeltaCheckpoint {
+                    format: FEATURES_CHECKPOINT_FORMAT,
+                    seq,
+                    cursors: Cow::Borrowed(&self.rt.cursors),
+                    delta,
+                })?;
+                if self.delta_bytes + b.len() <= COMPACT_RATIO * self.full_bytes {
+                    out = Some((b, false));
+                }
+            }
+            let out = match out {
+                Some(o) => o,
+                None => (
+                    crate::codec::encode(&Checkpoint {
+                        format: FEATURES_CHECKPOINT_FORMAT,
+                        seq,
+                        cursors: Cow::Borrowed(&self.rt.cursors),
+                        store: &store,
+                    })?,
+                    true,
+                ),
+            };
+            store.mark_checkpointed();
+            out
         };
-        crate::consumer::save_checkpoint(&self.ctx, checkpoint_name(self.partition), &cp).await?;
+        let len = bytes.len();
+        let kv = self.ctx.store.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            if full {
+                kv.replace_checkpoint(&checkpoint_name(p), &bytes, &delta_prefix(p))
+            } else {
+                kv.put_checkpoint(&format!("{}{seq:020}", delta_prefix(p)), &bytes)
+            }
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            // The changes were marked written: only a full checkpoint is right next.
+            self.full_bytes = 0;
+        }
+        written??;
+        crate::consumer::count_checkpoint(
+            &self.ctx,
+            &checkpoint_name(p),
+            if full { "full" } else { "delta" },
+            len,
+        );
+        self.seq = seq;
+        if full {
+            (self.full_bytes, self.delta_bytes, self.deltas) = (len, 0, 0);
+        } else {
+            self.delta_bytes += len;
+            self.deltas += 1;
+        }
         self.rt.checkpointed(&self.ctx);
         Ok(())
     }
@@ -218,12 +350,18 @@ impl Actor for UserFeatures {
         let rt = ConsumerRuntime::load(&args.ctx, &name, "user_features", [args.partition]).await?;
         Ok(UserFeaturesState {
             data: Partition {
-                store: UserStore::default(),
+                ctx: args.ctx.clone(),
+                partition: args.partition,
             },
             ctx: args.ctx,
             partition: args.partition,
             rt,
             replayed: 0,
+            deltas_on_start: 0,
+            seq: 0,
+            full_bytes: 0,
+            delta_bytes: 0,
+            deltas: 0,
         })
     }
 
@@ -242,14 +380,46 @@ impl Actor for UserFeatures {
             |_: &StoredCheckpoint| Ok(()),
         )
         .await?;
+        let kv = st.ctx.store.clone();
+        let prefix = delta_prefix(st.partition);
+        let parts = tokio::task::spawn_blocking(move || kv.checkpoints_under(&prefix)).await??;
+        // A restarted actor starts over: nothing applied before survives but the
+        // checkpoints.
+        let mut store = UserStore::default();
+        let n_parts = parts.len();
         if let Some(cp) = cp {
             debug_assert_eq!(cp.format, FEATURES_CHECKPOINT_FORMAT);
             st.rt
                 .restore(cp.cursors)
                 .map_err(|e| format!("checkpoint of {}: {e}", st.rt.name))?;
-            st.data.store = UserStore::from_wire(cp.store)
+            store = UserStore::from_wire(cp.store)
                 .map_err(|e| format!("checkpoint of {}: {e}", st.rt.name))?;
+            let seq = cp.seq;
+            let (back, last) = tokio::task::spawn_blocking(move || {
+                let last = replay_deltas(&mut store, parts, seq);
+                (store, last)
+            })
+            .await?;
+            store = back;
+            st.seq = seq;
+            st.deltas_on_start = n_parts as u64;
+            if let Some((cursors, last)) =
+                last.map_err(|e| format!("checkpoint of {}: {e}", st.rt.name))?
+            {
+                st.rt
+                    .restore(cursors)
+                    .map_err(|e| format!("checkpoint of {}: {e}", st.rt.name))?;
+                st.seq = last;
+            }
+        } else if !parts.is_empty() {
+            return Err(format!(
+                "checkpoint of {}: {} deltas but no full checkpoint",
+                st.rt.name,
+                parts.len()
+            )
+            .into());
         }
+        *st.data.store().write() = store;
         let before = st.rt.applied(st.partition);
         let started = Instant::now();
         st.replayed = st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
@@ -257,9 +427,10 @@ impl Actor for UserFeatures {
         tracing::info!(
             partition = st.partition,
             checkpoint = before,
+            deltas = st.deltas_on_start,
             replayed = st.replayed,
-            users = st.data.store.users(),
-            events = st.data.store.events(),
+            users = st.data.store().read().users(),
+            events = st.data.store().read().events(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "user features recovered"
         );
@@ -301,9 +472,13 @@ impl Actor for UserFeatures {
                 doc["applied_offset"] = st.rt.applied(st.partition).into();
                 doc["head"] = st.ctx.head(st.partition).into();
                 doc["replayed_on_start"] = st.replayed.into();
-                doc["users"] = st.data.store.users().into();
-                doc["events"] = st.data.store.events().into();
-                doc["memory"] = serde_json::to_value(st.data.store.footprint()).unwrap_or_default();
+                doc["deltas_on_start"] = st.deltas_on_start.into();
+                doc["checkpoint_seq"] = st.seq.into();
+                let store = st.data.store().read();
+                doc["users"] = store.users().into();
+                doc["events"] = store.events().into();
+                doc["memory"] = serde_json::to_value(store.footprint()).unwrap_or_default();
+                drop(store);
                 port.send(Observation::new(&st.rt.name, doc)).discard();
             }
         }
@@ -324,12 +499,13 @@ mod tests {
         cursors.insert(2, Default::default());
         let cp = Checkpoint {
             format: FEATURES_CHECKPOINT_FORMAT,
+            seq: 7,
             cursors: Cow::Owned(cursors),
             store: &store,
         };
         let back: StoredCheckpoint =
             crate::consumer::decode_checkpoint(&crate::codec::encode(&cp).unwrap()).unwrap();
-        assert_eq!(back.format, FEATURES_CHECKPOINT_FORMAT);
+        assert_eq!((back.format, back.seq), (FEATURES_CHECKPOINT_FORMAT, 7));
         let back_store = UserStore::from_wire(back.store).unwrap();
         assert_eq!(back_store.last_offset("u"), Some(4));
         assert_eq!(back_store.events(), 1);

@@ -42,6 +42,10 @@ pub struct Metrics {
     pub consumer_duplicates: Counter,
     /// Idempotency keys the journal remembers (bounded by `idempotency_max_keys`).
     pub idempotency_keys: Gauge,
+    /// Checkpoint bytes written, by consumer kind and form (`full`, `delta`).
+    pub checkpoint_bytes: Family<Labels, Counter>,
+    /// Checkpoints written, by consumer kind and form.
+    pub checkpoints: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -58,6 +62,8 @@ impl Metrics {
             applied_offset: Family::default(),
             actor_restarts: Family::default(),
             dead_letters: Counter::default(),
+            checkpoint_bytes: Family::default(),
+            checkpoints: Family::default(),
             recommend_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 14)),
             recommendations: Family::default(),
             candidate_cache: Family::default(),
@@ -194,6 +200,16 @@ impl Metrics {
                 "idempotency_keys",
                 "Idempotency keys the journal remembers",
                 m.idempotency_keys.clone(),
+            );
+            r.register(
+                "checkpoint_bytes",
+                "Checkpoint bytes written, by consumer kind and form (full, delta)",
+                m.checkpoint_bytes.clone(),
+            );
+            r.register(
+                "checkpoints",
+                "Checkpoints written, by consumer kind and form (full, delta)",
+                m.checkpoints.clone(),
             );
         }
         m

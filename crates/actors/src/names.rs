@@ -9,9 +9,12 @@ pub const CONTENT_ENCODER: &str = "content_encoder";
 pub const ALS_TRAINER: &str = "als_trainer";
 pub const RANKER: &str = "ranker";
 
+/// Prefix of every UserFeatures actor's name.
+pub const USER_FEATURES_PREFIX: &str = "user_features-";
+
 /// Name of the UserFeatures actor of partition `p`.
 pub fn user_features(p: u32) -> String {
-    format!("user_features-{p}")
+    format!("{USER_FEATURES_PREFIX}{p}")
 }
 
 /// Actor kind of a registered name (the part before `-`), used by fault targets.

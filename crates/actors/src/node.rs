@@ -241,10 +241,6 @@ pub async fn shutdown(handle: NodeHandle) -> Vec<String> {
         names::CATALOG.into(),
         call(names::CATALOG, t, CatalogMsg::Checkpoint).await,
     ));
-    results.push((
-        names::ALS_TRAINER.into(),
-        call(names::ALS_TRAINER, t, AlsTrainerMsg::Checkpoint).await,
-    ));
     for (n, r) in results {
         match r {
             Ok(c) if c.error.is_none() => {}

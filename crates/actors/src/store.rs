@@ -905,6 +905,48 @@ impl Store {
         Ok(())
     }
 
+    /// Writes a full checkpoint `name` and deletes every checkpoint whose name starts
+    /// with `parts` (the deltas it replaces), in one transaction.
+    pub fn replace_checkpoint(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        parts: &str,
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(self.err())?;
+        {
+            let mut t = tx.open_table(CHECKPOINTS).map_err(self.err())?;
+            let old: Vec<String> = t
+                .range(parts..)
+                .map_err(self.err())?
+                .map(|r| r.map(|(k, _)| k.value().to_string()))
+                .take_while(|k| k.as_ref().map_or(true, |k| k.starts_with(parts)))
+                .collect::<Result<_, _>>()
+                .map_err(self.err())?;
+            for k in old {
+                t.remove(k.as_str()).map_err(self.err())?;
+            }
+            t.insert(name, bytes).map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    /// Every checkpoint whose name starts with `prefix`, in name order.
+    pub fn checkpoints_under(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(CHECKPOINTS).map_err(self.err())?;
+        let mut out = Vec::new();
+        for r in t.range(prefix..).map_err(self.err())? {
+            let (k, v) = r.map_err(self.err())?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push((k.value().to_string(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Reads a checkpoint.
     pub fn get_checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let tx = self.db.begin_read().map_err(self.err())?;
@@ -1236,6 +1278,20 @@ mod tests {
         }
         let (s, _) = Store::open(&path).unwrap();
         assert_eq!(s.get_checkpoint("x").unwrap().unwrap(), b"abc");
+        s.put_checkpoint("x/d/1", b"1").unwrap();
+        s.put_checkpoint("x/d/2", b"2").unwrap();
+        s.put_checkpoint("y", b"y").unwrap();
+        let parts: Vec<String> = s
+            .checkpoints_under("x/d/")
+            .unwrap()
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+        assert_eq!(parts, ["x/d/1", "x/d/2"]);
+        s.replace_checkpoint("x", b"full", "x/d/").unwrap();
+        assert!(s.checkpoints_under("x/d/").unwrap().is_empty());
+        assert_eq!(s.get_checkpoint("x").unwrap().unwrap(), b"full");
+        assert_eq!(s.get_checkpoint("y").unwrap().unwrap(), b"y");
         assert_eq!(s.failures("c").unwrap(), vec![((1, 5), 2)]);
         assert_eq!(
             (s.last_offset(1).unwrap(), s.next_after(1).unwrap()),

@@ -10,6 +10,13 @@
 //! the current event-weight settings when a query runs, so one definition serves every
 //! reader and a settings change applies to past events too. The history cap limits only
 //! what a view shows.
+//!
+//! Checkpoints are incremental: the store tracks what changed since the last one (users
+//! whose runs grew and how long they were, new users, items and kinds), and
+//! [`UserStore::delta`] turns that into a [`DeltaWire`] holding only the new events, which
+//! [`UserStore::apply_delta`] replays on top of the previous checkpoint. An erasure
+//! cannot be expressed as a delta (the erased user's events sit in earlier checkpoints),
+//! so after one the next checkpoint must be a full one, which replaces every delta.
 
 use std::hash::BuildHasher;
 
@@ -222,6 +229,54 @@ pub struct UserStore {
     /// By user index; a removed user's row is empty.
     rows: Vec<Row>,
     events: usize,
+    changes: Changes,
+}
+
+/// What changed since the last checkpoint.
+#[derive(Debug, Default, Clone)]
+struct Changes {
+    /// Users whose runs grew, with their run length at the last checkpoint (0: a user
+    /// new since then).
+    grown: FxHashMap<u32, u32>,
+    /// Slots of users new since the last checkpoint, in the order they took them.
+    new_users: Vec<u32>,
+    /// Item and kind ids held at the last checkpoint (ids are only ever appended).
+    items_from: u32,
+    kinds_from: u32,
+    /// A user was erased: only a full checkpoint can say so.
+    erased: bool,
+}
+
+/// The changes of a store since its last checkpoint: new ids and the events appended to
+/// each grown run. Times are stored relative to `ts_base` and offsets to `offset_base`
+/// (the smallest of each), so they encode short.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct DeltaWire {
+    items_from: u32,
+    items: Vec<String>,
+    kinds_from: u32,
+    kinds: Vec<String>,
+    new_users: Vec<(u32, String)>,
+    ts_base: i64,
+    offset_base: u64,
+    rows: Vec<DeltaRow>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+struct DeltaRow {
+    slot: u32,
+    /// Run length before these events (checked when the delta is replayed).
+    from: u32,
+    last_offset: u64,
+    /// `(ts - ts_base, value, item, kind)`.
+    events: Vec<(u64, Option<f32>, u32, u16)>,
+}
+
+impl DeltaWire {
+    /// Events the delta appends.
+    pub fn events(&self) -> usize {
+        self.rows.iter().map(|r| r.events.len()).sum()
+    }
 }
 
 impl UserStore {
@@ -247,7 +302,15 @@ impl UserStore {
         ts_ms: i64,
         offset: u64,
     ) {
-        let u = self.users.intern(user) as usize;
+        let u = match self.users.get(user) {
+            Some(u) => u,
+            None => {
+                let u = self.users.intern(user);
+                self.changes.new_users.push(u);
+                u
+            }
+        };
+        let u = u as usize;
         if self.rows.len() <= u {
             self.rows.resize_with(u + 1, Row::default);
         }
@@ -258,6 +321,10 @@ impl UserStore {
             kind: self.kinds.intern(kind).min(u16::MAX as u32) as u16,
         };
         let row = &mut self.rows[u];
+        self.changes
+            .grown
+            .entry(u as u32)
+            .or_insert(row.events.len() as u32);
         // Grow by a quarter, not by doubling: runs are many and mostly short.
         if row.events.len() == row.events.capacity() {
             row.events.reserve_exact((row.events.len() / 4).max(2));
@@ -274,7 +341,179 @@ impl UserStore {
         };
         let row = std::mem::take(&mut self.rows[u as usize]);
         self.events -= row.events.len();
+        self.changes.erased = true;
         true
+    }
+
+    /// True when the changes since the last checkpoint include an erasure: the next
+    /// checkpoint must be a full one.
+    pub fn needs_full_checkpoint(&self) -> bool {
+        self.changes.erased
+    }
+
+    /// Events applied since the last checkpoint.
+    pub fn changed_events(&self) -> usize {
+        self.changes
+            .grown
+            .iter()
+            .map(|(&u, &from)| self.rows[u as usize].events.len() - from as usize)
+            .sum()
+    }
+
+    /// The changes since the last checkpoint as a delta; `None` after an erasure (see
+    /// [`UserStore::needs_full_checkpoint`]). Does not reset the tracking.
+    pub fn delta(&self) -> Option<DeltaWire> {
+        let c = &self.changes;
+        if c.erased {
+            return None;
+        }
+        let mut slots: Vec<u32> = c.grown.keys().copied().collect();
+        slots.sort_unstable();
+        let fresh = |u: u32| &self.rows[u as usize].events[c.grown[&u] as usize..];
+        let ts_base = slots
+            .iter()
+            .flat_map(|&u| fresh(u).iter().map(|e| e.ts_ms))
+            .min()
+            .unwrap_or(0);
+        let offset_base = slots
+            .iter()
+            .map(|&u| self.rows[u as usize].last_offset)
+            .min()
+            .unwrap_or(0);
+        let rows = slots
+            .iter()
+            .map(|&u| DeltaRow {
+                slot: u,
+                from: c.grown[&u],
+                last_offset: self.rows[u as usize].last_offset - offset_base,
+                events: fresh(u)
+                    .iter()
+                    .map(|e| {
+                        let v = e.value;
+                        (
+                            e.ts_ms.abs_diff(ts_base),
+                            (!v.is_nan()).then_some(v),
+                            e.item,
+                            e.kind,
+                        )
+                    })
+                    .collect(),
+            })
+            .collect();
+        let names = |d: &Dict, from: u32| {
+            d.names[from as usize..]
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        };
+        Some(DeltaWire {
+            items_from: c.items_from,
+            items: names(&self.items, c.items_from),
+            kinds_from: c.kinds_from,
+            kinds: names(&self.kinds, c.kinds_from),
+            new_users: c
+                .new_users
+                .iter()
+                .map(|&u| (u, self.users.name(u).to_string()))
+                .collect(),
+            ts_base,
+            offset_base,
+            rows,
+        })
+    }
+
+    /// Marks the current state as checkpointed: the next delta starts here.
+    pub fn mark_checkpointed(&mut self) {
+        self.changes = Changes {
+            items_from: self.items.names.len() as u32,
+            kinds_from: self.kinds.names.len() as u32,
+            ..Changes::default()
+        };
+    }
+
+    /// Replays a delta written by [`UserStore::delta`] on top of the checkpoint it
+    /// followed, checking that it continues exactly from this state. The result counts
+    /// as checkpointed.
+    pub fn apply_delta(&mut self, d: DeltaWire) -> Result<(), String> {
+        fn extend(
+            dict: &mut Dict,
+            from: u32,
+            names: Vec<String>,
+            what: &str,
+        ) -> Result<(), String> {
+            if from as usize != dict.names.len() {
+                return Err(format!(
+                    "the delta's {what} ids start at {from}, the store holds {}",
+                    dict.names.len()
+                ));
+            }
+            for n in names {
+                let at = dict.names.len() as u32;
+                if dict.get(&n).is_some() || !dict.free.is_empty() || dict.intern(&n) != at {
+                    return Err(format!("the delta's {what} id `{n}` is not new"));
+                }
+            }
+            Ok(())
+        }
+        extend(&mut self.items, d.items_from, d.items, "item")?;
+        extend(&mut self.kinds, d.kinds_from, d.kinds, "kind")?;
+        let new_slots: Vec<u32> = d.new_users.iter().map(|p| p.0).collect();
+        for (slot, name) in d.new_users {
+            if self.users.get(&name).is_some() {
+                return Err(format!("the delta's new user `{name}` is already known"));
+            }
+            let u = self.users.intern(&name);
+            if u != slot {
+                return Err(format!(
+                    "the delta's new user `{name}` took slot {u}, not {slot}"
+                ));
+            }
+            if self.rows.len() <= u as usize {
+                self.rows.resize_with(u as usize + 1, Row::default);
+            }
+        }
+        let (items, kinds) = (self.items.names.len(), self.kinds.names.len());
+        for r in d.rows {
+            let live = self
+                .users
+                .names
+                .get(r.slot as usize)
+                .is_some_and(|n| !n.is_empty());
+            let row = match self.rows.get_mut(r.slot as usize) {
+                Some(row) if live && row.events.len() == r.from as usize => row,
+                _ => {
+                    return Err(format!(
+                        "the delta continues user slot {} from {} events, which this store does not hold",
+                        r.slot, r.from
+                    ))
+                }
+            };
+            row.events.reserve_exact(r.events.len());
+            for (ts, value, item, kind) in r.events {
+                if item as usize >= items || kind as usize >= kinds {
+                    return Err(format!(
+                        "user slot {}: item {item} or kind {kind} unknown",
+                        r.slot
+                    ));
+                }
+                row.events.push(Ev {
+                    ts_ms: d.ts_base.saturating_add_unsigned(ts),
+                    value: value.unwrap_or(f32::NAN),
+                    item,
+                    kind,
+                });
+            }
+            self.events += row.events.len() - r.from as usize;
+            row.last_offset = d.offset_base.saturating_add(r.last_offset);
+        }
+        if new_slots
+            .iter()
+            .any(|&u| self.rows[u as usize].events.is_empty())
+        {
+            return Err("the delta names a new user without events".into());
+        }
+        self.mark_checkpointed();
+        Ok(())
     }
 
     /// Journal offset of the user's last applied event.
@@ -474,13 +713,16 @@ impl UserStore {
                 last_offset: r.last_offset,
             });
         }
-        Ok(UserStore {
+        let mut store = UserStore {
             users,
             items,
             kinds,
             rows,
             events,
-        })
+            changes: Changes::default(),
+        };
+        store.mark_checkpointed();
+        Ok(store)
     }
 }
 
@@ -650,6 +892,12 @@ mod tests {
             ts: i64,
         },
         Erase(u8),
+        /// A checkpoint: a delta unless `full` (or an erasure forces a full one).
+        Checkpoint {
+            full: bool,
+        },
+        /// A restart: the store rebuilt from its last full checkpoint and the deltas
+        /// after it, then the operations since the last checkpoint replayed.
         Restart,
     }
 
@@ -660,6 +908,7 @@ mod tests {
             8 => (0u8..6, 0u8..8, 0u8..4, proptest::option::of(-1.0f32..5.0), 0i64..40)
                 .prop_map(|(user, item, kind, value, ts)| Op::Event { user, item, kind, value, ts }),
             1 => (0u8..6).prop_map(Op::Erase),
+            2 => proptest::bool::weighted(0.2).prop_map(|full| Op::Checkpoint { full }),
             1 => Just(Op::Restart),
         ]
     }
@@ -691,22 +940,60 @@ mod tests {
             let rules = Rules { weights: &w, seen_kinds: &seen_kinds, history_len };
             let mut store = UserStore::default();
             let mut reference = Reference::default();
+            // What is durable: the last full checkpoint and the deltas after it, and the
+            // operations since the last checkpoint (the journal a restart replays).
+            let mut base: Option<Vec<u8>> = None;
+            let mut deltas: Vec<Vec<u8>> = Vec::new();
+            let mut since: Vec<(u64, Op)> = Vec::new();
+            let replay = |store: &mut UserStore, offset: u64, op: &Op| match op {
+                Op::Event { user, item, kind, value, ts } => {
+                    let (u, i, k) = (format!("u{user}"), format!("i{item}"), KINDS[*kind as usize]);
+                    store.apply(&u, &i, k, *value, *ts, offset);
+                    true
+                }
+                Op::Erase(user) => store.erase(&format!("u{user}")),
+                _ => true,
+            };
             for (offset, op) in ops.into_iter().enumerate() {
                 let offset = offset as u64 + 1;
                 match op {
                     Op::Event { user, item, kind, value, ts } => {
                         let (u, i, k) = (format!("u{user}"), format!("i{item}"), KINDS[kind as usize]);
-                        store.apply(&u, &i, k, value, ts, offset);
                         reference.apply(&rules, &u, &i, k, value, ts, offset);
+                        replay(&mut store, offset, &op);
+                        since.push((offset, op));
                     }
                     Op::Erase(user) => {
-                        let u = format!("u{user}");
-                        prop_assert_eq!(store.erase(&u), reference.users.remove(&u).is_some());
+                        let known = reference.users.remove(&format!("u{user}")).is_some();
+                        prop_assert_eq!(replay(&mut store, offset, &op), known);
+                        since.push((offset, op));
+                    }
+                    Op::Checkpoint { full } => {
+                        let changed: usize = since.iter().filter(|p| matches!(p.1, Op::Event { .. })).count();
+                        if base.is_none() || full || store.needs_full_checkpoint() {
+                            base = Some(crate::codec::encode(&store).unwrap());
+                            deltas.clear();
+                        } else {
+                            let d = store.delta().unwrap();
+                            prop_assert_eq!(d.events(), changed);
+                            prop_assert_eq!(store.changed_events(), changed);
+                            deltas.push(crate::codec::encode(&d).unwrap());
+                        }
+                        store.mark_checkpointed();
+                        prop_assert_eq!(store.changed_events(), 0);
+                        since.clear();
                     }
                     Op::Restart => {
-                        let bytes = crate::codec::encode(&store).unwrap();
-                        let wire: StoreWire = crate::codec::decode(&bytes).unwrap();
-                        store = UserStore::from_wire(wire).unwrap();
+                        store = match &base {
+                            Some(b) => UserStore::from_wire(crate::codec::decode(b).unwrap()).unwrap(),
+                            None => UserStore::default(),
+                        };
+                        for d in &deltas {
+                            store.apply_delta(crate::codec::decode(d).unwrap()).unwrap();
+                        }
+                        for (o, op) in &since {
+                            replay(&mut store, *o, op);
+                        }
                     }
                 }
             }
@@ -740,6 +1027,12 @@ mod tests {
             if let Ok(w) = crate::codec::decode::<StoreWire>(&bytes) {
                 drop(UserStore::from_wire(w));
             }
+            if let Ok(d) = crate::codec::decode::<DeltaWire>(&bytes) {
+                let mut s = UserStore::default();
+                s.apply("u", "i", "view", None, 1, 1);
+                s.mark_checkpointed();
+                drop(s.apply_delta(d));
+            }
         }
     }
 
@@ -757,6 +1050,47 @@ mod tests {
         assert_eq!(s.footprint().users, 2);
         assert_eq!(s.events(), 2);
         assert_eq!(s.users.get("carol"), Some(0));
+    }
+
+    #[test]
+    fn a_delta_holds_only_what_changed_and_refuses_a_store_it_does_not_continue() {
+        let mut s = UserStore::default();
+        for u in 0..1000 {
+            s.apply(
+                &format!("user{u}"),
+                "i1",
+                "view",
+                None,
+                1_700_000_000_000,
+                u + 1,
+            );
+        }
+        s.mark_checkpointed();
+        let base = crate::codec::encode(&s).unwrap();
+        s.apply("user7", "i2", "click", Some(2.0), 1_700_000_000_500, 1001);
+        s.apply("newcomer", "i1", "view", None, 1_700_000_000_900, 1002);
+        let d = s.delta().unwrap();
+        assert_eq!((d.events(), d.rows.len(), d.new_users.len()), (2, 2, 1));
+        let bytes = crate::codec::encode(&d).unwrap();
+        // A delta's size follows the change, not the 1,000 users untouched.
+        assert!(
+            bytes.len() < 80 && bytes.len() * 100 < base.len(),
+            "{} bytes",
+            bytes.len()
+        );
+        let mut back = UserStore::from_wire(crate::codec::decode(&base).unwrap()).unwrap();
+        back.apply_delta(d.clone()).unwrap();
+        assert_eq!(
+            crate::codec::encode(&back).unwrap(),
+            crate::codec::encode(&s).unwrap()
+        );
+        // Replaying it twice, or on a store it does not follow, is refused.
+        assert!(back.apply_delta(d.clone()).is_err());
+        assert!(UserStore::default().apply_delta(d).is_err());
+        // An erasure cannot be a delta.
+        s.mark_checkpointed();
+        s.erase("user3");
+        assert!(s.needs_full_checkpoint() && s.delta().is_none());
     }
 
     #[test]
