@@ -126,7 +126,9 @@ def raw_fsync_rate(path, record_bytes, batch, seconds=3.0):
 
 def ingest(a):
     work = tempfile.mkdtemp(prefix="troupe-ingest-", dir=a.dir)
-    node = Node(a.troupe, work, "[journal]\npartitions = 8\n[als]\nmin_interactions = 1000000000\n")
+    # TROUPE_BENCH_JOURNAL: extra `[journal]` keys (e.g. "cache_mb = 1024") to isolate one.
+    extra = os.environ.get("TROUPE_BENCH_JOURNAL", "")
+    node = Node(a.troupe, work, f"[journal]\npartitions = 8\n{extra}\n[als]\nmin_interactions = 1000000000\n")
     node.start()
     # The raw loop writes records of the size the client sends (one NDJSON line).
     record_bytes = len(ndjson_batch("b1000c0", 123456, 1))

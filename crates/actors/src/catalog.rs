@@ -20,7 +20,7 @@ use crate::names;
 use crate::record::{Item, Payload, Record, CATALOG_STREAM};
 use crate::wire::WIRE_VERSION;
 
-pub const CATALOG_CHECKPOINT_FORMAT: u16 = 2;
+pub const CATALOG_CHECKPOINT_FORMAT: u16 = 3;
 const CHECKPOINT_NAME: &str = "catalog";
 
 #[derive(RactorClusterMessage)]

@@ -1,30 +1,47 @@
-//! Item embeddings in one growing row-major matrix, indexed by item id, plus an inverted
-//! index (per dimension: the rows with a non-zero value there) while the embeddings are
-//! sparse, as the hashed-TF encoder's are. Scoring takes whichever path touches fewer
-//! values; both are exact.
+//! Item embeddings indexed by item id. While every embedding is sparse (as the
+//! hashed-TF encoder's are) rows are stored as their non-zero values only, with an
+//! inverted index (per dimension: the rows with a non-zero value there) that scores
+//! exactly while touching only those values. The first dense row (a sentence encoder's)
+//! turns the index into one row-major matrix for good, scored by a dense scan.
 
 use ndarray::ArrayView2;
+use troupe_models::content;
 use troupe_models::dataset::IdMap;
 use troupe_models::topk::{self, Scored};
 
-/// Rows denser than this (fraction of non-zero values) turn the inverted index off for
-/// good: dense sentence embeddings gain nothing from it and would double the memory.
+/// Rows denser than this (fraction of non-zero values) switch the index to dense rows
+/// for good: dense sentence embeddings gain nothing from sparse storage.
 const SPARSE_MAX_DENSITY: f32 = 0.25;
 
+/// How the rows are held.
+#[derive(Debug)]
+enum Rows {
+    /// Each row's `(dimension, value)` non-zeros, and per dimension `(row, value)`.
+    Sparse {
+        rows: Vec<Box<[(u32, f32)]>>,
+        postings: Vec<Vec<(u32, f32)>>,
+    },
+    /// One row-major matrix.
+    Dense(Vec<f32>),
+}
+
 /// Embeddings of the catalogue's items for the content branch.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ContentIndex {
     pub encoder: String,
     dim: usize,
     ids: IdMap,
-    data: Vec<f32>,
+    rows: Rows,
     /// Hash of the text each row was computed from (0: row empty or deleted).
     text_hash: Vec<u128>,
     /// Rows with an embedding.
     live: usize,
-    /// Per dimension, `(row, value)` of every non-zero value; `None` once a dense row
-    /// arrived.
-    postings: Option<Vec<Vec<(u32, f32)>>>,
+}
+
+impl Default for ContentIndex {
+    fn default() -> Self {
+        ContentIndex::new(0, String::new())
+    }
 }
 
 impl ContentIndex {
@@ -32,33 +49,52 @@ impl ContentIndex {
         ContentIndex {
             encoder,
             dim,
-            postings: Some(vec![Vec::new(); dim]),
-            ..Default::default()
+            ids: IdMap::default(),
+            rows: Rows::Sparse {
+                rows: Vec::new(),
+                postings: vec![Vec::new(); dim],
+            },
+            text_hash: Vec::new(),
+            live: 0,
         }
     }
 
-    /// Whether scoring can use the inverted index.
+    /// Whether rows are sparse (scored through the inverted index).
     pub fn sparse(&self) -> bool {
-        self.postings.is_some()
-    }
-
-    /// Drops row `i`'s values from the inverted index.
-    fn unpost(&mut self, i: usize) {
-        let row = &self.data[i * self.dim..(i + 1) * self.dim];
-        if let Some(postings) = self.postings.as_mut() {
-            for (d, v) in row.iter().enumerate() {
-                if *v != 0.0 {
-                    let list = &mut postings[d];
-                    if let Some(pos) = list.iter().position(|(r, _)| *r as usize == i) {
-                        list.swap_remove(pos);
-                    }
-                }
-            }
-        }
+        matches!(self.rows, Rows::Sparse { .. })
     }
 
     pub fn dim(&self) -> usize {
         self.dim
+    }
+
+    /// Switches to dense rows (the sparse ones copied into the matrix).
+    fn densify(&mut self) {
+        if let Rows::Sparse { rows, .. } = &self.rows {
+            let mut data = vec![0f32; self.text_hash.len() * self.dim];
+            for (i, r) in rows.iter().enumerate() {
+                for &(d, v) in r.iter() {
+                    data[i * self.dim + d as usize] = v;
+                }
+            }
+            self.rows = Rows::Dense(data);
+        }
+    }
+
+    /// Clears row `i` (its values and postings).
+    fn clear(&mut self, i: usize) {
+        match &mut self.rows {
+            Rows::Sparse { rows, postings } => {
+                for &(d, _) in rows[i].iter() {
+                    let list = &mut postings[d as usize];
+                    if let Some(pos) = list.iter().position(|(r, _)| *r as usize == i) {
+                        list.swap_remove(pos);
+                    }
+                }
+                rows[i] = Box::default();
+            }
+            Rows::Dense(data) => data[i * self.dim..(i + 1) * self.dim].fill(0.0),
+        }
     }
 
     /// Sets an item's embedding.
@@ -69,25 +105,35 @@ impl ContentIndex {
         let i = self.ids.intern(id) as usize;
         if i >= self.text_hash.len() {
             self.text_hash.resize(i + 1, 0);
-            self.data.resize((i + 1) * self.dim, 0.0);
+            match &mut self.rows {
+                Rows::Sparse { rows, .. } => rows.resize_with(i + 1, Box::default),
+                Rows::Dense(data) => data.resize((i + 1) * self.dim, 0.0),
+            }
         }
         if self.text_hash[i] == 0 {
             self.live += 1;
         } else {
-            self.unpost(i);
+            self.clear(i);
         }
         self.text_hash[i] = text_hash;
-        self.data[i * self.dim..(i + 1) * self.dim].copy_from_slice(v);
         let nnz = v.iter().filter(|x| **x != 0.0).count();
         if nnz as f32 > SPARSE_MAX_DENSITY * self.dim as f32 {
-            self.postings = None;
+            self.densify();
         }
-        if let Some(postings) = self.postings.as_mut() {
-            for (d, x) in v.iter().enumerate() {
-                if *x != 0.0 {
-                    postings[d].push((i as u32, *x));
+        match &mut self.rows {
+            Rows::Sparse { rows, postings } => {
+                let row: Box<[(u32, f32)]> = v
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| **x != 0.0)
+                    .map(|(d, x)| (d as u32, *x))
+                    .collect();
+                for &(d, x) in row.iter() {
+                    postings[d as usize].push((i as u32, x));
                 }
+                rows[i] = row;
             }
+            Rows::Dense(data) => data[i * self.dim..(i + 1) * self.dim].copy_from_slice(v),
         }
     }
 
@@ -97,10 +143,9 @@ impl ContentIndex {
             let i = i as usize;
             if self.text_hash[i] != 0 {
                 self.live -= 1;
-                self.unpost(i);
+                self.clear(i);
             }
             self.text_hash[i] = 0;
-            self.data[i * self.dim..(i + 1) * self.dim].fill(0.0);
         }
     }
 
@@ -135,21 +180,56 @@ impl ContentIndex {
         self.len() == 0
     }
 
-    /// The matrix (rows = items by index; deleted rows are zero).
-    pub fn matrix(&self) -> ArrayView2<'_, f32> {
-        let rows = self.text_hash.len();
-        ArrayView2::from_shape((rows, self.dim), &self.data[..rows * self.dim])
-            .unwrap_or_else(|_| ArrayView2::from_shape((0, 0), &[]).expect("empty view"))
+    /// An item's embedding (a copy, dense).
+    pub fn row(&self, id: &str) -> Option<Vec<f32>> {
+        let i = self.index(id)? as usize;
+        Some(match &self.rows {
+            Rows::Sparse { rows, .. } => {
+                let mut v = vec![0f32; self.dim];
+                for &(d, x) in rows[i].iter() {
+                    v[d as usize] = x;
+                }
+                v
+            }
+            Rows::Dense(data) => data[i * self.dim..(i + 1) * self.dim].to_vec(),
+        })
     }
 
-    pub fn row(&self, id: &str) -> Option<&[f32]> {
-        let i = self.index(id)? as usize;
-        Some(&self.data[i * self.dim..(i + 1) * self.dim])
+    /// The content profile of a user who touched `(row, weight, ts seconds)`
+    /// ([`content::user_profile`]).
+    pub fn user_profile(&self, touched: &[(u32, f32, i64)], half_life: f64) -> Option<Vec<f32>> {
+        let n = self.text_hash.len();
+        match &self.rows {
+            Rows::Sparse { rows, .. } => {
+                content::user_profile_with(self.dim, n, touched, half_life, |r, w, acc| {
+                    for &(d, x) in rows[r].iter() {
+                        acc[d as usize] += w * x;
+                    }
+                })
+            }
+            Rows::Dense(data) => {
+                let m = ArrayView2::from_shape((n, self.dim), &data[..n * self.dim]).ok()?;
+                content::user_profile(m, touched, half_life)
+            }
+        }
+    }
+
+    /// Heap bytes of the embeddings (rows and postings).
+    pub fn heap_bytes(&self) -> usize {
+        let pair = std::mem::size_of::<(u32, f32)>();
+        match &self.rows {
+            Rows::Sparse { rows, postings } => {
+                rows.iter().map(|r| r.len() * pair).sum::<usize>()
+                    + rows.capacity() * std::mem::size_of::<Box<[(u32, f32)]>>()
+                    + postings.iter().map(|p| p.capacity() * pair).sum::<usize>()
+            }
+            Rows::Dense(data) => data.capacity() * 4,
+        }
     }
 
     /// Exact top-`k` rows by dot product with `query` (cosine for unit rows), skipping
-    /// `excluded` rows. Through the inverted index when the query's non-zero dimensions
-    /// touch fewer values than a full scan would, else a dense scan.
+    /// `excluded` rows: through the inverted index while rows are sparse (it touches only
+    /// the non-zero values the query's dimensions meet), else a dense scan.
     pub fn top_k(
         &self,
         query: &[f32],
@@ -157,17 +237,11 @@ impl ContentIndex {
         excluded: impl Fn(u32) -> bool,
         scratch: &mut Vec<f32>,
     ) -> Vec<Scored> {
-        let rows = self.text_hash.len();
-        if let Some(postings) = &self.postings {
-            let touched: usize = query
-                .iter()
-                .zip(postings)
-                .filter(|(q, _)| **q != 0.0)
-                .map(|(_, p)| p.len())
-                .sum();
-            if touched < rows * self.dim / 4 {
+        let n = self.text_hash.len();
+        match &self.rows {
+            Rows::Sparse { postings, .. } => {
                 scratch.clear();
-                scratch.resize(rows, 0.0);
+                scratch.resize(n, 0.0);
                 for (q, list) in query.iter().zip(postings) {
                     if *q != 0.0 {
                         for &(r, v) in list {
@@ -175,10 +249,14 @@ impl ContentIndex {
                         }
                     }
                 }
-                return topk::select(scratch, k, excluded);
+                topk::select(scratch, k, excluded)
             }
+            Rows::Dense(data) => match ArrayView2::from_shape((n, self.dim), &data[..n * self.dim])
+            {
+                Ok(m) => topk::top_k_dense(m, query, k, excluded, scratch),
+                Err(_) => Vec::new(),
+            },
         }
-        topk::top_k_dense(self.matrix(), query, k, excluded, scratch)
     }
 }
 
@@ -193,14 +271,20 @@ mod tests {
         c.set("b", 2, &[0.0, 1.0]);
         c.set("a", 3, &[0.5, 0.5]);
         assert_eq!(c.len(), 2);
-        assert_eq!(c.row("a"), Some(&[0.5, 0.5][..]));
+        assert_eq!(c.row("a"), Some(vec![0.5, 0.5]));
         c.remove("a");
         c.remove("a");
         assert_eq!(c.len(), 1);
         assert_eq!(c.index("a"), None);
-        assert_eq!(c.matrix().nrows(), 2);
+        assert_eq!(c.row("b"), Some(vec![0.0, 1.0]));
         c.set("x", 4, &[1.0]);
         assert_eq!(c.len(), 1, "wrong width is ignored");
+    }
+
+    fn data_of(c: &ContentIndex, n: usize, dim: usize) -> Vec<f32> {
+        (0..n)
+            .flat_map(|i| c.row(&format!("i{i}")).unwrap_or_else(|| vec![0.0; dim]))
+            .collect()
     }
 
     /// The inverted-index path and the dense scan agree on every query, through
@@ -244,15 +328,40 @@ mod tests {
             let mut s1 = Vec::new();
             let via_index = sparse.top_k(&q, 10, |i| i % 5 == 0, &mut s1);
             let mut s2 = Vec::new();
-            let dense = topk::top_k_dense(sparse.matrix(), &q, 10, |i| i % 5 == 0, &mut s2);
+            let mut data = Vec::new();
+            for i in 0..300 {
+                data.extend(
+                    sparse
+                        .row(&format!("i{i}"))
+                        .unwrap_or_else(|| vec![0.0; dim]),
+                );
+            }
+            let m = ArrayView2::from_shape((300, dim), &data).unwrap();
+            let dense = topk::top_k_dense(m, &q, 10, |i| i % 5 == 0, &mut s2);
             assert_eq!(via_index.len(), dense.len());
             for (a, b) in via_index.iter().zip(&dense) {
                 assert!((a.score - b.score).abs() < 1e-5, "{a:?} vs {b:?}");
             }
         }
-        // A dense row switches the index off; scoring still works.
+        // Profiles agree with the dense computation.
+        let touched = [(3u32, 1.0f32, 10i64), (8, 2.0, 20), (40, 0.5, 5)];
+        let m = ArrayView2::from_shape((300, dim), &data_of(&sparse, 300, dim))
+            .unwrap()
+            .to_owned();
+        let want = content::user_profile(m.view(), &touched, 100.0).unwrap();
+        let got = sparse.user_profile(&touched, 100.0).unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6);
+        }
+        // A dense row switches to dense rows; scoring and rows still work.
+        let before = sparse.row("i3");
         sparse.set("dense", 5000, &vec![0.1; dim]);
         assert!(!sparse.sparse());
+        assert_eq!(sparse.row("i3"), before);
+        let again = sparse.user_profile(&touched, 100.0).unwrap();
+        for (a, b) in again.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6);
+        }
         let mut s = Vec::new();
         assert_eq!(
             sparse.top_k(&vec![1.0; dim], 1, |_| false, &mut s)[0].item,

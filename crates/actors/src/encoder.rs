@@ -211,9 +211,9 @@ impl Actor for ContentEncoder {
                 }
             }
             ContentEncoderMsg::Observe(port) => {
-                let (n, dim) = {
+                let (n, dim, bytes, sparse) = {
                     let idx = st.ctx.content.read();
-                    (idx.len(), idx.dim())
+                    (idx.len(), idx.dim(), idx.heap_bytes(), idx.sparse())
                 };
                 port.send(Observation::new(
                     names::CONTENT_ENCODER,
@@ -221,6 +221,8 @@ impl Actor for ContentEncoder {
                         "encoder": &*st.name,
                         "dim": dim,
                         "embedded_items": n,
+                        "index_bytes": bytes,
+                        "sparse_rows": sparse,
                         "requested": st.requested,
                         "in_flight_batches": st.ctx.settings.content.workers.max(1) - st.permits.available_permits(),
                     }),

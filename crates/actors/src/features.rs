@@ -32,12 +32,13 @@ use crate::wire_payload;
 pub use crate::user_store::Touch;
 
 /// Version of the UserFeatures checkpoint format (full checkpoints and deltas).
-pub const FEATURES_CHECKPOINT_FORMAT: u16 = 5;
+pub const FEATURES_CHECKPOINT_FORMAT: u16 = 6;
 /// A full checkpoint is written once the deltas after the last one add up to this many
-/// times its size: checkpoint bytes per applied event stay bounded (each event is written
-/// once in a delta and, amortised, `1 / COMPACT_RATIO` times more by compactions) and
-/// recovery reads at most `1 + COMPACT_RATIO` times the store's size.
-const COMPACT_RATIO: usize = 3;
+/// times its size. Amortised, an event costs its delta bytes, its bytes in a full
+/// checkpoint, and `1 / COMPACT_RATIO` of its delta bytes more (the compaction that
+/// rewrites what the deltas added); recovery reads at most `1 + COMPACT_RATIO` times the
+/// store's size, one delta at a time.
+const COMPACT_RATIO: usize = 8;
 /// At most this many deltas follow a full checkpoint (bounds the keys recovery reads).
 const MAX_DELTAS: u64 = 1024;
 
@@ -161,21 +162,27 @@ fn delta_prefix(p: u32) -> String {
     format!("user_features/{p}/delta/")
 }
 
-/// Replays the deltas stored after full checkpoint `seq` onto `store`; returns the
-/// positions and sequence number of the last one (`None`: no deltas).
+/// Replays the deltas named `parts` (stored after full checkpoint `seq`) onto `store`,
+/// reading one at a time; returns the positions and sequence number of the last one
+/// (`None`: no deltas).
 fn replay_deltas(
+    kv: &crate::store::Store,
     store: &mut UserStore,
-    parts: Vec<(String, Vec<u8>)>,
+    parts: Vec<String>,
     mut seq: u64,
-) -> Result<Option<(Cursors, u64)>, String> {
+) -> Result<Option<(Cursors, u64)>, ActorProcessingErr> {
     let mut last = None;
-    for (name, bytes) in parts {
+    for name in parts {
+        let bytes = kv
+            .get_checkpoint(&name)?
+            .ok_or_else(|| format!("checkpoint {name} vanished while being read"))?;
         let format = crate::consumer::checkpoint_format(&bytes)
             .map_err(|e| format!("checkpoint {name} does not decode: {e}"))?;
         if format != FEATURES_CHECKPOINT_FORMAT {
             return Err(format!(
                 "checkpoint {name} has format {format}, this build reads {FEATURES_CHECKPOINT_FORMAT}"
-            ));
+            )
+            .into());
         }
         let d: DeltaCheckpoint = crate::consumer::decode_checkpoint(&bytes)
             .map_err(|e| format!("checkpoint {name} does not decode: {e}"))?;
@@ -184,7 +191,8 @@ fn replay_deltas(
                 "checkpoint {name} has sequence {}, expected {}: a delta is missing",
                 d.seq,
                 seq + 1
-            ));
+            )
+            .into());
         }
         store
             .apply_delta(d.delta)
@@ -395,17 +403,16 @@ impl Actor for UserFeatures {
             store = UserStore::from_wire(cp.store)
                 .map_err(|e| format!("checkpoint of {}: {e}", st.rt.name))?;
             let seq = cp.seq;
+            let kv = st.ctx.store.clone();
             let (back, last) = tokio::task::spawn_blocking(move || {
-                let last = replay_deltas(&mut store, parts, seq);
+                let last = replay_deltas(&kv, &mut store, parts, seq);
                 (store, last)
             })
             .await?;
             store = back;
             st.seq = seq;
             st.deltas_on_start = n_parts as u64;
-            if let Some((cursors, last)) =
-                last.map_err(|e| format!("checkpoint of {}: {e}", st.rt.name))?
-            {
+            if let Some((cursors, last)) = last? {
                 st.rt
                     .restore(cursors)
                     .map_err(|e| format!("checkpoint of {}: {e}", st.rt.name))?;

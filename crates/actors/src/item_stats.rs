@@ -20,7 +20,7 @@ use crate::record::{Payload, Record};
 use crate::wire::WIRE_VERSION;
 use crate::wire_payload;
 
-pub const ITEM_STATS_CHECKPOINT_FORMAT: u16 = 2;
+pub const ITEM_STATS_CHECKPOINT_FORMAT: u16 = 3;
 const CHECKPOINT_NAME: &str = "item_stats";
 
 /// Request for the most popular items.

@@ -127,11 +127,32 @@ pub struct JournalState {
 }
 
 /// The keys acked within the idempotency window, bounded in count (the oldest leave
-/// first): key -> (stream, offset, acked at ms).
+/// first): key -> (stream, offset), with the time each was acked.
+///
+/// Kept compact (about 50 bytes per key at the million-key default): the entries live
+/// once, oldest first, in a ring addressed by a wrapping 32-bit sequence number, and a
+/// hash table holds only sequence numbers (a key is already a 128-bit hash; its low half
+/// is the table's hash). The ring never holds 2^32 entries (`max` is far below), so a
+/// sequence number's distance from the first one is its position.
 struct Idempotency {
-    map: FxHashMap<u128, (u32, u64, i64)>,
-    order: VecDeque<(i64, u128)>,
+    ring: VecDeque<Acked>,
+    /// Sequence number of `ring[0]`.
+    first: u32,
+    table: hashbrown::HashTable<u32>,
     max: usize,
+}
+
+/// One acked key, 40 bytes.
+#[derive(Debug, Clone, Copy)]
+struct Acked {
+    key: [u64; 2],
+    at: i64,
+    offset: u64,
+    stream: u32,
+}
+
+fn split_key(key: u128) -> [u64; 2] {
+    [key as u64, (key >> 64) as u64]
 }
 
 impl Idempotency {
@@ -139,9 +160,10 @@ impl Idempotency {
         keys.sort_unstable_by_key(|k| k.3);
         let skip = keys.len().saturating_sub(max);
         let mut i = Idempotency {
-            map: FxHashMap::default(),
-            order: VecDeque::new(),
-            max,
+            ring: VecDeque::new(),
+            first: 0,
+            table: hashbrown::HashTable::new(),
+            max: max.min(u32::MAX as usize / 2),
         };
         for (k, s, o, at) in keys.into_iter().skip(skip) {
             i.insert(k, s, o, at);
@@ -149,14 +171,44 @@ impl Idempotency {
         i
     }
 
+    fn entry(&self, seq: u32) -> &Acked {
+        &self.ring[seq.wrapping_sub(self.first) as usize]
+    }
+
+    fn find(&self, key: [u64; 2]) -> Option<u32> {
+        self.table
+            .find(key[0], |&q| self.entry(q).key == key)
+            .copied()
+    }
+
     fn get(&self, key: u128) -> Option<(u32, u64)> {
-        self.map.get(&key).map(|&(s, o, _)| (s, o))
+        let e = self.entry(self.find(split_key(key))?);
+        Some((e.stream, e.offset))
     }
 
     fn insert(&mut self, key: u128, stream: u32, offset: u64, at: i64) {
-        self.map.insert(key, (stream, offset, at));
-        self.order.push_back((at, key));
-        while self.map.len() > self.max {
+        let key = split_key(key);
+        let seq = self.first.wrapping_add(self.ring.len() as u32);
+        self.ring.push_back(Acked {
+            key,
+            at,
+            offset,
+            stream,
+        });
+        // A key inserted again points at its newest entry; the older one is dead.
+        let (ring, first) = (&self.ring, self.first);
+        match self
+            .table
+            .find_mut(key[0], |&q| ring[q.wrapping_sub(first) as usize].key == key)
+        {
+            Some(q) => *q = seq,
+            None => {
+                self.table.insert_unique(key[0], seq, |&q| {
+                    ring[q.wrapping_sub(first) as usize].key[0]
+                });
+            }
+        }
+        while self.table.len() > self.max {
             self.pop_oldest();
         }
     }
@@ -164,26 +216,32 @@ impl Idempotency {
     /// Forgets keys acked before `horizon`; returns how many.
     fn expire(&mut self, horizon: i64) -> usize {
         let mut n = 0;
-        while self.order.front().is_some_and(|(at, _)| *at < horizon) {
+        while self.ring.front().is_some_and(|e| e.at < horizon) {
             n += usize::from(self.pop_oldest());
         }
         n
     }
 
+    /// Drops the oldest entry; true when it was its key's live one.
     fn pop_oldest(&mut self) -> bool {
-        let Some((at, k)) = self.order.pop_front() else {
+        let Some(&e) = self.ring.front() else {
             return false;
         };
-        // A key re-inserted later has a newer entry in `order`; only the live one counts.
-        if self.map.get(&k).is_some_and(|v| v.2 == at) {
-            self.map.remove(&k);
-            return true;
-        }
-        false
+        let seq = self.first;
+        let live = match self.table.find_entry(e.key[0], |&q| q == seq) {
+            Ok(slot) => {
+                slot.remove();
+                true
+            }
+            Err(_) => false,
+        };
+        self.ring.pop_front();
+        self.first = self.first.wrapping_add(1);
+        live
     }
 
     fn len(&self) -> usize {
-        self.map.len()
+        self.table.len()
     }
 }
 
@@ -635,5 +693,30 @@ mod tests {
         assert_eq!((i.len(), i.get(2)), (2, None), "the oldest leaves first");
         assert_eq!(i.expire(350), 1);
         assert_eq!((i.get(3), i.get(4)), (None, Some((1, 1))));
+        // Keys sharing their low half are told apart; a key inserted again answers with
+        // its newest position and outlives its older entry.
+        let twin = 4 | (7u128 << 64);
+        i.insert(twin, 2, 9, 500);
+        assert_eq!((i.get(4), i.get(twin)), (Some((1, 1)), Some((2, 9))));
+        i.insert(4, 3, 5, 600);
+        assert_eq!(i.len(), 2);
+        assert_eq!(i.get(4), Some((3, 5)));
+        assert_eq!(
+            i.expire(550),
+            1,
+            "the first entry of 4 was dead, twin expired"
+        );
+        assert_eq!((i.get(4), i.get(twin)), (Some((3, 5)), None));
+        assert_eq!(std::mem::size_of::<Acked>(), 40);
+        // Sequence numbers wrap around without losing a key.
+        let mut w = Idempotency::new(Vec::new(), 3);
+        w.first = u32::MAX - 1;
+        for k in 1..=6u128 {
+            w.insert(k, 0, k as u64, k as i64);
+        }
+        assert_eq!(
+            (w.len(), w.get(3), w.get(4), w.get(6)),
+            (3, None, Some((0, 4)), Some((0, 6)))
+        );
     }
 }

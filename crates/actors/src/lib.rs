@@ -16,13 +16,14 @@
 //! bounded by the commit rate (one per stream per commit); encoder batches by a
 //! semaphore of `workers`; ranker branches by their deadline.
 //!
-//! Modules: [`record`] (journal records, hashing), [`store`] (redb), [`journal`],
+//! Modules: [`alloc`] (allocator counts and trim), [`record`] (journal records, hashing), [`store`] (redb), [`journal`],
 //! [`features`], [`item_stats`], [`catalog`], [`encoder`], [`trainer`], [`ranker`],
 //! [`breaker`], [`supervisor`], [`consumer`] (the consumer runtime: cursors, poison
 //! records, dedupe, checkpoint cadence), [`codec`] (bounded bincode),
 //! [`node`] (assembles the supervision tree), [`ctx`] (shared state), [`settings`],
 //! [`faults`], [`metrics`], [`wire`]/[`messages`] (cluster-ready payloads).
 
+pub mod alloc;
 pub mod breaker;
 pub mod catalog;
 pub mod codec;

@@ -152,11 +152,28 @@ pub async fn start(
     };
     let (root, done) =
         Actor::spawn(Some(names::NODE_SUPERVISOR.to_string()), Supervisor, args).await?;
+    tokio::spawn(trim_memory());
     Ok(NodeHandle {
         ctx,
         root,
         root_done: done,
     })
+}
+
+/// Every few seconds, hands the allocator's free pages back to the system once it holds
+/// more than a few MiB of them (a load's request buffers, a catch-up's decoded batches),
+/// so resident memory follows what is live ([`crate::alloc`]).
+async fn trim_memory() {
+    const EVERY: Duration = Duration::from_secs(5);
+    const FREE_HELD_MAX: usize = 16 << 20;
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if crate::alloc::stats().is_some_and(|s| s.free_held > FREE_HELD_MAX) {
+            crate::Discard::discard(tokio::task::spawn_blocking(crate::alloc::trim).await);
+        }
+    }
 }
 
 /// Appends records through the journal (one RPC; acked when durable).

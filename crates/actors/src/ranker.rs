@@ -18,7 +18,6 @@ use ractor_cluster_derive::RactorClusterMessage;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use troupe_models::blend::{self, BranchList};
-use troupe_models::content;
 use troupe_models::topk::{self, Scored};
 
 use crate::breaker::Breaker;
@@ -539,8 +538,7 @@ impl RankerCore {
                         .iter()
                         .filter_map(|(item, w, ts)| index.index(item).map(|i| (i, *w, ts / 1000)))
                         .collect();
-                    let Some(profile) = content::user_profile(index.matrix(), &touched, half_life)
-                    else {
+                    let Some(profile) = index.user_profile(&touched, half_life) else {
                         return Vec::new();
                     };
                     let mut scratch = Vec::new();
@@ -785,7 +783,7 @@ impl RankerCore {
         let mut scratch = Vec::new();
         {
             let index = ctx.content.read();
-            if let Some(row) = index.row(&req.item).map(<[f32]>::to_vec) {
+            if let Some(row) = index.row(&req.item) {
                 let catalog = ctx.catalog.read();
                 let top = index.top_k(
                     &row,

@@ -932,17 +932,17 @@ impl Store {
         Ok(())
     }
 
-    /// Every checkpoint whose name starts with `prefix`, in name order.
-    pub fn checkpoints_under(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    /// Names of every checkpoint that starts with `prefix`, in name order.
+    pub fn checkpoints_under(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let tx = self.db.begin_read().map_err(self.err())?;
         let t = tx.open_table(CHECKPOINTS).map_err(self.err())?;
         let mut out = Vec::new();
         for r in t.range(prefix..).map_err(self.err())? {
-            let (k, v) = r.map_err(self.err())?;
+            let (k, _) = r.map_err(self.err())?;
             if !k.value().starts_with(prefix) {
                 break;
             }
-            out.push((k.value().to_string(), v.value().to_vec()));
+            out.push(k.value().to_string());
         }
         Ok(out)
     }
@@ -1281,13 +1281,7 @@ mod tests {
         s.put_checkpoint("x/d/1", b"1").unwrap();
         s.put_checkpoint("x/d/2", b"2").unwrap();
         s.put_checkpoint("y", b"y").unwrap();
-        let parts: Vec<String> = s
-            .checkpoints_under("x/d/")
-            .unwrap()
-            .into_iter()
-            .map(|p| p.0)
-            .collect();
-        assert_eq!(parts, ["x/d/1", "x/d/2"]);
+        assert_eq!(s.checkpoints_under("x/d/").unwrap(), ["x/d/1", "x/d/2"]);
         s.replace_checkpoint("x", b"full", "x/d/").unwrap();
         assert!(s.checkpoints_under("x/d/").unwrap().is_empty());
         assert_eq!(s.get_checkpoint("x").unwrap().unwrap(), b"full");

@@ -361,6 +361,8 @@ impl AlsTrainerState {
 
     async fn finish_training(&mut self) -> Result<(), ActorProcessingErr> {
         self.training = false;
+        // The training run's buffers are freed: hand their pages back.
+        tokio::task::spawn_blocking(crate::alloc::trim).await?;
         let Some((mut report, model)) = self.finished.lock().take() else {
             return Ok(());
         };

@@ -35,6 +35,15 @@ pub struct Dict {
     free: Vec<u32>,
 }
 
+/// Makes room for `len` elements, growing by a quarter rather than doubling: the store's
+/// per-id vectors are large, and a doubling leaves up to half of one unused.
+fn grow<T>(v: &mut Vec<T>, len: usize) {
+    if len > v.capacity() {
+        let want = len.max(v.capacity() + v.capacity() / 4 + 16);
+        v.reserve_exact(want - v.len());
+    }
+}
+
 fn hash_str(s: &str) -> u64 {
     FxBuildHasher.hash_one(s)
 }
@@ -59,6 +68,8 @@ impl Dict {
                 i
             }
             None => {
+                let len = self.names.len() + 1;
+                grow(&mut self.names, len);
                 self.names.push(name.into());
                 (self.names.len() - 1) as u32
             }
@@ -156,6 +167,95 @@ struct Ev {
     kind: u16,
 }
 
+/// Wire form of one event: `(time code, value code, item, kind)`. Times are differences
+/// from the previous event of the run (the first from a base), in whole seconds when
+/// they are ([`ts_code`]); values are small codes ([`value_code`]). A typical event then
+/// encodes in about ten bytes.
+type EvWire = (u128, u64, u32, u16);
+
+fn zigzag(v: i128) -> u128 {
+    ((v << 1) ^ (v >> 127)) as u128
+}
+
+fn unzigzag(u: u128) -> i128 {
+    ((u >> 1) as i128) ^ -((u & 1) as i128)
+}
+
+/// A time difference: even codes count whole seconds, odd codes milliseconds.
+fn ts_code(diff: i128) -> u128 {
+    if diff % 1000 == 0 {
+        zigzag(diff / 1000) << 1
+    } else {
+        (zigzag(diff) << 1) | 1
+    }
+}
+
+fn ts_decode(prev: i64, code: u128) -> Result<i64, String> {
+    let d = unzigzag(code >> 1);
+    let d = if code & 1 == 0 {
+        d.checked_mul(1000)
+    } else {
+        Some(d)
+    };
+    d.and_then(|d| i64::try_from(prev as i128 + d).ok())
+        .ok_or_else(|| format!("time code {code} out of range"))
+}
+
+/// A value: 0 for none, small whole numbers as `n << 2 | 1`, anything else as its bits
+/// (`bits << 2 | 2`).
+fn value_code(v: f32) -> u64 {
+    if v.is_nan() {
+        0
+    } else if (0.0..16_777_216.0).contains(&v) && (v as u32 as f32).to_bits() == v.to_bits() {
+        ((v as u64) << 2) | 1
+    } else {
+        ((v.to_bits() as u64) << 2) | 2
+    }
+}
+
+fn value_decode(c: u64) -> Result<f32, String> {
+    match (c & 3, c >> 2) {
+        (0, 0) => Ok(f32::NAN),
+        (1, n) if n < 16_777_216 => Ok(n as f32),
+        (2, b) if b <= u32::MAX as u64 => Ok(f32::from_bits(b as u32)),
+        _ => Err(format!("value code {c} is not valid")),
+    }
+}
+
+fn ev_wire(e: &Ev, prev: i64) -> EvWire {
+    (
+        ts_code(e.ts_ms as i128 - prev as i128),
+        value_code(e.value),
+        e.item,
+        e.kind,
+    )
+}
+
+/// Decodes a run's events (times chained from `base`), checking item and kind indices.
+fn decode_run(
+    w: Vec<EvWire>,
+    base: i64,
+    items: usize,
+    kinds: usize,
+    out: &mut Vec<Ev>,
+) -> Result<(), String> {
+    let mut prev = base;
+    out.reserve_exact(w.len());
+    for (t, v, item, kind) in w {
+        if item as usize >= items || kind as usize >= kinds {
+            return Err(format!("item {item} or kind {kind} unknown"));
+        }
+        prev = ts_decode(prev, t)?;
+        out.push(Ev {
+            ts_ms: prev,
+            value: value_decode(v)?,
+            item,
+            kind,
+        });
+    }
+    Ok(())
+}
+
 /// The run of one user's events in apply order.
 #[derive(Debug, Default, Clone)]
 struct Row {
@@ -248,8 +348,9 @@ struct Changes {
 }
 
 /// The changes of a store since its last checkpoint: new ids and the events appended to
-/// each grown run. Times are stored relative to `ts_base` and offsets to `offset_base`
-/// (the smallest of each), so they encode short.
+/// each grown run. Each row's times chain from `ts_base` and offsets count from
+/// `offset_base` (the smallest of each); rows are in slot order, each slot given as the
+/// gap from the previous one; so they encode short.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DeltaWire {
     items_from: u32,
@@ -264,12 +365,11 @@ pub struct DeltaWire {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 struct DeltaRow {
-    slot: u32,
+    slot_gap: u32,
     /// Run length before these events (checked when the delta is replayed).
     from: u32,
     last_offset: u64,
-    /// `(ts - ts_base, value, item, kind)`.
-    events: Vec<(u64, Option<f32>, u32, u16)>,
+    events: Vec<EvWire>,
 }
 
 impl DeltaWire {
@@ -312,6 +412,7 @@ impl UserStore {
         };
         let u = u as usize;
         if self.rows.len() <= u {
+            grow(&mut self.rows, u + 1);
             self.rows.resize_with(u + 1, Row::default);
         }
         let ev = Ev {
@@ -380,24 +481,26 @@ impl UserStore {
             .map(|&u| self.rows[u as usize].last_offset)
             .min()
             .unwrap_or(0);
+        let mut prev_slot = 0;
         let rows = slots
             .iter()
-            .map(|&u| DeltaRow {
-                slot: u,
-                from: c.grown[&u],
-                last_offset: self.rows[u as usize].last_offset - offset_base,
-                events: fresh(u)
-                    .iter()
-                    .map(|e| {
-                        let v = e.value;
-                        (
-                            e.ts_ms.abs_diff(ts_base),
-                            (!v.is_nan()).then_some(v),
-                            e.item,
-                            e.kind,
-                        )
-                    })
-                    .collect(),
+            .map(|&u| {
+                let mut prev = ts_base;
+                let row = DeltaRow {
+                    slot_gap: u - prev_slot,
+                    from: c.grown[&u],
+                    last_offset: self.rows[u as usize].last_offset - offset_base,
+                    events: fresh(u)
+                        .iter()
+                        .map(|e| {
+                            let w = ev_wire(e, prev);
+                            prev = e.ts_ms;
+                            w
+                        })
+                        .collect(),
+                };
+                prev_slot = u;
+                row
             })
             .collect();
         let names = |d: &Dict, from: u32| {
@@ -473,36 +576,28 @@ impl UserStore {
             }
         }
         let (items, kinds) = (self.items.names.len(), self.kinds.names.len());
-        for r in d.rows {
+        let mut slot = 0u32;
+        for (k, r) in d.rows.into_iter().enumerate() {
+            slot = match slot.checked_add(r.slot_gap) {
+                Some(s) if k == 0 || r.slot_gap > 0 => s,
+                _ => return Err(format!("the delta's row {k} has a bad slot gap")),
+            };
             let live = self
                 .users
                 .names
-                .get(r.slot as usize)
+                .get(slot as usize)
                 .is_some_and(|n| !n.is_empty());
-            let row = match self.rows.get_mut(r.slot as usize) {
+            let row = match self.rows.get_mut(slot as usize) {
                 Some(row) if live && row.events.len() == r.from as usize => row,
                 _ => {
                     return Err(format!(
-                        "the delta continues user slot {} from {} events, which this store does not hold",
-                        r.slot, r.from
+                        "the delta continues user slot {slot} from {} events, which this store does not hold",
+                        r.from
                     ))
                 }
             };
-            row.events.reserve_exact(r.events.len());
-            for (ts, value, item, kind) in r.events {
-                if item as usize >= items || kind as usize >= kinds {
-                    return Err(format!(
-                        "user slot {}: item {item} or kind {kind} unknown",
-                        r.slot
-                    ));
-                }
-                row.events.push(Ev {
-                    ts_ms: d.ts_base.saturating_add_unsigned(ts),
-                    value: value.unwrap_or(f32::NAN),
-                    item,
-                    kind,
-                });
-            }
+            decode_run(r.events, d.ts_base, items, kinds, &mut row.events)
+                .map_err(|e| format!("user slot {slot}: {e}"))?;
             self.events += row.events.len() - r.from as usize;
             row.last_offset = d.offset_base.saturating_add(r.last_offset);
         }
@@ -695,18 +790,15 @@ impl UserStore {
             if !r.events.is_empty() && users.names[u].is_empty() {
                 return Err(format!("events for the removed user slot {u}"));
             }
-            let mut run = Vec::with_capacity(r.events.len());
-            for (ts_ms, value, item, kind) in r.events {
-                if item as usize >= items.names.len() || kind as usize >= kinds.names.len() {
-                    return Err(format!("user slot {u}: item {item} or kind {kind} unknown"));
-                }
-                run.push(Ev {
-                    ts_ms,
-                    value,
-                    item,
-                    kind,
-                });
-            }
+            let mut run = Vec::new();
+            decode_run(
+                r.events,
+                w.ts_base,
+                items.names.len(),
+                kinds.names.len(),
+                &mut run,
+            )
+            .map_err(|e| format!("user slot {u}: {e}"))?;
             events += run.len();
             rows.push(Row {
                 events: run,
@@ -733,13 +825,15 @@ pub struct StoreWire {
     users: DictWire,
     items: DictWire,
     kinds: DictWire,
+    /// Where every run's time chain starts: the earliest event time.
+    ts_base: i64,
     rows: Vec<RowWire>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 struct RowWire {
     last_offset: u64,
-    events: Vec<(i64, f32, u32, u16)>,
+    events: Vec<EvWire>,
 }
 
 /// Writes the [`StoreWire`] shape straight from the store: a checkpoint of many events
@@ -756,40 +850,49 @@ impl Serialize for UserStore {
                 st.end()
             }
         }
-        struct EventsRef<'a>(&'a [Ev]);
+        struct EventsRef<'a>(&'a [Ev], i64);
         impl Serialize for EventsRef<'_> {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 let mut seq = s.serialize_seq(Some(self.0.len()))?;
+                let mut prev = self.1;
                 for e in self.0 {
-                    seq.serialize_element(&({ e.ts_ms }, { e.value }, { e.item }, { e.kind }))?;
+                    seq.serialize_element(&ev_wire(e, prev))?;
+                    prev = e.ts_ms;
                 }
                 seq.end()
             }
         }
-        struct RowRef<'a>(&'a Row);
+        struct RowRef<'a>(&'a Row, i64);
         impl Serialize for RowRef<'_> {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 let mut st = s.serialize_struct("RowWire", 2)?;
                 st.serialize_field("last_offset", &self.0.last_offset)?;
-                st.serialize_field("events", &EventsRef(&self.0.events))?;
+                st.serialize_field("events", &EventsRef(&self.0.events, self.1))?;
                 st.end()
             }
         }
-        struct RowsRef<'a>(&'a [Row]);
+        struct RowsRef<'a>(&'a [Row], i64);
         impl Serialize for RowsRef<'_> {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
                 let mut seq = s.serialize_seq(Some(self.0.len()))?;
                 for r in self.0 {
-                    seq.serialize_element(&RowRef(r))?;
+                    seq.serialize_element(&RowRef(r, self.1))?;
                 }
                 seq.end()
             }
         }
-        let mut st = s.serialize_struct("StoreWire", 4)?;
+        let ts_base = self
+            .rows
+            .iter()
+            .flat_map(|r| r.events.iter().map(|e| e.ts_ms))
+            .min()
+            .unwrap_or(0);
+        let mut st = s.serialize_struct("StoreWire", 5)?;
         st.serialize_field("users", &DictRef(&self.users))?;
         st.serialize_field("items", &DictRef(&self.items))?;
         st.serialize_field("kinds", &DictRef(&self.kinds))?;
-        st.serialize_field("rows", &RowsRef(&self.rows))?;
+        st.serialize_field("ts_base", &ts_base)?;
+        st.serialize_field("rows", &RowsRef(&self.rows, ts_base))?;
         st.end()
     }
 }
@@ -1071,6 +1174,7 @@ mod tests {
         s.apply("newcomer", "i1", "view", None, 1_700_000_000_900, 1002);
         let d = s.delta().unwrap();
         assert_eq!((d.events(), d.rows.len(), d.new_users.len()), (2, 2, 1));
+        assert_eq!(d.rows[0].slot_gap, 7);
         let bytes = crate::codec::encode(&d).unwrap();
         // A delta's size follows the change, not the 1,000 users untouched.
         assert!(
@@ -1091,6 +1195,31 @@ mod tests {
         s.mark_checkpointed();
         s.erase("user3");
         assert!(s.needs_full_checkpoint() && s.delta().is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn time_and_value_codes_round_trip(prev in any::<i64>(), ts in any::<i64>(), bits in any::<u32>(), n in 0u32..100) {
+            prop_assert_eq!(ts_decode(prev, ts_code(ts as i128 - prev as i128)), Ok(ts));
+            for v in [f32::from_bits(bits), n as f32, -(n as f32)] {
+                let back = value_decode(value_code(v)).unwrap();
+                prop_assert!(back.to_bits() == v.to_bits() || (v.is_nan() && back.is_nan()));
+            }
+        }
+
+        #[test]
+        fn bad_codes_are_errors(prev in any::<i64>(), code in any::<u128>(), v in any::<u64>()) {
+            drop(ts_decode(prev, code));
+            drop(value_decode(v));
+        }
+    }
+
+    #[test]
+    fn small_values_and_whole_seconds_encode_in_a_byte() {
+        let one = crate::codec::encode(&value_code(1.0)).unwrap();
+        let none = crate::codec::encode(&value_code(f32::NAN)).unwrap();
+        let minute = crate::codec::encode(&ts_code(60_000)).unwrap();
+        assert_eq!((one.len(), none.len(), minute.len()), (1, 1, 1));
     }
 
     #[test]

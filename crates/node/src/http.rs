@@ -1377,6 +1377,7 @@ async fn cluster(State(st): State<AppState>, _a: Admitted<Ops>, q: RawQuery) -> 
         "journal_heads": streams(&|s| st.ctx.head(s)),
         "applied": streams(&|s| st.ctx.applied(s)),
         "als_model_version": st.ctx.als.load().as_ref().map(|m| m.version),
+        "allocator": troupe_actors::alloc::stats(),
         "actors": actors,
         "supervisors": sups,
     }))

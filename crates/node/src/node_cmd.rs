@@ -217,6 +217,7 @@ pub async fn serve_until_stopped(mut b: Booted) -> Result<(), CliError> {
 
 pub fn run(args: NodeArgs, verbose: bool) -> Result<(), CliError> {
     let cfg = load_config(&args.config)?;
+    troupe_actors::alloc::limit_arenas();
     let rt = runtime()?;
     // The batch exporter runs on its own thread; the runtime only needs to exist.
     let _guard = rt.enter();

@@ -61,31 +61,47 @@ pub fn user_profile(
     touched: &[(u32, f32, i64)],
     half_life_seconds: f64,
 ) -> Option<Vec<f32>> {
+    user_profile_with(
+        embeddings.ncols(),
+        embeddings.nrows(),
+        touched,
+        half_life_seconds,
+        |row, wt, acc| {
+            let e = embeddings.row(row);
+            match e.as_slice() {
+                Some(s) => kernels::axpy(wt, s, acc),
+                None => acc.iter_mut().zip(e.iter()).for_each(|(a, v)| *a += wt * v),
+            }
+        },
+    )
+}
+
+/// [`user_profile`] over embeddings stored any way: `add(row, weight, acc)` adds `weight`
+/// times row `row` (of `rows`, each `dim` wide) to `acc`.
+pub fn user_profile_with(
+    dim: usize,
+    rows: usize,
+    touched: &[(u32, f32, i64)],
+    half_life_seconds: f64,
+    add: impl Fn(usize, f32, &mut [f32]),
+) -> Option<Vec<f32>> {
     let now = touched
         .iter()
-        .filter(|&&(item, w, _)| (item as usize) < embeddings.nrows() && w > 0.0)
+        .filter(|&&(item, w, _)| (item as usize) < rows && w > 0.0)
         .map(|&(_, _, ts)| ts)
         .max()?;
-    let dim = embeddings.ncols();
     let mut acc = vec![0f32; dim];
     let mut any = false;
     for &(item, w, ts) in touched {
         let row = item as usize;
-        if row >= embeddings.nrows() {
+        if row >= rows {
             continue;
         }
         let wt = w as f64 * decay((now - ts) as f64, half_life_seconds);
         if wt <= 0.0 || !wt.is_finite() {
             continue;
         }
-        let e = embeddings.row(row);
-        match e.as_slice() {
-            Some(s) => kernels::axpy(wt as f32, s, &mut acc),
-            None => acc
-                .iter_mut()
-                .zip(e.iter())
-                .for_each(|(a, v)| *a += wt as f32 * v),
-        }
+        add(row, wt as f32, &mut acc);
         any = true;
     }
     if !any {
