@@ -147,13 +147,8 @@ fn kill9_during_load_loses_no_acked_event_and_applies_each_once() {
     // the deltas after it and the journal. Events for other users after the restart's
     // first (full) checkpoint make sure deltas exist at the kill.
     let deltas_written = |node: &Node| {
-        let m = ureq::get(format!("{}/metrics", node.url()))
-            .call()
-            .unwrap()
-            .into_body()
-            .read_to_string()
-            .unwrap();
-        m.lines()
+        node.metrics()
+            .lines()
             .filter(|l| {
                 l.starts_with("troupe_checkpoints_total{")
                     && l.contains("consumer=\"user_features\"")
@@ -408,12 +403,7 @@ fn freshness_bad_input_items_and_graceful_stop() {
         "{:?}",
         c.body
     );
-    let m = ureq::get(format!("{}/metrics", node.url()))
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_string()
-        .unwrap();
+    let m = node.metrics();
     assert!(m.contains("troupe_events_acked_total"), "{m}");
     let spec: Value = node.get("/v1/openapi.json").body;
     for p in [
