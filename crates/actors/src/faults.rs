@@ -21,7 +21,7 @@ pub enum FaultAction {
 /// One configured fault.
 #[derive(Debug)]
 pub struct Fault {
-    /// Actor kind (`user_features`, `item_stats`, `catalog`, `als_trainer`, `journal`,
+    /// Actor kind (`user_features`, `item_stats`, `catalog`, `journal`,
     /// `ranker`) or a branch (`branch.als`, `branch.content`, `branch.popularity`).
     pub target: String,
     pub action: FaultAction,
