@@ -6,7 +6,7 @@
 //!      Journal --Committed--> UserFeatures(p) (history, seen, fold-in)   [per partition]
 //!              --Committed--> ItemStats (decayed popularity)   [all partitions, catalog]
 //!              --Committed--> Catalog (catalog stream) --> ContentEncoder (pool)
-//!      AlsTrainer pulls every partition from the store, retrains, swaps models
+//!      AlsTrainer reads every partition's interaction store, retrains, swaps models
 //!      Ranker: UserFeatures + {ALS, content, popularity} under deadlines and breakers
 //! ```
 //! Every consumer applies by position (offsets may be sparse) through one runtime
