@@ -309,6 +309,12 @@ const EMBEDDINGS: TableDefinition<(&str, u128), &[u8]> = TableDefinition::new("e
 /// model version -> snapshot bytes
 const MODELS: TableDefinition<u64, &[u8]> = TableDefinition::new("als_models");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The state store's records (`state/embedded.rs`): key -> `[revision u64 LE][value]`.
+/// Revisions come from one counter (`meta["state_revision"]`), so a key's revision only
+/// grows, even across a delete and a re-create.
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state_records");
+/// The state store's blobs (checkpoints, snapshots): name -> bytes, written whole.
+const BLOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("state_blobs");
 
 /// Version of the store layout written by this build (tables and value formats).
 pub const STORE_FORMAT: u32 = 4;
@@ -459,6 +465,8 @@ impl Store {
             tx.open_table(DEAD).map_err(self.err())?;
             tx.open_table(EMBEDDINGS).map_err(self.err())?;
             tx.open_table(MODELS).map_err(self.err())?;
+            tx.open_table(STATE).map_err(self.err())?;
+            tx.open_table(BLOBS).map_err(self.err())?;
             let mut meta = tx.open_table(META).map_err(self.err())?;
             let found = meta.get("format").map_err(self.err())?.map(|v| {
                 let b = v.value();
@@ -934,17 +942,7 @@ impl Store {
 
     /// Names of every checkpoint that starts with `prefix`, in name order.
     pub fn checkpoints_under(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let tx = self.db.begin_read().map_err(self.err())?;
-        let t = tx.open_table(CHECKPOINTS).map_err(self.err())?;
-        let mut out = Vec::new();
-        for r in t.range(prefix..).map_err(self.err())? {
-            let (k, _) = r.map_err(self.err())?;
-            if !k.value().starts_with(prefix) {
-                break;
-            }
-            out.push(k.value().to_string());
-        }
-        Ok(out)
+        self.names_under(CHECKPOINTS, prefix)
     }
 
     /// Reads a checkpoint.
@@ -1142,10 +1140,122 @@ impl Store {
         self.put(META, key, bytes)
     }
 
+    /// A state record and its revision.
+    pub fn state_get(&self, key: &str) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(STATE).map_err(self.err())?;
+        Ok(t.get(key)
+            .map_err(self.err())?
+            .and_then(|v| split_revision(v.value())))
+    }
+
+    /// Writes a state record when its revision is `expected` (`Some(None)`: only if
+    /// absent; `None`: whatever it is). `Ok(Err(found))` when the condition failed.
+    pub fn state_write(
+        &self,
+        key: &str,
+        value: &[u8],
+        expected: Option<Option<u64>>,
+    ) -> Result<Result<u64, Option<u64>>, StoreError> {
+        let tx = self.db.begin_write().map_err(self.err())?;
+        let rev;
+        {
+            let mut t = tx.open_table(STATE).map_err(self.err())?;
+            let found = t
+                .get(key)
+                .map_err(self.err())?
+                .and_then(|v| split_revision(v.value()).map(|(_, r)| r));
+            if let Some(want) = expected {
+                if want != found {
+                    return Ok(Err(found));
+                }
+            }
+            let mut meta = tx.open_table(META).map_err(self.err())?;
+            let last = meta
+                .get("state_revision")
+                .map_err(self.err())?
+                .and_then(|v| v.value().try_into().ok().map(u64::from_le_bytes))
+                .unwrap_or(0);
+            rev = last + 1;
+            meta.insert("state_revision", rev.to_le_bytes().as_slice())
+                .map_err(self.err())?;
+            let mut row = Vec::with_capacity(8 + value.len());
+            row.extend_from_slice(&rev.to_le_bytes());
+            row.extend_from_slice(value);
+            t.insert(key, row.as_slice()).map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(Ok(rev))
+    }
+
+    /// Deletes a state record (absent: nothing to do).
+    pub fn state_delete(&self, key: &str) -> Result<(), StoreError> {
+        self.remove_str(STATE, key)
+    }
+
+    /// Keys of the state records starting with `prefix`, in order.
+    pub fn state_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.names_under(STATE, prefix)
+    }
+
+    /// Writes a blob whole (replacing one of the same name).
+    pub fn blob_put(&self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.put(BLOBS, name, bytes)
+    }
+
+    pub fn blob_get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(BLOBS).map_err(self.err())?;
+        Ok(t.get(name).map_err(self.err())?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn blob_delete(&self, name: &str) -> Result<(), StoreError> {
+        self.remove_str(BLOBS, name)
+    }
+
+    /// Names of the blobs starting with `prefix`, in order.
+    pub fn blob_names(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.names_under(BLOBS, prefix)
+    }
+
+    fn remove_str(&self, def: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(self.err())?;
+        {
+            let mut t = tx.open_table(def).map_err(self.err())?;
+            t.remove(key).map_err(self.err())?;
+        }
+        tx.commit().map_err(self.err())?;
+        Ok(())
+    }
+
+    fn names_under(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        prefix: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(self.err())?;
+        let t = tx.open_table(def).map_err(self.err())?;
+        let mut out = Vec::new();
+        for r in t.range(prefix..).map_err(self.err())? {
+            let (k, _) = r.map_err(self.err())?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            out.push(k.value().to_string());
+        }
+        Ok(out)
+    }
+
     /// Path of the store file.
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// `[revision u64 LE][value]` -> (value, revision).
+fn split_revision(row: &[u8]) -> Option<(Vec<u8>, u64)> {
+    let (rev, value) = row.split_first_chunk::<8>()?;
+    Some((value.to_vec(), u64::from_le_bytes(*rev)))
 }
 
 #[cfg(test)]

@@ -1,0 +1,840 @@
+//! The JetStream backend (cluster mode): [`JetStreamLog`] and [`JetStreamState`] over one
+//! NATS server or cluster. Layout (ADR 010):
+//!
+//! - one stream (`stream`, default `troupe`) with a subject per partition,
+//!   `<stream>.p.<n>`, and one for the catalog, `<stream>.catalog`; a record's offset is
+//!   its stream sequence (increasing per subject, sparse);
+//! - a record is its encoded payload (`record::encode`: format and checksum) with the
+//!   idempotency key as `Nats-Msg-Id` (32 hex digits); its append time is the server's
+//!   timestamp;
+//! - state: a Key-Value bucket `<stream>_state` (pointers, constants, truncation marks,
+//!   small records) and an Object Store bucket `<stream>_blobs` (checkpoints, snapshots,
+//!   dead letters). The KV bucket's stream is created by hand (the client's
+//!   `create_key_value` does not work against 2.9 servers, see `../shared/facts`).
+//!
+//! Appends are pipelined: every record of a batch is published before any ack is
+//! awaited, and the client bounds the acks in flight (`max_in_flight`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+
+use crate::log::{AppendEntry, Log, LogError, Position, ReadAfter};
+use crate::record::{self, Record, CATALOG_STREAM};
+use crate::state::{StateError, StateStore, Versioned};
+
+/// How to reach and lay out the JetStream backend (`[log.jetstream]` in `cluster.toml`).
+#[derive(Debug, Clone)]
+pub struct JetStreamConfig {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// Stream name; also the subjects' prefix and the buckets' prefix.
+    pub stream: String,
+    /// Replicas of the stream and of every bucket created (1, 3 or 5).
+    pub replicas: usize,
+    /// The server's duplicate window (`Nats-Msg-Id` dedupe).
+    pub duplicate_window: Duration,
+    /// Age-based deletion of records (zero: off, the default: it would delete records a
+    /// checkpoint still needs).
+    pub max_age: Duration,
+    /// Size limit of the stream in bytes (-1: none).
+    pub max_bytes: i64,
+    /// Publishes awaiting their ack at once, over all requests of this node.
+    pub max_in_flight: usize,
+    /// Time limit of one request to the server, and of an append's acks.
+    pub timeout: Duration,
+    /// Event partitions (the subjects `0..partitions`).
+    pub partitions: u32,
+    /// Connection name shown by the server.
+    pub client_name: String,
+    pub auth: Auth,
+    /// Require TLS; with `ca_file`, trust that root.
+    pub tls_required: bool,
+    pub tls_ca_file: Option<std::path::PathBuf>,
+}
+
+/// Credentials, from the environment (never logged).
+#[derive(Clone, Default)]
+pub enum Auth {
+    #[default]
+    None,
+    Token(String),
+    CredsFile(std::path::PathBuf),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Auth::None => write!(f, "none"),
+            Auth::Token(_) => write!(f, "token (hidden)"),
+            Auth::CredsFile(p) => write!(f, "creds file {}", p.display()),
+        }
+    }
+}
+
+impl JetStreamConfig {
+    /// Defaults for a local server.
+    pub fn local(url: &str, stream: &str, partitions: u32) -> Self {
+        JetStreamConfig {
+            url: url.to_string(),
+            stream: stream.to_string(),
+            replicas: 1,
+            duplicate_window: Duration::from_secs(120),
+            max_age: Duration::ZERO,
+            max_bytes: -1,
+            max_in_flight: 20_000,
+            timeout: Duration::from_secs(10),
+            partitions,
+            client_name: "troupe".into(),
+            auth: Auth::None,
+            tls_required: false,
+            tls_ca_file: None,
+        }
+    }
+
+    /// Refuses names the server would refuse, and retention that cannot hold the
+    /// duplicate window.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.stream.is_empty()
+            || !self
+                .stream
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(format!(
+                "stream name {:?}: use letters, digits, '_' and '-'",
+                self.stream
+            ));
+        }
+        if !matches!(self.replicas, 1..=5) {
+            return Err(format!("replicas = {}: must be 1 to 5", self.replicas));
+        }
+        if self.duplicate_window.is_zero() {
+            return Err("duplicate_window must be positive".into());
+        }
+        if !self.max_age.is_zero() && self.duplicate_window > self.max_age {
+            return Err(format!(
+                "the duplicate window ({} s) does not fit inside the retention max_age ({} s)",
+                self.duplicate_window.as_secs(),
+                self.max_age.as_secs()
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err("max_in_flight must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The subject of a stream (partition or catalog).
+    pub fn subject(&self, stream: u32) -> String {
+        if stream == CATALOG_STREAM {
+            format!("{}.catalog", self.stream)
+        } else {
+            format!("{}.p.{stream}", self.stream)
+        }
+    }
+
+    /// The stream (partition or catalog) of a subject of this layout.
+    pub fn stream_of(&self, subject: &str) -> Option<u32> {
+        let rest = subject.strip_prefix(&self.stream)?.strip_prefix('.')?;
+        if rest == "catalog" {
+            return Some(CATALOG_STREAM);
+        }
+        let p: u32 = rest.strip_prefix("p.")?.parse().ok()?;
+        (p < self.partitions).then_some(p)
+    }
+
+    fn kv_bucket(&self) -> String {
+        format!("{}_state", self.stream)
+    }
+
+    fn blob_bucket(&self) -> String {
+        format!("{}_blobs", self.stream)
+    }
+
+    fn head_index(&self, stream: u32) -> Option<usize> {
+        if stream == CATALOG_STREAM {
+            Some(self.partitions as usize)
+        } else if stream < self.partitions {
+            Some(stream as usize)
+        } else {
+            None
+        }
+    }
+}
+
+/// A connection to the backend with the stream and buckets in place.
+#[derive(Clone)]
+pub struct JetStream {
+    pub config: Arc<JetStreamConfig>,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    stream: stream::Stream,
+    kv: kv::Store,
+    blobs: object_store::ObjectStore,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+impl JetStream {
+    /// Connects and creates (or checks) the stream and the buckets.
+    pub async fn connect(config: JetStreamConfig) -> Result<JetStream, String> {
+        config.validate()?;
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(&config.client_name)
+            .connection_timeout(config.timeout)
+            .request_timeout(Some(config.timeout))
+            // Reconnect forever; a request made while disconnected fails by its timeout.
+            .max_reconnects(None::<usize>);
+        match &config.auth {
+            Auth::None => {}
+            Auth::Token(t) => opts = opts.token(t.clone()),
+            Auth::CredsFile(p) => {
+                opts = opts.credentials_file(p).await.map_err(|e| {
+                    format!("credentials file {}: {e}", p.display())
+                })?;
+            }
+        }
+        if config.tls_required {
+            opts = opts.require_tls(true);
+        }
+        if let Some(ca) = &config.tls_ca_file {
+            opts = opts.add_root_certificates(ca.clone());
+        }
+        let client = opts
+            .connect(config.url.as_str())
+            .await
+            .map_err(|e| unavailable(&format!("cannot connect to {}", config.url), e))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.timeout)
+            .max_ack_inflight(config.max_in_flight)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        let stream = ensure_stream(&js, &config).await?;
+        let kv = ensure_kv(&js, &config).await?;
+        let blobs = ensure_blobs(&js, &config).await?;
+        Ok(JetStream {
+            config: Arc::new(config),
+            client,
+            js,
+            stream,
+            kv,
+            blobs,
+        })
+    }
+
+    /// The server's version string.
+    pub fn server_version(&self) -> String {
+        self.client.server_info().version
+    }
+
+    /// True while the client holds a connection.
+    pub fn connected(&self) -> bool {
+        matches!(
+            self.client.connection_state(),
+            async_nats::connection::State::Connected
+        )
+    }
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    c: &JetStreamConfig,
+) -> Result<stream::Stream, String> {
+    let want = stream::Config {
+        name: c.stream.clone(),
+        subjects: vec![format!("{}.>", c.stream)],
+        storage: stream::StorageType::File,
+        num_replicas: c.replicas,
+        duplicate_window: c.duplicate_window,
+        max_age: c.max_age,
+        max_bytes: c.max_bytes,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    };
+    let mut s = js
+        .get_or_create_stream(want)
+        .await
+        .map_err(|e| unavailable(&format!("stream {}", c.stream), e))?;
+    let info = s
+        .info()
+        .await
+        .map_err(|e| unavailable(&format!("stream {} info", c.stream), e))?;
+    let have = &info.config;
+    if have.num_replicas != c.replicas {
+        return Err(format!(
+            "stream {} has {} replicas, the config says {}; change one of them (the server keeps the stream's)",
+            c.stream, have.num_replicas, c.replicas
+        ));
+    }
+    if !have.max_age.is_zero() && have.duplicate_window > have.max_age {
+        return Err(format!(
+            "stream {}: its duplicate window ({} s) does not fit inside its max_age ({} s)",
+            c.stream,
+            have.duplicate_window.as_secs(),
+            have.max_age.as_secs()
+        ));
+    }
+    Ok(s)
+}
+
+async fn ensure_kv(js: &jetstream::Context, c: &JetStreamConfig) -> Result<kv::Store, String> {
+    let bucket = c.kv_bucket();
+    let cfg = stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        storage: stream::StorageType::File,
+        num_replicas: c.replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    js.get_or_create_stream(cfg)
+        .await
+        .map_err(|e| unavailable(&format!("bucket {bucket}"), e))?;
+    js.get_key_value(&bucket)
+        .await
+        .map_err(|e| unavailable(&format!("bucket {bucket}"), e))
+}
+
+async fn ensure_blobs(
+    js: &jetstream::Context,
+    c: &JetStreamConfig,
+) -> Result<object_store::ObjectStore, String> {
+    let bucket = c.blob_bucket();
+    if let Ok(b) = js.get_object_store(&bucket).await {
+        return Ok(b);
+    }
+    js.create_object_store(object_store::Config {
+        bucket: bucket.clone(),
+        num_replicas: c.replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| unavailable(&format!("bucket {bucket}"), e))
+}
+
+/// The hex form of an idempotency key (`Nats-Msg-Id`).
+fn msg_id(key: u128) -> String {
+    format!("{key:032x}")
+}
+
+/// The shared log on JetStream.
+pub struct JetStreamLog {
+    js: JetStream,
+    heads: Vec<watch::Sender<u64>>,
+    tracker: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for JetStreamLog {
+    fn drop(&mut self) {
+        if let Some(t) = self.tracker.take() {
+            t.abort();
+        }
+    }
+}
+
+impl JetStreamLog {
+    /// The log over `js`, with every head read from the server, and a task that follows
+    /// the stream (headers only) to move the heads when any node appends.
+    pub async fn open(js: JetStream) -> Result<JetStreamLog, String> {
+        let n = js.config.partitions as usize + 1;
+        let heads: Vec<watch::Sender<u64>> = (0..n).map(|_| watch::channel(0).0).collect();
+        let mut log = JetStreamLog {
+            js,
+            heads,
+            tracker: None,
+        };
+        let mut s = log.js.stream.clone();
+        let last = s
+            .info()
+            .await
+            .map_err(|e| unavailable("stream info", e))?
+            .state
+            .last_sequence;
+        let streams: Vec<u32> = (0..log.js.config.partitions)
+            .chain(std::iter::once(CATALOG_STREAM))
+            .collect();
+        for st in streams {
+            log.refresh_head(st).await.map_err(|e| e.to_string())?;
+        }
+        log.tracker = Some(tokio::spawn(track_heads(
+            log.js.clone(),
+            log.heads.clone(),
+            last + 1,
+        )));
+        Ok(log)
+    }
+
+    fn publish_head(&self, stream: u32, offset: u64) {
+        if let Some(i) = self.js.config.head_index(stream) {
+            raise(&self.heads[i], offset);
+        }
+    }
+
+    async fn last_of(&self, stream: u32) -> Result<u64, LogError> {
+        let subject = self.js.config.subject(stream);
+        match self.js.stream.direct_get_last_for_subject(subject).await {
+            Ok(m) => Ok(m.sequence),
+            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(0),
+            Err(e) => Err(LogError::Unavailable(unavailable("last record", e))),
+        }
+    }
+
+    async fn truncated(&self, stream: u32) -> Result<u64, LogError> {
+        match self.js.kv.get(truncation_key(stream)).await {
+            Ok(Some(b)) => Ok(std::str::from_utf8(&b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0)),
+            Ok(None) => Ok(0),
+            Err(e) => Err(LogError::Unavailable(unavailable("truncation mark", e))),
+        }
+    }
+}
+
+fn truncation_key(stream: u32) -> String {
+    format!("truncated.{stream}")
+}
+
+fn raise(tx: &watch::Sender<u64>, offset: u64) {
+    tx.send_if_modified(|h| {
+        let moved = offset > *h;
+        if moved {
+            *h = offset;
+        }
+        moved
+    });
+}
+
+/// Follows every subject of the stream from `from` (headers only) and raises the heads.
+/// Reconnects and re-creates its consumer after errors.
+async fn track_heads(js: JetStream, heads: Vec<watch::Sender<u64>>, mut from: u64) {
+    loop {
+        let consumer = js
+            .stream
+            .create_consumer(consumer::push::OrderedConfig {
+                deliver_subject: js.client.new_inbox(),
+                headers_only: true,
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ..Default::default()
+            })
+            .await;
+        let messages = match consumer {
+            Ok(c) => c.messages().await,
+            Err(e) => {
+                tracing::debug!(error = %e, "head tracker: consumer not created; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "head tracker: no message stream; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(m) = messages.next().await {
+            let Ok(m) = m else {
+                break;
+            };
+            let Ok(info) = m.info() else {
+                continue;
+            };
+            let seq = info.stream_sequence;
+            if let Some(i) = js
+                .config
+                .stream_of(m.subject.as_str())
+                .and_then(|s| js.config.head_index(s))
+            {
+                raise(&heads[i], seq);
+            }
+            from = seq + 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn decode_message(
+    config: &JetStreamConfig,
+    stream: u32,
+    seq: u64,
+    at_ms: i64,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+) -> Result<Record, LogError> {
+    let payload = record::decode(payload).map_err(|e| {
+        LogError::Failed(format!(
+            "record {seq} of {} does not decode: {e}",
+            config.subject(stream)
+        ))
+    })?;
+    let key = headers
+        .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+        .and_then(|v| u128::from_str_radix(v.as_str(), 16).ok())
+        .unwrap_or(0);
+    Ok(Record {
+        stream,
+        offset: seq,
+        key,
+        at_ms,
+        payload,
+    })
+}
+
+#[async_trait]
+impl Log for JetStreamLog {
+    fn backend(&self) -> &'static str {
+        "jetstream"
+    }
+
+    async fn append(&self, entries: Vec<AppendEntry>) -> Result<Vec<Position>, LogError> {
+        let cfg = &self.js.config;
+        if let Some((i, e)) = entries
+            .iter()
+            .enumerate()
+            .find(|(_, e)| cfg.head_index(e.stream).is_none())
+        {
+            return Err(LogError::Refused(format!(
+                "append refused, nothing was written: entry {}: stream {} is neither a partition (0..{}) nor the catalog",
+                i + 1,
+                e.stream,
+                cfg.partitions
+            )));
+        }
+        let publish_all = async {
+            let mut acks = Vec::with_capacity(entries.len());
+            for e in &entries {
+                let mut msg = jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(record::encode(&e.payload)));
+                if e.key != 0 {
+                    msg = msg.message_id(msg_id(e.key));
+                }
+                let ack = self
+                    .js
+                    .js
+                    .send_publish(cfg.subject(e.stream), msg)
+                    .await
+                    .map_err(|err| match err.kind() {
+                        jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                            LogError::Refused(format!("record too large: {err}"))
+                        }
+                        _ => LogError::Unavailable(unavailable("publish", err)),
+                    })?;
+                acks.push(ack);
+            }
+            let mut positions = Vec::with_capacity(acks.len());
+            for (ack, e) in futures_util::future::join_all(
+                acks.into_iter().map(std::future::IntoFuture::into_future),
+            )
+                .await
+                .into_iter()
+                .zip(&entries)
+            {
+                let ack = ack.map_err(|err| LogError::Unavailable(unavailable("publish ack", err)))?;
+                positions.push(Position {
+                    stream: e.stream,
+                    offset: ack.sequence,
+                    duplicate: ack.duplicate,
+                });
+            }
+            Ok::<_, LogError>(positions)
+        };
+        let positions = tokio::time::timeout(cfg.timeout, publish_all)
+            .await
+            .map_err(|_| {
+                LogError::Unavailable(format!(
+                    "the server did not acknowledge every record within {} ms",
+                    cfg.timeout.as_millis()
+                ))
+            })??;
+        for p in &positions {
+            self.publish_head(p.stream, p.offset);
+        }
+        Ok(positions)
+    }
+
+    async fn read(
+        &self,
+        stream: u32,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<ReadAfter, LogError> {
+        let cfg = &self.js.config;
+        if cfg.head_index(stream).is_none() {
+            return Err(LogError::Refused(format!("no stream {stream}")));
+        }
+        let truncated = self.truncated(stream).await?;
+        let last = self.last_of(stream).await?;
+        let upto = upto.min(last);
+        let mut records = Vec::new();
+        if after >= upto || limit == 0 {
+            return Ok(ReadAfter { records, truncated });
+        }
+        let subject = cfg.subject(stream);
+        let consumer = self
+            .js
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: subject.clone(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| LogError::Unavailable(unavailable("reader", e)))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| LogError::Unavailable(unavailable("reader", e)))?;
+        loop {
+            let next = tokio::time::timeout(cfg.timeout, messages.next())
+                .await
+                .map_err(|_| {
+                    LogError::Unavailable(format!(
+                        "reading {subject} after {after}: no record within {} ms",
+                        cfg.timeout.as_millis()
+                    ))
+                })?;
+            let Some(m) = next else { break };
+            let m = m.map_err(|e| LogError::Unavailable(unavailable("reading", e)))?;
+            let info = m
+                .info()
+                .map_err(|e| LogError::Failed(unavailable("message info", e)))?;
+            let seq = info.stream_sequence;
+            let published = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+            if seq > upto {
+                break;
+            }
+            records.push(decode_message(
+                cfg,
+                stream,
+                seq,
+                published,
+                m.headers.as_ref(),
+                &m.payload,
+            )?);
+            if seq >= upto || records.len() >= limit {
+                break;
+            }
+        }
+        Ok(ReadAfter { records, truncated })
+    }
+
+    fn head(&self, stream: u32) -> watch::Receiver<u64> {
+        match self.js.config.head_index(stream) {
+            Some(i) => self.heads[i].subscribe(),
+            None => watch::channel(0).1,
+        }
+    }
+
+    async fn refresh_head(&self, stream: u32) -> Result<u64, LogError> {
+        let last = self.last_of(stream).await?;
+        self.publish_head(stream, last);
+        Ok(*self.head(stream).borrow())
+    }
+
+    async fn truncate(&self, stream: u32, before: u64) -> Result<u64, LogError> {
+        if before <= 1 {
+            return Ok(0);
+        }
+        let subject = self.js.config.subject(stream);
+        let purged = self
+            .js
+            .stream
+            .purge()
+            .filter(subject)
+            .sequence(before)
+            .await
+            .map_err(|e| LogError::Unavailable(unavailable("purge", e)))?
+            .purged;
+        if purged > 0 {
+            // The purge does not say which offsets it deleted; every one below `before`
+            // is gone, so the mark is `before - 1` (retention only truncates below the
+            // lowest checkpointed position, so no consumer is behind it).
+            let mark = before - 1;
+            if self.truncated(stream).await? < mark {
+                self.js
+                    .kv
+                    .put(truncation_key(stream), Bytes::from(mark.to_string()))
+                    .await
+                    .map_err(|e| LogError::Unavailable(unavailable("truncation mark", e)))?;
+            }
+        }
+        Ok(purged)
+    }
+}
+
+/// The state store on JetStream: records in the KV bucket, blobs in the Object Store.
+#[derive(Clone)]
+pub struct JetStreamState {
+    js: JetStream,
+}
+
+impl JetStreamState {
+    pub fn new(js: JetStream) -> Self {
+        JetStreamState { js }
+    }
+}
+
+fn state_unavailable(what: &str, e: impl std::fmt::Display) -> StateError {
+    StateError::Unavailable(format!("{what}: {e}"))
+}
+
+#[async_trait]
+impl StateStore for JetStreamState {
+    fn backend(&self) -> &'static str {
+        "jetstream"
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StateError> {
+        match self.js.kv.entry(key).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(Some(Versioned {
+                value: e.value.to_vec(),
+                revision: e.revision,
+            })),
+            Ok(_) => Ok(None),
+            Err(e) => Err(state_unavailable(key, e)),
+        }
+    }
+
+    async fn compare_and_set(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expected: Option<u64>,
+    ) -> Result<u64, StateError> {
+        let conflict = |this: &Self| {
+            let key = key.to_string();
+            let kv = this.js.kv.clone();
+            async move {
+                let found = kv
+                    .entry(key.clone())
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|e| e.operation == kv::Operation::Put)
+                    .map(|e| e.revision);
+                StateError::Conflict { key, found }
+            }
+        };
+        match expected {
+            None => match self.js.kv.create(key, Bytes::from(value)).await {
+                Ok(rev) => Ok(rev),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    Err(conflict(self).await)
+                }
+                Err(e) => Err(state_unavailable(key, e)),
+            },
+            Some(rev) => match self.js.kv.update(key, Bytes::from(value), rev).await {
+                Ok(rev) => Ok(rev),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    Err(conflict(self).await)
+                }
+                Err(e) => Err(state_unavailable(key, e)),
+            },
+        }
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StateError> {
+        self.js
+            .kv
+            .put(key, Bytes::from(value))
+            .await
+            .map_err(|e| state_unavailable(key, e))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StateError> {
+        self.js
+            .kv
+            .delete(key)
+            .await
+            .map_err(|e| state_unavailable(key, e))
+    }
+
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+        let mut keys = self
+            .js
+            .kv
+            .keys()
+            .await
+            .map_err(|e| state_unavailable("keys", e))?;
+        let mut out = Vec::new();
+        while let Some(k) = keys.next().await {
+            let k = k.map_err(|e| state_unavailable("keys", e))?;
+            if k.starts_with(prefix) {
+                out.push(k);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn put_blob(&self, name: &str, bytes: Vec<u8>) -> Result<(), StateError> {
+        let mut reader = bytes.as_slice();
+        self.js
+            .blobs
+            .put(name, &mut reader)
+            .await
+            .map(|_| ())
+            .map_err(|e| state_unavailable(name, e))
+    }
+
+    async fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let mut obj = match self.js.blobs.get(name).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(state_unavailable(name, e)),
+        };
+        let mut out = Vec::with_capacity(obj.info().size);
+        obj.read_to_end(&mut out)
+            .await
+            .map_err(|e| state_unavailable(name, e))?;
+        Ok(Some(out))
+    }
+
+    async fn delete_blob(&self, name: &str) -> Result<(), StateError> {
+        match self.js.blobs.delete(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == object_store::DeleteErrorKind::NotFound => Ok(()),
+            Err(e) => Err(state_unavailable(name, e)),
+        }
+    }
+
+    async fn blob_names(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+        let mut list = self
+            .js
+            .blobs
+            .list()
+            .await
+            .map_err(|e| state_unavailable("blob list", e))?;
+        let mut out = Vec::new();
+        while let Some(o) = list.next().await {
+            let o = o.map_err(|e| state_unavailable("blob list", e))?;
+            if !o.deleted && o.name.starts_with(prefix) {
+                out.push(o.name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}

@@ -1,0 +1,132 @@
+//! The embedded log: the node's redb journal behind [`Log`].
+//!
+//! Appends go to the [`Journal`](crate::journal::Journal) actor, which group-commits
+//! them (one fsync per group) and keeps the idempotency window; reads and truncation go
+//! to the [`Store`](crate::store::Store) off the async runtime; heads are the journal's
+//! published heads in [`Ctx`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ractor::ActorRef;
+use tokio::sync::watch;
+
+use super::{AppendEntry, Log, LogError, Position, ReadAfter};
+use crate::ctx::Ctx;
+use crate::journal::{AppendRequest, JournalMsg};
+use crate::store::StoreError;
+
+/// How the embedded log reaches its journal actor.
+#[derive(Clone)]
+pub enum JournalRef {
+    /// Resolved by registered name on every call (a restart changes the actor).
+    Named(String),
+    /// A fixed actor (tests).
+    Actor(ActorRef<JournalMsg>),
+}
+
+/// The redb journal as a [`Log`].
+pub struct EmbeddedLog {
+    ctx: Arc<Ctx>,
+    journal: JournalRef,
+    /// How long an append may wait for its commit group.
+    timeout: Duration,
+}
+
+impl EmbeddedLog {
+    pub fn new(ctx: Arc<Ctx>, journal: JournalRef, timeout: Duration) -> Self {
+        EmbeddedLog {
+            ctx,
+            journal,
+            timeout,
+        }
+    }
+
+    fn actor(&self) -> Result<ActorRef<JournalMsg>, LogError> {
+        match &self.journal {
+            JournalRef::Actor(a) => Ok(a.clone()),
+            JournalRef::Named(n) => ractor::registry::where_is(n.clone())
+                .map(ActorRef::from)
+                .ok_or_else(|| LogError::Unavailable(format!("the journal ({n}) is restarting"))),
+        }
+    }
+}
+
+fn store_error(e: StoreError) -> LogError {
+    LogError::Failed(e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, LogError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| LogError::Failed(e.to_string()))?
+        .map_err(store_error)
+}
+
+#[async_trait]
+impl Log for EmbeddedLog {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn append(&self, entries: Vec<AppendEntry>) -> Result<Vec<Position>, LogError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let journal = self.actor()?;
+        let reply = journal
+            .call(
+                |p| JournalMsg::Append(AppendRequest::new(entries), p),
+                Some(self.timeout),
+            )
+            .await
+            .map_err(|e| LogError::Unavailable(format!("the journal did not answer: {e}")))?;
+        let reply = match reply {
+            ractor::rpc::CallResult::Success(r) => r,
+            ractor::rpc::CallResult::Timeout => {
+                return Err(LogError::Unavailable(
+                    "the journal did not commit in time".into(),
+                ))
+            }
+            ractor::rpc::CallResult::SenderError => {
+                return Err(LogError::Unavailable(
+                    "the journal stopped before answering".into(),
+                ))
+            }
+        };
+        match reply.error {
+            None => Ok(reply.positions),
+            Some(e) if e.starts_with("append refused") => Err(LogError::Refused(e)),
+            Some(e) => Err(LogError::Unavailable(e)),
+        }
+    }
+
+    async fn read(
+        &self,
+        stream: u32,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Result<ReadAfter, LogError> {
+        let store = self.ctx.store.clone();
+        blocking(move || store.read_after(stream, after, upto, limit)).await
+    }
+
+    fn head(&self, stream: u32) -> watch::Receiver<u64> {
+        self.ctx.heads[self.ctx.head_index(stream)].subscribe()
+    }
+
+    async fn refresh_head(&self, stream: u32) -> Result<u64, LogError> {
+        // The journal publishes every commit's heads before it acks: what Ctx holds is
+        // current.
+        Ok(self.ctx.head(stream))
+    }
+
+    async fn truncate(&self, stream: u32, before: u64) -> Result<u64, LogError> {
+        let store = self.ctx.store.clone();
+        blocking(move || store.truncate(stream, before)).await
+    }
+}
