@@ -81,9 +81,7 @@ impl NatsServer {
         self.child = Some(child);
         let health = format!("http://127.0.0.1:{}/healthz", self.monitor_port);
         wait_until(30, "nats-server healthy", || {
-            ureq::get(&health)
-                .call()
-                .is_ok_and(|r| r.status() == 200)
+            ureq::get(&health).call().is_ok_and(|r| r.status() == 200)
         });
     }
 

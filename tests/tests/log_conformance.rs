@@ -14,7 +14,7 @@ use troupe_actors::faults::Faults;
 use troupe_actors::jetstream::{JetStream, JetStreamConfig, JetStreamLog, JetStreamState};
 use troupe_actors::journal::Journal;
 use troupe_actors::log::embedded::{EmbeddedLog, JournalRef};
-use troupe_actors::log::{wait_head, AppendEntry, Log, LogError};
+use troupe_actors::log::{wait_head, AppendEntry, Heads, Log, LogError, Tail};
 use troupe_actors::record::{partition_of, Event, Payload, CATALOG_STREAM};
 use troupe_actors::settings::Settings;
 use troupe_actors::state::embedded::EmbeddedState;
@@ -44,7 +44,9 @@ async fn embedded() -> Backend {
         .await
         .unwrap();
     let log: Arc<dyn Log> = Arc::new(EmbeddedLog::new(
-        ctx.clone(),
+        store.clone(),
+        ctx.heads.clone(),
+        ctx.tail.clone(),
         JournalRef::Actor(journal.clone()),
         Duration::from_secs(10),
     ));
@@ -66,14 +68,24 @@ async fn jetstream() -> Option<Backend> {
     let connect = || async {
         let mut c = JetStreamConfig::local(&server.url(), "conformance", PARTITIONS);
         c.timeout = Duration::from_secs(20);
-        JetStream::connect(c).await.unwrap_or_else(|e| {
-            panic!("connecting to {}: {e}\n{}", server.url(), server.log())
-        })
+        JetStream::connect(c)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}\n{}", server.url(), server.log()))
     };
     let (a, b) = (connect().await, connect().await);
-    assert!(a.server_version().starts_with('2'), "{}", a.server_version());
-    let log: Arc<dyn Log> = Arc::new(JetStreamLog::open(a.clone()).await.unwrap());
-    let other_log: Arc<dyn Log> = Arc::new(JetStreamLog::open(b.clone()).await.unwrap());
+    assert!(
+        a.server_version().starts_with('2'),
+        "{}",
+        a.server_version()
+    );
+    let open = |js: JetStream| async move {
+        let heads = Arc::new(Heads::new(PARTITIONS));
+        let tail = Arc::new(Tail::new(1000));
+        let log: Arc<dyn Log> = Arc::new(JetStreamLog::open(js, heads, tail).await.unwrap());
+        log
+    };
+    let log = open(a.clone()).await;
+    let other_log = open(b.clone()).await;
     Some(Backend {
         name: "jetstream",
         log,
@@ -171,13 +183,19 @@ async fn appends_acknowledge_positions_and_drop_duplicates(b: &Backend) {
         .await
         .unwrap();
     assert_eq!(
-        again.iter().map(|p| (p.offset, p.duplicate)).collect::<Vec<_>>()[..2],
+        again
+            .iter()
+            .map(|p| (p.offset, p.duplicate))
+            .collect::<Vec<_>>()[..2],
         [(first[2].offset, true), (first[1].offset, true)],
         "{}",
         b.name
     );
     assert!(!again[2].duplicate);
-    assert_eq!((again[3].offset, again[3].duplicate), (again[2].offset, true));
+    assert_eq!(
+        (again[3].offset, again[3].duplicate),
+        (again[2].offset, true)
+    );
     let read = b.log.read(1, 0, u64::MAX, 100).await.unwrap();
     assert_eq!(
         read.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
@@ -193,9 +211,19 @@ async fn appends_acknowledge_positions_and_drop_duplicates(b: &Backend) {
     // An entry for a stream that does not exist is refused, nothing written.
     let bad = b
         .log
-        .append(vec![event(&u0, "ok", "ok1"), AppendEntry { stream: 99, ..event(&u0, "x", "x") }])
+        .append(vec![
+            event(&u0, "ok", "ok1"),
+            AppendEntry {
+                stream: 99,
+                ..event(&u0, "x", "x")
+            },
+        ])
         .await;
-    assert!(matches!(bad, Err(LogError::Refused(_))), "{}: {bad:?}", b.name);
+    assert!(
+        matches!(bad, Err(LogError::Refused(_))),
+        "{}: {bad:?}",
+        b.name
+    );
     assert_eq!(b.log.append(Vec::new()).await.unwrap(), Vec::new());
 }
 
@@ -205,7 +233,11 @@ async fn reads_follow_sparse_offsets_with_limits_across_batches(b: &Backend) {
     for batch in 0..10 {
         let mut entries = Vec::new();
         for i in 0..7 {
-            entries.push(event(&u0, &format!("i{batch}-{i}"), &format!("a{batch}-{i}")));
+            entries.push(event(
+                &u0,
+                &format!("i{batch}-{i}"),
+                &format!("a{batch}-{i}"),
+            ));
             entries.push(event(&u1, "other", &format!("b{batch}-{i}")));
         }
         let pos = b.log.append(entries.clone()).await.unwrap();
@@ -238,12 +270,27 @@ async fn reads_follow_sparse_offsets_with_limits_across_batches(b: &Backend) {
     let r = b.log.read(0, 0, o4 - 1, 100).await.unwrap();
     assert_eq!(r.records.last().map(|r| r.offset), Some(o3));
     // Starting between records: the next one held.
-    let r = b.log.read(0, o3 + 0, o4, 100).await.unwrap();
-    assert_eq!(r.records.iter().map(|r| r.offset).collect::<Vec<_>>(), vec![o4]);
+    let r = b.log.read(0, o3, o4, 100).await.unwrap();
+    assert_eq!(
+        r.records.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        vec![o4]
+    );
     // Nothing after the head, nothing when the window is empty.
-    assert!(b.log.read(0, head, u64::MAX, 10).await.unwrap().records.is_empty());
+    assert!(b
+        .log
+        .read(0, head, u64::MAX, 10)
+        .await
+        .unwrap()
+        .records
+        .is_empty());
     assert!(b.log.read(0, o4, o3, 10).await.unwrap().records.is_empty());
-    assert!(b.log.read(2, 0, u64::MAX, 10).await.unwrap().records.is_empty());
+    assert!(b
+        .log
+        .read(2, 0, u64::MAX, 10)
+        .await
+        .unwrap()
+        .records
+        .is_empty());
     // Another node reads the same records.
     let r = b.other_log.read(0, 0, head, 1000).await.unwrap();
     assert_eq!(r.records.len(), want.len());
@@ -255,13 +302,20 @@ async fn heads_move_and_can_be_waited_for(b: &Backend) {
     let start = *rx.borrow();
     let pos = b.log.append(vec![event(&u, "h", "h1")]).await.unwrap();
     let target = pos[0].offset;
-    // The appending node knows at once; another node learns it from the log.
-    assert!(*b.log.head(3).borrow() >= target, "{}", b.name);
+    // Both nodes learn it from the log.
+    let mine = wait_head(b.log.as_ref(), 3, target, Duration::from_secs(20)).await;
+    assert_eq!(mine, target, "{}", b.name);
     let seen = wait_head(b.other_log.as_ref(), 3, target, Duration::from_secs(20)).await;
     assert_eq!(seen, target, "{}", b.name);
     assert!(rx.has_changed().unwrap() || start == target);
     // A wait that cannot be met runs out and reports the head it saw.
-    let short = wait_head(b.log.as_ref(), 3, target + 1_000_000, Duration::from_millis(50)).await;
+    let short = wait_head(
+        b.log.as_ref(),
+        3,
+        target + 1_000_000,
+        Duration::from_millis(50),
+    )
+    .await;
     assert_eq!(short, target);
     assert_eq!(b.other_log.refresh_head(3).await.unwrap(), target);
 }
@@ -270,7 +324,11 @@ async fn truncation_deletes_below_a_position_and_marks_it(b: &Backend) {
     let u = user_in(2);
     let mut offsets = Vec::new();
     for i in 0..20 {
-        let p = b.log.append(vec![event(&u, "t", &format!("t{i}"))]).await.unwrap();
+        let p = b
+            .log
+            .append(vec![event(&u, "t", &format!("t{i}"))])
+            .await
+            .unwrap();
         offsets.push(p[0].offset);
     }
     let deleted = b.log.truncate(2, offsets[10]).await.unwrap();
@@ -283,7 +341,12 @@ async fn truncation_deletes_below_a_position_and_marks_it(b: &Backend) {
         b.name
     );
     // The mark covers what was deleted and nothing that was kept.
-    assert!(r.truncated >= offsets[9] && r.truncated < offsets[10], "{}: {}", b.name, r.truncated);
+    assert!(
+        r.truncated >= offsets[9] && r.truncated < offsets[10],
+        "{}: {}",
+        b.name,
+        r.truncated
+    );
     // Truncating again below the mark deletes nothing and never lowers it.
     assert_eq!(b.log.truncate(2, offsets[5]).await.unwrap(), 0);
     let again = b.log.read(2, offsets[12], u64::MAX, 100).await.unwrap();
@@ -296,7 +359,10 @@ async fn truncation_deletes_below_a_position_and_marks_it(b: &Backend) {
 
 async fn records_compare_and_set(b: &Backend) {
     let s = &b.state;
-    let r1 = s.compare_and_set("rec.a", b"one".to_vec(), None).await.unwrap();
+    let r1 = s
+        .compare_and_set("rec.a", b"one".to_vec(), None)
+        .await
+        .unwrap();
     let taken = s.compare_and_set("rec.a", b"two".to_vec(), None).await;
     assert!(
         matches!(&taken, Err(StateError::Conflict { found: Some(r), .. }) if *r == r1),
@@ -309,8 +375,14 @@ async fn records_compare_and_set(b: &Backend) {
         .await
         .unwrap();
     assert!(r2 > r1);
-    let stale = s.compare_and_set("rec.a", b"three".to_vec(), Some(r1)).await;
-    assert!(matches!(stale, Err(StateError::Conflict { .. })), "{}: {stale:?}", b.name);
+    let stale = s
+        .compare_and_set("rec.a", b"three".to_vec(), Some(r1))
+        .await;
+    assert!(
+        matches!(stale, Err(StateError::Conflict { .. })),
+        "{}: {stale:?}",
+        b.name
+    );
     let got = s.get("rec.a").await.unwrap().unwrap();
     assert_eq!((got.value.as_slice(), got.revision), (&b"two"[..], r2));
     let r3 = s.put("rec.b", b"x".to_vec()).await.unwrap();
@@ -320,7 +392,10 @@ async fn records_compare_and_set(b: &Backend) {
     assert_eq!(s.get("rec.b").await.unwrap(), None);
     assert_eq!(s.keys("rec.").await.unwrap(), vec!["rec.a"]);
     // Deleted, then created again.
-    let r4 = s.compare_and_set("rec.b", b"y".to_vec(), None).await.unwrap();
+    let r4 = s
+        .compare_and_set("rec.b", b"y".to_vec(), None)
+        .await
+        .unwrap();
     assert!(r4 > r3);
 }
 
@@ -346,9 +421,15 @@ async fn claims_fence_a_deposed_owner(b: &Backend) {
         b.name
     );
     let refused = b.state.count_failure(&mut a, 1, 11).await;
-    assert!(matches!(refused, Err(StateError::Fenced { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(StateError::Fenced { .. })),
+        "{refused:?}"
+    );
     let refused = b.state.dead_letter(&mut a, 1, 11, b"doc".to_vec()).await;
-    assert!(matches!(refused, Err(StateError::Fenced { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(StateError::Fenced { .. })),
+        "{refused:?}"
+    );
     // The new owner sees the old owner's last checkpoint, nothing of the refused writes.
     let loaded = b.other_state.load(scope).await.unwrap().unwrap();
     assert_eq!(loaded.base.as_deref(), Some(&b"state-a"[..]));
@@ -356,7 +437,11 @@ async fn claims_fence_a_deposed_owner(b: &Backend) {
     assert_eq!(loaded.pointer.positions, vec![(1, 10)]);
     assert!(loaded.pointer.failures.is_empty() && loaded.pointer.dead_letters.is_empty());
     assert_eq!(
-        b.state.blob_names(&format!("cp/{scope}/")).await.unwrap().len(),
+        b.state
+            .blob_names(&format!("cp/{scope}/"))
+            .await
+            .unwrap()
+            .len(),
         1,
         "{}: the refused checkpoint's blob is gone",
         b.name
@@ -371,7 +456,10 @@ async fn claims_fence_a_deposed_owner(b: &Backend) {
     let c1 = b.state.claim(scope, "node-c").await.unwrap();
     assert_eq!(c1.epoch(), 3);
     let lost = b.other_state.fenced_write(&mut n, p.clone()).await;
-    assert!(matches!(lost, Err(StateError::Fenced { epoch: 3, .. })), "{lost:?}");
+    assert!(
+        matches!(lost, Err(StateError::Fenced { epoch: 3, .. })),
+        "{lost:?}"
+    );
     // A scope nobody claimed has no pointer and no checkpoint.
     assert!(b.state.load("never").await.unwrap().is_none());
 }
@@ -380,12 +468,22 @@ async fn checkpoints_replace_atomically_and_deltas_follow(b: &Backend) {
     let scope = "item_stats";
     let mut c = b.state.claim(scope, "node-a").await.unwrap();
     b.state
-        .checkpoint(&mut c, Form::Full, b"base-1".to_vec(), vec![(0, 5), (CATALOG_STREAM, 2)])
+        .checkpoint(
+            &mut c,
+            Form::Full,
+            b"base-1".to_vec(),
+            vec![(0, 5), (CATALOG_STREAM, 2)],
+        )
         .await
         .unwrap();
     for i in 0..3u64 {
         b.state
-            .checkpoint(&mut c, Form::Delta, format!("delta-{i}").into_bytes(), vec![(0, 6 + i)])
+            .checkpoint(
+                &mut c,
+                Form::Delta,
+                format!("delta-{i}").into_bytes(),
+                vec![(0, 6 + i)],
+            )
             .await
             .unwrap();
     }
@@ -393,7 +491,11 @@ async fn checkpoints_replace_atomically_and_deltas_follow(b: &Backend) {
     assert_eq!(l.base.as_deref(), Some(&b"base-1"[..]));
     assert_eq!(
         l.deltas,
-        vec![b"delta-0".to_vec(), b"delta-1".to_vec(), b"delta-2".to_vec()],
+        vec![
+            b"delta-0".to_vec(),
+            b"delta-1".to_vec(),
+            b"delta-2".to_vec()
+        ],
         "{}: deltas in order",
         b.name
     );
@@ -404,7 +506,10 @@ async fn checkpoints_replace_atomically_and_deltas_follow(b: &Backend) {
         .await
         .unwrap();
     let l = b.other_state.load(scope).await.unwrap().unwrap();
-    assert_eq!((l.base.as_deref(), l.deltas.len()), (Some(&b"base-2"[..]), 0));
+    assert_eq!(
+        (l.base.as_deref(), l.deltas.len()),
+        (Some(&b"base-2"[..]), 0)
+    );
     assert_eq!(
         b.state.blob_names(&format!("cp/{scope}/")).await.unwrap(),
         vec![l.pointer.base.clone().unwrap()],
@@ -420,9 +525,27 @@ async fn checkpoints_replace_atomically_and_deltas_follow(b: &Backend) {
 async fn failure_counts_and_dead_letters_are_fenced(b: &Backend) {
     let scope = "catalog";
     let mut c = b.state.claim(scope, "node-a").await.unwrap();
-    assert_eq!(b.state.count_failure(&mut c, CATALOG_STREAM, 7).await.unwrap(), 1);
-    assert_eq!(b.state.count_failure(&mut c, CATALOG_STREAM, 7).await.unwrap(), 2);
-    assert_eq!(b.state.count_failure(&mut c, CATALOG_STREAM, 9).await.unwrap(), 1);
+    assert_eq!(
+        b.state
+            .count_failure(&mut c, CATALOG_STREAM, 7)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        b.state
+            .count_failure(&mut c, CATALOG_STREAM, 7)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        b.state
+            .count_failure(&mut c, CATALOG_STREAM, 9)
+            .await
+            .unwrap(),
+        1
+    );
     // Counts survive the owner: the next claim sees them.
     let mut n = b.other_state.claim(scope, "node-b").await.unwrap();
     assert_eq!(
@@ -438,9 +561,16 @@ async fn failure_counts_and_dead_letters_are_fenced(b: &Backend) {
     assert_eq!(n.pointer.failures, vec![(CATALOG_STREAM, 9, 1)]);
     let dead = b.state.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 1, "{}", b.name);
-    assert_eq!((dead[0].scope.as_str(), dead[0].doc.as_slice()), (scope, &b"{\"why\":\"poison\"}"[..]));
+    assert_eq!(
+        (dead[0].scope.as_str(), dead[0].doc.as_slice()),
+        (scope, &b"{\"why\":\"poison\"}"[..])
+    );
     // The deposed owner cannot add one.
-    assert!(b.state.dead_letter(&mut c, CATALOG_STREAM, 9, b"x".to_vec()).await.is_err());
+    assert!(b
+        .state
+        .dead_letter(&mut c, CATALOG_STREAM, 9, b"x".to_vec())
+        .await
+        .is_err());
     assert_eq!(b.state.dead_letters().await.unwrap().len(), 1);
 }
 
@@ -461,7 +591,11 @@ async fn snapshots_of_8_mib_and_more_round_trip(b: &Backend) {
         .await
         .unwrap();
     let l = b.other_state.load("als_trainer").await.unwrap().unwrap();
-    assert!(l.base.as_deref() == Some(big.as_slice()), "{}: 9 MiB snapshot differs", b.name);
+    assert!(
+        l.base.as_deref() == Some(big.as_slice()),
+        "{}: 9 MiB snapshot differs",
+        b.name
+    );
     // Replaced by a smaller one: readers get exactly the new bytes.
     b.state
         .checkpoint(&mut c, Form::Full, big[..(8 << 20)].to_vec(), vec![])
@@ -471,7 +605,14 @@ async fn snapshots_of_8_mib_and_more_round_trip(b: &Backend) {
     assert!(l.base.as_deref() == Some(&big[..(8 << 20)]), "{}", b.name);
     // Plain blobs too.
     b.state.put_blob("model/als/7", big.clone()).await.unwrap();
-    assert!(b.other_state.get_blob("model/als/7").await.unwrap().as_deref() == Some(big.as_slice()));
+    assert!(
+        b.other_state
+            .get_blob("model/als/7")
+            .await
+            .unwrap()
+            .as_deref()
+            == Some(big.as_slice())
+    );
     assert_eq!(b.state.get_blob("model/als/8").await.unwrap(), None);
     b.state.delete_blob("model/als/7").await.unwrap();
     assert_eq!(b.state.get_blob("model/als/7").await.unwrap(), None);
@@ -479,8 +620,16 @@ async fn snapshots_of_8_mib_and_more_round_trip(b: &Backend) {
 }
 
 async fn constants_are_stored_once(b: &Backend) {
-    let first = b.state.constant("const.partitions", b"4".to_vec()).await.unwrap();
+    let first = b
+        .state
+        .constant("const.partitions", b"4".to_vec())
+        .await
+        .unwrap();
     assert_eq!(first, b"4");
-    let other = b.other_state.constant("const.partitions", b"8".to_vec()).await.unwrap();
+    let other = b
+        .other_state
+        .constant("const.partitions", b"8".to_vec())
+        .await
+        .unwrap();
     assert_eq!(other, b"4", "{}: the first writer's value stays", b.name);
 }

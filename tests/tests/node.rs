@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use troupe_tests::nats::NatsServer;
 use troupe_tests::{timed, troupe_bin, wait_until, Node};
 
 const FAST: &str = "
@@ -64,11 +65,37 @@ fn acked_rows(log: &std::path::Path) -> Vec<String> {
 #[test]
 fn kill9_during_load_loses_no_acked_event_and_applies_each_once() {
     let _t = timed();
+    kill9_during_load("");
+}
+
+/// The same on the JetStream backend: the records live in the server, the node's
+/// checkpoints and deltas still on its disk.
+#[test]
+fn kill9_during_load_on_jetstream_loses_no_acked_event_and_applies_each_once() {
+    let _t = timed();
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    kill9_during_load(&jetstream_config(&server));
+}
+
+/// The config lines that put a node on `server`'s JetStream.
+fn jetstream_config(server: &NatsServer) -> String {
+    format!(
+        "[log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"{}\"\n",
+        server.url()
+    )
+}
+
+/// Loads 12,000 events while the node is SIGKILLed six times, then checks by event id
+/// that every acked event was applied exactly once, and again after a kill that
+/// recovers from a full checkpoint and deltas.
+fn kill9_during_load(backend: &str) {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.csv");
     let (n, users) = (12_000, 40);
     write_events(&events, n, users);
-    let mut node = Node::start(dir.path(), FAST, &[]);
+    let mut node = Node::start(dir.path(), &format!("{FAST}{backend}"), &[]);
     let log = dir.path().join("acked.txt");
     let mut loader = Command::new(troupe_bin())
         .args([
@@ -628,4 +655,92 @@ fn load_resumes_from_its_state_file_and_reports_bad_rows() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.csv:3: field `value`"), "{err}");
+}
+
+/// One JetStream server, SIGKILLed in the middle of a load: writes are refused with 503
+/// and Retry-After while it is down (the loader retries), reads keep answering, the
+/// node reconnects by itself once the server is back, and every acked event is applied
+/// exactly once.
+#[test]
+fn jetstream_server_killed_during_load_refuses_writes_serves_reads_and_loses_nothing() {
+    let _t = timed();
+    let Some(mut server) = NatsServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.csv");
+    let (n, users) = (6_000, 30);
+    write_events(&events, n, users);
+    let node = Node::start(
+        dir.path(),
+        &format!("{FAST}{}", jetstream_config(&server)),
+        &[],
+    );
+    let log = dir.path().join("acked.txt");
+    let mut loader = Command::new(troupe_bin())
+        .args([
+            "load",
+            "--batch",
+            "100",
+            "--retry-for-secs",
+            "120",
+            "--url",
+            &node.url(),
+            "--events",
+        ])
+        .arg(&events)
+        .arg("--acked-log")
+        .arg(&log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(60, "a third of the load acked", || {
+        acked_rows(&log).len() >= n / 3
+    });
+    server.kill9();
+    // Writes: 503 with Retry-After, nothing accepted.
+    let probe =
+        json!([{"event_id": "probe", "user": "u1", "item": "probe", "kind": "view"}]).to_string();
+    let mut refused = None;
+    wait_until(30, "a write refused while the server is down", || {
+        let r = node.post_with("/v1/events", &probe, &[]);
+        if r.status == 503 {
+            refused = Some(r);
+            true
+        } else {
+            false
+        }
+    });
+    let refused = refused.unwrap();
+    assert!(
+        refused.retry_after.is_some(),
+        "503 without Retry-After: {:?}",
+        refused.body
+    );
+    let cluster = node.get("/v1/cluster").body;
+    assert_eq!(cluster["log"]["writable"], false, "{}", cluster["log"]);
+    assert!(node.metrics().contains("troupe_log_writable 0"));
+    // Reads: served from what the node holds; still ready.
+    let user = node.get("/v1/users/u1");
+    assert_eq!(user.status, 200, "{:?}", user.body);
+    assert_eq!(node.get("/v1/recommendations/u1?k=3").status, 200);
+    assert_eq!(node.get("/readyz").status, 200);
+    let acked_while_down = acked_rows(&log).len();
+    server.spawn();
+    let status = loader.wait().unwrap();
+    assert!(status.success(), "loader failed: {status:?}");
+    let acked = acked_rows(&log);
+    assert!(acked.len() > acked_while_down);
+    assert_eq!(acked.iter().collect::<HashSet<_>>().len(), n);
+    wait_until(60, "all events applied", || {
+        applied_items(&node, users).len() >= n
+    });
+    let applied = applied_items(&node, users);
+    assert!(
+        acked.iter().all(|i| applied.get(i) == Some(&1)),
+        "an acked event missing or applied twice"
+    );
+    assert_eq!(applied.len(), n);
+    assert_eq!(node.get("/v1/cluster").body["log"]["writable"], true);
 }

@@ -43,7 +43,7 @@ fn split(events: &Path, dir: &Path) -> (PathBuf, PathBuf) {
         let user = line.split(',').next().unwrap_or_default().to_string();
         let n = seen.entry(user).or_default();
         *n += 1;
-        if *n % 5 == 0 {
+        if (*n).is_multiple_of(5) {
             writeln!(te, "{line}").unwrap();
         } else {
             writeln!(tr, "{line}").unwrap();

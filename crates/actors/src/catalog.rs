@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::consumer::{Apply, ConsumerRuntime, Cursors};
 use crate::ctx::Ctx;
 use crate::encoder::ContentEncoderMsg;
-use crate::messages::{CheckpointReply, ItemIds, ItemTexts, Observation, RecordBatch};
+use crate::messages::{CheckpointReply, ItemIds, ItemTexts, Observation};
 use crate::names;
 use crate::record::{Item, Payload, Record, CATALOG_STREAM};
 use crate::wire::WIRE_VERSION;
@@ -25,7 +25,8 @@ const CHECKPOINT_NAME: &str = "catalog";
 
 #[derive(RactorClusterMessage)]
 pub enum CatalogMsg {
-    Committed(RecordBatch),
+    /// The head of a stream this consumer reads moved (from `consumer::follow_heads`).
+    HeadMoved,
     Tick,
     /// Item ids seen in events (placeholders for unknown ones).
     Placeholders(ItemIds),
@@ -58,6 +59,8 @@ struct Items {
 pub struct CatalogState {
     ctx: Arc<Ctx>,
     rt: ConsumerRuntime,
+    /// A head-moved wake-up is queued (see `consumer::follow_heads`).
+    wake: Arc<std::sync::atomic::AtomicBool>,
     data: Items,
 }
 
@@ -157,6 +160,7 @@ impl Actor for Catalog {
             },
             ctx,
             rt,
+            wake: Default::default(),
         })
     }
 
@@ -195,6 +199,9 @@ impl Actor for Catalog {
         st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
         st.after_apply().await?;
         st.ctx.health.end_recovery(names::CATALOG);
+        st.wake = crate::consumer::follow_heads(&st.ctx, [CATALOG_STREAM], myself.clone(), || {
+            CatalogMsg::HeadMoved
+        });
         myself.send_interval(st.ctx.settings.poll_interval, || CatalogMsg::Tick);
         Ok(())
     }
@@ -206,13 +213,8 @@ impl Actor for Catalog {
         st: &mut CatalogState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            CatalogMsg::Committed(b) => {
-                if b.stream == CATALOG_STREAM {
-                    st.rt.notified(&st.ctx, b, &mut st.data).await?;
-                    st.after_apply().await?;
-                }
-            }
-            CatalogMsg::Tick => {
+            CatalogMsg::HeadMoved | CatalogMsg::Tick => {
+                st.wake.store(false, std::sync::atomic::Ordering::Release);
                 if st.ctx.head(CATALOG_STREAM) > st.rt.applied(CATALOG_STREAM) {
                     st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
                 }

@@ -7,9 +7,10 @@
 //! the in-flight mark, dead-lettering and the checkpoint cadence.
 //!
 //! Positions: offsets increase within a stream but may be sparse. "The next record" is
-//! whatever the log holds after the applied position: a notified batch is applied
-//! directly only when it continues from that position (its `prev`, or a record inside
-//! it, equals the position); otherwise the runtime reads the log after the position.
+//! whatever the log holds after the applied position: the runtime reads the log
+//! ([`crate::log::Log::read`]) after the position, up to the stream's head. A consumer
+//! learns that a head moved from [`follow_heads`] (and polls as a fallback); a log that
+//! is unavailable postpones the catch-up, it never fails the consumer.
 //! Records deleted by retention while a consumer still needed them stop the consumer with
 //! a [`Fatal`] error: never a silent skip.
 //!
@@ -34,7 +35,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::ctx::Ctx;
 use crate::faults;
-use crate::messages::RecordBatch;
 use crate::record::Record;
 use crate::supervisor::Fatal;
 
@@ -214,54 +214,6 @@ impl ConsumerRuntime {
         self.cursors.iter().map(|(&s, c)| (s, c.applied)).collect()
     }
 
-    /// Applies a notified batch when it continues from the applied position; otherwise
-    /// reads the log after that position up to the batch's end.
-    pub async fn notified<A: Apply>(
-        &mut self,
-        ctx: &Arc<Ctx>,
-        batch: RecordBatch,
-        target: &mut A,
-    ) -> Result<u64, ActorProcessingErr> {
-        let stream = batch.stream;
-        let Some(applied) = self.cursors.get(&stream).map(|c| c.applied) else {
-            return Ok(0);
-        };
-        let last = batch.records.last().map_or(0, |r| r.offset);
-        if last <= applied {
-            return Ok(0);
-        }
-        let start = if batch.prev == applied {
-            Some(0)
-        } else {
-            batch
-                .records
-                .iter()
-                .position(|r| r.offset == applied)
-                .map(|i| i + 1)
-        };
-        match start {
-            Some(i) => {
-                let mut records = batch.records;
-                records.drain(..i);
-                self.apply_records(ctx, stream, records, target).await
-            }
-            None => {
-                // A gap before the batch (a lost or reordered notification): the log
-                // has what is missing.
-                let mut n = 0;
-                loop {
-                    let step = self
-                        .catch_up(ctx, stream, last, CATCH_UP_CHUNK, target)
-                        .await?;
-                    n += step.applied;
-                    if step.done {
-                        return Ok(n);
-                    }
-                }
-            }
-        }
-    }
-
     /// Reads at most `limit` records of `stream` after the applied position and up to
     /// `upto` from the log and applies them.
     pub async fn catch_up<A: Apply>(
@@ -279,10 +231,20 @@ impl ConsumerRuntime {
                 done: true,
             });
         }
-        let store = ctx.store.clone();
-        let read =
-            tokio::task::spawn_blocking(move || store.read_after(stream, after, upto, limit))
-                .await??;
+        let read = match ctx.log.read(stream, after, upto, limit).await {
+            Ok(r) => r,
+            Err(crate::log::LogError::Unavailable(why)) => {
+                // The shared log is unreachable: keep the position and try again on the
+                // next wake-up or tick (no restart, no escalation).
+                tracing::debug!(consumer = %self.name, stream, after, %why, "log unavailable; catch-up postponed");
+                ctx.metrics.log_read_errors.inc();
+                return Ok(Step {
+                    applied: 0,
+                    done: true,
+                });
+            }
+            Err(e) => return Err(e.to_string().into()),
+        };
         if read.truncated > after {
             return Err(Fatal(format!(
                 "records of stream {stream} after offset {after} (up to {}) were deleted by retention while {} still needed them; restore the store from a backup or reset this consumer",
@@ -444,6 +406,32 @@ impl ConsumerRuntime {
             "duplicates_skipped": self.duplicates,
         })
     }
+}
+
+/// Wakes a consumer actor whenever the head of a stream it reads moves: one task per
+/// stream watches the head and sends `wake()` unless a wake-up is already pending (the
+/// returned flag, which the actor clears before it catches up). A task ends when the
+/// actor is gone.
+pub fn follow_heads<M: ractor::Message>(
+    ctx: &Ctx,
+    streams: impl IntoIterator<Item = u32>,
+    actor: ractor::ActorRef<M>,
+    wake: fn() -> M,
+) -> Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pending = Arc::new(AtomicBool::new(false));
+    for s in streams {
+        let mut rx = ctx.heads.subscribe(s);
+        let (actor, pending) = (actor.clone(), pending.clone());
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                if !pending.swap(true, Ordering::AcqRel) && actor.send_message(wake()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    pending
 }
 
 /// The supervisors' failure hook: counts a failure against the record the failed
@@ -619,16 +607,6 @@ mod tests {
         }
     }
 
-    fn record(o: u64, key: u128) -> Record {
-        Record {
-            stream: 0,
-            offset: o,
-            key,
-            at_ms: 1,
-            payload: ev(o),
-        }
-    }
-
     /// Records what it applied; fails on `fail_at`.
     #[derive(Default)]
     struct Seen {
@@ -664,17 +642,16 @@ mod tests {
         // A target before the next stored record: nothing to do, and it ends.
         let step = rt.catch_up(&ctx, 0, 9, 100, &mut seen).await.unwrap();
         assert_eq!((step.applied, step.done, rt.applied(0)), (0, true, 6));
-        // A notification that follows on (prev = applied) is applied as given.
-        let batch = RecordBatch::new(0, 6, vec![record(10, 10)]);
-        assert_eq!(rt.notified(&ctx, batch, &mut seen).await.unwrap(), 1);
-        // One whose prev is ahead (a notification was lost): the log fills the gap.
+        // Up to the head: the next record, whatever its offset.
+        let step = rt.catch_up(&ctx, 0, 10, 100, &mut seen).await.unwrap();
+        assert_eq!((step.applied, rt.applied(0)), (1, 10));
         put(&ctx, &[12, 13], |o| o as u128, |_| 1);
-        let batch = RecordBatch::new(0, 12, vec![record(13, 13)]);
-        assert_eq!(rt.notified(&ctx, batch, &mut seen).await.unwrap(), 2);
+        let step = rt.catch_up(&ctx, 0, 13, 100, &mut seen).await.unwrap();
+        assert_eq!((step.applied, step.done), (2, true));
         assert_eq!(seen.offsets, vec![1, 2, 5, 6, 10, 12, 13]);
-        // An old notification changes nothing.
-        let batch = RecordBatch::new(0, 1, vec![record(2, 2)]);
-        assert_eq!(rt.notified(&ctx, batch, &mut seen).await.unwrap(), 0);
+        // A target already reached changes nothing.
+        let step = rt.catch_up(&ctx, 0, 2, 100, &mut seen).await.unwrap();
+        assert_eq!((step.applied, step.done), (0, true));
         // Limits count records, not offsets.
         let mut again = runtime(&ctx).await;
         let step = again

@@ -12,14 +12,25 @@ use parking_lot::{Mutex, RwLock};
 use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
+use std::sync::Arc;
+
 use crate::content_index::ContentIndex;
 use crate::faults::Faults;
+use crate::log::embedded::{EmbeddedLog, JournalRef};
+use crate::log::{Heads, Log, Tail};
 use crate::metrics::Metrics;
 use crate::record::{partition_of, Payload, CATALOG_STREAM};
 use crate::serving::{AlsServing, CatalogView};
 use crate::settings::Settings;
 use crate::store::Store;
 use crate::user_store::{Rules, UserStore};
+
+/// Records per stream the embedded journal keeps in memory for consumers that follow the
+/// head (a commit group is at most `max_commit_records`).
+pub const TAIL_RECORDS: usize = 32_768;
+
+/// Longest wait of an append for its commit group (callers usually give up sooner).
+pub const APPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Node health: readiness and the reason of an escalation.
 #[derive(Debug, Default)]
@@ -66,9 +77,15 @@ pub struct Ctx {
     pub settings: Settings,
     pub store: Store,
     pub faults: Faults,
-    /// Offset of the last durable record per stream (`0..P` partitions, then the
-    /// catalog), published before the records are acked.
-    pub heads: Vec<watch::Sender<u64>>,
+    /// The log every record is appended to and read from ([`crate::log`]): the embedded
+    /// journal, or a shared one.
+    pub log: Arc<dyn Log>,
+    /// Offset of the last acknowledged record per stream this node knows (`0..P`
+    /// partitions, then the catalog), raised by the log before it acks.
+    pub heads: Arc<Heads>,
+    /// The embedded journal's recent records (unused with a shared log, which keeps its
+    /// own).
+    pub tail: Arc<Tail>,
     /// Offset applied by the consumer that serves reads of each stream: UserFeatures of
     /// each partition, then the Catalog. Reads wait on these (read-your-writes).
     pub applied: Vec<watch::Sender<u64>>,
@@ -89,11 +106,35 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// A node on the embedded journal (reached as the `journal` actor).
     pub fn new(settings: Settings, store: Store, faults: Faults) -> Ctx {
+        let heads = Arc::new(Heads::new(settings.partitions));
+        let tail = Arc::new(Tail::new(TAIL_RECORDS));
+        let log: Arc<dyn Log> = Arc::new(EmbeddedLog::new(
+            store.clone(),
+            heads.clone(),
+            tail.clone(),
+            JournalRef::Named(crate::names::JOURNAL.to_string()),
+            APPEND_TIMEOUT,
+        ));
+        Ctx::with_log(settings, store, faults, heads, tail, log)
+    }
+
+    /// A node on `log`, which raises `heads`.
+    pub fn with_log(
+        settings: Settings,
+        store: Store,
+        faults: Faults,
+        heads: Arc<Heads>,
+        tail: Arc<Tail>,
+        log: Arc<dyn Log>,
+    ) -> Ctx {
         let p = settings.partitions as usize;
         let head = |_| watch::channel(0u64).0;
         Ctx {
-            heads: (0..=p).map(head).collect(),
+            log,
+            heads,
+            tail,
             applied: (0..=p).map(head).collect(),
             in_flight: Mutex::new(FxHashMap::default()),
             checkpointed: Mutex::new(FxHashMap::default()),
@@ -128,9 +169,14 @@ impl Ctx {
         }
     }
 
-    /// Last durable offset of a stream.
+    /// Last acknowledged offset of a stream this node knows.
     pub fn head(&self, stream: u32) -> u64 {
-        *self.heads[self.head_index(stream)].borrow()
+        self.heads.get(stream)
+    }
+
+    /// True when the log is the embedded journal (the node runs the `journal` actor).
+    pub fn embedded_log(&self) -> bool {
+        self.log.backend() == "embedded"
     }
 
     /// Offset applied by the serving consumer of a stream.
@@ -185,6 +231,28 @@ impl Ctx {
             Err(format!(
                 "stream {stream} is not this record's stream ({})",
                 crate::metrics::stream_label(want)
+            ))
+        }
+    }
+
+    /// Every entry in a configured stream that fits its payload, or the reasons why not.
+    pub fn check_entries(&self, entries: &[crate::log::AppendEntry]) -> Result<(), String> {
+        let problems: Vec<String> = entries
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| {
+                self.check_entry(e.stream, &e.payload)
+                    .err()
+                    .map(|why| format!("entry {}: {why}", i + 1))
+            })
+            .take(10)
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "append refused, nothing was written: {}",
+                problems.join("; ")
             ))
         }
     }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::consumer::{Apply, ConsumerRuntime, Cursors};
 use crate::ctx::Ctx;
-use crate::messages::{CheckpointReply, Observation, RecordBatch};
+use crate::messages::{CheckpointReply, Observation};
 use crate::record::{Payload, Record};
 use crate::user_store::{DeltaWire, StoreWire, UserStore};
 use crate::wire::WIRE_VERSION;
@@ -77,7 +77,8 @@ wire_payload!(UserView, UserQuery);
 
 #[derive(RactorClusterMessage)]
 pub enum UserFeaturesMsg {
-    Committed(RecordBatch),
+    /// The head of a stream this consumer reads moved (from `consumer::follow_heads`).
+    HeadMoved,
     /// Catch up with the journal head (sent periodically).
     Tick,
     #[rpc]
@@ -115,6 +116,8 @@ pub struct UserFeaturesState {
     rt: ConsumerRuntime,
     data: Partition,
     replayed: u64,
+    /// A head-moved wake-up is queued (see `consumer::follow_heads`).
+    wake: Arc<std::sync::atomic::AtomicBool>,
     /// Deltas replayed on start.
     deltas_on_start: u64,
     /// Sequence number of the last checkpoint written or loaded (full or delta).
@@ -365,6 +368,7 @@ impl Actor for UserFeatures {
             partition: args.partition,
             rt,
             replayed: 0,
+            wake: Default::default(),
             deltas_on_start: 0,
             seq: 0,
             full_bytes: 0,
@@ -442,6 +446,9 @@ impl Actor for UserFeatures {
             "user features recovered"
         );
         st.ctx.health.end_recovery(&st.rt.name);
+        st.wake = crate::consumer::follow_heads(&st.ctx, [st.partition], myself.clone(), || {
+            UserFeaturesMsg::HeadMoved
+        });
         myself.send_interval(st.ctx.settings.poll_interval, || UserFeaturesMsg::Tick);
         Ok(())
     }
@@ -453,13 +460,8 @@ impl Actor for UserFeatures {
         st: &mut UserFeaturesState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            UserFeaturesMsg::Committed(batch) => {
-                if batch.stream == st.partition {
-                    st.rt.notified(&st.ctx, batch, &mut st.data).await?;
-                    st.after_apply().await?;
-                }
-            }
-            UserFeaturesMsg::Tick => {
+            UserFeaturesMsg::HeadMoved | UserFeaturesMsg::Tick => {
+                st.wake.store(false, std::sync::atomic::Ordering::Release);
                 if st.ctx.head(st.partition) > st.rt.applied(st.partition) {
                     st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
                 }

@@ -14,7 +14,7 @@ use troupe_models::popularity::Popularity;
 
 use crate::consumer::{Apply, ConsumerRuntime, Cursors};
 use crate::ctx::Ctx;
-use crate::messages::{CheckpointReply, Observation, RecordBatch};
+use crate::messages::{CheckpointReply, Observation};
 use crate::names;
 use crate::record::{Payload, Record};
 use crate::wire::WIRE_VERSION;
@@ -44,7 +44,8 @@ wire_payload!(TopRequest, TopReply);
 
 #[derive(RactorClusterMessage)]
 pub enum ItemStatsMsg {
-    Committed(RecordBatch),
+    /// The head of a stream this consumer reads moved (from `consumer::follow_heads`).
+    HeadMoved,
     Tick,
     #[rpc]
     Top(TopRequest, RpcReplyPort<TopReply>),
@@ -78,6 +79,8 @@ struct Stats {
 pub struct ItemStatsState {
     ctx: Arc<Ctx>,
     rt: ConsumerRuntime,
+    /// A head-moved wake-up is queued (see `consumer::follow_heads`).
+    wake: Arc<std::sync::atomic::AtomicBool>,
     data: Stats,
 }
 
@@ -190,6 +193,7 @@ impl Actor for ItemStats {
             },
             ctx,
             rt,
+            wake: Default::default(),
         })
     }
 
@@ -218,6 +222,9 @@ impl Actor for ItemStats {
         st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
         st.after_apply().await?;
         st.ctx.health.end_recovery(names::ITEM_STATS);
+        st.wake = crate::consumer::follow_heads(&st.ctx, st.ctx.streams(), myself.clone(), || {
+            ItemStatsMsg::HeadMoved
+        });
         myself.send_interval(st.ctx.settings.poll_interval, || ItemStatsMsg::Tick);
         Ok(())
     }
@@ -229,11 +236,8 @@ impl Actor for ItemStats {
         st: &mut ItemStatsState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ItemStatsMsg::Committed(b) => {
-                st.rt.notified(&st.ctx, b, &mut st.data).await?;
-                st.after_apply().await?;
-            }
-            ItemStatsMsg::Tick => {
+            ItemStatsMsg::HeadMoved | ItemStatsMsg::Tick => {
+                st.wake.store(false, std::sync::atomic::Ordering::Release);
                 let behind = st.rt.positions().iter().any(|&(s, o)| st.ctx.head(s) > o);
                 if behind {
                     st.rt.catch_up_all(&st.ctx, &mut st.data).await?;

@@ -25,7 +25,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-use crate::log::{AppendEntry, Log, LogError, Position, ReadAfter};
+use crate::log::{AppendEntry, Heads, Log, LogError, Position, ReadAfter, Tail};
 use crate::record::{self, Record, CATALOG_STREAM};
 use crate::state::{StateError, StateStore, Versioned};
 
@@ -198,9 +198,10 @@ impl JetStream {
             Auth::None => {}
             Auth::Token(t) => opts = opts.token(t.clone()),
             Auth::CredsFile(p) => {
-                opts = opts.credentials_file(p).await.map_err(|e| {
-                    format!("credentials file {}: {e}", p.display())
-                })?;
+                opts = opts
+                    .credentials_file(p)
+                    .await
+                    .map_err(|e| format!("credentials file {}: {e}", p.display()))?;
             }
         }
         if config.tls_required {
@@ -335,54 +336,62 @@ fn msg_id(key: u128) -> String {
 /// The shared log on JetStream.
 pub struct JetStreamLog {
     js: JetStream,
-    heads: Vec<watch::Sender<u64>>,
-    tracker: Option<tokio::task::JoinHandle<()>>,
+    heads: Arc<Heads>,
+    tail: Arc<Tail>,
+    follower: Option<tokio::task::JoinHandle<()>>,
+    /// Truncation marks as last read from the server.
+    marks: parking_lot::Mutex<rustc_hash::FxHashMap<u32, u64>>,
 }
 
 impl Drop for JetStreamLog {
     fn drop(&mut self) {
-        if let Some(t) = self.tracker.take() {
+        if let Some(t) = self.follower.take() {
             t.abort();
         }
     }
 }
 
 impl JetStreamLog {
-    /// The log over `js`, with every head read from the server, and a task that follows
-    /// the stream (headers only) to move the heads when any node appends.
-    pub async fn open(js: JetStream) -> Result<JetStreamLog, String> {
-        let n = js.config.partitions as usize + 1;
-        let heads: Vec<watch::Sender<u64>> = (0..n).map(|_| watch::channel(0).0).collect();
-        let mut log = JetStreamLog {
-            js,
-            heads,
-            tracker: None,
-        };
-        let mut s = log.js.stream.clone();
+    /// The log over `js`: every head read from the server, then a task that follows the
+    /// whole stream from there (one ordered push consumer) and, for each record any node
+    /// appends, adds it to `tail` and raises its head in `heads`. Consumers that follow
+    /// the heads read those records from the tail; older ones are read from the server.
+    pub async fn open(
+        js: JetStream,
+        heads: Arc<Heads>,
+        tail: Arc<Tail>,
+    ) -> Result<JetStreamLog, String> {
+        let mut s = js.stream.clone();
         let last = s
             .info()
             .await
             .map_err(|e| unavailable("stream info", e))?
             .state
             .last_sequence;
+        let mut log = JetStreamLog {
+            js,
+            heads,
+            tail,
+            follower: None,
+            marks: Default::default(),
+        };
         let streams: Vec<u32> = (0..log.js.config.partitions)
             .chain(std::iter::once(CATALOG_STREAM))
             .collect();
+        let mut seen = rustc_hash::FxHashMap::default();
         for st in streams {
-            log.refresh_head(st).await.map_err(|e| e.to_string())?;
+            let h = log.last_of(st).await.map_err(|e| e.to_string())?;
+            log.heads.raise(st, h);
+            seen.insert(st, h);
         }
-        log.tracker = Some(tokio::spawn(track_heads(
+        log.follower = Some(tokio::spawn(follow(
             log.js.clone(),
             log.heads.clone(),
+            log.tail.clone(),
+            seen,
             last + 1,
         )));
         Ok(log)
-    }
-
-    fn publish_head(&self, stream: u32, offset: u64) {
-        if let Some(i) = self.js.config.head_index(stream) {
-            raise(&self.heads[i], offset);
-        }
     }
 
     async fn last_of(&self, stream: u32) -> Result<u64, LogError> {
@@ -410,25 +419,21 @@ fn truncation_key(stream: u32) -> String {
     format!("truncated.{stream}")
 }
 
-fn raise(tx: &watch::Sender<u64>, offset: u64) {
-    tx.send_if_modified(|h| {
-        let moved = offset > *h;
-        if moved {
-            *h = offset;
-        }
-        moved
-    });
-}
-
-/// Follows every subject of the stream from `from` (headers only) and raises the heads.
-/// Reconnects and re-creates its consumer after errors.
-async fn track_heads(js: JetStream, heads: Vec<watch::Sender<u64>>, mut from: u64) {
+/// Follows every subject of the stream from sequence `from`: each record goes to the
+/// tail (continuing the stream's last record seen, `seen`), then its head is raised.
+/// Re-creates its consumer after errors (the ordered consumer itself restarts on gaps).
+async fn follow(
+    js: JetStream,
+    heads: Arc<Heads>,
+    tail: Arc<Tail>,
+    mut seen: rustc_hash::FxHashMap<u32, u64>,
+    mut from: u64,
+) {
     loop {
         let consumer = js
             .stream
             .create_consumer(consumer::push::OrderedConfig {
                 deliver_subject: js.client.new_inbox(),
-                headers_only: true,
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: from,
                 },
@@ -438,7 +443,7 @@ async fn track_heads(js: JetStream, heads: Vec<watch::Sender<u64>>, mut from: u6
         let messages = match consumer {
             Ok(c) => c.messages().await,
             Err(e) => {
-                tracing::debug!(error = %e, "head tracker: consumer not created; retrying");
+                tracing::debug!(error = %e, "log follower: consumer not created; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
@@ -446,7 +451,7 @@ async fn track_heads(js: JetStream, heads: Vec<watch::Sender<u64>>, mut from: u6
         let mut messages = match messages {
             Ok(m) => m,
             Err(e) => {
-                tracing::debug!(error = %e, "head tracker: no message stream; retrying");
+                tracing::debug!(error = %e, "log follower: no message stream; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
@@ -459,14 +464,29 @@ async fn track_heads(js: JetStream, heads: Vec<watch::Sender<u64>>, mut from: u6
                 continue;
             };
             let seq = info.stream_sequence;
-            if let Some(i) = js
-                .config
-                .stream_of(m.subject.as_str())
-                .and_then(|s| js.config.head_index(s))
-            {
-                raise(&heads[i], seq);
-            }
+            let at_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
             from = seq + 1;
+            let Some(stream) = js.config.stream_of(m.subject.as_str()) else {
+                continue;
+            };
+            let prev = seen.get(&stream).copied().unwrap_or(0);
+            if seq <= prev {
+                continue;
+            }
+            match decode_message(
+                &js.config,
+                stream,
+                seq,
+                at_ms,
+                m.headers.as_ref(),
+                &m.payload,
+            ) {
+                Ok(r) => tail.push(stream, prev, [r]),
+                // Left to the consumer's own read, which reports it.
+                Err(e) => tracing::warn!(error = %e, "log follower: record does not decode"),
+            }
+            seen.insert(stream, seq);
+            heads.raise(stream, seq);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -519,6 +539,11 @@ impl Log for JetStreamLog {
                 cfg.partitions
             )));
         }
+        if !self.js.connected() {
+            return Err(LogError::Unavailable(
+                "the JetStream server cannot be reached; nothing was written".into(),
+            ));
+        }
         let publish_all = async {
             let mut acks = Vec::with_capacity(entries.len());
             for e in &entries {
@@ -544,11 +569,12 @@ impl Log for JetStreamLog {
             for (ack, e) in futures_util::future::join_all(
                 acks.into_iter().map(std::future::IntoFuture::into_future),
             )
-                .await
-                .into_iter()
-                .zip(&entries)
+            .await
+            .into_iter()
+            .zip(&entries)
             {
-                let ack = ack.map_err(|err| LogError::Unavailable(unavailable("publish ack", err)))?;
+                let ack =
+                    ack.map_err(|err| LogError::Unavailable(unavailable("publish ack", err)))?;
                 positions.push(Position {
                     stream: e.stream,
                     offset: ack.sequence,
@@ -565,9 +591,7 @@ impl Log for JetStreamLog {
                     cfg.timeout.as_millis()
                 ))
             })??;
-        for p in &positions {
-            self.publish_head(p.stream, p.offset);
-        }
+        // The heads move when the follower has the records (tail first, then head).
         Ok(positions)
     }
 
@@ -582,7 +606,18 @@ impl Log for JetStreamLog {
         if cfg.head_index(stream).is_none() {
             return Err(LogError::Refused(format!("no stream {stream}")));
         }
+        if let Some(records) = self.tail.read(stream, after, upto, limit) {
+            // Every record after `after` is here: nothing this read needs was deleted.
+            let truncated = self.marks.lock().get(&stream).copied().unwrap_or(0);
+            return Ok(ReadAfter { records, truncated });
+        }
+        if !self.js.connected() {
+            return Err(LogError::Unavailable(
+                "the JetStream server cannot be reached".into(),
+            ));
+        }
         let truncated = self.truncated(stream).await?;
+        self.marks.lock().insert(stream, truncated);
         let last = self.last_of(stream).await?;
         let upto = upto.min(last);
         let mut records = Vec::new();
@@ -641,16 +676,36 @@ impl Log for JetStreamLog {
     }
 
     fn head(&self, stream: u32) -> watch::Receiver<u64> {
-        match self.js.config.head_index(stream) {
-            Some(i) => self.heads[i].subscribe(),
-            None => watch::channel(0).1,
+        self.heads.subscribe(stream)
+    }
+
+    fn writable(&self) -> bool {
+        self.js.connected()
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        let c = &self.js.config;
+        let mut warnings = Vec::new();
+        if c.replicas == 1 {
+            warnings.push("replicas = 1: every record is on one server; losing that server's disk loses acknowledged records (use 3 replicas on separate machines)".to_string());
         }
+        let version = self.js.server_version();
+        if version.starts_with("2.9.") {
+            warnings.push(format!("server {version}: records are fsynced about every 2 minutes; a power loss of the server machine can lose acknowledged records (2.10+ can fsync every write with sync_interval: always)"));
+        }
+        serde_json::json!({
+            "backend": "jetstream",
+            "writable": self.writable(),
+            "server_version": version,
+            "stream": c.stream,
+            "replicas": c.replicas,
+            "duplicate_window_secs": c.duplicate_window.as_secs(),
+            "warnings": warnings,
+        })
     }
 
     async fn refresh_head(&self, stream: u32) -> Result<u64, LogError> {
-        let last = self.last_of(stream).await?;
-        self.publish_head(stream, last);
-        Ok(*self.head(stream).borrow())
+        self.last_of(stream).await
     }
 
     async fn truncate(&self, stream: u32, before: u64) -> Result<u64, LogError> {

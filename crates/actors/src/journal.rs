@@ -30,7 +30,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::ctx::Ctx;
 use crate::faults::FaultAction;
-use crate::item_stats::ItemStatsMsg;
 use crate::messages::{Observation, RecordBatch};
 use crate::metrics::label;
 use crate::metrics::stream_label;
@@ -40,7 +39,6 @@ use crate::store::JournalBatch;
 use crate::supervisor::Fatal;
 use crate::wire::{self, WIRE_VERSION};
 use crate::wire_payload;
-use crate::{catalog::CatalogMsg, features::UserFeaturesMsg};
 
 /// One record to append: its stream, its idempotency key (0: not deduplicated) and what
 /// it carries.
@@ -103,8 +101,6 @@ pub enum JournalMsg {
     Append(AppendRequest, RpcReplyPort<AppendReply>),
     /// Commit what is pending (sent to itself).
     Flush,
-    /// Delete records every consumer has checkpointed past (periodic, when enabled).
-    Retain,
     #[rpc]
     Observe(RpcReplyPort<Observation>),
 }
@@ -123,7 +119,6 @@ pub struct JournalState {
     commits: u64,
     records: u64,
     duplicates: u64,
-    truncated: u64,
 }
 
 /// The keys acked within the idempotency window, bounded in count (the oldest leave
@@ -261,29 +256,6 @@ fn reply_error(port: RpcReplyPort<AppendReply>, msg: &str) {
     .discard();
 }
 
-/// Every entry in a configured stream that fits its payload, or the reasons why not.
-fn check_entries(ctx: &Ctx, req: &AppendRequest) -> Result<(), String> {
-    let problems: Vec<String> = req
-        .entries
-        .iter()
-        .enumerate()
-        .filter_map(|(i, e)| {
-            ctx.check_entry(e.stream, &e.payload)
-                .err()
-                .map(|why| format!("entry {}: {why}", i + 1))
-        })
-        .take(10)
-        .collect();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "append refused, nothing was written: {}",
-            problems.join("; ")
-        ))
-    }
-}
-
 impl Actor for Journal {
     type Msg = JournalMsg;
     type State = JournalState;
@@ -321,8 +293,10 @@ impl Actor for Journal {
         )
         .await??;
         let idem = Idempotency::new(keys, ctx.settings.idempotency_max_keys.max(1));
+        // A new incarnation may not continue what the tail held (a failed commit).
+        ctx.tail.reset();
         for (&s, &o) in &last {
-            ctx.heads[ctx.head_index(s)].send_replace(o);
+            ctx.heads.set(s, o);
             ctx.metrics
                 .journal_head
                 .get_or_create(&label("stream", stream_label(s)))
@@ -345,19 +319,7 @@ impl Actor for Journal {
             commits: 0,
             records: 0,
             duplicates: 0,
-            truncated: 0,
         })
-    }
-
-    async fn post_start(
-        &self,
-        myself: ActorRef<JournalMsg>,
-        st: &mut JournalState,
-    ) -> Result<(), ActorProcessingErr> {
-        if st.ctx.settings.retention {
-            myself.send_interval(st.ctx.settings.checkpoint_interval, || JournalMsg::Retain);
-        }
-        Ok(())
     }
 
     async fn handle(
@@ -376,7 +338,7 @@ impl Actor for Journal {
                     reply_error(port, "node is shutting down");
                     return Ok(());
                 }
-                if let Err(e) = check_entries(&st.ctx, &req) {
+                if let Err(e) = st.ctx.check_entries(&req.entries) {
                     reply_error(port, &e);
                     return Ok(());
                 }
@@ -394,29 +356,6 @@ impl Actor for Journal {
                     myself.send_message(JournalMsg::Flush)?;
                 }
             }
-            JournalMsg::Retain => {
-                let ctx = st.ctx.clone();
-                let cuts: Vec<(u32, u64)> = ctx
-                    .streams()
-                    .into_iter()
-                    .filter_map(|s| ctx.retainable(s).map(|o| (s, o.saturating_add(1))))
-                    .collect();
-                let store = ctx.store.clone();
-                let n = tokio::task::spawn_blocking(
-                    move || -> Result<u64, crate::store::StoreError> {
-                        let mut n = 0;
-                        for (s, before) in cuts {
-                            n += store.truncate(s, before)?;
-                        }
-                        Ok(n)
-                    },
-                )
-                .await??;
-                if n > 0 {
-                    tracing::debug!(records = n, "journal records past every checkpoint deleted");
-                }
-                st.truncated += n;
-            }
             JournalMsg::Observe(port) => {
                 let heads: Vec<(String, u64)> = {
                     let mut v: Vec<_> = st.last.iter().map(|(&s, &o)| (s, o)).collect();
@@ -430,7 +369,6 @@ impl Actor for Journal {
                         "commits": st.commits,
                         "records": st.records,
                         "duplicates": st.duplicates,
-                        "truncated": st.truncated,
                         "idempotency_keys": st.idem.len(),
                         "pending_requests": st.pending.len(),
                     }),
@@ -569,10 +507,11 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
             .records
             .push(r);
     }
-    for (&s, b) in &by_stream {
+    for (s, b) in by_stream {
         let o = b.records.last().map_or(0, |r| r.offset);
         st.last.insert(s, o);
-        ctx.heads[ctx.head_index(s)].send_replace(o);
+        ctx.tail.push(s, b.prev, b.records);
+        ctx.heads.raise(s, o);
         ctx.metrics
             .journal_head
             .get_or_create(&label("stream", stream_label(s)))
@@ -592,32 +531,7 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
     }
     st.duplicates += dups;
     ctx.metrics.events_duplicate.inc_by(dups);
-    notify(by_stream.into_values());
     Ok(())
-}
-
-/// Hands committed records to their consumers. A lost notification only costs latency:
-/// consumers poll the journal head and read what they missed from the store.
-fn notify(batches: impl Iterator<Item = RecordBatch>) {
-    for batch in batches {
-        if batch.stream == CATALOG_STREAM {
-            if let Some(c) = ractor::registry::where_is(names::CATALOG) {
-                c.send_message(CatalogMsg::Committed(batch.clone()))
-                    .discard();
-            }
-            if let Some(s) = ractor::registry::where_is(names::ITEM_STATS) {
-                s.send_message(ItemStatsMsg::Committed(batch)).discard();
-            }
-            continue;
-        }
-        if let Some(s) = ractor::registry::where_is(names::ITEM_STATS) {
-            s.send_message(ItemStatsMsg::Committed(batch.clone()))
-                .discard();
-        }
-        if let Some(f) = ractor::registry::where_is(names::user_features(batch.stream)) {
-            f.send_message(UserFeaturesMsg::Committed(batch)).discard();
-        }
-    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,13 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     pub commit_records: Histogram,
     pub journal_errors: Counter,
+    /// Log appends refused as unavailable (503), and reads postponed for it.
+    pub log_write_errors: Counter,
+    pub log_read_errors: Counter,
+    /// Records deleted by retention.
+    pub log_truncated: Counter,
+    /// 1 while the log takes writes, 0 while it does not (server unreachable).
+    pub log_writable: Gauge,
     pub journal_head: Family<Labels, Gauge>,
     pub applied_offset: Family<Labels, Gauge>,
     pub actor_restarts: Family<Labels, Counter>,
@@ -58,6 +65,10 @@ impl Metrics {
             commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             commit_records: Histogram::new(exponential_buckets(1.0, 4.0, 10)),
             journal_errors: Counter::default(),
+            log_write_errors: Counter::default(),
+            log_read_errors: Counter::default(),
+            log_truncated: Counter::default(),
+            log_writable: Gauge::default(),
             journal_head: Family::default(),
             applied_offset: Family::default(),
             actor_restarts: Family::default(),
@@ -110,6 +121,26 @@ impl Metrics {
                 "journal_errors",
                 "Group commits that failed (the journal restarts)",
                 m.journal_errors.clone(),
+            );
+            r.register(
+                "log_write_errors",
+                "Appends the log could not take (answered 503 with Retry-After)",
+                m.log_write_errors.clone(),
+            );
+            r.register(
+                "log_read_errors",
+                "Consumer reads postponed because the log was unavailable",
+                m.log_read_errors.clone(),
+            );
+            r.register(
+                "log_truncated_records",
+                "Records deleted by retention (every consumer had checkpointed past them)",
+                m.log_truncated.clone(),
+            );
+            r.register(
+                "log_writable",
+                "1 while the log takes writes, 0 while it cannot be reached",
+                m.log_writable.clone(),
             );
             r.register(
                 "journal_head_offset",

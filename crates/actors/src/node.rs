@@ -24,7 +24,7 @@ use crate::ctx::Ctx;
 use crate::encoder::{ContentEncoder, ContentEncoderArgs, ContentEncoderMsg};
 use crate::features::{UserFeatures, UserFeaturesArgs, UserFeaturesMsg};
 use crate::item_stats::{ItemStats, ItemStatsMsg};
-use crate::journal::{AppendReply, AppendRequest, Journal, JournalMsg};
+use crate::journal::{Journal, JournalMsg};
 use crate::messages::{CheckpointReply, Observation};
 use crate::names;
 use crate::ranker::{Ranker, RankerMsg};
@@ -131,7 +131,11 @@ fn children(ctx: &Arc<Ctx>, encoder: Arc<dyn TextEncoder>, encoder_name: String)
     });
     let c = ctx.clone();
     let ranker = ChildSpec::new(names::RANKER, policy, move || (Ranker, c.clone()));
-    vec![journal, enc, catalog, stats, psup, trainer, ranker]
+    let mut all = vec![enc, catalog, stats, psup, trainer, ranker];
+    if ctx.embedded_log() {
+        all.insert(0, journal);
+    }
+    all
 }
 
 /// Starts the node's supervision tree. Recovery (checkpoints, replay, model load) runs
@@ -153,6 +157,9 @@ pub async fn start(
     let (root, done) =
         Actor::spawn(Some(names::NODE_SUPERVISOR.to_string()), Supervisor, args).await?;
     tokio::spawn(trim_memory());
+    if ctx.settings.retention {
+        tokio::spawn(retain(ctx.clone()));
+    }
     Ok(NodeHandle {
         ctx,
         root,
@@ -176,12 +183,54 @@ async fn trim_memory() {
     }
 }
 
-/// Appends records through the journal (one RPC; acked when durable).
-pub async fn append(req: AppendRequest, timeout: Duration) -> Result<AppendReply, CallError> {
-    call(names::JOURNAL, timeout, |port| {
-        JournalMsg::Append(req, port)
-    })
-    .await
+/// Retention (`journal.retention`): every checkpoint interval, deletes the records of
+/// each stream that every consumer of it has checkpointed past.
+async fn retain(ctx: Arc<Ctx>) {
+    let mut tick = tokio::time::interval(ctx.settings.checkpoint_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for s in ctx.streams() {
+            let Some(covered) = ctx.retainable(s) else {
+                continue;
+            };
+            match ctx.log.truncate(s, covered.saturating_add(1)).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    ctx.metrics.log_truncated.inc_by(n);
+                    tracing::debug!(
+                        stream = s,
+                        records = n,
+                        "records past every checkpoint deleted"
+                    );
+                }
+                Err(e) => tracing::warn!(stream = s, error = %e, "retention postponed"),
+            }
+        }
+    }
+}
+
+/// Appends records to the node's log; one position per entry once every one is
+/// acknowledged. Entries are checked at this boundary (an event or erasure must name its
+/// user's partition, an item operation the catalog): a request with a wrong one is
+/// refused whole, nothing written.
+pub async fn append(
+    ctx: &Ctx,
+    entries: Vec<crate::log::AppendEntry>,
+    timeout: Duration,
+) -> Result<Vec<crate::log::Position>, crate::log::LogError> {
+    use crate::log::LogError;
+    if ctx.health.draining.load(Ordering::Relaxed) {
+        return Err(LogError::Unavailable("node is shutting down".into()));
+    }
+    ctx.check_entries(&entries).map_err(LogError::Refused)?;
+    match tokio::time::timeout(timeout, ctx.log.append(entries)).await {
+        Ok(r) => r,
+        Err(_) => Err(LogError::Unavailable(format!(
+            "the log did not acknowledge within {} ms; a retry with the same ids is safe",
+            timeout.as_millis()
+        ))),
+    }
 }
 
 /// `Observe` of every actor in the tree plus the supervisors' records.
@@ -193,10 +242,12 @@ pub async fn observe_all(
     Vec<(String, Option<SupervisorSnapshot>)>,
 ) {
     let mut out = Vec::new();
-    out.push((
-        names::JOURNAL.to_string(),
-        call(names::JOURNAL, timeout, JournalMsg::Observe).await,
-    ));
+    if ctx.embedded_log() {
+        out.push((
+            names::JOURNAL.to_string(),
+            call(names::JOURNAL, timeout, JournalMsg::Observe).await,
+        ));
+    }
     out.push((
         names::CATALOG.to_string(),
         call(names::CATALOG, timeout, CatalogMsg::Observe).await,
@@ -241,8 +292,10 @@ pub async fn shutdown(handle: NodeHandle) -> Vec<String> {
     let mut problems = Vec::new();
     // Observe is queued behind every pending append and flush: when it answers, the
     // journal has committed (or failed) all of them.
-    if let Err(e) = call(names::JOURNAL, t, JournalMsg::Observe).await {
-        problems.push(format!("journal: {e}"));
+    if ctx.embedded_log() {
+        if let Err(e) = call(names::JOURNAL, t, JournalMsg::Observe).await {
+            problems.push(format!("journal: {e}"));
+        }
     }
     let mut results: Vec<(String, Result<CheckpointReply, CallError>)> = Vec::new();
     for p in 0..ctx.settings.partitions {

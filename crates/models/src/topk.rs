@@ -185,7 +185,7 @@ mod tests {
         let items = Array2::from_shape_fn((300, 7), |(i, j)| ((i * 7 + j) as f32 * 0.37).sin());
         let users = Array2::from_shape_fn((70, 7), |(i, j)| ((i * 3 + j) as f32 * 0.11).cos());
         let batch = top_k_batch(items.view(), users.view(), 5, |u, i| {
-            (u + i as usize) % 5 == 0
+            (u + i as usize).is_multiple_of(5)
         });
         let mut scratch = Vec::new();
         for u in 0..70 {
@@ -194,7 +194,7 @@ mod tests {
                 items.view(),
                 &q,
                 5,
-                |i| (u + i as usize) % 5 == 0,
+                |i| (u + i as usize).is_multiple_of(5),
                 &mut scratch,
             );
             let a: Vec<u32> = single.iter().map(|s| s.item).collect();

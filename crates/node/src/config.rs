@@ -38,6 +38,7 @@ pub struct Config {
     pub node: NodeSection,
     pub http: HttpSection,
     pub journal: JournalSection,
+    pub log: LogSection,
     pub features: FeaturesSection,
     pub events: EventsSection,
     pub popularity: PopularitySection,
@@ -88,6 +89,31 @@ pub struct JournalSection {
     pub retention: bool,
     /// Page cache of the embedded store (MiB).
     pub cache_mb: usize,
+}
+
+/// Where records and state live.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `embedded` (this node's redb file) or `jetstream` (a shared NATS JetStream).
+    pub backend: String,
+    pub jetstream: JetStreamSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JetStreamSection {
+    pub url: String,
+    pub stream: String,
+    pub replicas: usize,
+    pub duplicate_window_secs: u64,
+    pub max_age_secs: u64,
+    pub max_bytes: i64,
+    pub max_in_flight: usize,
+    pub request_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub tls: bool,
+    pub tls_ca_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +252,22 @@ impl Default for Config {
                 retention: false,
                 cache_mb: troupe_actors::store::DEFAULT_CACHE_BYTES >> 20,
             },
+            log: LogSection {
+                backend: "embedded".into(),
+                jetstream: JetStreamSection {
+                    url: "nats://127.0.0.1:4222".into(),
+                    stream: "troupe".into(),
+                    replicas: 1,
+                    duplicate_window_secs: 120,
+                    max_age_secs: 0,
+                    max_bytes: -1,
+                    max_in_flight: 20_000,
+                    request_timeout_ms: 10_000,
+                    connect_timeout_ms: 30_000,
+                    tls: false,
+                    tls_ca_file: String::new(),
+                },
+            },
             features: FeaturesSection {
                 history_len: 200,
                 checkpoint_every_records: 50_000,
@@ -320,10 +362,17 @@ macro_rules! default_from {
         }
     )*};
 }
+impl Default for JetStreamSection {
+    fn default() -> Self {
+        Config::default().log.jetstream
+    }
+}
+
 default_from!(
     NodeSection.node,
     HttpSection.http,
     JournalSection.journal,
+    LogSection.log,
     FeaturesSection.features,
     EventsSection.events,
     PopularitySection.popularity,
@@ -334,7 +383,45 @@ default_from!(
     TelemetrySection.telemetry
 );
 
+/// Reads an environment variable (a closure, so tests can pass their own).
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
 impl Config {
+    /// The JetStream backend's settings; credentials come from the environment
+    /// (`TROUPE_NATS_CREDS`, a .creds file, or `TROUPE_NATS_TOKEN`), passed in as `env`.
+    pub fn jetstream_config(
+        &self,
+        env: Option<EnvLookup<'_>>,
+    ) -> troupe_actors::jetstream::JetStreamConfig {
+        use troupe_actors::jetstream::{Auth, JetStreamConfig};
+        let j = &self.log.jetstream;
+        let ms = std::time::Duration::from_millis;
+        let secs = std::time::Duration::from_secs;
+        let auth = match env {
+            Some(get) => match (get("TROUPE_NATS_CREDS"), get("TROUPE_NATS_TOKEN")) {
+                (Some(path), _) if !path.is_empty() => Auth::CredsFile(PathBuf::from(path)),
+                (_, Some(token)) if !token.is_empty() => Auth::Token(token),
+                _ => Auth::None,
+            },
+            None => Auth::None,
+        };
+        JetStreamConfig {
+            url: j.url.clone(),
+            stream: j.stream.clone(),
+            replicas: j.replicas,
+            duplicate_window: secs(j.duplicate_window_secs),
+            max_age: secs(j.max_age_secs),
+            max_bytes: j.max_bytes,
+            max_in_flight: j.max_in_flight,
+            timeout: ms(j.request_timeout_ms),
+            partitions: self.journal.partitions,
+            client_name: format!("troupe {}", self.node.name),
+            auth,
+            tls_required: j.tls,
+            tls_ca_file: (!j.tls_ca_file.is_empty()).then(|| PathBuf::from(&j.tls_ca_file)),
+        }
+    }
+
     /// Reads and parses a config file (syntax and unknown keys; see `validate`).
     pub fn load(path: &Path) -> Result<Config, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -427,6 +514,26 @@ impl Config {
             self.journal.poll_interval_ms >= 1,
             "journal.poll_interval_ms must be >= 1",
         );
+        need(
+            matches!(self.log.backend.as_str(), "embedded" | "jetstream"),
+            "log.backend must be \"embedded\" or \"jetstream\"",
+        );
+        if self.log.backend == "jetstream" {
+            let j = &self.log.jetstream;
+            let problem = self.jetstream_config(None).validate().err();
+            need(
+                problem.is_none(),
+                &format!("log.jetstream: {}", problem.unwrap_or_default()),
+            );
+            need(
+                j.request_timeout_ms >= 1 && j.connect_timeout_ms >= 1,
+                "log.jetstream.request_timeout_ms and connect_timeout_ms must be >= 1",
+            );
+            need(
+                !j.url.trim().is_empty(),
+                "log.jetstream.url must not be empty",
+            );
+        }
         need(
             (1..=65_536).contains(&self.journal.cache_mb),
             "journal.cache_mb must be in 1..=65536",

@@ -5,7 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use troupe_actors::journal::{AppendEntry, AppendRequest};
+use troupe_actors::ctx::Ctx;
+use troupe_actors::journal::AppendEntry;
 use troupe_actors::names;
 use troupe_actors::node;
 use troupe_actors::ranker::{RankerMsg, RecommendRequest};
@@ -25,18 +26,15 @@ fn internal(e: impl std::fmt::Display) -> CliError {
     CliError::Internal(anyhow::anyhow!("{e}"))
 }
 
-async fn append_all(entries: Vec<(u32, Payload)>) -> Result<(), CliError> {
+async fn append_all(ctx: &Ctx, entries: Vec<(u32, Payload)>) -> Result<(), CliError> {
     for chunk in entries.chunks(BATCH) {
         let chunk = chunk
             .iter()
             .map(|(s, p)| AppendEntry::new(*s, p.clone()))
             .collect();
-        let r = node::append(AppendRequest::new(chunk), Duration::from_secs(60))
+        node::append(ctx, chunk, Duration::from_secs(60))
             .await
             .map_err(internal)?;
-        if let Some(e) = r.error {
-            return Err(internal(e));
-        }
     }
     Ok(())
 }
@@ -103,7 +101,7 @@ pub fn run(a: DemoArgs) -> CmdResult {
                 )
             })
             .collect();
-        append_all(catalog).await?;
+        append_all(&booted.handle.ctx, catalog).await?;
         let n_events = events.len();
         let name = events_path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let entries: Vec<(u32, Payload)> = events
@@ -133,7 +131,7 @@ pub fn run(a: DemoArgs) -> CmdResult {
                 .take(a.show)
                 .collect()
         };
-        append_all(entries).await?;
+        append_all(&booted.handle.ctx, entries).await?;
         println!("loaded {} items and {n_events} events through the journal in {:.1}s", items.len(), started.elapsed().as_secs_f64());
         let report = node::call(names::ALS_TRAINER, Duration::from_secs(3600), AlsTrainerMsg::Retrain).await.map_err(internal)?;
         println!(

@@ -39,7 +39,8 @@ use serde_json::{json, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use troupe_actors::ctx::Ctx;
 use troupe_actors::features::{UserFeaturesMsg, UserQuery};
-use troupe_actors::journal::{AppendEntry, AppendRequest, Position};
+use troupe_actors::journal::{AppendEntry, Position};
+use troupe_actors::log::LogError;
 use troupe_actors::names;
 use troupe_actors::node::{self, CallError};
 use troupe_actors::ranker::{BranchReport, RankerMsg, RecommendRequest, SimilarRequest};
@@ -587,6 +588,13 @@ fn writable(st: &AppState) -> Result<(), ApiError> {
             "journal is recovering from a write error",
         ));
     }
+    if !st.ctx.log.writable() {
+        st.ctx.metrics.log_write_errors.inc();
+        return Err(ApiError::unavailable(format!(
+            "the {} log cannot be reached; nothing was written, retry later",
+            st.ctx.log.backend()
+        )));
+    }
     Ok(())
 }
 
@@ -772,11 +780,15 @@ fn event_key(payload: &Payload, own: bool, request: &[u8], index: usize) -> u128
 
 async fn append(st: &AppState, entries: Vec<AppendEntry>) -> Result<Vec<Position>, ApiError> {
     writable(st)?;
-    let reply = node::append(AppendRequest::new(entries), st.opts.request_timeout).await?;
-    if let Some(e) = reply.error {
-        return Err(ApiError::unavailable(e));
-    }
-    Ok(reply.positions)
+    node::append(&st.ctx, entries, st.opts.request_timeout)
+        .await
+        .map_err(|e| match e {
+            LogError::Refused(why) => ApiError::bad(why),
+            LogError::Unavailable(why) | LogError::Failed(why) => {
+                st.ctx.metrics.log_write_errors.inc();
+                ApiError::unavailable(why)
+            }
+        })
 }
 
 /// A partition number, or `"catalog"` for the catalog stream.
@@ -1374,6 +1386,7 @@ async fn cluster(State(st): State<AppState>, _a: Admitted<Ops>, q: RawQuery) -> 
         "ready": h.ready(),
         "recovering": h.recovering(),
         "escalated": h.escalated(),
+        "log": st.ctx.log.describe(),
         "journal_heads": streams(&|s| st.ctx.head(s)),
         "applied": streams(&|s| st.ctx.applied(s)),
         "als_model_version": st.ctx.als.load().as_ref().map(|m| m.version),
@@ -1458,6 +1471,9 @@ async fn readyz(State(st): State<AppState>, q: RawQuery) -> ApiResult {
         "recovering": h.recovering(),
         "escalated": h.escalated(),
         "journal_failed": h.journal_failed.load(Ordering::Relaxed),
+        // Writes need the log; reads do not, so readiness ignores it (a load balancer
+        // must not drop every node when the shared log is down).
+        "log_writable": st.ctx.log.writable(),
         "draining": h.draining.load(Ordering::Relaxed),
         "saturated": {"reads": st.reads.saturated(), "writes": st.writes.saturated()},
         "in_flight": {"reads": in_flight(&st.reads), "writes": in_flight(&st.writes)},
@@ -1472,6 +1488,10 @@ async fn readyz(State(st): State<AppState>, q: RawQuery) -> ApiResult {
 
 async fn metrics(State(st): State<AppState>, q: RawQuery) -> ApiResult {
     Params::none(q.0)?;
+    st.ctx
+        .metrics
+        .log_writable
+        .set(i64::from(st.ctx.log.writable()));
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -35,6 +35,72 @@ pub struct Booted {
     stop_http: tokio::sync::oneshot::Sender<()>,
 }
 
+/// A node whose log is a JetStream stream: connects (retrying until
+/// `log.jetstream.connect_timeout_ms`), creates or checks the stream and buckets, checks
+/// the cluster-wide constants, and follows the stream.
+async fn jetstream_ctx(cfg: &Config, store: Store) -> anyhow::Result<Ctx> {
+    use troupe_actors::jetstream::{JetStream, JetStreamLog, JetStreamState};
+    use troupe_actors::log::{Heads, Log, Tail};
+    use troupe_actors::state::StateStore;
+    let get = |k: &str| std::env::var(k).ok();
+    let jc = cfg.jetstream_config(Some(&get));
+    let url = jc.url.clone();
+    let deadline = std::time::Instant::now()
+        + std::time::Duration::from_millis(cfg.log.jetstream.connect_timeout_ms);
+    let js = loop {
+        match JetStream::connect(jc.clone()).await {
+            Ok(js) => break js,
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::warn!(url = %url, error = %e, "JetStream not reachable yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => anyhow::bail!("log.jetstream: {e}"),
+        }
+    };
+    // Cluster-wide constants are stored once; a node configured otherwise refuses.
+    let state = JetStreamState::new(js.clone());
+    for (key, mine) in [
+        ("const.partitions", cfg.journal.partitions.to_string()),
+        ("const.layout", LOG_LAYOUT.to_string()),
+    ] {
+        let stored = state
+            .constant(key, mine.clone().into_bytes())
+            .await
+            .map_err(|e| anyhow::anyhow!("log.jetstream: reading {key}: {e}"))?;
+        let stored = String::from_utf8_lossy(&stored).to_string();
+        if stored != mine {
+            anyhow::bail!(
+                "stream {} was created with {} = {stored}, this node is configured with {mine}; every node of a cluster must use the same value (the partition count is fixed for the life of the data)",
+                jc.stream,
+                key.trim_start_matches("const.")
+            );
+        }
+    }
+    let heads = Arc::new(Heads::new(cfg.journal.partitions));
+    let tail = Arc::new(Tail::new(troupe_actors::ctx::TAIL_RECORDS));
+    let log = JetStreamLog::open(js.clone(), heads.clone(), tail.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("log.jetstream: {e}"))?;
+    let log: Arc<dyn Log> = Arc::new(log);
+    println!(
+        "troupe log: jetstream {url} stream {} (server {}, replicas {})",
+        jc.stream,
+        js.server_version(),
+        jc.replicas
+    );
+    Ok(Ctx::with_log(
+        cfg.settings(),
+        store,
+        cfg.faults(),
+        heads,
+        tail,
+        log,
+    ))
+}
+
+/// Version of the JetStream layout (subjects, buckets, record encoding) this build writes.
+const LOG_LAYOUT: u32 = 1;
+
 /// Loads, overrides from the environment and validates a config; every problem at once.
 pub fn load_config(path: &std::path::Path) -> Result<Config, CliError> {
     let mut cfg = Config::load(path).map_err(CliError::input)?;
@@ -115,7 +181,10 @@ pub async fn boot(cfg: &Config) -> anyhow::Result<Booted> {
         move || encoder(&cfg)
     })
     .await??;
-    let ctx = Arc::new(Ctx::new(cfg.settings(), store, cfg.faults()));
+    let ctx = match cfg.log.backend.as_str() {
+        "jetstream" => Arc::new(jetstream_ctx(cfg, store).await?),
+        _ => Arc::new(Ctx::new(cfg.settings(), store, cfg.faults())),
+    };
     let handle = node::start(ctx.clone(), enc, enc_name)
         .await
         .context("starting the actors")?;

@@ -2,8 +2,9 @@
 //!
 //! Appends go to the [`Journal`](crate::journal::Journal) actor, which group-commits
 //! them (one fsync per group) and keeps the idempotency window; reads and truncation go
-//! to the [`Store`](crate::store::Store) off the async runtime; heads are the journal's
-//! published heads in [`Ctx`].
+//! to the [`Store`](crate::store::Store) off the async runtime, except what the journal
+//! committed last, which its [`Tail`] holds in memory. The journal pushes each commit's
+//! records to the tail, then raises the [`Heads`], then acks.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,10 +13,9 @@ use async_trait::async_trait;
 use ractor::ActorRef;
 use tokio::sync::watch;
 
-use super::{AppendEntry, Log, LogError, Position, ReadAfter};
-use crate::ctx::Ctx;
+use super::{AppendEntry, Heads, Log, LogError, Position, ReadAfter, Tail};
 use crate::journal::{AppendRequest, JournalMsg};
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 
 /// How the embedded log reaches its journal actor.
 #[derive(Clone)]
@@ -28,18 +28,33 @@ pub enum JournalRef {
 
 /// The redb journal as a [`Log`].
 pub struct EmbeddedLog {
-    ctx: Arc<Ctx>,
+    store: Store,
+    heads: Arc<Heads>,
+    tail: Arc<Tail>,
     journal: JournalRef,
     /// How long an append may wait for its commit group.
     timeout: Duration,
+    /// Truncation marks by stream, as last written (answers reads served by the tail).
+    marks: parking_lot::Mutex<rustc_hash::FxHashMap<u32, u64>>,
 }
 
 impl EmbeddedLog {
-    pub fn new(ctx: Arc<Ctx>, journal: JournalRef, timeout: Duration) -> Self {
+    /// The log over `store`, whose journal actor (reached through `journal`) raises
+    /// `heads` and fills `tail`.
+    pub fn new(
+        store: Store,
+        heads: Arc<Heads>,
+        tail: Arc<Tail>,
+        journal: JournalRef,
+        timeout: Duration,
+    ) -> Self {
         EmbeddedLog {
-            ctx,
+            store,
+            heads,
+            tail,
             journal,
             timeout,
+            marks: Default::default(),
         }
     }
 
@@ -111,22 +126,40 @@ impl Log for EmbeddedLog {
         upto: u64,
         limit: usize,
     ) -> Result<ReadAfter, LogError> {
-        let store = self.ctx.store.clone();
+        if let Some(records) = self.tail.read(stream, after, upto, limit) {
+            let cached = self.marks.lock().get(&stream).copied();
+            let truncated = match cached {
+                Some(m) => m,
+                None => {
+                    let store = self.store.clone();
+                    let m = blocking(move || store.truncated(stream)).await?;
+                    self.marks.lock().insert(stream, m);
+                    m
+                }
+            };
+            return Ok(ReadAfter { records, truncated });
+        }
+        let store = self.store.clone();
         blocking(move || store.read_after(stream, after, upto, limit)).await
     }
 
     fn head(&self, stream: u32) -> watch::Receiver<u64> {
-        self.ctx.heads[self.ctx.head_index(stream)].subscribe()
+        self.heads.subscribe(stream)
     }
 
     async fn refresh_head(&self, stream: u32) -> Result<u64, LogError> {
-        // The journal publishes every commit's heads before it acks: what Ctx holds is
-        // current.
-        Ok(self.ctx.head(stream))
+        // The journal raises the heads of every commit before it acks: they are current.
+        Ok(self.heads.get(stream))
     }
 
     async fn truncate(&self, stream: u32, before: u64) -> Result<u64, LogError> {
-        let store = self.ctx.store.clone();
-        blocking(move || store.truncate(stream, before)).await
+        let store = self.store.clone();
+        let (n, mark) = blocking(move || {
+            let n = store.truncate(stream, before)?;
+            Ok((n, store.truncated(stream)?))
+        })
+        .await?;
+        self.marks.lock().insert(stream, mark);
+        Ok(n)
     }
 }

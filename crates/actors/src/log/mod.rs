@@ -73,8 +73,19 @@ pub trait Log: Send + Sync + 'static {
     fn head(&self, stream: u32) -> watch::Receiver<u64>;
 
     /// Asks the backend for the current last offset of `stream` (a round trip for a
-    /// shared log) and publishes it to [`Log::head`] if it is newer.
+    /// shared log). [`Log::head`] reaches it once this node holds the records.
     async fn refresh_head(&self, stream: u32) -> Result<u64, LogError>;
+
+    /// False while the backend cannot take writes (a shared log's server unreachable);
+    /// appends then fail with [`LogError::Unavailable`].
+    fn writable(&self) -> bool {
+        true
+    }
+
+    /// What `/v1/cluster` shows of the backend (server version, replicas, warnings).
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "backend": self.backend(), "writable": self.writable() })
+    }
 
     /// Deletes the records of `stream` with offsets `< before` (retention); the highest
     /// deleted offset becomes the stream's truncation mark, which later reads report.
@@ -91,4 +102,158 @@ pub async fn wait_head(log: &dyn Log, stream: u32, target: u64, wait: std::time:
         .ok()
         .and_then(|r| r.ok().map(|h| *h));
     reached.unwrap_or_else(|| *rx.borrow())
+}
+
+/// The heads of a node's streams as watch channels (partitions `0..P`, then the
+/// catalog), shared by the log that moves them and the readers that wait on them.
+pub struct Heads {
+    partitions: u32,
+    tx: Vec<watch::Sender<u64>>,
+}
+
+impl Heads {
+    pub fn new(partitions: u32) -> Self {
+        Heads {
+            partitions,
+            tx: (0..=partitions).map(|_| watch::channel(0).0).collect(),
+        }
+    }
+
+    fn index(&self, stream: u32) -> Option<usize> {
+        if stream == crate::record::CATALOG_STREAM {
+            Some(self.partitions as usize)
+        } else if stream < self.partitions {
+            Some(stream as usize)
+        } else {
+            None
+        }
+    }
+
+    /// The last acknowledged offset of `stream` this node knows (0 for an unknown stream).
+    pub fn get(&self, stream: u32) -> u64 {
+        self.index(stream).map_or(0, |i| *self.tx[i].borrow())
+    }
+
+    pub fn subscribe(&self, stream: u32) -> watch::Receiver<u64> {
+        match self.index(stream) {
+            Some(i) => self.tx[i].subscribe(),
+            None => watch::channel(0).1,
+        }
+    }
+
+    /// Moves the head of `stream` up to `offset` (never down); wakes the watchers.
+    pub fn raise(&self, stream: u32, offset: u64) {
+        if let Some(i) = self.index(stream) {
+            self.tx[i].send_if_modified(|h| {
+                let moved = offset > *h;
+                if moved {
+                    *h = offset;
+                }
+                moved
+            });
+        }
+    }
+
+    /// Sets the head of `stream` (a journal reopening from disk).
+    pub fn set(&self, stream: u32, offset: u64) {
+        if let Some(i) = self.index(stream) {
+            self.tx[i].send_replace(offset);
+        }
+    }
+}
+
+/// The most recent records of every stream, in memory, so consumers that follow the head
+/// read what was just appended without going to the backend. Each stream keeps one run
+/// of consecutive records (every record of the stream between the run's `prev` and its
+/// last offset), at most `cap` of them; a record that does not continue the run starts a
+/// new one.
+pub struct Tail {
+    cap: usize,
+    runs: parking_lot::Mutex<rustc_hash::FxHashMap<u32, Run>>,
+}
+
+struct Run {
+    /// The stream's offset before the run's first record (0: the stream's start).
+    prev: u64,
+    records: std::collections::VecDeque<crate::record::Record>,
+}
+
+impl Run {
+    fn last(&self) -> u64 {
+        self.records.back().map_or(self.prev, |r| r.offset)
+    }
+}
+
+impl Tail {
+    pub fn new(cap: usize) -> Self {
+        Tail {
+            cap: cap.max(1),
+            runs: parking_lot::Mutex::new(Default::default()),
+        }
+    }
+
+    /// Adds records of `stream` that follow offset `prev` (the stream's last record
+    /// before them), in offset order. Records at or below the run's end are ignored.
+    pub fn push(
+        &self,
+        stream: u32,
+        prev: u64,
+        records: impl IntoIterator<Item = crate::record::Record>,
+    ) {
+        let mut runs = self.runs.lock();
+        let run = runs.entry(stream).or_insert_with(|| Run {
+            prev,
+            records: Default::default(),
+        });
+        if run.last() != prev && prev > run.last() {
+            // A gap: what lies between is not known here.
+            run.prev = prev;
+            run.records.clear();
+        }
+        for r in records {
+            if r.offset <= run.last() {
+                continue;
+            }
+            run.records.push_back(r);
+            if run.records.len() > self.cap {
+                if let Some(old) = run.records.pop_front() {
+                    run.prev = old.offset;
+                }
+            }
+        }
+    }
+
+    /// Records of `stream` with offsets `> after` and `<= upto`, at most `limit`, when the
+    /// tail holds every one of them; `None` when the backend must be read. Logs push a
+    /// commit's records here before they raise the head, so a reader that follows the
+    /// head finds them.
+    pub fn read(
+        &self,
+        stream: u32,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> Option<Vec<crate::record::Record>> {
+        let runs = self.runs.lock();
+        let run = runs.get(&stream)?;
+        if after < run.prev {
+            return None;
+        }
+        let start = run.records.partition_point(|r| r.offset <= after);
+        let out: Vec<crate::record::Record> = run
+            .records
+            .range(start..)
+            .take_while(|r| r.offset <= upto)
+            .take(limit)
+            .cloned()
+            .collect();
+        // Complete only when the limit was reached or the run covers `upto`: records
+        // after the run's end may exist that it has not seen yet.
+        (out.len() >= limit || upto <= run.last()).then_some(out)
+    }
+
+    /// Forgets the stream (a journal reopening: the run may not continue what it held).
+    pub fn reset(&self) {
+        self.runs.lock().clear();
+    }
 }

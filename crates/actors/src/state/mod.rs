@@ -24,6 +24,7 @@
 
 pub mod embedded;
 
+use crate::Discard;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -158,8 +159,9 @@ fn fresh_name(kind: &str, claim: &Claim) -> String {
 }
 
 fn decode_pointer(scope: &str, bytes: &[u8]) -> Result<Pointer, StateError> {
-    let p: Pointer = serde_json::from_slice(bytes)
-        .map_err(|e| StateError::Failed(format!("pointer of scope {scope} does not decode: {e}")))?;
+    let p: Pointer = serde_json::from_slice(bytes).map_err(|e| {
+        StateError::Failed(format!("pointer of scope {scope} does not decode: {e}"))
+    })?;
     if p.format > POINTER_FORMAT {
         return Err(StateError::Failed(format!(
             "pointer of scope {scope} has format {}, newer than this build's {POINTER_FORMAT}",
@@ -295,7 +297,7 @@ pub trait StateStore: Send + Sync + 'static {
         next.positions = positions;
         if let Err(e) = self.fenced_write(claim, next).await {
             // Never referenced: nobody reads it.
-            let _ = self.delete_blob(&name).await;
+            self.delete_blob(&name).await.discard();
             return Err(e);
         }
         for old in superseded {
@@ -393,10 +395,11 @@ pub trait StateStore: Send + Sync + 'static {
         let name = fresh_name("dead", claim);
         self.put_blob(&name, doc).await?;
         let mut next = claim.pointer.clone();
-        next.failures.retain(|&(s, o, _)| (s, o) != (stream, offset));
+        next.failures
+            .retain(|&(s, o, _)| (s, o) != (stream, offset));
         next.dead_letters.push(name.clone());
         if let Err(e) = self.fenced_write(claim, next).await {
-            let _ = self.delete_blob(&name).await;
+            self.delete_blob(&name).await.discard();
             return Err(e);
         }
         Ok(())
