@@ -2,6 +2,8 @@
 """Benchmarks of a running Troupe node, each next to its reference measured in the same run.
 
   ingest     acked events/s at batch 1, 100, 1000 vs a raw write+fdatasync loop
+  jetstream  the same on the JetStream backend vs a raw async-nats publish loop (and the
+             embedded backend), with a nats-server the script starts
   serving    recommendations/s and latency (wrk) vs nginx serving a static file
   freshness  event ack -> applied_offset reaching it, p50/p99
   recovery   restart time vs journal length, checkpoints off and on
@@ -124,6 +126,34 @@ def raw_fsync_rate(path, record_bytes, batch, seconds=3.0):
     return n / dt
 
 
+def measure_ingest(node, batch, clients, seconds):
+    """Acked events/s from `clients` connections posting NDJSON batches of `batch` for
+    `seconds`, and how long the consumers then took to catch up."""
+    bodies = {c: [ndjson_batch(f"b{batch}c{c}-{node.port}", k * batch, batch)
+                  for k in range(4000 if batch == 1 else 400 if batch == 100 else 60)]
+              for c in range(clients)}
+    acked = [0] * clients
+    stop = time.time() + seconds
+
+    def run(c):
+        conn = node.conn()
+        for body in bodies[c]:
+            if time.time() > stop:
+                break
+            st, r = node.post("/v1/events", body, conn)
+            if st == 200:
+                acked[c] += r["acked"]
+    t0 = time.time()
+    ts = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    dt = time.time() - t0
+    t1 = time.time()
+    while not node.caught_up():
+        time.sleep(0.01)
+    return sum(acked) / dt, time.time() - t1
+
+
 def ingest(a):
     work = tempfile.mkdtemp(prefix="troupe-ingest-", dir=a.dir)
     # TROUPE_BENCH_JOURNAL: extra `[journal]` keys (e.g. "cache_mb = 1024") to isolate one.
@@ -134,29 +164,7 @@ def ingest(a):
     record_bytes = len(ndjson_batch("b1000c0", 123456, 1))
     rows = []
     for batch, clients in ((1, 16), (100, 8), (1000, 4)):
-        bodies = {c: [ndjson_batch(f"b{batch}c{c}", k * batch, batch) for k in range(4000 if batch == 1 else 400 if batch == 100 else 60)]
-                  for c in range(clients)}
-        acked = [0] * clients
-        stop = time.time() + a.seconds
-
-        def run(c):
-            conn = node.conn()
-            for body in bodies[c]:
-                if time.time() > stop:
-                    break
-                st, r = node.post("/v1/events", body, conn)
-                if st == 200:
-                    acked[c] += r["acked"]
-        t0 = time.time()
-        ts = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
-        [t.start() for t in ts]
-        [t.join() for t in ts]
-        dt = time.time() - t0
-        rate = sum(acked) / dt
-        t1 = time.time()
-        while not node.caught_up():
-            time.sleep(0.01)
-        lag = time.time() - t1
+        rate, lag = measure_ingest(node, batch, clients, a.seconds)
         raw = raw_fsync_rate(os.path.join(work, "raw.bin"), record_bytes, batch)
         rows.append((batch, clients, rate, raw, rate / raw, lag))
     node.stop()
@@ -164,6 +172,63 @@ def ingest(a):
     print(f"{'batch':>6} {'clients':>7} {'troupe ev/s':>12} {'raw ev/s':>12} {'ratio':>6} {'apply lag s':>11}")
     for b, c, r, raw, ratio, lag in rows:
         print(f"{b:>6} {c:>7} {r:>12.0f} {raw:>12.0f} {ratio:>6.2f} {lag:>11.2f}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- jetstream
+def start_nats(work):
+    """A JetStream server on free loopback ports with its store under `work`."""
+    port, mon = free_port(), free_port()
+    log = open(os.path.join(work, "nats.log"), "w")
+    proc = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-js", "-a", "127.0.0.1",
+                             "-p", str(port), "-m", str(mon), "-sd", os.path.join(work, "nats")],
+                            stdout=subprocess.DEVNULL, stderr=log)
+    for _ in range(3000):
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", mon, timeout=1)
+            c.request("GET", "/healthz")
+            if c.getresponse().status == 200:
+                return proc, f"nats://127.0.0.1:{port}"
+        except OSError:
+            pass
+        time.sleep(0.01)
+    raise RuntimeError("nats-server did not start")
+
+
+def jetstream(a):
+    """Ingest on the JetStream backend vs the engine's own ceiling (a raw async-nats loop
+    publishing the same records to the same stream layout: `jetstream_publish`) and vs
+    the embedded backend, at batch 1, 100, 1000."""
+    work = tempfile.mkdtemp(prefix="troupe-js-", dir=a.dir)
+    srv, url = start_nats(work)
+    base = "[journal]\npartitions = 8\n[als]\nmin_interactions = 1000000000\n"
+    rows = []
+    try:
+        for batch, clients in ((1, 16), (100, 8), (1000, 4)):
+            out = subprocess.run([a.publisher, url, f"raw{batch}", str(batch), str(clients), str(a.seconds)],
+                                 check=True, capture_output=True, text=True).stdout
+            raw = json.loads(out.strip().splitlines()[-1])["rate"]
+            d = os.path.join(work, f"js{batch}")
+            os.makedirs(d)
+            node = Node(a.troupe, d, base + f'[log]\nbackend = "jetstream"\n[log.jetstream]\nurl = "{url}"\nstream = "node{batch}"\n')
+            node.start()
+            js_rate, js_lag = measure_ingest(node, batch, clients, a.seconds)
+            node.stop()
+            d = os.path.join(work, f"emb{batch}")
+            os.makedirs(d)
+            node = Node(a.troupe, d, base)
+            node.start()
+            emb_rate, _ = measure_ingest(node, batch, clients, a.seconds)
+            node.stop()
+            rows.append((batch, clients, raw, js_rate, js_rate / raw, js_lag, emb_rate))
+    finally:
+        srv.send_signal(signal.SIGKILL)
+        srv.wait()
+    ver = subprocess.run([shutil.which("nats-server") or "/usr/sbin/nats-server", "--version"], capture_output=True, text=True).stdout.strip()
+    print(f"JetStream ingest ({ver}, one R1 stream, file storage); {a.seconds:.0f} s per row; raw = jetstream_publish, one connection")
+    print(f"{'batch':>6} {'clients':>7} {'raw ev/s':>10} {'troupe js ev/s':>15} {'ratio':>6} {'apply lag s':>11} {'troupe embedded ev/s':>21}")
+    for b, c, raw, r, ratio, lag, emb in rows:
+        print(f"{b:>6} {c:>7} {raw:>10.0f} {r:>15.0f} {ratio:>6.2f} {lag:>11.2f} {emb:>21.0f}")
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -371,8 +436,10 @@ http {{ access_log off; default_type application/json;
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["ingest", "freshness", "recovery", "serving"])
+    p.add_argument("what", choices=["ingest", "jetstream", "freshness", "recovery", "serving"])
     p.add_argument("--troupe", default="target/release/troupe")
+    p.add_argument("--publisher", default="target/release/examples/jetstream_publish",
+                   help="the raw loop for `jetstream` (cargo build --release --example jetstream_publish)")
     p.add_argument("--dir", default=None, help="where temporary data dirs go (same disk as the raw loop)")
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--samples", type=int, default=500)
@@ -381,8 +448,9 @@ def main():
     p.add_argument("--conns", type=int, default=32)
     a = p.parse_args()
     a.troupe = os.path.abspath(a.troupe)
+    a.publisher = os.path.abspath(a.publisher)
     a.dir = os.path.abspath(a.dir) if a.dir else None
-    {"ingest": ingest, "freshness": freshness, "recovery": recovery, "serving": serving}[a.what](a)
+    {"ingest": ingest, "jetstream": jetstream, "freshness": freshness, "recovery": recovery, "serving": serving}[a.what](a)
 
 
 if __name__ == "__main__":

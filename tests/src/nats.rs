@@ -34,6 +34,8 @@ pub struct NatsServer {
     pub monitor_port: u16,
     dir: tempfile::TempDir,
     bin: PathBuf,
+    /// A config file (cluster members); `None`: flags only.
+    conf: Option<PathBuf>,
 }
 
 impl NatsServer {
@@ -53,6 +55,7 @@ impl NatsServer {
             monitor_port: free_port(),
             dir: tempfile::tempdir().expect("temporary directory"),
             bin,
+            conf: None,
         };
         s.spawn();
         Some(s)
@@ -66,21 +69,41 @@ impl NatsServer {
     /// Starts the process (again, after [`NatsServer::kill9`]) on the same ports and store
     /// directory, and waits until JetStream answers its health check.
     pub fn spawn(&mut self) {
+        self.launch();
+        self.wait_healthy();
+    }
+
+    fn launch(&mut self) {
         assert!(self.child.is_none(), "server already running");
-        let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
-        let child = Command::new(&self.bin)
-            .args(["-js", "-a", "127.0.0.1"])
-            .args(["-p", &self.port.to_string()])
-            .args(["-m", &self.monitor_port.to_string()])
-            .arg("-sd")
-            .arg(self.dir.path().join("store"))
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("log file");
+        let mut cmd = Command::new(&self.bin);
+        match &self.conf {
+            Some(conf) => {
+                cmd.arg("-c").arg(conf);
+            }
+            None => {
+                cmd.args(["-js", "-a", "127.0.0.1"])
+                    .args(["-p", &self.port.to_string()])
+                    .args(["-m", &self.monitor_port.to_string()])
+                    .arg("-sd")
+                    .arg(self.dir.path().join("store"));
+            }
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("starting nats-server");
         self.child = Some(child);
+    }
+
+    fn wait_healthy(&self) {
         let health = format!("http://127.0.0.1:{}/healthz", self.monitor_port);
-        wait_until(30, "nats-server healthy", || {
+        wait_until(60, "nats-server healthy", || {
             ureq::get(&health).call().is_ok_and(|r| r.status() == 200)
         });
     }
@@ -102,5 +125,100 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Three JetStream servers on loopback forming one cluster (routes between all of them),
+/// each with its own ports and store directory; stopped by process id on drop.
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts three servers and waits until JetStream reports a meta leader (see
+    /// [`NatsServer::start`] for when this returns `None`).
+    pub fn start() -> Option<NatsCluster> {
+        let bin = match nats_server_bin() {
+            Some(b) => b,
+            None => {
+                assert!(
+                    !nats_required(),
+                    "TROUPE_REQUIRE_NATS=1 but nats-server is not installed"
+                );
+                eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
+                return None;
+            }
+        };
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_list = routes
+            .iter()
+            .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut servers = Vec::new();
+        for (i, route) in routes.iter().enumerate() {
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let port = free_port();
+            let monitor_port = free_port();
+            let conf = dir.path().join("server.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: s{i}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{monitor_port}\n\
+                     jetstream {{ store_dir: \"{}\", max_mem_store: 256MB, max_file_store: 2GB }}\n\
+                     cluster {{ name: troupe-test, listen: 127.0.0.1:{route}, routes: [{route_list}] }}\n",
+                    dir.path().join("store").display()
+                ),
+            )
+            .expect("server config");
+            servers.push(NatsServer {
+                child: None,
+                port,
+                monitor_port,
+                dir,
+                bin: bin.clone(),
+                conf: Some(conf),
+            });
+        }
+        for s in &mut servers {
+            s.launch();
+        }
+        let cluster = NatsCluster { servers };
+        for s in &cluster.servers {
+            s.wait_healthy();
+        }
+        Some(cluster)
+    }
+
+    /// Every server's client URL, comma-separated (what a node's `url` takes).
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| s.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the server that leads `stream` (from the monitoring endpoints of the
+    /// running servers), if one does now.
+    pub fn stream_leader(&self, stream: &str) -> Option<usize> {
+        self.servers.iter().enumerate().find_map(|(i, s)| {
+            s.child.as_ref()?;
+            let url = format!("http://127.0.0.1:{}/jsz?streams=true", s.monitor_port);
+            let text = ureq::get(&url)
+                .call()
+                .ok()?
+                .body_mut()
+                .read_to_string()
+                .ok()?;
+            let body: serde_json::Value = serde_json::from_str(&text).ok()?;
+            let leads = body["account_details"].as_array()?.iter().any(|a| {
+                a["stream_detail"].as_array().is_some_and(|ss| {
+                    ss.iter()
+                        .any(|x| x["name"] == stream && x["cluster"]["leader"] == format!("s{i}"))
+                })
+            });
+            leads.then_some(i)
+        })
     }
 }

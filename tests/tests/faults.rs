@@ -437,17 +437,13 @@ checkpoint_interval_ms = 100
         post_ok(&node, Value::Array(c.to_vec()));
     }
     let truncated = |node: &Node| {
-        let c = node.get("/v1/cluster").body;
-        c["actors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["name"] == "journal")
-            .unwrap()["state"]["truncated"]
-            .as_u64()
-            .unwrap()
+        node.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix("troupe_log_truncated_records_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
     };
-    wait_until(30, "journal truncated", || truncated(&node) > 0);
+    wait_until(30, "journal truncated", || truncated(&node) > 0.0);
     node.kill9();
     node.spawn();
     let total: usize = (0..7)

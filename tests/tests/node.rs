@@ -65,18 +65,47 @@ fn acked_rows(log: &std::path::Path) -> Vec<String> {
 #[test]
 fn kill9_during_load_loses_no_acked_event_and_applies_each_once() {
     let _t = timed();
-    kill9_during_load("");
+    kill9_during_load("", 150);
 }
 
 /// The same on the JetStream backend: the records live in the server, the node's
 /// checkpoints and deltas still on its disk.
 #[test]
 fn kill9_during_load_on_jetstream_loses_no_acked_event_and_applies_each_once() {
+    let _serial = one_at_a_time();
     let _t = timed();
     let Some(server) = NatsServer::start() else {
         return;
     };
-    kill9_during_load(&jetstream_config(&server));
+    // Smaller batches: ingest on JetStream outruns the kill schedule at 150.
+    kill9_during_load(&jetstream_config(&server), 50);
+}
+
+/// The JetStream tests start servers, nodes and loaders; run one at a time so that two
+/// cores are enough for each (a poisoned lock from a failed test is still a lock).
+static JETSTREAM_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    JETSTREAM_TESTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `wait_until` that prints the node's log and `/v1/cluster` before failing.
+fn wait_or_dump(node: &Node, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = node.log(node.starts);
+    let tail: Vec<&str> = log.lines().rev().take(60).collect();
+    eprintln!(
+        "node log (last 60 lines, newest first):\n{}",
+        tail.join("\n")
+    );
+    eprintln!("cluster: {}", node.get("/v1/cluster").body);
+    panic!("timed out after {secs} s waiting for: {what}");
 }
 
 /// The config lines that put a node on `server`'s JetStream.
@@ -90,18 +119,19 @@ fn jetstream_config(server: &NatsServer) -> String {
 /// Loads 12,000 events while the node is SIGKILLed six times, then checks by event id
 /// that every acked event was applied exactly once, and again after a kill that
 /// recovers from a full checkpoint and deltas.
-fn kill9_during_load(backend: &str) {
+fn kill9_during_load(backend: &str, batch: usize) {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.csv");
     let (n, users) = (12_000, 40);
     write_events(&events, n, users);
     let mut node = Node::start(dir.path(), &format!("{FAST}{backend}"), &[]);
     let log = dir.path().join("acked.txt");
+    let batch = batch.to_string();
     let mut loader = Command::new(troupe_bin())
         .args([
             "load",
             "--batch",
-            "150",
+            &batch,
             "--retry-for-secs",
             "120",
             "--url",
@@ -663,6 +693,7 @@ fn load_resumes_from_its_state_file_and_reports_bad_rows() {
 /// exactly once.
 #[test]
 fn jetstream_server_killed_during_load_refuses_writes_serves_reads_and_loses_nothing() {
+    let _serial = one_at_a_time();
     let _t = timed();
     let Some(mut server) = NatsServer::start() else {
         return;
@@ -743,4 +774,81 @@ fn jetstream_server_killed_during_load_refuses_writes_serves_reads_and_loses_not
     );
     assert_eq!(applied.len(), n);
     assert_eq!(node.get("/v1/cluster").body["log"]["writable"], true);
+}
+
+/// Three JetStream servers, an R3 stream: the stream leader's server is SIGKILLed in the
+/// middle of a load. Ingest resumes once a new leader is elected (the loader retries the
+/// refused batches with the same ids), every acked event is applied exactly once, and
+/// the pause (the longest time without an acked batch) is printed.
+#[test]
+fn jetstream_r3_leader_killed_during_load_resumes_and_loses_nothing() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut cluster) = troupe_tests::nats::NatsCluster::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.csv");
+    let (n, users) = (6_000, 30);
+    write_events(&events, n, users);
+    let config = format!(
+        "{FAST}[log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"{}\"\nreplicas = 3\nrequest_timeout_ms = 5000\nconnect_timeout_ms = 60000\n",
+        cluster.urls()
+    );
+    let node = Node::start(dir.path(), &config, &[]);
+    assert_eq!(node.get("/v1/cluster").body["log"]["replicas"], 3);
+    let log = dir.path().join("acked.txt");
+    let mut loader = Command::new(troupe_bin())
+        .args([
+            "load",
+            "--batch",
+            "100",
+            "--retry-for-secs",
+            "120",
+            "--url",
+            &node.url(),
+            "--events",
+        ])
+        .arg(&events)
+        .arg("--acked-log")
+        .arg(&log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(60, "a third of the load acked", || {
+        acked_rows(&log).len() >= n / 3
+    });
+    let mut leader = None;
+    wait_until(30, "the stream has a leader", || {
+        leader = cluster.stream_leader("troupe");
+        leader.is_some()
+    });
+    let leader = leader.unwrap();
+    // The longest gap between acked batches while the leader is gone and after.
+    let (mut last_count, mut last_change, mut pause) =
+        (acked_rows(&log).len(), Instant::now(), Duration::ZERO);
+    cluster.servers[leader].kill9();
+    while loader.try_wait().unwrap().is_none() {
+        let c = acked_rows(&log).len();
+        if c != last_count {
+            pause = pause.max(last_change.elapsed());
+            (last_count, last_change) = (c, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("R3 stream leader (server s{leader}) SIGKILLed: longest pause between acked batches {:.1} s", pause.as_secs_f64());
+    let status = loader.wait().unwrap();
+    assert!(status.success(), "loader failed: {status:?}");
+    let acked = acked_rows(&log);
+    assert_eq!(acked.iter().collect::<HashSet<_>>().len(), n);
+    wait_or_dump(&node, 60, "all events applied", || {
+        applied_items(&node, users).len() >= n
+    });
+    let applied = applied_items(&node, users);
+    assert!(
+        acked.iter().all(|i| applied.get(i) == Some(&1)),
+        "an acked event missing or applied twice"
+    );
+    assert_eq!(applied.len(), n);
 }

@@ -27,7 +27,7 @@ use crate::user_store::{Rules, UserStore};
 
 /// Records per stream the embedded journal keeps in memory for consumers that follow the
 /// head (a commit group is at most `max_commit_records`).
-pub const TAIL_RECORDS: usize = 32_768;
+pub const TAIL_RECORDS: usize = 8_192;
 
 /// Longest wait of an append for its commit group (callers usually give up sooner).
 pub const APPEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);

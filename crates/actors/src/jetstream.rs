@@ -125,10 +125,31 @@ impl JetStreamConfig {
                 self.max_age.as_secs()
             ));
         }
+        self.servers()?;
         if self.max_in_flight == 0 {
             return Err("max_in_flight must be positive".into());
         }
         Ok(())
+    }
+
+    /// The server addresses of `url` (comma-separated).
+    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, String> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                u.parse::<async_nats::ServerAddr>()
+                    .map_err(|e| format!("server URL {u:?}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|v| {
+                if v.is_empty() {
+                    Err("no server URL".to_string())
+                } else {
+                    Ok(v)
+                }
+            })
     }
 
     /// The subject of a stream (partition or catalog).
@@ -158,14 +179,9 @@ impl JetStreamConfig {
         format!("{}_blobs", self.stream)
     }
 
-    fn head_index(&self, stream: u32) -> Option<usize> {
-        if stream == CATALOG_STREAM {
-            Some(self.partitions as usize)
-        } else if stream < self.partitions {
-            Some(stream as usize)
-        } else {
-            None
-        }
+    /// A partition of this layout or the catalog.
+    fn has_stream(&self, stream: u32) -> bool {
+        stream == CATALOG_STREAM || stream < self.partitions
     }
 }
 
@@ -211,7 +227,7 @@ impl JetStream {
             opts = opts.add_root_certificates(ca.clone());
         }
         let client = opts
-            .connect(config.url.as_str())
+            .connect(config.servers()?)
             .await
             .map_err(|e| unavailable(&format!("cannot connect to {}", config.url), e))?;
         let js = jetstream::ContextBuilder::new()
@@ -339,13 +355,17 @@ pub struct JetStreamLog {
     heads: Arc<Heads>,
     tail: Arc<Tail>,
     follower: Option<tokio::task::JoinHandle<()>>,
+    watchdog: Option<tokio::task::JoinHandle<()>>,
     /// Truncation marks as last read from the server.
     marks: parking_lot::Mutex<rustc_hash::FxHashMap<u32, u64>>,
 }
 
 impl Drop for JetStreamLog {
     fn drop(&mut self) {
-        if let Some(t) = self.follower.take() {
+        for t in [self.follower.take(), self.watchdog.take()]
+            .into_iter()
+            .flatten()
+        {
             t.abort();
         }
     }
@@ -373,6 +393,7 @@ impl JetStreamLog {
             heads,
             tail,
             follower: None,
+            watchdog: None,
             marks: Default::default(),
         };
         let streams: Vec<u32> = (0..log.js.config.partitions)
@@ -391,6 +412,7 @@ impl JetStreamLog {
             seen,
             last + 1,
         )));
+        log.watchdog = Some(tokio::spawn(watch_heads(log.js.clone(), log.heads.clone())));
         Ok(log)
     }
 
@@ -492,6 +514,47 @@ async fn follow(
     }
 }
 
+/// Liveness behind the follower: once a second, asks the server for every stream's last
+/// offset; a head that has stayed behind it for two checks in a row is raised to it
+/// (the tail does not hold those records, so consumers read them from the server), so a
+/// follower that stalls (a consumer lost in a leader election, a slow reconnect) delays
+/// consumers by a few seconds at most and never stops them.
+async fn watch_heads(js: JetStream, heads: Arc<Heads>) {
+    let streams: Vec<u32> = (0..js.config.partitions)
+        .chain(std::iter::once(CATALOG_STREAM))
+        .collect();
+    let mut behind: rustc_hash::FxHashMap<u32, u64> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !js.connected() {
+            continue;
+        }
+        for &s in &streams {
+            let subject = js.config.subject(s);
+            let Ok(m) = js.stream.direct_get_last_for_subject(subject).await else {
+                continue;
+            };
+            let last = m.sequence;
+            if last <= heads.get(s) {
+                behind.remove(&s);
+                continue;
+            }
+            match behind.get(&s) {
+                Some(&seen) if heads.get(s) < seen => {
+                    tracing::warn!(stream = s, head = heads.get(s), last = seen, "log follower behind the server; raising the head (consumers read from the server)");
+                    heads.raise(s, seen);
+                    behind.insert(s, last);
+                }
+                _ => {
+                    behind.insert(s, last);
+                }
+            }
+        }
+    }
+}
+
 fn decode_message(
     config: &JetStreamConfig,
     stream: u32,
@@ -530,7 +593,7 @@ impl Log for JetStreamLog {
         if let Some((i, e)) = entries
             .iter()
             .enumerate()
-            .find(|(_, e)| cfg.head_index(e.stream).is_none())
+            .find(|(_, e)| !cfg.has_stream(e.stream))
         {
             return Err(LogError::Refused(format!(
                 "append refused, nothing was written: entry {}: stream {} is neither a partition (0..{}) nor the catalog",
@@ -603,7 +666,7 @@ impl Log for JetStreamLog {
         limit: usize,
     ) -> Result<ReadAfter, LogError> {
         let cfg = &self.js.config;
-        if cfg.head_index(stream).is_none() {
+        if !cfg.has_stream(stream) {
             return Err(LogError::Refused(format!("no stream {stream}")));
         }
         if let Some(records) = self.tail.read(stream, after, upto, limit) {

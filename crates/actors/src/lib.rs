@@ -2,21 +2,24 @@
 //! and the supervisors that keep them running on one node.
 //!
 //! ```text
-//! HTTP (node crate) --Append--> Journal --(commit: 1 fsync per group)--> ack
-//!      Journal --Committed--> UserFeatures(p) (history, seen, fold-in)   [per partition]
-//!              --Committed--> ItemStats (decayed popularity)   [all partitions, catalog]
-//!              --Committed--> Catalog (catalog stream) --> ContentEncoder (pool)
+//! HTTP (node crate) --append--> Log: Journal (redb, 1 fsync per commit group) or
+//!      JetStream (pipelined publishes) --> ack
+//!      Log: records -> tail, then head moves --> UserFeatures(p) (history, seen, fold-in)
+//!              --> ItemStats (decayed popularity)   [all partitions, catalog]
+//!              --> Catalog (catalog stream) --> ContentEncoder (pool)
 //!      AlsTrainer reads every partition's interaction store, retrains, swaps models
 //!      Ranker: UserFeatures + {ALS, content, popularity} under deadlines and breakers
 //! ```
 //! Every consumer applies by position (offsets may be sparse) through one runtime
 //! ([`consumer`]) and can re-read the journal, so a lost message costs latency, never
 //! data. Edges and what bounds them: appends are bounded by the HTTP layer's write
-//! admission and the commit group size; `Committed` notifications are
-//! bounded by the commit rate (one per stream per commit); encoder batches by a
+//! admission, the commit group size and the publishes in flight; head-moved wake-ups
+//! are coalesced (one pending per consumer); encoder batches by a
 //! semaphore of `workers`; ranker branches by their deadline.
 //!
-//! Modules: [`alloc`] (allocator counts and trim), [`record`] (journal records, hashing), [`store`] (redb), [`journal`],
+//! Modules: [`alloc`] (allocator counts and trim), [`record`] (journal records, hashing), [`store`] (redb),
+//! [`log`] (the Log seam, heads, tail), [`state`] (the StateStore seam, fencing),
+//! [`jetstream`] (the shared backend), [`journal`],
 //! [`features`], [`item_stats`], [`catalog`], [`encoder`], [`trainer`], [`ranker`],
 //! [`breaker`], [`supervisor`], [`consumer`] (the consumer runtime: cursors, poison
 //! records, dedupe, checkpoint cadence), [`codec`] (bounded bincode),
