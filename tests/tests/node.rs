@@ -89,6 +89,46 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     JETSTREAM_TESTS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// `troupe load` of `events` into `node` in batches of `batch`, retrying refused batches
+/// for up to two minutes, logging acked event ids to `log`.
+fn start_loader(
+    node: &Node,
+    events: &std::path::Path,
+    log: &std::path::Path,
+    batch: usize,
+) -> std::process::Child {
+    Command::new(troupe_bin())
+        .args([
+            "load",
+            "--batch",
+            &batch.to_string(),
+            "--retry-for-secs",
+            "120",
+        ])
+        .args(["--url", &node.url(), "--events"])
+        .arg(events)
+        .arg("--acked-log")
+        .arg(log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the node applied `n` events, then checks that each acked one was applied
+/// exactly once (by its unique item) and nothing else was.
+fn assert_each_acked_applied_once(node: &Node, acked: &[String], n: usize, users: usize) {
+    wait_or_dump(node, 60, "all events applied", || {
+        applied_items(node, users).len() >= n
+    });
+    let applied = applied_items(node, users);
+    assert!(
+        acked.iter().all(|i| applied.get(i) == Some(&1)),
+        "an acked event missing or applied twice"
+    );
+    assert_eq!(applied.len(), n);
+}
+
 /// `wait_until` that prints the node's log and `/v1/cluster` before failing.
 fn wait_or_dump(node: &Node, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -126,25 +166,7 @@ fn kill9_during_load(backend: &str, batch: usize) {
     write_events(&events, n, users);
     let mut node = Node::start(dir.path(), &format!("{FAST}{backend}"), &[]);
     let log = dir.path().join("acked.txt");
-    let batch = batch.to_string();
-    let mut loader = Command::new(troupe_bin())
-        .args([
-            "load",
-            "--batch",
-            &batch,
-            "--retry-for-secs",
-            "120",
-            "--url",
-            &node.url(),
-            "--events",
-        ])
-        .arg(&events)
-        .arg("--acked-log")
-        .arg(&log)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut loader = start_loader(&node, &events, &log, batch);
     // Kill at pseudo-random points of the stream (seeded by the clock: a different
     // schedule every run; the seed is printed for replay).
     let seed = Instant::now().elapsed().subsec_nanos() as u64 ^ std::process::id() as u64;
@@ -708,24 +730,7 @@ fn jetstream_server_killed_during_load_refuses_writes_serves_reads_and_loses_not
         &[],
     );
     let log = dir.path().join("acked.txt");
-    let mut loader = Command::new(troupe_bin())
-        .args([
-            "load",
-            "--batch",
-            "100",
-            "--retry-for-secs",
-            "120",
-            "--url",
-            &node.url(),
-            "--events",
-        ])
-        .arg(&events)
-        .arg("--acked-log")
-        .arg(&log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut loader = start_loader(&node, &events, &log, 100);
     wait_until(60, "a third of the load acked", || {
         acked_rows(&log).len() >= n / 3
     });
@@ -764,15 +769,7 @@ fn jetstream_server_killed_during_load_refuses_writes_serves_reads_and_loses_not
     let acked = acked_rows(&log);
     assert!(acked.len() > acked_while_down);
     assert_eq!(acked.iter().collect::<HashSet<_>>().len(), n);
-    wait_until(60, "all events applied", || {
-        applied_items(&node, users).len() >= n
-    });
-    let applied = applied_items(&node, users);
-    assert!(
-        acked.iter().all(|i| applied.get(i) == Some(&1)),
-        "an acked event missing or applied twice"
-    );
-    assert_eq!(applied.len(), n);
+    assert_each_acked_applied_once(&node, &acked, n, users);
     assert_eq!(node.get("/v1/cluster").body["log"]["writable"], true);
 }
 
@@ -798,24 +795,7 @@ fn jetstream_r3_leader_killed_during_load_resumes_and_loses_nothing() {
     let node = Node::start(dir.path(), &config, &[]);
     assert_eq!(node.get("/v1/cluster").body["log"]["replicas"], 3);
     let log = dir.path().join("acked.txt");
-    let mut loader = Command::new(troupe_bin())
-        .args([
-            "load",
-            "--batch",
-            "100",
-            "--retry-for-secs",
-            "120",
-            "--url",
-            &node.url(),
-            "--events",
-        ])
-        .arg(&events)
-        .arg("--acked-log")
-        .arg(&log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut loader = start_loader(&node, &events, &log, 100);
     wait_until(60, "a third of the load acked", || {
         acked_rows(&log).len() >= n / 3
     });
@@ -842,13 +822,5 @@ fn jetstream_r3_leader_killed_during_load_resumes_and_loses_nothing() {
     assert!(status.success(), "loader failed: {status:?}");
     let acked = acked_rows(&log);
     assert_eq!(acked.iter().collect::<HashSet<_>>().len(), n);
-    wait_or_dump(&node, 60, "all events applied", || {
-        applied_items(&node, users).len() >= n
-    });
-    let applied = applied_items(&node, users);
-    assert!(
-        acked.iter().all(|i| applied.get(i) == Some(&1)),
-        "an acked event missing or applied twice"
-    );
-    assert_eq!(applied.len(), n);
+    assert_each_acked_applied_once(&node, &acked, n, users);
 }
