@@ -1252,6 +1252,17 @@ impl Store {
     }
 }
 
+/// Runs a store operation off the async runtime (redb blocks on I/O); a join failure
+/// and a store error both come back as their message.
+pub async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// `[revision u64 LE][value]` -> (value, revision).
 fn split_revision(row: &[u8]) -> Option<(Vec<u8>, u64)> {
     let (rev, value) = row.split_first_chunk::<8>()?;

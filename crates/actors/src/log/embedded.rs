@@ -68,17 +68,10 @@ impl EmbeddedLog {
     }
 }
 
-fn store_error(e: StoreError) -> LogError {
-    LogError::Failed(e.to_string())
-}
-
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, LogError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| LogError::Failed(e.to_string()))?
-        .map_err(store_error)
+    crate::store::off_runtime(f).await.map_err(LogError::Failed)
 }
 
 #[async_trait]

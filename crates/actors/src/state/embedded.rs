@@ -23,10 +23,9 @@ impl EmbeddedState {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StateError> {
-    tokio::task::spawn_blocking(f)
+    crate::store::off_runtime(f)
         .await
-        .map_err(|e| StateError::Failed(e.to_string()))?
-        .map_err(|e| StateError::Failed(e.to_string()))
+        .map_err(StateError::Failed)
 }
 
 #[async_trait]
