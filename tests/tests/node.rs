@@ -824,3 +824,211 @@ fn jetstream_r3_leader_killed_during_load_resumes_and_loses_nothing() {
     assert_eq!(acked.iter().collect::<HashSet<_>>().len(), n);
     assert_each_acked_applied_once(&node, &acked, n, users);
 }
+
+/// `[journal]` of [`FAST`] with retention on (records every checkpoint covers are deleted).
+fn fast_with_retention() -> String {
+    FAST.replace("[journal]\n", "[journal]\nretention = true\n")
+}
+
+/// Number of items the node's catalog holds (`/v1/items/{id}` of `ids`).
+fn items_known(node: &Node, ids: &[String]) -> usize {
+    ids.iter()
+        .filter(|id| node.get(&format!("/v1/items/{id}")).status == 200)
+        .count()
+}
+
+/// Sum of one field over the node's actors whose name starts with `prefix`.
+fn actor_sum(node: &Node, prefix: &str, field: &str) -> u64 {
+    node.get("/v1/cluster").body["actors"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|x| x["name"].as_str().is_some_and(|n| n.starts_with(prefix)))
+                .filter_map(|x| x["state"][field].as_u64())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Moving state without a disk: a node loads events and items into JetStream, checkpoints
+/// them to the shared state store and deletes every record its checkpoints cover
+/// (retention), then dies with its disk. A node started on an empty data dir against the
+/// same stream rebuilds every consumer's state from the shared checkpoints (the records
+/// are gone, so a replay from the start would fail), replays only what came after them,
+/// and has every acked event exactly once.
+#[test]
+fn jetstream_node_on_an_empty_disk_rebuilds_from_shared_checkpoints() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let config = format!("{}{}", fast_with_retention(), jetstream_config(&server));
+    let events = root.path().join("events.csv");
+    let (n, users) = (3_000, 30);
+    write_events(&events, n, users);
+    let mut a = Node::start(&dir_a, &config, &[]);
+    let ids: Vec<String> = (0..40).map(|i| format!("doc{i}")).collect();
+    let items: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"id": id, "text": format!("text of {id}"), "categories": ["c"]}))
+        .collect();
+    assert_eq!(
+        a.post("/v1/items", &Value::Array(items).to_string()).status,
+        200
+    );
+    let log = root.path().join("acked.txt");
+    let status = start_loader(&a, &events, &log, 100).wait().unwrap();
+    assert!(status.success(), "loader failed: {status:?}");
+    let acked = acked_rows(&log);
+    assert_each_acked_applied_once(&a, &acked, n, users);
+    // Every record is covered by a shared checkpoint and deleted from the stream.
+    let truncated = |node: &Node| {
+        node.metrics()
+            .lines()
+            .find(|l| l.starts_with("troupe_log_truncated_records_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0) as usize
+    };
+    wait_or_dump(&a, 60, "every record truncated", || {
+        truncated(&a) >= n + ids.len()
+    });
+    // Events after the last truncation, acked just before the node dies: they are in the
+    // stream and perhaps in no checkpoint.
+    let late: Vec<Value> = (0..50)
+        .map(|i| json!({"event_id": format!("late{i}"), "user": format!("u{}", i % users), "item": format!("late{i}"), "kind": "view"}))
+        .collect();
+    assert_eq!(
+        a.post("/v1/events", &Value::Array(late).to_string()).status,
+        200
+    );
+    a.kill9();
+    drop(a);
+    // A new node, a new empty disk, the same stream.
+    let b = Node::start(&dir_b, &config, &[]);
+    wait_or_dump(&b, 60, "all events applied on the new node", || {
+        applied_items(&b, users).len() >= n + 50
+    });
+    let applied = applied_items(&b, users);
+    assert!(
+        acked.iter().all(|i| applied.get(i) == Some(&1)),
+        "an acked event missing or applied twice on the new node"
+    );
+    assert!((0..50).all(|i| applied.get(&format!("late{i}")) == Some(&1)));
+    assert_eq!(applied.len(), n + 50);
+    assert_eq!(items_known(&b, &ids), ids.len(), "the catalog came back");
+    let replayed = actor_sum(&b, "user_features", "replayed_on_start");
+    assert!(
+        replayed <= 50,
+        "replayed {replayed} events: only those after the checkpoints may be replayed"
+    );
+    let cluster = b.get("/v1/cluster").body;
+    assert_eq!(cluster["state"]["backend"], "jetstream", "{cluster}");
+    assert!(cluster["escalated"].is_null(), "{cluster}");
+    // Popularity (ItemStats) came back too: the most popular item is known.
+    let top = b.get("/v1/recommendations/nobody?k=3");
+    assert_eq!(top.status, 200, "{:?}", top.body);
+    assert!(!top.body["items"].as_array().unwrap().is_empty());
+}
+
+/// Fencing across processes: a second node on the same stream claims every scope; the
+/// first node's next checkpoint write is refused, its consumers stop for good (deposed,
+/// not restarted) and it applies nothing more, while the second applies everything.
+#[test]
+fn jetstream_a_second_owner_fences_the_first_one() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let config = format!("{FAST}{}", jetstream_config(&server));
+    let a = Node::start(&dir_a, &config, &[]);
+    let batch = |tag: &str| {
+        let rows: Vec<Value> = (0..20)
+            .map(|i| json!({"event_id": format!("{tag}{i}"), "user": format!("u{i}"), "item": format!("{tag}{i}"), "kind": "view"}))
+            .collect();
+        Value::Array(rows).to_string()
+    };
+    assert_eq!(a.post("/v1/events", &batch("first")).status, 200);
+    wait_until(30, "the first batch applied", || {
+        applied_items(&a, 20).len() >= 20
+    });
+    let epoch_of = |node: &Node, scope: &str| {
+        node.get("/v1/cluster").body["state"]["claims"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["scope"] == scope)
+            .and_then(|c| c["epoch"].as_u64())
+    };
+    let first_epoch = epoch_of(&a, "user_features-0").expect("a claims its partitions");
+    let b = Node::start(&dir_b, &config, &[]);
+    let b_epoch = epoch_of(&b, "user_features-0").expect("b claims the partition");
+    assert!(b_epoch > first_epoch);
+    // More events through the new owner: the old one follows the stream, applies, and
+    // is refused at its next checkpoint write.
+    assert_eq!(b.post("/v1/events", &batch("second")).status, 200);
+    let deposed = |node: &Node| {
+        node.get("/v1/cluster").body["supervisors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| s["children"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c["deposed"] == true)
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect::<Vec<String>>()
+    };
+    wait_or_dump(&a, 60, "the old owner's partitions deposed", || {
+        (0..4).all(|p| deposed(&a).contains(&format!("user_features-{p}")))
+    });
+    assert!(a
+        .metrics()
+        .lines()
+        .any(|l| l.starts_with("troupe_consumers_deposed_total")
+            && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) >= Some(4.0)));
+    let applied_by_a: Vec<u64> = (0..4)
+        .map(|p| {
+            a.metrics()
+                .lines()
+                .find(|l| {
+                    l.starts_with("troupe_applied_offset{")
+                        && l.contains("consumer=\"user_features\"")
+                        && l.contains(&format!("stream=\"{p}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64
+        })
+        .collect();
+    // Deposed consumers apply nothing more.
+    assert_eq!(b.post("/v1/events", &batch("third")).status, 200);
+    wait_until(30, "the new owner applied everything", || {
+        applied_items(&b, 20).len() >= 60
+    });
+    let applied = applied_items(&b, 20);
+    assert!(applied.values().all(|&c| c == 1), "{applied:?}");
+    let still: Vec<u64> = (0..4)
+        .map(|p| {
+            a.metrics()
+                .lines()
+                .find(|l| {
+                    l.starts_with("troupe_applied_offset{")
+                        && l.contains("consumer=\"user_features\"")
+                        && l.contains(&format!("stream=\"{p}\""))
+                })
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0) as u64
+        })
+        .collect();
+    assert_eq!(still, applied_by_a, "a deposed consumer applied records");
+    // The new owner is not deposed by anything the old one did.
+    let cluster = b.get("/v1/cluster").body;
+    assert!(deposed(&b).is_empty(), "{cluster}");
+}

@@ -21,7 +21,8 @@ use crate::record::{Item, Payload, Record, CATALOG_STREAM};
 use crate::wire::WIRE_VERSION;
 
 pub const CATALOG_CHECKPOINT_FORMAT: u16 = 3;
-const CHECKPOINT_NAME: &str = "catalog";
+/// Where an older build kept the checkpoint in the embedded store's own table.
+const LEGACY_NAME: &str = "catalog";
 
 #[derive(RactorClusterMessage)]
 pub enum CatalogMsg {
@@ -132,9 +133,9 @@ impl CatalogState {
             };
             crate::codec::encode(&cp)?
         };
-        crate::consumer::write_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), bytes).await?;
-        self.rt.checkpointed(&self.ctx);
-        Ok(())
+        self.rt
+            .write_checkpoint(&self.ctx, crate::state::Form::Full, bytes)
+            .await
     }
 }
 
@@ -169,21 +170,22 @@ impl Actor for Catalog {
         myself: ActorRef<CatalogMsg>,
         st: &mut CatalogState,
     ) -> Result<(), ActorProcessingErr> {
-        let cp: Option<Checkpoint> = crate::consumer::load_checkpoint(
-            &st.ctx,
-            CHECKPOINT_NAME.to_string(),
-            CATALOG_CHECKPOINT_FORMAT,
-            vec![CATALOG_STREAM],
-            |_: &Checkpoint| Ok(()),
-        )
-        .await?;
+        let cp: Option<(Checkpoint, _)> = st
+            .rt
+            .load_checkpoint(
+                &st.ctx,
+                LEGACY_NAME,
+                CATALOG_CHECKPOINT_FORMAT,
+                |_: &Checkpoint| Ok(()),
+            )
+            .await?;
         // The view is rebuilt from the checkpoint (a restart must not keep stale entries).
         let items: Vec<(String, String)> = {
             let mut view = st.ctx.catalog.write();
             let placeholders = std::mem::take(&mut view.placeholders);
             *view = Default::default();
             view.placeholders = placeholders;
-            if let Some(cp) = cp {
+            if let Some((cp, _)) = cp {
                 st.rt
                     .restore(cp.cursors.into_owned())
                     .map_err(|e| format!("checkpoint of {}: {e}", names::CATALOG))?;

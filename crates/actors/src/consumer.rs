@@ -35,8 +35,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::ctx::Ctx;
 use crate::faults;
-use crate::record::Record;
-use crate::supervisor::Fatal;
+use crate::record::{Record, CATALOG_STREAM};
+use crate::settings::Settings;
+use crate::state::{Claim, Form, StateError};
+use crate::supervisor::{Deposed, Fatal};
 
 /// Records read from the store per catch-up step.
 pub const CATCH_UP_CHUNK: usize = 4096;
@@ -121,6 +123,165 @@ impl<'de> Deserialize<'de> for RecentKeys {
     }
 }
 
+/// One consumer of the log: its scope (the name its state is kept under in the
+/// [`crate::state::StateStore`], also its actor's registered name), its actor kind, and
+/// the streams it reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerSpec {
+    pub scope: String,
+    pub kind: &'static str,
+    pub streams: Vec<u32>,
+}
+
+/// Every consumer a node runs: the one list that retention, the supervision tree and
+/// `/v1/cluster` read.
+pub fn consumers(settings: &Settings) -> Vec<ConsumerSpec> {
+    let p = settings.partitions;
+    let mut out = vec![
+        ConsumerSpec {
+            scope: crate::names::CATALOG.to_string(),
+            kind: "catalog",
+            streams: vec![CATALOG_STREAM],
+        },
+        ConsumerSpec {
+            scope: crate::names::ITEM_STATS.to_string(),
+            kind: "item_stats",
+            streams: (0..p).chain(std::iter::once(CATALOG_STREAM)).collect(),
+        },
+    ];
+    out.extend((0..p).map(|i| ConsumerSpec {
+        scope: crate::names::user_features(i),
+        kind: "user_features",
+        streams: vec![i],
+    }));
+    out
+}
+
+/// What a node knows about its consumers outside their actors (which a failure drops):
+/// the claim of each scope (kept across restarts of the actor, so the supervisor's
+/// failure hook can count a failure under it) and the record each is applying.
+pub struct Registry {
+    /// This process as an owner of scopes (`node name#pid-start time`).
+    owner: String,
+    entries: parking_lot::Mutex<FxHashMap<String, Entry>>,
+}
+
+#[derive(Default)]
+struct Entry {
+    claim: Option<Arc<tokio::sync::Mutex<Claim>>>,
+    in_flight: Option<(u32, u64)>,
+}
+
+impl Registry {
+    pub fn new(node_name: &str) -> Registry {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        Registry {
+            owner: format!("{node_name}#{}-{started}", std::process::id()),
+            entries: Default::default(),
+        }
+    }
+
+    /// This process's owner name.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The claim of `scope`: the one this process holds, or a new one (raising the
+    /// scope's epoch, so any earlier owner is fenced).
+    pub async fn claim(
+        &self,
+        state: &dyn crate::state::StateStore,
+        scope: &str,
+    ) -> Result<Arc<tokio::sync::Mutex<Claim>>, StateError> {
+        if let Some(c) = self.entries.lock().get(scope).and_then(|e| e.claim.clone()) {
+            return Ok(c);
+        }
+        let mut tries = 0;
+        let claim = loop {
+            match state.claim(scope, &self.owner).await {
+                Ok(c) => break c,
+                // Another claimant raced this one: read again and raise past it.
+                Err(StateError::Conflict { .. }) if tries < 5 => tries += 1,
+                Err(e) => return Err(e),
+            }
+        };
+        tracing::info!(scope, epoch = claim.epoch(), owner = %self.owner, "scope claimed");
+        let claim = Arc::new(tokio::sync::Mutex::new(claim));
+        self.entries
+            .lock()
+            .entry(scope.to_string())
+            .or_default()
+            .claim = Some(claim.clone());
+        Ok(claim)
+    }
+
+    /// Forgets the claim of a scope a newer owner took.
+    pub fn deposed(&self, scope: &str) {
+        if let Some(e) = self.entries.lock().get_mut(scope) {
+            e.claim = None;
+        }
+    }
+
+    /// `(scope, epoch)` of every claim this process holds.
+    pub fn claims(&self) -> Vec<(String, u64)> {
+        let mut out: Vec<(String, u64)> = self
+            .entries
+            .lock()
+            .iter()
+            .filter_map(|(k, e)| {
+                let c = e.claim.as_ref()?.try_lock().ok()?;
+                Some((k.clone(), c.epoch()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    pub fn set_in_flight(&self, consumer: &str, stream: u32, offset: u64) {
+        let mut m = self.entries.lock();
+        match m.get_mut(consumer) {
+            Some(e) => e.in_flight = Some((stream, offset)),
+            None => {
+                m.entry(consumer.to_string()).or_default().in_flight = Some((stream, offset));
+            }
+        }
+    }
+
+    pub fn clear_in_flight(&self, consumer: &str) {
+        if let Some(e) = self.entries.lock().get_mut(consumer) {
+            e.in_flight = None;
+        }
+    }
+
+    /// The record `consumer` was applying when it failed (taken).
+    pub fn take_in_flight(&self, consumer: &str) -> Option<(u32, u64)> {
+        self.entries.lock().get_mut(consumer)?.in_flight.take()
+    }
+
+    pub fn in_flight(&self, consumer: &str) -> Option<(u32, u64)> {
+        self.entries.lock().get(consumer)?.in_flight
+    }
+
+    fn claim_of(&self, consumer: &str) -> Option<Arc<tokio::sync::Mutex<Claim>>> {
+        self.entries.lock().get(consumer)?.claim.clone()
+    }
+}
+
+/// A state error as an actor error: a fenced write deposes the consumer (it stops for
+/// good, see [`Deposed`]); anything else fails it (restart with backoff).
+fn state_failure(ctx: &Ctx, scope: &str, e: StateError) -> ActorProcessingErr {
+    match e {
+        StateError::Fenced { .. } => {
+            ctx.consumers.deposed(scope);
+            ctx.metrics.deposed.inc();
+            Deposed(format!("{scope}: {e}")).into()
+        }
+        e => format!("{scope}: {e}").into(),
+    }
+}
+
 /// Where a consumer stands in one stream.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Cursor {
@@ -162,28 +323,45 @@ pub struct ConsumerRuntime {
     pub since_checkpoint: u64,
     pub last_checkpoint: Instant,
     pub checkpoints: u64,
+    /// This process's claim of the consumer's scope (every state write is fenced by it).
+    claim: Arc<tokio::sync::Mutex<Claim>>,
+    /// A checkpoint an older build wrote in the embedded store's own table, read on start
+    /// and deleted after the first full checkpoint through the state store.
+    legacy: Option<String>,
 }
 
 impl ConsumerRuntime {
-    /// A runtime reading `streams` from their start, with the consumer's durable failure
-    /// counts loaded.
+    /// A runtime reading `streams` from their start: claims the consumer's scope (or
+    /// keeps this process's claim) and loads its durable failure counts.
     pub async fn load(
         ctx: &Arc<Ctx>,
         name: &str,
         kind: &'static str,
         streams: impl IntoIterator<Item = u32>,
     ) -> Result<ConsumerRuntime, ActorProcessingErr> {
-        let store = ctx.store.clone();
-        let n = name.to_string();
-        let failures = tokio::task::spawn_blocking(move || store.failures(&n)).await??;
+        let claim = ctx
+            .consumers
+            .claim(&*ctx.state, name)
+            .await
+            .map_err(|e| state_failure(ctx, name, e))?;
+        let failures: FxHashMap<(u32, u64), u32> = claim
+            .lock()
+            .await
+            .pointer
+            .failures
+            .iter()
+            .map(|&(s, o, n)| ((s, o), n))
+            .collect();
         Ok(ConsumerRuntime {
+            claim,
+            legacy: None,
             name: name.to_string(),
             kind,
             cursors: streams
                 .into_iter()
                 .map(|s| (s, Cursor::default()))
                 .collect(),
-            failures: failures.into_iter().collect(),
+            failures,
             dead_lettered: 0,
             duplicates: 0,
             since_checkpoint: 0,
@@ -311,7 +489,7 @@ impl ConsumerRuntime {
                 }
                 continue;
             }
-            ctx.set_in_flight(&self.name, r.stream, r.offset);
+            ctx.consumers.set_in_flight(&self.name, r.stream, r.offset);
             faults::apply(&ctx.faults, self.kind, &r).await?;
             let Some(cursor) = self.cursors.get_mut(&stream) else {
                 break;
@@ -329,7 +507,7 @@ impl ConsumerRuntime {
         }
         // Cleared only when every record of the step went through: an error above leaves
         // the mark for the supervisor's failure hook.
-        ctx.clear_in_flight(&self.name);
+        ctx.consumers.clear_in_flight(&self.name);
         self.since_checkpoint += n;
         ctx.metrics
             .applied_offset
@@ -356,12 +534,13 @@ impl ConsumerRuntime {
             "attempts": attempts,
             "record": format!("{:?}", r.payload),
         });
-        let store = ctx.store.clone();
-        let (name, s, o) = (self.name.clone(), r.stream, r.offset);
-        tokio::task::spawn_blocking(move || {
-            store.dead_letter(&name, s, o, doc.to_string().as_bytes())
-        })
-        .await??;
+        {
+            let mut claim = self.claim.lock().await;
+            ctx.state
+                .dead_letter(&mut claim, r.stream, r.offset, doc.to_string().into_bytes())
+                .await
+                .map_err(|e| state_failure(ctx, &self.name, e))?;
+        }
         tracing::warn!(consumer = %self.name, stream = r.stream, offset = r.offset, attempts, "record moved to dead letters");
         ctx.metrics.dead_letters.inc();
         self.failures.remove(&(r.stream, r.offset));
@@ -386,15 +565,159 @@ impl ConsumerRuntime {
                 || self.last_checkpoint.elapsed() >= s.checkpoint_interval)
     }
 
-    /// Records a durable checkpoint of the current positions (retention may now delete
-    /// what every consumer has checkpointed past).
-    pub fn checkpointed(&mut self, ctx: &Ctx) {
+    /// Writes a checkpoint of the consumer's state (`bytes`) at its current positions
+    /// through the state store, fenced by its claim. A refused write deposes the
+    /// consumer. After the first full one, a checkpoint of an older build is deleted.
+    pub async fn write_checkpoint(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        form: Form,
+        bytes: Vec<u8>,
+    ) -> Result<(), ActorProcessingErr> {
+        let len = bytes.len();
+        {
+            let mut claim = self.claim.lock().await;
+            ctx.state
+                .checkpoint(&mut claim, form, bytes, self.positions())
+                .await
+                .map_err(|e| state_failure(ctx, &self.name, e))?;
+        }
+        let l = crate::metrics::labels2(
+            "consumer",
+            self.kind,
+            "form",
+            match form {
+                Form::Full => "full",
+                Form::Delta => "delta",
+            },
+        );
+        ctx.metrics
+            .checkpoint_bytes
+            .get_or_create(&l)
+            .inc_by(len as u64);
+        ctx.metrics.checkpoints.get_or_create(&l).inc();
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
         self.checkpoints += 1;
-        for (&s, c) in &self.cursors {
-            ctx.note_checkpoint(&self.name, s, c.applied);
+        if form == Form::Full {
+            if let Some(old) = self.legacy.take() {
+                let store = ctx.store.clone();
+                let r =
+                    tokio::task::spawn_blocking(move || -> Result<(), crate::store::StoreError> {
+                        for name in store.checkpoints_under(&format!("{old}/"))? {
+                            store.delete_checkpoint(&name)?;
+                        }
+                        store.delete_checkpoint(&old)
+                    })
+                    .await?;
+                match r {
+                    Ok(()) => {
+                        tracing::info!(consumer = %self.name, "checkpoint of an older build deleted")
+                    }
+                    Err(e) => {
+                        tracing::warn!(consumer = %self.name, error = %e, "checkpoint of an older build not deleted")
+                    }
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// Reads the consumer's checkpoint: the base decoded as `T` and the deltas after it
+    /// as bytes, in order. Every checkpoint struct starts with its `format: u16`:
+    ///
+    /// - the format this build writes: decoded, then `check` may refuse a shape that does
+    ///   not fit the configuration;
+    /// - an older format: dropped (the state is rebuilt by replaying the log) when the log
+    ///   still holds every record of the consumer's streams; otherwise a [`Fatal`] error,
+    ///   since a rebuild would silently miss what retention deleted;
+    /// - a newer format (written by a newer build): refused.
+    ///
+    /// With the embedded backend, a scope without a checkpoint falls back to one an older
+    /// build kept under `legacy` (and `legacy/…` deltas) in the store's own table.
+    pub async fn load_checkpoint<T, F>(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        legacy: &str,
+        format: u16,
+        check: F,
+    ) -> Result<Option<(T, Vec<Vec<u8>>)>, ActorProcessingErr>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+        F: FnOnce(&T) -> Result<(), String> + Send + 'static,
+    {
+        let name = self.name.clone();
+        let loaded = ctx
+            .state
+            .load(&name)
+            .await
+            .map_err(|e| state_failure(ctx, &name, e))?;
+        let (base, deltas) = match loaded {
+            Some(l) if l.base.is_some() => (l.base.unwrap_or_default(), l.deltas),
+            Some(l) if !l.deltas.is_empty() => {
+                return Err(format!(
+                    "checkpoint of {name}: {} deltas but no full checkpoint",
+                    l.deltas.len()
+                )
+                .into())
+            }
+            _ if ctx.state.backend() == "embedded" => {
+                let store = ctx.store.clone();
+                let old = legacy.to_string();
+                let found =
+                    tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
+                        let Some(base) = store.get_checkpoint(&old)? else {
+                            return Ok(None);
+                        };
+                        let mut deltas = Vec::new();
+                        for n in store.checkpoints_under(&format!("{old}/"))? {
+                            deltas.extend(store.get_checkpoint(&n)?);
+                        }
+                        Ok(Some((base, deltas)))
+                    })
+                    .await??;
+                match found {
+                    Some(f) => {
+                        tracing::info!(consumer = %name, legacy, "reading the checkpoint an older build wrote");
+                        self.legacy = Some(legacy.to_string());
+                        f
+                    }
+                    None => return Ok(None),
+                }
+            }
+            _ => return Ok(None),
+        };
+        let found = checkpoint_format(&base)
+            .map_err(|e| format!("checkpoint of {name} does not decode: {e}"))?;
+        if found < format {
+            for &s in self.cursors.keys() {
+                let cut = ctx
+                    .log
+                    .read(s, 0, 1, 1)
+                    .await
+                    .map_err(|e| format!("checkpoint of {name}: {e}"))?
+                    .truncated;
+                if cut > 0 {
+                    return Err(Fatal(format!("checkpoint of {name} has format {found}, this build reads {format}, and retention deleted stream {s} up to offset {cut}: the state cannot be rebuilt by replay")).into());
+                }
+            }
+            tracing::warn!(consumer = %name, found, expected = format, "checkpoint of an older format dropped; rebuilding by replaying the log");
+            return Ok(None);
+        }
+        if found > format {
+            return Err(format!(
+                "checkpoint of {name} has format {found}, newer than this build's {format}"
+            )
+            .into());
+        }
+        let cp = tokio::task::spawn_blocking(move || -> Result<T, String> {
+            let cp = decode_checkpoint::<T>(&base)
+                .map_err(|e| format!("checkpoint of {name} does not decode: {e}"))?;
+            check(&cp).map_err(|e| format!("checkpoint of {name}: {e}"))?;
+            Ok(cp)
+        })
+        .await??;
+        Ok(Some((cp, deltas)))
     }
 
     /// Counters for `Observe`.
@@ -435,115 +758,63 @@ pub fn follow_heads<M: ractor::Message>(
 }
 
 /// The supervisors' failure hook: counts a failure against the record the failed
-/// consumer was applying, durably and outside the failed actor.
-pub fn count_failure(ctx: &Ctx, child: &str) {
-    let in_flight = ctx.in_flight.lock().remove(child);
+/// consumer was applying, durably (under this process's claim of its scope) and outside
+/// the failed actor.
+pub async fn count_failure(ctx: &Ctx, child: &str) {
     ctx.metrics
         .actor_restarts
         .get_or_create(&crate::metrics::label("actor", child))
         .inc();
-    if let Some((s, o)) = in_flight {
-        match ctx.store.count_failure(child, s, o) {
-            Ok(n) => tracing::warn!(
-                consumer = child,
-                stream = s,
-                offset = o,
-                failures = n,
-                "failure counted against record"
-            ),
-            Err(e) => {
-                tracing::error!(consumer = child, error = %e, "could not count a record failure")
-            }
+    let Some((s, o)) = ctx.consumers.take_in_flight(child) else {
+        return;
+    };
+    let Some(claim) = ctx.consumers.claim_of(child) else {
+        tracing::warn!(
+            consumer = child,
+            stream = s,
+            offset = o,
+            "failure not counted: the scope is not claimed"
+        );
+        return;
+    };
+    let mut claim = claim.lock().await;
+    match ctx.state.count_failure(&mut claim, s, o).await {
+        Ok(n) => tracing::warn!(
+            consumer = child,
+            stream = s,
+            offset = o,
+            failures = n,
+            "failure counted against record"
+        ),
+        Err(e) => {
+            tracing::error!(consumer = child, error = %e, "could not count a record failure")
         }
     }
 }
 
-/// Writes a consumer's checkpoint (state and positions in one value, so one store
-/// write). The state is encoded from borrowed fields (no copy of it), then written off
-/// the async runtime.
-pub async fn save_checkpoint<T>(
-    ctx: &Arc<Ctx>,
-    name: String,
-    cp: &T,
-) -> Result<(), ActorProcessingErr>
-where
-    T: serde::Serialize,
-{
-    let bytes = crate::codec::encode(cp)?;
-    write_checkpoint(ctx, name, bytes).await
-}
-
-/// Writes encoded checkpoint bytes off the async runtime (a full checkpoint).
-pub async fn write_checkpoint(
-    ctx: &Arc<Ctx>,
-    name: String,
-    bytes: Vec<u8>,
-) -> Result<(), ActorProcessingErr> {
-    count_checkpoint(ctx, &name, "full", bytes.len());
-    let store = ctx.store.clone();
-    tokio::task::spawn_blocking(move || store.put_checkpoint(&name, &bytes)).await??;
-    Ok(())
-}
-
-/// Counts a checkpoint write in the metrics, under the consumer kind its name starts with.
-pub fn count_checkpoint(ctx: &Ctx, name: &str, form: &str, bytes: usize) {
-    let kind = name.split('/').next().unwrap_or(name);
-    let l = crate::metrics::labels2("consumer", kind, "form", form);
-    ctx.metrics
-        .checkpoint_bytes
-        .get_or_create(&l)
-        .inc_by(bytes as u64);
-    ctx.metrics.checkpoints.get_or_create(&l).inc();
-}
-
-/// Reads a consumer's checkpoint. Every checkpoint struct starts with its `format: u16`.
-///
-/// - the format this build writes: decoded, then `check` may refuse a shape that does not
-///   fit the configuration;
-/// - an older format: dropped (the state is rebuilt by replaying the journal) when the
-///   journal still holds every record of `streams`; otherwise a [`Fatal`] error, since a
-///   rebuild would silently miss what retention deleted;
-/// - a newer format (written by a newer build): refused.
-pub async fn load_checkpoint<T, F>(
-    ctx: &Arc<Ctx>,
-    name: String,
-    format: u16,
-    streams: Vec<u32>,
-    check: F,
-) -> Result<Option<T>, ActorProcessingErr>
-where
-    T: serde::de::DeserializeOwned + Send + 'static,
-    F: FnOnce(&T) -> Result<(), String> + Send + 'static,
-{
-    let store = ctx.store.clone();
-    tokio::task::spawn_blocking(move || -> Result<Option<T>, ActorProcessingErr> {
-        let Some(bytes) = store.get_checkpoint(&name)? else {
+/// Highest offset of `stream` that every consumer reading it has checkpointed past,
+/// from the consumers' pointers in the state store (`None` while any of them has no
+/// checkpoint): retention deletes nothing a checkpoint still needs.
+pub async fn retainable(ctx: &Ctx, stream: u32) -> Result<Option<u64>, StateError> {
+    let mut low: Option<u64> = None;
+    for c in consumers(&ctx.settings)
+        .into_iter()
+        .filter(|c| c.streams.contains(&stream))
+    {
+        let Some((p, _)) = ctx.state.pointer(&c.scope).await? else {
             return Ok(None);
         };
-        let found = checkpoint_format(&bytes)
-            .map_err(|e| format!("checkpoint {name} does not decode: {e}"))?;
-        if found < format {
-            for s in streams {
-                let cut = store.truncated(s)?;
-                if cut > 0 {
-                    return Err(Fatal(format!("checkpoint {name} has format {found}, this build reads {format}, and retention deleted stream {s} up to offset {cut}: the state cannot be rebuilt by replay")).into());
-                }
-            }
-            tracing::warn!(checkpoint = %name, found, expected = format, "checkpoint of an older format dropped; rebuilding by replaying the journal");
-            return Ok(None);
+        let covered = p
+            .positions
+            .iter()
+            .find(|&&(s, _)| s == stream)
+            .map(|&(_, o)| o);
+        match (p.base.is_some(), covered) {
+            (true, Some(o)) => low = Some(low.map_or(o, |l| l.min(o))),
+            _ => return Ok(None),
         }
-        if found > format {
-            return Err(format!(
-                "checkpoint {name} has format {found}, newer than this build's {format}"
-            )
-            .into());
-        }
-        let cp = decode_checkpoint::<T>(&bytes)
-            .map_err(|e| format!("checkpoint {name} does not decode: {e}"))?;
-        check(&cp).map_err(|e| format!("checkpoint {name}: {e}"))?;
-        Ok(Some(cp))
-    })
-    .await?
+    }
+    Ok(low)
 }
 
 /// The format number every checkpoint starts with.
@@ -695,9 +966,10 @@ mod tests {
                 ..Default::default()
             };
             assert!(rt.catch_up(&ctx, 0, 3, 100, &mut seen).await.is_err());
-            assert_eq!(ctx.in_flight.lock().get("c-0").copied(), Some((0, 2)));
-            count_failure(&ctx, "c-0");
-            assert_eq!(ctx.store.failures("c-0").unwrap(), vec![((0, 2), attempt)]);
+            assert_eq!(ctx.consumers.in_flight("c-0"), Some((0, 2)));
+            count_failure(&ctx, "c-0").await;
+            let (p, _) = ctx.state.pointer("c-0").await.unwrap().unwrap();
+            assert_eq!(p.failures, vec![(0, 2, attempt)]);
         }
         let mut rt = runtime(&ctx).await;
         let mut seen = Seen {
@@ -707,8 +979,13 @@ mod tests {
         rt.catch_up(&ctx, 0, 3, 100, &mut seen).await.unwrap();
         assert_eq!(seen.offsets, vec![1, 3]);
         assert_eq!((rt.dead_lettered, rt.applied(0)), (1, 3));
-        assert_eq!(ctx.store.dead_letters().unwrap().len(), 1);
-        assert!(ctx.in_flight.lock().get("c-0").is_none());
+        assert_eq!(ctx.state.dead_letters().await.unwrap().len(), 1);
+        let (p, _) = ctx.state.pointer("c-0").await.unwrap().unwrap();
+        assert!(
+            p.failures.is_empty(),
+            "the count leaves with the dead letter"
+        );
+        assert!(ctx.consumers.in_flight("c-0").is_none());
     }
 
     #[tokio::test]
@@ -738,6 +1015,76 @@ mod tests {
         let mut seen = Seen::default();
         restored.catch_up(&ctx, 0, 6, 100, &mut seen).await.unwrap();
         assert!(seen.offsets.is_empty(), "{:?}", seen.offsets);
+    }
+
+    #[tokio::test]
+    async fn a_newer_claim_deposes_the_consumer_at_its_next_state_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ctx(dir.path(), |_| {});
+        put(&ctx, &[1, 2], |o| o as u128, |_| 1);
+        let mut rt = runtime(&ctx).await;
+        rt.catch_up(&ctx, 0, 2, 100, &mut Seen::default())
+            .await
+            .unwrap();
+        rt.write_checkpoint(&ctx, Form::Full, b"one".to_vec())
+            .await
+            .unwrap();
+        // A restart in the same process keeps the claim (same epoch).
+        let epoch = ctx.state.pointer("c-0").await.unwrap().unwrap().0.epoch;
+        let again = runtime(&ctx).await;
+        assert_eq!(ctx.consumers.claims(), vec![("c-0".to_string(), epoch)]);
+        drop(again);
+        // Another owner (another process) claims the scope.
+        let other = Registry::new("other");
+        other.claim(&*ctx.state, "c-0").await.unwrap();
+        let err = rt
+            .write_checkpoint(&ctx, Form::Full, b"two".to_vec())
+            .await
+            .unwrap_err();
+        assert!(err.downcast_ref::<Deposed>().is_some(), "{err}");
+        let loaded = ctx.state.load("c-0").await.unwrap().unwrap();
+        assert_eq!(loaded.base.as_deref(), Some(&b"one"[..]));
+        assert_eq!(loaded.pointer.positions, vec![(0, 2)]);
+        assert!(loaded.pointer.owner.starts_with("other#"));
+        assert!(ctx.consumers.claims().is_empty(), "the claim is forgotten");
+    }
+
+    #[tokio::test]
+    async fn retention_follows_the_checkpoints_of_every_consumer_of_a_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ctx(dir.path(), |_| {});
+        let state = &*ctx.state;
+        assert_eq!(retainable(&ctx, 0).await.unwrap(), None);
+        let mut written = Vec::new();
+        for c in consumers(&ctx.settings) {
+            let mut claim = state.claim(&c.scope, "me").await.unwrap();
+            let positions: Vec<(u32, u64)> =
+                c.streams.iter().map(|&s| (s, 10 + s as u64)).collect();
+            if c.scope == crate::names::ITEM_STATS {
+                // Item stats is behind on stream 0.
+                let behind = positions
+                    .iter()
+                    .map(|&(s, o)| (s, if s == 0 { 4 } else { o }))
+                    .collect();
+                state
+                    .checkpoint(&mut claim, Form::Full, vec![1], behind)
+                    .await
+                    .unwrap();
+            } else {
+                state
+                    .checkpoint(&mut claim, Form::Full, vec![1], positions)
+                    .await
+                    .unwrap();
+            }
+            written.push(c.scope);
+        }
+        assert_eq!(written.len(), 4, "catalog, item stats, two partitions");
+        assert_eq!(retainable(&ctx, 0).await.unwrap(), Some(4));
+        assert_eq!(retainable(&ctx, 1).await.unwrap(), Some(11));
+        assert_eq!(
+            retainable(&ctx, CATALOG_STREAM).await.unwrap(),
+            Some(10 + CATALOG_STREAM as u64)
+        );
     }
 
     #[test]

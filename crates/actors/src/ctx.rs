@@ -9,7 +9,6 @@ use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
 use parking_lot::{Mutex, RwLock};
-use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 
 use std::sync::Arc;
@@ -22,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::record::{partition_of, Payload, CATALOG_STREAM};
 use crate::serving::{AlsServing, CatalogView};
 use crate::settings::Settings;
+use crate::state::StateStore;
 use crate::store::Store;
 use crate::user_store::{Rules, UserStore};
 
@@ -89,10 +89,12 @@ pub struct Ctx {
     /// Offset applied by the consumer that serves reads of each stream: UserFeatures of
     /// each partition, then the Catalog. Reads wait on these (read-your-writes).
     pub applied: Vec<watch::Sender<u64>>,
-    /// Record each consumer is applying right now (for poison-record accounting).
-    pub in_flight: Mutex<FxHashMap<String, (u32, u64)>>,
-    /// Offset each consumer's last durable checkpoint covers, per stream (retention).
-    pub checkpointed: Mutex<FxHashMap<(String, u32), u64>>,
+    /// Where the node's state is kept: checkpoints, failure counts, dead letters, model
+    /// snapshots ([`crate::state`]).
+    pub state: Arc<dyn StateStore>,
+    /// This process's claims of its consumers' scopes, and the record each consumer is
+    /// applying right now (for poison-record accounting).
+    pub consumers: crate::consumer::Registry,
     /// The compact interaction store of each partition. Its UserFeatures actor is the
     /// only writer (it replaces the store when it restarts and recovers); the trainer
     /// reads every partition's store for its input.
@@ -117,10 +119,12 @@ impl Ctx {
             JournalRef::Named(crate::names::JOURNAL.to_string()),
             APPEND_TIMEOUT,
         ));
-        Ctx::with_log(settings, store, faults, heads, tail, log)
+        let state: Arc<dyn StateStore> =
+            Arc::new(crate::state::embedded::EmbeddedState::new(store.clone()));
+        Ctx::with_log(settings, store, faults, heads, tail, log, state)
     }
 
-    /// A node on `log`, which raises `heads`.
+    /// A node on `log`, which raises `heads`, keeping its state in `state`.
     pub fn with_log(
         settings: Settings,
         store: Store,
@@ -128,6 +132,7 @@ impl Ctx {
         heads: Arc<Heads>,
         tail: Arc<Tail>,
         log: Arc<dyn Log>,
+        state: Arc<dyn StateStore>,
     ) -> Ctx {
         let p = settings.partitions as usize;
         let head = |_| watch::channel(0u64).0;
@@ -136,8 +141,8 @@ impl Ctx {
             heads,
             tail,
             applied: (0..=p).map(head).collect(),
-            in_flight: Mutex::new(FxHashMap::default()),
-            checkpointed: Mutex::new(FxHashMap::default()),
+            state,
+            consumers: crate::consumer::Registry::new(&settings.node_name),
             user_stores: (0..p).map(|_| RwLock::new(UserStore::default())).collect(),
             catalog: RwLock::new(CatalogView::default()),
             content: RwLock::new(ContentIndex::new(0, String::new())),
@@ -262,52 +267,5 @@ impl Ctx {
         (0..self.settings.partitions)
             .chain(std::iter::once(CATALOG_STREAM))
             .collect()
-    }
-
-    pub fn set_in_flight(&self, consumer: &str, stream: u32, offset: u64) {
-        let mut m = self.in_flight.lock();
-        match m.get_mut(consumer) {
-            Some(v) => *v = (stream, offset),
-            None => {
-                m.insert(consumer.to_string(), (stream, offset));
-            }
-        }
-    }
-
-    /// Records that `consumer`'s durable checkpoint covers `stream` up to `offset`.
-    pub fn note_checkpoint(&self, consumer: &str, stream: u32, offset: u64) {
-        self.checkpointed
-            .lock()
-            .insert((consumer.to_string(), stream), offset);
-    }
-
-    /// Consumers whose checkpoints bound retention of `stream`.
-    pub fn consumers_of(&self, stream: u32) -> Vec<String> {
-        if stream == CATALOG_STREAM {
-            vec![
-                crate::names::CATALOG.to_string(),
-                crate::names::ITEM_STATS.to_string(),
-            ]
-        } else {
-            vec![
-                crate::names::user_features(stream),
-                crate::names::ITEM_STATS.to_string(),
-            ]
-        }
-    }
-
-    /// Highest offset of `stream` every consumer has checkpointed past (None if any
-    /// consumer has no checkpoint in this process yet).
-    pub fn retainable(&self, stream: u32) -> Option<u64> {
-        let cp = self.checkpointed.lock();
-        self.consumers_of(stream)
-            .iter()
-            .map(|c| cp.get(&(c.clone(), stream)).copied())
-            .collect::<Option<Vec<u64>>>()
-            .and_then(|v| v.into_iter().min())
-    }
-
-    pub fn clear_in_flight(&self, consumer: &str) {
-        self.in_flight.lock().remove(consumer);
     }
 }

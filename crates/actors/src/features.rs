@@ -25,6 +25,7 @@ use crate::consumer::{Apply, ConsumerRuntime, Cursors};
 use crate::ctx::Ctx;
 use crate::messages::{CheckpointReply, Observation};
 use crate::record::{Payload, Record};
+use crate::state::Form;
 use crate::user_store::{DeltaWire, StoreWire, UserStore};
 use crate::wire::WIRE_VERSION;
 use crate::wire_payload;
@@ -155,43 +156,44 @@ struct DeltaCheckpoint<'a> {
     delta: DeltaWire,
 }
 
-fn checkpoint_name(p: u32) -> String {
+/// Where an older build kept partition `p`'s checkpoint (and `…/delta/` after it) in the
+/// embedded store's own table.
+fn legacy_name(p: u32) -> String {
     format!("user_features/{p}")
 }
 
-/// Prefix of the names of partition `p`'s deltas; a delta's name ends with its sequence
-/// number, zero-padded so names sort in sequence order.
-fn delta_prefix(p: u32) -> String {
-    format!("user_features/{p}/delta/")
-}
-
-/// Replays the deltas named `parts` (stored after full checkpoint `seq`) onto `store`,
-/// reading one at a time; returns the positions and sequence number of the last one
-/// (`None`: no deltas).
+/// Replays `deltas` (stored after full checkpoint `seq`, in order) onto `store`; returns
+/// the positions and sequence number of the last one (`None`: no deltas).
 fn replay_deltas(
-    kv: &crate::store::Store,
+    name: &str,
     store: &mut UserStore,
-    parts: Vec<String>,
+    deltas: Vec<Vec<u8>>,
     mut seq: u64,
 ) -> Result<Option<(Cursors, u64)>, ActorProcessingErr> {
     let mut last = None;
-    for name in parts {
-        let bytes = kv
-            .get_checkpoint(&name)?
-            .ok_or_else(|| format!("checkpoint {name} vanished while being read"))?;
-        let format = crate::consumer::checkpoint_format(&bytes)
-            .map_err(|e| format!("checkpoint {name} does not decode: {e}"))?;
+    for bytes in deltas {
+        let format = crate::consumer::checkpoint_format(&bytes).map_err(|e| {
+            format!(
+                "checkpoint of {name}: delta {} does not decode: {e}",
+                seq + 1
+            )
+        })?;
         if format != FEATURES_CHECKPOINT_FORMAT {
             return Err(format!(
-                "checkpoint {name} has format {format}, this build reads {FEATURES_CHECKPOINT_FORMAT}"
+                "checkpoint of {name}: delta {} has format {format}, this build reads {FEATURES_CHECKPOINT_FORMAT}",
+                seq + 1
             )
             .into());
         }
-        let d: DeltaCheckpoint = crate::consumer::decode_checkpoint(&bytes)
-            .map_err(|e| format!("checkpoint {name} does not decode: {e}"))?;
+        let d: DeltaCheckpoint = crate::consumer::decode_checkpoint(&bytes).map_err(|e| {
+            format!(
+                "checkpoint of {name}: delta {} does not decode: {e}",
+                seq + 1
+            )
+        })?;
         if d.seq != seq + 1 {
             return Err(format!(
-                "checkpoint {name} has sequence {}, expected {}: a delta is missing",
+                "checkpoint of {name}: a delta has sequence {}, expected {}: a delta is missing",
                 d.seq,
                 seq + 1
             )
@@ -199,7 +201,7 @@ fn replay_deltas(
         }
         store
             .apply_delta(d.delta)
-            .map_err(|e| format!("checkpoint {name}: {e}"))?;
+            .map_err(|e| format!("checkpoint of {name}: {e}"))?;
         seq = d.seq;
         last = Some((d.cursors.into_owned(), seq));
     }
@@ -266,7 +268,6 @@ impl UserFeaturesState {
     /// Writes a checkpoint: a delta of what changed since the previous one, or a full
     /// one replacing every delta (see the module docs for when).
     async fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
-        let p = self.partition;
         let seq = self.seq + 1;
         let (bytes, full) = {
             let mut store = self.data.store().write();
@@ -303,26 +304,13 @@ impl UserFeaturesState {
             out
         };
         let len = bytes.len();
-        let kv = self.ctx.store.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            if full {
-                kv.replace_checkpoint(&checkpoint_name(p), &bytes, &delta_prefix(p))
-            } else {
-                kv.put_checkpoint(&format!("{}{seq:020}", delta_prefix(p)), &bytes)
-            }
-        })
-        .await;
-        if !matches!(written, Ok(Ok(()))) {
+        let form = if full { Form::Full } else { Form::Delta };
+        let written = self.rt.write_checkpoint(&self.ctx, form, bytes).await;
+        if written.is_err() {
             // The changes were marked written: only a full checkpoint is right next.
             self.full_bytes = 0;
         }
-        written??;
-        crate::consumer::count_checkpoint(
-            &self.ctx,
-            &checkpoint_name(p),
-            if full { "full" } else { "delta" },
-            len,
-        );
+        written?;
         self.seq = seq;
         if full {
             (self.full_bytes, self.delta_bytes, self.deltas) = (len, 0, 0);
@@ -330,7 +318,6 @@ impl UserFeaturesState {
             self.delta_bytes += len;
             self.deltas += 1;
         }
-        self.rt.checkpointed(&self.ctx);
         Ok(())
     }
 
@@ -383,52 +370,49 @@ impl Actor for UserFeatures {
         myself: ActorRef<UserFeaturesMsg>,
         st: &mut UserFeaturesState,
     ) -> Result<(), ActorProcessingErr> {
-        let cname = checkpoint_name(st.partition);
-        let cp: Option<StoredCheckpoint> = crate::consumer::load_checkpoint(
-            &st.ctx,
-            cname,
-            FEATURES_CHECKPOINT_FORMAT,
-            vec![st.partition],
-            |_: &StoredCheckpoint| Ok(()),
-        )
-        .await?;
-        let kv = st.ctx.store.clone();
-        let prefix = delta_prefix(st.partition);
-        let parts = tokio::task::spawn_blocking(move || kv.checkpoints_under(&prefix)).await??;
+        let cp: Option<(StoredCheckpoint, Vec<Vec<u8>>)> = st
+            .rt
+            .load_checkpoint(
+                &st.ctx,
+                &legacy_name(st.partition),
+                FEATURES_CHECKPOINT_FORMAT,
+                |_: &StoredCheckpoint| Ok(()),
+            )
+            .await?;
         // A restarted actor starts over: nothing applied before survives but the
         // checkpoints.
         let mut store = UserStore::default();
-        let n_parts = parts.len();
-        if let Some(cp) = cp {
+        if let Some((cp, deltas)) = cp {
             debug_assert_eq!(cp.format, FEATURES_CHECKPOINT_FORMAT);
             st.rt
                 .restore(cp.cursors)
                 .map_err(|e| format!("checkpoint of {}: {e}", st.rt.name))?;
-            store = UserStore::from_wire(cp.store)
-                .map_err(|e| format!("checkpoint of {}: {e}", st.rt.name))?;
             let seq = cp.seq;
-            let kv = st.ctx.store.clone();
+            let n_deltas = deltas.len() as u64;
+            let name = st.rt.name.clone();
             let (back, last) = tokio::task::spawn_blocking(move || {
-                let last = replay_deltas(&kv, &mut store, parts, seq);
-                (store, last)
+                let store = UserStore::from_wire(cp.store);
+                match store {
+                    Ok(mut store) => {
+                        let last = replay_deltas(&name, &mut store, deltas, seq);
+                        (store, last)
+                    }
+                    Err(e) => (
+                        UserStore::default(),
+                        Err(format!("checkpoint of {name}: {e}").into()),
+                    ),
+                }
             })
             .await?;
             store = back;
             st.seq = seq;
-            st.deltas_on_start = n_parts as u64;
+            st.deltas_on_start = n_deltas;
             if let Some((cursors, last)) = last? {
                 st.rt
                     .restore(cursors)
                     .map_err(|e| format!("checkpoint of {}: {e}", st.rt.name))?;
                 st.seq = last;
             }
-        } else if !parts.is_empty() {
-            return Err(format!(
-                "checkpoint of {}: {} deltas but no full checkpoint",
-                st.rt.name,
-                parts.len()
-            )
-            .into());
         }
         *st.data.store().write() = store;
         let before = st.rt.applied(st.partition);

@@ -21,7 +21,8 @@ use crate::wire::WIRE_VERSION;
 use crate::wire_payload;
 
 pub const ITEM_STATS_CHECKPOINT_FORMAT: u16 = 3;
-const CHECKPOINT_NAME: &str = "item_stats";
+/// Where an older build kept the checkpoint in the embedded store's own table.
+const LEGACY_NAME: &str = "item_stats";
 
 /// Request for the most popular items.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -149,9 +150,10 @@ impl ItemStatsState {
             popularity: Cow::Borrowed(&self.data.popularity),
             latest_ts_ms: self.data.latest_ts_ms,
         };
-        crate::consumer::save_checkpoint(&self.ctx, CHECKPOINT_NAME.to_string(), &cp).await?;
-        self.rt.checkpointed(&self.ctx);
-        Ok(())
+        let bytes = crate::codec::encode(&cp)?;
+        self.rt
+            .write_checkpoint(&self.ctx, crate::state::Form::Full, bytes)
+            .await
     }
 
     fn top(&self, req: &TopRequest) -> TopReply {
@@ -203,15 +205,16 @@ impl Actor for ItemStats {
         st: &mut ItemStatsState,
     ) -> Result<(), ActorProcessingErr> {
         let p = st.ctx.settings.partitions;
-        let cp: Option<Checkpoint> = crate::consumer::load_checkpoint(
-            &st.ctx,
-            CHECKPOINT_NAME.to_string(),
-            ITEM_STATS_CHECKPOINT_FORMAT,
-            st.ctx.streams(),
-            move |cp: &Checkpoint| crate::consumer::check_partitions(&cp.cursors, p),
-        )
-        .await?;
-        if let Some(cp) = cp {
+        let cp: Option<(Checkpoint, _)> = st
+            .rt
+            .load_checkpoint(
+                &st.ctx,
+                LEGACY_NAME,
+                ITEM_STATS_CHECKPOINT_FORMAT,
+                move |cp: &Checkpoint| crate::consumer::check_partitions(&cp.cursors, p),
+            )
+            .await?;
+        if let Some((cp, _)) = cp {
             st.rt
                 .restore(cp.cursors.into_owned())
                 .map_err(|e| format!("checkpoint of {}: {e}", names::ITEM_STATS))?;

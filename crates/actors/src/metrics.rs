@@ -30,6 +30,8 @@ pub struct Metrics {
     pub applied_offset: Family<Labels, Gauge>,
     pub actor_restarts: Family<Labels, Counter>,
     pub dead_letters: Counter,
+    /// Consumers stopped because a newer owner claimed their scope.
+    pub deposed: Counter,
     pub recommend_seconds: Histogram,
     pub recommendations: Family<Labels, Counter>,
     pub candidate_cache: Family<Labels, Counter>,
@@ -73,6 +75,7 @@ impl Metrics {
             applied_offset: Family::default(),
             actor_restarts: Family::default(),
             dead_letters: Counter::default(),
+            deposed: Counter::default(),
             checkpoint_bytes: Family::default(),
             checkpoints: Family::default(),
             recommend_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 14)),
@@ -161,6 +164,11 @@ impl Metrics {
                 "dead_letters",
                 "Records moved to the dead letters",
                 m.dead_letters.clone(),
+            );
+            r.register(
+                "consumers_deposed",
+                "Consumers stopped because a newer owner claimed their scope (fenced writes)",
+                m.deposed.clone(),
             );
             r.register(
                 "recommend_seconds",

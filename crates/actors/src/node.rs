@@ -120,7 +120,7 @@ fn children(ctx: &Arc<Ctx>, encoder: Arc<dyn TextEncoder>, encoder_name: String)
             Supervisor,
             SupervisorArgs {
                 children: partitions.clone(),
-                on_failure: Some(Arc::new(move |n: &str| consumer::count_failure(&c2, n))),
+                on_failure: Some(failure_counter(&c2)),
                 on_escalate: None,
             },
         )
@@ -138,6 +138,15 @@ fn children(ctx: &Arc<Ctx>, encoder: Arc<dyn TextEncoder>, encoder_name: String)
     all
 }
 
+/// The supervisors' failure hook ([`consumer::count_failure`]).
+fn failure_counter(ctx: &Arc<Ctx>) -> crate::supervisor::FailureCounter {
+    let ctx = ctx.clone();
+    Arc::new(move |child: String| {
+        let ctx = ctx.clone();
+        Box::pin(async move { consumer::count_failure(&ctx, &child).await })
+    })
+}
+
 /// Starts the node's supervision tree. Recovery (checkpoints, replay, model load) runs
 /// inside the actors; `ctx.health.ready()` turns true when it is done.
 pub async fn start(
@@ -149,7 +158,7 @@ pub async fn start(
     let c2 = ctx.clone();
     let args = SupervisorArgs {
         children: children(&ctx, encoder, encoder_name),
-        on_failure: Some(Arc::new(move |n: &str| consumer::count_failure(&c, n))),
+        on_failure: Some(failure_counter(&c)),
         on_escalate: Some(Arc::new(move |reason: &str| {
             c2.health.escalate(reason.to_string())
         })),
@@ -191,8 +200,13 @@ async fn retain(ctx: Arc<Ctx>) {
     loop {
         tick.tick().await;
         for s in ctx.streams() {
-            let Some(covered) = ctx.retainable(s) else {
-                continue;
+            let covered = match consumer::retainable(&ctx, s).await {
+                Ok(Some(c)) => c,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(stream = s, error = %e, "retention postponed");
+                    continue;
+                }
             };
             match ctx.log.truncate(s, covered.saturating_add(1)).await {
                 Ok(0) => {}

@@ -40,6 +40,20 @@ impl std::fmt::Display for Fatal {
 
 impl std::error::Error for Fatal {}
 
+/// A child whose scope a newer owner claimed (its state writes are fenced): restarting it
+/// would only be refused again, and escalating would take down what this node still
+/// owns, so the supervisor leaves it stopped and shows it as deposed.
+#[derive(Debug)]
+pub struct Deposed(pub String);
+
+impl std::fmt::Display for Deposed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "deposed: {}", self.0)
+    }
+}
+
+impl std::error::Error for Deposed {}
+
 /// Starts (or restarts) one child linked to the given supervisor.
 pub type StartFn = Arc<
     dyn Fn(ActorCell) -> Pin<Box<dyn Future<Output = Result<ActorCell, SpawnErr>> + Send>>
@@ -47,9 +61,13 @@ pub type StartFn = Arc<
         + Sync,
 >;
 
-/// Called with a child's name when it failed (before the restart is scheduled), or with
-/// the reason when a supervisor escalates.
+/// Called with the reason when a supervisor escalates.
 pub type FailureHook = Arc<dyn Fn(&str) + Send + Sync>;
+
+/// Called with a child's name when it failed, and awaited before the restart is
+/// scheduled (it counts the failure durably, so the next incarnation sees the count).
+pub type FailureCounter =
+    Arc<dyn Fn(String) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// A supervised child.
 #[derive(Clone)]
@@ -87,7 +105,7 @@ impl ChildSpec {
 /// Supervisor arguments.
 pub struct SupervisorArgs {
     pub children: Vec<ChildSpec>,
-    pub on_failure: Option<FailureHook>,
+    pub on_failure: Option<FailureCounter>,
     /// Called when this supervisor escalates (the root uses it to mark the node unhealthy).
     pub on_escalate: Option<FailureHook>,
 }
@@ -117,6 +135,8 @@ pub struct ChildSnapshot {
     /// Incarnation number (1 for the first start).
     pub generation: u64,
     pub last_failure: Option<String>,
+    /// Stopped for good: a newer owner claimed its scope ([`Deposed`]).
+    pub deposed: bool,
 }
 
 struct Child {
@@ -126,11 +146,12 @@ struct Child {
     restarts: u64,
     generation: u64,
     last_failure: Option<String>,
+    deposed: bool,
 }
 
 pub struct SupervisorState {
     children: Vec<Child>,
-    on_failure: Option<FailureHook>,
+    on_failure: Option<FailureCounter>,
     on_escalate: Option<FailureHook>,
     stopping: bool,
 }
@@ -148,13 +169,14 @@ pub fn backoff(policy: &RestartPolicy, n: u32) -> Duration {
 }
 
 impl Supervisor {
-    fn child_failed(
+    async fn child_failed(
         &self,
         myself: &ActorRef<SupervisorMsg>,
         state: &mut SupervisorState,
         cell: &ActorCell,
         why: String,
         fatal: bool,
+        deposed: bool,
     ) {
         if state.stopping {
             return;
@@ -168,7 +190,14 @@ impl Supervisor {
         };
         state.children[idx].cell = None;
         if let Some(h) = &state.on_failure {
-            h(&state.children[idx].spec.name);
+            h(state.children[idx].spec.name.clone()).await;
+        }
+        if deposed {
+            let child = &mut state.children[idx];
+            tracing::warn!(child = %child.spec.name, reason = %why, "child deposed: left stopped");
+            child.last_failure = Some(why);
+            child.deposed = true;
+            return;
         }
         Self::child_down(myself, state, idx, why, fatal);
     }
@@ -241,6 +270,7 @@ impl Actor for Supervisor {
                 restarts: 0,
                 generation: 1,
                 last_failure: None,
+                deposed: false,
             });
         }
         Ok(SupervisorState {
@@ -290,6 +320,7 @@ impl Actor for Supervisor {
                             restarts: c.restarts,
                             generation: c.generation,
                             last_failure: c.last_failure.clone(),
+                            deposed: c.deposed,
                         })
                         .collect(),
                 };
@@ -323,14 +354,17 @@ impl Actor for Supervisor {
         match event {
             SupervisionEvent::ActorFailed(cell, err) => {
                 let fatal = err.downcast_ref::<Fatal>().is_some();
-                self.child_failed(&myself, state, &cell, err.to_string(), fatal);
+                let deposed = err.downcast_ref::<Deposed>().is_some();
+                self.child_failed(&myself, state, &cell, err.to_string(), fatal, deposed)
+                    .await;
             }
             SupervisionEvent::ActorTerminated(cell, _, reason) => {
                 // A child never stops on its own: an unexpected stop is a failure.
                 let why = reason.unwrap_or_else(|| "stopped".into());
                 // A child that escalated fatally stopped its own subtree: pass it on.
                 let fatal = why.contains(FATAL_MARK);
-                self.child_failed(&myself, state, &cell, why, fatal);
+                self.child_failed(&myself, state, &cell, why, fatal, false)
+                    .await;
             }
             _ => {}
         }

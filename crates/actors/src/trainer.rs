@@ -32,6 +32,59 @@ use crate::wire_payload;
 /// Name of the checkpoint older builds kept (a second copy of every interaction); it is
 /// deleted at start.
 const OLD_CHECKPOINT_NAME: &str = "als_trainer";
+/// Model snapshots are blobs named by version (zero-padded, so names sort by version) in
+/// the state store.
+const MODEL_PREFIX: &str = "models/als/";
+
+fn model_blob(version: u64) -> String {
+    format!("{MODEL_PREFIX}{version:020}")
+}
+
+/// Stored model versions, oldest first (with the embedded backend, also those an older
+/// build kept in the store's own table).
+async fn model_versions(ctx: &Ctx) -> Result<Vec<u64>, ActorProcessingErr> {
+    let mut out: Vec<u64> = ctx
+        .state
+        .blob_names(MODEL_PREFIX)
+        .await?
+        .iter()
+        .filter_map(|n| n.strip_prefix(MODEL_PREFIX)?.parse().ok())
+        .collect();
+    if ctx.state.backend() == "embedded" {
+        let store = ctx.store.clone();
+        out.extend(tokio::task::spawn_blocking(move || store.model_versions()).await??);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Stores a model snapshot (a blob under a new name: readers see it whole or not at all)
+/// and deletes all but the newest `keep` versions.
+async fn put_model(
+    ctx: &Ctx,
+    version: u64,
+    bytes: Vec<u8>,
+    keep: usize,
+) -> Result<(), ActorProcessingErr> {
+    ctx.state.put_blob(&model_blob(version), bytes).await?;
+    let versions = model_versions(ctx).await?;
+    let drop = versions.len().saturating_sub(keep.max(1));
+    for &v in &versions[..drop] {
+        delete_model(ctx, v).await?;
+    }
+    Ok(())
+}
+
+async fn delete_model(ctx: &Ctx, version: u64) -> Result<(), ActorProcessingErr> {
+    ctx.state.delete_blob(&model_blob(version)).await?;
+    if ctx.state.backend() == "embedded" {
+        let store = ctx.store.clone();
+        tokio::task::spawn_blocking(move || store.delete_model(version)).await??;
+    }
+    Ok(())
+}
+
 /// How long a requested retrain waits for the feature stores to apply what was acked
 /// before the request.
 const RETRAIN_FRESHNESS_WAIT: Duration = Duration::from_secs(60);
@@ -368,15 +421,10 @@ impl AlsTrainerState {
         };
         if let Some(model) = model {
             let snap = model.to_snapshot();
-            let store = self.ctx.store.clone();
             let keep = self.ctx.settings.als.keep_versions;
             let v = model.version;
-            let r = tokio::task::spawn_blocking(move || -> Result<(), ActorProcessingErr> {
-                let bytes = crate::codec::encode(&snap)?;
-                store.put_model(v, &bytes, keep)?;
-                Ok(())
-            })
-            .await?;
+            let bytes = tokio::task::spawn_blocking(move || crate::codec::encode(&snap)).await??;
+            let r = put_model(&self.ctx, v, bytes, keep).await;
             match r {
                 Ok(()) => {
                     self.ctx.als.store(Some(Arc::new(model)));
@@ -422,13 +470,22 @@ impl AlsTrainerState {
 }
 
 /// Loads a stored model version.
-fn load_model(ctx: &Ctx, version: u64) -> Result<Option<AlsServing>, ActorProcessingErr> {
-    let Some(bytes) = ctx.store.get_model(version)? else {
+async fn load_model(ctx: &Ctx, version: u64) -> Result<Option<AlsServing>, ActorProcessingErr> {
+    let mut bytes = ctx.state.get_blob(&model_blob(version)).await?;
+    if bytes.is_none() && ctx.state.backend() == "embedded" {
+        let store = ctx.store.clone();
+        bytes = tokio::task::spawn_blocking(move || store.get_model(version)).await??;
+    }
+    let Some(bytes) = bytes else {
         return Ok(None);
     };
-    let snap: AlsSnapshot = crate::codec::decode(&bytes)
-        .map_err(|e| format!("model snapshot {version} does not decode: {e}"))?;
-    Ok(Some(AlsServing::from_snapshot(snap)?))
+    let m = tokio::task::spawn_blocking(move || -> Result<AlsServing, ActorProcessingErr> {
+        let snap: AlsSnapshot = crate::codec::decode(&bytes)
+            .map_err(|e| format!("model snapshot {version} does not decode: {e}"))?;
+        Ok(AlsServing::from_snapshot(snap)?)
+    })
+    .await??;
+    Ok(Some(m))
 }
 
 impl Actor for AlsTrainer {
@@ -464,20 +521,19 @@ impl Actor for AlsTrainer {
         st: &mut AlsTrainerState,
     ) -> Result<(), ActorProcessingErr> {
         let ctx = st.ctx.clone();
-        let loaded = tokio::task::spawn_blocking(move || -> Result<_, ActorProcessingErr> {
+        tokio::task::spawn_blocking(move || -> Result<_, ActorProcessingErr> {
             if ctx.store.get_checkpoint(OLD_CHECKPOINT_NAME)?.is_some() {
                 ctx.store.delete_checkpoint(OLD_CHECKPOINT_NAME)?;
                 tracing::info!("deleted the trainer checkpoint of an older build (the trainer now reads the partition stores)");
             }
-            let versions = ctx.store.model_versions()?;
-            let model = match versions.last() {
-                Some(&v) => load_model(&ctx, v)?,
-                None => None,
-            };
-            Ok((model, versions))
+            Ok(())
         })
         .await??;
-        let (model, versions) = loaded;
+        let versions = model_versions(&st.ctx).await?;
+        let model = match versions.last() {
+            Some(&v) => load_model(&st.ctx, v).await?,
+            None => None,
+        };
         st.next_version = versions.last().map_or(1, |v| v + 1);
         if let Some(m) = model {
             tracing::info!(
@@ -539,23 +595,23 @@ impl Actor for AlsTrainer {
             AlsTrainerMsg::Rollback(port) => {
                 let ctx = st.ctx.clone();
                 let current = ctx.als.load().as_ref().map(|m| m.version);
-                let r = tokio::task::spawn_blocking(
-                    move || -> Result<AlsServing, ActorProcessingErr> {
-                        let versions = ctx.store.model_versions()?;
-                        let cur = current.ok_or("no model is being served")?;
-                        let prev = versions
-                            .iter()
-                            .rev()
-                            .copied()
-                            .find(|&v| v < cur)
-                            .ok_or("no older model version is stored")?;
-                        let m = load_model(&ctx, prev)?.ok_or("older model vanished")?;
-                        // The rolled-back version is deleted so a restart serves the older one.
-                        ctx.store.delete_model(cur)?;
-                        Ok(m)
-                    },
-                )
-                .await?;
+                let r = async {
+                    let versions = model_versions(&ctx).await?;
+                    let cur = current.ok_or("no model is being served")?;
+                    let prev = versions
+                        .iter()
+                        .rev()
+                        .copied()
+                        .find(|&v| v < cur)
+                        .ok_or("no older model version is stored")?;
+                    let m = load_model(&ctx, prev)
+                        .await?
+                        .ok_or("older model vanished")?;
+                    // The rolled-back version is deleted so a restart serves the older one.
+                    delete_model(&ctx, cur).await?;
+                    Ok::<AlsServing, ActorProcessingErr>(m)
+                }
+                .await;
                 let reply = match r {
                     Ok(m) => {
                         let v = m.version;

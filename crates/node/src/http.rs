@@ -1387,6 +1387,11 @@ async fn cluster(State(st): State<AppState>, _a: Admitted<Ops>, q: RawQuery) -> 
         "recovering": h.recovering(),
         "escalated": h.escalated(),
         "log": st.ctx.log.describe(),
+        "state": {
+            "backend": st.ctx.state.backend(),
+            "owner": st.ctx.consumers.owner(),
+            "claims": st.ctx.consumers.claims().into_iter().map(|(scope, epoch)| json!({"scope": scope, "epoch": epoch})).collect::<Vec<_>>(),
+        },
         "journal_heads": streams(&|s| st.ctx.head(s)),
         "applied": streams(&|s| st.ctx.applied(s)),
         "als_model_version": st.ctx.als.load().as_ref().map(|m| m.version),
@@ -1399,11 +1404,24 @@ async fn cluster(State(st): State<AppState>, _a: Admitted<Ops>, q: RawQuery) -> 
 
 async fn dead_letters(State(st): State<AppState>, _a: Admitted<Writes>, q: RawQuery) -> ApiResult {
     Params::none(q.0)?;
-    let store = st.ctx.store.clone();
-    let docs = tokio::task::spawn_blocking(move || store.dead_letters())
+    let mut docs: Vec<Vec<u8>> = st
+        .ctx
+        .state
+        .dead_letters()
         .await
         .map_err(|e| ApiError::unavailable(e.to_string()))?
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        .into_iter()
+        .map(|d| d.doc)
+        .collect();
+    if st.ctx.state.backend() == "embedded" {
+        // Dead letters an older build kept in the store's own table.
+        let store = st.ctx.store.clone();
+        let old = tokio::task::spawn_blocking(move || store.dead_letters())
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        docs.splice(0..0, old);
+    }
     let docs: Vec<Value> = docs
         .iter()
         .filter_map(|d| serde_json::from_slice(d).ok())

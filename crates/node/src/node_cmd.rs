@@ -95,6 +95,7 @@ async fn jetstream_ctx(cfg: &Config, store: Store) -> anyhow::Result<Ctx> {
         heads,
         tail,
         log,
+        Arc::new(state),
     ))
 }
 
