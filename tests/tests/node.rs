@@ -757,10 +757,14 @@ fn jetstream_server_killed_during_load_refuses_writes_serves_reads_and_loses_not
     let cluster = node.get("/v1/cluster").body;
     assert_eq!(cluster["log"]["writable"], false, "{}", cluster["log"]);
     assert!(node.metrics().contains("troupe_log_writable 0"));
-    // Reads: served from what the node holds; still ready.
+    // Reads: served from what the node holds, flagged stale (the node cannot know it is
+    // current); still ready.
     let user = node.get("/v1/users/u1");
     assert_eq!(user.status, 200, "{:?}", user.body);
-    assert_eq!(node.get("/v1/recommendations/u1?k=3").status, 200);
+    assert_eq!(user.body["stale"], true, "{:?}", user.body);
+    let recs = node.get("/v1/recommendations/u1?k=3");
+    assert_eq!(recs.status, 200);
+    assert_eq!(recs.body["stale"], true, "{:?}", recs.body);
     assert_eq!(node.get("/readyz").status, 200);
     let acked_while_down = acked_rows(&log).len();
     server.spawn();

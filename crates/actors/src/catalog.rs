@@ -12,12 +12,13 @@ use ractor_cluster_derive::RactorClusterMessage;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
-use crate::consumer::{Apply, ConsumerRuntime, Cursors};
+use crate::consumer::{Apply, Consumer, ConsumerRuntime, Cursors};
 use crate::ctx::Ctx;
 use crate::encoder::ContentEncoderMsg;
 use crate::messages::{CheckpointReply, ItemIds, ItemTexts, Observation};
 use crate::names;
 use crate::record::{Item, Payload, Record, CATALOG_STREAM};
+use crate::state::Form;
 use crate::wire::WIRE_VERSION;
 
 pub const CATALOG_CHECKPOINT_FORMAT: u16 = 3;
@@ -97,45 +98,33 @@ impl Apply for Items {
     }
 }
 
-impl CatalogState {
-    /// After records were applied: drop embeddings of deleted items, ask for new ones,
-    /// publish the position (waking reads that wait for it), checkpoint when due.
-    async fn after_apply(&mut self) -> Result<(), ActorProcessingErr> {
+impl Consumer for Items {
+    /// Drops embeddings of deleted items, asks for new ones, publishes the position
+    /// (waking reads that wait for it).
+    fn stepped(&mut self, rt: &ConsumerRuntime) {
         let ctx = &self.ctx;
         // Lock order is content before catalog (the ranker's): never nest them here.
-        if !self.data.removed.is_empty() {
+        if !self.removed.is_empty() {
             let mut content = ctx.content.write();
-            self.data
-                .removed
-                .drain(..)
-                .for_each(|id| content.remove(&id));
+            self.removed.drain(..).for_each(|id| content.remove(&id));
         }
-        send_encode(std::mem::take(&mut self.data.encode));
-        let applied = self.rt.applied(CATALOG_STREAM);
+        send_encode(std::mem::take(&mut self.encode));
+        let applied = rt.applied(CATALOG_STREAM);
         if ctx.catalog.read().applied != applied {
             ctx.catalog.write().applied = applied;
         }
         ctx.publish_applied(CATALOG_STREAM, applied);
-        if self.rt.checkpoint_due(ctx) {
-            self.checkpoint().await?;
-        }
-        Ok(())
     }
 
-    async fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
-        let bytes = {
-            let view = self.ctx.catalog.read();
-            let cp = Checkpoint {
-                format: CATALOG_CHECKPOINT_FORMAT,
-                cursors: Cow::Borrowed(&self.rt.cursors),
-                items: Cow::Borrowed(&view.items),
-                deleted: Cow::Borrowed(&view.deleted),
-            };
-            crate::codec::encode(&cp)?
+    fn snapshot(&mut self, rt: &ConsumerRuntime) -> Result<(Form, Vec<u8>), ActorProcessingErr> {
+        let view = self.ctx.catalog.read();
+        let cp = Checkpoint {
+            format: CATALOG_CHECKPOINT_FORMAT,
+            cursors: Cow::Borrowed(&rt.cursors),
+            items: Cow::Borrowed(&view.items),
+            deleted: Cow::Borrowed(&view.deleted),
         };
-        self.rt
-            .write_checkpoint(&self.ctx, crate::state::Form::Full, bytes)
-            .await
+        Ok((Form::Full, crate::codec::encode(&cp)?))
     }
 }
 
@@ -198,8 +187,7 @@ impl Actor for Catalog {
                 .collect()
         };
         send_encode(items);
-        st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
-        st.after_apply().await?;
+        st.rt.step(&st.ctx, &mut st.data).await?;
         st.ctx.health.end_recovery(names::CATALOG);
         st.wake = crate::consumer::follow_heads(&st.ctx, [CATALOG_STREAM], myself.clone(), || {
             CatalogMsg::HeadMoved
@@ -217,10 +205,7 @@ impl Actor for Catalog {
         match msg {
             CatalogMsg::HeadMoved | CatalogMsg::Tick => {
                 st.wake.store(false, std::sync::atomic::Ordering::Release);
-                if st.ctx.head(CATALOG_STREAM) > st.rt.applied(CATALOG_STREAM) {
-                    st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
-                }
-                st.after_apply().await?;
+                st.rt.step(&st.ctx, &mut st.data).await?;
             }
             CatalogMsg::Placeholders(ids) => {
                 let mut view = st.ctx.catalog.write();
@@ -231,7 +216,7 @@ impl Actor for Catalog {
                 }
             }
             CatalogMsg::Checkpoint(port) => {
-                let r = st.checkpoint().await;
+                let r = st.rt.checkpoint(&st.ctx, &mut st.data).await;
                 port.send(CheckpointReply::new(st.rt.positions(), r))
                     .discard();
             }

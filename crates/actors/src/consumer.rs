@@ -299,6 +299,18 @@ pub trait Apply: Send {
     fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr>;
 }
 
+/// What a consumer supplies besides applying records: what to do after a step's records
+/// were applied, and how to snapshot its state for a checkpoint. The runtime does the
+/// rest ([`ConsumerRuntime::step`], [`ConsumerRuntime::checkpoint`]).
+pub trait Consumer: Apply {
+    /// After a step (records applied or not): publish positions, side effects.
+    fn stepped(&mut self, _rt: &ConsumerRuntime) {}
+    /// The state as checkpoint bytes at `rt`'s positions, and its form.
+    fn snapshot(&mut self, rt: &ConsumerRuntime) -> Result<(Form, Vec<u8>), ActorProcessingErr>;
+    /// Whether the checkpoint of `bytes` bytes in `form` was written.
+    fn checkpointed(&mut self, _form: Form, _bytes: usize, _written: bool) {}
+}
+
 /// The outcome of one catch-up step.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Step {
@@ -456,6 +468,40 @@ impl ConsumerRuntime {
             }
         }
         Ok(n)
+    }
+
+    /// One step of a running consumer (on a head move or a tick): catches up every
+    /// stream that is behind its head, lets the consumer publish, and checkpoints when
+    /// the cadence asks for one.
+    pub async fn step<C: Consumer>(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        consumer: &mut C,
+    ) -> Result<u64, ActorProcessingErr> {
+        let behind = self.cursors.iter().any(|(&s, c)| ctx.head(s) > c.applied);
+        let n = if behind {
+            self.catch_up_all(ctx, consumer).await?
+        } else {
+            0
+        };
+        consumer.stepped(self);
+        if self.checkpoint_due(ctx) {
+            self.checkpoint(ctx, consumer).await?;
+        }
+        Ok(n)
+    }
+
+    /// Writes a checkpoint of `consumer` now.
+    pub async fn checkpoint<C: Consumer>(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        consumer: &mut C,
+    ) -> Result<(), ActorProcessingErr> {
+        let (form, bytes) = consumer.snapshot(self)?;
+        let len = bytes.len();
+        let r = self.write_checkpoint(ctx, form, bytes).await;
+        consumer.checkpointed(form, len, r.is_ok());
+        r
     }
 
     /// Applies records of `stream` that follow the applied position, in order, each past

@@ -21,7 +21,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster_derive::RactorClusterMessage;
 use serde::{Deserialize, Serialize};
 
-use crate::consumer::{Apply, ConsumerRuntime, Cursors};
+use crate::consumer::{Apply, Consumer, ConsumerRuntime, Cursors};
 use crate::ctx::Ctx;
 use crate::messages::{CheckpointReply, Observation};
 use crate::record::{Payload, Record};
@@ -103,6 +103,13 @@ pub struct UserFeatures;
 struct Partition {
     ctx: Arc<Ctx>,
     partition: u32,
+    /// Sequence number of the last checkpoint written or loaded (full or delta).
+    seq: u64,
+    /// Size of the last full checkpoint this actor wrote (0: none yet, the next one is
+    /// full), and of the deltas written after it.
+    full_bytes: usize,
+    delta_bytes: usize,
+    deltas: u64,
 }
 
 impl Partition {
@@ -121,13 +128,6 @@ pub struct UserFeaturesState {
     wake: Arc<std::sync::atomic::AtomicBool>,
     /// Deltas replayed on start.
     deltas_on_start: u64,
-    /// Sequence number of the last checkpoint written or loaded (full or delta).
-    seq: u64,
-    /// Size of the last full checkpoint this actor wrote (0: none yet, the next one is
-    /// full), and of the deltas written after it.
-    full_bytes: usize,
-    delta_bytes: usize,
-    deltas: u64,
 }
 
 /// What a full checkpoint holds (written from borrowed state, read back owned).
@@ -225,6 +225,68 @@ impl Apply for Partition {
     }
 }
 
+/// Checkpoints are deltas of what changed since the previous one, or a full one replacing
+/// every delta (see the module docs for when); the runtime writes them.
+impl Consumer for Partition {
+    fn stepped(&mut self, rt: &ConsumerRuntime) {
+        // Publishes the position, waking reads that wait for it.
+        self.ctx
+            .publish_applied(self.partition, rt.applied(self.partition));
+    }
+
+    fn snapshot(&mut self, rt: &ConsumerRuntime) -> Result<(Form, Vec<u8>), ActorProcessingErr> {
+        let seq = self.seq + 1;
+        let mut store = self.store().write();
+        let delta = if self.full_bytes == 0 || self.deltas >= MAX_DELTAS {
+            None
+        } else {
+            store.delta()
+        };
+        let mut out = None;
+        if let Some(delta) = delta {
+            let b = crate::codec::encode(&DeltaCheckpoint {
+                format: FEATURES_CHECKPOINT_FORMAT,
+                seq,
+                cursors: Cow::Borrowed(&rt.cursors),
+                delta,
+            })?;
+            if self.delta_bytes + b.len() <= COMPACT_RATIO * self.full_bytes {
+                out = Some((Form::Delta, b));
+            }
+        }
+        let out = match out {
+            Some(o) => o,
+            None => (
+                Form::Full,
+                crate::codec::encode(&Checkpoint {
+                    format: FEATURES_CHECKPOINT_FORMAT,
+                    seq,
+                    cursors: Cow::Borrowed(&rt.cursors),
+                    store: &store,
+                })?,
+            ),
+        };
+        store.mark_checkpointed();
+        Ok(out)
+    }
+
+    fn checkpointed(&mut self, form: Form, bytes: usize, written: bool) {
+        if !written {
+            // The changes were marked written: only a full checkpoint is right next.
+            self.full_bytes = 0;
+            return;
+        }
+        self.seq += 1;
+        match form {
+            Form::Full => (self.full_bytes, self.delta_bytes, self.deltas) = (bytes, 0, 0),
+            Form::Delta => {
+                self.delta_bytes += bytes;
+                self.deltas += 1;
+            }
+        }
+    }
+}
+
 impl UserFeaturesState {
     fn view(&self, q: &UserQuery) -> UserView {
         let applied = self.rt.applied(self.partition);
@@ -264,73 +326,6 @@ impl UserFeaturesState {
             }
         }
     }
-
-    /// Writes a checkpoint: a delta of what changed since the previous one, or a full
-    /// one replacing every delta (see the module docs for when).
-    async fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
-        let seq = self.seq + 1;
-        let (bytes, full) = {
-            let mut store = self.data.store().write();
-            let delta = if self.full_bytes == 0 || self.deltas >= MAX_DELTAS {
-                None
-            } else {
-                store.delta()
-            };
-            let mut out = None;
-            if let Some(delta) = delta {
-                let b = crate::codec::encode(&DeltaCheckpoint {
-                    format: FEATURES_CHECKPOINT_FORMAT,
-                    seq,
-                    cursors: Cow::Borrowed(&self.rt.cursors),
-                    delta,
-                })?;
-                if self.delta_bytes + b.len() <= COMPACT_RATIO * self.full_bytes {
-                    out = Some((b, false));
-                }
-            }
-            let out = match out {
-                Some(o) => o,
-                None => (
-                    crate::codec::encode(&Checkpoint {
-                        format: FEATURES_CHECKPOINT_FORMAT,
-                        seq,
-                        cursors: Cow::Borrowed(&self.rt.cursors),
-                        store: &store,
-                    })?,
-                    true,
-                ),
-            };
-            store.mark_checkpointed();
-            out
-        };
-        let len = bytes.len();
-        let form = if full { Form::Full } else { Form::Delta };
-        let written = self.rt.write_checkpoint(&self.ctx, form, bytes).await;
-        if written.is_err() {
-            // The changes were marked written: only a full checkpoint is right next.
-            self.full_bytes = 0;
-        }
-        written?;
-        self.seq = seq;
-        if full {
-            (self.full_bytes, self.delta_bytes, self.deltas) = (len, 0, 0);
-        } else {
-            self.delta_bytes += len;
-            self.deltas += 1;
-        }
-        Ok(())
-    }
-
-    /// After records were applied: publish the position (waking reads that wait for it),
-    /// checkpoint when due.
-    async fn after_apply(&mut self) -> Result<(), ActorProcessingErr> {
-        self.ctx
-            .publish_applied(self.partition, self.rt.applied(self.partition));
-        if self.rt.checkpoint_due(&self.ctx) {
-            self.checkpoint().await?;
-        }
-        Ok(())
-    }
 }
 
 impl Actor for UserFeatures {
@@ -350,6 +345,10 @@ impl Actor for UserFeatures {
             data: Partition {
                 ctx: args.ctx.clone(),
                 partition: args.partition,
+                seq: 0,
+                full_bytes: 0,
+                delta_bytes: 0,
+                deltas: 0,
             },
             ctx: args.ctx,
             partition: args.partition,
@@ -357,10 +356,6 @@ impl Actor for UserFeatures {
             replayed: 0,
             wake: Default::default(),
             deltas_on_start: 0,
-            seq: 0,
-            full_bytes: 0,
-            delta_bytes: 0,
-            deltas: 0,
         })
     }
 
@@ -405,20 +400,19 @@ impl Actor for UserFeatures {
             })
             .await?;
             store = back;
-            st.seq = seq;
+            st.data.seq = seq;
             st.deltas_on_start = n_deltas;
             if let Some((cursors, last)) = last? {
                 st.rt
                     .restore(cursors)
                     .map_err(|e| format!("checkpoint of {}: {e}", st.rt.name))?;
-                st.seq = last;
+                st.data.seq = last;
             }
         }
         *st.data.store().write() = store;
         let before = st.rt.applied(st.partition);
         let started = Instant::now();
-        st.replayed = st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
-        st.after_apply().await?;
+        st.replayed = st.rt.step(&st.ctx, &mut st.data).await?;
         tracing::info!(
             partition = st.partition,
             checkpoint = before,
@@ -446,16 +440,13 @@ impl Actor for UserFeatures {
         match msg {
             UserFeaturesMsg::HeadMoved | UserFeaturesMsg::Tick => {
                 st.wake.store(false, std::sync::atomic::Ordering::Release);
-                if st.ctx.head(st.partition) > st.rt.applied(st.partition) {
-                    st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
-                }
-                st.after_apply().await?;
+                st.rt.step(&st.ctx, &mut st.data).await?;
             }
             UserFeaturesMsg::GetUser(q, port) => {
                 port.send(st.view(&q)).discard();
             }
             UserFeaturesMsg::Checkpoint(port) => {
-                let r = st.checkpoint().await;
+                let r = st.rt.checkpoint(&st.ctx, &mut st.data).await;
                 port.send(CheckpointReply::new(st.rt.positions(), r))
                     .discard();
             }
@@ -466,7 +457,7 @@ impl Actor for UserFeatures {
                 doc["head"] = st.ctx.head(st.partition).into();
                 doc["replayed_on_start"] = st.replayed.into();
                 doc["deltas_on_start"] = st.deltas_on_start.into();
-                doc["checkpoint_seq"] = st.seq.into();
+                doc["checkpoint_seq"] = st.data.seq.into();
                 let store = st.data.store().read();
                 doc["users"] = store.users().into();
                 doc["events"] = store.events().into();

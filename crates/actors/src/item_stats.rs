@@ -12,11 +12,12 @@ use serde::{Deserialize, Serialize};
 use troupe_models::dataset::IdMap;
 use troupe_models::popularity::Popularity;
 
-use crate::consumer::{Apply, ConsumerRuntime, Cursors};
+use crate::consumer::{Apply, Consumer, ConsumerRuntime, Cursors};
 use crate::ctx::Ctx;
 use crate::messages::{CheckpointReply, Observation};
 use crate::names;
 use crate::record::{Payload, Record};
+use crate::state::Form;
 use crate::wire::WIRE_VERSION;
 use crate::wire_payload;
 
@@ -121,41 +122,37 @@ impl Apply for Stats {
     }
 }
 
-impl ItemStatsState {
-    /// After records were applied: placeholders for new items, checkpoint when due.
-    async fn after_apply(&mut self) -> Result<(), ActorProcessingErr> {
-        if !self.data.new_items.is_empty() {
-            if let Some(c) = ractor::registry::where_is(names::CATALOG) {
-                c.send_message(crate::catalog::CatalogMsg::Placeholders(
-                    crate::messages::ItemIds {
-                        version: WIRE_VERSION,
-                        ids: std::mem::take(&mut self.data.new_items),
-                    },
-                ))
-                .discard();
-            }
-            self.data.new_items.clear();
+impl Consumer for Stats {
+    /// Placeholders in the catalog for items seen in events first.
+    fn stepped(&mut self, _rt: &ConsumerRuntime) {
+        if self.new_items.is_empty() {
+            return;
         }
-        if self.rt.checkpoint_due(&self.ctx) {
-            self.checkpoint().await?;
+        if let Some(c) = ractor::registry::where_is(names::CATALOG) {
+            c.send_message(crate::catalog::CatalogMsg::Placeholders(
+                crate::messages::ItemIds {
+                    version: WIRE_VERSION,
+                    ids: std::mem::take(&mut self.new_items),
+                },
+            ))
+            .discard();
         }
-        Ok(())
+        self.new_items.clear();
     }
 
-    async fn checkpoint(&mut self) -> Result<(), ActorProcessingErr> {
+    fn snapshot(&mut self, rt: &ConsumerRuntime) -> Result<(Form, Vec<u8>), ActorProcessingErr> {
         let cp = Checkpoint {
             format: ITEM_STATS_CHECKPOINT_FORMAT,
-            cursors: Cow::Borrowed(&self.rt.cursors),
-            ids: Cow::Borrowed(&self.data.ids),
-            popularity: Cow::Borrowed(&self.data.popularity),
-            latest_ts_ms: self.data.latest_ts_ms,
+            cursors: Cow::Borrowed(&rt.cursors),
+            ids: Cow::Borrowed(&self.ids),
+            popularity: Cow::Borrowed(&self.popularity),
+            latest_ts_ms: self.latest_ts_ms,
         };
-        let bytes = crate::codec::encode(&cp)?;
-        self.rt
-            .write_checkpoint(&self.ctx, crate::state::Form::Full, bytes)
-            .await
+        Ok((Form::Full, crate::codec::encode(&cp)?))
     }
+}
 
+impl ItemStatsState {
     fn top(&self, req: &TopRequest) -> TopReply {
         let items = self
             .data
@@ -222,8 +219,7 @@ impl Actor for ItemStats {
             st.data.popularity = cp.popularity.into_owned();
             st.data.latest_ts_ms = cp.latest_ts_ms;
         }
-        st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
-        st.after_apply().await?;
+        st.rt.step(&st.ctx, &mut st.data).await?;
         st.ctx.health.end_recovery(names::ITEM_STATS);
         st.wake = crate::consumer::follow_heads(&st.ctx, st.ctx.streams(), myself.clone(), || {
             ItemStatsMsg::HeadMoved
@@ -241,17 +237,13 @@ impl Actor for ItemStats {
         match msg {
             ItemStatsMsg::HeadMoved | ItemStatsMsg::Tick => {
                 st.wake.store(false, std::sync::atomic::Ordering::Release);
-                let behind = st.rt.positions().iter().any(|&(s, o)| st.ctx.head(s) > o);
-                if behind {
-                    st.rt.catch_up_all(&st.ctx, &mut st.data).await?;
-                }
-                st.after_apply().await?;
+                st.rt.step(&st.ctx, &mut st.data).await?;
             }
             ItemStatsMsg::Top(req, port) => {
                 port.send(st.top(&req)).discard();
             }
             ItemStatsMsg::Checkpoint(port) => {
-                let r = st.checkpoint().await;
+                let r = st.rt.checkpoint(&st.ctx, &mut st.data).await;
                 port.send(CheckpointReply::new(st.rt.positions(), r))
                     .discard();
             }

@@ -441,6 +441,9 @@ fn truncation_key(stream: u32) -> String {
     format!("truncated.{stream}")
 }
 
+/// Messages the follower takes together at most.
+const FOLLOW_BATCH: usize = 1024;
+
 /// Follows every subject of the stream from sequence `from`: each record goes to the
 /// tail (continuing the stream's last record seen, `seen`), then its head is raised.
 /// Re-creates its consumer after errors (the ordered consumer itself restarts on gaps).
@@ -478,37 +481,72 @@ async fn follow(
                 continue;
             }
         };
-        while let Some(m) = messages.next().await {
-            let Ok(m) = m else {
+        // Messages already delivered are taken together: the tail gets one push per
+        // stream and the heads one raise per stream for the lot, not one per record.
+        let mut ended = false;
+        while let Some(first) = messages.next().await {
+            let mut batch = vec![first];
+            while batch.len() < FOLLOW_BATCH {
+                match futures_util::FutureExt::now_or_never(messages.next()) {
+                    Some(Some(m)) => batch.push(m),
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let mut runs: rustc_hash::FxHashMap<u32, (u64, Vec<Record>, u64)> = Default::default();
+            let mut failed = false;
+            for m in batch {
+                let Ok(m) = m else {
+                    failed = true;
+                    break;
+                };
+                let Ok(info) = m.info() else {
+                    continue;
+                };
+                let seq = info.stream_sequence;
+                let at_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
+                from = seq + 1;
+                let Some(stream) = js.config.stream_of(m.subject.as_str()) else {
+                    continue;
+                };
+                let prev = seen.get(&stream).copied().unwrap_or(0);
+                if seq <= prev {
+                    continue;
+                }
+                let run = runs
+                    .entry(stream)
+                    .or_insert_with(|| (prev, Vec::new(), prev));
+                match decode_message(
+                    &js.config,
+                    stream,
+                    seq,
+                    at_ms,
+                    m.headers.as_ref(),
+                    &m.payload,
+                ) {
+                    Ok(r) => run.1.push(r),
+                    Err(e) => {
+                        // Left to the consumer's own read, which reports it: the run so far
+                        // goes to the tail and the next one starts after this record, so
+                        // the tail never holds a run with this record missing.
+                        tracing::warn!(error = %e, "log follower: record does not decode");
+                        tail.push(stream, run.0, std::mem::take(&mut run.1));
+                        run.0 = seq;
+                    }
+                }
+                run.2 = seq;
+                seen.insert(stream, seq);
+            }
+            for (stream, (prev, records, last)) in runs {
+                tail.push(stream, prev, records);
+                heads.raise(stream, last);
+            }
+            if failed || ended {
                 break;
-            };
-            let Ok(info) = m.info() else {
-                continue;
-            };
-            let seq = info.stream_sequence;
-            let at_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;
-            from = seq + 1;
-            let Some(stream) = js.config.stream_of(m.subject.as_str()) else {
-                continue;
-            };
-            let prev = seen.get(&stream).copied().unwrap_or(0);
-            if seq <= prev {
-                continue;
             }
-            match decode_message(
-                &js.config,
-                stream,
-                seq,
-                at_ms,
-                m.headers.as_ref(),
-                &m.payload,
-            ) {
-                Ok(r) => tail.push(stream, prev, [r]),
-                // Left to the consumer's own read, which reports it.
-                Err(e) => tracing::warn!(error = %e, "log follower: record does not decode"),
-            }
-            seen.insert(stream, seq);
-            heads.raise(stream, seq);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

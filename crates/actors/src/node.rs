@@ -312,19 +312,15 @@ pub async fn shutdown(handle: NodeHandle) -> Vec<String> {
         }
     }
     let mut results: Vec<(String, Result<CheckpointReply, CallError>)> = Vec::new();
-    for p in 0..ctx.settings.partitions {
-        let n = names::user_features(p);
-        let r = call(&n, t, UserFeaturesMsg::Checkpoint).await;
-        results.push((n, r));
+    for c in consumer::consumers(&ctx.settings) {
+        let r = match c.kind {
+            "user_features" => call(&c.scope, t, UserFeaturesMsg::Checkpoint).await,
+            "item_stats" => call(&c.scope, t, ItemStatsMsg::Checkpoint).await,
+            "catalog" => call(&c.scope, t, CatalogMsg::Checkpoint).await,
+            other => unreachable!("consumer kind {other} has no checkpoint message"),
+        };
+        results.push((c.scope, r));
     }
-    results.push((
-        names::ITEM_STATS.into(),
-        call(names::ITEM_STATS, t, ItemStatsMsg::Checkpoint).await,
-    ));
-    results.push((
-        names::CATALOG.into(),
-        call(names::CATALOG, t, CatalogMsg::Checkpoint).await,
-    ));
     for (n, r) in results {
         match r {
             Ok(c) if c.error.is_none() => {}

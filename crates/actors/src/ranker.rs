@@ -589,10 +589,12 @@ impl RankerCore {
         };
         let p = partition_of(&req.user, s.partitions);
         // Read-your-writes: the answer reflects the partition up to the client's position
-        // (or the head at arrival), or says it is stale.
+        // (or the head at arrival), or says it is stale; so does an answer while the log
+        // is unreachable (the head this node knows may be behind).
         let target = req.min_offset.unwrap_or_else(|| ctx.head(p));
         reply.awaited_offset = target;
-        reply.stale = !ctx.wait_applied(p, target, s.ranker.freshness_wait).await;
+        reply.stale =
+            !ctx.wait_applied(p, target, s.ranker.freshness_wait).await || !ctx.log.writable();
         let k = req.k.max(1) as usize;
         let n = s.ranker.candidates.max(k);
         let als_version = ctx.als.load().as_ref().map_or(0, |m| m.version);

@@ -189,15 +189,16 @@ impl Supervisor {
             return;
         };
         state.children[idx].cell = None;
-        if let Some(h) = &state.on_failure {
-            h(state.children[idx].spec.name.clone()).await;
-        }
         if deposed {
+            // Not a failure to count: the scope is another owner's now.
             let child = &mut state.children[idx];
             tracing::warn!(child = %child.spec.name, reason = %why, "child deposed: left stopped");
             child.last_failure = Some(why);
             child.deposed = true;
             return;
+        }
+        if let Some(h) = &state.on_failure {
+            h(state.children[idx].spec.name.clone()).await;
         }
         Self::child_down(myself, state, idx, why, fatal);
     }

@@ -1056,12 +1056,14 @@ async fn delete_item(
 }
 
 /// Waits (bounded by `freshness_wait`) for the serving consumer of `stream` to reach
-/// `min_offset`, or the stream's head at arrival; true when it did not (stale).
+/// `min_offset`, or the stream's head at arrival; true when it did not, or when the log
+/// is unreachable so the node cannot know its head is current (stale).
 async fn wait_fresh(st: &AppState, stream: u32, min_offset: Option<u64>) -> bool {
     let ctx = &st.ctx;
     let target = min_offset.unwrap_or_else(|| ctx.head(stream));
     !ctx.wait_applied(stream, target, ctx.settings.ranker.freshness_wait)
         .await
+        || !ctx.log.writable()
 }
 
 async fn get_item(
