@@ -125,6 +125,7 @@ conformance!(
     failure_counts_and_dead_letters_are_fenced,
     snapshots_of_8_mib_and_more_round_trip,
     constants_are_stored_once,
+    cache_entries_are_shared_and_namespaced,
 );
 
 /// An event of `user` on `item`; its key is derived from its id.
@@ -632,4 +633,25 @@ async fn constants_are_stored_once(b: &Backend) {
         .await
         .unwrap();
     assert_eq!(other, b"4", "{}: the first writer's value stays", b.name);
+}
+
+async fn cache_entries_are_shared_and_namespaced(b: &Backend) {
+    let row = |x: u8| vec![x; 1536];
+    let ns = "encoder with spaces/and:odd chars";
+    b.state
+        .cache_put(ns, vec![(1, row(1)), (u128::MAX, row(2))])
+        .await
+        .unwrap();
+    // Another handle (another node) reads what this one cached; missing keys are None.
+    let got = b
+        .other_state
+        .cache_get(ns, &[1, 7, u128::MAX])
+        .await
+        .unwrap();
+    assert_eq!(got, vec![Some(row(1)), None, Some(row(2))], "{}", b.name);
+    // Another namespace (another encoder) does not see them.
+    let other = b.other_state.cache_get("other", &[1]).await.unwrap();
+    assert_eq!(other, vec![None], "{}", b.name);
+    // Cache entries are not scopes: dead letters and scope listings ignore them.
+    assert!(b.state.dead_letters().await.unwrap().is_empty());
 }

@@ -925,6 +925,18 @@ fn jetstream_node_on_an_empty_disk_rebuilds_from_shared_checkpoints() {
     assert!((0..50).all(|i| applied.get(&format!("late{i}")) == Some(&1)));
     assert_eq!(applied.len(), n + 50);
     assert_eq!(items_known(&b, &ids), ids.len(), "the catalog came back");
+    // The embeddings came from the shared cache: the new node computed none.
+    let counter = |node: &Node, name: &str| {
+        node.metrics()
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0) as usize
+    };
+    wait_or_dump(&b, 60, "every item embedded on the new node", || {
+        counter(&b, "troupe_embeddings_cached_total") >= ids.len()
+    });
+    assert_eq!(counter(&b, "troupe_embeddings_computed_total"), 0);
     let replayed = actor_sum(&b, "user_features", "replayed_on_start");
     assert!(
         replayed <= 50,

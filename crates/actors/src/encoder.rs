@@ -1,6 +1,7 @@
 //! ContentEncoder: embeds item texts in batches off the async runtime, with up to
-//! `workers` batches in flight, and persists embeddings keyed by encoder name and text
-//! hash so a restart does not recompute them.
+//! `workers` batches in flight, and caches embeddings in the state store keyed by encoder
+//! name and text hash, so neither a restart nor another node on the same shared store
+//! recomputes them.
 
 use crate::Discard;
 use std::sync::Arc;
@@ -52,13 +53,21 @@ async fn encode_batch(
     batch: Vec<(String, String)>,
 ) -> Result<(), String> {
     let hashes: Vec<u128> = batch.iter().map(|(_, t)| text_hash(t)).collect();
-    let store = ctx.store.clone();
-    let n = name.clone();
-    let h = hashes.clone();
-    let cached = tokio::task::spawn_blocking(move || store.embeddings(&n, &h))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    // A cache that cannot be read costs recomputation, not the batch.
+    let cached = match ctx.state.cache_get(&name, &hashes).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "embedding cache not read; computing");
+            vec![None; hashes.len()]
+        }
+    };
+    let cached = cached.into_iter().map(|c| {
+        c.map(|b| {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<f32>>()
+        })
+    });
     let mut missing = Vec::new();
     let mut ready = Vec::new();
     for (((id, text), h), c) in batch.into_iter().zip(hashes).zip(cached) {
@@ -81,18 +90,18 @@ async fn encode_batch(
         let mut to_store = Vec::with_capacity(missing.len());
         for ((id, _, h), row) in missing.into_iter().zip(emb.rows()) {
             let v: Vec<f32> = row.to_vec();
-            to_store.push((h, v.clone()));
+            to_store.push((
+                h,
+                v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+            ));
             ready.push((id, h, v));
         }
         ctx.metrics
             .embeddings_computed
             .inc_by(to_store.len() as u64);
-        let store = ctx.store.clone();
-        let n = name.clone();
-        tokio::task::spawn_blocking(move || store.put_embeddings(&n, &to_store))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        if let Err(e) = ctx.state.cache_put(&name, to_store).await {
+            tracing::warn!(error = %e, "embeddings not cached");
+        }
     }
     // Only rows whose text is still the item's current text are published (batches may
     // finish out of order).

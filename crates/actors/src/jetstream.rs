@@ -862,6 +862,37 @@ impl StateStore for JetStreamState {
         "jetstream"
     }
 
+    /// Every key read at once (direct gets in flight together).
+    async fn cache_get(&self, ns: &str, keys: &[u128]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
+        let reads = keys.iter().map(|&k| {
+            let key = crate::state::cache_key(ns, k);
+            let kv = self.js.kv.clone();
+            async move { kv.entry(key).await }
+        });
+        futures_util::future::join_all(reads)
+            .await
+            .into_iter()
+            .map(|r| match r {
+                Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(Some(e.value.to_vec())),
+                Ok(_) => Ok(None),
+                Err(e) => Err(state_unavailable("cache read", e)),
+            })
+            .collect()
+    }
+
+    /// Every entry written at once (publishes in flight together).
+    async fn cache_put(&self, ns: &str, entries: Vec<(u128, Vec<u8>)>) -> Result<(), StateError> {
+        let writes = entries.into_iter().map(|(k, v)| {
+            let key = crate::state::cache_key(ns, k);
+            let kv = self.js.kv.clone();
+            async move { kv.put(key, Bytes::from(v)).await }
+        });
+        for r in futures_util::future::join_all(writes).await {
+            r.map_err(|e| state_unavailable("cache write", e))?;
+        }
+        Ok(())
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StateError> {
         match self.js.kv.entry(key).await {
             Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(Some(Versioned {

@@ -1033,44 +1033,32 @@ impl Store {
         Ok(out)
     }
 
-    /// Cached embeddings for `(encoder, text hash)` pairs; missing ones are `None`.
-    pub fn embeddings(
-        &self,
-        encoder: &str,
-        hashes: &[u128],
-    ) -> Result<Vec<Option<Vec<f32>>>, StoreError> {
+    /// Cached values of `(namespace, key)` pairs (the embedding cache: namespace = encoder
+    /// name, key = text hash); missing ones are `None`.
+    pub fn cache_get(&self, ns: &str, keys: &[u128]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         let tx = self.db.begin_read().map_err(self.err())?;
         let t = tx.open_table(EMBEDDINGS).map_err(self.err())?;
-        let mut out = Vec::with_capacity(hashes.len());
-        for &h in hashes {
-            out.push(t.get((encoder, h)).map_err(self.err())?.map(|v| {
-                v.value()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect()
-            }));
+        let mut out = Vec::with_capacity(keys.len());
+        for &k in keys {
+            out.push(
+                t.get((ns, k))
+                    .map_err(self.err())?
+                    .map(|v| v.value().to_vec()),
+            );
         }
         Ok(out)
     }
 
-    /// Stores embeddings (no fsync of its own: the cache is rebuilt if lost).
-    pub fn put_embeddings(
-        &self,
-        encoder: &str,
-        rows: &[(u128, Vec<f32>)],
-    ) -> Result<(), StoreError> {
+    /// Stores cache values in one transaction without an fsync of its own (a lost entry
+    /// is recomputed).
+    pub fn cache_put(&self, ns: &str, entries: &[(u128, Vec<u8>)]) -> Result<(), StoreError> {
         let mut tx = self.db.begin_write().map_err(self.err())?;
         tx.set_durability(redb::Durability::None)
             .map_err(self.err())?;
         {
             let mut t = tx.open_table(EMBEDDINGS).map_err(self.err())?;
-            let mut buf = Vec::new();
-            for (h, v) in rows {
-                buf.clear();
-                v.iter()
-                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
-                t.insert((encoder, *h), buf.as_slice())
-                    .map_err(self.err())?;
+            for (k, v) in entries {
+                t.insert((ns, *k), v.as_slice()).map_err(self.err())?;
             }
         }
         tx.commit().map_err(self.err())?;

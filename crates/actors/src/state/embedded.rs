@@ -34,6 +34,18 @@ impl StateStore for EmbeddedState {
         "embedded"
     }
 
+    /// The node's own cache table, read in one transaction.
+    async fn cache_get(&self, ns: &str, keys: &[u128]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
+        let (s, n, k) = (self.store.clone(), ns.to_string(), keys.to_vec());
+        blocking(move || s.cache_get(&n, &k)).await
+    }
+
+    /// One transaction without an fsync (a lost entry is recomputed).
+    async fn cache_put(&self, ns: &str, entries: Vec<(u128, Vec<u8>)>) -> Result<(), StateError> {
+        let (s, n) = (self.store.clone(), ns.to_string());
+        blocking(move || s.cache_put(&n, &entries)).await
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StateError> {
         let (s, k) = (self.store.clone(), key.to_string());
         let found = blocking(move || s.state_get(&k)).await?;

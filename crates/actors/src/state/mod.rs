@@ -130,6 +130,13 @@ pub struct DeadLetter {
 }
 
 /// The record key of a scope's pointer.
+/// The record key of a cache entry: the namespace hashed (any text may name one; keys
+/// allow few characters), then the entry's key.
+pub fn cache_key(ns: &str, key: u128) -> String {
+    let h = crate::record::hash128(&[b"cache", ns.as_bytes()]) as u64;
+    format!("cache.{h:016x}.{key:032x}")
+}
+
 pub fn pointer_key(scope: &str) -> String {
     format!("scope.{scope}")
 }
@@ -206,6 +213,26 @@ pub trait StateStore: Send + Sync + 'static {
     async fn delete_blob(&self, name: &str) -> Result<(), StateError>;
     /// Names of the blobs starting with `prefix`, sorted.
     async fn blob_names(&self, prefix: &str) -> Result<Vec<String>, StateError>;
+
+    // ---- cache (neither fenced nor durable: a lost entry is recomputed) -------------
+
+    /// Cached values of `keys` in namespace `ns` (`None`: not cached).
+    async fn cache_get(&self, ns: &str, keys: &[u128]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for &k in keys {
+            out.push(self.get(&cache_key(ns, k)).await?.map(|v| v.value));
+        }
+        Ok(out)
+    }
+
+    /// Stores cache values (last writer wins; every writer of a key writes the same
+    /// value, as the cache holds a pure function of the key).
+    async fn cache_put(&self, ns: &str, entries: Vec<(u128, Vec<u8>)>) -> Result<(), StateError> {
+        for (k, v) in entries {
+            self.put(&cache_key(ns, k), v).await?;
+        }
+        Ok(())
+    }
 
     // ---- scopes (written once for every backend) ----------------------------------
 
