@@ -129,8 +129,27 @@ impl<'de> Deserialize<'de> for RecentKeys {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsumerSpec {
     pub scope: String,
-    pub kind: &'static str,
+    pub kind: Kind,
     pub streams: Vec<u32>,
+}
+
+/// The kinds of consumer a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Catalog,
+    ItemStats,
+    UserFeatures,
+}
+
+impl Kind {
+    /// The label of metrics and fault targets.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Catalog => "catalog",
+            Kind::ItemStats => "item_stats",
+            Kind::UserFeatures => "user_features",
+        }
+    }
 }
 
 /// Every consumer a node runs: the one list that retention, the supervision tree and
@@ -140,18 +159,18 @@ pub fn consumers(settings: &Settings) -> Vec<ConsumerSpec> {
     let mut out = vec![
         ConsumerSpec {
             scope: crate::names::CATALOG.to_string(),
-            kind: "catalog",
+            kind: Kind::Catalog,
             streams: vec![CATALOG_STREAM],
         },
         ConsumerSpec {
             scope: crate::names::ITEM_STATS.to_string(),
-            kind: "item_stats",
+            kind: Kind::ItemStats,
             streams: (0..p).chain(std::iter::once(CATALOG_STREAM)).collect(),
         },
     ];
     out.extend((0..p).map(|i| ConsumerSpec {
         scope: crate::names::user_features(i),
-        kind: "user_features",
+        kind: Kind::UserFeatures,
         streams: vec![i],
     }));
     out

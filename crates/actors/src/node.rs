@@ -93,26 +93,18 @@ fn children(ctx: &Arc<Ctx>, encoder: Arc<dyn TextEncoder>, encoder_name: String)
             },
         )
     });
-    let c = ctx.clone();
-    let catalog = ChildSpec::new(names::CATALOG, policy.clone(), move || (Catalog, c.clone()));
-    let c = ctx.clone();
-    let stats = ChildSpec::new(names::ITEM_STATS, policy.clone(), move || {
-        (ItemStats, c.clone())
-    });
-    let partitions: Vec<ChildSpec> = (0..ctx.settings.partitions)
-        .map(|p| {
-            let c = ctx.clone();
-            ChildSpec::new(&names::user_features(p), policy.clone(), move || {
-                (
-                    UserFeatures,
-                    UserFeaturesArgs {
-                        ctx: c.clone(),
-                        partition: p,
-                    },
-                )
-            })
-        })
-        .collect();
+    // The consumers, from the one list: the singletons here, the partitions under
+    // their own supervisor.
+    let mut partitions = Vec::new();
+    let mut singletons = Vec::new();
+    for c in consumer::consumers(&ctx.settings) {
+        let spec = consumer_child(ctx, &c, &policy);
+        if c.kind == consumer::Kind::UserFeatures {
+            partitions.push(spec);
+        } else {
+            singletons.push(spec);
+        }
+    }
     let c = ctx.clone();
     let psup = ChildSpec::new(names::PARTITIONS_SUPERVISOR, policy.clone(), move || {
         let c2 = c.clone();
@@ -131,11 +123,41 @@ fn children(ctx: &Arc<Ctx>, encoder: Arc<dyn TextEncoder>, encoder_name: String)
     });
     let c = ctx.clone();
     let ranker = ChildSpec::new(names::RANKER, policy, move || (Ranker, c.clone()));
-    let mut all = vec![enc, catalog, stats, psup, trainer, ranker];
+    let mut all = vec![enc];
+    all.extend(singletons);
+    all.extend([psup, trainer, ranker]);
     if ctx.embedded_log() {
         all.insert(0, journal);
     }
     all
+}
+
+/// The supervised child that runs consumer `c`.
+fn consumer_child(
+    ctx: &Arc<Ctx>,
+    c: &consumer::ConsumerSpec,
+    policy: &crate::settings::RestartPolicy,
+) -> ChildSpec {
+    let ctx = ctx.clone();
+    let policy = policy.clone();
+    match c.kind {
+        consumer::Kind::Catalog => ChildSpec::new(&c.scope, policy, move || (Catalog, ctx.clone())),
+        consumer::Kind::ItemStats => {
+            ChildSpec::new(&c.scope, policy, move || (ItemStats, ctx.clone()))
+        }
+        consumer::Kind::UserFeatures => {
+            let partition = c.streams[0];
+            ChildSpec::new(&c.scope, policy, move || {
+                (
+                    UserFeatures,
+                    UserFeaturesArgs {
+                        ctx: ctx.clone(),
+                        partition,
+                    },
+                )
+            })
+        }
+    }
 }
 
 /// The supervisors' failure hook ([`consumer::count_failure`]).
@@ -263,21 +285,16 @@ pub async fn observe_all(
         ));
     }
     out.push((
-        names::CATALOG.to_string(),
-        call(names::CATALOG, timeout, CatalogMsg::Observe).await,
-    ));
-    out.push((
         names::CONTENT_ENCODER.to_string(),
         call(names::CONTENT_ENCODER, timeout, ContentEncoderMsg::Observe).await,
     ));
-    out.push((
-        names::ITEM_STATS.to_string(),
-        call(names::ITEM_STATS, timeout, ItemStatsMsg::Observe).await,
-    ));
-    for p in 0..ctx.settings.partitions {
-        let n = names::user_features(p);
-        let r = call(&n, timeout, UserFeaturesMsg::Observe).await;
-        out.push((n, r));
+    for c in consumer::consumers(&ctx.settings) {
+        let r = match c.kind {
+            consumer::Kind::Catalog => call(&c.scope, timeout, CatalogMsg::Observe).await,
+            consumer::Kind::ItemStats => call(&c.scope, timeout, ItemStatsMsg::Observe).await,
+            consumer::Kind::UserFeatures => call(&c.scope, timeout, UserFeaturesMsg::Observe).await,
+        };
+        out.push((c.scope, r));
     }
     out.push((
         names::ALS_TRAINER.to_string(),
@@ -314,10 +331,9 @@ pub async fn shutdown(handle: NodeHandle) -> Vec<String> {
     let mut results: Vec<(String, Result<CheckpointReply, CallError>)> = Vec::new();
     for c in consumer::consumers(&ctx.settings) {
         let r = match c.kind {
-            "user_features" => call(&c.scope, t, UserFeaturesMsg::Checkpoint).await,
-            "item_stats" => call(&c.scope, t, ItemStatsMsg::Checkpoint).await,
-            "catalog" => call(&c.scope, t, CatalogMsg::Checkpoint).await,
-            other => unreachable!("consumer kind {other} has no checkpoint message"),
+            consumer::Kind::UserFeatures => call(&c.scope, t, UserFeaturesMsg::Checkpoint).await,
+            consumer::Kind::ItemStats => call(&c.scope, t, ItemStatsMsg::Checkpoint).await,
+            consumer::Kind::Catalog => call(&c.scope, t, CatalogMsg::Checkpoint).await,
         };
         results.push((c.scope, r));
     }
