@@ -1115,6 +1115,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_checkpoint_an_older_build_kept_is_read_then_replaced() {
+        #[derive(Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Cp {
+            format: u16,
+            n: u64,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ctx(dir.path(), |_| {});
+        let old = crate::codec::encode(&Cp { format: 1, n: 7 }).unwrap();
+        ctx.store.put_checkpoint("legacy", &old).unwrap();
+        ctx.store.put_checkpoint("legacy/delta/1", b"d1").unwrap();
+        ctx.store.put_checkpoint("legacy2", b"other").unwrap();
+        let mut rt = runtime(&ctx).await;
+        let (cp, deltas) = rt
+            .load_checkpoint::<Cp, _>(&ctx, "legacy", 1, |_| Ok(()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((cp.n, deltas), (7, vec![b"d1".to_vec()]));
+        // A delta through the state store keeps the old one (the base is still there).
+        rt.write_checkpoint(&ctx, Form::Delta, vec![1])
+            .await
+            .unwrap();
+        assert!(ctx.store.get_checkpoint("legacy").unwrap().is_some());
+        // The first full one replaces it: the old checkpoint and its deltas are deleted,
+        // a neighbour's name is not.
+        let new = crate::codec::encode(&Cp { format: 1, n: 8 }).unwrap();
+        rt.write_checkpoint(&ctx, Form::Full, new).await.unwrap();
+        assert!(ctx.store.get_checkpoint("legacy").unwrap().is_none());
+        assert!(ctx
+            .store
+            .get_checkpoint("legacy/delta/1")
+            .unwrap()
+            .is_none());
+        assert!(ctx.store.get_checkpoint("legacy2").unwrap().is_some());
+        let mut again = runtime(&ctx).await;
+        let (cp, deltas) = again
+            .load_checkpoint::<Cp, _>(&ctx, "legacy", 1, |_| Ok(()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((cp.n, deltas.len()), (8, 0));
+    }
+
+    #[tokio::test]
     async fn retention_follows_the_checkpoints_of_every_consumer_of_a_stream() {
         let dir = tempfile::tempdir().unwrap();
         let ctx = ctx(dir.path(), |_| {});
