@@ -178,11 +178,19 @@ def ingest(a):
 
 
 # ---------------------------------------------------------------- jetstream
+def nats_server():
+    return shutil.which("nats-server") or "/usr/sbin/nats-server"
+
+
+def nats_version():
+    return subprocess.run([nats_server(), "--version"], capture_output=True, text=True).stdout.strip()
+
+
 def start_nats(work):
     """A JetStream server on free loopback ports with its store under `work`."""
     port, mon = free_port(), free_port()
     log = open(os.path.join(work, "nats.log"), "w")
-    proc = subprocess.Popen([shutil.which("nats-server") or "/usr/sbin/nats-server", "-js", "-a", "127.0.0.1",
+    proc = subprocess.Popen([nats_server(), "-js", "-a", "127.0.0.1",
                              "-p", str(port), "-m", str(mon), "-sd", os.path.join(work, "nats")],
                             stdout=subprocess.DEVNULL, stderr=log)
     for _ in range(3000):
@@ -226,7 +234,7 @@ def jetstream(a):
     finally:
         srv.send_signal(signal.SIGKILL)
         srv.wait()
-    ver = subprocess.run([shutil.which("nats-server") or "/usr/sbin/nats-server", "--version"], capture_output=True, text=True).stdout.strip()
+    ver = nats_version()
     print(f"JetStream ingest ({ver}, one R1 stream, file storage); {a.seconds:.0f} s per row; raw = jetstream_publish, one connection")
     print(f"{'batch':>6} {'clients':>7} {'raw ev/s':>10} {'troupe js ev/s':>15} {'ratio':>6} {'apply lag s':>11} {'troupe embedded ev/s':>21}")
     for b, c, raw, r, ratio, lag, emb in rows:
@@ -293,7 +301,7 @@ def rebuild(a):
     finally:
         srv.send_signal(signal.SIGKILL)
         srv.wait()
-    ver = subprocess.run([shutil.which("nats-server") or "/usr/sbin/nats-server", "--version"], capture_output=True, text=True).stdout.strip()
+    ver = nats_version()
     print(f"rebuild of one partition on an empty data dir from JetStream ({ver}, R1):")
     print(f"  checkpoint: {a.base} events; replayed after it: {uf['replayed_on_start']} (loaded at {a.replay / load_s:.0f} ev/s)")
     print(f"  partition 0 of 2 (partition 1 is empty): users {uf['users']}, events held {uf['events']}")

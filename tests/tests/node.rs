@@ -829,6 +829,20 @@ fn jetstream_r3_leader_killed_during_load_resumes_and_loses_nothing() {
     assert_each_acked_applied_once(&node, &acked, n, users);
 }
 
+/// Sum of the node's metric samples named `name` (exactly, before any labels) whose
+/// labels contain every one of `labels`.
+fn metric(node: &Node, name: &str, labels: &[&str]) -> f64 {
+    node.metrics()
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                && labels.iter().all(|x| l.contains(x))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// `[journal]` of [`FAST`] with retention on (records every checkpoint covers are deleted).
 fn fast_with_retention() -> String {
     FAST.replace("[journal]\n", "[journal]\nretention = true\n")
@@ -891,15 +905,8 @@ fn jetstream_node_on_an_empty_disk_rebuilds_from_shared_checkpoints() {
     let acked = acked_rows(&log);
     assert_each_acked_applied_once(&a, &acked, n, users);
     // Every record is covered by a shared checkpoint and deleted from the stream.
-    let truncated = |node: &Node| {
-        node.metrics()
-            .lines()
-            .find(|l| l.starts_with("troupe_log_truncated_records_total"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0) as usize
-    };
     wait_or_dump(&a, 60, "every record truncated", || {
-        truncated(&a) >= n + ids.len()
+        metric(&a, "troupe_log_truncated_records_total", &[]) >= (n + ids.len()) as f64
     });
     // Events after the last truncation, acked just before the node dies: they are in the
     // stream and perhaps in no checkpoint.
@@ -926,17 +933,10 @@ fn jetstream_node_on_an_empty_disk_rebuilds_from_shared_checkpoints() {
     assert_eq!(applied.len(), n + 50);
     assert_eq!(items_known(&b, &ids), ids.len(), "the catalog came back");
     // The embeddings came from the shared cache: the new node computed none.
-    let counter = |node: &Node, name: &str| {
-        node.metrics()
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0) as usize
-    };
     wait_or_dump(&b, 60, "every item embedded on the new node", || {
-        counter(&b, "troupe_embeddings_cached_total") >= ids.len()
+        metric(&b, "troupe_embeddings_cached_total", &[]) >= ids.len() as f64
     });
-    assert_eq!(counter(&b, "troupe_embeddings_computed_total"), 0);
+    assert_eq!(metric(&b, "troupe_embeddings_computed_total", &[]), 0.0);
     let replayed = actor_sum(&b, "user_features", "replayed_on_start");
     assert!(
         replayed <= 50,
@@ -1005,24 +1005,20 @@ fn jetstream_a_second_owner_fences_the_first_one() {
     wait_or_dump(&a, 60, "the old owner's partitions deposed", || {
         (0..4).all(|p| deposed(&a).contains(&format!("user_features-{p}")))
     });
-    assert!(a
-        .metrics()
-        .lines()
-        .any(|l| l.starts_with("troupe_consumers_deposed_total")
-            && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) >= Some(4.0)));
-    let applied_by_a: Vec<u64> = (0..4)
-        .map(|p| {
-            a.metrics()
-                .lines()
-                .find(|l| {
-                    l.starts_with("troupe_applied_offset{")
-                        && l.contains("consumer=\"user_features\"")
-                        && l.contains(&format!("stream=\"{p}\""))
-                })
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .unwrap_or(0.0) as u64
-        })
-        .collect();
+    assert!(metric(&a, "troupe_consumers_deposed_total", &[]) >= 4.0);
+    let applied_offsets = |node: &Node| -> Vec<f64> {
+        (0..4)
+            .map(|p| {
+                let stream = format!("stream=\"{p}\"");
+                metric(
+                    node,
+                    "troupe_applied_offset",
+                    &["consumer=\"user_features\"", &stream],
+                )
+            })
+            .collect()
+    };
+    let applied_by_a = applied_offsets(&a);
     // Deposed consumers apply nothing more.
     assert_eq!(b.post("/v1/events", &batch("third")).status, 200);
     wait_until(30, "the new owner applied everything", || {
@@ -1030,20 +1026,11 @@ fn jetstream_a_second_owner_fences_the_first_one() {
     });
     let applied = applied_items(&b, 20);
     assert!(applied.values().all(|&c| c == 1), "{applied:?}");
-    let still: Vec<u64> = (0..4)
-        .map(|p| {
-            a.metrics()
-                .lines()
-                .find(|l| {
-                    l.starts_with("troupe_applied_offset{")
-                        && l.contains("consumer=\"user_features\"")
-                        && l.contains(&format!("stream=\"{p}\""))
-                })
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .unwrap_or(0.0) as u64
-        })
-        .collect();
-    assert_eq!(still, applied_by_a, "a deposed consumer applied records");
+    assert_eq!(
+        applied_offsets(&a),
+        applied_by_a,
+        "a deposed consumer applied records"
+    );
     // The new owner is not deposed by anything the old one did.
     let cluster = b.get("/v1/cluster").body;
     assert!(deposed(&b).is_empty(), "{cluster}");
