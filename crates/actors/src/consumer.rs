@@ -288,8 +288,22 @@ impl Registry {
     }
 }
 
+/// A state write the store could not take now (its server unreachable): a running
+/// consumer postpones its checkpoint instead of failing.
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
 /// A state error as an actor error: a fenced write deposes the consumer (it stops for
-/// good, see [`Deposed`]); anything else fails it (restart with backoff).
+/// good, see [`Deposed`]); an unreachable store is [`Unavailable`]; anything else fails
+/// it (restart with backoff).
 fn state_failure(ctx: &Ctx, scope: &str, e: StateError) -> ActorProcessingErr {
     match e {
         StateError::Fenced { .. } => {
@@ -297,6 +311,7 @@ fn state_failure(ctx: &Ctx, scope: &str, e: StateError) -> ActorProcessingErr {
             ctx.metrics.deposed.inc();
             Deposed(format!("{scope}: {e}")).into()
         }
+        StateError::Unavailable(_) => Unavailable(format!("{scope}: {e}")).into(),
         e => format!("{scope}: {e}").into(),
     }
 }
@@ -359,6 +374,8 @@ pub struct ConsumerRuntime {
     /// A checkpoint an older build wrote in the embedded store's own table, read on start
     /// and deleted after the first full checkpoint through the state store.
     legacy: Option<String>,
+    /// No checkpoint is due before this (set when the state store was unreachable).
+    retry_at: Option<Instant>,
 }
 
 impl ConsumerRuntime {
@@ -386,6 +403,7 @@ impl ConsumerRuntime {
         Ok(ConsumerRuntime {
             claim,
             legacy: None,
+            retry_at: None,
             name: name.to_string(),
             kind,
             cursors: streams
@@ -505,7 +523,22 @@ impl ConsumerRuntime {
         };
         consumer.stepped(self);
         if self.checkpoint_due(ctx) {
-            self.checkpoint(ctx, consumer).await?;
+            match self.checkpoint(ctx, consumer).await {
+                Err(e) if e.downcast_ref::<Unavailable>().is_some() => {
+                    // Applying goes on; the checkpoint is tried again after an interval
+                    // (replay after a restart covers the records meanwhile).
+                    tracing::warn!(consumer = %self.name, error = %e, "checkpoint postponed: the state store is unreachable");
+                    ctx.metrics.checkpoints_postponed.inc();
+                    self.retry_at = Some(
+                        Instant::now()
+                            + ctx
+                                .settings
+                                .checkpoint_interval
+                                .max(std::time::Duration::from_secs(1)),
+                    );
+                }
+                r => r?,
+            }
         }
         Ok(n)
     }
@@ -626,6 +659,7 @@ impl ConsumerRuntime {
             .count()
             .max(1) as u64;
         self.since_checkpoint > 0
+            && self.retry_at.is_none_or(|t| Instant::now() >= t)
             && (self.since_checkpoint >= s.checkpoint_every_records.saturating_mul(partitions)
                 || self.last_checkpoint.elapsed() >= s.checkpoint_interval)
     }
@@ -663,6 +697,7 @@ impl ConsumerRuntime {
         ctx.metrics.checkpoints.get_or_create(&l).inc();
         self.since_checkpoint = 0;
         self.last_checkpoint = Instant::now();
+        self.retry_at = None;
         self.checkpoints += 1;
         if form == Form::Full {
             if let Some(old) = self.legacy.take() {

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub dead_letters: Counter,
     /// Consumers stopped because a newer owner claimed their scope.
     pub deposed: Counter,
+    /// Checkpoints put off because the state store was unreachable.
+    pub checkpoints_postponed: Counter,
     pub recommend_seconds: Histogram,
     pub recommendations: Family<Labels, Counter>,
     pub candidate_cache: Family<Labels, Counter>,
@@ -76,6 +78,7 @@ impl Metrics {
             actor_restarts: Family::default(),
             dead_letters: Counter::default(),
             deposed: Counter::default(),
+            checkpoints_postponed: Counter::default(),
             checkpoint_bytes: Family::default(),
             checkpoints: Family::default(),
             recommend_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 14)),
@@ -164,6 +167,11 @@ impl Metrics {
                 "dead_letters",
                 "Records moved to the dead letters",
                 m.dead_letters.clone(),
+            );
+            r.register(
+                "checkpoints_postponed",
+                "Checkpoints put off because the state store was unreachable",
+                m.checkpoints_postponed.clone(),
             );
             r.register(
                 "consumers_deposed",
