@@ -188,6 +188,8 @@ pub struct Registry {
 #[derive(Default)]
 struct Entry {
     claim: Option<Arc<tokio::sync::Mutex<Claim>>>,
+    /// The claim's epoch (fixed for the life of a claim; read without its lock).
+    epoch: u64,
     in_flight: Option<(u32, u64)>,
 }
 
@@ -227,12 +229,13 @@ impl Registry {
             }
         };
         tracing::info!(scope, epoch = claim.epoch(), owner = %self.owner, "scope claimed");
+        let epoch = claim.epoch();
         let claim = Arc::new(tokio::sync::Mutex::new(claim));
-        self.entries
-            .lock()
-            .entry(scope.to_string())
-            .or_default()
-            .claim = Some(claim.clone());
+        let mut entries = self.entries.lock();
+        let e = entries.entry(scope.to_string()).or_default();
+        e.claim = Some(claim.clone());
+        e.epoch = epoch;
+        drop(entries);
         Ok(claim)
     }
 
@@ -249,10 +252,8 @@ impl Registry {
             .entries
             .lock()
             .iter()
-            .filter_map(|(k, e)| {
-                let c = e.claim.as_ref()?.try_lock().ok()?;
-                Some((k.clone(), c.epoch()))
-            })
+            .filter(|(_, e)| e.claim.is_some())
+            .map(|(k, e)| (k.clone(), e.epoch))
             .collect();
         out.sort();
         out
