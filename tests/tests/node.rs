@@ -853,6 +853,15 @@ fn metric(node: &Node, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// A temporary folder with a data folder for each of two nodes, `a` and `b`.
+fn two_node_dirs() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b) = (root.path().join("a"), root.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    (root, a, b)
+}
+
 /// `[journal]` of [`FAST`] with retention on (records every checkpoint covers are deleted).
 fn fast_with_retention() -> String {
     FAST.replace("[journal]\n", "[journal]\nretention = true\n")
@@ -891,10 +900,7 @@ fn jetstream_node_on_an_empty_disk_rebuilds_from_shared_checkpoints() {
     let Some(server) = NatsServer::start() else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&dir_a).unwrap();
-    std::fs::create_dir_all(&dir_b).unwrap();
+    let (root, dir_a, dir_b) = two_node_dirs();
     let config = format!("{}{}", fast_with_retention(), jetstream_config(&server));
     let events = root.path().join("events.csv");
     let (n, users) = (3_000, 30);
@@ -971,10 +977,7 @@ fn jetstream_a_second_owner_fences_the_first_one() {
     let Some(server) = NatsServer::start() else {
         return;
     };
-    let root = tempfile::tempdir().unwrap();
-    let (dir_a, dir_b) = (root.path().join("a"), root.path().join("b"));
-    std::fs::create_dir_all(&dir_a).unwrap();
-    std::fs::create_dir_all(&dir_b).unwrap();
+    let (_root, dir_a, dir_b) = two_node_dirs();
     let config = format!("{FAST}{}", jetstream_config(&server));
     let a = Node::start(&dir_a, &config, &[]);
     let batch = |tag: &str| {

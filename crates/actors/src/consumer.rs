@@ -893,29 +893,28 @@ pub async fn count_failure(ctx: &Ctx, child: &str) {
     }
 }
 
-/// Highest offset of `stream` that every consumer reading it has checkpointed past,
-/// from the consumers' pointers in the state store (`None` while any of them has no
-/// checkpoint): retention deletes nothing a checkpoint still needs.
-pub async fn retainable(ctx: &Ctx, stream: u32) -> Result<Option<u64>, StateError> {
-    let mut low: Option<u64> = None;
-    for c in consumers(&ctx.settings)
-        .into_iter()
-        .filter(|c| c.streams.contains(&stream))
-    {
-        let Some((p, _)) = ctx.state.pointer(&c.scope).await? else {
-            return Ok(None);
-        };
-        let covered = p
-            .positions
-            .iter()
-            .find(|&&(s, _)| s == stream)
-            .map(|&(_, o)| o);
-        match (p.base.is_some(), covered) {
-            (true, Some(o)) => low = Some(low.map_or(o, |l| l.min(o))),
-            _ => return Ok(None),
+/// Per stream, the highest offset that every consumer reading it has checkpointed past,
+/// from the consumers' pointers in the state store, each read once. A stream is absent
+/// while any of its consumers has no checkpoint covering it: retention deletes nothing a
+/// checkpoint still needs.
+pub async fn retainable(ctx: &Ctx) -> Result<BTreeMap<u32, u64>, StateError> {
+    let mut low: BTreeMap<u32, Option<u64>> = BTreeMap::new();
+    for c in consumers(&ctx.settings) {
+        let pointer = ctx.state.pointer(&c.scope).await?.map(|(p, _)| p);
+        for &s in &c.streams {
+            let covered = pointer
+                .as_ref()
+                .filter(|p| p.base.is_some())
+                .and_then(|p| p.positions.iter().find(|&&(ps, _)| ps == s))
+                .map(|&(_, o)| o);
+            let slot = low.entry(s).or_insert(covered);
+            *slot = match (*slot, covered) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                _ => None,
+            };
         }
     }
-    Ok(low)
+    Ok(low.into_iter().filter_map(|(s, o)| Some((s, o?))).collect())
 }
 
 /// The format number every checkpoint starts with.
@@ -1200,7 +1199,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ctx = ctx(dir.path(), |_| {});
         let state = &*ctx.state;
-        assert_eq!(retainable(&ctx, 0).await.unwrap(), None);
+        assert_eq!(retainable(&ctx).await.unwrap().get(&0), None);
         let mut written = Vec::new();
         for c in consumers(&ctx.settings) {
             let mut claim = state.claim(&c.scope, "me").await.unwrap();
@@ -1225,10 +1224,11 @@ mod tests {
             written.push(c.scope);
         }
         assert_eq!(written.len(), 4, "catalog, item stats, two partitions");
-        assert_eq!(retainable(&ctx, 0).await.unwrap(), Some(4));
-        assert_eq!(retainable(&ctx, 1).await.unwrap(), Some(11));
+        let r = retainable(&ctx).await.unwrap();
+        assert_eq!(r.get(&0).copied(), Some(4));
+        assert_eq!(r.get(&1).copied(), Some(11));
         assert_eq!(
-            retainable(&ctx, CATALOG_STREAM).await.unwrap(),
+            r.get(&CATALOG_STREAM).copied(),
             Some(10 + CATALOG_STREAM as u64)
         );
     }

@@ -221,15 +221,14 @@ async fn retain(ctx: Arc<Ctx>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        for s in ctx.streams() {
-            let covered = match consumer::retainable(&ctx, s).await {
-                Ok(Some(c)) => c,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(stream = s, error = %e, "retention postponed");
-                    continue;
-                }
-            };
+        let covered = match consumer::retainable(&ctx).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "retention postponed");
+                continue;
+            }
+        };
+        for (s, covered) in covered {
             match ctx.log.truncate(s, covered.saturating_add(1)).await {
                 Ok(0) => {}
                 Ok(n) => {
