@@ -210,6 +210,44 @@ impl Node {
         n
     }
 
+    /// Starts a node on `port` with the config `text` written verbatim (cluster tests,
+    /// whose members must know each other's ports before any starts).
+    pub fn start_config(
+        dir: &std::path::Path,
+        port: u16,
+        text: &str,
+        env: &[(&str, &str)],
+    ) -> Node {
+        std::fs::create_dir_all(dir).expect("node dir");
+        let config = dir.join("node.toml");
+        std::fs::write(&config, text).expect("write config");
+        let mut n = Node {
+            dir: dir.to_path_buf(),
+            port,
+            config,
+            child: None,
+            starts: 0,
+            extra_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        n.spawn();
+        n
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `TERM`, ...) to the running process.
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill -{sig} failed");
+        }
+    }
+
     /// (Re)starts the process and waits for `/readyz`.
     pub fn spawn(&mut self) {
         self.starts += 1;

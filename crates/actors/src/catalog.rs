@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster_derive::RactorClusterMessage;
+use ractor_cluster_derive::RactorMessage;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
@@ -25,16 +25,14 @@ pub const CATALOG_CHECKPOINT_FORMAT: u16 = 3;
 /// Where an older build kept the checkpoint in the embedded store's own table.
 const LEGACY_NAME: &str = "catalog";
 
-#[derive(RactorClusterMessage)]
+#[derive(RactorMessage)]
 pub enum CatalogMsg {
     /// The head of a stream this consumer reads moved (from `consumer::follow_heads`).
     HeadMoved,
     Tick,
     /// Item ids seen in events (placeholders for unknown ones).
     Placeholders(ItemIds),
-    #[rpc]
     Checkpoint(RpcReplyPort<CheckpointReply>),
-    #[rpc]
     Observe(RpcReplyPort<Observation>),
 }
 

@@ -182,6 +182,10 @@ pub fn consumers(settings: &Settings) -> Vec<ConsumerSpec> {
 pub struct Registry {
     /// This process as an owner of scopes (`node name#pid-start time`).
     owner: String,
+    /// In a cluster every node runs its own singletons (catalog, item stats), each under
+    /// its own scope `<name>.<node>`; a partition's scope is the same on every node (one
+    /// owner at a time).
+    node_scope: Option<String>,
     entries: parking_lot::Mutex<FxHashMap<String, Entry>>,
 }
 
@@ -194,13 +198,24 @@ struct Entry {
 }
 
 impl Registry {
-    pub fn new(node_name: &str) -> Registry {
+    pub fn new(node_name: &str, cluster: bool) -> Registry {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         Registry {
             owner: format!("{node_name}#{}-{started}", std::process::id()),
+            node_scope: cluster.then(|| node_name.to_string()),
             entries: Default::default(),
+        }
+    }
+
+    /// The state scope of consumer `name` on this node.
+    pub fn scope_of(&self, name: &str) -> String {
+        match &self.node_scope {
+            Some(node) if !name.starts_with(crate::names::USER_FEATURES_PREFIX) => {
+                singleton_scope(name, node)
+            }
+            _ => name.to_string(),
         }
     }
 
@@ -220,8 +235,9 @@ impl Registry {
             return Ok(c);
         }
         let mut tries = 0;
+        let state_scope = self.scope_of(scope);
         let claim = loop {
-            match state.claim(scope, &self.owner).await {
+            match state.claim(&state_scope, &self.owner).await {
                 Ok(c) => break c,
                 // Another claimant raced this one: read again and raise past it.
                 Err(StateError::Conflict { .. }) if tries < 5 => tries += 1,
@@ -750,7 +766,7 @@ impl ConsumerRuntime {
         let name = self.name.clone();
         let loaded = ctx
             .state
-            .load(&name)
+            .load(&ctx.consumers.scope_of(&name))
             .await
             .map_err(|e| state_failure(ctx, &name, e))?;
         let (base, deltas) = match loaded {
@@ -899,9 +915,26 @@ pub async fn count_failure(ctx: &Ctx, child: &str) {
 /// checkpoint still needs.
 pub async fn retainable(ctx: &Ctx) -> Result<BTreeMap<u32, u64>, StateError> {
     let mut low: BTreeMap<u32, Option<u64>> = BTreeMap::new();
+    // In a cluster, every member's copy of a singleton counts.
+    let members: Vec<String> = ctx
+        .settings
+        .cluster
+        .as_ref()
+        .map(|c| c.members.iter().map(|m| m.name.clone()).collect())
+        .unwrap_or_default();
+    let mut scopes = Vec::new();
     for c in consumers(&ctx.settings) {
-        let pointer = ctx.state.pointer(&c.scope).await?.map(|(p, _)| p);
-        for &s in &c.streams {
+        if members.is_empty() || c.kind == Kind::UserFeatures {
+            scopes.push((c.scope.clone(), c.streams.clone()));
+        } else {
+            for m in &members {
+                scopes.push((singleton_scope(&c.scope, m), c.streams.clone()));
+            }
+        }
+    }
+    for (scope, streams) in scopes {
+        let pointer = ctx.state.pointer(&scope).await?.map(|(p, _)| p);
+        for &s in &streams {
             let covered = pointer
                 .as_ref()
                 .filter(|p| p.base.is_some())
@@ -915,6 +948,11 @@ pub async fn retainable(ctx: &Ctx) -> Result<BTreeMap<u32, u64>, StateError> {
         }
     }
     Ok(low.into_iter().filter_map(|(s, o)| Some((s, o?))).collect())
+}
+
+/// The scope of singleton consumer `name` run by cluster member `node`.
+pub fn singleton_scope(name: &str, node: &str) -> String {
+    format!("{name}.{node}")
 }
 
 /// The format number every checkpoint starts with.
@@ -1135,7 +1173,7 @@ mod tests {
         assert_eq!(ctx.consumers.claims(), vec![("c-0".to_string(), epoch)]);
         drop(again);
         // Another owner (another process) claims the scope.
-        let other = Registry::new("other");
+        let other = Registry::new("other", false);
         other.claim(&*ctx.state, "c-0").await.unwrap();
         let err = rt
             .write_checkpoint(&ctx, Form::Full, b"two".to_vec())

@@ -42,6 +42,9 @@ pub struct Health {
     pub journal_failed: AtomicBool,
     /// Intake stopped (graceful shutdown under way).
     pub draining: AtomicBool,
+    /// Cluster mode: a partition that is loading or replaying after a move does not make
+    /// the node unready (the node answers for it through its owner or degraded).
+    pub partitions_move: AtomicBool,
 }
 
 impl Health {
@@ -54,6 +57,9 @@ impl Health {
     pub fn recovering(&self) -> Vec<String> {
         self.recovering.lock().iter().cloned().collect()
     }
+    pub fn is_recovering(&self, name: &str) -> bool {
+        self.recovering.lock().contains(name)
+    }
     pub fn escalate(&self, reason: String) {
         let mut e = self.escalated.lock();
         if e.is_none() {
@@ -65,7 +71,11 @@ impl Health {
     }
     /// Ready to serve: nothing recovering, no escalation, journal writable, not draining.
     pub fn ready(&self) -> bool {
-        self.recovering.lock().is_empty()
+        let moving = self.partitions_move.load(Ordering::Relaxed);
+        self.recovering
+            .lock()
+            .iter()
+            .all(|n| moving && n.starts_with(crate::names::USER_FEATURES_PREFIX))
             && self.escalated.lock().is_none()
             && !self.journal_failed.load(Ordering::Relaxed)
             && !self.draining.load(Ordering::Relaxed)
@@ -105,6 +115,8 @@ pub struct Ctx {
     pub health: Health,
     pub metrics: Metrics,
     pub started: Instant,
+    /// Cluster mode: peers and partition leases (`None`: this node owns every partition).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl Ctx {
@@ -142,17 +154,40 @@ impl Ctx {
             tail,
             applied: (0..=p).map(head).collect(),
             state,
-            consumers: crate::consumer::Registry::new(&settings.node_name),
+            consumers: crate::consumer::Registry::new(
+                &settings.node_name,
+                settings.cluster.is_some(),
+            ),
             user_stores: (0..p).map(|_| RwLock::new(UserStore::default())).collect(),
             catalog: RwLock::new(CatalogView::default()),
             content: RwLock::new(ContentIndex::new(0, String::new())),
             als: ArcSwapOption::empty(),
-            health: Health::default(),
+            health: Health {
+                partitions_move: AtomicBool::new(settings.cluster.is_some()),
+                ..Default::default()
+            },
             metrics: Metrics::new(p as u32),
             started: Instant::now(),
+            cluster: settings.cluster.as_ref().map(|c| {
+                Arc::new(crate::cluster::Cluster::new(
+                    c.clone(),
+                    &settings.node_name,
+                    settings.partitions,
+                ))
+            }),
             settings,
             store,
             faults,
+        }
+    }
+
+    /// True when this node answers for partition `p` from its own state: always on a
+    /// single node; in a cluster, while it holds `p`'s lease and has finished loading and
+    /// replaying it.
+    pub fn serving(&self, p: u32) -> bool {
+        match &self.cluster {
+            None => true,
+            Some(c) => c.holds(p) && !self.health.is_recovering(&crate::names::user_features(p)),
         }
     }
 

@@ -7,7 +7,7 @@ use crate::Discard;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster_derive::RactorClusterMessage;
+use ractor_cluster_derive::RactorMessage;
 use tokio::sync::Semaphore;
 use troupe_models::content::TextEncoder;
 
@@ -16,11 +16,10 @@ use crate::messages::{ItemTexts, Observation};
 use crate::names;
 use crate::record::hash128;
 
-#[derive(RactorClusterMessage)]
+#[derive(RactorMessage)]
 pub enum ContentEncoderMsg {
     /// `(item id, text)` pairs to embed.
     Encode(ItemTexts),
-    #[rpc]
     Observe(RpcReplyPort<Observation>),
 }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster_derive::RactorClusterMessage;
+use ractor_cluster_derive::RactorMessage;
 use serde::{Deserialize, Serialize};
 
 use crate::consumer::{Apply, Consumer, ConsumerRuntime, Cursors};
@@ -76,17 +76,14 @@ pub struct UserQuery {
 
 wire_payload!(UserView, UserQuery);
 
-#[derive(RactorClusterMessage)]
+#[derive(RactorMessage)]
 pub enum UserFeaturesMsg {
     /// The head of a stream this consumer reads moved (from `consumer::follow_heads`).
     HeadMoved,
     /// Catch up with the journal head (sent periodically).
     Tick,
-    #[rpc]
     GetUser(UserQuery, RpcReplyPort<UserView>),
-    #[rpc]
     Checkpoint(RpcReplyPort<CheckpointReply>),
-    #[rpc]
     Observe(RpcReplyPort<Observation>),
 }
 

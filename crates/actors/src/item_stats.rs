@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster_derive::RactorClusterMessage;
+use ractor_cluster_derive::RactorMessage;
 use serde::{Deserialize, Serialize};
 use troupe_models::dataset::IdMap;
 use troupe_models::popularity::Popularity;
@@ -44,16 +44,13 @@ pub struct TopReply {
 
 wire_payload!(TopRequest, TopReply);
 
-#[derive(RactorClusterMessage)]
+#[derive(RactorMessage)]
 pub enum ItemStatsMsg {
     /// The head of a stream this consumer reads moved (from `consumer::follow_heads`).
     HeadMoved,
     Tick,
-    #[rpc]
     Top(TopRequest, RpcReplyPort<TopReply>),
-    #[rpc]
     Checkpoint(RpcReplyPort<CheckpointReply>),
-    #[rpc]
     Observe(RpcReplyPort<Observation>),
 }
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster_derive::RactorClusterMessage;
+use ractor_cluster_derive::RactorMessage;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
@@ -95,13 +95,11 @@ pub struct AppendReply {
 
 wire_payload!(AppendRequest, AppendReply);
 
-#[derive(RactorClusterMessage)]
+#[derive(RactorMessage)]
 pub enum JournalMsg {
-    #[rpc]
     Append(AppendRequest, RpcReplyPort<AppendReply>),
     /// Commit what is pending (sent to itself).
     Flush,
-    #[rpc]
     Observe(RpcReplyPort<Observation>),
 }
 

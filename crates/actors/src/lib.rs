@@ -29,6 +29,7 @@
 pub mod alloc;
 pub mod breaker;
 pub mod catalog;
+pub mod cluster;
 pub mod codec;
 pub mod consumer;
 pub mod content_index;

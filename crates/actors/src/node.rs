@@ -36,6 +36,11 @@ pub struct NodeHandle {
     pub ctx: Arc<Ctx>,
     pub root: ActorRef<SupervisorMsg>,
     pub root_done: tokio::task::JoinHandle<()>,
+    /// Cluster mode: sessions to the peers and the partition leases.
+    pub cluster: Option<(
+        crate::cluster::membership::Membership,
+        crate::cluster::lease::LeaseHandle,
+    )>,
 }
 
 /// Errors calling into the node's actors.
@@ -105,6 +110,22 @@ fn children(ctx: &Arc<Ctx>, encoder: Arc<dyn TextEncoder>, encoder_name: String)
             singletons.push(spec);
         }
     }
+    // In a cluster the partitions start and stop with their leases (`cluster::lease`),
+    // and one that keeps failing is given up, not escalated.
+    let on_give_up = ctx.cluster.clone().map(|cl| {
+        let hook: crate::supervisor::GiveUpHook = Arc::new(move |child: &str, why: &str| {
+            if let Some(p) = child
+                .strip_prefix(names::USER_FEATURES_PREFIX)
+                .and_then(|p| p.parse().ok())
+            {
+                cl.give_up(p, why);
+            }
+        });
+        hook
+    });
+    if on_give_up.is_some() {
+        partitions.clear();
+    }
     let c = ctx.clone();
     let psup = ChildSpec::new(names::PARTITIONS_SUPERVISOR, policy.clone(), move || {
         let c2 = c.clone();
@@ -114,6 +135,7 @@ fn children(ctx: &Arc<Ctx>, encoder: Arc<dyn TextEncoder>, encoder_name: String)
                 children: partitions.clone(),
                 on_failure: Some(failure_counter(&c2)),
                 on_escalate: None,
+                on_give_up: on_give_up.clone(),
             },
         )
     });
@@ -184,6 +206,7 @@ pub async fn start(
         on_escalate: Some(Arc::new(move |reason: &str| {
             c2.health.escalate(reason.to_string())
         })),
+        on_give_up: None,
     };
     let (root, done) =
         Actor::spawn(Some(names::NODE_SUPERVISOR.to_string()), Supervisor, args).await?;
@@ -191,10 +214,31 @@ pub async fn start(
     if ctx.settings.retention {
         tokio::spawn(retain(ctx.clone()));
     }
+    let cluster = match ctx.cluster.clone() {
+        None => None,
+        Some(cl) => {
+            let membership = crate::cluster::membership::start(ctx.clone(), cl.clone())
+                .await
+                .map_err(|e| ractor::SpawnErr::StartupFailed(e.into()))?;
+            let c = ctx.clone();
+            let policy = ctx.settings.restart.clone();
+            let make: crate::cluster::lease::MakeChild = Arc::new(move |p| {
+                let spec = consumer::ConsumerSpec {
+                    scope: names::user_features(p),
+                    kind: consumer::Kind::UserFeatures,
+                    streams: vec![p],
+                };
+                consumer_child(&c, &spec, &policy)
+            });
+            let leases = crate::cluster::lease::start(ctx.clone(), cl, make);
+            Some((membership, leases))
+        }
+    };
     Ok(NodeHandle {
         ctx,
         root,
         root_done: done,
+        cluster,
     })
 }
 
@@ -288,6 +332,13 @@ pub async fn observe_all(
         call(names::CONTENT_ENCODER, timeout, ContentEncoderMsg::Observe).await,
     ));
     for c in consumer::consumers(&ctx.settings) {
+        // A cluster node runs only the partitions it holds.
+        if c.kind == consumer::Kind::UserFeatures
+            && ctx.cluster.is_some()
+            && ractor::registry::where_is(c.scope.clone()).is_none()
+        {
+            continue;
+        }
         let r = match c.kind {
             consumer::Kind::Catalog => call(&c.scope, timeout, CatalogMsg::Observe).await,
             consumer::Kind::ItemStats => call(&c.scope, timeout, ItemStatsMsg::Observe).await,
@@ -327,8 +378,16 @@ pub async fn shutdown(handle: NodeHandle) -> Vec<String> {
             problems.push(format!("journal: {e}"));
         }
     }
+    // A cluster node checkpoints, stops and releases the partitions it holds first, so
+    // their next owners take them at once instead of waiting for the leases to lapse.
+    if let Some((_, leases)) = &handle.cluster {
+        problems.extend(leases.release_all().await);
+    }
     let mut results: Vec<(String, Result<CheckpointReply, CallError>)> = Vec::new();
     for c in consumer::consumers(&ctx.settings) {
+        if c.kind == consumer::Kind::UserFeatures && handle.cluster.is_some() {
+            continue;
+        }
         let r = match c.kind {
             consumer::Kind::UserFeatures => call(&c.scope, t, UserFeaturesMsg::Checkpoint).await,
             consumer::Kind::ItemStats => call(&c.scope, t, ItemStatsMsg::Checkpoint).await,
@@ -348,6 +407,9 @@ pub async fn shutdown(handle: NodeHandle) -> Vec<String> {
     }
     if tokio::time::timeout(t, handle.root_done).await.is_err() {
         problems.push("supervision tree did not stop in time".into());
+    }
+    if let Some((membership, _)) = handle.cluster {
+        membership.stop();
     }
     problems
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster_derive::RactorClusterMessage;
+use ractor_cluster_derive::RactorMessage;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use troupe_models::blend::{self, BranchList};
@@ -95,6 +95,12 @@ pub struct RecommendReply {
     /// says so. `None` for a normal answer.
     pub fallback: Option<Fallback>,
     pub error: Option<String>,
+    /// The node that computed the answer.
+    pub served_by: String,
+    /// How the request reached it: `local` (this node serves the user's partition),
+    /// `forwarded` (answered by the partition's owner), or, for a degraded answer without
+    /// the user's features, `owner_unreachable` / `no_owner` (the partition is moving).
+    pub route: String,
 }
 
 /// What an answer fell back to (see `RecommendReply::fallback`).
@@ -130,13 +136,10 @@ wire_payload!(
     SimilarReply
 );
 
-#[derive(RactorClusterMessage)]
+#[derive(RactorMessage)]
 pub enum RankerMsg {
-    #[rpc]
     Recommend(RecommendRequest, RpcReplyPort<RecommendReply>),
-    #[rpc]
     Similar(SimilarRequest, RpcReplyPort<SimilarReply>),
-    #[rpc]
     Observe(RpcReplyPort<Observation>),
 }
 
@@ -583,6 +586,8 @@ impl RankerCore {
         let mut reply = RecommendReply {
             version: WIRE_VERSION,
             request_id: req.request_id.clone(),
+            served_by: ctx.settings.node_name.clone(),
+            route: "local".into(),
             user: req.user.clone(),
             content_encoder: ctx.content.read().encoder.clone(),
             ..Default::default()
@@ -593,8 +598,12 @@ impl RankerCore {
         // is unreachable (the head this node knows may be behind).
         let target = req.min_offset.unwrap_or_else(|| ctx.head(p));
         reply.awaited_offset = target;
-        reply.stale =
-            !ctx.wait_applied(p, target, s.ranker.freshness_wait).await || !ctx.log.writable();
+        // A cluster node asked for a partition it does not serve (its owner unreachable,
+        // or the partition moving) answers without the user's features: degraded, stale.
+        let local = ctx.serving(p);
+        reply.stale = !local
+            || !ctx.wait_applied(p, target, s.ranker.freshness_wait).await
+            || !ctx.log.writable();
         let k = req.k.max(1) as usize;
         let n = s.ranker.candidates.max(k);
         let als_version = ctx.als.load().as_ref().map_or(0, |m| m.version);
@@ -602,7 +611,7 @@ impl RankerCore {
         let cache = self
             .cache
             .as_ref()
-            .filter(|_| req.exclude.is_empty() && req.now_ms == 0);
+            .filter(|_| local && req.exclude.is_empty() && req.now_ms == 0);
         let key = (req.user.clone(), req.category.clone());
         let cached = cache
             .and_then(|c| c.get(&key))
@@ -621,7 +630,8 @@ impl RankerCore {
                 }
                 v => (None, v),
             },
-            None => (None, self.fetch_user(&req.user, p, 0).await),
+            None if local => (None, self.fetch_user(&req.user, p, 0).await),
+            None => (None, None),
         };
         // Indices into CACHE_OUTCOMES.
         let outcome = match (&cache, &hit) {

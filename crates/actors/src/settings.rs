@@ -63,6 +63,58 @@ pub struct Settings {
     pub restart: RestartPolicy,
     /// Journal records older than every consumer's position are deleted when true.
     pub retention: bool,
+    /// Cluster mode (`None`: one node that owns every partition).
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// A configured member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    /// Where its ractor_cluster node server listens (`host:port`, resolved on every
+    /// connection attempt).
+    pub cluster_addr: String,
+    /// Its HTTP API (shown in `/v1/cluster`).
+    pub http_addr: String,
+}
+
+/// How the nodes of a cluster find each other and share partitions.
+#[derive(Clone)]
+pub struct ClusterSettings {
+    pub members: Vec<Member>,
+    /// The shared secret of ractor_cluster's handshake (never logged).
+    pub cookie: String,
+    /// Liveness calls to every peer this often; `heartbeat_misses` missed in a row mark
+    /// it unresponsive.
+    pub heartbeat: Duration,
+    pub heartbeat_misses: u32,
+    /// A session that has not authenticated within this is closed.
+    pub handshake_timeout: Duration,
+    /// Reconnect backoff: doubles from `heartbeat` up to this.
+    pub reconnect_max: Duration,
+    /// A partition lease not renewed for this long may be taken by another node.
+    pub lease_period: Duration,
+    /// Leases (and this node's member record) are renewed this often.
+    pub lease_renew: Duration,
+    /// At most one partition handed to a returning or joining node per this interval.
+    pub rebalance_interval: Duration,
+    /// Deadline of a request forwarded to a partition's owner.
+    pub forward_timeout: Duration,
+}
+
+impl std::fmt::Debug for ClusterSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterSettings")
+            .field("members", &self.members)
+            .field("cookie", &"<redacted>")
+            .field("heartbeat", &self.heartbeat)
+            .field("heartbeat_misses", &self.heartbeat_misses)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("lease_period", &self.lease_period)
+            .field("lease_renew", &self.lease_renew)
+            .field("rebalance_interval", &self.rebalance_interval)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +216,7 @@ impl Settings {
             },
             restart: RestartPolicy::default(),
             retention: false,
+            cluster: None,
         }
     }
 }

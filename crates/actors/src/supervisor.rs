@@ -108,13 +108,24 @@ pub struct SupervisorArgs {
     pub on_failure: Option<FailureCounter>,
     /// Called when this supervisor escalates (the root uses it to mark the node unhealthy).
     pub on_escalate: Option<FailureHook>,
+    /// When set, a child that exceeds its restart intensity (or fails fatally) is removed
+    /// and reported here, `(child, reason)`, instead of the supervisor escalating: the
+    /// partitions of a cluster node, where one bad partition must not take the node down.
+    pub on_give_up: Option<GiveUpHook>,
 }
+
+/// See [`SupervisorArgs::on_give_up`].
+pub type GiveUpHook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// Supervisor messages.
 #[derive(RactorMessage)]
 pub enum SupervisorMsg {
-    /// Restart child `index` (sent to itself after the backoff).
-    Restart(usize),
+    /// Restart the named child (sent to itself after the backoff).
+    Restart(String),
+    /// Start and supervise one more child (refused while a child of that name runs).
+    Add(ChildSpec, RpcReplyPort<Result<(), String>>),
+    /// Stop a child, waiting for it, and forget it (no restart, no failure counted).
+    Remove(String, RpcReplyPort<bool>),
     Observe(RpcReplyPort<SupervisorSnapshot>),
     /// Stop children in reverse start order, waiting for each, then stop.
     Shutdown(RpcReplyPort<()>),
@@ -153,6 +164,7 @@ pub struct SupervisorState {
     children: Vec<Child>,
     on_failure: Option<FailureCounter>,
     on_escalate: Option<FailureHook>,
+    on_give_up: Option<GiveUpHook>,
     stopping: bool,
 }
 
@@ -227,7 +239,7 @@ impl Supervisor {
             child.recent.pop_front();
         }
         let n = child.recent.len() as u32;
-        if fatal || n > policy.max_restarts {
+        if state.on_give_up.is_none() && (fatal || n > policy.max_restarts) {
             let reason = if fatal {
                 format!(
                     "escalate: child {} failed in a way {FATAL_MARK}: {}",
@@ -247,7 +259,16 @@ impl Supervisor {
             myself.stop(Some(reason));
             return;
         }
-        myself.send_after(backoff(&policy, n), move || SupervisorMsg::Restart(idx));
+        if let Some(give_up) = state.on_give_up.clone() {
+            if fatal || n > policy.max_restarts {
+                let child = state.children.remove(idx);
+                tracing::error!(child = %child.spec.name, reason = %why, "child given up");
+                give_up(&child.spec.name, &why);
+                return;
+            }
+        }
+        let name = state.children[idx].spec.name.clone();
+        myself.send_after(backoff(&policy, n), move || SupervisorMsg::Restart(name));
     }
 }
 
@@ -278,6 +299,7 @@ impl Actor for Supervisor {
             children,
             on_failure: args.on_failure,
             on_escalate: args.on_escalate,
+            on_give_up: args.on_give_up,
             stopping: false,
         })
     }
@@ -289,10 +311,14 @@ impl Actor for Supervisor {
         state: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            SupervisorMsg::Restart(idx) => {
+            SupervisorMsg::Restart(name) => {
                 if state.stopping {
                     return Ok(());
                 }
+                // A child removed since its failure is not restarted.
+                let Some(idx) = state.children.iter().position(|c| c.spec.name == name) else {
+                    return Ok(());
+                };
                 let child = &mut state.children[idx];
                 if child.cell.is_some() {
                     return Ok(());
@@ -309,6 +335,54 @@ impl Actor for Supervisor {
                         Self::child_down(&myself, state, idx, format!("start failed: {e}"), false);
                     }
                 }
+            }
+            SupervisorMsg::Add(spec, reply) => {
+                if state.stopping {
+                    reply
+                        .send(Err("the supervisor is stopping".into()))
+                        .discard();
+                    return Ok(());
+                }
+                if let Some(i) = state.children.iter().position(|c| c.spec.name == spec.name) {
+                    if state.children[i].cell.is_some() {
+                        reply
+                            .send(Err(format!("{} is already running", spec.name)))
+                            .discard();
+                        return Ok(());
+                    }
+                    state.children.remove(i);
+                }
+                match (spec.start)(myself.get_cell()).await {
+                    Ok(cell) => {
+                        state.children.push(Child {
+                            spec,
+                            cell: Some(cell),
+                            recent: VecDeque::new(),
+                            restarts: 0,
+                            generation: 1,
+                            last_failure: None,
+                            deposed: false,
+                        });
+                        reply.send(Ok(())).discard();
+                    }
+                    Err(e) => reply.send(Err(format!("{}: {e}", spec.name))).discard(),
+                }
+            }
+            SupervisorMsg::Remove(name, reply) => {
+                let found = state.children.iter().position(|c| c.spec.name == name);
+                if let Some(i) = found {
+                    let child = state.children.remove(i);
+                    // Its termination event finds no child any more and is ignored.
+                    if let Some(cell) = child.cell {
+                        if let Err(e) = cell
+                            .stop_and_wait(Some("removed".into()), Some(Duration::from_secs(30)))
+                            .await
+                        {
+                            tracing::warn!(child = %name, error = %e, "child did not stop in time");
+                        }
+                    }
+                }
+                reply.send(found.is_some()).discard();
             }
             SupervisorMsg::Observe(reply) => {
                 let snap = SupervisorSnapshot {

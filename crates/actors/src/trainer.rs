@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use ractor_cluster_derive::RactorClusterMessage;
+use ractor_cluster_derive::RactorMessage;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use troupe_models::als::{self, FoldIn};
@@ -116,16 +116,13 @@ pub struct RollbackReply {
 
 wire_payload!(RetrainReport, RollbackReply);
 
-#[derive(RactorClusterMessage)]
+#[derive(RactorMessage)]
 pub enum AlsTrainerMsg {
     Tick,
     /// A training task finished (its result waits in the state).
     Trained(u64),
-    #[rpc]
     Retrain(RpcReplyPort<RetrainReport>),
-    #[rpc]
     Rollback(RpcReplyPort<RollbackReply>),
-    #[rpc]
     Observe(RpcReplyPort<Observation>),
 }
 

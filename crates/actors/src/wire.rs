@@ -1,5 +1,11 @@
-//! Cluster-ready message payloads: structs that travel inside `RactorClusterMessage`
-//! enums implement `ractor::BytesConvertable` with bincode, and carry a `version` field.
+//! Versioned message payloads: structs that may travel between nodes implement
+//! `ractor::BytesConvertable` with bincode and carry a `version` field.
+//!
+//! Only the gateway ([`crate::cluster::gateway`]) has a remote message type. The local
+//! actors' message enums are deliberately not serialisable: ractor_cluster advertises
+//! every actor with a serialisable message type to each peer, which registers it there
+//! under its name, colliding with the peer's own actor of that name (and unregistering
+//! it when the session closes).
 //!
 //! ractor drops a remote message that fails to decode with only a debug log, and its
 //! trait cannot return an error; so a payload that does not decode becomes its `Default`

@@ -39,6 +39,7 @@ pub struct Config {
     pub http: HttpSection,
     pub journal: JournalSection,
     pub log: LogSection,
+    pub cluster: ClusterSection,
     pub features: FeaturesSection,
     pub events: EventsSection,
     pub popularity: PopularitySection,
@@ -89,6 +90,35 @@ pub struct JournalSection {
     pub retention: bool,
     /// Page cache of the embedded store (MiB).
     pub cache_mb: usize,
+}
+
+/// Cluster mode: the members, their cookie, leases.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Every member (this node is the one whose name is `node.name`); empty: one node.
+    pub members: Vec<MemberEntry>,
+    /// File holding the cookie (used when `TROUPE_CLUSTER_COOKIE` is not set).
+    pub cookie_file: String,
+    /// Read from the environment or `cookie_file`, never from this file.
+    #[serde(skip)]
+    pub cookie: Secret,
+    pub heartbeat_ms: u64,
+    pub heartbeat_misses: u32,
+    pub handshake_timeout_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub lease_period_ms: u64,
+    pub lease_renew_ms: u64,
+    pub rebalance_interval_ms: u64,
+    pub forward_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MemberEntry {
+    pub name: String,
+    pub cluster_addr: String,
+    pub http_addr: String,
 }
 
 /// Where records and state live.
@@ -268,6 +298,19 @@ impl Default for Config {
                     tls_ca_file: String::new(),
                 },
             },
+            cluster: ClusterSection {
+                members: Vec::new(),
+                cookie_file: String::new(),
+                cookie: Secret::default(),
+                heartbeat_ms: 1_000,
+                heartbeat_misses: 3,
+                handshake_timeout_ms: 5_000,
+                reconnect_max_ms: 5_000,
+                lease_period_ms: 15_000,
+                lease_renew_ms: 3_000,
+                rebalance_interval_ms: 2_000,
+                forward_timeout_ms: 1_000,
+            },
             features: FeaturesSection {
                 history_len: 200,
                 checkpoint_every_records: 50_000,
@@ -373,6 +416,7 @@ default_from!(
     HttpSection.http,
     JournalSection.journal,
     LogSection.log,
+    ClusterSection.cluster,
     FeaturesSection.features,
     EventsSection.events,
     PopularitySection.popularity,
@@ -452,6 +496,27 @@ impl Config {
         if let Some(v) = get("TROUPE_OTLP_ENDPOINT") {
             self.telemetry.otlp_endpoint = v;
         }
+        if let Some(v) = get("TROUPE_CLUSTER_COOKIE") {
+            self.cluster.cookie = Secret(v);
+        }
+    }
+
+    /// Reads the cluster cookie from `cluster.cookie_file` unless the environment gave
+    /// one (only in cluster mode).
+    pub fn resolve_cookie(&mut self) -> Result<(), String> {
+        let c = &mut self.cluster;
+        if c.members.is_empty() || !c.cookie.0.is_empty() || c.cookie_file.is_empty() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&c.cookie_file)
+            .map_err(|e| format!("cluster.cookie_file {}: {e}", c.cookie_file))?;
+        c.cookie = Secret(text.trim().to_string());
+        Ok(())
+    }
+
+    /// True when `[cluster] members` is set.
+    pub fn clustered(&self) -> bool {
+        !self.cluster.members.is_empty()
     }
 
     /// Every problem with the values, at once.
@@ -532,6 +597,80 @@ impl Config {
             need(
                 !j.url.trim().is_empty(),
                 "log.jetstream.url must not be empty",
+            );
+        }
+        if self.clustered() {
+            let c = &self.cluster;
+            need(
+                self.log.backend == "jetstream",
+                "cluster mode ([cluster] members) needs log.backend = \"jetstream\": a partition can only move to another node when its record is in a shared log",
+            );
+            let valid_name = |n: &str| {
+                !n.is_empty()
+                    && n.len() <= 64
+                    && n.chars()
+                        .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
+            };
+            for (i, m) in c.members.iter().enumerate() {
+                need(
+                    valid_name(&m.name),
+                    &format!(
+                        "cluster.members[{i}].name `{}` must be 1-64 of A-Z a-z 0-9 - _",
+                        m.name
+                    ),
+                );
+                need(
+                    m.cluster_addr.rsplit_once(':').is_some_and(|(h, p)| {
+                        !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
+                    }),
+                    &format!(
+                        "cluster.members[{i}].cluster_addr `{}` must be host:port",
+                        m.cluster_addr
+                    ),
+                );
+                need(
+                    m.http_addr
+                        .rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
+                    &format!(
+                        "cluster.members[{i}].http_addr `{}` must be host:port",
+                        m.http_addr
+                    ),
+                );
+                need(
+                    c.members.iter().filter(|o| o.name == m.name).count() == 1,
+                    &format!(
+                        "cluster.members: the name `{}` appears more than once",
+                        m.name
+                    ),
+                );
+            }
+            need(
+                c.members.iter().any(|m| m.name == self.node.name),
+                &format!(
+                    "node.name `{}` is not among cluster.members",
+                    self.node.name
+                ),
+            );
+            need(
+                !c.cookie.0.is_empty(),
+                "cluster mode needs a cookie: set TROUPE_CLUSTER_COOKIE or cluster.cookie_file",
+            );
+            need(
+                c.heartbeat_ms >= 10 && c.heartbeat_misses >= 1,
+                "cluster.heartbeat_ms must be >= 10 and cluster.heartbeat_misses >= 1",
+            );
+            need(
+                c.handshake_timeout_ms >= 10 && c.reconnect_max_ms >= c.heartbeat_ms,
+                "cluster.handshake_timeout_ms must be >= 10 and cluster.reconnect_max_ms >= cluster.heartbeat_ms",
+            );
+            need(
+                c.lease_renew_ms >= 10 && c.lease_renew_ms.saturating_mul(3) <= c.lease_period_ms,
+                "cluster.lease_renew_ms must be >= 10 and at most a third of cluster.lease_period_ms",
+            );
+            need(
+                c.forward_timeout_ms >= 1,
+                "cluster.forward_timeout_ms must be >= 1",
             );
         }
         need(
@@ -755,6 +894,29 @@ impl Config {
             cache_ttl: ms(self.ranker.cache_ttl_ms),
             popularity_refresh: ms(self.ranker.popularity_refresh_ms),
         };
+        if self.clustered() {
+            let c = &self.cluster;
+            s.cluster = Some(troupe_actors::settings::ClusterSettings {
+                members: c
+                    .members
+                    .iter()
+                    .map(|m| troupe_actors::settings::Member {
+                        name: m.name.clone(),
+                        cluster_addr: m.cluster_addr.clone(),
+                        http_addr: m.http_addr.clone(),
+                    })
+                    .collect(),
+                cookie: c.cookie.0.clone(),
+                heartbeat: ms(c.heartbeat_ms),
+                heartbeat_misses: c.heartbeat_misses,
+                handshake_timeout: ms(c.handshake_timeout_ms),
+                reconnect_max: ms(c.reconnect_max_ms),
+                lease_period: ms(c.lease_period_ms),
+                lease_renew: ms(c.lease_renew_ms),
+                rebalance_interval: ms(c.rebalance_interval_ms),
+                forward_timeout: ms(c.forward_timeout_ms),
+            });
+        }
         s.restart = RestartPolicy {
             max_restarts: self.supervision.max_restarts,
             window: ms(self.supervision.window_ms),

@@ -38,7 +38,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use troupe_actors::ctx::Ctx;
-use troupe_actors::features::{UserFeaturesMsg, UserQuery};
+use troupe_actors::features::UserQuery;
 use troupe_actors::journal::{AppendEntry, Position};
 use troupe_actors::log::LogError;
 use troupe_actors::names;
@@ -1163,10 +1163,7 @@ async fn recommend(
         now_ms: 0,
         min_offset: q.min_offset()?,
     };
-    let reply = node::call(names::RANKER, st.opts.request_timeout, |p| {
-        RankerMsg::Recommend(req, p)
-    })
-    .await?;
+    let reply = troupe_actors::cluster::recommend(&st.ctx, req, st.opts.request_timeout).await?;
     if let Some(e) = reply.error {
         return Err(ApiError::unavailable(e));
     }
@@ -1199,6 +1196,8 @@ async fn recommend(
         cold_start: reply.cold_start,
         cached: reply.cached,
         fallback: reply.fallback.as_ref(),
+        served_by: &reply.served_by,
+        route: &reply.route,
         branches: if explain {
             BranchesOut::Full(&reply.branches)
         } else {
@@ -1232,6 +1231,8 @@ struct RecommendationsOut<'a> {
     cached: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     fallback: Option<&'a troupe_actors::ranker::Fallback>,
+    served_by: &'a str,
+    route: &'a str,
     branches: BranchesOut<'a>,
 }
 
@@ -1316,16 +1317,15 @@ async fn get_user(
     let user = path_id("id", path)?;
     let q = Params::parse(q.0, &["min_offset"], &[])?;
     let p = partition_of(&user, st.ctx.settings.partitions);
-    let stale = wait_fresh(&st, p, q.min_offset()?).await;
     let query = UserQuery {
         version: WIRE_VERSION,
         user: user.clone(),
         unchanged_since: 0,
     };
-    let v = node::call(&names::user_features(p), st.opts.request_timeout, |port| {
-        UserFeaturesMsg::GetUser(query, port)
-    })
-    .await?;
+    let (v, stale) =
+        troupe_actors::cluster::user_view(&st.ctx, query, q.min_offset()?, st.opts.request_timeout)
+            .await
+            .map_err(ApiError::unavailable)?;
     if !v.known {
         return Err(ApiError::not_found(format!("no events for user `{user}`")));
     }
@@ -1394,6 +1394,7 @@ async fn cluster(State(st): State<AppState>, _a: Admitted<Ops>, q: RawQuery) -> 
             "owner": st.ctx.consumers.owner(),
             "claims": st.ctx.consumers.claims().into_iter().map(|(scope, epoch)| json!({"scope": scope, "epoch": epoch})).collect::<Vec<_>>(),
         },
+        "cluster": st.ctx.cluster.as_ref().map(|c| c.describe(&st.ctx)),
         "journal_heads": streams(&|s| st.ctx.head(s)),
         "applied": streams(&|s| st.ctx.applied(s)),
         "als_model_version": st.ctx.als.load().as_ref().map(|m| m.version),

@@ -25,6 +25,10 @@ pub struct NodeArgs {
     /// Configuration file (see the documented example `cluster.toml`).
     #[arg(long, default_value = "cluster.toml")]
     pub config: PathBuf,
+    /// Validate the file (and the environment's overrides and cookie) and exit: 0 when
+    /// it is usable, 2 with every problem otherwise.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// A booted node: actors running, HTTP listening.
@@ -106,6 +110,8 @@ const LOG_LAYOUT: u32 = 1;
 pub fn load_config(path: &std::path::Path) -> Result<Config, CliError> {
     let mut cfg = Config::load(path).map_err(CliError::input)?;
     cfg.apply_env(|k| std::env::var(k).ok());
+    cfg.resolve_cookie()
+        .map_err(|e| CliError::input(format!("{}: {e}", path.display())))?;
     let allowed = std::env::var("TROUPE_ALLOW_FAULTS").is_ok_and(|v| v == "1");
     let problems = cfg.validate(allowed);
     if !problems.is_empty() {
@@ -225,6 +231,16 @@ pub async fn stop(b: Booted) -> Vec<String> {
     problems
 }
 
+/// Two TLS providers are linked in (ring for the NATS client, aws-lc through
+/// ractor_cluster); rustls cannot pick one by itself, so ring is installed for the
+/// process before anything builds a TLS configuration.
+pub fn install_tls_provider() {
+    // Already installed (a second boot in one process): nothing to do.
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .discard();
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn terminate_signal() {
     let ctrl_c = async {
@@ -287,6 +303,21 @@ pub async fn serve_until_stopped(mut b: Booted) -> Result<(), CliError> {
 
 pub fn run(args: NodeArgs, verbose: bool) -> Result<(), CliError> {
     let cfg = load_config(&args.config)?;
+    if args.check_config {
+        println!(
+            "{}: valid (node {}, log {}, {})",
+            args.config.display(),
+            cfg.node.name,
+            cfg.log.backend,
+            if cfg.clustered() {
+                format!("cluster of {} members", cfg.cluster.members.len())
+            } else {
+                "single node".to_string()
+            }
+        );
+        return Ok(());
+    }
+    install_tls_provider();
     troupe_actors::alloc::limit_arenas();
     let rt = runtime()?;
     // The batch exporter runs on its own thread; the runtime only needs to exist.

@@ -1,0 +1,337 @@
+//! Sessions between members over ractor_cluster, and their liveness.
+//!
+//! ractor_cluster notices only closed sockets, never reconnects, has no handshake
+//! deadline and lets a client believe a connection with a wrong cookie succeeded. So:
+//! - the member with the smaller name dials the other (one session per pair, no
+//!   simultaneous-connect races), re-resolving the address on every attempt, with a
+//!   backoff that doubles from `heartbeat` up to `reconnect_max`;
+//! - every session must authenticate within `handshake_timeout` or it is closed;
+//! - a session that closes before authenticating marks its peer `refused` with the
+//!   reason, on both sides (the dialler knows whom it dialled; the listener learns the
+//!   peer's name before the cookie check);
+//! - every `heartbeat` each peer's gateway gets a timed `Ping`; `heartbeat_misses` misses
+//!   in a row mark it `unresponsive` (a hung peer keeps its socket open).
+//!
+//! ractor_cluster traffic is plain TCP and the cookie lets a peer run anything the
+//! gateway offers: it belongs on a private network.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use ractor::{Actor, ActorId, ActorRef};
+use ractor_cluster::node::NodeServerSessionInformation;
+use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+
+use super::gateway::{self, Gateway, GatewayMsg, RemoteError};
+use super::{Cluster, PeerState};
+use crate::ctx::Ctx;
+
+/// What a running membership holds (stopped with the node).
+pub struct Membership {
+    pub server: ActorRef<NodeServerMessage>,
+    pub gateway: ActorRef<GatewayMsg>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Membership {
+    pub fn stop(self) {
+        for t in self.tasks {
+            t.abort();
+        }
+        self.gateway.stop(Some("node stopping".into()));
+        self.server.stop(Some("node stopping".into()));
+    }
+}
+
+#[derive(Debug, Clone)]
+struct SessionInfo {
+    authenticated: bool,
+    name: Option<String>,
+    addr: String,
+}
+
+/// Node events from the node server, turned into peer states.
+struct Events {
+    cluster: Arc<Cluster>,
+    sessions: Arc<Mutex<HashMap<ActorId, SessionInfo>>>,
+}
+
+/// The member name of a session's peer (ractor_cluster names nodes `name@host`).
+fn peer_name(ses: &NodeServerSessionInformation) -> Option<String> {
+    ses.peer_name
+        .as_ref()
+        .map(|n| n.name.split('@').next().unwrap_or_default().to_string())
+}
+
+impl NodeEventSubscription for Events {
+    fn node_session_opened(&self, ses: NodeServerSessionInformation) {
+        let id = ses.actor.get_id();
+        self.sessions.lock().insert(
+            id,
+            SessionInfo {
+                authenticated: false,
+                name: peer_name(&ses),
+                addr: ses.peer_addr.clone(),
+            },
+        );
+        // ractor_cluster holds a session that never authenticates forever: close it.
+        let sessions = self.sessions.clone();
+        let cluster = self.cluster.clone();
+        let deadline = self.cluster.settings.handshake_timeout;
+        let actor = ses.actor.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(deadline).await;
+            let info = sessions.lock().get(&id).cloned();
+            if let Some(info) = info.filter(|i| !i.authenticated) {
+                let who = info.name.clone().unwrap_or_else(|| info.addr.clone());
+                tracing::warn!(peer = %who, "cluster session not authenticated within {deadline:?}; closed");
+                if let Some(n) = &info.name {
+                    if let Some(p) = cluster.peers.lock().get_mut(n) {
+                        p.last_error = Some(format!(
+                            "handshake not completed within {} ms",
+                            deadline.as_millis()
+                        ));
+                    }
+                }
+                actor.stop(Some("handshake timeout".into()));
+            }
+        });
+    }
+
+    fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        let id = ses.actor.get_id();
+        let name = peer_name(&ses);
+        if let Some(i) = self.sessions.lock().get_mut(&id) {
+            i.authenticated = true;
+            i.name = name.clone();
+        }
+        let Some(name) = name else { return };
+        let mut peers = self.cluster.peers.lock();
+        match peers.get_mut(&name) {
+            Some(p) => {
+                if p.state != PeerState::Connecting {
+                    p.reconnects += 1;
+                }
+                p.session = true;
+                p.misses = 0;
+                p.last_error = None;
+                tracing::info!(peer = %name, "cluster session authenticated");
+            }
+            None => {
+                drop(peers);
+                tracing::warn!(peer = %name, addr = %ses.peer_addr, "session from a node that is not a configured member; closed");
+                ses.actor.stop(Some("not a configured member".into()));
+            }
+        }
+    }
+
+    fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        let id = ses.actor.get_id();
+        let info = self.sessions.lock().remove(&id);
+        let name = info
+            .as_ref()
+            .and_then(|i| i.name.clone())
+            .or_else(|| peer_name(&ses));
+        let authenticated = info.as_ref().is_some_and(|i| i.authenticated);
+        let Some(name) = name else {
+            tracing::warn!(addr = %ses.peer_addr, "a cluster session closed before the peer named itself (not a Troupe node, or a cookie mismatch)");
+            return;
+        };
+        let mut peers = self.cluster.peers.lock();
+        let Some(p) = peers.get_mut(&name) else {
+            return;
+        };
+        if authenticated {
+            p.session = false;
+            p.set(PeerState::Down);
+            p.last_error = Some("session closed".into());
+            tracing::warn!(peer = %name, "cluster session closed");
+        } else {
+            p.set(PeerState::Refused);
+            p.last_error = Some(
+                "handshake failed: the cookies differ (or the peer refused the session)".into(),
+            );
+            tracing::warn!(peer = %name, "cluster handshake failed: the cookies differ (or the peer refused the session)");
+        }
+    }
+
+    fn node_session_ready(&self, _ses: NodeServerSessionInformation) {}
+}
+
+/// Starts the node server, the gateway, the dialling loops and the liveness loop.
+pub async fn start(ctx: Arc<Ctx>, cluster: Arc<Cluster>) -> Result<Membership, String> {
+    let s = &cluster.settings;
+    let me = s
+        .members
+        .iter()
+        .find(|m| m.name == cluster.me)
+        .ok_or_else(|| format!("node {} is not among cluster.members", cluster.me))?;
+    let (host, port) = me
+        .cluster_addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("cluster_addr `{}` is not host:port", me.cluster_addr))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("cluster_addr `{}`: bad port", me.cluster_addr))?;
+    let ip = tokio::net::lookup_host(&me.cluster_addr)
+        .await
+        .map_err(|e| format!("resolving {}: {e}", me.cluster_addr))?
+        .next()
+        .ok_or_else(|| format!("{} resolves to no address", me.cluster_addr))?
+        .ip();
+    let server = NodeServer::new(
+        port,
+        s.cookie.clone(),
+        cluster.me.clone(),
+        host.to_string(),
+        None,
+        Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+    )
+    .with_listen_addr(ip);
+    let (server, _) = Actor::spawn(None, server, ()).await.map_err(|e| {
+        format!(
+            "starting the cluster node server on {}: {e}",
+            me.cluster_addr
+        )
+    })?;
+    server
+        .cast(NodeServerMessage::SubscribeToEvents {
+            id: "troupe.membership".into(),
+            subscription: Box::new(Events {
+                cluster: cluster.clone(),
+                sessions: Default::default(),
+            }),
+        })
+        .map_err(|e| e.to_string())?;
+    let (gw, _) = Actor::spawn(None, Gateway, ctx.clone())
+        .await
+        .map_err(|e| format!("starting the gateway: {e}"))?;
+    let mut tasks = Vec::new();
+    for m in s.members.iter().filter(|m| m.name > cluster.me) {
+        tasks.push(tokio::spawn(dial(
+            cluster.clone(),
+            server.clone(),
+            m.name.clone(),
+            m.cluster_addr.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(liveness(cluster.clone())));
+    tracing::info!(addr = %me.cluster_addr, members = s.members.len(), "cluster node server listening");
+    Ok(Membership {
+        server,
+        gateway: gw,
+        tasks,
+    })
+}
+
+/// Keeps a session to `peer` open: dials when there is none, waits for it to
+/// authenticate, backs off after failures.
+async fn dial(
+    cluster: Arc<Cluster>,
+    server: ActorRef<NodeServerMessage>,
+    peer: String,
+    addr: String,
+) {
+    let s = &cluster.settings;
+    let mut backoff = s.heartbeat;
+    loop {
+        let connected = cluster.peers.lock().get(&peer).is_some_and(|p| p.session);
+        if connected {
+            tokio::time::sleep(s.heartbeat).await;
+            continue;
+        }
+        let outcome = async {
+            let target = tokio::net::lookup_host(&addr)
+                .await
+                .map_err(|e| format!("resolving {addr}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{addr} resolves to no address"))?;
+            tokio::time::timeout(
+                s.handshake_timeout,
+                ractor_cluster::client_connect(&server, target),
+            )
+            .await
+            .map_err(|_| format!("connecting to {addr} timed out"))?
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+            let deadline = Instant::now() + s.handshake_timeout;
+            while Instant::now() < deadline {
+                let p = cluster.peers.lock().get(&peer).cloned();
+                match p {
+                    Some(p) if p.session => return Ok(()),
+                    Some(p) if p.state == PeerState::Refused && p.since.elapsed() < s.heartbeat => {
+                        return Err(p.last_error.unwrap_or_default())
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            Err(format!(
+                "no authenticated session within {} ms",
+                s.handshake_timeout.as_millis()
+            ))
+        }
+        .await;
+        match outcome {
+            Ok(()) => backoff = s.heartbeat,
+            Err(why) => {
+                if let Some(p) = cluster.peers.lock().get_mut(&peer) {
+                    if p.state == PeerState::Up || p.state == PeerState::Unresponsive {
+                        p.set(PeerState::Down);
+                    }
+                    if p.state != PeerState::Refused {
+                        p.last_error = Some(why.clone());
+                    }
+                }
+                tracing::debug!(peer = %peer, error = %why, "cluster dial failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(s.reconnect_max);
+            }
+        }
+    }
+}
+
+/// Every `heartbeat`, a timed `Ping` to every peer with a session.
+async fn liveness(cluster: Arc<Cluster>) {
+    let s = cluster.settings.clone();
+    let mut tick = tokio::time::interval(s.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let peers: Vec<String> = cluster
+            .peers
+            .lock()
+            .iter()
+            .filter(|(_, p)| p.session)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let pings = peers.iter().map(|peer| {
+            let me = cluster.me.clone();
+            let timeout = s.heartbeat;
+            async move { (peer, gateway::ping(&me, peer, timeout).await) }
+        });
+        for (peer, r) in futures_util::future::join_all(pings).await {
+            let mut all = cluster.peers.lock();
+            let Some(p) = all.get_mut(peer) else { continue };
+            match r {
+                Ok(_) => {
+                    p.last_ok = Some(Instant::now());
+                    p.misses = 0;
+                    p.set(PeerState::Up);
+                }
+                Err(RemoteError::Version(v)) => {
+                    p.set(PeerState::Incompatible);
+                    p.last_error = Some(format!("peer speaks cluster protocol {v}"));
+                }
+                Err(e) => {
+                    p.misses += 1;
+                    if p.misses >= s.heartbeat_misses && p.state == PeerState::Up {
+                        tracing::warn!(peer = %peer, misses = p.misses, error = %e, "peer unresponsive");
+                        p.set(PeerState::Unresponsive);
+                        p.last_error = Some(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+}

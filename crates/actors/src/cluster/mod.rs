@@ -1,0 +1,453 @@
+//! Cluster mode: nodes joined by ractor_cluster, partitions owned under leases.
+//!
+//! - [`membership`]: this node's ractor_cluster `NodeServer`, one session to every other
+//!   configured member (the member with the smaller name dials, so two nodes never race
+//!   two sessions), a handshake deadline, reconnects with capped backoff, and liveness by
+//!   a timed call every `heartbeat` (ractor_cluster itself notices only closed sockets).
+//! - [`gateway`]: the one actor peers call, with two remote messages (`Ping`, `Call`);
+//!   payloads are versioned bincode and a payload that does not decode is answered with
+//!   an explicit error.
+//! - [`lease`]: ownership. Each partition is a lease record in the state store, renewed by
+//!   compare-and-set; its desired owner is given by rendezvous hashing over the members
+//!   whose member records are being renewed. Peer liveness never decides ownership: a cut
+//!   link between two nodes that both reach the log moves nothing.
+//!
+//! [`Cluster`] is the shared picture (peers, partition slots, counters) that the HTTP
+//! layer, the ranker and `/v1/cluster` read.
+
+pub mod gateway;
+pub mod lease;
+pub mod membership;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::settings::ClusterSettings;
+
+/// Version of the node-to-node payloads (`Ping` and `Call` bodies). A peer answering
+/// with another version is shown as `incompatible` and never called.
+pub const CLUSTER_PROTOCOL: u16 = 1;
+
+/// How this node sees one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerState {
+    /// No authenticated session yet (dialling, or waiting to be dialled).
+    Connecting,
+    /// Session up and liveness calls answered.
+    Up,
+    /// Session open but `heartbeat_misses` liveness calls in a row went unanswered (a
+    /// hung or overloaded peer).
+    Unresponsive,
+    /// The session closed; reconnecting.
+    Down,
+    /// The handshake failed (cookie mismatch, or not a Troupe node).
+    Refused,
+    /// The peer speaks another cluster protocol version.
+    Incompatible,
+}
+
+/// One peer's record.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub state: PeerState,
+    pub since: Instant,
+    pub last_ok: Option<Instant>,
+    pub misses: u32,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+    /// True while an authenticated session to it is open.
+    pub session: bool,
+}
+
+impl Peer {
+    fn new() -> Peer {
+        Peer {
+            state: PeerState::Connecting,
+            since: Instant::now(),
+            last_ok: None,
+            misses: 0,
+            reconnects: 0,
+            last_error: None,
+            session: false,
+        }
+    }
+
+    pub fn set(&mut self, state: PeerState) {
+        if self.state != state {
+            self.state = state;
+            self.since = Instant::now();
+        }
+    }
+}
+
+/// Where a partition stands on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotState {
+    /// Owned here and answered from here.
+    Serving,
+    /// Owned here; the checkpoint is loading or the log is replaying (not answered yet).
+    Replaying,
+    /// Owned here and being handed over (final checkpoint, then release).
+    Moving,
+    /// Owned by another node (see `owner`), or by nobody yet.
+    Remote,
+    /// Given up after repeated failures of its actors; nobody claims it until an
+    /// operator resets it.
+    Failed,
+}
+
+/// A partition as this node knows it.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// Node name of the lease holder ("" when released or never claimed).
+    pub owner: String,
+    pub epoch: u64,
+    /// This node's lease is valid until then (`None`: not held here).
+    pub valid_until: Option<Instant>,
+    pub moving: bool,
+    pub failed: Option<String>,
+    /// When the lease record last changed, as this node observed it.
+    pub changed: Instant,
+}
+
+/// Counters shown in `/v1/cluster` and as metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Partitions this node claimed after their owner's lease lapsed.
+    pub failovers: AtomicU64,
+    /// Partitions this node claimed (any reason).
+    pub claims: AtomicU64,
+    /// Partitions this node handed over to their desired owner.
+    pub handoffs: AtomicU64,
+    /// Leases this node lost (lapsed or taken).
+    pub lost: AtomicU64,
+    /// Partitions this node gave up after repeated failures.
+    pub failed: AtomicU64,
+    /// Requests forwarded to an owner, and those that fell back to a degraded answer.
+    pub forwarded: AtomicU64,
+    pub forward_failures: AtomicU64,
+}
+
+/// The cluster as this node sees it.
+pub struct Cluster {
+    pub settings: ClusterSettings,
+    /// This node's member name.
+    pub me: String,
+    pub peers: Mutex<BTreeMap<String, Peer>>,
+    pub slots: Vec<Mutex<Slot>>,
+    pub counters: Counters,
+    /// Partitions the partition supervisor gave up, for the lease manager to release.
+    pub(crate) given_up: Mutex<Vec<(u32, String)>>,
+    pub(crate) wake: tokio::sync::Notify,
+    /// Whether the log answered this node's last lease round (its own leases are only
+    /// renewed while it does).
+    pub log_reachable: std::sync::atomic::AtomicBool,
+    /// See [`lease`]: a node claims partitions only once it has joined.
+    pub joined: std::sync::atomic::AtomicBool,
+}
+
+impl Cluster {
+    pub fn new(settings: ClusterSettings, me: &str, partitions: u32) -> Cluster {
+        let peers = settings
+            .members
+            .iter()
+            .filter(|m| m.name != me)
+            .map(|m| (m.name.clone(), Peer::new()))
+            .collect();
+        Cluster {
+            me: me.to_string(),
+            peers: Mutex::new(peers),
+            slots: (0..partitions)
+                .map(|_| {
+                    Mutex::new(Slot {
+                        owner: String::new(),
+                        epoch: 0,
+                        valid_until: None,
+                        moving: false,
+                        failed: None,
+                        changed: Instant::now(),
+                    })
+                })
+                .collect(),
+            counters: Counters::default(),
+            given_up: Mutex::new(Vec::new()),
+            wake: tokio::sync::Notify::new(),
+            log_reachable: std::sync::atomic::AtomicBool::new(false),
+            joined: std::sync::atomic::AtomicBool::new(false),
+            settings,
+        }
+    }
+
+    /// True while this node holds a valid lease on `p` (checked on every answer: a node
+    /// resumed after a pause answers nothing from a lapsed lease).
+    pub fn holds(&self, p: u32) -> bool {
+        self.slots.get(p as usize).is_some_and(|s| {
+            let s = s.lock();
+            !s.moving && s.valid_until.is_some_and(|t| Instant::now() < t)
+        })
+    }
+
+    /// The node holding `p`'s lease as last observed ("" when none), and its epoch.
+    pub fn owner_of(&self, p: u32) -> (String, u64) {
+        self.slots.get(p as usize).map_or((String::new(), 0), |s| {
+            let s = s.lock();
+            (s.owner.clone(), s.epoch)
+        })
+    }
+
+    /// True when `peer` has an authenticated session whose liveness calls are answered.
+    pub fn peer_up(&self, peer: &str) -> bool {
+        self.peers
+            .lock()
+            .get(peer)
+            .is_some_and(|p| p.state == PeerState::Up)
+    }
+
+    pub fn http_addr(&self, name: &str) -> Option<&str> {
+        self.settings
+            .members
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.http_addr.as_str())
+    }
+
+    /// Reports a partition its supervisor gave up (see [`lease`]).
+    pub fn give_up(&self, p: u32, reason: &str) {
+        self.given_up.lock().push((p, reason.to_string()));
+        self.wake.notify_one();
+    }
+
+    pub fn count(&self, c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Cluster {
+    /// This node's view for `/v1/cluster`: members, partitions, counters.
+    pub fn describe(&self, ctx: &crate::ctx::Ctx) -> serde_json::Value {
+        use serde_json::json;
+        let ms = |d: std::time::Duration| d.as_millis() as u64;
+        let mut members = vec![json!({
+            "name": self.me,
+            "self": true,
+            "state": "up",
+            "http_addr": self.http_addr(&self.me),
+        })];
+        for (name, p) in self.peers.lock().iter() {
+            members.push(json!({
+                "name": name,
+                "self": false,
+                "state": p.state,
+                "http_addr": self.http_addr(name),
+                "state_for_ms": ms(p.since.elapsed()),
+                "last_answer_ms_ago": p.last_ok.map(|t| ms(t.elapsed())),
+                "missed": p.misses,
+                "reconnects": p.reconnects,
+                "error": p.last_error,
+            }));
+        }
+        let now = Instant::now();
+        let partitions: Vec<serde_json::Value> = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                let p = i as u32;
+                let s = slot.lock().clone();
+                let held = s.valid_until.is_some_and(|t| now < t);
+                let state = if s.failed.is_some() {
+                    SlotState::Failed
+                } else if s.moving {
+                    SlotState::Moving
+                } else if !held {
+                    SlotState::Remote
+                } else if ctx.health.is_recovering(&crate::names::user_features(p)) {
+                    SlotState::Replaying
+                } else {
+                    SlotState::Serving
+                };
+                json!({
+                    "partition": p,
+                    "owner": s.owner,
+                    "epoch": s.epoch,
+                    "state": state,
+                    "lease_age_ms": ms(now.saturating_duration_since(s.changed)),
+                    "lease_left_ms": s.valid_until.map(|t| ms(t.saturating_duration_since(now))),
+                    "applied_offset": held.then(|| ctx.applied(p)),
+                    "failed": s.failed,
+                })
+            })
+            .collect();
+        let c = &self.counters;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        json!({
+            "me": self.me,
+            "members": members,
+            "partitions": partitions,
+            "log_reachable": self.log_reachable.load(Ordering::Relaxed),
+            "joined": self.joined.load(Ordering::Relaxed),
+            "counts": {
+                "claims": n(&c.claims),
+                "failovers": n(&c.failovers),
+                "handoffs": n(&c.handoffs),
+                "leases_lost": n(&c.lost),
+                "partitions_failed": n(&c.failed),
+                "forwarded": n(&c.forwarded),
+                "forward_failures": n(&c.forward_failures),
+            },
+        })
+    }
+}
+
+/// Answers a recommendation request on any node: here when this node serves the user's
+/// partition (always on a single node); otherwise one hop to the partition's owner under
+/// `forward_timeout`; when the owner is unreachable or the partition is moving, a
+/// degraded answer from here (popularity and content without the user's features,
+/// flagged `degraded` and `stale`), never an error.
+pub async fn recommend(
+    ctx: &std::sync::Arc<crate::ctx::Ctx>,
+    mut req: crate::ranker::RecommendRequest,
+    timeout: std::time::Duration,
+) -> Result<crate::ranker::RecommendReply, crate::node::CallError> {
+    let p = crate::record::partition_of(&req.user, ctx.settings.partitions);
+    let mut route = "local";
+    if let Some(cl) = ctx.cluster.as_ref().filter(|_| !ctx.serving(p)) {
+        let (owner, _) = cl.owner_of(p);
+        route = if owner.is_empty() || owner == cl.me {
+            "no_owner"
+        } else {
+            "owner_unreachable"
+        };
+        if route == "owner_unreachable" && cl.peer_up(&owner) {
+            // Read-your-writes across nodes: the owner waits for everything of the
+            // partition this node has seen acknowledged, unless the client named a
+            // position itself.
+            let mut fwd = req.clone();
+            if fwd.min_offset.is_none() {
+                fwd.min_offset = Some(ctx.head(p));
+            }
+            cl.count(&cl.counters.forwarded);
+            let id = req.request_id.clone();
+            let t = cl.settings.forward_timeout.min(timeout);
+            match gateway::call(&owner, &id, gateway::Request::Recommend(fwd), t).await {
+                Ok(gateway::Response::Recommend(mut r)) => {
+                    r.route = "forwarded".into();
+                    return Ok(r);
+                }
+                Ok(_) => {
+                    cl.count(&cl.counters.forward_failures);
+                    tracing::warn!(owner = %owner, "owner answered a recommendation with another kind of response");
+                }
+                Err(e) => {
+                    cl.count(&cl.counters.forward_failures);
+                    tracing::debug!(owner = %owner, partition = p, error = %e, "forward failed; answering degraded");
+                }
+            }
+        }
+        // Answered here without the user's features: the ranker sees it does not serve
+        // the partition.
+        req.min_offset = None;
+    }
+    let mut reply = crate::node::call(crate::names::RANKER, timeout, |port| {
+        crate::ranker::RankerMsg::Recommend(req, port)
+    })
+    .await?;
+    reply.route = route.into();
+    Ok(reply)
+}
+
+/// A user's features on any node: here when this node serves the partition, otherwise
+/// from the owner. `Err` with a reason when the owner cannot be reached (the caller
+/// answers 503: there is no degraded form of a user's own data).
+pub async fn user_view(
+    ctx: &std::sync::Arc<crate::ctx::Ctx>,
+    query: crate::features::UserQuery,
+    min_offset: Option<u64>,
+    timeout: std::time::Duration,
+) -> Result<(crate::features::UserView, bool), String> {
+    let p = crate::record::partition_of(&query.user, ctx.settings.partitions);
+    let Some(cl) = ctx.cluster.as_ref().filter(|_| !ctx.serving(p)) else {
+        let target = min_offset.unwrap_or_else(|| ctx.head(p));
+        let fresh = ctx
+            .wait_applied(p, target, ctx.settings.ranker.freshness_wait)
+            .await;
+        let view = crate::node::call(&crate::names::user_features(p), timeout, |port| {
+            crate::features::UserFeaturesMsg::GetUser(query, port)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        return Ok((view, !fresh || !ctx.log.writable()));
+    };
+    let (owner, _) = cl.owner_of(p);
+    if owner.is_empty() || owner == cl.me {
+        return Err(format!(
+            "partition {p} is moving (no node serves it right now)"
+        ));
+    }
+    if !cl.peer_up(&owner) {
+        return Err(format!(
+            "partition {p} is owned by {owner}, which is unreachable"
+        ));
+    }
+    let min_offset = Some(min_offset.unwrap_or_else(|| ctx.head(p)));
+    let id = format!("user-{}", query.user);
+    let t = cl.settings.forward_timeout.min(timeout);
+    cl.count(&cl.counters.forwarded);
+    match gateway::call(&owner, &id, gateway::Request::User { query, min_offset }, t).await {
+        Ok(gateway::Response::User { view, stale }) => Ok((view, stale)),
+        Ok(_) => Err(format!("{owner} answered with another kind of response")),
+        Err(e) => {
+            cl.count(&cl.counters.forward_failures);
+            Err(format!("partition {p} is owned by {owner}: {e}"))
+        }
+    }
+}
+
+/// Rendezvous (highest random weight) choice of `p`'s owner among `members`: the member
+/// with the highest hash of (partition, name). Every node computing it over the same
+/// set agrees, and removing a member moves only that member's partitions.
+pub fn rendezvous<'a>(p: u32, members: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    members.into_iter().max_by_key(|m| {
+        (
+            crate::record::hash128(&[&b"owner"[..], &p.to_le_bytes(), m.as_bytes()]),
+            *m,
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendezvous_is_stable_and_moves_only_the_lost_members_partitions() {
+        let all = ["a", "b", "c"];
+        let before: Vec<&str> = (0..64).map(|p| rendezvous(p, all).unwrap()).collect();
+        // Each member gets some partitions.
+        for m in all {
+            assert!(before.iter().filter(|&&o| o == m).count() > 5, "{m}");
+        }
+        let after: Vec<&str> = (0..64)
+            .map(|p| rendezvous(p, ["a", "c"]).unwrap())
+            .collect();
+        for p in 0..64 {
+            if before[p] != "b" {
+                assert_eq!(before[p], after[p], "partition {p} moved without need");
+            } else {
+                assert_ne!(after[p], "b");
+            }
+        }
+        // Order of the member list does not matter.
+        let shuffled: Vec<&str> = (0..64)
+            .map(|p| rendezvous(p, ["c", "a", "b"]).unwrap())
+            .collect();
+        assert_eq!(before, shuffled);
+        assert_eq!(rendezvous(0, []), None);
+    }
+}

@@ -1,0 +1,455 @@
+//! Three-node cluster tests: real `troupe node` processes joined by ractor_cluster on
+//! loopback ports, one real nats-server holding the log and the leases, SIGKILL and
+//! SIGSTOP of a node, a wrong cookie; checks by event id that nothing acknowledged is
+//! lost or applied twice. The tests run one at a time; every wait polls with a deadline.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use troupe_tests::nats::NatsServer;
+use troupe_tests::{free_port, timed, troupe_bin, Node};
+
+const PARTITIONS: u32 = 6;
+const NAMES: [&str; 3] = ["a", "b", "c"];
+
+static CLUSTER_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    CLUSTER_TESTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Ports of one member: (name, cluster port, http port).
+type Member = (&'static str, u16, u16);
+
+fn config(name: &str, dir: &std::path::Path, members: &[Member], nats: &str) -> String {
+    let http = members.iter().find(|m| m.0 == name).unwrap().2;
+    let list: Vec<String> = members
+        .iter()
+        .map(|(n, c, h)| {
+            format!("{{ name = \"{n}\", cluster_addr = \"127.0.0.1:{c}\", http_addr = \"127.0.0.1:{h}\" }}")
+        })
+        .collect();
+    format!(
+        "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{http}\"\n\
+[journal]\npartitions = {PARTITIONS}\npoll_interval_ms = 20\n\
+[features]\nhistory_len = 100000\ncheckpoint_every_records = 700\ncheckpoint_interval_ms = 300\n\
+[als]\nmin_interactions = 1000000000\n\
+[supervision]\nbackoff_base_ms = 5\nbackoff_max_ms = 50\n\
+[log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"{nats}\"\n\
+[cluster]\nmembers = [{}]\nheartbeat_ms = 200\nheartbeat_misses = 3\nhandshake_timeout_ms = 2000\n\
+reconnect_max_ms = 1000\nlease_period_ms = 3000\nlease_renew_ms = 500\nrebalance_interval_ms = 200\n\
+forward_timeout_ms = 3000\n",
+        dir.join("data").display(),
+        list.join(", ")
+    )
+}
+
+struct Cluster {
+    root: tempfile::TempDir,
+    members: Vec<Member>,
+    nodes: Vec<Node>,
+    _server: NatsServer,
+}
+
+impl Cluster {
+    /// Starts the server and the nodes named in `start` (cookie per node from `cookie`).
+    fn start(start: &[&str], cookie: impl Fn(&str) -> &'static str) -> Option<Cluster> {
+        let server = NatsServer::start()?;
+        let root = tempfile::tempdir().unwrap();
+        let members: Vec<Member> = NAMES
+            .iter()
+            .map(|&n| (n, free_port(), free_port()))
+            .collect();
+        let mut nodes = Vec::new();
+        for &n in start {
+            let dir = root.path().join(n);
+            let (_, _, http) = *members.iter().find(|m| m.0 == n).unwrap();
+            let text = config(n, &dir, &members, &server.url());
+            nodes.push(Node::start_config(
+                &dir,
+                http,
+                &text,
+                &[("TROUPE_CLUSTER_COOKIE", cookie(n))],
+            ));
+        }
+        Some(Cluster {
+            root,
+            members,
+            nodes,
+            _server: server,
+        })
+    }
+
+    fn add(&mut self, name: &'static str, cookie: &str, server_url: &str) {
+        let dir = self.root.path().join(name);
+        let (_, _, http) = *self.members.iter().find(|m| m.0 == name).unwrap();
+        let text = config(name, &dir, &self.members, server_url);
+        self.nodes.push(Node::start_config(
+            &dir,
+            http,
+            &text,
+            &[("TROUPE_CLUSTER_COOKIE", cookie)],
+        ));
+    }
+
+    fn node(&self, name: &str) -> &Node {
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.config.parent().unwrap().ends_with(name))
+            .unwrap();
+        &self.nodes[i]
+    }
+
+    fn node_mut(&mut self, name: &str) -> &mut Node {
+        let i = self
+            .nodes
+            .iter()
+            .position(|n| n.config.parent().unwrap().ends_with(name))
+            .unwrap();
+        &mut self.nodes[i]
+    }
+
+    /// Prints every node's log tail and cluster view, then panics.
+    fn fail(&self, what: &str) -> ! {
+        for n in &self.nodes {
+            let log = n.log(n.starts);
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!(
+                "--- {} (log, newest first):\n{}",
+                n.config.display(),
+                tail.join("\n")
+            );
+            if let Some(c) = try_cluster(n) {
+                eprintln!("cluster view: {c}");
+            }
+        }
+        panic!("{what}");
+    }
+
+    fn wait(&self, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.fail(&format!("timed out after {secs} s waiting for: {what}"));
+    }
+}
+
+fn try_cluster(n: &Node) -> Option<Value> {
+    let r = std::panic::catch_unwind(|| n.get("/v1/cluster")).ok()?;
+    (r.status == 200).then(|| r.body["cluster"].clone())
+}
+
+/// Partitions `node` itself serves.
+fn serving(n: &Node) -> BTreeSet<u64> {
+    try_cluster(n)
+        .and_then(|c| {
+            c["partitions"].as_array().map(|ps| {
+                ps.iter()
+                    .filter(|p| p["state"] == "serving")
+                    .filter_map(|p| p["partition"].as_u64())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Owner of every partition as `node` sees it.
+fn owners(n: &Node) -> Vec<String> {
+    try_cluster(n)
+        .and_then(|c| {
+            c["partitions"].as_array().map(|ps| {
+                ps.iter()
+                    .map(|p| p["owner"].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+fn member_state(n: &Node, peer: &str) -> (String, String) {
+    try_cluster(n)
+        .and_then(|c| {
+            c["members"]
+                .as_array()?
+                .iter()
+                .find(|m| m["name"] == peer)
+                .map(|m| {
+                    (
+                        m["state"].as_str().unwrap_or("").to_string(),
+                        m["error"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+        })
+        .unwrap_or_default()
+}
+
+/// True when the nodes in `names` together serve every partition, each exactly once.
+fn all_served_by(c: &Cluster, names: &[&str]) -> bool {
+    let mut count: HashMap<u64, usize> = HashMap::new();
+    for n in names {
+        for p in serving(c.node(n)) {
+            *count.entry(p).or_default() += 1;
+        }
+    }
+    (0..PARTITIONS as u64).all(|p| count.get(&p) == Some(&1))
+}
+
+/// Every partition served once and every node serving some (with these names and six
+/// partitions the rendezvous choice gives each node at least one).
+fn balanced(c: &Cluster) -> bool {
+    all_served_by(c, &NAMES) && NAMES.iter().all(|n| !serving(c.node(n)).is_empty())
+}
+
+fn write_events(path: &std::path::Path, rows: std::ops::Range<usize>, users: usize) {
+    let mut f = std::fs::File::create(path).unwrap();
+    writeln!(f, "user,item,kind,timestamp").unwrap();
+    for r in rows {
+        writeln!(f, "u{},it{r},view,{}", r % users, 1_600_000_000 + r).unwrap();
+    }
+}
+
+fn loader(node: &Node, events: &std::path::Path, log: &std::path::Path) -> std::process::Child {
+    Command::new(troupe_bin())
+        .args(["load", "--batch", "50", "--retry-for-secs", "120"])
+        .args(["--url", &node.url(), "--events"])
+        .arg(events)
+        .arg("--acked-log")
+        .arg(log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn acked(log: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|id| format!("it{}", id.rsplit('-').next().unwrap()))
+        .collect()
+}
+
+/// item -> times it appears in users' histories, read through `node` (users of
+/// partitions it does not own are read from their owners).
+fn applied_items(node: &Node, users: usize) -> Option<HashMap<String, usize>> {
+    let mut seen = HashMap::new();
+    for u in 0..users {
+        let r = node.get(&format!("/v1/users/u{u}"));
+        match r.status {
+            404 => continue,
+            200 => {}
+            _ => return None,
+        }
+        for h in r.body["history"].as_array()? {
+            *seen.entry(h["item"].as_str()?.to_string()).or_insert(0) += 1;
+        }
+    }
+    Some(seen)
+}
+
+/// Items the node's ItemStats counted (every node runs its own from the shared log).
+fn items_counted(n: &Node) -> u64 {
+    n.get("/v1/cluster").body["actors"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == "item_stats"))
+        .and_then(|x| x["state"]["items"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Queries through `nodes` until `stop`; counts answers and 5xx.
+fn reader(
+    urls: Vec<String>,
+    users: usize,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64, Vec<String>)> {
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        let (mut ok, mut bad, mut why) = (0u64, 0u64, Vec::new());
+        let mut i = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let url = &urls[i % urls.len()];
+            let r = agent
+                .get(format!("{url}/v1/recommendations/u{}?k=5", i % users))
+                .call();
+            match r {
+                Ok(mut r) if r.status().as_u16() < 500 => {
+                    ok += 1;
+                    drop(r.body_mut().read_to_string());
+                }
+                Ok(mut r) => {
+                    bad += 1;
+                    let s = r.status().as_u16();
+                    why.push(format!(
+                        "{s} {}",
+                        r.body_mut().read_to_string().unwrap_or_default()
+                    ));
+                }
+                Err(e) => {
+                    bad += 1;
+                    why.push(e.to_string());
+                }
+            }
+            i += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (ok, bad, why)
+    })
+}
+
+/// SIGKILL one of three nodes while events stream in through the other two and queries
+/// go to them: its partitions move to the survivors, every query is answered (degraded
+/// allowed, no 5xx), the partitions come back when it restarts, and every acknowledged
+/// event is applied exactly once (by event id across all users, read through one node)
+/// and counted by every node's item stats.
+#[test]
+fn cluster_kill9_of_a_node_under_load_moves_its_partitions_and_loses_nothing() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::start(&NAMES, |_| "test-cookie") else {
+        return;
+    };
+    c.wait(60, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    let (n, users) = (4_000usize, 40usize);
+    let root = c.root.path().to_path_buf();
+    let (ev_a, ev_b) = (root.join("a.csv"), root.join("b.csv"));
+    write_events(&ev_a, 0..n / 2, users);
+    write_events(&ev_b, n / 2..n, users);
+    let (log_a, log_b) = (root.join("acked-a.txt"), root.join("acked-b.txt"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = reader(
+        vec![c.node("a").url(), c.node("b").url()],
+        users,
+        stop.clone(),
+    );
+    let mut la = loader(c.node("a"), &ev_a, &log_a);
+    let mut lb = loader(c.node("b"), &ev_b, &log_b);
+    c.wait(60, "a quarter of the events acked", || {
+        acked(&log_a).len() + acked(&log_b).len() >= n / 4
+    });
+    let c_had = serving(c.node("c"));
+    assert!(!c_had.is_empty(), "node c owned no partition");
+    c.node_mut("c").kill9();
+    c.wait(60, "c's partitions served by a and b", || {
+        all_served_by(&c, &["a", "b"])
+    });
+    let failovers = AtomicU64::new(0);
+    for n in ["a", "b"] {
+        let v = try_cluster(c.node(n)).unwrap();
+        failovers.fetch_add(
+            v["counts"]["failovers"].as_u64().unwrap_or(0),
+            Ordering::Relaxed,
+        );
+    }
+    assert!(failovers.load(Ordering::Relaxed) >= c_had.len() as u64);
+    c.node_mut("c").spawn();
+    c.wait(60, "partitions back on c", || balanced(&c));
+    for (name, l) in [("a", &mut la), ("b", &mut lb)] {
+        let status = l.wait().unwrap();
+        assert!(status.success(), "loader through {name} failed: {status:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, bad, why) = reads.join().unwrap();
+    assert!(ok > 0);
+    assert_eq!(bad, 0, "failed queries: {:?}", &why[..why.len().min(5)]);
+    let acked: Vec<String> = acked(&log_a).into_iter().chain(acked(&log_b)).collect();
+    assert_eq!(acked.len(), n, "every event acked once by the loaders");
+    c.wait(90, "every event applied", || {
+        applied_items(c.node("a"), users).is_some_and(|m| m.len() >= n)
+    });
+    let applied = applied_items(c.node("a"), users).unwrap();
+    let wrong: Vec<&String> = acked
+        .iter()
+        .filter(|i| applied.get(*i) != Some(&1))
+        .take(5)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "acked events missing or applied twice: {wrong:?}"
+    );
+    assert_eq!(applied.len(), n);
+    for name in NAMES {
+        c.wait(60, "every node's item stats counted every item", || {
+            items_counted(c.node(name)) == n as u64
+        });
+    }
+}
+
+/// A node with another cookie cannot join: both sides report the failed handshake, it
+/// claims no partition, and the others keep serving all of them.
+#[test]
+fn cluster_wrong_cookie_is_refused_and_reported() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::start(&["a", "b"], |_| "right-cookie") else {
+        return;
+    };
+    c.wait(60, "a and b serve every partition", || {
+        all_served_by(&c, &["a", "b"])
+    });
+    let url = c._server.url();
+    c.add("c", "wrong-cookie", &url);
+    c.wait(30, "a and b report c's handshake refused", || {
+        ["a", "b"].iter().all(|n| {
+            let (state, error) = member_state(c.node(n), "c");
+            state == "refused" && error.contains("cookie")
+        })
+    });
+    c.wait(30, "c reports a and b refused", || {
+        ["a", "b"].iter().all(|n| {
+            let (state, error) = member_state(c.node("c"), n);
+            state == "refused" && error.contains("cookie")
+        })
+    });
+    let view = try_cluster(c.node("c")).unwrap();
+    assert_eq!(view["joined"], false, "{view}");
+    assert!(serving(c.node("c")).is_empty());
+    assert!(all_served_by(&c, &["a", "b"]));
+    assert!(owners(c.node("a")).iter().all(|o| o == "a" || o == "b"));
+}
+
+/// SIGSTOP of a node until its leases lapse: its partitions move; after SIGCONT it finds
+/// its leases gone, serves nothing from its old ownership, rejoins and gets partitions
+/// back.
+#[test]
+fn cluster_paused_node_loses_its_leases_and_rejoins() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(c) = Cluster::start(&NAMES, |_| "test-cookie") else {
+        return;
+    };
+    c.wait(60, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    assert!(!serving(c.node("c")).is_empty());
+    c.node("c").signal("STOP");
+    c.wait(60, "c's partitions served by a and b", || {
+        all_served_by(&c, &["a", "b"])
+    });
+    c.node("c").signal("CONT");
+    // Its first answer after the pause already shows no partition it no longer owns.
+    let mine = serving(c.node("c"));
+    let now = owners(c.node("a"));
+    for p in &mine {
+        assert_eq!(
+            now[*p as usize], "c",
+            "c serves partition {p} from a lapsed lease"
+        );
+    }
+    c.wait(60, "c serves partitions again", || balanced(&c));
+}
