@@ -369,7 +369,10 @@ impl AlsTrainerState {
         let ctx = self.ctx.clone();
         let slot = self.finished.clone();
         let me = myself.clone();
+        // A cluster node trains on the partitions it serves (the others' stores are
+        // empty here).
         let heads: Vec<(u32, u64)> = (0..ctx.settings.partitions)
+            .filter(|&p| ctx.serving(p))
             .map(|p| (p, ctx.head(p)))
             .collect();
         tokio::spawn(async move {

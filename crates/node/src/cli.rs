@@ -253,6 +253,10 @@ pub struct DemoArgs {
     /// name, data folder and address.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Nodes to run: 1 is one embedded node in this process; 2-9 start a local cluster
+    /// (a nats-server and that many node processes; needs nats-server on PATH).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=9))]
+    pub nodes: u8,
 }
 
 #[derive(Debug, Clone, Args)]

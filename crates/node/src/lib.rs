@@ -19,6 +19,7 @@
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod demo_cluster;
 pub mod eval_cmd;
 pub mod exit;
 pub mod gen_cmd;
@@ -55,6 +56,10 @@ pub fn run() -> ExitCode {
     let result = match args.command {
         cli::Command::Eval(a) => eval_cmd::run(a),
         cli::Command::Gen(a) => gen_cmd::run(a),
+        cli::Command::Demo(a) if a.nodes > 1 => {
+            let n = a.nodes as usize;
+            demo_cluster::run(a, n)
+        }
         cli::Command::Demo(a) => demo::run(a),
         cli::Command::Embed(a) => eval_cmd::embed(a),
         cli::Command::FitAls(a) => eval_cmd::fit_als(a),

@@ -211,7 +211,7 @@ pub fn document(s: &ApiShape) -> Value {
     let share = json!({"type": "number", "minimum": 0, "maximum": 1});
     let recs = json!({
         "type": "object",
-        "required": ["request_id", "user", "items", "model_versions", "applied_offset", "awaited_offset", "degraded", "stale", "cold_start", "cached", "branches"],
+        "required": ["request_id", "user", "items", "model_versions", "applied_offset", "awaited_offset", "degraded", "stale", "cold_start", "cached", "served_by", "route", "branches"],
         "properties": {
             "request_id": {"type": "string"},
             "user": {"type": "string"},
@@ -232,6 +232,8 @@ pub fn document(s: &ApiShape) -> Value {
             "stale": {"type": "boolean"},
             "cold_start": {"type": "boolean"},
             "cached": {"type": "boolean"},
+            "served_by": {"type": "string", "description": "The node that computed the answer."},
+            "route": {"type": "string", "enum": ["local", "forwarded", "owner_unreachable", "no_owner"], "description": "How the request reached the node that answered: `local`, `forwarded` to the partition's owner, or (cluster mode) answered here without the user's features because the owner is unreachable or the partition is moving."},
             "fallback": {
                 "description": "Present when every branch the weights select had no candidate for this user: the answer used `used` instead (shares show it).",
                 "type": "object",

@@ -214,26 +214,27 @@ impl Leases {
             self.mark_failed(p, &why).await;
         }
         let me = self.cluster.me.clone();
-        if !self.joined && !self.join().await {
-            return;
-        }
-        self.beat += 1;
-        let rec = MemberRecord {
-            incarnation: self.ctx.consumers.owner().to_string(),
-            beat: self.beat,
-            leaving: false,
-            written_ms: now_ms(),
-        };
+        let joined = self.joined || self.join().await;
         let state = self.ctx.state.clone();
-        if let Err(e) = state
-            .put(
-                &member_key(&me),
-                serde_json::to_vec(&rec).unwrap_or_default(),
-            )
-            .await
-        {
-            self.unreachable(&e);
-            return;
+        // A node that has not joined only follows the leases (for routing).
+        if joined {
+            self.beat += 1;
+            let rec = MemberRecord {
+                incarnation: self.ctx.consumers.owner().to_string(),
+                beat: self.beat,
+                leaving: false,
+                written_ms: now_ms(),
+            };
+            if let Err(e) = state
+                .put(
+                    &member_key(&me),
+                    serde_json::to_vec(&rec).unwrap_or_default(),
+                )
+                .await
+            {
+                self.unreachable(&e);
+                return;
+            }
         }
         // Everything else the round needs, read together.
         let members: Vec<String> = self
@@ -312,7 +313,7 @@ impl Leases {
                     slot.failed = r.failed.clone();
                 }
             }
-            if rec.as_ref().is_some_and(|r| r.failed.is_some()) {
+            if !joined || rec.as_ref().is_some_and(|r| r.failed.is_some()) {
                 continue;
             }
             if rendezvous(p, alive_refs.iter().copied()) != Some(me.as_str()) {
@@ -326,7 +327,9 @@ impl Leases {
                     .await;
             }
         }
-        self.rebalance(&alive).await;
+        if joined {
+            self.rebalance(&alive).await;
+        }
     }
 
     /// Decides whether this node has joined: a peer answered over an authenticated

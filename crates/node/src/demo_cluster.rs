@@ -1,0 +1,366 @@
+//! `troupe demo --nodes N`: a local cluster tour. Starts one JetStream server
+//! (`nats-server` from PATH) and N nodes as child processes on 127.0.0.1 in a work
+//! folder, loads generated data (or `--events/--items`) through the first node, trains on
+//! every node, prints the same users' recommendations as served by each node (with the
+//! node that computed each answer) and the partition map, keeps serving until Ctrl-C,
+//! then stops everything it started (nodes with SIGTERM, so they release their leases).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::cli::{DemoArgs, GenArgs};
+use crate::exit::{CliError, CmdResult};
+
+fn internal(e: impl std::fmt::Display) -> CliError {
+    CliError::Internal(anyhow::anyhow!("{e}"))
+}
+
+/// `nats-server` on PATH (or where Debian's package puts it).
+fn nats_server() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("nats-server"))
+            .find(|f| f.is_file())
+    });
+    on_path.or_else(|| {
+        let deb = PathBuf::from("/usr/sbin/nats-server");
+        deb.is_file().then_some(deb)
+    })
+}
+
+fn free_port() -> Result<u16, CliError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| internal(format!("finding a free port: {e}")))
+}
+
+/// Children stopped when the demo ends, however it ends.
+struct Children(Vec<(String, Child)>);
+
+impl Children {
+    fn stop(&mut self) {
+        // Nodes first (SIGTERM: final checkpoints, leases released), the server last.
+        for (name, c) in self.0.iter_mut().rev() {
+            let graceful = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status()
+                .is_ok_and(|s| s.success());
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while graceful && Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if !matches!(c.try_wait(), Ok(Some(_))) {
+                eprintln!("{name} did not stop in time; killing it");
+                // Gone already is fine.
+                c.kill().ok();
+            }
+            c.wait().ok();
+        }
+        self.0.clear();
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into()
+}
+
+fn get(url: &str) -> Option<(u16, Value)> {
+    let mut r = agent().get(url).call().ok()?;
+    let status = r.status().as_u16();
+    let text = r.body_mut().read_to_string().ok()?;
+    Some((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+}
+
+fn wait_for(secs: u64, what: &str, mut cond: impl FnMut() -> bool) -> Result<(), CliError> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if cond() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(internal(format!(
+        "timed out after {secs} s waiting for {what}"
+    )))
+}
+
+fn spawn(exe: &Path, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Result<Child, CliError> {
+    let out = std::fs::File::create(log)
+        .map_err(|e| internal(format!("creating {}: {e}", log.display())))?;
+    let err = out
+        .try_clone()
+        .map_err(|e| internal(format!("{}: {e}", log.display())))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args).stdout(out).stderr(err).stdin(Stdio::null());
+    // Their own process group: a Ctrl-C at the terminal reaches the demo only, which
+    // then stops the nodes before the server they release their leases to.
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn()
+        .map_err(|e| internal(format!("starting {}: {e}", exe.display())))
+}
+
+pub fn run(a: DemoArgs, nodes: usize) -> CmdResult {
+    let Some(nats) = nats_server() else {
+        return Err(CliError::input(
+            "troupe demo --nodes needs nats-server on PATH (the cluster keeps its log in NATS JetStream). On Debian or Ubuntu: `sudo apt-get install nats-server`; elsewhere install it from your package manager. Plain `troupe demo` runs one node without it.".to_string(),
+        ));
+    };
+    let exe = std::env::current_exe().map_err(internal)?;
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("troupe-cluster-demo-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| internal(format!("creating {}: {e}", dir.display())))?;
+    let mut children = Children(Vec::new());
+    let nats_port = free_port()?;
+    let nats_dir = dir.join("nats");
+    let nats_log = dir.join("nats.log");
+    let nats_args = [
+        "-js",
+        "-a",
+        "127.0.0.1",
+        "-p",
+        &nats_port.to_string(),
+        "-sd",
+        &nats_dir.to_string_lossy(),
+    ]
+    .map(str::to_string);
+    let args: Vec<&str> = nats_args.iter().map(String::as_str).collect();
+    children
+        .0
+        .push(("nats-server".into(), spawn(&nats, &args, &nats_log, &[])?));
+    println!(
+        "nats-server (JetStream) on 127.0.0.1:{nats_port}, log {}",
+        nats_log.display()
+    );
+
+    let names: Vec<String> = (0..nodes).map(|i| format!("node-{}", i + 1)).collect();
+    let mut ports = Vec::new();
+    for _ in 0..nodes {
+        ports.push((free_port()?, free_port()?));
+    }
+    let members: Vec<String> = names
+        .iter()
+        .zip(&ports)
+        .map(|(n, (c, h))| {
+            format!("{{ name = \"{n}\", cluster_addr = \"127.0.0.1:{c}\", http_addr = \"127.0.0.1:{h}\" }}")
+        })
+        .collect();
+    // A cookie for this run only (the cluster's shared secret).
+    let cookie = format!(
+        "{:032x}",
+        troupe_actors::record::hash128(&[
+            &std::process::id().to_le_bytes()[..],
+            &std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+                .to_le_bytes()[..],
+        ])
+    );
+    let base = match &a.config {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| CliError::input(format!("{}: {e}", p.display())))?,
+        None => String::new(),
+    };
+    let urls: Vec<String> = ports
+        .iter()
+        .map(|(_, h)| format!("http://127.0.0.1:{h}"))
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        let ndir = dir.join(name);
+        std::fs::create_dir_all(&ndir).map_err(internal)?;
+        let text = format!(
+            "{base}\n[node]\nname = \"{name}\"\ndata_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{}\"\n[log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"nats://127.0.0.1:{nats_port}\"\n[cluster]\nmembers = [{}]\nlease_period_ms = 6000\nlease_renew_ms = 1000\nrebalance_interval_ms = 500\n",
+            ndir.join("data").display(),
+            ports[i].1,
+            members.join(", ")
+        );
+        let cfg = ndir.join("node.toml");
+        std::fs::write(&cfg, text).map_err(internal)?;
+        let log = ndir.join("node.log");
+        let child = spawn(
+            &exe,
+            &["node", "--config", &cfg.to_string_lossy()],
+            &log,
+            &[("TROUPE_CLUSTER_COOKIE", &cookie)],
+        )?;
+        children.0.push((name.clone(), child));
+        println!("{name}: {} (log {})", urls[i], log.display());
+    }
+    wait_for(120, "every node ready", || {
+        urls.iter()
+            .all(|u| get(&format!("{u}/readyz")).is_some_and(|(s, _)| s == 200))
+    })?;
+    // Balanced: every member up and every partition served by its rendezvous owner (a
+    // node that joins later gets its partitions handed over one at a time), then loaded
+    // and replayed.
+    wait_for(
+        180,
+        "every member up and every partition served by its owner",
+        || {
+            let Some((_, v)) = get(&format!("{}/v1/cluster", urls[0])) else {
+                return false;
+            };
+            let c = &v["cluster"];
+            let up = c["members"]
+                .as_array()
+                .is_some_and(|m| m.iter().all(|m| m["state"] == "up"));
+            let parts = c["partitions"].as_array().cloned().unwrap_or_default();
+            let placed = !parts.is_empty()
+                && parts.iter().enumerate().all(|(p, x)| {
+                    let want = troupe_actors::cluster::rendezvous(
+                        p as u32,
+                        names.iter().map(String::as_str),
+                    );
+                    x["owner"].as_str() == want
+                });
+            let serving: usize = urls
+                .iter()
+                .filter_map(|u| get(&format!("{u}/v1/cluster")))
+                .map(|(_, v)| {
+                    v["cluster"]["partitions"].as_array().map_or(0, |ps| {
+                        ps.iter().filter(|p| p["state"] == "serving").count()
+                    })
+                })
+                .sum();
+            up && placed && serving == parts.len()
+        },
+    )?;
+
+    let (events, items) = match (&a.events, &a.items) {
+        (Some(e), Some(i)) => (e.clone(), i.clone()),
+        _ => {
+            let gen = GenArgs {
+                out: dir.clone(),
+                users: a.gen_users,
+                items: a.gen_items,
+                events: a.gen_events,
+                clusters: 12,
+                seed: 42,
+                gzip: false,
+            };
+            crate::gen_cmd::generate_to_dir(&gen)?;
+            (dir.join("events.csv"), dir.join("items.csv"))
+        }
+    };
+    let started = Instant::now();
+    let status = Command::new(&exe)
+        .args(["load", "--url", &urls[0], "--events"])
+        .arg(&events)
+        .arg("--items")
+        .arg(&items)
+        .status()
+        .map_err(internal)?;
+    if !status.success() {
+        return Err(internal(format!("loading through {} failed", urls[0])));
+    }
+    println!(
+        "loaded {} and {} through {} in {:.1}s",
+        items.display(),
+        events.display(),
+        names[0],
+        started.elapsed().as_secs_f64()
+    );
+    // Each node trains on the partitions it owns (one model leader for the cluster is
+    // the next step of the design).
+    for (name, u) in names.iter().zip(&urls) {
+        let r = agent()
+            .post(format!("{u}/v1/admin/retrain"))
+            .send_empty()
+            .map_err(internal)?
+            .body_mut()
+            .read_to_string()
+            .unwrap_or_default();
+        let v: Value = serde_json::from_str(&r).unwrap_or(Value::Null);
+        println!(
+            "{name}: trained ALS v{} on {} users of its partitions",
+            v["model_version"], v["users"]
+        );
+    }
+    let users: Vec<String> = std::fs::read_to_string(&events)
+        .map_err(internal)?
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next().map(str::to_string))
+        .fold(Vec::new(), |mut acc, u| {
+            if !acc.contains(&u) && acc.len() < a.show {
+                acc.push(u);
+            }
+            acc
+        });
+    for user in &users {
+        println!("\nuser {user}:");
+        for (name, u) in names.iter().zip(&urls) {
+            let Some((status, v)) = get(&format!("{u}/v1/recommendations/{user}?k=5")) else {
+                println!("  via {name}: no answer");
+                continue;
+            };
+            let items: Vec<String> = v["items"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|i| i["item"].as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            println!(
+                "  via {name}: {status} computed by {} ({}), degraded {}: {}",
+                v["served_by"].as_str().unwrap_or("?"),
+                v["route"].as_str().unwrap_or("?"),
+                v["degraded"],
+                items.join(" ")
+            );
+        }
+    }
+    if let Some((_, v)) = get(&format!("{}/v1/cluster", urls[0])) {
+        println!("\npartition map (as {} sees it):", names[0]);
+        for p in v["cluster"]["partitions"].as_array().into_iter().flatten() {
+            println!(
+                "  partition {:>2}: {} (epoch {})",
+                p["partition"],
+                p["owner"].as_str().unwrap_or(""),
+                p["epoch"]
+            );
+        }
+    }
+    println!("\nnodes: {}", urls.join("  "));
+    println!(
+        "  curl '{}/v1/recommendations/<user>?k=10'   (any node answers)",
+        urls[0]
+    );
+    println!("  curl {}/v1/cluster", urls[0]);
+    if a.exit {
+        children.stop();
+        return Ok(());
+    }
+    println!("Ctrl-C to stop everything");
+    let rt = crate::node_cmd::runtime()?;
+    rt.block_on(crate::node_cmd::terminate_signal());
+    println!("stopping the nodes and the server");
+    children.stop();
+    Ok(())
+}
