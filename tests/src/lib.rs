@@ -3,6 +3,7 @@
 //! build), else from the workspace target directory next to this test executable.
 
 pub mod nats;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -53,48 +53,52 @@ struct Cluster {
     root: tempfile::TempDir,
     members: Vec<Member>,
     nodes: Vec<Node>,
-    _server: NatsServer,
+    server: NatsServer,
 }
 
 impl Cluster {
-    /// Starts the server and the nodes named in `start` (cookie per node from `cookie`).
-    fn start(start: &[&str], cookie: impl Fn(&str) -> &'static str) -> Option<Cluster> {
+    /// The server and the member ports; no node started yet.
+    fn prepare() -> Option<Cluster> {
         let server = NatsServer::start()?;
-        let root = tempfile::tempdir().unwrap();
         let members: Vec<Member> = NAMES
             .iter()
             .map(|&n| (n, free_port(), free_port()))
             .collect();
-        let mut nodes = Vec::new();
-        for &n in start {
-            let dir = root.path().join(n);
-            let (_, _, http) = *members.iter().find(|m| m.0 == n).unwrap();
-            let text = config(n, &dir, &members, &server.url());
-            nodes.push(Node::start_config(
-                &dir,
-                http,
-                &text,
-                &[("TROUPE_CLUSTER_COOKIE", cookie(n))],
-            ));
-        }
         Some(Cluster {
-            root,
+            root: tempfile::tempdir().unwrap(),
             members,
-            nodes,
-            _server: server,
+            nodes: Vec::new(),
+            server,
         })
     }
 
-    fn add(&mut self, name: &'static str, cookie: &str, server_url: &str) {
+    /// Starts node `name` seeing the members as `view` and the server at `nats`.
+    fn launch(&mut self, name: &'static str, cookie: &str, view: &[Member], nats: &str) {
         let dir = self.root.path().join(name);
         let (_, _, http) = *self.members.iter().find(|m| m.0 == name).unwrap();
-        let text = config(name, &dir, &self.members, server_url);
+        let text = config(name, &dir, view, nats);
         self.nodes.push(Node::start_config(
             &dir,
             http,
             &text,
             &[("TROUPE_CLUSTER_COOKIE", cookie)],
         ));
+    }
+
+    /// Starts the server and the nodes named in `start` (cookie per node from `cookie`).
+    fn start(start: &[&'static str], cookie: impl Fn(&str) -> &'static str) -> Option<Cluster> {
+        let mut c = Cluster::prepare()?;
+        let (members, url) = (c.members.clone(), c.server.url());
+        for &n in start {
+            c.launch(n, cookie(n), &members, &url);
+        }
+        Some(c)
+    }
+
+    /// A member's cluster address.
+    fn cluster_addr(&self, name: &str) -> std::net::SocketAddr {
+        let (_, port, _) = *self.members.iter().find(|m| m.0 == name).unwrap();
+        std::net::SocketAddr::from(([127, 0, 0, 1], port))
     }
 
     fn node(&self, name: &str) -> &Node {
@@ -206,8 +210,19 @@ fn all_served_by(c: &Cluster, names: &[&str]) -> bool {
 
 /// Every partition served once and every node serving some (with these names and six
 /// partitions the rendezvous choice gives each node at least one).
+/// Every node's view of the owners agrees with who serves what.
 fn balanced(c: &Cluster) -> bool {
-    all_served_by(c, &NAMES) && NAMES.iter().all(|n| !serving(c.node(n)).is_empty())
+    let by = served_by(c, &NAMES);
+    all_served_by(c, &NAMES)
+        && NAMES.iter().all(|n| !serving(c.node(n)).is_empty())
+        && NAMES.iter().all(|n| {
+            let view = owners(c.node(n));
+            view.len() == PARTITIONS as usize
+                && view
+                    .iter()
+                    .enumerate()
+                    .all(|(p, o)| by.get(&(p as u64)).is_some_and(|w| w == &vec![o.clone()]))
+        })
 }
 
 fn write_events(path: &std::path::Path, rows: std::ops::Range<usize>, users: usize) {
@@ -402,8 +417,8 @@ fn cluster_wrong_cookie_is_refused_and_reported() {
     c.wait(60, "a and b serve every partition", || {
         all_served_by(&c, &["a", "b"])
     });
-    let url = c._server.url();
-    c.add("c", "wrong-cookie", &url);
+    let (members, url) = (c.members.clone(), c.server.url());
+    c.launch("c", "wrong-cookie", &members, &url);
     c.wait(30, "a and b report c's handshake refused", || {
         ["a", "b"].iter().all(|n| {
             let (state, error) = member_state(c.node(n), "c");
@@ -452,4 +467,255 @@ fn cluster_paused_node_loses_its_leases_and_rejoins() {
         );
     }
     c.wait(60, "c serves partitions again", || balanced(&c));
+}
+
+/// A user whose partition is `p`.
+fn user_in(p: u64) -> String {
+    (0..10_000)
+        .map(|i| format!("probe{i}"))
+        .find(|u| u64::from(troupe_actors::record::partition_of(u, PARTITIONS)) == p)
+        .unwrap()
+}
+
+/// Partition -> the nodes serving it now (each node asked once).
+fn served_by(c: &Cluster, names: &[&str]) -> HashMap<u64, Vec<String>> {
+    let mut m: HashMap<u64, Vec<String>> = HashMap::new();
+    for n in names {
+        for p in serving(c.node(n)) {
+            m.entry(p).or_default().push(n.to_string());
+        }
+    }
+    m
+}
+
+/// The link between a and b cut (through a fault-injecting proxy) while both reach the
+/// log: ownership stays where it is, a's answers for b's partitions are degraded and
+/// flagged; after the link heals they are forwarded again.
+#[test]
+fn cluster_cut_link_between_two_nodes_keeps_ownership_and_degrades() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::prepare() else {
+        return;
+    };
+    let proxy = troupe_tests::proxy::Proxy::start(c.cluster_addr("b"));
+    let (members, url) = (c.members.clone(), c.server.url());
+    // a (the dialler of b) reaches b only through the proxy.
+    let mut a_view = members.clone();
+    a_view.iter_mut().find(|m| m.0 == "b").unwrap().1 = proxy.port;
+    c.launch("a", "test-cookie", &a_view, &url);
+    c.launch("b", "test-cookie", &members, &url);
+    c.launch("c", "test-cookie", &members, &url);
+    c.wait(60, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    let before = owners(c.node("a"));
+    let b_part = *serving(c.node("b")).iter().next().unwrap();
+    let user = user_in(b_part);
+    let r = c.node("a").get(&format!("/v1/recommendations/{user}?k=3"));
+    assert_eq!(
+        (r.status, r.body["route"].as_str()),
+        (200, Some("forwarded"))
+    );
+    proxy.cut();
+    c.wait(30, "a sees b not up", || {
+        member_state(c.node("a"), "b").0 != "up"
+    });
+    // Two lease periods: nothing moves, every partition stays served once.
+    let until = Instant::now() + Duration::from_secs(7);
+    while Instant::now() < until {
+        let r = c.node("a").get(&format!("/v1/recommendations/{user}?k=3"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["route"], "owner_unreachable", "{}", r.body);
+        assert_eq!(r.body["degraded"], true);
+        if !all_served_by(&c, &NAMES) {
+            c.fail("a partition lost its single owner while only a link was cut");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in NAMES {
+        assert_eq!(owners(c.node(n)), before, "ownership changed in {n}'s view");
+    }
+    proxy.heal();
+    c.wait(30, "a's answers for b's users forwarded again", || {
+        c.node("a")
+            .get(&format!("/v1/recommendations/{user}?k=3"))
+            .body["route"]
+            == "forwarded"
+    });
+}
+
+/// One node's link to the log cut: its leases lapse, it stops answering for its
+/// partitions, the others take them; at no observed moment do two nodes serve one
+/// partition. After the link heals it rejoins and gets partitions back.
+#[test]
+fn cluster_node_cut_from_the_log_stops_serving_and_its_partitions_move() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::prepare() else {
+        return;
+    };
+    let nats_port: u16 = c
+        .server
+        .url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    let proxy =
+        troupe_tests::proxy::Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], nats_port)));
+    let (members, url) = (c.members.clone(), c.server.url());
+    c.launch("a", "test-cookie", &members, &url);
+    c.launch("b", "test-cookie", &members, &url);
+    c.launch(
+        "c",
+        "test-cookie",
+        &members,
+        &format!("nats://{}", proxy.addr()),
+    );
+    c.wait(60, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    proxy.cut();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = served_by(&c, &NAMES);
+        if let Some((p, who)) = m.iter().find(|(_, w)| w.len() > 1) {
+            c.fail(&format!("partition {p} served by {who:?} at once"));
+        }
+        if serving(c.node("c")).is_empty() && all_served_by(&c, &["a", "b"]) {
+            break;
+        }
+        if Instant::now() > deadline {
+            c.fail("c's partitions did not move to a and b");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    proxy.heal();
+    c.wait(60, "c serves partitions again", || balanced(&c));
+}
+
+/// Rolling restart of all three nodes (SIGTERM, start, wait until balanced) while events
+/// stream in and queries run: no request fails once retried on 503, no acked event is
+/// lost or applied twice, and each partition moves at most twice (its lease epoch).
+#[test]
+fn cluster_rolling_restart_loses_nothing_and_moves_each_partition_at_most_twice() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::start(&NAMES, |_| "test-cookie") else {
+        return;
+    };
+    c.wait(60, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    let epochs = |c: &Cluster| -> Vec<u64> {
+        try_cluster(c.node("a"))
+            .and_then(|v| {
+                v["partitions"].as_array().map(|ps| {
+                    ps.iter()
+                        .map(|p| p["epoch"].as_u64().unwrap_or(0))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    };
+    let start_epochs = epochs(&c);
+    let (n, users) = (3_000usize, 30usize);
+    let root = c.root.path().to_path_buf();
+    let events = root.join("events.csv");
+    write_events(&events, 0..n, users);
+    let log = root.join("acked.txt");
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = retrying_reader(
+        NAMES.iter().map(|n| c.node(n).url()).collect(),
+        users,
+        stop.clone(),
+    );
+    // The loader talks to c, which restarts last; it retries refused batches.
+    let mut load = loader(c.node("c"), &events, &log);
+    for name in NAMES {
+        let code = c.node_mut(name).terminate();
+        assert_eq!(code, Some(0), "{name} did not stop cleanly");
+        c.node_mut(name).spawn();
+        c.wait(60, "partitions balanced again", || balanced(&c));
+    }
+    let status = load.wait().unwrap();
+    assert!(status.success(), "loader failed: {status:?}");
+    stop.store(true, Ordering::Relaxed);
+    let (ok, bad, why) = reads.join().unwrap();
+    assert!(ok > 0);
+    assert_eq!(bad, 0, "failed queries: {:?}", &why[..why.len().min(5)]);
+    let acked = acked(&log);
+    assert_eq!(acked.len(), n);
+    c.wait(90, "every event applied", || {
+        applied_items(c.node("a"), users).is_some_and(|m| m.len() >= n)
+    });
+    let applied = applied_items(c.node("a"), users).unwrap();
+    assert!(acked.iter().all(|i| applied.get(i) == Some(&1)));
+    assert_eq!(applied.len(), n);
+    let end = epochs(&c);
+    for (p, (a, b)) in start_epochs.iter().zip(&end).enumerate() {
+        assert!(b - a <= 2, "partition {p} moved {} times", b - a);
+    }
+}
+
+/// Queries through `urls` until `stop`, each retried on 503 or a refused connection (a
+/// node restarting) for up to 30 s; counts answers and requests that never succeeded.
+fn retrying_reader(
+    urls: Vec<String>,
+    users: usize,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64, Vec<String>)> {
+    std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        let (mut ok, mut bad, mut why) = (0u64, 0u64, Vec::new());
+        let mut i = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let give_up = Instant::now() + Duration::from_secs(30);
+            let mut last = String::new();
+            let mut done = false;
+            let mut k = i;
+            while Instant::now() < give_up {
+                // A restarting node refuses connections: the client tries the next one.
+                let url = &urls[k % urls.len()];
+                match agent
+                    .get(format!("{url}/v1/recommendations/u{}?k=5", i % users))
+                    .call()
+                {
+                    Ok(mut r) if r.status().as_u16() < 500 => {
+                        drop(r.body_mut().read_to_string());
+                        done = true;
+                        break;
+                    }
+                    Ok(mut r) if r.status().as_u16() == 503 => {
+                        last = r.body_mut().read_to_string().unwrap_or_default();
+                    }
+                    Ok(mut r) => {
+                        last = format!(
+                            "{} {}",
+                            r.status(),
+                            r.body_mut().read_to_string().unwrap_or_default()
+                        );
+                        break;
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+                k += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if done {
+                ok += 1;
+            } else {
+                bad += 1;
+                why.push(last);
+            }
+            i += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (ok, bad, why)
+    })
 }

@@ -34,6 +34,15 @@ pub struct Metrics {
     pub deposed: Counter,
     /// Checkpoints put off because the state store was unreachable.
     pub checkpoints_postponed: Counter,
+    /// Cluster: partition lease events on this node (`claim`, `failover`, `handoff`,
+    /// `lost`, `failed`).
+    pub partition_events: Family<Labels, Counter>,
+    /// Cluster: requests forwarded to a partition's owner, by outcome (`ok`, `failed`).
+    pub forwarded: Family<Labels, Counter>,
+    /// Cluster: peers by state, and partitions this node holds by state (set when
+    /// scraped).
+    pub peers: Family<Labels, Gauge>,
+    pub partitions_held: Family<Labels, Gauge>,
     pub recommend_seconds: Histogram,
     pub recommendations: Family<Labels, Counter>,
     pub candidate_cache: Family<Labels, Counter>,
@@ -79,6 +88,10 @@ impl Metrics {
             dead_letters: Counter::default(),
             deposed: Counter::default(),
             checkpoints_postponed: Counter::default(),
+            partition_events: Family::default(),
+            forwarded: Family::default(),
+            peers: Family::default(),
+            partitions_held: Family::default(),
             checkpoint_bytes: Family::default(),
             checkpoints: Family::default(),
             recommend_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 14)),
@@ -172,6 +185,26 @@ impl Metrics {
                 "checkpoints_postponed",
                 "Checkpoints put off because the state store was unreachable",
                 m.checkpoints_postponed.clone(),
+            );
+            r.register(
+                "cluster_partition_events",
+                "Partition lease events on this node: claim, failover (claimed after its owner's lease lapsed), handoff, lost, failed",
+                m.partition_events.clone(),
+            );
+            r.register(
+                "cluster_forwarded",
+                "Requests forwarded to a partition's owner, by outcome",
+                m.forwarded.clone(),
+            );
+            r.register(
+                "cluster_peers",
+                "Peers by state as this node sees them",
+                m.peers.clone(),
+            );
+            r.register(
+                "cluster_partitions_held",
+                "Partitions whose lease this node holds, by state (serving, replaying, moving)",
+                m.partitions_held.clone(),
             );
             r.register(
                 "consumers_deposed",

@@ -1513,6 +1513,9 @@ async fn metrics(State(st): State<AppState>, q: RawQuery) -> ApiResult {
         .metrics
         .log_writable
         .set(i64::from(st.ctx.log.writable()));
+    if let Some(c) = &st.ctx.cluster {
+        c.export(&st.ctx);
+    }
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -177,6 +177,14 @@ impl LeaseHandle {
 }
 
 impl Leases {
+    fn event(&self, kind: &str) {
+        self.ctx
+            .metrics
+            .partition_events
+            .get_or_create(&crate::metrics::label("event", kind))
+            .inc();
+    }
+
     fn period(&self) -> Duration {
         self.cluster.settings.lease_period
     }
@@ -460,8 +468,10 @@ impl Leases {
         }
         self.mine.insert(p, (rec, new));
         self.cluster.count(&self.cluster.counters.claims);
+        self.event("claim");
         if failover {
             self.cluster.count(&self.cluster.counters.failovers);
+            self.event("failover");
         }
         // The partition's consumer claims its state scope anew (fencing the last owner),
         // loads the checkpoint and replays; it is answered once that is done.
@@ -497,6 +507,7 @@ impl Leases {
         }
         self.mine.remove(&p);
         self.cluster.count(&self.cluster.counters.lost);
+        self.event("lost");
         tracing::warn!(
             partition = p,
             reason = why,
@@ -574,6 +585,7 @@ impl Leases {
 
     async fn mark_failed(&mut self, p: u32, why: &str) {
         self.cluster.count(&self.cluster.counters.failed);
+        self.event("failed");
         tracing::error!(
             partition = p,
             reason = why,
@@ -613,7 +625,10 @@ impl Leases {
             self.last_handoff = Instant::now();
             tracing::info!(partition = p, to = %to, "handing a partition to its desired owner");
             match self.hand_over(p).await {
-                Ok(()) => self.cluster.count(&self.cluster.counters.handoffs),
+                Ok(()) => {
+                    self.cluster.count(&self.cluster.counters.handoffs);
+                    self.event("handoff");
+                }
                 Err(e) => tracing::warn!(partition = p, error = %e, "hand-over incomplete"),
             }
         }

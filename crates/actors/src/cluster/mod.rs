@@ -226,6 +226,56 @@ impl Cluster {
     pub fn count(&self, c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Sets the scrape-time gauges: peers by state, held partitions by state.
+    pub fn export(&self, ctx: &crate::ctx::Ctx) {
+        let m = &ctx.metrics;
+        let states = [
+            PeerState::Connecting,
+            PeerState::Up,
+            PeerState::Unresponsive,
+            PeerState::Down,
+            PeerState::Refused,
+            PeerState::Incompatible,
+        ];
+        let peers = self.peers.lock();
+        for st in states {
+            let n = peers.values().filter(|p| p.state == st).count();
+            let label = serde_json::to_value(st)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            m.peers
+                .get_or_create(&crate::metrics::label("state", &label))
+                .set(n as i64);
+        }
+        drop(peers);
+        let (mut serving, mut replaying, mut moving) = (0, 0, 0);
+        for (i, slot) in self.slots.iter().enumerate() {
+            let s = slot.lock();
+            if s.moving {
+                moving += 1;
+            } else if s.valid_until.is_some_and(|t| Instant::now() < t) {
+                if ctx
+                    .health
+                    .is_recovering(&crate::names::user_features(i as u32))
+                {
+                    replaying += 1;
+                } else {
+                    serving += 1;
+                }
+            }
+        }
+        for (label, n) in [
+            ("serving", serving),
+            ("replaying", replaying),
+            ("moving", moving),
+        ] {
+            m.partitions_held
+                .get_or_create(&crate::metrics::label("state", label))
+                .set(n);
+        }
+    }
 }
 
 impl Cluster {
@@ -337,14 +387,26 @@ pub async fn recommend(
             let t = cl.settings.forward_timeout.min(timeout);
             match gateway::call(&owner, &id, gateway::Request::Recommend(fwd), t).await {
                 Ok(gateway::Response::Recommend(mut r)) => {
+                    ctx.metrics
+                        .forwarded
+                        .get_or_create(&crate::metrics::label("outcome", "ok"))
+                        .inc();
                     r.route = "forwarded".into();
                     return Ok(r);
                 }
                 Ok(_) => {
+                    ctx.metrics
+                        .forwarded
+                        .get_or_create(&crate::metrics::label("outcome", "failed"))
+                        .inc();
                     cl.count(&cl.counters.forward_failures);
                     tracing::warn!(owner = %owner, "owner answered a recommendation with another kind of response");
                 }
                 Err(e) => {
+                    ctx.metrics
+                        .forwarded
+                        .get_or_create(&crate::metrics::label("outcome", "failed"))
+                        .inc();
                     cl.count(&cl.counters.forward_failures);
                     tracing::debug!(owner = %owner, partition = p, error = %e, "forward failed; answering degraded");
                 }
