@@ -267,14 +267,28 @@ impl Node {
         }
         self.child = Some(cmd.spawn().expect("start troupe node"));
         let port = self.port;
-        wait_until(60, "node ready", || {
-            reply(
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let ready = reply(
                 agent()
                     .get(format!("http://127.0.0.1:{port}/readyz"))
                     .call(),
             )
-            .is_some_and(|r| r.status == 200)
-        });
+            .is_some_and(|r| r.status == 200);
+            if ready {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let log = self.log(self.starts);
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!(
+            "{} (log, newest first):\n{}\nstdout: {}",
+            self.config.display(),
+            tail.join("\n"),
+            self.stdout(self.starts)
+        );
+        panic!("timed out after 60 s waiting for: node ready");
     }
 
     pub fn url(&self) -> String {
