@@ -7,6 +7,9 @@
   serving    recommendations/s and latency (wrk) vs nginx serving a static file
   freshness  event ack -> applied_offset reaching it, p50/p99
   recovery   restart time vs journal length, checkpoints off and on
+  cluster    three nodes on one JetStream server: a recommendation through a non-owner
+             (one hop) vs through the owner, same users, same run; failover after SIGKILL
+             of a node (detection, claim, replay, first full answer) per data size
 
 Usage: node_bench.py <what> --troupe target/release/troupe [--out DIR]
 Standard library only (plus `wrk` and `nginx` for `serving`).
@@ -511,9 +514,169 @@ http {{ access_log off; default_type application/json;
     shutil.rmtree(work, ignore_errors=True)
 
 
+class ClusterNode(Node):
+    def __init__(self, troupe, workdir, name, port, members, url, partitions):
+        self.troupe, self.dir, self.name, self.port = troupe, workdir, name, port
+        self.cfg = os.path.join(workdir, "node.toml")
+        ms = ", ".join(f'{{ name = "{n}", cluster_addr = "127.0.0.1:{c}", http_addr = "127.0.0.1:{h}" }}'
+                       for n, c, h in members)
+        with open(self.cfg, "w") as f:
+            f.write(f'[node]\nname = "{name}"\ndata_dir = "{workdir}/data"\n'
+                    f'[http]\naddr = "127.0.0.1:{port}"\nmax_in_flight = 4096\n'
+                    f'[journal]\npartitions = {partitions}\n[als]\nmin_interactions = 1000000000\n'
+                    f'[log]\nbackend = "jetstream"\n[log.jetstream]\nurl = "{url}"\n'
+                    f'[cluster]\nmembers = [{ms}]\n')
+        self.proc = None
+
+    def start(self, timeout=600):
+        os.environ["TROUPE_CLUSTER_COOKIE"] = "bench-cookie"
+        return Node.start(self, timeout)
+
+    def view(self):
+        try:
+            _, c = self.get("/v1/cluster")
+            return c["cluster"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def cluster_serving(nodes):
+    n = 0
+    for node in nodes:
+        v = node.view()
+        if v:
+            n += sum(1 for p in v["partitions"] if p["state"] == "serving")
+    return n
+
+
+def cluster(a):
+    """Cross-node query overhead and failover on a three-node cluster."""
+    work = tempfile.mkdtemp(prefix="troupe-cluster-", dir=a.dir)
+    srv, url = start_nats(work)
+    partitions = 12
+    print(f"three nodes and {nats_version()} (R1) on this machine; {partitions} partitions; "
+          f"lease_period 15 s (default), renew 3 s")
+    try:
+        for size in a.sizes:
+            names = ["n1", "n2", "n3"]
+            members = [(n, free_port(), free_port()) for n in names]
+            nodes = []
+            for n, c, h in members:
+                d = os.path.join(work, f"{size}-{n}")
+                os.makedirs(d)
+                nodes.append(ClusterNode(a.troupe, d, n, h, members, url, partitions))
+            # One stream per size.
+            for node in nodes:
+                txt = open(node.cfg).read().replace('[log.jetstream]\n', f'[log.jetstream]\nstream = "s{size}"\n')
+                open(node.cfg, "w").write(txt)
+            for node in nodes:
+                node.start()
+            t0 = time.time()
+            while cluster_serving(nodes) != partitions or any(
+                    m["state"] != "up" for m in (nodes[0].view() or {"members": [{"state": "x"}]})["members"]):
+                if time.time() - t0 > 300:
+                    raise RuntimeError("cluster did not balance")
+                time.sleep(0.2)
+            users = [f"u{k}" for k in range(max(1000, size // 50))]
+            t_load = time.time()
+            load_cluster(nodes, f"e{size}", size, users)
+            print(f"\n{size} events loaded through {nodes[0].name} and applied by their owners in {time.time() - t_load:.1f} s")
+            # Cross-node overhead: the same users through their owner and through another node.
+            owner_of = {}
+            for u in users[:a.samples]:
+                _, r = nodes[0].get(f"/v1/recommendations/{u}?k=10")
+                owner_of[u] = r["served_by"]
+            by_name = {n.name: n for n in nodes}
+            local, remote = [], []
+            for rep in range(3):
+                for u in users[:a.samples]:
+                    own = by_name[owner_of[u]]
+                    other = next(n for n in nodes if n.name != own.name)
+                    for node, out, want in ((own, local, "local"), (other, remote, "forwarded")):
+                        t = time.perf_counter()
+                        st, r = node.get(f"/v1/recommendations/{u}?k=10")
+                        dt = (time.perf_counter() - t) * 1000
+                        if st == 200 and r["route"] == want and rep > 0:
+                            out.append(dt)
+            l50, l99, r50, r99 = pct(local, 50), pct(local, 99), pct(remote, 50), pct(remote, 99)
+            print(f"{size} events: recommendation (k=10, cached candidates) p50/p99 ms:"
+                  f" owner {l50:.3f}/{l99:.3f}, non-owner {r50:.3f}/{r99:.3f};"
+                  f" added p50 {r50 - l50:.3f} ms, p99 {r99 - l99:.3f} ms; ratio p50 {r50 / l50:.2f}"
+                  f" ({len(local)} + {len(remote)} samples)")
+            # Failover: SIGKILL the node owning most partitions.
+            counts = {}
+            for p in nodes[0].view()["partitions"]:
+                counts[p["owner"]] = counts.get(p["owner"], 0) + 1
+            victim = by_name[max(counts, key=counts.get)]
+            survivors = [n for n in nodes if n is not victim]
+            probe = next(u for u in users if owner_of.get(u) == victim.name) if victim.name in owner_of.values() else users[0]
+            t_kill = time.time()
+            victim.kill9()
+            detect = claim = serve = first = None
+            while time.time() - t_kill < 600 and first is None:
+                v = survivors[0].view()
+                now = time.time() - t_kill
+                if v:
+                    if detect is None and any(m["name"] == victim.name and m["state"] != "up" for m in v["members"]):
+                        detect = now
+                    if claim is None and all(p["owner"] in (s.name for s in survivors) for p in v["partitions"]):
+                        claim = now
+                if claim is not None and serve is None and cluster_serving(survivors) == partitions:
+                    serve = time.time() - t_kill
+                if serve is not None:
+                    st, r = survivors[0].get(f"/v1/recommendations/{probe}?k=10")
+                    if st == 200 and not r["degraded"]:
+                        first = time.time() - t_kill
+                time.sleep(0.02)
+            print(f"{size} events: failover after SIGKILL of {victim.name} ({counts[victim.name]} of {partitions} partitions):"
+                  f" session loss seen {detect:.2f} s, leases claimed {claim:.2f} s,"
+                  f" checkpoint + replay done {serve:.2f} s, first full answer {first:.2f} s"
+                  f" (lease period 15 s: goal lease + <= 10 s)")
+            for n in survivors:
+                n.stop()
+    finally:
+        srv.send_signal(signal.SIGKILL)
+        srv.wait()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def load_cluster(nodes, prefix, n, users, clients=4, batch=1000):
+    """Posts `n` events through the first node and waits until every owner applied its
+    partitions."""
+    node = nodes[0]
+    conns = [node.conn() for _ in range(clients)]
+
+    def body(k0, m):
+        return ("".join('{"event_id":"%s-%d","user":"%s","item":"i%d","kind":"view"}\n'
+                        % (prefix, k, users[k * 7919 % len(users)], k * 104729 % 10000)
+                        for k in range(k0, k0 + m))).encode()
+
+    def run(c):
+        for k in range(c * batch, n, clients * batch):
+            while True:
+                st, r = node.post("/v1/events", body(k, min(batch, n - k)), conns[c])
+                if st == 200:
+                    break
+                time.sleep(0.1)
+    ts = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    while True:
+        behind = False
+        for nd in nodes:
+            _, c = nd.get("/v1/cluster")
+            heads = {str(h["stream"]): h["offset"] for h in c["journal_heads"]}
+            for p in c["cluster"]["partitions"]:
+                if p["state"] == "serving" and (p["applied_offset"] or 0) < heads.get(str(p["partition"]), 0):
+                    behind = True
+        if not behind:
+            break
+        time.sleep(0.1)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["ingest", "jetstream", "rebuild", "freshness", "recovery", "serving"])
+    p.add_argument("what", choices=["ingest", "jetstream", "rebuild", "freshness", "recovery", "serving", "cluster"])
     p.add_argument("--troupe", default="target/release/troupe")
     p.add_argument("--publisher", default="target/release/examples/jetstream_publish",
                    help="the raw loop for `jetstream` (cargo build --release --example jetstream_publish)")
@@ -529,7 +692,7 @@ def main():
     a.troupe = os.path.abspath(a.troupe)
     a.publisher = os.path.abspath(a.publisher)
     a.dir = os.path.abspath(a.dir) if a.dir else None
-    {"ingest": ingest, "jetstream": jetstream, "rebuild": rebuild, "freshness": freshness, "recovery": recovery, "serving": serving}[a.what](a)
+    {"ingest": ingest, "jetstream": jetstream, "rebuild": rebuild, "freshness": freshness, "recovery": recovery, "serving": serving, "cluster": cluster}[a.what](a)
 
 
 if __name__ == "__main__":

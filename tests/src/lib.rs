@@ -189,26 +189,12 @@ impl Node {
         env: &[(&str, &str)],
     ) -> Node {
         let port = free_port();
-        let config = dir.join("node.toml");
         let data = dir.join("data");
         let text = format!(
             "[node]\nname = \"test\"\ndata_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{port}\"\n{http}\n{extra}\n",
             data.display()
         );
-        std::fs::write(&config, text).expect("write config");
-        let mut n = Node {
-            dir: dir.to_path_buf(),
-            port,
-            config,
-            child: None,
-            starts: 0,
-            extra_env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
-        n.spawn();
-        n
+        Self::start_config(dir, port, &text, env)
     }
 
     /// Starts a node on `port` with the config `text` written verbatim (cluster tests,
@@ -414,4 +400,50 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Events with one unique item per row (`it<row>`), so a user's history shows exactly
+/// which rows were applied (and whether one was applied twice).
+pub fn write_events(path: &std::path::Path, rows: std::ops::Range<usize>, users: usize) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    writeln!(f, "user,item,kind,timestamp").unwrap();
+    for r in rows {
+        writeln!(f, "u{},it{r},view,{}", r % users, 1_600_000_000 + r).unwrap();
+    }
+}
+
+/// `troupe load` of `events` into `node` in batches of `batch`, retrying refused batches
+/// for up to two minutes, logging acked event ids to `log`.
+pub fn start_loader(
+    node: &Node,
+    events: &std::path::Path,
+    log: &std::path::Path,
+    batch: usize,
+) -> std::process::Child {
+    Command::new(troupe_bin())
+        .args([
+            "load",
+            "--batch",
+            &batch.to_string(),
+            "--retry-for-secs",
+            "120",
+        ])
+        .args(["--url", &node.url(), "--events"])
+        .arg(events)
+        .arg("--acked-log")
+        .arg(log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// The items (`it<row>`) of the events a loader logged as acked.
+pub fn acked_rows(log: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .map(|id| format!("it{}", id.rsplit('-').next().unwrap_or_default()))
+        .collect()
 }

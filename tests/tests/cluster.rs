@@ -4,15 +4,13 @@
 //! lost or applied twice. The tests run one at a time; every wait polls with a deadline.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use troupe_tests::nats::NatsServer;
-use troupe_tests::{free_port, timed, troupe_bin, Node};
+use troupe_tests::{acked_rows, free_port, start_loader, timed, write_events, Node};
 
 const PARTITIONS: u32 = 6;
 const NAMES: [&str; 3] = ["a", "b", "c"];
@@ -225,35 +223,6 @@ fn balanced(c: &Cluster) -> bool {
         })
 }
 
-fn write_events(path: &std::path::Path, rows: std::ops::Range<usize>, users: usize) {
-    let mut f = std::fs::File::create(path).unwrap();
-    writeln!(f, "user,item,kind,timestamp").unwrap();
-    for r in rows {
-        writeln!(f, "u{},it{r},view,{}", r % users, 1_600_000_000 + r).unwrap();
-    }
-}
-
-fn loader(node: &Node, events: &std::path::Path, log: &std::path::Path) -> std::process::Child {
-    Command::new(troupe_bin())
-        .args(["load", "--batch", "50", "--retry-for-secs", "120"])
-        .args(["--url", &node.url(), "--events"])
-        .arg(events)
-        .arg("--acked-log")
-        .arg(log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-fn acked(log: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .map(|id| format!("it{}", id.rsplit('-').next().unwrap()))
-        .collect()
-}
-
 /// item -> times it appears in users' histories, read through `node` (users of
 /// partitions it does not own are read from their owners).
 fn applied_items(node: &Node, users: usize) -> Option<HashMap<String, usize>> {
@@ -279,50 +248,6 @@ fn items_counted(n: &Node) -> u64 {
         .and_then(|a| a.iter().find(|x| x["name"] == "item_stats"))
         .and_then(|x| x["state"]["items"].as_u64())
         .unwrap_or(0)
-}
-
-/// Queries through `nodes` until `stop`; counts answers and 5xx.
-fn reader(
-    urls: Vec<String>,
-    users: usize,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<(u64, u64, Vec<String>)> {
-    std::thread::spawn(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build()
-            .into();
-        let (mut ok, mut bad, mut why) = (0u64, 0u64, Vec::new());
-        let mut i = 0usize;
-        while !stop.load(Ordering::Relaxed) {
-            let url = &urls[i % urls.len()];
-            let r = agent
-                .get(format!("{url}/v1/recommendations/u{}?k=5", i % users))
-                .call();
-            match r {
-                Ok(mut r) if r.status().as_u16() < 500 => {
-                    ok += 1;
-                    drop(r.body_mut().read_to_string());
-                }
-                Ok(mut r) => {
-                    bad += 1;
-                    let s = r.status().as_u16();
-                    why.push(format!(
-                        "{s} {}",
-                        r.body_mut().read_to_string().unwrap_or_default()
-                    ));
-                }
-                Err(e) => {
-                    bad += 1;
-                    why.push(e.to_string());
-                }
-            }
-            i += 1;
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        (ok, bad, why)
-    })
 }
 
 /// SIGKILL one of three nodes while events stream in through the other two and queries
@@ -351,11 +276,12 @@ fn cluster_kill9_of_a_node_under_load_moves_its_partitions_and_loses_nothing() {
         vec![c.node("a").url(), c.node("b").url()],
         users,
         stop.clone(),
+        Duration::ZERO,
     );
-    let mut la = loader(c.node("a"), &ev_a, &log_a);
-    let mut lb = loader(c.node("b"), &ev_b, &log_b);
+    let mut la = start_loader(c.node("a"), &ev_a, &log_a, 50);
+    let mut lb = start_loader(c.node("b"), &ev_b, &log_b, 50);
     c.wait(60, "a quarter of the events acked", || {
-        acked(&log_a).len() + acked(&log_b).len() >= n / 4
+        acked_rows(&log_a).len() + acked_rows(&log_b).len() >= n / 4
     });
     let c_had = serving(c.node("c"));
     assert!(!c_had.is_empty(), "node c owned no partition");
@@ -382,7 +308,10 @@ fn cluster_kill9_of_a_node_under_load_moves_its_partitions_and_loses_nothing() {
     let (ok, bad, why) = reads.join().unwrap();
     assert!(ok > 0);
     assert_eq!(bad, 0, "failed queries: {:?}", &why[..why.len().min(5)]);
-    let acked: Vec<String> = acked(&log_a).into_iter().chain(acked(&log_b)).collect();
+    let acked: Vec<String> = acked_rows(&log_a)
+        .into_iter()
+        .chain(acked_rows(&log_b))
+        .collect();
     assert_eq!(acked.len(), n, "every event acked once by the loaders");
     c.wait(90, "every event applied", || {
         applied_items(c.node("a"), users).is_some_and(|m| m.len() >= n)
@@ -626,13 +555,14 @@ fn cluster_rolling_restart_loses_nothing_and_moves_each_partition_at_most_twice(
     write_events(&events, 0..n, users);
     let log = root.join("acked.txt");
     let stop = Arc::new(AtomicBool::new(false));
-    let reads = retrying_reader(
+    let reads = reader(
         NAMES.iter().map(|n| c.node(n).url()).collect(),
         users,
         stop.clone(),
+        Duration::from_secs(30),
     );
     // The loader talks to c, which restarts last; it retries refused batches.
-    let mut load = loader(c.node("c"), &events, &log);
+    let mut load = start_loader(c.node("c"), &events, &log, 50);
     for name in NAMES {
         let code = c.node_mut(name).terminate();
         assert_eq!(code, Some(0), "{name} did not stop cleanly");
@@ -645,7 +575,7 @@ fn cluster_rolling_restart_loses_nothing_and_moves_each_partition_at_most_twice(
     let (ok, bad, why) = reads.join().unwrap();
     assert!(ok > 0);
     assert_eq!(bad, 0, "failed queries: {:?}", &why[..why.len().min(5)]);
-    let acked = acked(&log);
+    let acked = acked_rows(&log);
     assert_eq!(acked.len(), n);
     c.wait(90, "every event applied", || {
         applied_items(c.node("a"), users).is_some_and(|m| m.len() >= n)
@@ -659,12 +589,14 @@ fn cluster_rolling_restart_loses_nothing_and_moves_each_partition_at_most_twice(
     }
 }
 
-/// Queries through `urls` until `stop`, each retried on 503 or a refused connection (a
-/// node restarting) for up to 30 s; counts answers and requests that never succeeded.
-fn retrying_reader(
+/// Queries through `urls` (in turn) until `stop`. A 503 or a refused connection (a node
+/// restarting) is retried on the next node for up to `retry_for` (zero: never); any other
+/// 5xx, or a request still failing after that, counts as failed.
+fn reader(
     urls: Vec<String>,
     users: usize,
     stop: Arc<AtomicBool>,
+    retry_for: Duration,
 ) -> std::thread::JoinHandle<(u64, u64, Vec<String>)> {
     std::thread::spawn(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -675,47 +607,88 @@ fn retrying_reader(
         let (mut ok, mut bad, mut why) = (0u64, 0u64, Vec::new());
         let mut i = 0usize;
         while !stop.load(Ordering::Relaxed) {
-            let give_up = Instant::now() + Duration::from_secs(30);
-            let mut last = String::new();
-            let mut done = false;
+            let give_up = Instant::now() + retry_for;
             let mut k = i;
-            while Instant::now() < give_up {
-                // A restarting node refuses connections: the client tries the next one.
+            let failure = loop {
                 let url = &urls[k % urls.len()];
-                match agent
+                let last = match agent
                     .get(format!("{url}/v1/recommendations/u{}?k=5", i % users))
                     .call()
                 {
                     Ok(mut r) if r.status().as_u16() < 500 => {
                         drop(r.body_mut().read_to_string());
-                        done = true;
-                        break;
+                        break None;
                     }
                     Ok(mut r) if r.status().as_u16() == 503 => {
-                        last = r.body_mut().read_to_string().unwrap_or_default();
+                        r.body_mut().read_to_string().unwrap_or_default()
                     }
                     Ok(mut r) => {
-                        last = format!(
-                            "{} {}",
-                            r.status(),
+                        let s = r.status();
+                        break Some(format!(
+                            "{s} {}",
                             r.body_mut().read_to_string().unwrap_or_default()
-                        );
-                        break;
+                        ));
                     }
-                    Err(e) => last = e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                if Instant::now() >= give_up {
+                    break Some(last);
                 }
                 k += 1;
                 std::thread::sleep(Duration::from_millis(50));
-            }
-            if done {
-                ok += 1;
-            } else {
-                bad += 1;
-                why.push(last);
+            };
+            match failure {
+                None => ok += 1,
+                Some(w) => {
+                    bad += 1;
+                    why.push(w);
+                }
             }
             i += 1;
             std::thread::sleep(Duration::from_millis(5));
         }
         (ok, bad, why)
     })
+}
+
+/// Read-your-writes across nodes: an event acknowledged by one node is in the answer of
+/// a read of that user through a third node (without `min_offset`), forwarded to the
+/// owner, and the answer is not stale.
+#[test]
+fn cluster_read_through_any_node_sees_a_write_acked_by_another() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(c) = Cluster::start(&NAMES, |_| "test-cookie") else {
+        return;
+    };
+    c.wait(60, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    let p = *serving(c.node("c")).iter().next().unwrap();
+    let user = user_in(p);
+    for i in 0..20 {
+        let body = format!(r#"[{{"user":"{user}","item":"rw{i}","kind":"view"}}]"#);
+        let w = c.node("a").post("/v1/events", &body);
+        assert_eq!(w.status, 200, "{}", w.body);
+        let r = c.node("b").get(&format!("/v1/users/{user}"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["stale"], false, "{}", r.body);
+        let items: Vec<&str> = r.body["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|h| h["item"].as_str())
+            .collect();
+        assert!(
+            items.contains(&format!("rw{i}").as_str()),
+            "write {i} not seen: {items:?}"
+        );
+        let rec = c.node("b").get(&format!("/v1/recommendations/{user}?k=5"));
+        assert_eq!(
+            (rec.status, rec.body["route"].as_str()),
+            (200, Some("forwarded"))
+        );
+        assert_eq!(rec.body["stale"], false, "{}", rec.body);
+        assert!(rec.body["applied_offset"].as_u64() >= w.body["results"][0]["offset"].as_u64());
+    }
 }

@@ -4,12 +4,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use troupe_tests::nats::NatsServer;
-use troupe_tests::{timed, troupe_bin, wait_until, Node};
+use troupe_tests::{acked_rows, start_loader, timed, wait_until, write_events, Node};
 
 const FAST: &str = "
 [journal]
@@ -25,16 +24,6 @@ min_interactions = 1000000000
 backoff_base_ms = 5
 backoff_max_ms = 50
 ";
-
-/// Events with one unique item per row, so a user's history shows exactly which rows
-/// were applied (and whether one was applied twice).
-fn write_events(path: &std::path::Path, n: usize, users: usize) {
-    let mut f = std::fs::File::create(path).unwrap();
-    writeln!(f, "user,item,kind,timestamp").unwrap();
-    for r in 0..n {
-        writeln!(f, "u{},it{r},view,{}", r % users, 1_600_000_000 + r).unwrap();
-    }
-}
 
 /// item -> number of times it appears across all users' histories.
 fn applied_items(node: &Node, users: usize) -> HashMap<String, usize> {
@@ -52,14 +41,6 @@ fn applied_items(node: &Node, users: usize) -> HashMap<String, usize> {
         }
     }
     seen
-}
-
-fn acked_rows(log: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .map(|id| format!("it{}", id.rsplit('-').next().unwrap()))
-        .collect()
 }
 
 #[test]
@@ -87,32 +68,6 @@ static JETSTREAM_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     JETSTREAM_TESTS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `troupe load` of `events` into `node` in batches of `batch`, retrying refused batches
-/// for up to two minutes, logging acked event ids to `log`.
-fn start_loader(
-    node: &Node,
-    events: &std::path::Path,
-    log: &std::path::Path,
-    batch: usize,
-) -> std::process::Child {
-    Command::new(troupe_bin())
-        .args([
-            "load",
-            "--batch",
-            &batch.to_string(),
-            "--retry-for-secs",
-            "120",
-        ])
-        .args(["--url", &node.url(), "--events"])
-        .arg(events)
-        .arg("--acked-log")
-        .arg(log)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 /// Waits until the node applied `n` events, then checks that each acked one was applied
@@ -163,7 +118,7 @@ fn kill9_during_load(backend: &str, batch: usize) {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.csv");
     let (n, users) = (12_000, 40);
-    write_events(&events, n, users);
+    write_events(&events, 0..n, users);
     let mut node = Node::start(dir.path(), &format!("{FAST}{backend}"), &[]);
     let log = dir.path().join("acked.txt");
     let mut loader = start_loader(&node, &events, &log, batch);
@@ -626,7 +581,7 @@ fn load_resumes_from_its_state_file_and_reports_bad_rows() {
     let _t = timed();
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("ev.csv");
-    write_events(&events, 500, 10);
+    write_events(&events, 0..500, 10);
     let items = dir.path().join("items.csv");
     std::fs::write(
         &items,
@@ -723,7 +678,7 @@ fn jetstream_server_killed_during_load_refuses_writes_serves_reads_and_loses_not
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.csv");
     let (n, users) = (6_000, 30);
-    write_events(&events, n, users);
+    write_events(&events, 0..n, users);
     let node = Node::start(
         dir.path(),
         &format!("{FAST}{}", jetstream_config(&server)),
@@ -801,7 +756,7 @@ fn jetstream_r3_leader_killed_during_load_resumes_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.csv");
     let (n, users) = (6_000, 30);
-    write_events(&events, n, users);
+    write_events(&events, 0..n, users);
     let config = format!(
         "{FAST}[log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"{}\"\nreplicas = 3\nrequest_timeout_ms = 5000\nconnect_timeout_ms = 60000\n",
         cluster.urls()
@@ -904,7 +859,7 @@ fn jetstream_node_on_an_empty_disk_rebuilds_from_shared_checkpoints() {
     let config = format!("{}{}", fast_with_retention(), jetstream_config(&server));
     let events = root.path().join("events.csv");
     let (n, users) = (3_000, 30);
-    write_events(&events, n, users);
+    write_events(&events, 0..n, users);
     let mut a = Node::start(&dir_a, &config, &[]);
     let ids: Vec<String> = (0..40).map(|i| format!("doc{i}")).collect();
     let items: Vec<Value> = ids

@@ -160,6 +160,21 @@ struct Child {
     deposed: bool,
 }
 
+impl Child {
+    /// A child just started for the first time.
+    fn started(spec: ChildSpec, cell: ActorCell) -> Child {
+        Child {
+            spec,
+            cell: Some(cell),
+            recent: VecDeque::new(),
+            restarts: 0,
+            generation: 1,
+            last_failure: None,
+            deposed: false,
+        }
+    }
+}
+
 pub struct SupervisorState {
     children: Vec<Child>,
     on_failure: Option<FailureCounter>,
@@ -285,15 +300,7 @@ impl Actor for Supervisor {
         let mut children = Vec::with_capacity(args.children.len());
         for spec in args.children {
             let cell = (spec.start)(myself.get_cell()).await?;
-            children.push(Child {
-                spec,
-                cell: Some(cell),
-                recent: VecDeque::new(),
-                restarts: 0,
-                generation: 1,
-                last_failure: None,
-                deposed: false,
-            });
+            children.push(Child::started(spec, cell));
         }
         Ok(SupervisorState {
             children,
@@ -354,15 +361,7 @@ impl Actor for Supervisor {
                 }
                 match (spec.start)(myself.get_cell()).await {
                     Ok(cell) => {
-                        state.children.push(Child {
-                            spec,
-                            cell: Some(cell),
-                            recent: VecDeque::new(),
-                            restarts: 0,
-                            generation: 1,
-                            last_failure: None,
-                            deposed: false,
-                        });
+                        state.children.push(Child::started(spec, cell));
                         reply.send(Ok(())).discard();
                     }
                     Err(e) => reply.send(Err(format!("{}: {e}", spec.name))).discard(),

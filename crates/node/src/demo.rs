@@ -39,18 +39,16 @@ async fn append_all(ctx: &Ctx, entries: Vec<(u32, Payload)>) -> Result<(), CliEr
     Ok(())
 }
 
-pub fn run(a: DemoArgs) -> CmdResult {
-    let dir = match &a.dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!("troupe-demo-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| internal(format!("creating {}: {e}", dir.display())))?;
-    let (events_path, items_path) = match (&a.events, &a.items) {
-        (Some(e), Some(i)) => (e.clone(), i.clone()),
+/// The demo's input: `--events/--items`, or a generated data set written to `dir`.
+pub fn data_files(
+    a: &DemoArgs,
+    dir: &std::path::Path,
+) -> Result<(std::path::PathBuf, std::path::PathBuf), CliError> {
+    match (&a.events, &a.items) {
+        (Some(e), Some(i)) => Ok((e.clone(), i.clone())),
         _ => {
             let gen = GenArgs {
-                out: dir.clone(),
+                out: dir.to_path_buf(),
                 users: a.gen_users,
                 items: a.gen_items,
                 events: a.gen_events,
@@ -59,9 +57,19 @@ pub fn run(a: DemoArgs) -> CmdResult {
                 gzip: false,
             };
             crate::gen_cmd::generate_to_dir(&gen)?;
-            (dir.join("events.csv"), dir.join("items.csv"))
+            Ok((dir.join("events.csv"), dir.join("items.csv")))
         }
+    }
+}
+
+pub fn run(a: DemoArgs) -> CmdResult {
+    let dir = match &a.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("troupe-demo-{}", std::process::id())),
     };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| internal(format!("creating {}: {e}", dir.display())))?;
+    let (events_path, items_path) = data_files(&a, &dir)?;
     let cols = Columns::from(&a.columns);
     let (items, _) = read_items(&items_path, &cols, a.columns.skip_bad_rows)?;
     let mut events = Vec::new();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::cli::{DemoArgs, GenArgs};
+use crate::cli::DemoArgs;
 use crate::exit::{CliError, CmdResult};
 
 fn internal(e: impl std::fmt::Display) -> CliError {
@@ -251,22 +251,7 @@ pub fn run(a: DemoArgs, nodes: usize) -> CmdResult {
         },
     )?;
 
-    let (events, items) = match (&a.events, &a.items) {
-        (Some(e), Some(i)) => (e.clone(), i.clone()),
-        _ => {
-            let gen = GenArgs {
-                out: dir.clone(),
-                users: a.gen_users,
-                items: a.gen_items,
-                events: a.gen_events,
-                clusters: 12,
-                seed: 42,
-                gzip: false,
-            };
-            crate::gen_cmd::generate_to_dir(&gen)?;
-            (dir.join("events.csv"), dir.join("items.csv"))
-        }
-    };
+    let (events, items) = crate::demo::data_files(&a, &dir)?;
     let started = Instant::now();
     let status = Command::new(&exe)
         .args(["load", "--url", &urls[0], "--events"])

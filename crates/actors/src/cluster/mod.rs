@@ -367,6 +367,12 @@ pub async fn recommend(
 ) -> Result<crate::ranker::RecommendReply, crate::node::CallError> {
     let p = crate::record::partition_of(&req.user, ctx.settings.partitions);
     let mut route = "local";
+    let mut unsure = false;
+    if ctx.cluster.is_some() && req.min_offset.is_none() {
+        let (target, u) = read_target(ctx, p).await;
+        req.min_offset = Some(target);
+        unsure = u;
+    }
     if let Some(cl) = ctx.cluster.as_ref().filter(|_| !ctx.serving(p)) {
         let (owner, _) = cl.owner_of(p);
         route = if owner.is_empty() || owner == cl.me {
@@ -375,13 +381,9 @@ pub async fn recommend(
             "owner_unreachable"
         };
         if route == "owner_unreachable" && cl.peer_up(&owner) {
-            // Read-your-writes across nodes: the owner waits for everything of the
-            // partition this node has seen acknowledged, unless the client named a
-            // position itself.
-            let mut fwd = req.clone();
-            if fwd.min_offset.is_none() {
-                fwd.min_offset = Some(ctx.head(p));
-            }
+            // Read-your-writes across nodes: the owner waits for the target taken
+            // when the request arrived here.
+            let fwd = req.clone();
             cl.count(&cl.counters.forwarded);
             let id = req.request_id.clone();
             let t = cl.settings.forward_timeout.min(timeout);
@@ -392,6 +394,7 @@ pub async fn recommend(
                         .get_or_create(&crate::metrics::label("outcome", "ok"))
                         .inc();
                     r.route = "forwarded".into();
+                    r.stale |= unsure;
                     return Ok(r);
                 }
                 Ok(_) => {
@@ -421,7 +424,23 @@ pub async fn recommend(
     })
     .await?;
     reply.route = route.into();
+    reply.stale |= unsure;
     Ok(reply)
+}
+
+/// How long a cluster read waits for the log to say where a partition ends.
+const TARGET_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The freshness target of a cluster read of partition `p` that names no position: the
+/// partition's last acknowledged offset in the shared log when the request arrived (one
+/// round trip), so the answer reflects every write any node acknowledged before it.
+/// When the log does not answer in time: this node's head, and `true` (the answer is
+/// then flagged stale: it may miss a write another node acknowledged).
+async fn read_target(ctx: &crate::ctx::Ctx, p: u32) -> (u64, bool) {
+    match tokio::time::timeout(TARGET_TIMEOUT, ctx.log.refresh_head(p)).await {
+        Ok(Ok(last)) => (last.max(ctx.head(p)), false),
+        _ => (ctx.head(p), true),
+    }
 }
 
 /// A user's features on any node: here when this node serves the partition, otherwise
@@ -434,6 +453,14 @@ pub async fn user_view(
     timeout: std::time::Duration,
 ) -> Result<(crate::features::UserView, bool), String> {
     let p = crate::record::partition_of(&query.user, ctx.settings.partitions);
+    let (min_offset, unsure) = match min_offset {
+        Some(m) => (Some(m), false),
+        None if ctx.cluster.is_some() => {
+            let (t, u) = read_target(ctx, p).await;
+            (Some(t), u)
+        }
+        None => (None, false),
+    };
     let Some(cl) = ctx.cluster.as_ref().filter(|_| !ctx.serving(p)) else {
         let target = min_offset.unwrap_or_else(|| ctx.head(p));
         let fresh = ctx
@@ -444,7 +471,7 @@ pub async fn user_view(
         })
         .await
         .map_err(|e| e.to_string())?;
-        return Ok((view, !fresh || !ctx.log.writable()));
+        return Ok((view, unsure || !fresh || !ctx.log.writable()));
     };
     let (owner, _) = cl.owner_of(p);
     if owner.is_empty() || owner == cl.me {
@@ -457,12 +484,11 @@ pub async fn user_view(
             "partition {p} is owned by {owner}, which is unreachable"
         ));
     }
-    let min_offset = Some(min_offset.unwrap_or_else(|| ctx.head(p)));
     let id = format!("user-{}", query.user);
     let t = cl.settings.forward_timeout.min(timeout);
     cl.count(&cl.counters.forwarded);
     match gateway::call(&owner, &id, gateway::Request::User { query, min_offset }, t).await {
-        Ok(gateway::Response::User { view, stale }) => Ok((view, stale)),
+        Ok(gateway::Response::User { view, stale }) => Ok((view, stale || unsure)),
         Ok(_) => Err(format!("{owner} answered with another kind of response")),
         Err(e) => {
             cl.count(&cl.counters.forward_failures);
