@@ -52,6 +52,8 @@ struct Cluster {
     members: Vec<Member>,
     nodes: Vec<Node>,
     server: NatsServer,
+    /// Appended to every node's config (fault injection: sets TROUPE_ALLOW_FAULTS).
+    extra: String,
 }
 
 impl Cluster {
@@ -67,6 +69,7 @@ impl Cluster {
             members,
             nodes: Vec::new(),
             server,
+            extra: String::new(),
         })
     }
 
@@ -74,13 +77,12 @@ impl Cluster {
     fn launch(&mut self, name: &'static str, cookie: &str, view: &[Member], nats: &str) {
         let dir = self.root.path().join(name);
         let (_, _, http) = *self.members.iter().find(|m| m.0 == name).unwrap();
-        let text = config(name, &dir, view, nats);
-        self.nodes.push(Node::start_config(
-            &dir,
-            http,
-            &text,
-            &[("TROUPE_CLUSTER_COOKIE", cookie)],
-        ));
+        let text = format!("{}{}", config(name, &dir, view, nats), self.extra);
+        let mut env = vec![("TROUPE_CLUSTER_COOKIE", cookie)];
+        if !self.extra.is_empty() {
+            env.push(("TROUPE_ALLOW_FAULTS", "1"));
+        }
+        self.nodes.push(Node::start_config(&dir, http, &text, &env));
     }
 
     /// Starts the server and the nodes named in `start` (cookie per node from `cookie`).
@@ -691,4 +693,62 @@ fn cluster_read_through_any_node_sees_a_write_acked_by_another() {
         assert_eq!(rec.body["stale"], false, "{}", rec.body);
         assert!(rec.body["applied_offset"].as_u64() >= w.body["results"][0]["offset"].as_u64());
     }
+}
+
+/// A partition whose actor fails on every start (an injected recovery fault on every
+/// node) is given up by its owner: released and marked failed, claimed by nobody,
+/// shown in `/v1/cluster` and counted in the metrics; the nodes stay up and ready, the
+/// other partitions stay served, and the partition's users get degraded answers.
+#[test]
+fn cluster_crash_looping_partition_is_released_and_marked_failed() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::prepare() else {
+        return;
+    };
+    c.extra = "[[faults]]\ntarget = \"user_features-0.recover\"\naction = \"error\"\n".into();
+    let (members, url) = (c.members.clone(), c.server.url());
+    for n in NAMES {
+        c.launch(n, "test-cookie", &members, &url);
+    }
+    let failed_everywhere = |c: &Cluster| {
+        NAMES.iter().all(|n| {
+            try_cluster(c.node(n)).is_some_and(|v| {
+                v["partitions"][0]["state"] == "failed"
+                    && v["partitions"][0]["failed"]
+                        .as_str()
+                        .is_some_and(|f| f.contains("injected"))
+            })
+        })
+    };
+    c.wait(60, "partition 0 failed in every node's view", || {
+        failed_everywhere(&c)
+    });
+    c.wait(60, "the other partitions served once", || {
+        let by = served_by(&c, &NAMES);
+        (1..PARTITIONS as u64).all(|p| by.get(&p).is_some_and(|w| w.len() == 1))
+            && !by.contains_key(&0)
+    });
+    let failed: f64 = NAMES
+        .iter()
+        .map(|n| {
+            c.node(n)
+                .metrics()
+                .lines()
+                .filter(|l| {
+                    l.starts_with("troupe_cluster_partition_events_total{event=\"failed\"}")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .sum();
+    assert!(failed >= 1.0, "no node counted the failed partition");
+    for n in NAMES {
+        assert_eq!(c.node(n).get("/readyz").status, 200, "{n} not ready");
+    }
+    let user = user_in(0);
+    let r = c.node("a").get(&format!("/v1/recommendations/{user}?k=3"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["degraded"], true);
+    assert!(failed_everywhere(&c));
 }

@@ -362,6 +362,11 @@ impl Actor for UserFeatures {
         myself: ActorRef<UserFeaturesMsg>,
         st: &mut UserFeaturesState,
     ) -> Result<(), ActorProcessingErr> {
+        // Test hook: a recovery that fails every time (a partition that crash-loops).
+        let hook = format!("{}.recover", st.rt.name);
+        if st.ctx.faults.on_call(&hook).is_some() {
+            return Err(crate::faults::InjectedFault(hook).into());
+        }
         let cp: Option<(StoredCheckpoint, Vec<Vec<u8>>)> = st
             .rt
             .load_checkpoint(
