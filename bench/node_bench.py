@@ -571,11 +571,23 @@ def cluster(a):
                 open(node.cfg, "w").write(txt)
             for node in nodes:
                 node.start()
-            t0 = time.time()
-            while cluster_serving(nodes) != partitions or any(
-                    m["state"] != "up" for m in (nodes[0].view() or {"members": [{"state": "x"}]})["members"]):
+            # Balanced: every member up, every partition served, every node serving some,
+            # and the map unchanged for 5 s (hand-overs to later joiners are done).
+            t0, stable_since, last_map = time.time(), None, None
+            while True:
                 if time.time() - t0 > 300:
                     raise RuntimeError("cluster did not balance")
+                v = nodes[0].view()
+                ok = (v is not None and all(m["state"] == "up" for m in v["members"])
+                      and cluster_serving(nodes) == partitions
+                      and all(any(p["state"] == "serving" for p in (n.view() or {"partitions": []})["partitions"]) for n in nodes))
+                cur = [p["owner"] for p in v["partitions"]] if v else None
+                if ok and cur == last_map:
+                    if stable_since and time.time() - stable_since >= 5:
+                        break
+                else:
+                    stable_since = time.time() if ok else None
+                last_map = cur
                 time.sleep(0.2)
             users = [f"u{k}" for k in range(max(1000, size // 50))]
             t_load = time.time()
@@ -598,11 +610,29 @@ def cluster(a):
                         dt = (time.perf_counter() - t) * 1000
                         if st == 200 and r["route"] == want and rep > 0:
                             out.append(dt)
-            l50, l99, r50, r99 = pct(local, 50), pct(local, 99), pct(remote, 50), pct(remote, 99)
+            l50, l99, r50, r99 = pct(local, 0.5), pct(local, 0.99), pct(remote, 0.5), pct(remote, 0.99)
             print(f"{size} events: recommendation (k=10, cached candidates) p50/p99 ms:"
                   f" owner {l50:.3f}/{l99:.3f}, non-owner {r50:.3f}/{r99:.3f};"
                   f" added p50 {r50 - l50:.3f} ms, p99 {r99 - l99:.3f} ms; ratio p50 {r50 / l50:.2f}"
                   f" ({len(local)} + {len(remote)} samples)")
+            # A hung peer: SIGSTOP one node, time until another shows it unresponsive.
+            hung, watcher = nodes[2], nodes[0]
+            t_stop = time.time()
+            hung.proc.send_signal(signal.SIGSTOP)
+            noticed = None
+            while time.time() - t_stop < 60 and noticed is None:
+                v = watcher.view()
+                if v and any(m["name"] == hung.name and m["state"] == "unresponsive" for m in v["members"]):
+                    noticed = time.time() - t_stop
+                time.sleep(0.02)
+            hung.proc.send_signal(signal.SIGCONT)
+            while True:
+                v = watcher.view()
+                if v and all(m["state"] == "up" for m in v["members"]) and cluster_serving(nodes) == partitions:
+                    break
+                time.sleep(0.1)
+            print(f"{size} events: SIGSTOPped peer shown unresponsive after {noticed:.2f} s"
+                  f" (heartbeat 1 s, 3 misses; goal <= 5 s)")
             # Failover: SIGKILL the node owning most partitions.
             counts = {}
             for p in nodes[0].view()["partitions"]:
