@@ -125,8 +125,17 @@ pub fn start(ctx: Arc<Ctx>, cluster: Arc<Cluster>, make_child: MakeChild) -> Lea
                 }
                 g.round().await;
             }
+            // The next round comes at the renewal interval, or sooner when a held lease
+            // would lapse first (its partition is then stopped at once).
+            let lapse = cluster
+                .slots
+                .iter()
+                .filter_map(|s| s.lock().valid_until)
+                .min()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            let next = lapse.map_or(every, |d| d.min(every));
             tokio::select! {
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep(next) => {}
                 _ = cluster.wake.notified() => {}
             }
         }
