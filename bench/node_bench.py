@@ -9,7 +9,8 @@
   recovery   restart time vs journal length, checkpoints off and on
   cluster    three nodes on one JetStream server: a recommendation through a non-owner
              (one hop) vs through the owner, same users, same run; failover after SIGKILL
-             of a node (detection, claim, replay, first full answer) per data size
+             of a node (detection, claim, replay, first full answer) per data size;
+             --throughput: ingest and recommendations/s of three nodes vs one
 
 Usage: node_bench.py <what> --troupe target/release/troupe [--out DIR]
 Standard library only (plus `wrk` and `nginx` for `serving`).
@@ -664,10 +665,85 @@ def cluster(a):
                   f" (lease period 15 s: goal lease + <= 10 s)")
             for n in survivors:
                 n.stop()
+        if a.throughput:
+            # Ingest and serving of the three nodes against one node, same server, same
+            # clients, same run (the nodes, the server and the clients share the 2 cores).
+            names = ["t1", "t2", "t3"]
+            members = [(n, free_port(), free_port()) for n in names]
+            trio = []
+            for n, c, h in members:
+                d = os.path.join(work, f"tp-{n}")
+                os.makedirs(d)
+                node = ClusterNode(a.troupe, d, n, h, members, url, partitions)
+                txt = open(node.cfg).read().replace('[log.jetstream]\n', '[log.jetstream]\nstream = "tp3"\n')
+                open(node.cfg, "w").write(txt)
+                trio.append(node)
+            for node in trio:
+                node.start()
+            while cluster_serving(trio) != partitions or not all(
+                    any(p["state"] == "serving" for p in (n.view() or {"partitions": []})["partitions"]) for n in trio):
+                time.sleep(0.2)
+            i3, s3 = throughput(trio, a.seconds)
+            for node in trio:
+                node.stop()
+            d = os.path.join(work, "tp-one")
+            os.makedirs(d)
+            one = Node(a.troupe, d, f'[journal]\npartitions = {partitions}\n[als]\nmin_interactions = 1000000000\n'
+                                    f'[log]\nbackend = "jetstream"\n[log.jetstream]\nurl = "{url}"\nstream = "tp1"\n')
+            one.start()
+            i1, s1 = throughput([one], a.seconds)
+            one.stop()
+            print(f"\nthroughput, {a.seconds:.0f} s each, clients spread over the nodes:"
+                  f" ingest (batch 1000, 4 clients) three nodes {i3:.0f} ev/s vs one node {i1:.0f} ev/s (ratio {i3 / i1:.2f});"
+                  f" recommendations (8 clients, k=10) three nodes {s3:.0f} req/s vs one node {s1:.0f} req/s (ratio {s3 / s1:.2f})")
     finally:
         srv.send_signal(signal.SIGKILL)
         srv.wait()
     shutil.rmtree(work, ignore_errors=True)
+
+
+def throughput(nodes, seconds):
+    """Acked events/s (4 clients, batches of 1000, spread over `nodes`) until applied,
+    then recommendations/s (8 clients over the same users, spread over `nodes`)."""
+    clients, batch = 4, 1000
+    bodies = {c: [ndjson_batch(f"tp{len(nodes)}c{c}", k * batch, batch, users=20000) for k in range(200)]
+              for c in range(clients)}
+    acked = [0] * clients
+    stop = time.time() + seconds
+
+    def post(c):
+        node = nodes[c % len(nodes)]
+        conn = node.conn()
+        for body in bodies[c]:
+            if time.time() > stop:
+                break
+            st, r = node.post("/v1/events", body, conn)
+            if st == 200:
+                acked[c] += r["acked"]
+    t0 = time.time()
+    ts = [threading.Thread(target=post, args=(c,)) for c in range(clients)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    ingest_rate = sum(acked) / (time.time() - t0)
+    while not all(n.caught_up() for n in nodes):
+        time.sleep(0.05)
+    done = [0] * 8
+    stop = time.time() + seconds
+
+    def get(c):
+        node = nodes[c % len(nodes)]
+        conn = node.conn()
+        k = c
+        while time.time() < stop:
+            st, _ = node.get(f"/v1/recommendations/u{k * 7919 % 20000}?k=10", conn)
+            if st == 200:
+                done[c] += 1
+            k += 8
+    t0 = time.time()
+    ts = [threading.Thread(target=get, args=(c,)) for c in range(8)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    return ingest_rate, sum(done) / (time.time() - t0)
 
 
 def load_cluster(nodes, prefix, n, users, clients=4, batch=1000):
@@ -718,6 +794,7 @@ def main():
     p.add_argument("--sizes", type=int, nargs="+", default=[100000, 300000, 1000000])
     p.add_argument("--items", type=int, nargs="+", default=[10000, 100000])
     p.add_argument("--conns", type=int, default=32)
+    p.add_argument("--throughput", action="store_true", help="cluster: also ingest and serving of three nodes vs one")
     a = p.parse_args()
     a.troupe = os.path.abspath(a.troupe)
     a.publisher = os.path.abspath(a.publisher)
