@@ -95,6 +95,15 @@ impl Cluster {
         Some(c)
     }
 
+    /// Three nodes with one cookie, waited for until the partitions are balanced.
+    fn balanced_three() -> Option<Cluster> {
+        let c = Cluster::start(&NAMES, |_| "test-cookie")?;
+        c.wait(60, "partitions balanced over the three nodes", || {
+            balanced(&c)
+        });
+        Some(c)
+    }
+
     /// A member's cluster address.
     fn cluster_addr(&self, name: &str) -> std::net::SocketAddr {
         let (_, port, _) = *self.members.iter().find(|m| m.0 == name).unwrap();
@@ -261,12 +270,9 @@ fn items_counted(n: &Node) -> u64 {
 fn cluster_kill9_of_a_node_under_load_moves_its_partitions_and_loses_nothing() {
     let _serial = one_at_a_time();
     let _t = timed();
-    let Some(mut c) = Cluster::start(&NAMES, |_| "test-cookie") else {
+    let Some(mut c) = Cluster::balanced_three() else {
         return;
     };
-    c.wait(60, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
     let (n, users) = (4_000usize, 40usize);
     let root = c.root.path().to_path_buf();
     let (ev_a, ev_b) = (root.join("a.csv"), root.join("b.csv"));
@@ -376,12 +382,9 @@ fn cluster_wrong_cookie_is_refused_and_reported() {
 fn cluster_paused_node_loses_its_leases_and_rejoins() {
     let _serial = one_at_a_time();
     let _t = timed();
-    let Some(c) = Cluster::start(&NAMES, |_| "test-cookie") else {
+    let Some(c) = Cluster::balanced_three() else {
         return;
     };
-    c.wait(60, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
     assert!(!serving(c.node("c")).is_empty());
     c.node("c").signal("STOP");
     c.wait(60, "c's partitions served by a and b", || {
@@ -533,12 +536,9 @@ fn cluster_node_cut_from_the_log_stops_serving_and_its_partitions_move() {
 fn cluster_rolling_restart_loses_nothing_and_moves_each_partition_at_most_twice() {
     let _serial = one_at_a_time();
     let _t = timed();
-    let Some(mut c) = Cluster::start(&NAMES, |_| "test-cookie") else {
+    let Some(mut c) = Cluster::balanced_three() else {
         return;
     };
-    c.wait(60, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
     let epochs = |c: &Cluster| -> Vec<u64> {
         try_cluster(c.node("a"))
             .and_then(|v| {
@@ -660,12 +660,9 @@ fn reader(
 fn cluster_read_through_any_node_sees_a_write_acked_by_another() {
     let _serial = one_at_a_time();
     let _t = timed();
-    let Some(c) = Cluster::start(&NAMES, |_| "test-cookie") else {
+    let Some(c) = Cluster::balanced_three() else {
         return;
     };
-    c.wait(60, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
     let p = *serving(c.node("c")).iter().next().unwrap();
     let user = user_in(p);
     for i in 0..20 {

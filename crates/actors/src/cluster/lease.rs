@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{rendezvous, Cluster};
 use crate::ctx::Ctx;
-use crate::state::StateError;
+use crate::state::{now_ms, StateError};
 use crate::supervisor::{ChildSpec, SupervisorMsg};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -67,12 +67,6 @@ pub fn lease_key(p: u32) -> String {
 
 pub fn member_key(name: &str) -> String {
     format!("member.{name}")
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Builds the supervised child of a partition.
@@ -186,7 +180,9 @@ impl LeaseHandle {
 }
 
 impl Leases {
-    fn event(&self, kind: &str) {
+    /// Counts a lease event in `/v1/cluster` (`counter`) and in the metrics (`kind`).
+    fn event(&self, counter: &std::sync::atomic::AtomicU64, kind: &str) {
+        self.cluster.count(counter);
         self.ctx
             .metrics
             .partition_events
@@ -476,11 +472,9 @@ impl Leases {
             slot.changed = sent;
         }
         self.mine.insert(p, (rec, new));
-        self.cluster.count(&self.cluster.counters.claims);
-        self.event("claim");
+        self.event(&self.cluster.counters.claims, "claim");
         if failover {
-            self.cluster.count(&self.cluster.counters.failovers);
-            self.event("failover");
+            self.event(&self.cluster.counters.failovers, "failover");
         }
         // The partition's consumer claims its state scope anew (fencing the last owner),
         // loads the checkpoint and replays; it is answered once that is done.
@@ -515,8 +509,7 @@ impl Leases {
             slot.moving = false;
         }
         self.mine.remove(&p);
-        self.cluster.count(&self.cluster.counters.lost);
-        self.event("lost");
+        self.event(&self.cluster.counters.lost, "lost");
         tracing::warn!(
             partition = p,
             reason = why,
@@ -593,8 +586,7 @@ impl Leases {
     }
 
     async fn mark_failed(&mut self, p: u32, why: &str) {
-        self.cluster.count(&self.cluster.counters.failed);
-        self.event("failed");
+        self.event(&self.cluster.counters.failed, "failed");
         tracing::error!(
             partition = p,
             reason = why,
@@ -635,8 +627,7 @@ impl Leases {
             tracing::info!(partition = p, to = %to, "handing a partition to its desired owner");
             match self.hand_over(p).await {
                 Ok(()) => {
-                    self.cluster.count(&self.cluster.counters.handoffs);
-                    self.event("handoff");
+                    self.event(&self.cluster.counters.handoffs, "handoff");
                 }
                 Err(e) => tracing::warn!(partition = p, error = %e, "hand-over incomplete"),
             }

@@ -227,6 +227,21 @@ impl Cluster {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts a request forwarded to an owner, in `/v1/cluster` and the metrics.
+    pub fn forwarded(&self, ctx: &crate::ctx::Ctx, ok: bool) {
+        self.count(&self.counters.forwarded);
+        if !ok {
+            self.count(&self.counters.forward_failures);
+        }
+        ctx.metrics
+            .forwarded
+            .get_or_create(&crate::metrics::label(
+                "outcome",
+                if ok { "ok" } else { "failed" },
+            ))
+            .inc();
+    }
+
     /// Sets the scrape-time gauges: peers by state, held partitions by state.
     pub fn export(&self, ctx: &crate::ctx::Ctx) {
         let m = &ctx.metrics;
@@ -384,33 +399,21 @@ pub async fn recommend(
             // Read-your-writes across nodes: the owner waits for the target taken
             // when the request arrived here.
             let fwd = req.clone();
-            cl.count(&cl.counters.forwarded);
             let id = req.request_id.clone();
             let t = cl.settings.forward_timeout.min(timeout);
             match gateway::call(&owner, &id, gateway::Request::Recommend(fwd), t).await {
                 Ok(gateway::Response::Recommend(mut r)) => {
-                    ctx.metrics
-                        .forwarded
-                        .get_or_create(&crate::metrics::label("outcome", "ok"))
-                        .inc();
+                    cl.forwarded(ctx, true);
                     r.route = "forwarded".into();
                     r.stale |= unsure;
                     return Ok(r);
                 }
                 Ok(_) => {
-                    ctx.metrics
-                        .forwarded
-                        .get_or_create(&crate::metrics::label("outcome", "failed"))
-                        .inc();
-                    cl.count(&cl.counters.forward_failures);
+                    cl.forwarded(ctx, false);
                     tracing::warn!(owner = %owner, "owner answered a recommendation with another kind of response");
                 }
                 Err(e) => {
-                    ctx.metrics
-                        .forwarded
-                        .get_or_create(&crate::metrics::label("outcome", "failed"))
-                        .inc();
-                    cl.count(&cl.counters.forward_failures);
+                    cl.forwarded(ctx, false);
                     tracing::debug!(owner = %owner, partition = p, error = %e, "forward failed; answering degraded");
                 }
             }
@@ -486,14 +489,12 @@ pub async fn user_view(
     }
     let id = format!("user-{}", query.user);
     let t = cl.settings.forward_timeout.min(timeout);
-    cl.count(&cl.counters.forwarded);
-    match gateway::call(&owner, &id, gateway::Request::User { query, min_offset }, t).await {
+    let r = gateway::call(&owner, &id, gateway::Request::User { query, min_offset }, t).await;
+    cl.forwarded(ctx, matches!(r, Ok(gateway::Response::User { .. })));
+    match r {
         Ok(gateway::Response::User { view, stale }) => Ok((view, stale || unsure)),
         Ok(_) => Err(format!("{owner} answered with another kind of response")),
-        Err(e) => {
-            cl.count(&cl.counters.forward_failures);
-            Err(format!("partition {p} is owned by {owner}: {e}"))
-        }
+        Err(e) => Err(format!("partition {p} is owned by {owner}: {e}")),
     }
 }
 

@@ -141,7 +141,8 @@ pub fn pointer_key(scope: &str) -> String {
     format!("scope.{scope}")
 }
 
-fn now_ms() -> i64 {
+/// Wall-clock time, ms since the Unix epoch (display fields of records).
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
