@@ -623,7 +623,7 @@ def cluster(a):
             noticed = None
             while time.time() - t_stop < 60 and noticed is None:
                 v = watcher.view()
-                if v and any(m["name"] == hung.name and m["state"] == "unresponsive" for m in v["members"]):
+                if v and any(m["name"] == hung.name and m["state"] in ("unresponsive", "down") for m in v["members"]):
                     noticed = time.time() - t_stop
                 time.sleep(0.02)
             hung.proc.send_signal(signal.SIGCONT)

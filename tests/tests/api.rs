@@ -54,6 +54,18 @@ fn reads_reflect_a_write_by_its_position_or_say_stale() {
     );
     let u = node.get(&format!("/v1/users/ryw?min_offset={off}"));
     assert_eq!((u.status, &u.body["stale"]), (200, &json!(false)));
+    // Item statistics count every event naming an item, of every kind.
+    let r = node.post(
+        "/v1/events",
+        &json!([{"user": "other", "item": "a", "kind": "view"}]).to_string(),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    wait_until(20, "item a's two events counted", || {
+        node.get("/v1/items/a/stats").body["event_count"] == 2
+    });
+    let never = node.get("/v1/items/never-seen/stats");
+    assert_eq!(never.status, 404, "{:?}", never.body);
+    assert_eq!(never.body["error"], "not_found", "{:?}", never.body);
     assert_eq!(u.body["history"][0]["item"], "a");
     // A position the partition has not reached: answered within the freshness bound,
     // flagged stale.

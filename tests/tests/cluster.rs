@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use troupe_tests::nats::NatsServer;
+use troupe_tests::nats::{NatsCluster, NatsServer};
 use troupe_tests::{acked_rows, free_port, start_loader, timed, write_events, Node};
 
 const PARTITIONS: u32 = 6;
@@ -24,7 +24,26 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 /// Ports of one member: (name, cluster port, http port).
 type Member = (&'static str, u16, u16);
 
-fn config(name: &str, dir: &std::path::Path, members: &[Member], nats: &str) -> String {
+/// Log and lease settings that differ between tests.
+#[derive(Clone)]
+struct Tuning {
+    /// Extra lines of `[log.jetstream]`.
+    jetstream: String,
+    lease_period_ms: u64,
+    lease_renew_ms: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            jetstream: String::new(),
+            lease_period_ms: 3000,
+            lease_renew_ms: 500,
+        }
+    }
+}
+
+fn config(name: &str, dir: &std::path::Path, members: &[Member], nats: &str, t: &Tuning) -> String {
     let http = members.iter().find(|m| m.0 == name).unwrap().2;
     let list: Vec<String> = members
         .iter()
@@ -38,12 +57,15 @@ fn config(name: &str, dir: &std::path::Path, members: &[Member], nats: &str) -> 
 [features]\nhistory_len = 100000\ncheckpoint_every_records = 700\ncheckpoint_interval_ms = 300\n\
 [als]\nmin_interactions = 1000000000\n\
 [supervision]\nbackoff_base_ms = 5\nbackoff_max_ms = 50\n\
-[log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"{nats}\"\n\
+[log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"{nats}\"\n{}\
 [cluster]\nmembers = [{}]\nheartbeat_ms = 200\nheartbeat_misses = 3\nhandshake_timeout_ms = 2000\n\
-reconnect_max_ms = 1000\nlease_period_ms = 3000\nlease_renew_ms = 500\nrebalance_interval_ms = 200\n\
+reconnect_max_ms = 1000\nlease_period_ms = {}\nlease_renew_ms = {}\nrebalance_interval_ms = 200\n\
 forward_timeout_ms = 3000\n",
         dir.join("data").display(),
-        list.join(", ")
+        t.jetstream,
+        list.join(", "),
+        t.lease_period_ms,
+        t.lease_renew_ms,
     )
 }
 
@@ -51,7 +73,9 @@ struct Cluster {
     root: tempfile::TempDir,
     members: Vec<Member>,
     nodes: Vec<Node>,
-    server: NatsServer,
+    /// One server, or three forming a JetStream cluster.
+    nats: NatsCluster,
+    tuning: Tuning,
     /// Appended to every node's config (fault injection: sets TROUPE_ALLOW_FAULTS).
     extra: String,
 }
@@ -60,24 +84,39 @@ impl Cluster {
     /// The server and the member ports; no node started yet.
     fn prepare() -> Option<Cluster> {
         let server = NatsServer::start()?;
+        Some(Cluster::on(
+            NatsCluster {
+                servers: vec![server],
+            },
+            Tuning::default(),
+        ))
+    }
+
+    /// The member ports for nodes using `nats` with `tuning`; no node started yet.
+    fn on(nats: NatsCluster, tuning: Tuning) -> Cluster {
         let members: Vec<Member> = NAMES
             .iter()
             .map(|&n| (n, free_port(), free_port()))
             .collect();
-        Some(Cluster {
+        Cluster {
             root: tempfile::tempdir().unwrap(),
             members,
             nodes: Vec::new(),
-            server,
+            nats,
+            tuning,
             extra: String::new(),
-        })
+        }
     }
 
     /// Starts node `name` seeing the members as `view` and the server at `nats`.
     fn launch(&mut self, name: &'static str, cookie: &str, view: &[Member], nats: &str) {
         let dir = self.root.path().join(name);
         let (_, _, http) = *self.members.iter().find(|m| m.0 == name).unwrap();
-        let text = format!("{}{}", config(name, &dir, view, nats), self.extra);
+        let text = format!(
+            "{}{}",
+            config(name, &dir, view, nats, &self.tuning),
+            self.extra
+        );
         let mut env = vec![("TROUPE_CLUSTER_COOKIE", cookie)];
         if !self.extra.is_empty() {
             env.push(("TROUPE_ALLOW_FAULTS", "1"));
@@ -88,7 +127,7 @@ impl Cluster {
     /// Starts the server and the nodes named in `start` (cookie per node from `cookie`).
     fn start(start: &[&'static str], cookie: impl Fn(&str) -> &'static str) -> Option<Cluster> {
         let mut c = Cluster::prepare()?;
-        let (members, url) = (c.members.clone(), c.server.url());
+        let (members, url) = (c.members.clone(), c.nats.urls());
         for &n in start {
             c.launch(n, cookie(n), &members, &url);
         }
@@ -265,7 +304,7 @@ fn items_counted(n: &Node) -> u64 {
 /// go to them: its partitions move to the survivors, every query is answered (degraded
 /// allowed, no 5xx), the partitions come back when it restarts, and every acknowledged
 /// event is applied exactly once (by event id across all users, read through one node)
-/// and counted by every node's item stats.
+/// and counted once per item by every node's item stats.
 #[test]
 fn cluster_kill9_of_a_node_under_load_moves_its_partitions_and_loses_nothing() {
     let _serial = one_at_a_time();
@@ -335,10 +374,23 @@ fn cluster_kill9_of_a_node_under_load_moves_its_partitions_and_loses_nothing() {
         "acked events missing or applied twice: {wrong:?}"
     );
     assert_eq!(applied.len(), n);
+    // Every node's item statistics (each fed by every partition's stream) counted each
+    // acked event once: every item here was named by exactly one event.
     for name in NAMES {
-        c.wait(60, "every node's item stats counted every item", || {
-            items_counted(c.node(name)) == n as u64
+        let node = c.node(name);
+        c.wait(60, "every node's item stats saw every item", || {
+            items_counted(node) == n as u64
         });
+        let mut counts: HashMap<&str, Value> = HashMap::new();
+        for i in &acked {
+            let r = node.get(&format!("/v1/items/{i}/stats"));
+            counts.insert(i, r.body["event_count"].clone());
+        }
+        let wrong: Vec<(&&str, &Value)> = counts.iter().filter(|(_, v)| **v != 1).take(5).collect();
+        assert!(
+            wrong.is_empty(),
+            "{name}'s item stats count these items' events wrongly: {wrong:?}"
+        );
     }
 }
 
@@ -354,7 +406,7 @@ fn cluster_wrong_cookie_is_refused_and_reported() {
     c.wait(60, "a and b serve every partition", || {
         all_served_by(&c, &["a", "b"])
     });
-    let (members, url) = (c.members.clone(), c.server.url());
+    let (members, url) = (c.members.clone(), c.nats.urls());
     c.launch("c", "wrong-cookie", &members, &url);
     c.wait(30, "a and b report c's handshake refused", || {
         ["a", "b"].iter().all(|n| {
@@ -433,7 +485,7 @@ fn cluster_cut_link_between_two_nodes_keeps_ownership_and_degrades() {
         return;
     };
     let proxy = troupe_tests::proxy::Proxy::start(c.cluster_addr("b"));
-    let (members, url) = (c.members.clone(), c.server.url());
+    let (members, url) = (c.members.clone(), c.nats.urls());
     // a (the dialler of b) reaches b only through the proxy.
     let mut a_view = members.clone();
     a_view.iter_mut().find(|m| m.0 == "b").unwrap().1 = proxy.port;
@@ -471,12 +523,49 @@ fn cluster_cut_link_between_two_nodes_keeps_ownership_and_degrades() {
         assert_eq!(owners(c.node(n)), before, "ownership changed in {n}'s view");
     }
     proxy.heal();
-    c.wait(30, "a's answers for b's users forwarded again", || {
+    let forwarded = || {
         c.node("a")
             .get(&format!("/v1/recommendations/{user}?k=3"))
             .body["route"]
             == "forwarded"
+    };
+    c.wait(30, "a's answers for b's users forwarded again", forwarded);
+    // The link goes silent: no FIN, no RST, the open session is dead for good. Both
+    // sides must notice by liveness, close it, and (after heal) a must dial anew.
+    let reconnects = |n: &str, peer: &str| {
+        try_cluster(c.node(n)).and_then(|v| {
+            v["members"]
+                .as_array()?
+                .iter()
+                .find(|m| m["name"] == peer)?["reconnects"]
+                .as_u64()
+        })
+    };
+    let before = reconnects("a", "b").unwrap();
+    proxy.silence();
+    c.wait(30, "a and b close the dead session", || {
+        member_state(c.node("a"), "b").0 == "down" && member_state(c.node("b"), "a").0 == "down"
     });
+    let r = c.node("a").get(&format!("/v1/recommendations/{user}?k=3"));
+    assert_eq!(
+        (r.status, &r.body["route"]),
+        (200, &Value::from("owner_unreachable")),
+        "{}",
+        r.body
+    );
+    for n in NAMES {
+        assert_eq!(
+            owners(c.node(n)),
+            owners(c.node("a")),
+            "ownership differs in {n}'s view"
+        );
+    }
+    proxy.heal();
+    c.wait(30, "a dials b anew and forwards again", forwarded);
+    assert!(
+        reconnects("a", "b").unwrap() > before,
+        "a forwards again without a new session"
+    );
 }
 
 /// One node's link to the log cut: its leases lapse, it stops answering for its
@@ -489,16 +578,10 @@ fn cluster_node_cut_from_the_log_stops_serving_and_its_partitions_move() {
     let Some(mut c) = Cluster::prepare() else {
         return;
     };
-    let nats_port: u16 = c
-        .server
-        .url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap();
+    let nats_port = c.nats.servers[0].port;
     let proxy =
         troupe_tests::proxy::Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], nats_port)));
-    let (members, url) = (c.members.clone(), c.server.url());
+    let (members, url) = (c.members.clone(), c.nats.urls());
     c.launch("a", "test-cookie", &members, &url);
     c.launch("b", "test-cookie", &members, &url);
     c.launch(
@@ -704,7 +787,7 @@ fn cluster_crash_looping_partition_is_released_and_marked_failed() {
         return;
     };
     c.extra = "[[faults]]\ntarget = \"user_features-0.recover\"\naction = \"error\"\n".into();
-    let (members, url) = (c.members.clone(), c.server.url());
+    let (members, url) = (c.members.clone(), c.nats.urls());
     for n in NAMES {
         c.launch(n, "test-cookie", &members, &url);
     }
@@ -748,4 +831,134 @@ fn cluster_crash_looping_partition_is_released_and_marked_failed() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["degraded"], true);
     assert!(failed_everywhere(&c));
+}
+
+/// Owner and epoch of every partition as `n` sees them.
+fn leases(n: &Node) -> Vec<(String, u64)> {
+    try_cluster(n)
+        .and_then(|v| {
+            v["partitions"].as_array().map(|ps| {
+                ps.iter()
+                    .map(|p| {
+                        (
+                            p["owner"].as_str().unwrap_or("").to_string(),
+                            p["epoch"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Three nodes on a three-server JetStream cluster (R3 stream and buckets), with the
+/// default lease timing (15 s, renewed every 3 s): the server leading the lease bucket's
+/// stream is SIGKILLed while events stream in and queries run. The lease outlasts the
+/// election: no partition changes owner or epoch, no two nodes ever serve one
+/// partition, no query fails, and every acked event is applied exactly once.
+#[test]
+fn cluster_outlasts_a_jetstream_leader_election_without_moving_partitions() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(nats) = NatsCluster::start() else {
+        return;
+    };
+    let tuning = Tuning {
+        jetstream: "replicas = 3\nrequest_timeout_ms = 5000\nconnect_timeout_ms = 60000\n".into(),
+        lease_period_ms: 15_000,
+        lease_renew_ms: 3_000,
+    };
+    let mut c = Cluster::on(nats, tuning);
+    let (members, url) = (c.members.clone(), c.nats.urls());
+    for n in NAMES {
+        c.launch(n, "test-cookie", &members, &url);
+    }
+    c.wait(90, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    let before = leases(c.node("a"));
+    let (n, users) = (3_000usize, 30usize);
+    let events = c.root.path().join("events.csv");
+    let acked_log = c.root.path().join("acked.txt");
+    write_events(&events, 0..n, users);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = reader(
+        NAMES.iter().map(|m| c.node(m).url()).collect(),
+        users,
+        stop.clone(),
+        Duration::from_secs(30),
+    );
+    let mut loader = start_loader(c.node("a"), &events, &acked_log, 50);
+    c.wait(60, "a third of the events acked", || {
+        acked_rows(&acked_log).len() >= n / 3
+    });
+    let mut leader = None;
+    c.wait(30, "the lease bucket's stream has a leader", || {
+        leader = c.nats.stream_leader("KV_troupe_state");
+        leader.is_some()
+    });
+    let leader = leader.unwrap();
+    c.nats.servers[leader].kill9();
+    let killed = Instant::now();
+    // Through the election and one lease period after it: never two servers of a
+    // partition, and no lease taken over.
+    // The least lease time left seen on a serving partition: the election's margin.
+    let mut least_left = u64::MAX;
+    while killed.elapsed() < Duration::from_secs(25) || loader.try_wait().unwrap().is_none() {
+        let mut by: HashMap<u64, Vec<&str>> = HashMap::new();
+        for m in NAMES {
+            let Some(v) = try_cluster(c.node(m)) else {
+                continue;
+            };
+            for p in v["partitions"].as_array().into_iter().flatten() {
+                if p["state"] == "serving" {
+                    by.entry(p["partition"].as_u64().unwrap())
+                        .or_default()
+                        .push(m);
+                    least_left = least_left.min(p["lease_left_ms"].as_u64().unwrap_or(0));
+                }
+            }
+        }
+        if let Some((p, who)) = by.iter().find(|(_, who)| who.len() > 1) {
+            c.fail(&format!("partition {p} served by {who:?} at once"));
+        }
+        if killed.elapsed() > Duration::from_secs(180) {
+            c.fail("the load did not finish within 180 s of the kill");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = loader.wait().unwrap();
+    assert!(status.success(), "loader failed: {status:?}");
+    stop.store(true, Ordering::Relaxed);
+    let (ok, bad, why) = reads.join().unwrap();
+    assert!(ok > 0);
+    assert_eq!(bad, 0, "failed queries: {:?}", &why[..why.len().min(5)]);
+    for m in NAMES {
+        let now = leases(c.node(m));
+        if now != before {
+            c.fail(&format!(
+                "{m} sees leases moved by the election: before {before:?}, after {now:?}"
+            ));
+        }
+    }
+    let acked = acked_rows(&acked_log);
+    assert_eq!(acked.len(), n);
+    c.wait(90, "every event applied", || {
+        applied_items(c.node("b"), users).is_some_and(|m| m.len() >= n)
+    });
+    let applied = applied_items(c.node("b"), users).unwrap();
+    let wrong: Vec<&String> = acked
+        .iter()
+        .filter(|i| applied.get(*i) != Some(&1))
+        .take(5)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "acked events missing or applied twice: {wrong:?}"
+    );
+    println!(
+        "R3 lease-bucket leader s{leader} SIGKILLed: no partition moved; least lease time left \
+         seen {:.1} s of 12 s; {ok} queries answered",
+        least_left as f64 / 1000.0
+    );
 }

@@ -1,6 +1,6 @@
-//! ItemStats: decayed item popularity, global and per category, on the events' clock.
-//! One per node, fed by every partition (counts) and the catalog stream (categories);
-//! checkpoints `{state, cursor per stream}`.
+//! ItemStats: decayed item popularity, global and per category, on the events' clock,
+//! and each item's undecayed event count. One per node, fed by every partition (counts)
+//! and the catalog stream (categories); checkpoints `{state, cursor per stream}`.
 
 use crate::Discard;
 use std::borrow::Cow;
@@ -21,7 +21,7 @@ use crate::state::Form;
 use crate::wire::WIRE_VERSION;
 use crate::wire_payload;
 
-pub const ITEM_STATS_CHECKPOINT_FORMAT: u16 = 3;
+pub const ITEM_STATS_CHECKPOINT_FORMAT: u16 = 4;
 /// Where an older build kept the checkpoint in the embedded store's own table.
 const LEGACY_NAME: &str = "item_stats";
 
@@ -50,6 +50,8 @@ pub enum ItemStatsMsg {
     HeadMoved,
     Tick,
     Top(TopRequest, RpcReplyPort<TopReply>),
+    /// Interaction events applied for one item (`None`: no event for it yet).
+    EventCount(String, RpcReplyPort<Option<u64>>),
     Checkpoint(RpcReplyPort<CheckpointReply>),
     Observe(RpcReplyPort<Observation>),
 }
@@ -61,6 +63,8 @@ struct Checkpoint<'a> {
     cursors: Cow<'a, Cursors>,
     ids: Cow<'a, IdMap>,
     popularity: Cow<'a, Popularity>,
+    /// Events per interned item, every kind, undecayed.
+    events: Cow<'a, [u64]>,
     latest_ts_ms: i64,
 }
 
@@ -71,6 +75,8 @@ struct Stats {
     ctx: Arc<Ctx>,
     ids: IdMap,
     popularity: Popularity,
+    /// Events per interned item, every kind, undecayed.
+    events: Vec<u64>,
     latest_ts_ms: i64,
     new_items: Vec<String>,
 }
@@ -92,6 +98,11 @@ impl Apply for Stats {
                 if new {
                     self.new_items.push(e.item.clone());
                 }
+                let slot = i as usize;
+                if self.events.len() <= slot {
+                    self.events.resize(slot + 1, 0);
+                }
+                self.events[slot] += 1;
                 if let Some(w) = self
                     .ctx
                     .settings
@@ -143,6 +154,7 @@ impl Consumer for Stats {
             cursors: Cow::Borrowed(&rt.cursors),
             ids: Cow::Borrowed(&self.ids),
             popularity: Cow::Borrowed(&self.popularity),
+            events: Cow::Borrowed(&self.events),
             latest_ts_ms: self.latest_ts_ms,
         };
         Ok((Form::Full, crate::codec::encode(&cp)?))
@@ -184,6 +196,7 @@ impl Actor for ItemStats {
                 ctx: ctx.clone(),
                 ids: IdMap::default(),
                 popularity: Popularity::new(0, hl),
+                events: Vec::new(),
                 latest_ts_ms: 0,
                 new_items: Vec::new(),
             },
@@ -214,6 +227,7 @@ impl Actor for ItemStats {
                 .map_err(|e| format!("checkpoint of {}: {e}", names::ITEM_STATS))?;
             st.data.ids = cp.ids.into_owned();
             st.data.popularity = cp.popularity.into_owned();
+            st.data.events = cp.events.into_owned();
             st.data.latest_ts_ms = cp.latest_ts_ms;
         }
         st.rt.step(&st.ctx, &mut st.data).await?;
@@ -238,6 +252,15 @@ impl Actor for ItemStats {
             }
             ItemStatsMsg::Top(req, port) => {
                 port.send(st.top(&req)).discard();
+            }
+            ItemStatsMsg::EventCount(item, port) => {
+                let d = &st.data;
+                let n = d
+                    .ids
+                    .get(&item)
+                    .and_then(|i| d.events.get(i as usize).copied())
+                    .filter(|&n| n > 0);
+                port.send(n).discard();
             }
             ItemStatsMsg::Checkpoint(port) => {
                 let r = st.rt.checkpoint(&st.ctx, &mut st.data).await;
@@ -273,6 +296,7 @@ mod tests {
             cursors: Cow::Owned(Cursors::default()),
             ids: Cow::Owned(ids),
             popularity: Cow::Owned(popularity),
+            events: Cow::Owned(vec![3]),
             latest_ts_ms: 100_000,
         };
         let back: Checkpoint =
@@ -280,6 +304,7 @@ mod tests {
         let top = back.popularity.top_k(5, Some("lights"), |_| false);
         assert_eq!(top.iter().map(|s| s.item).collect::<Vec<_>>(), vec![i]);
         assert_eq!(back.latest_ts_ms, 100_000);
+        assert_eq!(&*back.events, &[3]);
     }
 
     proptest! {

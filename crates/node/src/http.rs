@@ -199,6 +199,7 @@ pub fn router(ctx: Arc<Ctx>, opts: HttpOptions) -> Router {
             get(get_item).put(put_item).delete(delete_item),
         )
         .route("/v1/items/{id}/similar", get(similar))
+        .route("/v1/items/{id}/stats", get(item_stats))
         .route("/v1/recommendations/{user}", get(recommend))
         .route("/v1/users/{id}", get(get_user).delete(delete_user))
         .route("/v1/cluster", get(cluster))
@@ -1270,6 +1271,29 @@ struct BriefBranch<'a> {
 enum BranchesOut<'a> {
     Brief(Vec<BriefBranch<'a>>),
     Full(&'a [BranchReport]),
+}
+
+/// The interaction events naming an item that this node's item statistics have applied
+/// (every kind, undecayed); 404 when none has yet.
+async fn item_stats(
+    State(st): State<AppState>,
+    _a: Admitted<Reads>,
+    path: Result<Path<String>, PathRejection>,
+    q: RawQuery,
+) -> ApiResult {
+    let item = path_id("id", path)?;
+    Params::parse(q.0, &[], &[])?;
+    let n = node::call(names::ITEM_STATS, st.opts.request_timeout, |p| {
+        troupe_actors::item_stats::ItemStatsMsg::EventCount(item.clone(), p)
+    })
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("no event for item `{item}` applied yet")))?;
+    Ok(Json(json!({
+        "item": item,
+        "event_count": n,
+        "node": st.ctx.settings.node_name,
+    }))
+    .into_response())
 }
 
 async fn similar(

@@ -347,6 +347,27 @@ pub fn document(s: &ApiShape) -> Value {
         responses(json_ok("similar items, best first", similar), &[400, 404, 503]),
         r,
     );
+    let item_stats_op = op(
+        "An item's event count on this node",
+        "Interaction events naming the item (every kind, undecayed) that this node's item statistics have applied; every node counts every partition's events. 404 until one has been applied.",
+        vec![path_param("id", "item id")],
+        responses(
+            json_ok(
+                "the count",
+                json!({
+                    "type": "object",
+                    "required": ["item", "event_count", "node"],
+                    "properties": {
+                        "item": {"type": "string"},
+                        "event_count": {"type": "integer", "minimum": 1},
+                        "node": {"type": "string", "description": "the node that counted"},
+                    },
+                }),
+            ),
+            &[400, 404, 503],
+        ),
+        r,
+    );
     let recs_op = op(
         "Top-k items for a user, with each branch's share",
         "Unknown users get popular items with `cold_start: true`. `degraded` means a branch failed, timed out or had its breaker open.",
@@ -474,6 +495,7 @@ pub fn document(s: &ApiShape) -> Value {
             "/v1/items": {"post": items_op},
             "/v1/items/{id}": {"get": get_item, "put": put_item, "delete": delete_item},
             "/v1/items/{id}/similar": {"get": similar_op},
+            "/v1/items/{id}/stats": {"get": item_stats_op},
             "/v1/recommendations/{user}": {"get": recs_op},
             "/v1/users/{id}": {"get": user_op, "delete": erase_op},
             "/v1/cluster": {"get": cluster_op},

@@ -1,8 +1,15 @@
-//! The actor peers call: `Ping` (liveness and protocol version) and `Call` (a request for
-//! a partition this node owns). Both carry bincode payloads with the protocol version;
-//! a payload that does not decode, or of another version, is answered with an explicit
-//! [`RemoteError`], never dropped or defaulted. Remote requests are idempotent reads (a
-//! call that timed out at the caller may still run here).
+//! The one actor peers call, with one message: `Call(frame, reply)`. A frame is the
+//! cluster protocol version (`u16`, little endian) followed by a bincode [`Envelope`];
+//! the reply is the answering node's version followed by a bincode
+//! `Result<Response, RemoteError>`. Liveness pings are calls too (`Request::Ping`).
+//!
+//! ractor_cluster drops a remote message it cannot decode without telling anyone, and
+//! decodes by variant name. With one variant whose name never changes and an opaque
+//! byte payload, every frame that reaches this node reaches this code: a frame that is
+//! too short, of another version, or does not decode is answered with an explicit
+//! [`RemoteError`], never dropped or defaulted. A reply of another version is reported
+//! as [`RemoteError::Version`] without decoding its body. Remote requests are
+//! idempotent reads (a call that timed out at the caller may still run here).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,30 +30,21 @@ pub fn group(member: &str) -> String {
     format!("troupe.gateway.{member}")
 }
 
-/// Remote messages. Variant names are wire tags: never rename one.
+/// The remote message. Its variant name is the wire tag: never rename it, never add a
+/// variant (a peer without it would drop the frame silently); extend [`Request`] and
+/// raise [`CLUSTER_PROTOCOL`] instead.
 #[derive(RactorClusterMessage)]
 pub enum GatewayMsg {
-    #[rpc]
-    Ping(Vec<u8>, RpcReplyPort<Vec<u8>>),
     #[rpc]
     Call(Vec<u8>, RpcReplyPort<Vec<u8>>),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Ping {
-    pub protocol: u16,
-    pub from: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Pong {
-    pub protocol: u16,
-    pub name: String,
-}
-
-/// A request for a partition's owner.
+/// A request to a peer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
+    /// Liveness: answered at once by the gateway itself.
+    Ping { from: String },
+    /// For the owner of the user's partition.
     Recommend(RecommendRequest),
     /// A user's features, after the partition has applied `min_offset` (or flagged stale).
     User {
@@ -57,7 +55,6 @@ pub enum Request {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope {
-    pub protocol: u16,
     /// The caller's request id (logs; the requests are reads, so a repeat is harmless).
     pub id: String,
     /// Time the caller still waits, ms: work past it is wasted.
@@ -67,6 +64,7 @@ pub struct Envelope {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Response {
+    Pong { name: String },
     Recommend(RecommendReply),
     User { view: UserView, stale: bool },
 }
@@ -86,6 +84,41 @@ pub enum RemoteError {
     Timeout(u64),
     #[error("peer {0} is unreachable")]
     Unreachable(String),
+}
+
+/// `version` then `body`.
+fn frame(version: u16, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(2 + body.len());
+    f.extend_from_slice(&version.to_le_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// The version and body of a frame (`None`: shorter than its header).
+fn unframe(f: &[u8]) -> Option<(u16, &[u8])> {
+    let (head, body) = f.split_at_checked(2)?;
+    Some((u16::from_le_bytes([head[0], head[1]]), body))
+}
+
+/// This node's reply frame for `r`.
+fn reply_frame(r: &Result<Response, RemoteError>) -> Vec<u8> {
+    let body = crate::codec::encode(r).unwrap_or_else(|e| {
+        crate::codec::encode(&Err::<Response, _>(RemoteError::Failed(format!(
+            "the reply did not encode: {e}"
+        ))))
+        .unwrap_or_default()
+    });
+    frame(CLUSTER_PROTOCOL, &body)
+}
+
+/// A received request frame, checked and decoded.
+fn open(f: &[u8]) -> Result<Envelope, RemoteError> {
+    let (version, body) =
+        unframe(f).ok_or_else(|| RemoteError::Decode("frame shorter than its header".into()))?;
+    if version != CLUSTER_PROTOCOL {
+        return Err(RemoteError::Version(version));
+    }
+    crate::codec::decode(body).map_err(RemoteError::Decode)
 }
 
 pub struct Gateway;
@@ -110,45 +143,44 @@ impl Actor for Gateway {
         msg: GatewayMsg,
         ctx: &mut Arc<Ctx>,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            GatewayMsg::Ping(bytes, port) => {
-                let r: Result<Pong, RemoteError> = match crate::codec::decode::<Ping>(&bytes) {
-                    Err(e) => Err(RemoteError::Decode(e)),
-                    Ok(p) if p.protocol != CLUSTER_PROTOCOL => {
-                        Err(RemoteError::Version(p.protocol))
-                    }
-                    Ok(_) => Ok(Pong {
-                        protocol: CLUSTER_PROTOCOL,
-                        name: ctx.settings.node_name.clone(),
-                    }),
-                };
-                port.send(crate::codec::encode(&r).unwrap_or_default())
-                    .discard();
+        let GatewayMsg::Call(bytes, port) = msg;
+        match open(&bytes) {
+            Ok(Envelope {
+                request: Request::Ping { .. },
+                ..
+            }) => {
+                let pong = Ok(Response::Pong {
+                    name: ctx.settings.node_name.clone(),
+                });
+                port.send(reply_frame(&pong)).discard();
             }
-            GatewayMsg::Call(bytes, port) => {
+            Ok(env) => {
                 // Answered on its own task: a slow request never delays liveness calls.
                 let ctx = ctx.clone();
                 tokio::spawn(async move {
-                    let r = answer(&ctx, &bytes).await;
-                    port.send(crate::codec::encode(&r).unwrap_or_default())
-                        .discard();
+                    port.send(reply_frame(&answer(&ctx, env).await)).discard();
                 });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, bytes = bytes.len(), "a cluster frame refused");
+                port.send(reply_frame(&Err(e))).discard();
             }
         }
         Ok(())
     }
 }
 
-async fn answer(ctx: &Arc<Ctx>, bytes: &[u8]) -> Result<Response, RemoteError> {
-    let env: Envelope = crate::codec::decode(bytes).map_err(RemoteError::Decode)?;
-    if env.protocol != CLUSTER_PROTOCOL {
-        return Err(RemoteError::Version(env.protocol));
-    }
+async fn answer(ctx: &Arc<Ctx>, env: Envelope) -> Result<Response, RemoteError> {
     let budget = Duration::from_millis(env.budget_ms.max(1));
     let p = match &env.request {
         Request::Recommend(r) => crate::record::partition_of(&r.user, ctx.settings.partitions),
         Request::User { query, .. } => {
             crate::record::partition_of(&query.user, ctx.settings.partitions)
+        }
+        Request::Ping { .. } => {
+            return Ok(Response::Pong {
+                name: ctx.settings.node_name.clone(),
+            })
         }
     };
     if !ctx.serving(p) {
@@ -166,6 +198,9 @@ async fn answer(ctx: &Arc<Ctx>, bytes: &[u8]) -> Result<Response, RemoteError> {
             .map_err(|e| RemoteError::Failed(e.to_string()))?;
             Ok(Response::Recommend(reply))
         }
+        Request::Ping { .. } => Ok(Response::Pong {
+            name: ctx.settings.node_name.clone(),
+        }),
         Request::User { query, min_offset } => {
             let target = min_offset.unwrap_or_else(|| ctx.head(p));
             let fresh = ctx
@@ -192,15 +227,16 @@ fn gateway_of(peer: &str) -> Option<ActorRef<GatewayMsg>> {
         .map(ActorRef::from)
 }
 
-/// A timed RPC to `peer`'s gateway; the reply decoded (a reply that does not decode is
-/// an error, as is a timeout).
-async fn rpc<T: serde::de::DeserializeOwned>(
-    peer: &str,
-    timeout: Duration,
-    build: impl FnOnce(RpcReplyPort<Vec<u8>>) -> GatewayMsg,
-) -> Result<T, RemoteError> {
+/// A timed call to `peer`'s gateway. A reply of another protocol version is
+/// [`RemoteError::Version`]; one that does not decode is an error, as is a timeout.
+async fn rpc(peer: &str, env: &Envelope, timeout: Duration) -> Result<Response, RemoteError> {
+    let body = crate::codec::encode(env).map_err(RemoteError::Failed)?;
+    let request = frame(CLUSTER_PROTOCOL, &body);
     let gw = gateway_of(peer).ok_or_else(|| RemoteError::Unreachable(peer.to_string()))?;
-    let bytes = match gw.call(build, Some(timeout)).await {
+    let bytes = match gw
+        .call(|port| GatewayMsg::Call(request, port), Some(timeout))
+        .await
+    {
         Ok(ractor::rpc::CallResult::Success(b)) => b,
         Ok(ractor::rpc::CallResult::Timeout) => {
             return Err(RemoteError::Timeout(timeout.as_millis() as u64))
@@ -209,23 +245,34 @@ async fn rpc<T: serde::de::DeserializeOwned>(
             return Err(RemoteError::Unreachable(peer.to_string()))
         }
     };
-    let r: Result<T, RemoteError> = crate::codec::decode(&bytes)
-        .map_err(|e| RemoteError::Decode(format!("reply of {peer}: {e}")))?;
-    r
+    let (version, body) = unframe(&bytes)
+        .ok_or_else(|| RemoteError::Decode(format!("reply of {peer} shorter than its header")))?;
+    if version != CLUSTER_PROTOCOL {
+        return Err(RemoteError::Version(version));
+    }
+    crate::codec::decode::<Result<Response, RemoteError>>(body)
+        .map_err(|e| RemoteError::Decode(format!("reply of {peer}: {e}")))?
 }
 
-/// A liveness call to `peer`.
-pub async fn ping(from: &str, peer: &str, timeout: Duration) -> Result<Pong, RemoteError> {
-    let ping = Ping {
-        protocol: CLUSTER_PROTOCOL,
-        from: from.to_string(),
+/// A liveness call to `peer`: its name as it answers.
+pub async fn ping(from: &str, peer: &str, timeout: Duration) -> Result<String, RemoteError> {
+    let env = Envelope {
+        id: String::new(),
+        budget_ms: timeout.as_millis() as u64,
+        request: Request::Ping {
+            from: from.to_string(),
+        },
     };
-    let bytes = crate::codec::encode(&ping).map_err(RemoteError::Failed)?;
-    let pong: Pong = rpc(peer, timeout, |port| GatewayMsg::Ping(bytes, port)).await?;
-    if pong.protocol != CLUSTER_PROTOCOL {
-        return Err(RemoteError::Version(pong.protocol));
+    match rpc(peer, &env, timeout).await? {
+        Response::Pong { name } if name == peer => Ok(name),
+        Response::Pong { name } => Err(RemoteError::Failed(format!(
+            "the gateway reached as {peer} answers as {name}"
+        ))),
+        other => Err(RemoteError::Decode(format!(
+            "{peer} answered a ping with {}",
+            other.kind()
+        ))),
     }
-    Ok(pong)
 }
 
 /// A request to `peer`, the owner of the request's partition, under `timeout`.
@@ -236,23 +283,34 @@ pub async fn call(
     timeout: Duration,
 ) -> Result<Response, RemoteError> {
     let env = Envelope {
-        protocol: CLUSTER_PROTOCOL,
         id: id.to_string(),
         budget_ms: timeout.as_millis() as u64,
         request,
     };
-    let bytes = crate::codec::encode(&env).map_err(RemoteError::Failed)?;
-    rpc(peer, timeout, |port| GatewayMsg::Call(bytes, port)).await
+    rpc(peer, &env, timeout).await
+}
+
+impl Response {
+    fn kind(&self) -> &'static str {
+        match self {
+            Response::Pong { .. } => "a pong",
+            Response::Recommend(_) => "recommendations",
+            Response::User { .. } => "a user",
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn request_frame(version: u16, env: &Envelope) -> Vec<u8> {
+        frame(version, &crate::codec::encode(env).unwrap())
+    }
+
     #[test]
-    fn payloads_round_trip_and_garbage_is_an_error() {
+    fn frames_round_trip_and_bad_ones_are_explicit_errors() {
         let env = Envelope {
-            protocol: CLUSTER_PROTOCOL,
             id: "r1".into(),
             budget_ms: 50,
             request: Request::Recommend(RecommendRequest {
@@ -261,17 +319,31 @@ mod tests {
                 ..Default::default()
             }),
         };
-        let bytes = crate::codec::encode(&env).unwrap();
-        let back: Envelope = crate::codec::decode(&bytes).unwrap();
+        let good = request_frame(CLUSTER_PROTOCOL, &env);
+        let back = open(&good).unwrap();
         assert!(matches!(back.request, Request::Recommend(r) if r.user == "u1" && r.k == 5));
-        assert!(crate::codec::decode::<Envelope>(&bytes[..bytes.len() / 2]).is_err());
-        assert!(crate::codec::decode::<Envelope>(&[0xff; 7]).is_err());
+        assert!(matches!(open(&good[..1]), Err(RemoteError::Decode(_))));
+        assert!(matches!(
+            open(&good[..good.len() / 2]),
+            Err(RemoteError::Decode(_))
+        ));
+        assert!(matches!(
+            open(&frame(CLUSTER_PROTOCOL, &[0xff; 7])),
+            Err(RemoteError::Decode(_))
+        ));
+        assert_eq!(
+            open(&request_frame(CLUSTER_PROTOCOL + 1, &env)).unwrap_err(),
+            RemoteError::Version(CLUSTER_PROTOCOL + 1)
+        );
+        // Replies carry the answering node's version, then the result.
         let err = RemoteError::NotOwner {
             partition: 3,
             node: "b".into(),
         };
-        let b = crate::codec::encode(&Err::<Response, _>(err.clone())).unwrap();
-        let back: Result<Response, RemoteError> = crate::codec::decode(&b).unwrap();
+        let reply = reply_frame(&Err(err.clone()));
+        let (v, body) = unframe(&reply).unwrap();
+        assert_eq!(v, CLUSTER_PROTOCOL);
+        let back: Result<Response, RemoteError> = crate::codec::decode(body).unwrap();
         assert_eq!(back.unwrap_err(), err);
     }
 }

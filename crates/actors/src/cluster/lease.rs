@@ -61,6 +61,20 @@ pub struct MemberRecord {
     pub written_ms: i64,
 }
 
+/// A state store call bounded by `limit` (an election can hold a call far longer than
+/// a lease round may wait); running out of time is `Unavailable`.
+async fn bounded<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, StateError>>,
+) -> Result<T, StateError> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(StateError::Unavailable(format!(
+            "no answer within {} ms",
+            limit.as_millis()
+        )))
+    })
+}
+
 pub fn lease_key(p: u32) -> String {
     format!("lease.{p}")
 }
@@ -90,6 +104,8 @@ pub struct Leases {
     /// member alive. Until then the node writes no member record and claims nothing, so
     /// a node with a wrong cookie never owns a partition its peers cannot reach.
     joined: bool,
+    /// A renewal failed in the last round: the next comes sooner.
+    renewal_failed: bool,
 }
 
 type Shared = Arc<tokio::sync::Mutex<Leases>>;
@@ -107,18 +123,20 @@ pub fn start(ctx: Arc<Ctx>, cluster: Arc<Cluster>, make_child: MakeChild) -> Lea
         last_handoff: Instant::now(),
         stopped: false,
         joined: false,
+        renewal_failed: false,
     }));
     let l = leases.clone();
     let task = tokio::spawn(async move {
         let every = cluster.settings.lease_renew;
         loop {
-            {
+            let retry_soon = {
                 let mut g = l.lock().await;
                 if g.stopped {
                     return;
                 }
                 g.round().await;
-            }
+                g.renewal_failed
+            };
             // The next round comes at the renewal interval, or sooner when a held lease
             // would lapse first (its partition is then stopped at once).
             let lapse = cluster
@@ -127,7 +145,11 @@ pub fn start(ctx: Arc<Ctx>, cluster: Arc<Cluster>, make_child: MakeChild) -> Lea
                 .filter_map(|s| s.lock().valid_until)
                 .min()
                 .map(|t| t.saturating_duration_since(Instant::now()));
-            let next = lapse.map_or(every, |d| d.min(every));
+            let mut next = lapse.map_or(every, |d| d.min(every));
+            if retry_soon {
+                // A failed renewal is retried well before the lease could lapse.
+                next = next.min(every / 3);
+            }
             tokio::select! {
                 _ = tokio::time::sleep(next) => {}
                 _ = cluster.wake.notified() => {}
@@ -226,9 +248,13 @@ impl Leases {
         for (p, why) in given_up {
             self.mark_failed(p, &why).await;
         }
+        // Renewals first and together: while the store is slow (a leader election), no
+        // other call of the round delays them.
+        self.renew_all().await;
         let me = self.cluster.me.clone();
         let joined = self.joined || self.join().await;
         let state = self.ctx.state.clone();
+        let bound = self.cluster.settings.lease_renew;
         // A node that has not joined only follows the leases (for routing).
         if joined {
             self.beat += 1;
@@ -238,13 +264,8 @@ impl Leases {
                 leaving: false,
                 written_ms: now_ms(),
             };
-            if let Err(e) = state
-                .put(
-                    &member_key(&me),
-                    serde_json::to_vec(&rec).unwrap_or_default(),
-                )
-                .await
-            {
+            let bytes = serde_json::to_vec(&rec).unwrap_or_default();
+            if let Err(e) = bounded(bound, state.put(&member_key(&me), bytes)).await {
                 self.unreachable(&e);
                 return;
             }
@@ -263,7 +284,8 @@ impl Leases {
             .map(|m| member_key(m))
             .chain((0..self.cluster.slots.len() as u32).map(lease_key))
             .collect();
-        let reads = futures_util::future::join_all(keys.iter().map(|k| state.get(k))).await;
+        let reads =
+            futures_util::future::join_all(keys.iter().map(|k| bounded(bound, state.get(k)))).await;
         let mut values = HashMap::new();
         for (k, r) in keys.iter().zip(reads) {
             match r {
@@ -307,12 +329,13 @@ impl Leases {
                 .as_ref()
                 .and_then(|v| serde_json::from_slice(&v.value).ok());
             if let Some((_, my_rev)) = self.mine.get(&p).cloned() {
-                if rev != my_rev {
+                // Revisions only grow: a newer one was written by someone else. An older
+                // one is a read from a replica that lags (direct gets), not a change; a
+                // lease that really changed fails its next renewal's compare-and-set.
+                if rev > my_rev {
                     let by = rec.as_ref().map_or("nobody".into(), |r| r.owner.clone());
                     self.lose(p, &format!("the lease was taken by {by}")).await;
-                    continue;
                 }
-                self.renew(p).await;
                 continue;
             }
             {
@@ -362,7 +385,7 @@ impl Leases {
         let mut others_alive = false;
         for p in &peers {
             let k = member_key(p);
-            match self.ctx.state.get(&k).await {
+            match bounded(self.cluster.settings.lease_renew, self.ctx.state.get(&k)).await {
                 Ok(v) => {
                     let leaving = v
                         .as_ref()
@@ -399,37 +422,79 @@ impl Leases {
         }
     }
 
-    async fn renew(&mut self, p: u32) {
-        let Some((mut rec, rev)) = self.mine.get(&p).cloned() else {
+    /// Renews every lease held here, all compare-and-sets in flight together, each
+    /// counted valid from the moment it was sent.
+    async fn renew_all(&mut self) {
+        let held: Vec<(u32, LeaseRecord, u64)> = self
+            .mine
+            .iter()
+            .map(|(&p, (rec, rev))| (p, rec.clone(), *rev))
+            .collect();
+        if held.is_empty() {
             return;
-        };
-        rec.beat += 1;
-        rec.written_ms = now_ms();
-        let sent = Instant::now();
-        let r = self
-            .ctx
-            .state
-            .compare_and_set(
-                &lease_key(p),
-                serde_json::to_vec(&rec).unwrap_or_default(),
-                Some(rev),
-            )
-            .await;
-        match r {
-            Ok(new) => {
-                self.mine.insert(p, (rec, new));
-                let until = self.valid_until(sent);
-                let mut slot = self.cluster.slots[p as usize].lock();
-                if !slot.moving {
-                    slot.valid_until = Some(until);
+        }
+        let state = self.ctx.state.clone();
+        let bound = self.cluster.settings.lease_renew;
+        let writes = held.into_iter().map(|(p, rec, rev)| {
+            let state = state.clone();
+            async move {
+                let key = lease_key(p);
+                let attempt = |mut rec: LeaseRecord, rev: u64| {
+                    let (state, key) = (state.clone(), key.clone());
+                    async move {
+                        rec.beat += 1;
+                        rec.written_ms = now_ms();
+                        let bytes = serde_json::to_vec(&rec).unwrap_or_default();
+                        let sent = Instant::now();
+                        let r = bounded(bound, state.compare_and_set(&key, bytes, Some(rev))).await;
+                        (rec, sent, r)
+                    }
+                };
+                let (rec, sent, r) = attempt(rec, rev).await;
+                // A renewal that timed out here may still have been written: the record
+                // then holds this incarnation and epoch at a newer revision. Nobody else
+                // can have written that, so it is adopted and renewed again.
+                if let Err(StateError::Conflict { .. }) = &r {
+                    if let Ok(Some(v)) = bounded(bound, state.get(&key)).await {
+                        let found: Option<LeaseRecord> = serde_json::from_slice(&v.value).ok();
+                        if found.as_ref().is_some_and(|f| {
+                            f.owner == rec.owner
+                                && f.incarnation == rec.incarnation
+                                && f.epoch == rec.epoch
+                        }) {
+                            let again = attempt(found.unwrap_or_default(), v.revision).await;
+                            return (p, again.0, again.1, again.2);
+                        }
+                    }
                 }
-                drop(slot);
-                self.observe(&lease_key(p), new, sent);
+                (p, rec, sent, r)
             }
-            Err(StateError::Conflict { .. }) => {
-                self.lose(p, "the lease changed under its owner").await
+        });
+        self.renewal_failed = false;
+        for (p, rec, sent, r) in futures_util::future::join_all(writes).await {
+            if !self.mine.contains_key(&p) {
+                continue;
             }
-            Err(e) => tracing::warn!(partition = p, error = %e, "lease renewal failed; retrying"),
+            match r {
+                Ok(new) => {
+                    self.mine.insert(p, (rec, new));
+                    let until = self.valid_until(sent);
+                    let mut slot = self.cluster.slots[p as usize].lock();
+                    if !slot.moving {
+                        slot.valid_until = Some(until);
+                    }
+                    drop(slot);
+                    self.observe(&lease_key(p), new, sent);
+                }
+                Err(StateError::Conflict { .. }) => {
+                    self.lose(p, "the lease changed under its owner").await
+                }
+                Err(e) => {
+                    self.unreachable(&e);
+                    self.renewal_failed = true;
+                    tracing::warn!(partition = p, error = %e, "lease renewal failed; retrying soon")
+                }
+            }
         }
     }
 

@@ -10,7 +10,11 @@
 //!   reason, on both sides (the dialler knows whom it dialled; the listener learns the
 //!   peer's name before the cookie check);
 //! - every `heartbeat` each peer's gateway gets a timed `Ping`; `heartbeat_misses` misses
-//!   in a row mark it `unresponsive` (a hung peer keeps its socket open).
+//!   in a row mark it `unresponsive` (a hung peer keeps its socket open), twice that many
+//!   close its sessions here, so a socket that died without a FIN or RST (a silent
+//!   network, a vanished host) is replaced by a redial instead of being kept forever;
+//! - a peer's authenticated sessions are counted, so an old session closing after a new
+//!   one authenticated leaves the peer up.
 //!
 //! ractor_cluster traffic is plain TCP and the cookie lets a peer run anything the
 //! gateway offers: it belongs on a private network.
@@ -20,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use ractor::{Actor, ActorId, ActorRef};
+use ractor::{Actor, ActorCell, ActorId, ActorRef};
 use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 
@@ -50,12 +54,16 @@ struct SessionInfo {
     authenticated: bool,
     name: Option<String>,
     addr: String,
+    actor: ActorCell,
 }
+
+/// Open sessions by their actor (shared by the event subscription and the liveness loop).
+type Sessions = Arc<Mutex<HashMap<ActorId, SessionInfo>>>;
 
 /// Node events from the node server, turned into peer states.
 struct Events {
     cluster: Arc<Cluster>,
-    sessions: Arc<Mutex<HashMap<ActorId, SessionInfo>>>,
+    sessions: Sessions,
 }
 
 /// The member name of a session's peer (ractor_cluster names nodes `name@host`).
@@ -74,6 +82,7 @@ impl NodeEventSubscription for Events {
                 authenticated: false,
                 name: peer_name(&ses),
                 addr: ses.peer_addr.clone(),
+                actor: ses.actor.get_cell(),
             },
         );
         // ractor_cluster holds a session that never authenticates forever: close it.
@@ -103,18 +112,24 @@ impl NodeEventSubscription for Events {
     fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
         let id = ses.actor.get_id();
         let name = peer_name(&ses);
-        if let Some(i) = self.sessions.lock().get_mut(&id) {
-            i.authenticated = true;
-            i.name = name.clone();
-        }
         let Some(name) = name else { return };
         let mut peers = self.cluster.peers.lock();
         match peers.get_mut(&name) {
             Some(p) => {
+                // Counted once per session (the event could repeat for one session).
+                let first = self.sessions.lock().get_mut(&id).is_some_and(|i| {
+                    let first = !i.authenticated;
+                    i.authenticated = true;
+                    i.name = Some(name.clone());
+                    first
+                });
+                if !first {
+                    return;
+                }
                 if p.state != PeerState::Connecting {
                     p.reconnects += 1;
                 }
-                p.session = true;
+                p.sessions += 1;
                 p.misses = 0;
                 p.last_error = None;
                 tracing::info!(peer = %name, "cluster session authenticated");
@@ -144,8 +159,13 @@ impl NodeEventSubscription for Events {
             return;
         };
         if authenticated {
-            p.session = false;
+            p.sessions = p.sessions.saturating_sub(1);
+            if p.sessions > 0 {
+                tracing::info!(peer = %name, open = p.sessions, "an older cluster session closed");
+                return;
+            }
             p.set(PeerState::Down);
+            p.misses = 0;
             p.last_error = Some("session closed".into());
             tracing::warn!(peer = %name, "cluster session closed");
         } else {
@@ -196,12 +216,13 @@ pub async fn start(ctx: Arc<Ctx>, cluster: Arc<Cluster>) -> Result<Membership, S
             me.cluster_addr
         )
     })?;
+    let sessions: Sessions = Default::default();
     server
         .cast(NodeServerMessage::SubscribeToEvents {
             id: "troupe.membership".into(),
             subscription: Box::new(Events {
                 cluster: cluster.clone(),
-                sessions: Default::default(),
+                sessions: sessions.clone(),
             }),
         })
         .map_err(|e| e.to_string())?;
@@ -217,7 +238,7 @@ pub async fn start(ctx: Arc<Ctx>, cluster: Arc<Cluster>) -> Result<Membership, S
             m.cluster_addr.clone(),
         )));
     }
-    tasks.push(tokio::spawn(liveness(cluster.clone())));
+    tasks.push(tokio::spawn(liveness(cluster.clone(), sessions)));
     tracing::info!(addr = %me.cluster_addr, members = s.members.len(), "cluster node server listening");
     Ok(Membership {
         server,
@@ -237,7 +258,11 @@ async fn dial(
     let s = &cluster.settings;
     let mut backoff = s.heartbeat;
     loop {
-        let connected = cluster.peers.lock().get(&peer).is_some_and(|p| p.session);
+        let connected = cluster
+            .peers
+            .lock()
+            .get(&peer)
+            .is_some_and(|p| p.sessions > 0);
         if connected {
             tokio::time::sleep(s.heartbeat).await;
             continue;
@@ -259,7 +284,7 @@ async fn dial(
             while Instant::now() < deadline {
                 let p = cluster.peers.lock().get(&peer).cloned();
                 match p {
-                    Some(p) if p.session => return Ok(()),
+                    Some(p) if p.sessions > 0 => return Ok(()),
                     Some(p) if p.state == PeerState::Refused && p.since.elapsed() < s.heartbeat => {
                         return Err(p.last_error.unwrap_or_default())
                     }
@@ -291,8 +316,9 @@ async fn dial(
     }
 }
 
-/// Every `heartbeat`, a timed `Ping` to every peer with a session.
-async fn liveness(cluster: Arc<Cluster>) {
+/// Every `heartbeat`, a timed `Ping` to every peer with a session; a peer that missed
+/// `2 * heartbeat_misses` in a row has its sessions closed.
+async fn liveness(cluster: Arc<Cluster>, sessions: Sessions) {
     let s = cluster.settings.clone();
     let mut tick = tokio::time::interval(s.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -302,7 +328,7 @@ async fn liveness(cluster: Arc<Cluster>) {
             .peers
             .lock()
             .iter()
-            .filter(|(_, p)| p.session)
+            .filter(|(_, p)| p.sessions > 0)
             .map(|(n, _)| n.clone())
             .collect();
         let pings = peers.iter().map(|peer| {
@@ -329,6 +355,21 @@ async fn liveness(cluster: Arc<Cluster>) {
                         tracing::warn!(peer = %peer, misses = p.misses, error = %e, "peer unresponsive");
                         p.set(PeerState::Unresponsive);
                         p.last_error = Some(e.to_string());
+                    }
+                    if p.misses >= 2 * s.heartbeat_misses {
+                        // The socket may be dead without anyone having been told: close
+                        // it here, so the dialler replaces it when the peer answers again.
+                        tracing::warn!(peer = %peer, misses = p.misses, "closing the sessions of an unresponsive peer");
+                        p.misses = 0;
+                        p.last_error = Some(format!(
+                            "{} liveness calls unanswered; session closed",
+                            2 * s.heartbeat_misses
+                        ));
+                        for i in sessions.lock().values() {
+                            if i.name.as_deref() == Some(peer.as_str()) {
+                                i.actor.stop(Some("peer unresponsive".into()));
+                            }
+                        }
                     }
                 }
             }

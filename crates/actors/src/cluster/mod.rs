@@ -28,9 +28,10 @@ use serde::Serialize;
 
 use crate::settings::ClusterSettings;
 
-/// Version of the node-to-node payloads (`Ping` and `Call` bodies). A peer answering
-/// with another version is shown as `incompatible` and never called.
-pub const CLUSTER_PROTOCOL: u16 = 1;
+/// Version of the node-to-node frames (the header of every gateway call and reply). A
+/// peer answering with another version is shown as `incompatible` and never called.
+/// 2: one gateway variant, version header outside the body.
+pub const CLUSTER_PROTOCOL: u16 = 2;
 
 /// How this node sees one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -41,7 +42,8 @@ pub enum PeerState {
     /// Session up and liveness calls answered.
     Up,
     /// Session open but `heartbeat_misses` liveness calls in a row went unanswered (a
-    /// hung or overloaded peer).
+    /// hung or overloaded peer, or a socket that died silently). After twice that many
+    /// misses this node closes the session, so a redial replaces it.
     Unresponsive,
     /// The session closed; reconnecting.
     Down,
@@ -60,8 +62,9 @@ pub struct Peer {
     pub misses: u32,
     pub reconnects: u64,
     pub last_error: Option<String>,
-    /// True while an authenticated session to it is open.
-    pub session: bool,
+    /// Authenticated sessions to it now open (normally one; two for a moment when a
+    /// new session authenticates before a dead one has closed).
+    pub sessions: u32,
 }
 
 impl Peer {
@@ -73,7 +76,7 @@ impl Peer {
             misses: 0,
             reconnects: 0,
             last_error: None,
-            session: false,
+            sessions: 0,
         }
     }
 
@@ -314,6 +317,7 @@ impl Cluster {
                 "last_answer_ms_ago": p.last_ok.map(|t| ms(t.elapsed())),
                 "missed": p.misses,
                 "reconnects": p.reconnects,
+                "sessions": p.sessions,
                 "error": p.last_error,
             }));
         }
