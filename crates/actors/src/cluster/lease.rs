@@ -328,13 +328,25 @@ impl Leases {
             let rec: Option<LeaseRecord> = v
                 .as_ref()
                 .and_then(|v| serde_json::from_slice(&v.value).ok());
-            if let Some((_, my_rev)) = self.mine.get(&p).cloned() {
-                // Revisions only grow: a newer one was written by someone else. An older
-                // one is a read from a replica that lags (direct gets), not a change; a
-                // lease that really changed fails its next renewal's compare-and-set.
+            if let Some((held, my_rev)) = self.mine.get(&p).cloned() {
+                // Revisions only grow. An older one is a read from a replica that lags
+                // (direct gets), not a change. A newer one is either a renewal of ours
+                // that timed out here but was written (same incarnation and epoch:
+                // adopted, without extending the lease) or someone else's write.
                 if rev > my_rev {
-                    let by = rec.as_ref().map_or("nobody".into(), |r| r.owner.clone());
-                    self.lose(p, &format!("the lease was taken by {by}")).await;
+                    match rec {
+                        Some(r)
+                            if r.owner == held.owner
+                                && r.incarnation == held.incarnation
+                                && r.epoch == held.epoch =>
+                        {
+                            self.mine.insert(p, (r, rev));
+                        }
+                        r => {
+                            let by = r.map_or("nobody".into(), |r| r.owner);
+                            self.lose(p, &format!("the lease was taken by {by}")).await;
+                        }
+                    }
                 }
                 continue;
             }

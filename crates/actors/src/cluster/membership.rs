@@ -117,12 +117,28 @@ impl NodeEventSubscription for Events {
         match peers.get_mut(&name) {
             Some(p) => {
                 // Counted once per session (the event could repeat for one session).
-                let first = self.sessions.lock().get_mut(&id).is_some_and(|i| {
-                    let first = !i.authenticated;
-                    i.authenticated = true;
-                    i.name = Some(name.clone());
-                    first
-                });
+                let mut open = self.sessions.lock();
+                let first = match open.get_mut(&id) {
+                    Some(i) => {
+                        let first = !i.authenticated;
+                        i.authenticated = true;
+                        i.name = Some(name.clone());
+                        first
+                    }
+                    None => {
+                        open.insert(
+                            id,
+                            SessionInfo {
+                                authenticated: true,
+                                name: Some(name.clone()),
+                                addr: ses.peer_addr.clone(),
+                                actor: ses.actor.get_cell(),
+                            },
+                        );
+                        true
+                    }
+                };
+                drop(open);
                 if !first {
                     return;
                 }
