@@ -66,6 +66,25 @@ fn reads_reflect_a_write_by_its_position_or_say_stale() {
     let never = node.get("/v1/items/never-seen/stats");
     assert_eq!(never.status, 404, "{:?}", never.body);
     assert_eq!(never.body["error"], "not_found", "{:?}", never.body);
+    // A catalog item nobody touched counts 0; a deleted one is not found.
+    assert_eq!(node.put("/v1/items/quiet", r#"{"text": "x"}"#).status, 200);
+    let quiet = node.get("/v1/items/quiet/stats");
+    assert_eq!(
+        (quiet.status, &quiet.body["event_count"]),
+        (200, &json!(0)),
+        "{:?}",
+        quiet.body
+    );
+    assert_eq!(node.delete("/v1/items/quiet").status, 200);
+    assert_eq!(node.get("/v1/items/quiet/stats").status, 404);
+    // Items and events are JSON objects: an array in their place (fields by position)
+    // is refused.
+    let r = node.put("/v1/items/arr", "[]");
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let r = node.post("/v1/items", r#"[["arr2", "text"]]"#);
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let r = node.post("/v1/events", r#"[["e1", "u", "i", "view"]]"#);
+    assert_eq!(r.status, 400, "{:?}", r.body);
     assert_eq!(u.body["history"][0]["item"], "a");
     // A position the partition has not reached: answered within the freshness bound,
     // flagged stale.

@@ -291,6 +291,27 @@ fn applied_items(node: &Node, users: usize) -> Option<HashMap<String, usize>> {
     Some(seen)
 }
 
+/// Waits until every acked event (each names its own item) is in some user's history,
+/// read through `via` (other partitions forwarded to their owners), then checks each is
+/// there exactly once and nothing else is.
+fn assert_applied_once(c: &Cluster, via: &str, acked: &[String], users: usize) {
+    let n = acked.len();
+    c.wait(90, "every event applied", || {
+        applied_items(c.node(via), users).is_some_and(|m| m.len() >= n)
+    });
+    let applied = applied_items(c.node(via), users).unwrap();
+    let wrong: Vec<&String> = acked
+        .iter()
+        .filter(|i| applied.get(*i) != Some(&1))
+        .take(5)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "acked events missing or applied twice: {wrong:?}"
+    );
+    assert_eq!(applied.len(), n, "events applied that were not acked");
+}
+
 /// Items the node's ItemStats counted (every node runs its own from the shared log).
 fn items_counted(n: &Node) -> u64 {
     n.get("/v1/cluster").body["actors"]
@@ -360,20 +381,7 @@ fn cluster_kill9_of_a_node_under_load_moves_its_partitions_and_loses_nothing() {
         .chain(acked_rows(&log_b))
         .collect();
     assert_eq!(acked.len(), n, "every event acked once by the loaders");
-    c.wait(90, "every event applied", || {
-        applied_items(c.node("a"), users).is_some_and(|m| m.len() >= n)
-    });
-    let applied = applied_items(c.node("a"), users).unwrap();
-    let wrong: Vec<&String> = acked
-        .iter()
-        .filter(|i| applied.get(*i) != Some(&1))
-        .take(5)
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "acked events missing or applied twice: {wrong:?}"
-    );
-    assert_eq!(applied.len(), n);
+    assert_applied_once(&c, "a", &acked, users);
     // Every node's item statistics (each fed by every partition's stream) counted each
     // acked event once: every item here was named by exactly one event.
     for name in NAMES {
@@ -662,12 +670,7 @@ fn cluster_rolling_restart_loses_nothing_and_moves_each_partition_at_most_twice(
     assert_eq!(bad, 0, "failed queries: {:?}", &why[..why.len().min(5)]);
     let acked = acked_rows(&log);
     assert_eq!(acked.len(), n);
-    c.wait(90, "every event applied", || {
-        applied_items(c.node("a"), users).is_some_and(|m| m.len() >= n)
-    });
-    let applied = applied_items(c.node("a"), users).unwrap();
-    assert!(acked.iter().all(|i| applied.get(i) == Some(&1)));
-    assert_eq!(applied.len(), n);
+    assert_applied_once(&c, "a", &acked, users);
     let end = epochs(&c);
     for (p, (a, b)) in start_epochs.iter().zip(&end).enumerate() {
         assert!(b - a <= 2, "partition {p} moved {} times", b - a);
@@ -943,19 +946,7 @@ fn cluster_outlasts_a_jetstream_leader_election_without_moving_partitions() {
     }
     let acked = acked_rows(&acked_log);
     assert_eq!(acked.len(), n);
-    c.wait(90, "every event applied", || {
-        applied_items(c.node("b"), users).is_some_and(|m| m.len() >= n)
-    });
-    let applied = applied_items(c.node("b"), users).unwrap();
-    let wrong: Vec<&String> = acked
-        .iter()
-        .filter(|i| applied.get(*i) != Some(&1))
-        .take(5)
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "acked events missing or applied twice: {wrong:?}"
-    );
+    assert_applied_once(&c, "b", &acked, users);
     println!(
         "R3 lease-bucket leader s{leader} SIGKILLed: no partition moved; least lease time left \
          seen {:.1} s of 12 s; {ok} queries answered",

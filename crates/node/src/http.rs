@@ -599,6 +599,39 @@ fn writable(st: &AppState) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `T` from a JSON object only: derived structs would also take an array (fields by
+/// position), which the API does not allow.
+struct Obj<T>(T);
+
+/// What a body object is called in errors ("expected an event object").
+trait Expecting {
+    const WHAT: &'static str;
+}
+
+impl<'de, T: Deserialize<'de> + Expecting> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Only<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de> + Expecting> serde::de::Visitor<'de> for Only<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(T::WHAT)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Only(std::marker::PhantomData)).map(Obj)
+    }
+}
+
+impl Expecting for EventIn {
+    const WHAT: &'static str = "an event object";
+}
+
+impl Expecting for ItemIn {
+    const WHAT: &'static str = "an item object";
+}
+
 /// A field that may be absent but never null: `null` is refused with serde's "invalid
 /// type: null" error.
 fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
@@ -709,8 +742,8 @@ fn parse_events(
     let raw: Vec<(usize, Result<EventIn, String>)> = if array {
         // Well-formed arrays decode in one pass; the element-by-element pass below only
         // runs to name the bad elements.
-        if let Ok(events) = serde_json::from_str::<Vec<EventIn>>(text) {
-            events.into_iter().map(Ok).enumerate().collect()
+        if let Ok(events) = serde_json::from_str::<Vec<Obj<EventIn>>>(text) {
+            events.into_iter().map(|e| Ok(e.0)).enumerate().collect()
         } else {
             let values: Vec<Value> = serde_json::from_str(text)
                 .map_err(|e| ApiError::bad(format!("body is not a JSON array of events: {e}")))?;
@@ -720,7 +753,9 @@ fn parse_events(
                 .map(|(i, v)| {
                     (
                         i,
-                        serde_json::from_value::<EventIn>(v).map_err(|e| e.to_string()),
+                        serde_json::from_value::<Obj<EventIn>>(v)
+                            .map(|e| e.0)
+                            .map_err(|e| e.to_string()),
                     )
                 })
                 .collect()
@@ -732,7 +767,9 @@ fn parse_events(
             .map(|(i, l)| {
                 (
                     i,
-                    serde_json::from_str::<EventIn>(l).map_err(|e| e.to_string()),
+                    serde_json::from_str::<Obj<EventIn>>(l)
+                        .map(|e| e.0)
+                        .map_err(|e| e.to_string()),
                 )
             })
             .collect()
@@ -970,7 +1007,7 @@ async fn put_item(
     let id = path_id("id", path)?;
     Params::none(q.0)?;
     let bytes = read_body(&st, body).await?;
-    let item: ItemIn = serde_json::from_str(body_text(&bytes)?)
+    let Obj(item): Obj<ItemIn> = serde_json::from_str(body_text(&bytes)?)
         .map_err(|e| ApiError::bad(format!("item: {e}")))?;
     if item.id.is_some() {
         return Err(ApiError::bad(
@@ -994,7 +1031,7 @@ async fn post_items(
 ) -> ApiResult {
     Params::none(q.0)?;
     let bytes = read_body(&st, body).await?;
-    let items: Vec<ItemIn> = serde_json::from_str(body_text(&bytes)?)
+    let items: Vec<Obj<ItemIn>> = serde_json::from_str(body_text(&bytes)?)
         .map_err(|e| ApiError::bad(format!("body is not a JSON array of items: {e}")))?;
     if items.is_empty() {
         return Err(ApiError::bad("no items in the body"));
@@ -1013,7 +1050,7 @@ async fn post_items(
     let mut entries = Vec::with_capacity(items.len());
     let mut ids = Vec::with_capacity(items.len());
     let mut problems = Vec::new();
-    for (n, mut i) in items.into_iter().enumerate() {
+    for (n, Obj(mut i)) in items.into_iter().enumerate() {
         let Some(id) = i.id.take() else {
             problems.push(format!("item {}: id is required", n + 1));
             continue;
@@ -1274,7 +1311,8 @@ enum BranchesOut<'a> {
 }
 
 /// The interaction events naming an item that this node's item statistics have applied
-/// (every kind, undecayed); 404 when none has yet.
+/// (every kind, undecayed): 0 for a catalog item nobody touched yet; 404 for a deleted
+/// item and for an id neither the catalog nor any event named.
 async fn item_stats(
     State(st): State<AppState>,
     _a: Admitted<Reads>,
@@ -1282,16 +1320,26 @@ async fn item_stats(
     q: RawQuery,
 ) -> ApiResult {
     let item = path_id("id", path)?;
-    Params::parse(q.0, &[], &[])?;
-    let n = node::call(names::ITEM_STATS, st.opts.request_timeout, |p| {
+    let q = Params::parse(q.0, &["min_offset"], &[])?;
+    let stale = wait_fresh(&st, CATALOG_STREAM, q.min_offset()?).await;
+    if st.ctx.catalog.read().deleted.contains(&item) {
+        return Err(ApiError::not_found(format!("item `{item}` was deleted")));
+    }
+    let counted = node::call(names::ITEM_STATS, st.opts.request_timeout, |p| {
         troupe_actors::item_stats::ItemStatsMsg::EventCount(item.clone(), p)
     })
-    .await?
-    .ok_or_else(|| ApiError::not_found(format!("no event for item `{item}` applied yet")))?;
+    .await?;
+    let known = counted.is_some() || st.ctx.catalog.read().items.contains_key(&item);
+    if !known {
+        return Err(ApiError::not_found(format!(
+            "no item `{item}` in the catalog and no event for it applied yet"
+        )));
+    }
     Ok(Json(json!({
         "item": item,
-        "event_count": n,
+        "event_count": counted.unwrap_or(0),
         "node": st.ctx.settings.node_name,
+        "stale": stale,
     }))
     .into_response())
 }

@@ -349,18 +349,19 @@ pub fn document(s: &ApiShape) -> Value {
     );
     let item_stats_op = op(
         "An item's event count on this node",
-        "Interaction events naming the item (every kind, undecayed) that this node's item statistics have applied; every node counts every partition's events. 404 until one has been applied.",
-        vec![path_param("id", "item id")],
+        "Interaction events naming the item (every kind, undecayed) that this node's item statistics have applied; every node counts every partition's events. 0 for a catalog item nobody touched yet; 404 for a deleted item and for an id neither the catalog nor any event named. Waits for the catalog stream like every read (see `min_offset`).",
+        vec![path_param("id", "item id"), min_offset_param("the catalog stream")],
         responses(
             json_ok(
                 "the count",
                 json!({
                     "type": "object",
-                    "required": ["item", "event_count", "node"],
+                    "required": ["item", "event_count", "node", "stale"],
                     "properties": {
                         "item": {"type": "string"},
-                        "event_count": {"type": "integer", "minimum": 1},
+                        "event_count": {"type": "integer", "minimum": 0},
                         "node": {"type": "string", "description": "the node that counted"},
+                        "stale": {"type": "boolean"},
                     },
                 }),
             ),
