@@ -149,10 +149,7 @@ impl Actor for Gateway {
                 request: Request::Ping { .. },
                 ..
             }) => {
-                let pong = Ok(Response::Pong {
-                    name: ctx.settings.node_name.clone(),
-                });
-                port.send(reply_frame(&pong)).discard();
+                port.send(reply_frame(&Ok(pong(ctx)))).discard();
             }
             Ok(env) => {
                 // Answered on its own task: a slow request never delays liveness calls.
@@ -170,6 +167,13 @@ impl Actor for Gateway {
     }
 }
 
+/// This node's answer to a liveness call.
+fn pong(ctx: &Ctx) -> Response {
+    Response::Pong {
+        name: ctx.settings.node_name.clone(),
+    }
+}
+
 async fn answer(ctx: &Arc<Ctx>, env: Envelope) -> Result<Response, RemoteError> {
     let budget = Duration::from_millis(env.budget_ms.max(1));
     let p = match &env.request {
@@ -177,11 +181,7 @@ async fn answer(ctx: &Arc<Ctx>, env: Envelope) -> Result<Response, RemoteError> 
         Request::User { query, .. } => {
             crate::record::partition_of(&query.user, ctx.settings.partitions)
         }
-        Request::Ping { .. } => {
-            return Ok(Response::Pong {
-                name: ctx.settings.node_name.clone(),
-            })
-        }
+        Request::Ping { .. } => return Ok(pong(ctx)),
     };
     if !ctx.serving(p) {
         return Err(RemoteError::NotOwner {
@@ -198,9 +198,7 @@ async fn answer(ctx: &Arc<Ctx>, env: Envelope) -> Result<Response, RemoteError> 
             .map_err(|e| RemoteError::Failed(e.to_string()))?;
             Ok(Response::Recommend(reply))
         }
-        Request::Ping { .. } => Ok(Response::Pong {
-            name: ctx.settings.node_name.clone(),
-        }),
+        Request::Ping { .. } => Ok(pong(ctx)),
         Request::User { query, min_offset } => {
             let target = min_offset.unwrap_or_else(|| ctx.head(p));
             let fresh = ctx
