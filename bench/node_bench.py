@@ -132,16 +132,14 @@ def raw_fsync_rate(path, record_bytes, batch, seconds=3.0):
     return n / dt
 
 
-def measure_ingest(node, batch, clients, seconds):
-    """Acked events/s from `clients` connections posting NDJSON batches of `batch` for
-    `seconds`, and how long the consumers then took to catch up."""
-    bodies = {c: [ndjson_batch(f"b{batch}c{c}-{node.port}", k * batch, batch)
-                  for k in range(4000 if batch == 1 else 400 if batch == 100 else 60)]
-              for c in range(clients)}
-    acked = [0] * clients
+def post_batches(nodes, bodies, seconds):
+    """Acked events/s of one client per key of `bodies` (client c posts to
+    `nodes[c % len(nodes)]` on its own connection) until its bodies or `seconds` run out."""
+    acked = [0] * len(bodies)
     stop = time.time() + seconds
 
     def run(c):
+        node = nodes[c % len(nodes)]
         conn = node.conn()
         for body in bodies[c]:
             if time.time() > stop:
@@ -150,14 +148,23 @@ def measure_ingest(node, batch, clients, seconds):
             if st == 200:
                 acked[c] += r["acked"]
     t0 = time.time()
-    ts = [threading.Thread(target=run, args=(c,)) for c in range(clients)]
+    ts = [threading.Thread(target=run, args=(c,)) for c in range(len(bodies))]
     [t.start() for t in ts]
     [t.join() for t in ts]
-    dt = time.time() - t0
+    return sum(acked) / (time.time() - t0)
+
+
+def measure_ingest(node, batch, clients, seconds):
+    """Acked events/s from `clients` connections posting NDJSON batches of `batch` for
+    `seconds`, and how long the consumers then took to catch up."""
+    bodies = {c: [ndjson_batch(f"b{batch}c{c}-{node.port}", k * batch, batch)
+                  for k in range(4000 if batch == 1 else 400 if batch == 100 else 60)]
+              for c in range(clients)}
+    rate = post_batches([node], bodies, seconds)
     t1 = time.time()
     while not node.caught_up():
         time.sleep(0.01)
-    return sum(acked) / dt, time.time() - t1
+    return rate, time.time() - t1
 
 
 def ingest(a):
@@ -708,23 +715,7 @@ def throughput(nodes, seconds):
     clients, batch = 4, 1000
     bodies = {c: [ndjson_batch(f"tp{len(nodes)}c{c}", k * batch, batch, users=20000) for k in range(200)]
               for c in range(clients)}
-    acked = [0] * clients
-    stop = time.time() + seconds
-
-    def post(c):
-        node = nodes[c % len(nodes)]
-        conn = node.conn()
-        for body in bodies[c]:
-            if time.time() > stop:
-                break
-            st, r = node.post("/v1/events", body, conn)
-            if st == 200:
-                acked[c] += r["acked"]
-    t0 = time.time()
-    ts = [threading.Thread(target=post, args=(c,)) for c in range(clients)]
-    [t.start() for t in ts]
-    [t.join() for t in ts]
-    ingest_rate = sum(acked) / (time.time() - t0)
+    ingest_rate = post_batches(nodes, bodies, seconds)
     while not all(n.caught_up() for n in nodes):
         time.sleep(0.05)
     done = [0] * 8
