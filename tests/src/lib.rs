@@ -205,6 +205,18 @@ impl Node {
         text: &str,
         env: &[(&str, &str)],
     ) -> Node {
+        let mut n = Self::launch_config(dir, port, text, env);
+        n.wait_ready(60);
+        n
+    }
+
+    /// Like [`Node::start_config`] without waiting for readiness ([`Node::wait_ready`]).
+    pub fn launch_config(
+        dir: &std::path::Path,
+        port: u16,
+        text: &str,
+        env: &[(&str, &str)],
+    ) -> Node {
         std::fs::create_dir_all(dir).expect("node dir");
         let config = dir.join("node.toml");
         std::fs::write(&config, text).expect("write config");
@@ -219,7 +231,7 @@ impl Node {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
-        n.spawn();
+        n.launch();
         n
     }
 
@@ -237,6 +249,12 @@ impl Node {
 
     /// (Re)starts the process and waits for `/readyz`.
     pub fn spawn(&mut self) {
+        self.launch();
+        self.wait_ready(60);
+    }
+
+    /// (Re)starts the process without waiting.
+    pub fn launch(&mut self) {
         self.starts += 1;
         let log =
             std::fs::File::create(self.dir.join(format!("node-{}.log", self.starts))).expect("log");
@@ -252,17 +270,32 @@ impl Node {
             cmd.env(k, v);
         }
         self.child = Some(cmd.spawn().expect("start troupe node"));
-        let port = self.port;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    }
+
+    /// True when `/readyz` answers 200 now.
+    pub fn ready(&self) -> bool {
+        reply(agent().get(format!("{}/readyz", self.url())).call()).is_some_and(|r| r.status == 200)
+    }
+
+    /// The exit status if the process has exited (it is then forgotten).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
+    /// Waits until `/readyz` answers 200; panics with the log when `secs` pass first or
+    /// the process exits.
+    pub fn wait_ready(&mut self, secs: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        let mut exited = None;
         while std::time::Instant::now() < deadline {
-            let ready = reply(
-                agent()
-                    .get(format!("http://127.0.0.1:{port}/readyz"))
-                    .call(),
-            )
-            .is_some_and(|r| r.status == 200);
-            if ready {
+            if self.ready() {
                 return;
+            }
+            if let Some(s) = self.exited() {
+                exited = Some(s);
+                break;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
@@ -274,7 +307,10 @@ impl Node {
             tail.join("\n"),
             self.stdout(self.starts)
         );
-        panic!("timed out after 60 s waiting for: node ready");
+        match exited {
+            Some(s) => panic!("the node exited ({s}) before it was ready"),
+            None => panic!("timed out after {secs} s waiting for: node ready"),
+        }
     }
 
     pub fn url(&self) -> String {

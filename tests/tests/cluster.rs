@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use troupe_tests::nats::{NatsCluster, NatsServer};
+use troupe_tests::nats::NatsCluster;
 use troupe_tests::{acked_rows, free_port, start_loader, timed, write_events, Node};
 
 const PARTITIONS: u32 = 6;
@@ -83,13 +83,7 @@ struct Cluster {
 impl Cluster {
     /// The server and the member ports; no node started yet.
     fn prepare() -> Option<Cluster> {
-        let server = NatsServer::start()?;
-        Some(Cluster::on(
-            NatsCluster {
-                servers: vec![server],
-            },
-            Tuning::default(),
-        ))
+        Some(Cluster::on(NatsCluster::one()?, Tuning::default()))
     }
 
     /// The member ports for nodes using `nats` with `tuning`; no node started yet.
@@ -951,5 +945,73 @@ fn cluster_outlasts_a_jetstream_leader_election_without_moving_partitions() {
         "R3 lease-bucket leader s{leader} SIGKILLed: no partition moved; least lease time left \
          seen {:.1} s of 12 s; {ok} queries answered",
         least_left as f64 / 1000.0
+    );
+}
+
+/// Three nats-servers and three nodes started at the same moment, ten times: the nodes'
+/// first JetStream requests meet servers that have no meta leader yet ("no responders",
+/// or no answer at all). Every start step retries with short first attempts until its
+/// deadline, so every node becomes ready and none exits; the slowest time to ready of
+/// each round is printed.
+#[test]
+fn cluster_simultaneous_start_with_its_servers_never_exits() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let tuning = Tuning {
+        jetstream: "replicas = 3\n".into(),
+        ..Tuning::default()
+    };
+    let mut slowest = Vec::new();
+    for round in 0..10 {
+        let Some(nats) = NatsCluster::launch() else {
+            return;
+        };
+        let started = Instant::now();
+        let mut c = Cluster::on(nats, tuning.clone());
+        let (members, url) = (c.members.clone(), c.nats.urls());
+        for n in NAMES {
+            let dir = c.root.path().join(n);
+            let http = c.members.iter().find(|m| m.0 == n).unwrap().2;
+            let text = config(n, &dir, &members, &url, &c.tuning);
+            c.nodes.push(Node::launch_config(
+                &dir,
+                http,
+                &text,
+                &[("TROUPE_CLUSTER_COOKIE", "test-cookie")],
+            ));
+        }
+        let mut ready = [None; 3];
+        while ready.iter().any(Option::is_none) {
+            for (i, n) in c.nodes.iter_mut().enumerate() {
+                if let Some(s) = n.exited() {
+                    let log = n.log(n.starts);
+                    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                    panic!(
+                        "round {round}: node {} exited ({s}) at start:\n{}",
+                        NAMES[i],
+                        tail.join("\n")
+                    );
+                }
+                if ready[i].is_none() && n.ready() {
+                    ready[i] = Some(started.elapsed());
+                }
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                c.fail(&format!("round {round}: not every node ready within 60 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let worst = ready.iter().flatten().max().copied().unwrap_or_default();
+        slowest.push(worst.as_secs_f64());
+        for (i, n) in c.nodes.iter_mut().enumerate() {
+            assert!(n.exited().is_none(), "round {round}: {} exited", NAMES[i]);
+        }
+    }
+    println!(
+        "simultaneous start of 3 servers and 3 nodes, slowest node ready after (s): {:?}",
+        slowest
+            .iter()
+            .map(|s| (s * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
     );
 }

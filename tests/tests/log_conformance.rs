@@ -1,6 +1,7 @@
 //! One conformance suite for both backends of the [`Log`] and [`StateStore`] seams: the
-//! embedded redb journal and state, and JetStream on a real `nats-server` (skipped with a
-//! message where it is not installed, a failure with `TROUPE_REQUIRE_NATS=1`).
+//! embedded redb journal and state, and JetStream on a real `nats-server`, once on one
+//! server and once on three servers with everything replicated three times (skipped with a
+//! message where no server is installed, a failure with `TROUPE_REQUIRE_NATS=1`).
 //!
 //! Every check runs against each backend through the traits only. For JetStream, "another
 //! node" is a second client connection; for the embedded backend it is a second handle on
@@ -20,7 +21,7 @@ use troupe_actors::settings::Settings;
 use troupe_actors::state::embedded::EmbeddedState;
 use troupe_actors::state::{Form, StateError, StateStore};
 use troupe_actors::store::Store;
-use troupe_tests::nats::NatsServer;
+use troupe_tests::nats::{NatsCluster, NatsServer};
 
 const PARTITIONS: u32 = 4;
 
@@ -65,12 +66,57 @@ async fn jetstream() -> Option<Backend> {
     let server = tokio::task::spawn_blocking(NatsServer::start)
         .await
         .unwrap()?;
+    let url = server.url();
+    Some(jetstream_on(&url, 1, "conformance", Box::new(server), String::new).await)
+}
+
+/// Three servers forming one JetStream cluster, shared by the checks that run at the same
+/// time (each on its own stream): started by the first, stopped when the last is done.
+static R3: std::sync::Mutex<std::sync::Weak<NatsCluster>> =
+    std::sync::Mutex::new(std::sync::Weak::new());
+
+/// The backend on three servers with every stream and bucket replicated three times;
+/// `stream`: the check's own stream.
+async fn jetstream_r3(stream: &str) -> Option<Backend> {
+    let cluster = tokio::task::spawn_blocking(|| {
+        let mut shared = R3.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = shared.upgrade() {
+            return Some(c);
+        }
+        let c = Arc::new(NatsCluster::start()?);
+        *shared = Arc::downgrade(&c);
+        Some(c)
+    })
+    .await
+    .unwrap()?;
+    let urls = cluster.urls();
+    let logs = cluster.clone();
+    let log = move || {
+        logs.servers
+            .iter()
+            .map(|s| format!("--- {}:\n{}", s.name, s.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    Some(jetstream_on(&urls, 3, stream, Box::new(cluster), log).await)
+}
+
+/// Two connections ("this node" and "another node") to the servers at `url`, on
+/// `stream` with `replicas`; `keep` is held for as long as the backend lives.
+async fn jetstream_on(
+    url: &str,
+    replicas: usize,
+    stream: &str,
+    keep: Box<dyn std::any::Any + Send>,
+    server_log: impl Fn() -> String,
+) -> Backend {
     let connect = || async {
-        let mut c = JetStreamConfig::local(&server.url(), "conformance", PARTITIONS);
+        let mut c = JetStreamConfig::local(url, stream, PARTITIONS);
         c.timeout = Duration::from_secs(20);
+        c.replicas = replicas;
         JetStream::connect(c)
             .await
-            .unwrap_or_else(|e| panic!("connecting to {}: {e}\n{}", server.url(), server.log()))
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}\n{}", server_log()))
     };
     let (a, b) = (connect().await, connect().await);
     assert!(
@@ -86,14 +132,18 @@ async fn jetstream() -> Option<Backend> {
     };
     let log = open(a.clone()).await;
     let other_log = open(b.clone()).await;
-    Some(Backend {
-        name: "jetstream",
+    Backend {
+        name: if replicas == 1 {
+            "jetstream"
+        } else {
+            "jetstream-r3"
+        },
         log,
         other_log,
         state: Arc::new(JetStreamState::new(a)),
         other_state: Arc::new(JetStreamState::new(b)),
-        _keep: Box::new(server),
-    })
+        _keep: keep,
+    }
 }
 
 /// Runs one check on every backend.
@@ -107,6 +157,12 @@ macro_rules! conformance {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn jetstream() {
                 if let Some(b) = super::jetstream().await {
+                    super::$check(&b).await;
+                }
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn jetstream_r3() {
+                if let Some(b) = super::jetstream_r3(stringify!($check)).await {
                     super::$check(&b).await;
                 }
             }
@@ -456,7 +512,8 @@ async fn claims_fence_a_deposed_owner(b: &Backend) {
     assert_eq!((p.epoch, rev), (2, n.revision()));
     let c1 = b.state.claim(scope, "node-c").await.unwrap();
     assert_eq!(c1.epoch(), 3);
-    let lost = b.other_state.fenced_write(&mut n, p.clone()).await;
+    let same = |_: &troupe_actors::state::Pointer| Some(p.clone());
+    let lost = b.other_state.fenced_update(&mut n, &same).await;
     assert!(
         matches!(lost, Err(StateError::Fenced { epoch: 3, .. })),
         "{lost:?}"

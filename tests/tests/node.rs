@@ -106,8 +106,9 @@ fn wait_or_dump(node: &Node, secs: u64, what: &str, mut cond: impl FnMut() -> bo
 /// The config lines that put a node on `server`'s JetStream.
 fn jetstream_config(server: &NatsServer) -> String {
     format!(
-        "[log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"{}\"\n",
-        server.url()
+        "[log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"{}\"\nmonitor_urls = [\"{}\"]\n",
+        server.url(),
+        server.monitor_url()
     )
 }
 
@@ -1002,4 +1003,39 @@ fn jetstream_a_second_owner_fences_the_first_one() {
     // The new owner is not deposed by anything the old one did.
     let cluster = b.get("/v1/cluster").body;
     assert!(deposed(&b).is_empty(), "{cluster}");
+}
+
+/// What an acknowledgement means is read from the servers: with their monitoring
+/// endpoint configured, a node on a server that fsyncs every write says so
+/// (`log.sync.state = always`, `troupe_log_sync_always 1`, no warning), and one on a
+/// server with the default flush interval warns about it (`interval`, gauge 0).
+#[test]
+fn jetstream_durability_is_read_from_the_servers_monitoring_endpoint() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(syncing) = NatsServer::start() else {
+        return;
+    };
+    let Some(lazy) = NatsServer::start_with_interval_sync() else {
+        return;
+    };
+    for (server, state, gauge) in [(&syncing, "always", 1.0), (&lazy, "interval", 0.0)] {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::start(
+            dir.path(),
+            &format!("{FAST}{}", jetstream_config(server)),
+            &[],
+        );
+        wait_or_dump(&node, 30, "the servers' durability read", || {
+            node.get("/v1/cluster").body["log"]["sync"]["state"] == state
+        });
+        let log = node.get("/v1/cluster").body["log"].clone();
+        let warned = log["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap_or("").contains("sync_interval"));
+        assert_eq!(warned, state == "interval", "{log}");
+        assert_eq!(metric(&node, "troupe_log_sync_always", &[]), gauge);
+    }
 }

@@ -179,6 +179,10 @@ impl JetStreamConfig {
         format!("{}_blobs", self.stream)
     }
 
+    fn cache_bucket(&self) -> String {
+        format!("{}_cache", self.stream)
+    }
+
     /// A partition of this layout or the catalog.
     fn has_stream(&self, stream: u32) -> bool {
         stream == CATALOG_STREAM || stream < self.partitions
@@ -193,7 +197,171 @@ pub struct JetStream {
     pub js: jetstream::Context,
     stream: stream::Stream,
     kv: kv::Store,
+    cache: kv::Store,
     blobs: object_store::ObjectStore,
+    /// What the servers' monitoring endpoints said about durability (`sync_interval`),
+    /// when the node could ask them (see [`SyncCheck`]).
+    pub sync: SharedSync,
+}
+
+/// The last [`SyncCheck`], shared with the task that refreshes it.
+pub type SharedSync = Arc<parking_lot::Mutex<SyncCheck>>;
+
+/// Whether the servers fsync every write before acknowledging it, as far as this node
+/// can tell: only the monitoring endpoint (`/varz`) says so, and only when the node is
+/// given its address (`[log.jetstream] monitor_urls`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum SyncCheck {
+    /// No monitoring address configured: the node cannot tell.
+    #[default]
+    Unknown,
+    /// Every server asked syncs every write (`sync_interval: always`).
+    Always,
+    /// These servers flush on an interval: an acknowledged write can be lost to a power
+    /// failure within it.
+    Interval { servers: Vec<String> },
+    /// A monitoring endpoint did not answer.
+    Unreachable { error: String },
+}
+
+impl SyncCheck {
+    /// The check from the `/varz` documents of the servers (`(url, document)`):
+    /// `jetstream.config.sync_always` is true on a server that fsyncs every write.
+    pub fn from_varz(docs: &[(String, Result<serde_json::Value, String>)]) -> SyncCheck {
+        if docs.is_empty() {
+            return SyncCheck::Unknown;
+        }
+        let mut lazy = Vec::new();
+        for (url, doc) in docs {
+            match doc {
+                Err(e) => {
+                    return SyncCheck::Unreachable {
+                        error: format!("{url}: {e}"),
+                    }
+                }
+                Ok(v) => {
+                    if v["jetstream"]["config"]["sync_always"].as_bool() != Some(true) {
+                        let name = v["server_name"].as_str().unwrap_or(url).to_string();
+                        lazy.push(name);
+                    }
+                }
+            }
+        }
+        if lazy.is_empty() {
+            SyncCheck::Always
+        } else {
+            SyncCheck::Interval { servers: lazy }
+        }
+    }
+
+    /// The gauge value: 1 every server syncs every write, 0 some do not, -1 unknown.
+    pub fn gauge(&self) -> i64 {
+        match self {
+            SyncCheck::Always => 1,
+            SyncCheck::Interval { .. } => 0,
+            SyncCheck::Unknown | SyncCheck::Unreachable { .. } => -1,
+        }
+    }
+}
+
+/// Oldest server release a replicated cluster (`replicas > 1`) may run on. 2.10.20 to
+/// 2.10.22 could lose whole streams on a process crash (fixed in 2.10.23, Jepsen's NATS
+/// analysis, 2025-12); 2.9.10 diverged a KV replica from its leader after a leader restart
+/// in this project's own fault runs; atomic batch publish (durable ingest at batch rates)
+/// arrived in 2.12. 2.12.1 is the release Jepsen analysed.
+pub const REPLICATED_FLOOR: (u32, u32, u32) = (2, 12, 1);
+
+/// Parses a server version (`2.15.1`, `2.12.0-RC.3`).
+pub fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
+    let mut it = v.trim().trim_start_matches('v').split(['.', '-']);
+    let mut n = || it.next().and_then(|x| x.parse::<u32>().ok());
+    Some((n()?, n()?, n().unwrap_or(0)))
+}
+
+/// Checks a server version against the floor: `Err` (refuse to start) for a replicated
+/// stream on a server below [`REPLICATED_FLOOR`], `Ok(Some(warning))` for one server below
+/// it, `Ok(None)` otherwise.
+pub fn check_version(version: &str, replicas: usize) -> Result<Option<String>, String> {
+    let floor = REPLICATED_FLOOR;
+    let f = format!("{}.{}.{}", floor.0, floor.1, floor.2);
+    match parse_version(version) {
+        Some(v) if v >= floor => Ok(None),
+        found => {
+            let what = match found {
+                Some(_) => format!("nats-server {version} is older than {f}"),
+                None => format!("nats-server reports version {version:?}, which does not parse"),
+            };
+            if replicas > 1 {
+                Err(format!(
+                    "{what}, the oldest release a replicated cluster (replicas = {replicas}) may run on: older servers lost or diverged replicated data in known faults (2.10.20-2.10.22 lost whole streams on a crash; 2.9 diverged a KV replica from its leader). Upgrade the servers (scripts/install-nats-server.sh installs the tested release)"
+                ))
+            } else {
+                Ok(Some(format!(
+                    "{what}: one server below the floor is allowed but untested; records are published one by one (no atomic batches) and older servers have known JetStream faults"
+                )))
+            }
+        }
+    }
+}
+
+/// Why a start step did not succeed: worth another attempt, or refused for good (a
+/// configuration that contradicts what the server holds).
+#[derive(Debug)]
+pub enum StartError {
+    Transient(String),
+    Refused(String),
+}
+
+impl From<String> for StartError {
+    fn from(s: String) -> Self {
+        StartError::Transient(s)
+    }
+}
+
+/// Runs one start step until it succeeds, is refused, or `deadline` passes. Each attempt
+/// is bounded by a short time that doubles from 500 ms up to `longest` (the request
+/// timeout), with a short pause between attempts: a step that meets servers still
+/// electing their leaders ("no responders", or no answer at all) is tried again within
+/// about a second of the election instead of after a whole request timeout.
+pub async fn retry_until<T, F, Fut>(
+    what: &str,
+    deadline: std::time::Instant,
+    longest: Duration,
+    mut attempt: F,
+) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StartError>>,
+{
+    let mut bound = Duration::from_millis(500).min(longest);
+    let mut pause = Duration::from_millis(50);
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let why =
+            match tokio::time::timeout(bound.min(left.max(Duration::from_millis(1))), attempt())
+                .await
+            {
+                Ok(Ok(v)) => {
+                    if tries > 1 {
+                        tracing::info!(step = what, tries, "start step succeeded after retries");
+                    }
+                    return Ok(v);
+                }
+                Ok(Err(StartError::Refused(e))) => return Err(format!("{what}: {e}")),
+                Ok(Err(StartError::Transient(e))) => e,
+                Err(_) => format!("no answer within {} ms", bound.as_millis()),
+            };
+        if std::time::Instant::now() + pause >= deadline {
+            return Err(format!("{what}: {why} (gave up after {tries} attempts)"));
+        }
+        tracing::warn!(step = what, attempt = tries, error = %why, "start step failed; retrying");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+        bound = (bound * 2).min(longest);
+    }
 }
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> String {
@@ -201,9 +369,67 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> String {
 }
 
 impl JetStream {
-    /// Connects and creates (or checks) the stream and the buckets.
+    /// Connects and creates (or checks) the stream and the buckets, retrying each step
+    /// for up to three request timeouts (see [`JetStream::connect_until`]).
     pub async fn connect(config: JetStreamConfig) -> Result<JetStream, String> {
+        let deadline = std::time::Instant::now() + config.timeout * 3;
+        Self::connect_until(config, deadline).await
+    }
+
+    /// Connects and creates (or checks) the stream and the buckets; every step is retried
+    /// until `deadline` ([`retry_until`]). A server version below the floor is refused
+    /// for a replicated stream ([`check_version`]).
+    pub async fn connect_until(
+        config: JetStreamConfig,
+        deadline: std::time::Instant,
+    ) -> Result<JetStream, String> {
         config.validate()?;
+        let longest = config.timeout;
+        let client = retry_until(
+            &format!("connecting to {}", config.url),
+            deadline,
+            longest,
+            || async { Ok(Self::dial(&config).await?) },
+        )
+        .await?;
+        let version = client.server_info().version;
+        if let Some(w) = check_version(&version, config.replicas)? {
+            tracing::warn!("{w}");
+        }
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.timeout)
+            .max_ack_inflight(config.max_in_flight)
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        let (stream, kv, cache, blobs) = retry_until(
+            "creating or checking the stream and buckets",
+            deadline,
+            longest,
+            || {
+                let (js, config) = (js.clone(), config.clone());
+                async move {
+                    let stream = ensure_stream(&js, &config).await?;
+                    let kv = ensure_kv(&js, &config, &config.kv_bucket(), false).await?;
+                    let cache = ensure_kv(&js, &config, &config.cache_bucket(), true).await?;
+                    let blobs = ensure_blobs(&js, &config).await?;
+                    Ok((stream, kv, cache, blobs))
+                }
+            },
+        )
+        .await?;
+        Ok(JetStream {
+            config: Arc::new(config),
+            client,
+            js,
+            stream,
+            kv,
+            cache,
+            blobs,
+            sync: Default::default(),
+        })
+    }
+
+    async fn dial(config: &JetStreamConfig) -> Result<async_nats::Client, String> {
         let mut opts = async_nats::ConnectOptions::new()
             .name(&config.client_name)
             .connection_timeout(config.timeout)
@@ -226,26 +452,9 @@ impl JetStream {
         if let Some(ca) = &config.tls_ca_file {
             opts = opts.add_root_certificates(ca.clone());
         }
-        let client = opts
-            .connect(config.servers()?)
+        opts.connect(config.servers()?)
             .await
-            .map_err(|e| unavailable(&format!("cannot connect to {}", config.url), e))?;
-        let js = jetstream::ContextBuilder::new()
-            .timeout(config.timeout)
-            .max_ack_inflight(config.max_in_flight)
-            .backpressure_on_inflight(true)
-            .build(client.clone());
-        let stream = ensure_stream(&js, &config).await?;
-        let kv = ensure_kv(&js, &config).await?;
-        let blobs = ensure_blobs(&js, &config).await?;
-        Ok(JetStream {
-            config: Arc::new(config),
-            client,
-            js,
-            stream,
-            kv,
-            blobs,
-        })
+            .map_err(|e| unavailable(&format!("cannot connect to {}", config.url), e))
     }
 
     /// The server's version string.
@@ -265,7 +474,7 @@ impl JetStream {
 async fn ensure_stream(
     js: &jetstream::Context,
     c: &JetStreamConfig,
-) -> Result<stream::Stream, String> {
+) -> Result<stream::Stream, StartError> {
     let want = stream::Config {
         name: c.stream.clone(),
         subjects: vec![format!("{}.>", c.stream)],
@@ -288,24 +497,33 @@ async fn ensure_stream(
         .map_err(|e| unavailable(&format!("stream {} info", c.stream), e))?;
     let have = &info.config;
     if have.num_replicas != c.replicas {
-        return Err(format!(
+        return Err(StartError::Refused(format!(
             "stream {} has {} replicas, the config says {}; change one of them (the server keeps the stream's)",
             c.stream, have.num_replicas, c.replicas
-        ));
+        )));
     }
     if !have.max_age.is_zero() && have.duplicate_window > have.max_age {
-        return Err(format!(
+        return Err(StartError::Refused(format!(
             "stream {}: its duplicate window ({} s) does not fit inside its max_age ({} s)",
             c.stream,
             have.duplicate_window.as_secs(),
             have.max_age.as_secs()
-        ));
+        )));
     }
     Ok(s)
 }
 
-async fn ensure_kv(js: &jetstream::Context, c: &JetStreamConfig) -> Result<kv::Store, String> {
-    let bucket = c.kv_bucket();
+/// A Key-Value bucket's stream, created by hand (the client's `create_key_value` does not
+/// decode 2.9 servers' answers). `direct`: reads may be answered by any replica (the
+/// embedding cache, where a stale read costs a recomputation); without it every read goes
+/// to the stream's leader, so a lease, member or pointer read is never answered by a
+/// replica that lags (an existing bucket is switched over).
+async fn ensure_kv(
+    js: &jetstream::Context,
+    c: &JetStreamConfig,
+    bucket: &str,
+    direct: bool,
+) -> Result<kv::Store, StartError> {
     let cfg = stream::Config {
         name: format!("KV_{bucket}"),
         subjects: vec![format!("$KV.{bucket}.>")],
@@ -314,34 +532,78 @@ async fn ensure_kv(js: &jetstream::Context, c: &JetStreamConfig) -> Result<kv::S
         num_replicas: c.replicas,
         allow_rollup: true,
         deny_delete: true,
-        allow_direct: true,
+        allow_direct: direct,
         discard: stream::DiscardPolicy::New,
         ..Default::default()
     };
-    js.get_or_create_stream(cfg)
+    let mut s = js
+        .get_or_create_stream(cfg)
         .await
         .map_err(|e| unavailable(&format!("bucket {bucket}"), e))?;
-    js.get_key_value(&bucket)
+    let info = s
+        .info()
         .await
-        .map_err(|e| unavailable(&format!("bucket {bucket}"), e))
+        .map_err(|e| unavailable(&format!("bucket {bucket} info"), e))?;
+    if info.config.allow_direct != direct {
+        let mut cfg = info.config.clone();
+        cfg.allow_direct = direct;
+        js.update_stream(cfg).await.map_err(|e| {
+            unavailable(
+                &format!("bucket {bucket}: setting allow_direct = {direct}"),
+                e,
+            )
+        })?;
+        tracing::info!(bucket, direct, "bucket's direct reads switched");
+    }
+    Ok(js
+        .get_key_value(bucket)
+        .await
+        .map_err(|e| unavailable(&format!("bucket {bucket}"), e))?)
 }
 
+/// The Object Store bucket of blobs, its reads answered by the stream's leader (a blob a
+/// pointer names was acknowledged by a quorum; a lagging replica might not have it yet).
 async fn ensure_blobs(
     js: &jetstream::Context,
     c: &JetStreamConfig,
-) -> Result<object_store::ObjectStore, String> {
+) -> Result<object_store::ObjectStore, StartError> {
     let bucket = c.blob_bucket();
-    if let Ok(b) = js.get_object_store(&bucket).await {
-        return Ok(b);
+    let failed = |e: &dyn std::fmt::Display| {
+        StartError::Transient(unavailable(&format!("bucket {bucket}"), e))
+    };
+    if js.get_object_store(&bucket).await.is_err() {
+        js.create_object_store(object_store::Config {
+            bucket: bucket.clone(),
+            num_replicas: c.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| failed(&e))?;
     }
-    js.create_object_store(object_store::Config {
-        bucket: bucket.clone(),
-        num_replicas: c.replicas,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| unavailable(&format!("bucket {bucket}"), e))
+    let mut s = js
+        .get_stream(format!("OBJ_{bucket}"))
+        .await
+        .map_err(|e| failed(&e))?;
+    let info = s.info().await.map_err(|e| failed(&e))?;
+    if info.config.allow_direct {
+        let mut cfg = info.config.clone();
+        cfg.allow_direct = false;
+        js.update_stream(cfg).await.map_err(|e| failed(&e))?;
+    }
+    js.get_object_store(&bucket).await.map_err(|e| failed(&e))
+}
+
+/// A publish that failed: a record over the size limit is refused; anything else (no
+/// answer, a leader election, the same id being stored by a concurrent request) is worth
+/// a retry with the same ids.
+fn publish_error(err: jetstream::context::PublishError) -> LogError {
+    match err.kind() {
+        jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+            LogError::Refused(format!("record too large: {err}"))
+        }
+        _ => LogError::Unavailable(unavailable("publish", err)),
+    }
 }
 
 /// The hex form of an idempotency key (`Nats-Msg-Id`).
@@ -414,6 +676,43 @@ impl JetStreamLog {
         )));
         log.watchdog = Some(tokio::spawn(watch_heads(log.js.clone(), log.heads.clone())));
         Ok(log)
+    }
+
+    /// Publishes every entry before awaiting any acknowledgement (the client bounds the
+    /// acks in flight); one position per entry.
+    async fn publish_pipelined(&self, entries: &[&AppendEntry]) -> Result<Vec<Position>, LogError> {
+        let cfg = &self.js.config;
+        let mut acks = Vec::with_capacity(entries.len());
+        for e in entries {
+            let mut msg = jetstream::message::PublishMessage::build()
+                .payload(Bytes::from(record::encode(&e.payload)));
+            if e.key != 0 {
+                msg = msg.message_id(msg_id(e.key));
+            }
+            let ack = self
+                .js
+                .js
+                .send_publish(cfg.subject(e.stream), msg)
+                .await
+                .map_err(publish_error)?;
+            acks.push(ack);
+        }
+        let mut positions = Vec::with_capacity(acks.len());
+        for (ack, e) in futures_util::future::join_all(
+            acks.into_iter().map(std::future::IntoFuture::into_future),
+        )
+        .await
+        .into_iter()
+        .zip(entries)
+        {
+            let ack = ack.map_err(publish_error)?;
+            positions.push(Position {
+                stream: e.stream,
+                offset: ack.sequence,
+                duplicate: ack.duplicate,
+            });
+        }
+        Ok(positions)
     }
 
     async fn last_of(&self, stream: u32) -> Result<u64, LogError> {
@@ -645,46 +944,25 @@ impl Log for JetStreamLog {
                 "the JetStream server cannot be reached; nothing was written".into(),
             ));
         }
-        let publish_all = async {
-            let mut acks = Vec::with_capacity(entries.len());
-            for e in &entries {
-                let mut msg = jetstream::message::PublishMessage::build()
-                    .payload(Bytes::from(record::encode(&e.payload)));
+        // A key repeated within the request is published once (a replicated stream
+        // refuses a second publish of an id still being stored: "duplicate message id is
+        // in process") and answered with the first one's position.
+        let mut first: rustc_hash::FxHashMap<u128, usize> = Default::default();
+        let mut unique: Vec<&AppendEntry> = Vec::with_capacity(entries.len());
+        let slots: Vec<(usize, bool)> = entries
+            .iter()
+            .map(|e| {
                 if e.key != 0 {
-                    msg = msg.message_id(msg_id(e.key));
+                    if let Some(&j) = first.get(&e.key) {
+                        return (j, true);
+                    }
+                    first.insert(e.key, unique.len());
                 }
-                let ack = self
-                    .js
-                    .js
-                    .send_publish(cfg.subject(e.stream), msg)
-                    .await
-                    .map_err(|err| match err.kind() {
-                        jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
-                            LogError::Refused(format!("record too large: {err}"))
-                        }
-                        _ => LogError::Unavailable(unavailable("publish", err)),
-                    })?;
-                acks.push(ack);
-            }
-            let mut positions = Vec::with_capacity(acks.len());
-            for (ack, e) in futures_util::future::join_all(
-                acks.into_iter().map(std::future::IntoFuture::into_future),
-            )
-            .await
-            .into_iter()
-            .zip(&entries)
-            {
-                let ack =
-                    ack.map_err(|err| LogError::Unavailable(unavailable("publish ack", err)))?;
-                positions.push(Position {
-                    stream: e.stream,
-                    offset: ack.sequence,
-                    duplicate: ack.duplicate,
-                });
-            }
-            Ok::<_, LogError>(positions)
-        };
-        let positions = tokio::time::timeout(cfg.timeout, publish_all)
+                unique.push(e);
+                (unique.len() - 1, false)
+            })
+            .collect();
+        let published = tokio::time::timeout(cfg.timeout, self.publish_pipelined(&unique))
             .await
             .map_err(|_| {
                 LogError::Unavailable(format!(
@@ -693,7 +971,16 @@ impl Log for JetStreamLog {
                 ))
             })??;
         // The heads move when the follower has the records (tail first, then head).
-        Ok(positions)
+        Ok(slots
+            .into_iter()
+            .map(|(j, repeat)| {
+                let p = published[j];
+                Position {
+                    duplicate: p.duplicate || repeat,
+                    ..p
+                }
+            })
+            .collect())
     }
 
     async fn read(
@@ -784,6 +1071,10 @@ impl Log for JetStreamLog {
         self.js.connected()
     }
 
+    fn syncs_every_write(&self) -> i64 {
+        self.js.sync.lock().gauge()
+    }
+
     fn describe(&self) -> serde_json::Value {
         let c = &self.js.config;
         let mut warnings = Vec::new();
@@ -791,8 +1082,19 @@ impl Log for JetStreamLog {
             warnings.push("replicas = 1: every record is on one server; losing that server's disk loses acknowledged records (use 3 replicas on separate machines)".to_string());
         }
         let version = self.js.server_version();
-        if version.starts_with("2.9.") {
-            warnings.push(format!("server {version}: records are fsynced about every 2 minutes; a power loss of the server machine can lose acknowledged records (2.10+ can fsync every write with sync_interval: always)"));
+        if let Ok(Some(w)) = check_version(&version, c.replicas) {
+            warnings.push(w);
+        }
+        let sync = self.js.sync.lock().clone();
+        match &sync {
+            SyncCheck::Interval { servers } => warnings.push(format!(
+                "servers {} write acknowledged records to disk on an interval (sync_interval), not before acknowledging them: a power failure of their machines can lose acknowledged records, even with replicas = 3; set `jetstream {{ sync_interval: always }}`",
+                servers.join(", ")
+            )),
+            SyncCheck::Unreachable { error } => warnings.push(format!(
+                "the servers' monitoring endpoint did not answer ({error}); whether they fsync every write is unknown"
+            )),
+            SyncCheck::Unknown | SyncCheck::Always => {}
         }
         serde_json::json!({
             "backend": "jetstream",
@@ -801,6 +1103,7 @@ impl Log for JetStreamLog {
             "stream": c.stream,
             "replicas": c.replicas,
             "duplicate_window_secs": c.duplicate_window.as_secs(),
+            "sync": sync,
             "warnings": warnings,
         })
     }
@@ -866,7 +1169,7 @@ impl StateStore for JetStreamState {
     async fn cache_get(&self, ns: &str, keys: &[u128]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
         let reads = keys.iter().map(|&k| {
             let key = crate::state::cache_key(ns, k);
-            let kv = self.js.kv.clone();
+            let kv = self.js.cache.clone();
             async move { kv.entry(key).await }
         });
         futures_util::future::join_all(reads)
@@ -884,7 +1187,7 @@ impl StateStore for JetStreamState {
     async fn cache_put(&self, ns: &str, entries: Vec<(u128, Vec<u8>)>) -> Result<(), StateError> {
         let writes = entries.into_iter().map(|(k, v)| {
             let key = crate::state::cache_key(ns, k);
-            let kv = self.js.kv.clone();
+            let kv = self.js.cache.clone();
             async move { kv.put(key, Bytes::from(v)).await }
         });
         for r in futures_util::future::join_all(writes).await {
@@ -1023,5 +1326,56 @@ impl StateStore for JetStreamState {
         }
         out.sort();
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_below_the_floor_are_refused_when_replicated() {
+        assert_eq!(parse_version("2.15.1"), Some((2, 15, 1)));
+        assert_eq!(parse_version("v2.12.0-RC.3"), Some((2, 12, 0)));
+        assert_eq!(parse_version("x"), None);
+        assert_eq!(check_version("2.15.1", 3), Ok(None));
+        assert_eq!(check_version("2.12.1", 3), Ok(None));
+        let e = check_version("2.10.22", 3).unwrap_err();
+        assert!(e.contains("2.10.22") && e.contains("2.12.1"), "{e}");
+        assert!(check_version("2.9.10", 5).is_err());
+        // One server below the floor: a warning naming both versions.
+        let w = check_version("2.9.10", 1).unwrap().unwrap();
+        assert!(w.contains("2.9.10") && w.contains("2.12.1"), "{w}");
+        assert!(check_version("garbage", 3).is_err());
+    }
+
+    #[test]
+    fn sync_check_reads_varz() {
+        let doc = |name: &str, always: bool| serde_json::json!({"server_name": name, "jetstream": {"config": {"sync_always": always}}});
+        assert_eq!(SyncCheck::from_varz(&[]), SyncCheck::Unknown);
+        let all = [
+            ("http://a".to_string(), Ok(doc("s1", true))),
+            ("http://b".to_string(), Ok(doc("s2", true))),
+        ];
+        assert_eq!(SyncCheck::from_varz(&all), SyncCheck::Always);
+        let one_lazy = [
+            ("http://a".to_string(), Ok(doc("s1", true))),
+            (
+                "http://b".to_string(),
+                Ok(serde_json::json!({"server_name": "s2", "jetstream": {"config": {}}})),
+            ),
+        ];
+        assert_eq!(
+            SyncCheck::from_varz(&one_lazy),
+            SyncCheck::Interval {
+                servers: vec!["s2".into()]
+            }
+        );
+        let down = [("http://a".to_string(), Err("refused".to_string()))];
+        assert!(matches!(
+            SyncCheck::from_varz(&down),
+            SyncCheck::Unreachable { .. }
+        ));
+        assert_eq!(SyncCheck::from_varz(&all).gauge(), 1);
     }
 }

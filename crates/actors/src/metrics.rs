@@ -26,6 +26,9 @@ pub struct Metrics {
     pub log_truncated: Counter,
     /// 1 while the log takes writes, 0 while it does not (server unreachable).
     pub log_writable: Gauge,
+    /// 1 when every JetStream server fsyncs each write before acknowledging it, 0 when
+    /// one does not, -1 unknown (no monitoring address configured, or unreachable).
+    pub log_sync_always: Gauge,
     pub journal_head: Family<Labels, Gauge>,
     pub applied_offset: Family<Labels, Gauge>,
     pub actor_restarts: Family<Labels, Counter>,
@@ -82,6 +85,7 @@ impl Metrics {
             log_read_errors: Counter::default(),
             log_truncated: Counter::default(),
             log_writable: Gauge::default(),
+            log_sync_always: Gauge::default(),
             journal_head: Family::default(),
             applied_offset: Family::default(),
             actor_restarts: Family::default(),
@@ -160,6 +164,11 @@ impl Metrics {
                 "log_writable",
                 "1 while the log takes writes, 0 while it cannot be reached",
                 m.log_writable.clone(),
+            );
+            r.register(
+                "log_sync_always",
+                "1 when every JetStream server fsyncs each write before acknowledging it, 0 when one does not, -1 unknown",
+                m.log_sync_always.clone(),
             );
             r.register(
                 "journal_head_offset",

@@ -136,6 +136,7 @@ fn children(ctx: &Arc<Ctx>, encoder: Arc<dyn TextEncoder>, encoder_name: String)
                 on_failure: Some(failure_counter(&c2)),
                 on_escalate: None,
                 on_give_up: on_give_up.clone(),
+                stop_timeout: crate::supervisor::STOP_TIMEOUT,
             },
         )
     });
@@ -207,6 +208,7 @@ pub async fn start(
             c2.health.escalate(reason.to_string())
         })),
         on_give_up: None,
+        stop_timeout: crate::supervisor::STOP_TIMEOUT,
     };
     let (root, done) =
         Actor::spawn(Some(names::NODE_SUPERVISOR.to_string()), Supervisor, args).await?;

@@ -112,6 +112,50 @@ pub struct SupervisorArgs {
     /// and reported here, `(child, reason)`, instead of the supervisor escalating: the
     /// partitions of a cluster node, where one bad partition must not take the node down.
     pub on_give_up: Option<GiveUpHook>,
+    /// How long a child gets to stop (`Remove`, `Shutdown`) before it is killed.
+    pub stop_timeout: Duration,
+}
+
+/// The usual [`SupervisorArgs::stop_timeout`].
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Stops `cell` (registered as `name`), waiting at most `limit`. A child that does not
+/// stop in time (its handler stuck on a call that does not return) is killed, which drops
+/// the handler at once, and its name is waited for until it is free, so that the next
+/// incarnation (the next claim of a partition) can register it. An error says what could
+/// not be finished.
+pub async fn stop_child(
+    name: &str,
+    cell: ActorCell,
+    limit: Duration,
+    reason: &str,
+) -> Result<(), String> {
+    let mut problem = None;
+    if cell
+        .stop_and_wait(Some(reason.to_string()), Some(limit))
+        .await
+        .is_err()
+    {
+        tracing::warn!(child = %name, "child did not stop in time; killing it");
+        problem = Some(format!(
+            "{name} did not stop within {} ms and was killed",
+            limit.as_millis()
+        ));
+        if let Err(e) = cell.kill_and_wait(Some(limit)).await {
+            return Err(format!("{name} did not stop, nor die when killed: {e}"));
+        }
+    }
+    let deadline = Instant::now() + limit;
+    while ractor::registry::where_is(name).is_some_and(|c| c.get_id() == cell.get_id()) {
+        if Instant::now() >= deadline {
+            return Err(format!("{name} stopped but its name is still registered"));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    match problem {
+        Some(p) => Err(p),
+        None => Ok(()),
+    }
 }
 
 /// See [`SupervisorArgs::on_give_up`].
@@ -180,6 +224,7 @@ pub struct SupervisorState {
     on_failure: Option<FailureCounter>,
     on_escalate: Option<FailureHook>,
     on_give_up: Option<GiveUpHook>,
+    stop_timeout: Duration,
     stopping: bool,
 }
 
@@ -307,6 +352,7 @@ impl Actor for Supervisor {
             on_failure: args.on_failure,
             on_escalate: args.on_escalate,
             on_give_up: args.on_give_up,
+            stop_timeout: args.stop_timeout,
             stopping: false,
         })
     }
@@ -373,11 +419,9 @@ impl Actor for Supervisor {
                     let child = state.children.remove(i);
                     // Its termination event finds no child any more and is ignored.
                     if let Some(cell) = child.cell {
-                        if let Err(e) = cell
-                            .stop_and_wait(Some("removed".into()), Some(Duration::from_secs(30)))
-                            .await
+                        if let Err(e) = stop_child(&name, cell, state.stop_timeout, "removed").await
                         {
-                            tracing::warn!(child = %name, error = %e, "child did not stop in time");
+                            tracing::warn!(child = %name, error = %e, "child removal");
                         }
                     }
                 }
@@ -404,11 +448,10 @@ impl Actor for Supervisor {
                 state.stopping = true;
                 for c in state.children.iter_mut().rev() {
                     if let Some(cell) = c.cell.take() {
-                        if let Err(e) = cell
-                            .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(30)))
-                            .await
+                        if let Err(e) =
+                            stop_child(&c.spec.name, cell, state.stop_timeout, "shutdown").await
                         {
-                            tracing::warn!(child = %c.spec.name, error = %e, "child did not stop in time");
+                            tracing::warn!(child = %c.spec.name, error = %e, "child shutdown");
                         }
                     }
                 }
@@ -449,6 +492,61 @@ impl Actor for Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A child whose handler never returns once it got a message (a call that hangs).
+    struct Stuck;
+
+    #[derive(RactorMessage)]
+    struct Hang;
+
+    impl Actor for Stuck {
+        type Msg = Hang;
+        type State = ();
+        type Arguments = ();
+        async fn pre_start(&self, _: ActorRef<Hang>, _: ()) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+        async fn handle(
+            &self,
+            _: ActorRef<Hang>,
+            _: Hang,
+            _: &mut (),
+        ) -> Result<(), ActorProcessingErr> {
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_child_that_ignores_stop_is_killed_and_its_name_freed() {
+        let name = "stuck-child-test";
+        let spec = || ChildSpec::new(name, RestartPolicy::default(), || (Stuck, ()));
+        let (sup, _) = Actor::spawn(
+            None,
+            Supervisor,
+            SupervisorArgs {
+                children: vec![spec()],
+                on_failure: None,
+                on_escalate: None,
+                on_give_up: None,
+                stop_timeout: Duration::from_millis(200),
+            },
+        )
+        .await
+        .unwrap();
+        let child: ActorRef<Hang> = ractor::registry::where_is(name).unwrap().into();
+        child.cast(Hang).unwrap();
+        let removed = ractor::call!(sup, SupervisorMsg::Remove, name.to_string()).unwrap();
+        assert!(removed);
+        assert!(ractor::registry::where_is(name).is_none(), "name freed");
+        // The next claim of the same name (a partition taken again) starts.
+        let added = ractor::call!(sup, SupervisorMsg::Add, spec()).unwrap();
+        assert_eq!(added, Ok(()));
+        let again: ActorRef<Hang> = ractor::registry::where_is(name).unwrap().into();
+        again.cast(Hang).unwrap();
+        ractor::call!(sup, SupervisorMsg::Shutdown).unwrap();
+        assert!(ractor::registry::where_is(name).is_none());
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

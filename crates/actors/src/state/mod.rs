@@ -97,6 +97,10 @@ pub struct Claim {
     pub scope: String,
     pub pointer: Pointer,
     revision: u64,
+    /// Blobs whose pointer write had an unknown outcome (the store did not answer): the
+    /// pointer may name them, so they are never deleted blindly; each is deleted after
+    /// a later write of this claim succeeds without naming it.
+    uncertain: Vec<String>,
 }
 
 impl Claim {
@@ -109,7 +113,21 @@ impl Claim {
     pub fn revision(&self) -> u64 {
         self.revision
     }
+    /// Blobs written under an unknown outcome and not yet resolved.
+    pub fn uncertain(&self) -> &[String] {
+        &self.uncertain
+    }
 }
+
+/// A change of a scope's pointer, applied to the pointer the writer holds (or, after an
+/// own write of unknown outcome turned out committed, to that one). `None`: the change
+/// does not apply to that pointer.
+pub type PointerChange<'a> = &'a (dyn Fn(&Pointer) -> Option<Pointer> + Send + Sync);
+
+/// Why a delta was not appended: an earlier write of this claim whose answer was lost
+/// committed after all, so the delta chain is not the one the writer continued.
+pub const DELTA_CHAIN_MOVED: &str =
+    "an earlier checkpoint write of unknown outcome was committed; the next checkpoint must be a full one";
 
 /// A scope's checkpoint as stored: the pointer, the base's bytes and the deltas' bytes
 /// in order.
@@ -264,42 +282,105 @@ pub trait StateStore: Send + Sync + 'static {
             scope: scope.to_string(),
             pointer,
             revision,
+            uncertain: Vec::new(),
         })
     }
 
-    /// Writes `next` as the scope's pointer if `claim` still holds it; on success the
-    /// claim carries the new pointer and revision, otherwise [`StateError::Fenced`].
-    async fn fenced_write(&self, claim: &mut Claim, mut next: Pointer) -> Result<(), StateError> {
-        next.format = POINTER_FORMAT;
-        next.written_ms = now_ms();
+    /// Changes the scope's pointer if `claim` still holds it: `change` applied to the
+    /// pointer the claim holds, written by compare-and-set. On success the claim carries
+    /// the new pointer and revision, and the pointer it replaced is returned.
+    ///
+    /// A compare-and-set whose answer was lost may have been written: the next write then
+    /// finds a newer revision. The pointer is read again (from the store's leader), and
+    /// if it carries this claim's owner and epoch it is this claim's own write (nobody
+    /// else writes under them): it is adopted and `change` is applied to it. Any other
+    /// owner or epoch is [`StateError::Fenced`]. An unanswered write is
+    /// [`StateError::Unavailable`]: its outcome is unknown.
+    async fn fenced_update(
+        &self,
+        claim: &mut Claim,
+        change: PointerChange<'_>,
+    ) -> Result<Pointer, StateError> {
         let key = pointer_key(&claim.scope);
-        match self
-            .compare_and_set(&key, encode_pointer(&next), Some(claim.revision))
-            .await
-        {
-            Ok(rev) => {
-                claim.pointer = next;
-                claim.revision = rev;
-                Ok(())
+        for _ in 0..4 {
+            let Some(mut next) = change(&claim.pointer) else {
+                return Err(StateError::Unavailable(DELTA_CHAIN_MOVED.to_string()));
+            };
+            next.format = POINTER_FORMAT;
+            next.written_ms = now_ms();
+            match self
+                .compare_and_set(&key, encode_pointer(&next), Some(claim.revision))
+                .await
+            {
+                Ok(rev) => {
+                    let prev = std::mem::replace(&mut claim.pointer, next);
+                    claim.revision = rev;
+                    return Ok(prev);
+                }
+                Err(StateError::Conflict { .. }) => match self.pointer(&claim.scope).await? {
+                    Some((p, rev))
+                        if p.owner == claim.pointer.owner && p.epoch == claim.pointer.epoch =>
+                    {
+                        if rev <= claim.revision {
+                            return Err(StateError::Unavailable(format!(
+                                "pointer of scope {} read at revision {rev}, not newer than this owner's {}",
+                                claim.scope, claim.revision
+                            )));
+                        }
+                        tracing::info!(scope = %claim.scope, revision = rev, "an own pointer write of unknown outcome was committed; adopted");
+                        claim.pointer = p;
+                        claim.revision = rev;
+                    }
+                    Some((p, _)) => {
+                        return Err(StateError::Fenced {
+                            scope: claim.scope.clone(),
+                            owner: p.owner,
+                            epoch: p.epoch,
+                        })
+                    }
+                    None => {
+                        return Err(StateError::Fenced {
+                            scope: claim.scope.clone(),
+                            owner: "nobody (the pointer was deleted)".to_string(),
+                            epoch: 0,
+                        })
+                    }
+                },
+                Err(e) => return Err(e),
             }
-            Err(StateError::Conflict { .. }) => {
-                let (owner, epoch) = match self.pointer(&claim.scope).await {
-                    Ok(Some((p, _))) => (p.owner, p.epoch),
-                    _ => ("an unknown owner".to_string(), 0),
-                };
-                Err(StateError::Fenced {
-                    scope: claim.scope.clone(),
-                    owner,
-                    epoch,
-                })
+        }
+        Err(StateError::Unavailable(format!(
+            "pointer of scope {} kept changing under this owner",
+            claim.scope
+        )))
+    }
+
+    /// Deletes the blobs this claim wrote under an unknown outcome that its pointer does
+    /// not name (called after a successful pointer write).
+    async fn resolve_uncertain(&self, claim: &mut Claim) {
+        let p = &claim.pointer;
+        let unnamed: Vec<String> = std::mem::take(&mut claim.uncertain)
+            .into_iter()
+            .filter(|b| {
+                p.base.as_ref() != Some(b) && !p.deltas.contains(b) && !p.dead_letters.contains(b)
+            })
+            .collect();
+        // A named one is the pointer's now: superseded and deleted like any other.
+        for b in unnamed {
+            if let Err(e) = self.delete_blob(&b).await {
+                tracing::warn!(blob = %b, error = %e, "blob of an unknown-outcome write not deleted");
             }
-            Err(e) => Err(e),
         }
     }
 
     /// Writes a checkpoint of the scope covering `positions`: the bytes to a fresh blob,
     /// then the pointer (fenced). A full checkpoint replaces the base and the deltas,
-    /// whose blobs are then deleted; a delta is appended to the list.
+    /// whose blobs are then deleted; a delta is appended to the list, and only to the
+    /// list the writer continued (see [`DELTA_CHAIN_MOVED`]).
+    ///
+    /// A blob is deleted only when no pointer can name it: after a refused write, or
+    /// once superseded. After an unknown outcome it is kept (the pointer may name it) and
+    /// deleted by a later successful write that does not name it.
     async fn checkpoint(
         &self,
         claim: &mut Claim,
@@ -309,31 +390,59 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<(), StateError> {
         let name = fresh_name("cp", claim);
         self.put_blob(&name, bytes).await?;
-        let mut next = claim.pointer.clone();
-        let superseded = match form {
-            Form::Full => {
-                let mut old: Vec<String> = next.base.take().into_iter().collect();
-                old.append(&mut next.deltas);
-                next.base = Some(name.clone());
-                old
+        let chain = (claim.pointer.base.clone(), claim.pointer.deltas.clone());
+        let change = |p: &Pointer| {
+            let mut next = p.clone();
+            match form {
+                Form::Full => {
+                    next.base = Some(name.clone());
+                    next.deltas.clear();
+                }
+                Form::Delta => {
+                    if (&p.base, &p.deltas) != (&chain.0, &chain.1) {
+                        return None;
+                    }
+                    next.deltas.push(name.clone());
+                }
             }
-            Form::Delta => {
-                next.deltas.push(name.clone());
-                Vec::new()
-            }
+            next.positions = positions.clone();
+            Some(next)
         };
-        next.positions = positions;
-        if let Err(e) = self.fenced_write(claim, next).await {
-            // Never referenced: nobody reads it.
-            self.delete_blob(&name).await.discard();
-            return Err(e);
-        }
-        for old in superseded {
-            if let Err(e) = self.delete_blob(&old).await {
-                tracing::warn!(blob = %old, error = %e, "superseded checkpoint blob not deleted");
+        match self.fenced_update(claim, &change).await {
+            Ok(prev) => {
+                if form == Form::Full {
+                    let superseded = prev.base.into_iter().chain(prev.deltas);
+                    for old in superseded {
+                        if let Err(e) = self.delete_blob(&old).await {
+                            tracing::warn!(blob = %old, error = %e, "superseded checkpoint blob not deleted");
+                        }
+                    }
+                }
+                self.resolve_uncertain(claim).await;
+                Ok(())
+            }
+            Err(StateError::Unavailable(why)) if why == DELTA_CHAIN_MOVED => {
+                // Refused before any write: nobody names it.
+                self.delete_blob(&name).await.discard();
+                Err(StateError::Unavailable(why))
+            }
+            Err(e @ StateError::Unavailable(_)) => {
+                // The pointer may now name the new blob, or still the ones a full
+                // checkpoint would have replaced: all are kept until a later write says.
+                claim.uncertain.push(name);
+                if form == Form::Full {
+                    let p = &claim.pointer;
+                    let old: Vec<String> = p.base.iter().chain(&p.deltas).cloned().collect();
+                    claim.uncertain.extend(old);
+                }
+                Err(e)
+            }
+            Err(e) => {
+                // A definite refusal: never referenced, nobody reads it.
+                self.delete_blob(&name).await.discard();
+                Err(e)
             }
         }
-        Ok(())
     }
 
     /// The scope's checkpoint: its pointer and the bytes of the base and every delta.
@@ -392,23 +501,26 @@ pub trait StateStore: Send + Sync + 'static {
         stream: u32,
         offset: u64,
     ) -> Result<u32, StateError> {
-        let mut next = claim.pointer.clone();
-        let n = match next
-            .failures
-            .iter_mut()
-            .find(|(s, o, _)| (*s, *o) == (stream, offset))
-        {
-            Some(f) => {
-                f.2 += 1;
-                f.2
+        let change = |p: &Pointer| {
+            let mut next = p.clone();
+            match next
+                .failures
+                .iter_mut()
+                .find(|(s, o, _)| (*s, *o) == (stream, offset))
+            {
+                Some(f) => f.2 += 1,
+                None => next.failures.push((stream, offset, 1)),
             }
-            None => {
-                next.failures.push((stream, offset, 1));
-                1
-            }
+            Some(next)
         };
-        self.fenced_write(claim, next).await?;
-        Ok(n)
+        self.fenced_update(claim, &change).await?;
+        self.resolve_uncertain(claim).await;
+        Ok(claim
+            .pointer
+            .failures
+            .iter()
+            .find(|(s, o, _)| (*s, *o) == (stream, offset))
+            .map_or(0, |f| f.2))
     }
 
     /// Moves record `stream/offset` to the scope's dead letters with `doc` (fenced): the
@@ -420,17 +532,37 @@ pub trait StateStore: Send + Sync + 'static {
         offset: u64,
         doc: Vec<u8>,
     ) -> Result<(), StateError> {
-        let name = fresh_name("dead", claim);
+        // The record is named in the blob's name, so a dead letter whose answer was lost
+        // is recognised when the owner tries again (one dead letter per record).
+        let tag = format!("@{stream}-{offset}");
+        let name = format!("{}{tag}", fresh_name("dead", claim));
         self.put_blob(&name, doc).await?;
-        let mut next = claim.pointer.clone();
-        next.failures
-            .retain(|&(s, o, _)| (s, o) != (stream, offset));
-        next.dead_letters.push(name.clone());
-        if let Err(e) = self.fenced_write(claim, next).await {
-            self.delete_blob(&name).await.discard();
-            return Err(e);
+        let change = |p: &Pointer| {
+            let mut next = p.clone();
+            next.failures
+                .retain(|&(s, o, _)| (s, o) != (stream, offset));
+            if !next.dead_letters.iter().any(|d| d.ends_with(&tag)) {
+                next.dead_letters.push(name.clone());
+            }
+            Some(next)
+        };
+        match self.fenced_update(claim, &change).await {
+            Ok(_) => {
+                if !claim.pointer.dead_letters.contains(&name) {
+                    self.delete_blob(&name).await.discard();
+                }
+                self.resolve_uncertain(claim).await;
+                Ok(())
+            }
+            Err(e @ StateError::Unavailable(_)) => {
+                claim.uncertain.push(name);
+                Err(e)
+            }
+            Err(e) => {
+                self.delete_blob(&name).await.discard();
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Every scope's dead letters, in scope order then the order they were written.
@@ -467,5 +599,187 @@ pub trait StateStore: Send + Sync + 'static {
             },
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A state store whose next `lose` compare-and-sets are committed but answered as
+    /// unreachable (a leader election that times the answer out after the write).
+    struct LosingAnswers {
+        inner: embedded::EmbeddedState,
+        lose: AtomicU32,
+    }
+
+    #[async_trait]
+    impl StateStore for LosingAnswers {
+        fn backend(&self) -> &'static str {
+            "test"
+        }
+        async fn get(&self, key: &str) -> Result<Option<Versioned>, StateError> {
+            self.inner.get(key).await
+        }
+        async fn compare_and_set(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            expected: Option<u64>,
+        ) -> Result<u64, StateError> {
+            let r = self.inner.compare_and_set(key, value, expected).await;
+            let armed = self
+                .lose
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            match r {
+                Ok(_) if armed => Err(StateError::Unavailable("answer lost".into())),
+                r => r,
+            }
+        }
+        async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StateError> {
+            self.inner.put(key, value).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StateError> {
+            self.inner.delete(key).await
+        }
+        async fn keys(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+            self.inner.keys(prefix).await
+        }
+        async fn put_blob(&self, name: &str, bytes: Vec<u8>) -> Result<(), StateError> {
+            self.inner.put_blob(name, bytes).await
+        }
+        async fn get_blob(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
+            self.inner.get_blob(name).await
+        }
+        async fn delete_blob(&self, name: &str) -> Result<(), StateError> {
+            self.inner.delete_blob(name).await
+        }
+        async fn blob_names(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+            self.inner.blob_names(prefix).await
+        }
+    }
+
+    fn losing(dir: &std::path::Path) -> LosingAnswers {
+        let (store, _) = crate::store::Store::open(&dir.join("s.redb")).unwrap();
+        LosingAnswers {
+            inner: embedded::EmbeddedState::new(store),
+            lose: AtomicU32::new(0),
+        }
+    }
+
+    async fn base_of(s: &LosingAnswers, scope: &str) -> Vec<u8> {
+        s.load(scope).await.unwrap().unwrap().base.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_committed_without_an_answer_is_adopted_not_fenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = losing(dir.path());
+        let mut claim = s.claim("p-0", "me#1").await.unwrap();
+        s.checkpoint(&mut claim, Form::Full, b"one".to_vec(), vec![(0, 1)])
+            .await
+            .unwrap();
+        // Written, but the answer is lost: the blob the pointer now names must survive.
+        s.lose.store(1, Ordering::SeqCst);
+        let err = s
+            .checkpoint(&mut claim, Form::Full, b"two".to_vec(), vec![(0, 2)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StateError::Unavailable(_)), "{err}");
+        assert_eq!(
+            claim.uncertain().len(),
+            2,
+            "the new blob and the base it replaced"
+        );
+        assert_eq!(base_of(&s, "p-0").await, b"two", "the load works");
+        // The owner's next checkpoint adopts its own write and goes on (not fenced).
+        s.checkpoint(&mut claim, Form::Full, b"three".to_vec(), vec![(0, 3)])
+            .await
+            .unwrap();
+        let loaded = s.load("p-0").await.unwrap().unwrap();
+        assert_eq!(loaded.base.as_deref(), Some(&b"three"[..]));
+        assert_eq!(loaded.pointer.positions, vec![(0, 3)]);
+        assert!(claim.uncertain().is_empty());
+        // Nothing is left behind: one blob, the one the pointer names.
+        assert_eq!(s.blob_names("cp/p-0/").await.unwrap().len(), 1);
+        // Failure counts and dead letters go on as well.
+        s.lose.store(1, Ordering::SeqCst);
+        assert!(s.count_failure(&mut claim, 0, 9).await.is_err());
+        assert_eq!(s.count_failure(&mut claim, 0, 9).await.unwrap(), 2);
+        s.lose.store(1, Ordering::SeqCst);
+        assert!(s
+            .dead_letter(&mut claim, 0, 9, b"doc".to_vec())
+            .await
+            .is_err());
+        s.dead_letter(&mut claim, 0, 9, b"doc".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(s.dead_letters().await.unwrap().len(), 1, "one per record");
+        assert_eq!(s.blob_names("dead/").await.unwrap().len(), 1);
+        assert!(s
+            .pointer("p-0")
+            .await
+            .unwrap()
+            .unwrap()
+            .0
+            .failures
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_delta_after_an_unknown_outcome_asks_for_a_full_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = losing(dir.path());
+        let mut claim = s.claim("p-0", "me#1").await.unwrap();
+        s.checkpoint(&mut claim, Form::Full, b"base".to_vec(), vec![(0, 1)])
+            .await
+            .unwrap();
+        s.lose.store(1, Ordering::SeqCst);
+        assert!(s
+            .checkpoint(&mut claim, Form::Delta, b"d1".to_vec(), vec![(0, 2)])
+            .await
+            .is_err());
+        // d1 was written: the writer, not knowing it, would repeat its changes in the next
+        // delta. That delta is refused (never appended twice), nothing is deleted that the
+        // pointer names, and loads keep working.
+        let err = s
+            .checkpoint(&mut claim, Form::Delta, b"d1+d2".to_vec(), vec![(0, 3)])
+            .await
+            .unwrap_err();
+        assert_eq!(err, StateError::Unavailable(DELTA_CHAIN_MOVED.to_string()));
+        let loaded = s.load("p-0").await.unwrap().unwrap();
+        assert_eq!(loaded.deltas, vec![b"d1".to_vec()]);
+        // The full checkpoint that follows replaces the chain.
+        s.checkpoint(&mut claim, Form::Full, b"full".to_vec(), vec![(0, 3)])
+            .await
+            .unwrap();
+        let loaded = s.load("p-0").await.unwrap().unwrap();
+        assert_eq!(
+            (loaded.base.as_deref(), loaded.deltas.len()),
+            (Some(&b"full"[..]), 0)
+        );
+        assert_eq!(s.blob_names("cp/p-0/").await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn another_owner_still_fences() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = losing(dir.path());
+        let mut old = s.claim("p-0", "old#1").await.unwrap();
+        let _new = s.claim("p-0", "new#2").await.unwrap();
+        let err = s
+            .checkpoint(&mut old, Form::Full, b"x".to_vec(), vec![(0, 1)])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StateError::Fenced { ref owner, epoch: 2, .. } if owner == "new#2"),
+            "{err}"
+        );
+        assert!(
+            s.blob_names("cp/").await.unwrap().is_empty(),
+            "refused blob deleted"
+        );
     }
 }
