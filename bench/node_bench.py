@@ -190,48 +190,89 @@ def ingest(a):
 
 # ---------------------------------------------------------------- jetstream
 def nats_server():
-    return shutil.which("nats-server") or "/usr/sbin/nats-server"
+    return os.environ.get("TROUPE_NATS_SERVER") or shutil.which("nats-server") or "/usr/sbin/nats-server"
 
 
 def nats_version():
     return subprocess.run([nats_server(), "--version"], capture_output=True, text=True).stdout.strip()
 
 
+class NatsServers:
+    """`n` JetStream servers on free loopback ports (n > 1: one cluster, routes between
+    all), each from a config file with its store under `work`. `sync`: "always" (fsync
+    every write before acknowledging it, the recommended setting) or "interval" (the
+    release default: a flush every two minutes)."""
+
+    def __init__(self, work, n=1, sync="always"):
+        self.procs = []
+        self.ports = [(free_port(), free_port(), free_port()) for _ in range(n)]
+        routes = ", ".join(f'"nats-route://127.0.0.1:{r}"' for _, _, r in self.ports)
+        for i, (port, mon, route) in enumerate(self.ports):
+            d = os.path.join(work, f"nats{i}")
+            os.makedirs(d, exist_ok=True)
+            conf = os.path.join(d, "nats.conf")
+            js_sync = "sync_interval: always, " if sync == "always" else ""
+            cluster = f"cluster {{ name: bench, listen: 127.0.0.1:{route}, routes: [{routes}] }}\n" if n > 1 else ""
+            with open(conf, "w") as f:
+                f.write(f"server_name: s{i}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{mon}\n"
+                        f"jetstream {{ store_dir: \"{d}/store\", {js_sync}max_mem_store: 1GB, max_file_store: 20GB }}\n{cluster}")
+            log = open(os.path.join(d, "nats.log"), "w")
+            self.procs.append(subprocess.Popen([nats_server(), "-c", conf], stdout=subprocess.DEVNULL, stderr=log))
+        for port, mon, _ in self.ports:
+            for _ in range(6000):
+                try:
+                    c = http.client.HTTPConnection("127.0.0.1", mon, timeout=1)
+                    c.request("GET", "/healthz")
+                    if c.getresponse().status == 200:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.01)
+            else:
+                raise RuntimeError("nats-server did not start")
+        self.url = ",".join(f"nats://127.0.0.1:{p}" for p, _, _ in self.ports)
+
+    def kill(self):
+        for p in self.procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+
+
 def start_nats(work):
-    """A JetStream server on free loopback ports with its store under `work`."""
-    port, mon = free_port(), free_port()
-    log = open(os.path.join(work, "nats.log"), "w")
-    proc = subprocess.Popen([nats_server(), "-js", "-a", "127.0.0.1",
-                             "-p", str(port), "-m", str(mon), "-sd", os.path.join(work, "nats")],
-                            stdout=subprocess.DEVNULL, stderr=log)
-    for _ in range(3000):
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", mon, timeout=1)
-            c.request("GET", "/healthz")
-            if c.getresponse().status == 200:
-                return proc, f"nats://127.0.0.1:{port}"
-        except OSError:
-            pass
-        time.sleep(0.01)
-    raise RuntimeError("nats-server did not start")
+    """One JetStream server that fsyncs every write; returns (process list holder, url)."""
+    s = NatsServers(work)
+    return s, s.url
+
+
+def raw_rate(a, url, stream, batch, clients, replicas, atomic):
+    args = [a.publisher, url, stream, str(batch), str(clients), str(a.seconds)]
+    if atomic:
+        args.append("atomic")
+    # The publisher creates its stream as the node lays it out (atomic batches allowed).
+    env = dict(os.environ, TROUPE_BENCH_REPLICAS=str(replicas))
+    out = subprocess.run(args, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])["rate"]
 
 
 def jetstream(a):
-    """Ingest on the JetStream backend vs the engine's own ceiling (a raw async-nats loop
-    publishing the same records to the same stream layout: `jetstream_publish`) and vs
-    the embedded backend, at batch 1, 100, 1000."""
+    """Ingest on the JetStream backend vs the engine's own ceiling on the same servers (a
+    raw async-nats loop publishing the same records to the same stream layout:
+    `jetstream_publish`, one by one and in atomic batches) and vs the embedded backend, at
+    batch 1, 100, 1000. `--servers 3` runs three servers with replicas 3; `--sync`
+    chooses the servers' fsync setting."""
     work = tempfile.mkdtemp(prefix="troupe-js-", dir=a.dir)
-    srv, url = start_nats(work)
+    srv = NatsServers(work, a.servers, a.sync)
+    url = srv.url
+    replicas = 3 if a.servers > 1 else 1
     base = "[journal]\npartitions = 8\n[als]\nmin_interactions = 1000000000\n"
     rows = []
     try:
         for batch, clients in ((1, 16), (100, 8), (1000, 4)):
-            out = subprocess.run([a.publisher, url, f"raw{batch}", str(batch), str(clients), str(a.seconds)],
-                                 check=True, capture_output=True, text=True).stdout
-            raw = json.loads(out.strip().splitlines()[-1])["rate"]
+            raw = raw_rate(a, url, f"raw{batch}", batch, clients, replicas, False)
+            raw_atomic = raw_rate(a, url, f"rawa{batch}", batch, clients, replicas, True) if batch > 1 else raw
             d = os.path.join(work, f"js{batch}")
             os.makedirs(d)
-            node = Node(a.troupe, d, base + f'[log]\nbackend = "jetstream"\n[log.jetstream]\nurl = "{url}"\nstream = "node{batch}"\n')
+            node = Node(a.troupe, d, base + f'[log]\nbackend = "jetstream"\n[log.jetstream]\nurl = "{url}"\nstream = "node{batch}"\nreplicas = {replicas}\n')
             node.start()
             js_rate, js_lag = measure_ingest(node, batch, clients, a.seconds)
             node.stop()
@@ -241,15 +282,16 @@ def jetstream(a):
             node.start()
             emb_rate, _ = measure_ingest(node, batch, clients, a.seconds)
             node.stop()
-            rows.append((batch, clients, raw, js_rate, js_rate / raw, js_lag, emb_rate))
+            rows.append((batch, clients, raw, raw_atomic, js_rate, js_lag, emb_rate))
     finally:
-        srv.send_signal(signal.SIGKILL)
-        srv.wait()
+        srv.kill()
     ver = nats_version()
-    print(f"JetStream ingest ({ver}, one R1 stream, file storage); {a.seconds:.0f} s per row; raw = jetstream_publish, one connection")
-    print(f"{'batch':>6} {'clients':>7} {'raw ev/s':>10} {'troupe js ev/s':>15} {'ratio':>6} {'apply lag s':>11} {'troupe embedded ev/s':>21}")
-    for b, c, raw, r, ratio, lag, emb in rows:
-        print(f"{b:>6} {c:>7} {raw:>10.0f} {r:>15.0f} {ratio:>6.2f} {lag:>11.2f} {emb:>21.0f}")
+    print(f"JetStream ingest ({ver}, {a.servers} server(s), replicas {replicas}, sync {a.sync}, file storage); "
+          f"{a.seconds:.0f} s per row; raw = jetstream_publish (one connection): one by one / atomic batches")
+    print(f"{'batch':>6} {'clients':>7} {'raw ev/s':>10} {'raw atomic':>11} {'troupe js ev/s':>15} {'js/raw atomic':>13} "
+          f"{'apply lag s':>11} {'troupe embedded ev/s':>21} {'js/embedded':>11}")
+    for b, c, raw, rawa, r, lag, emb in rows:
+        print(f"{b:>6} {c:>7} {raw:>10.0f} {rawa:>11.0f} {r:>15.0f} {r / rawa:>13.2f} {lag:>11.2f} {emb:>21.0f} {r / emb:>11.2f}")
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -310,8 +352,7 @@ def rebuild(a):
         uf = [x["state"] for x in c["actors"] if x["name"] == "user_features-0"][0]
         second.stop()
     finally:
-        srv.send_signal(signal.SIGKILL)
-        srv.wait()
+        srv.kill()
     ver = nats_version()
     print(f"rebuild of one partition on an empty data dir from JetStream ({ver}, R1):")
     print(f"  checkpoint: {a.base} events; replayed after it: {uf['replayed_on_start']} (loaded at {a.replay / load_s:.0f} ev/s)")
@@ -704,8 +745,7 @@ def cluster(a):
                   f" ingest (batch 1000, 4 clients) three nodes {i3:.0f} ev/s vs one node {i1:.0f} ev/s (ratio {i3 / i1:.2f});"
                   f" recommendations (8 clients, k=10) three nodes {s3:.0f} req/s vs one node {s1:.0f} req/s (ratio {s3 / s1:.2f})")
     finally:
-        srv.send_signal(signal.SIGKILL)
-        srv.wait()
+        srv.kill()
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -786,6 +826,9 @@ def main():
     p.add_argument("--items", type=int, nargs="+", default=[10000, 100000])
     p.add_argument("--conns", type=int, default=32)
     p.add_argument("--throughput", action="store_true", help="cluster: also ingest and serving of three nodes vs one")
+    p.add_argument("--servers", type=int, choices=[1, 3], default=1, help="jetstream: one server, or three with replicas 3")
+    p.add_argument("--sync", choices=["always", "interval"], default="always",
+                   help="jetstream: the servers fsync every write (always) or flush every two minutes (interval)")
     a = p.parse_args()
     a.troupe = os.path.abspath(a.troupe)
     a.publisher = os.path.abspath(a.publisher)

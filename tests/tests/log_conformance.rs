@@ -182,6 +182,7 @@ conformance!(
     snapshots_of_8_mib_and_more_round_trip,
     constants_are_stored_once,
     cache_entries_are_shared_and_namespaced,
+    large_concurrent_appends_land_where_their_positions_say,
 );
 
 /// An event of `user` on `item`; its key is derived from its id.
@@ -282,6 +283,76 @@ async fn appends_acknowledge_positions_and_drop_duplicates(b: &Backend) {
         b.name
     );
     assert_eq!(b.log.append(Vec::new()).await.unwrap(), Vec::new());
+}
+
+/// Appends bigger than one server batch (1,000), several at once from two nodes, over
+/// every partition: each position names the record it was given for, and a retry of a
+/// whole request answers every original position as a duplicate.
+async fn large_concurrent_appends_land_where_their_positions_say(b: &Backend) {
+    let users: Vec<String> = (0..PARTITIONS).map(user_in).collect();
+    let request = |tag: usize| -> Vec<AppendEntry> {
+        (0..2_500)
+            .map(|i| {
+                event(
+                    &users[i % users.len()],
+                    &format!("r{tag}-{i}"),
+                    &format!("id-{tag}-{i}"),
+                )
+            })
+            .collect()
+    };
+    let sent: Vec<Vec<AppendEntry>> = (0..4).map(request).collect();
+    let appends = sent.iter().enumerate().map(|(i, entries)| {
+        let log = if i % 2 == 0 { &b.log } else { &b.other_log };
+        log.append(entries.clone())
+    });
+    let results = futures_util::future::join_all(appends).await;
+    let mut at: std::collections::HashMap<(u32, u64), String> = Default::default();
+    for (entries, r) in sent.iter().zip(results) {
+        let positions = r.unwrap_or_else(|e| panic!("{}: {e}", b.name));
+        assert_eq!(positions.len(), entries.len());
+        for (e, p) in entries.iter().zip(&positions) {
+            assert!(!p.duplicate, "{}", b.name);
+            assert_eq!(p.stream, e.stream);
+            let Payload::Event(ev) = &e.payload else {
+                unreachable!()
+            };
+            let clash = at.insert((p.stream, p.offset), ev.item.clone());
+            assert!(clash.is_none(), "{}: two records at one position", b.name);
+        }
+    }
+    for p in 0..PARTITIONS {
+        let mut after = 0;
+        loop {
+            let read = b.log.read(p, after, u64::MAX, 4096).await.unwrap();
+            let Some(last) = read.records.last().map(|r| r.offset) else {
+                break;
+            };
+            for r in &read.records {
+                let Payload::Event(ev) = &r.payload else {
+                    continue;
+                };
+                if let Some(item) = at.remove(&(p, r.offset)) {
+                    assert_eq!(item, ev.item, "{}: position {p}/{}", b.name, r.offset);
+                }
+            }
+            after = last;
+        }
+    }
+    assert!(
+        at.is_empty(),
+        "{}: {} positions hold no record",
+        b.name,
+        at.len()
+    );
+    // The whole first request again: every entry a duplicate at its first position.
+    let first = b.log.append(sent[0].clone()).await.unwrap();
+    let again = b.other_log.append(sent[0].clone()).await.unwrap();
+    assert!(again.iter().all(|p| p.duplicate), "{}", b.name);
+    assert_eq!(
+        again.iter().map(|p| p.offset).collect::<Vec<_>>(),
+        first.iter().map(|p| p.offset).collect::<Vec<_>>()
+    );
 }
 
 async fn reads_follow_sparse_offsets_with_limits_across_batches(b: &Backend) {

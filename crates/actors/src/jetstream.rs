@@ -202,6 +202,8 @@ pub struct JetStream {
     /// What the servers' monitoring endpoints said about durability (`sync_interval`),
     /// when the node could ask them (see [`SyncCheck`]).
     pub sync: SharedSync,
+    /// When this connection was made (ns since the epoch): part of batch ids.
+    started_ns: u128,
 }
 
 /// The last [`SyncCheck`], shared with the task that refreshes it.
@@ -271,6 +273,21 @@ impl SyncCheck {
 /// in this project's own fault runs; atomic batch publish (durable ingest at batch rates)
 /// arrived in 2.12. 2.12.1 is the release Jepsen analysed.
 pub const REPLICATED_FLOOR: (u32, u32, u32) = (2, 12, 1);
+
+/// The first release that takes atomic batch publishes.
+pub const ATOMIC_SINCE: (u32, u32, u32) = (2, 12, 0);
+
+/// Most messages in one atomic batch (the server's default limit, `max_batch_size`).
+const ATOMIC_BATCH_MAX: usize = 1000;
+
+/// Atomic batches this node has open at once (the server allows 50 per stream over all
+/// its clients by default; beyond it a batch is refused and published one by one).
+const ATOMIC_BATCHES_IN_FLIGHT: usize = 8;
+
+/// Server error codes an atomic batch's commit can answer with.
+const ERR_ATOMIC_DISABLED: u64 = 10174;
+const ERR_ATOMIC_DUPLICATE: u64 = 10201;
+const ERR_ATOMIC_TOO_MANY: u64 = 10210;
 
 /// Parses a server version (`2.15.1`, `2.12.0-RC.3`).
 pub fn parse_version(v: &str) -> Option<(u32, u32, u32)> {
@@ -401,6 +418,7 @@ impl JetStream {
             .max_ack_inflight(config.max_in_flight)
             .backpressure_on_inflight(true)
             .build(client.clone());
+        let atomic = parse_version(&version).is_some_and(|v| v >= ATOMIC_SINCE);
         let (stream, kv, cache, blobs) = retry_until(
             "creating or checking the stream and buckets",
             deadline,
@@ -408,7 +426,7 @@ impl JetStream {
             || {
                 let (js, config) = (js.clone(), config.clone());
                 async move {
-                    let stream = ensure_stream(&js, &config).await?;
+                    let stream = ensure_stream(&js, &config, atomic).await?;
                     let kv = ensure_kv(&js, &config, &config.kv_bucket(), false).await?;
                     let cache = ensure_kv(&js, &config, &config.cache_bucket(), true).await?;
                     let blobs = ensure_blobs(&js, &config).await?;
@@ -426,6 +444,9 @@ impl JetStream {
             cache,
             blobs,
             sync: Default::default(),
+            started_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
         })
     }
 
@@ -471,9 +492,12 @@ impl JetStream {
     }
 }
 
+/// The event stream, created or checked; `atomic`: the server takes atomic batches
+/// (2.12+), which are then enabled on the stream (an existing stream is switched).
 async fn ensure_stream(
     js: &jetstream::Context,
     c: &JetStreamConfig,
+    atomic: bool,
 ) -> Result<stream::Stream, StartError> {
     let want = stream::Config {
         name: c.stream.clone(),
@@ -484,6 +508,7 @@ async fn ensure_stream(
         max_age: c.max_age,
         max_bytes: c.max_bytes,
         allow_direct: true,
+        allow_atomic_publish: atomic,
         discard: stream::DiscardPolicy::Old,
         ..Default::default()
     };
@@ -509,6 +534,16 @@ async fn ensure_stream(
             have.duplicate_window.as_secs(),
             have.max_age.as_secs()
         )));
+    }
+    if atomic && !have.allow_atomic_publish {
+        let mut cfg = have.clone();
+        cfg.allow_atomic_publish = true;
+        s = js
+            .update_stream(cfg)
+            .await
+            .map_err(|e| unavailable(&format!("stream {}: allowing atomic batches", c.stream), e))
+            .map(|_| s)?;
+        tracing::info!(stream = %c.stream, "atomic batch publish enabled on the stream");
     }
     Ok(s)
 }
@@ -606,6 +641,14 @@ fn publish_error(err: jetstream::context::PublishError) -> LogError {
     }
 }
 
+/// The JetStream error code of a refused publish, if the server gave one.
+fn server_code(err: &jetstream::context::PublishError) -> Option<u64> {
+    let source = std::error::Error::source(err)?;
+    source
+        .downcast_ref::<jetstream::Error>()
+        .map(|e| e.error_code().0)
+}
+
 /// The hex form of an idempotency key (`Nats-Msg-Id`).
 fn msg_id(key: u128) -> String {
     format!("{key:032x}")
@@ -616,6 +659,9 @@ pub struct JetStreamLog {
     js: JetStream,
     heads: Arc<Heads>,
     tail: Arc<Tail>,
+    /// Appends go in atomic batches (the stream allows them).
+    atomic: std::sync::atomic::AtomicBool,
+    batches: tokio::sync::Semaphore,
     follower: Option<tokio::task::JoinHandle<()>>,
     watchdog: Option<tokio::task::JoinHandle<()>>,
     /// Truncation marks as last read from the server.
@@ -644,16 +690,15 @@ impl JetStreamLog {
         tail: Arc<Tail>,
     ) -> Result<JetStreamLog, String> {
         let mut s = js.stream.clone();
-        let last = s
-            .info()
-            .await
-            .map_err(|e| unavailable("stream info", e))?
-            .state
-            .last_sequence;
+        let info = s.info().await.map_err(|e| unavailable("stream info", e))?;
+        let last = info.state.last_sequence;
+        let atomic = info.config.allow_atomic_publish;
         let mut log = JetStreamLog {
             js,
             heads,
             tail,
+            atomic: std::sync::atomic::AtomicBool::new(atomic),
+            batches: tokio::sync::Semaphore::new(ATOMIC_BATCHES_IN_FLIGHT),
             follower: None,
             watchdog: None,
             marks: Default::default(),
@@ -676,6 +721,113 @@ impl JetStreamLog {
         )));
         log.watchdog = Some(tokio::spawn(watch_heads(log.js.clone(), log.heads.clone())));
         Ok(log)
+    }
+
+    /// Publishes `entries` (no key twice): in atomic batches of up to 1,000 when the
+    /// stream allows them, all batches in flight together, otherwise one by one
+    /// (pipelined). One position per entry.
+    async fn publish(&self, entries: &[&AppendEntry]) -> Result<Vec<Position>, LogError> {
+        use std::sync::atomic::Ordering;
+        if entries.len() < 2 || !self.atomic.load(Ordering::Relaxed) {
+            return self.publish_pipelined(entries).await;
+        }
+        let batches = entries
+            .chunks(ATOMIC_BATCH_MAX)
+            .map(|chunk| self.publish_atomic(chunk));
+        let mut out = Vec::with_capacity(entries.len());
+        for r in futures_util::future::join_all(batches).await {
+            out.extend(r?);
+        }
+        Ok(out)
+    }
+
+    /// One atomic batch: every message but the last published without an
+    /// acknowledgement, the last one commits the batch and is acknowledged with the
+    /// batch's last sequence; the server stores a batch whole and contiguously, so entry
+    /// `i` of `n` lands at `last - n + 1 + i`. A batch holding an id the server has
+    /// already stored (a retry) is refused whole: it is then published one by one, which
+    /// answers each duplicate with its original position. The server writes a committed
+    /// batch with one fsync, which is what makes `sync_interval: always` affordable.
+    async fn publish_atomic(&self, chunk: &[&AppendEntry]) -> Result<Vec<Position>, LogError> {
+        use async_nats::header::{self, HeaderMap};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static BATCH: AtomicU64 = AtomicU64::new(0);
+        let cfg = &self.js.config;
+        let _permit = self
+            .batches
+            .acquire()
+            .await
+            .map_err(|e| LogError::Failed(e.to_string()))?;
+        let id = format!(
+            "{}-{:x}-{:x}",
+            std::process::id(),
+            self.js.started_ns,
+            BATCH.fetch_add(1, Ordering::Relaxed)
+        );
+        let n = chunk.len();
+        let mut commit = None;
+        for (i, e) in chunk.iter().enumerate() {
+            let mut h = HeaderMap::new();
+            h.insert(header::NATS_BATCH_ID, id.as_str());
+            h.insert(header::NATS_BATCH_SEQUENCE, (i + 1).to_string().as_str());
+            if e.key != 0 {
+                h.insert(header::NATS_MESSAGE_ID, msg_id(e.key).as_str());
+            }
+            let payload = Bytes::from(record::encode(&e.payload));
+            if i + 1 < n {
+                self.js
+                    .client
+                    .publish_with_headers(cfg.subject(e.stream), h, payload)
+                    .await
+                    .map_err(|err| LogError::Unavailable(unavailable("publish", err)))?;
+            } else {
+                h.insert(header::NATS_BATCH_COMMIT, "1");
+                let msg = jetstream::message::PublishMessage::build()
+                    .payload(payload)
+                    .headers(h);
+                commit = Some(
+                    self.js
+                        .js
+                        .send_publish(cfg.subject(e.stream), msg)
+                        .await
+                        .map_err(publish_error)?,
+                );
+            }
+        }
+        let Some(commit) = commit else {
+            return Ok(Vec::new());
+        };
+        match std::future::IntoFuture::into_future(commit).await {
+            Ok(ack) => {
+                if ack.batch_size.is_some_and(|c| c != n as u64) || ack.sequence < n as u64 {
+                    return Err(LogError::Failed(format!(
+                        "atomic batch of {n} acknowledged with count {:?} at sequence {}",
+                        ack.batch_size, ack.sequence
+                    )));
+                }
+                let first = ack.sequence + 1 - n as u64;
+                Ok(chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| Position {
+                        stream: e.stream,
+                        offset: first + i as u64,
+                        duplicate: false,
+                    })
+                    .collect())
+            }
+            Err(err) => match server_code(&err) {
+                Some(ERR_ATOMIC_DUPLICATE) | Some(ERR_ATOMIC_TOO_MANY) => {
+                    self.publish_pipelined(chunk).await
+                }
+                Some(ERR_ATOMIC_DISABLED) => {
+                    tracing::warn!("the stream refuses atomic batches; publishing one by one");
+                    self.atomic.store(false, Ordering::Relaxed);
+                    self.publish_pipelined(chunk).await
+                }
+                _ => Err(publish_error(err)),
+            },
+        }
     }
 
     /// Publishes every entry before awaiting any acknowledgement (the client bounds the
@@ -715,11 +867,18 @@ impl JetStreamLog {
         Ok(positions)
     }
 
+    /// The last offset of `stream`, asked of the stream's leader (a direct get may be
+    /// answered by a replica that lags, which would miss acknowledged records).
     async fn last_of(&self, stream: u32) -> Result<u64, LogError> {
         let subject = self.js.config.subject(stream);
-        match self.js.stream.direct_get_last_for_subject(subject).await {
+        match self
+            .js
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        {
             Ok(m) => Ok(m.sequence),
-            Err(e) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(0),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(0),
             Err(e) => Err(LogError::Unavailable(unavailable("last record", e))),
         }
     }
@@ -962,7 +1121,7 @@ impl Log for JetStreamLog {
                 (unique.len() - 1, false)
             })
             .collect();
-        let published = tokio::time::timeout(cfg.timeout, self.publish_pipelined(&unique))
+        let published = tokio::time::timeout(cfg.timeout, self.publish(&unique))
             .await
             .map_err(|_| {
                 LogError::Unavailable(format!(
