@@ -124,12 +124,30 @@ pub struct Node {
     extra_env: Vec<(String, String)>,
 }
 
-/// A free loopback port (bound then released; the node binds it right after).
+/// A free loopback port for a listener a test starts (bound then released; the process
+/// binds it right after). Chosen below the kernel's ephemeral range (32768 and up on
+/// Linux), so that no outgoing connection of the processes under test can take it in
+/// the meantime; each pick differs from the ones before in this process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id())
+    });
+    // A walk through 20000..32000 that visits every port once (7919 is prime and does
+    // not divide 12000).
+    for _ in 0..12_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(7919)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port found in 20000..32000")
 }
 
 /// Polls `cond` every 20 ms until it holds or `secs` pass.

@@ -362,10 +362,17 @@ impl NatsCluster {
         })
     }
 
-    /// True when every running server reports `stream` with a leader and every replica
-    /// current (the cluster is whole again after a restart).
+    /// True when `stream` has a leader that reports every other running server as a
+    /// current replica (the cluster is whole again after a restart). Only the leader's
+    /// report counts: a follower does not know how current the other followers are.
     pub fn stream_whole(&self, stream: &str) -> bool {
-        self.servers.iter().filter(|s| s.running()).all(|s| {
+        let running: Vec<&str> = self
+            .servers
+            .iter()
+            .filter(|s| s.running())
+            .map(|s| s.name.as_str())
+            .collect();
+        self.servers.iter().filter(|s| s.running()).any(|s| {
             let Some(body) = s.monitor("/jsz?streams=true") else {
                 return false;
             };
@@ -375,13 +382,15 @@ impl NatsCluster {
             accounts.iter().any(|a| {
                 a["stream_detail"].as_array().is_some_and(|ss| {
                     ss.iter().any(|x| {
+                        let c = &x["cluster"];
+                        let replicas = c["replicas"].as_array().cloned().unwrap_or_default();
                         x["name"] == stream
-                            && x["cluster"]["leader"]
-                                .as_str()
-                                .is_some_and(|l| !l.is_empty())
-                            && x["cluster"]["replicas"]
-                                .as_array()
-                                .is_some_and(|rs| rs.iter().all(|r| r["current"] == true))
+                            && c["leader"] == s.name
+                            && running.iter().filter(|n| **n != s.name).all(|n| {
+                                replicas
+                                    .iter()
+                                    .any(|r| r["name"] == *n && r["current"] == true)
+                            })
                     })
                 })
             })

@@ -31,6 +31,9 @@ struct Tuning {
     jetstream: String,
     lease_period_ms: u64,
     lease_renew_ms: u64,
+    /// Hold-down of a member after a lapse (short by default: most tests restart or
+    /// resume nodes and wait for them to get partitions back).
+    hold_down_ms: u64,
 }
 
 impl Default for Tuning {
@@ -39,6 +42,7 @@ impl Default for Tuning {
             jetstream: String::new(),
             lease_period_ms: 3000,
             lease_renew_ms: 500,
+            hold_down_ms: 1000,
         }
     }
 }
@@ -60,12 +64,14 @@ fn config(name: &str, dir: &std::path::Path, members: &[Member], nats: &str, t: 
 [log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"{nats}\"\n{}\
 [cluster]\nmembers = [{}]\nheartbeat_ms = 200\nheartbeat_misses = 3\nhandshake_timeout_ms = 2000\n\
 reconnect_max_ms = 1000\nlease_period_ms = {}\nlease_renew_ms = {}\nrebalance_interval_ms = 200\n\
-forward_timeout_ms = 3000\n",
+forward_timeout_ms = 3000\nmember_hold_down_ms = {}\nmember_hold_down_max_ms = {}\n",
         dir.join("data").display(),
         t.jetstream,
         list.join(", "),
         t.lease_period_ms,
         t.lease_renew_ms,
+        t.hold_down_ms,
+        t.hold_down_ms * 8,
     )
 }
 
@@ -78,6 +84,8 @@ struct Cluster {
     tuning: Tuning,
     /// Appended to every node's config (fault injection: sets TROUPE_ALLOW_FAULTS).
     extra: String,
+    /// Appended to one node's config (faults of that node only).
+    node_extra: Vec<(&'static str, String)>,
 }
 
 impl Cluster {
@@ -99,6 +107,7 @@ impl Cluster {
             nats,
             tuning,
             extra: String::new(),
+            node_extra: Vec::new(),
         }
     }
 
@@ -106,13 +115,19 @@ impl Cluster {
     fn launch(&mut self, name: &'static str, cookie: &str, view: &[Member], nats: &str) {
         let dir = self.root.path().join(name);
         let (_, _, http) = *self.members.iter().find(|m| m.0 == name).unwrap();
+        let own: String = self
+            .node_extra
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, e)| e.as_str())
+            .collect();
         let text = format!(
-            "{}{}",
+            "{}{}{own}",
             config(name, &dir, view, nats, &self.tuning),
             self.extra
         );
         let mut env = vec![("TROUPE_CLUSTER_COOKIE", cookie)];
-        if !self.extra.is_empty() {
+        if !self.extra.is_empty() || !own.is_empty() {
             env.push(("TROUPE_ALLOW_FAULTS", "1"));
         }
         self.nodes.push(Node::start_config(&dir, http, &text, &env));
@@ -423,7 +438,9 @@ fn cluster_wrong_cookie_is_refused_and_reported() {
         })
     });
     let view = try_cluster(c.node("c")).unwrap();
-    assert_eq!(view["joined"], false, "{view}");
+    if view["joined"] != false {
+        c.fail(&format!("c joined with a wrong cookie: {view}"));
+    }
     assert!(serving(c.node("c")).is_empty());
     assert!(all_served_by(&c, &["a", "b"]));
     assert!(owners(c.node("a")).iter().all(|o| o == "a" || o == "b"));
@@ -848,6 +865,46 @@ fn leases(n: &Node) -> Vec<(String, u64)> {
         .unwrap_or_default()
 }
 
+/// After a server came back: every replica of the log, the state bucket and the blob
+/// bucket current again, every partition served, new writes through each node acked and
+/// applied, and every lease renewed since (its time left refilled).
+fn assert_cluster_whole_again(c: &Cluster, n: usize, users: usize) {
+    c.wait(120, "every replica current again", || {
+        ["troupe", "KV_troupe_state", "OBJ_troupe_blobs"]
+            .iter()
+            .all(|s| c.nats.stream_whole(s))
+    });
+    c.wait(60, "every partition served", || all_served_by(c, &NAMES));
+    let mut more = Vec::new();
+    for (k, m) in NAMES.iter().enumerate() {
+        let row = n + k;
+        let body = format!(
+            r#"[{{"event_id":"after-{row}","user":"u{}","item":"it{row}","kind":"view"}}]"#,
+            row % users
+        );
+        let r = c.node(m).post("/v1/events", &body);
+        assert_eq!(r.status, 200, "{m}: {}", r.body);
+        more.push(format!("it{row}"));
+    }
+    let all: Vec<String> = (0..n).map(|i| format!("it{i}")).chain(more).collect();
+    assert_applied_once(c, "c", &all, users);
+    // A lease renewed within the last renewal interval has at least the lease period
+    // less two intervals left.
+    let fresh = c.tuning.lease_period_ms - 2 * c.tuning.lease_renew_ms;
+    c.wait(60, "every lease renewed recently", || {
+        NAMES.iter().all(|m| {
+            try_cluster(c.node(m)).is_some_and(|v| {
+                v["partitions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["state"] == "serving")
+                    .all(|p| p["lease_left_ms"].as_u64().unwrap_or(0) >= fresh)
+            })
+        })
+    });
+}
+
 /// Three nodes on a three-server JetStream cluster (R3 stream and buckets), with the
 /// default lease timing (15 s, renewed every 3 s): the server leading the lease bucket's
 /// stream is SIGKILLed while events stream in and queries run. The lease outlasts the
@@ -864,6 +921,7 @@ fn cluster_outlasts_a_jetstream_leader_election_without_moving_partitions() {
         jetstream: "replicas = 3\nrequest_timeout_ms = 5000\nconnect_timeout_ms = 60000\n".into(),
         lease_period_ms: 15_000,
         lease_renew_ms: 3_000,
+        ..Tuning::default()
     };
     let mut c = Cluster::on(nats, tuning);
     let (members, url) = (c.members.clone(), c.nats.urls());
@@ -897,6 +955,7 @@ fn cluster_outlasts_a_jetstream_leader_election_without_moving_partitions() {
     let leader = leader.unwrap();
     c.nats.servers[leader].kill9();
     let killed = Instant::now();
+    let mut restarted = false;
     // Through the election and one lease period after it: never two servers of a
     // partition, and no lease taken over.
     // The least lease time left seen on a serving partition: the election's margin.
@@ -922,7 +981,15 @@ fn cluster_outlasts_a_jetstream_leader_election_without_moving_partitions() {
         if killed.elapsed() > Duration::from_secs(180) {
             c.fail("the load did not finish within 180 s of the kill");
         }
+        // The killed server comes back on its store while the load goes on.
+        if !restarted && acked_rows(&acked_log).len() >= 2 * n / 3 {
+            c.nats.servers[leader].spawn();
+            restarted = true;
+        }
         std::thread::sleep(Duration::from_millis(100));
+    }
+    if !restarted {
+        c.nats.servers[leader].spawn();
     }
     let status = loader.wait().unwrap();
     assert!(status.success(), "loader failed: {status:?}");
@@ -941,9 +1008,10 @@ fn cluster_outlasts_a_jetstream_leader_election_without_moving_partitions() {
     let acked = acked_rows(&acked_log);
     assert_eq!(acked.len(), n);
     assert_applied_once(&c, "b", &acked, users);
+    assert_cluster_whole_again(&c, n, users);
     println!(
-        "R3 lease-bucket leader s{leader} SIGKILLed: no partition moved; least lease time left \
-         seen {:.1} s of 12 s; {ok} queries answered",
+        "R3 lease-bucket leader s{leader} SIGKILLed and restarted: no partition moved; least lease \
+         time left seen {:.1} s of 12 s; {ok} queries answered",
         least_left as f64 / 1000.0
     );
 }
@@ -1014,4 +1082,365 @@ fn cluster_simultaneous_start_with_its_servers_never_exits() {
             .map(|s| (s * 10.0).round() / 10.0)
             .collect::<Vec<_>>()
     );
+}
+
+/// `(child, restarts, generation)` of every child of supervisor `sup` as `n` reports it.
+fn children_of(n: &Node, sup: &str) -> Vec<(String, u64, u64)> {
+    try_cluster_full(n)
+        .and_then(|v| {
+            v["supervisors"]
+                .as_array()?
+                .iter()
+                .find(|s| s["name"] == sup)
+                .map(|s| {
+                    s["children"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| {
+                            (
+                                c["name"].as_str().unwrap_or("").to_string(),
+                                c["restarts"].as_u64().unwrap_or(0),
+                                c["generation"].as_u64().unwrap_or(0),
+                            )
+                        })
+                        .collect()
+                })
+        })
+        .unwrap_or_default()
+}
+
+/// The whole `/v1/cluster` document of `n`, if it answers.
+fn try_cluster_full(n: &Node) -> Option<Value> {
+    std::panic::catch_unwind(|| n.get("/v1/cluster"))
+        .ok()
+        .filter(|r| r.status == 200)
+        .map(|r| r.body)
+}
+
+/// Sum of the samples of the Prometheus metric `name` (exactly that name, any labels)
+/// whose labels contain `label`.
+fn metric_sum(n: &Node, name: &str, label: &str) -> f64 {
+    n.metrics()
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                && l.contains(label)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Watches every node's view for `secs`: fails when a partition's owner or epoch differs
+/// from `expected` in any view, or two nodes serve one partition at once.
+fn assert_leases_hold(c: &Cluster, expected: &[(String, u64)], secs: u64, why: &str) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < until {
+        let mut by: HashMap<u64, Vec<&str>> = HashMap::new();
+        for m in NAMES {
+            for p in serving(c.node(m)) {
+                by.entry(p).or_default().push(m);
+            }
+            let now = leases(c.node(m));
+            if !now.is_empty() && now != expected {
+                c.fail(&format!(
+                    "{why}: {m} sees the leases moved: before {expected:?}, now {now:?}"
+                ));
+            }
+        }
+        if let Some((p, who)) = by.iter().find(|(_, w)| w.len() > 1) {
+            c.fail(&format!("{why}: partition {p} served by {who:?} at once"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Renewals run on their own actor: node a's lease manager (claims, hand-overs, reads)
+/// stalls for more than twice the lease period, and a keeps every lease it holds: no
+/// partition changes owner or epoch in any view, and a serves its partitions all along.
+#[test]
+fn cluster_renewals_outlast_a_stalled_lease_manager() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::prepare() else {
+        return;
+    };
+    // About 20 s of rounds pass first (the cluster balances meanwhile).
+    c.node_extra.push((
+        "a",
+        "[[faults]]\ntarget = \"lease_manager\"\naction = \"stall\"\nstall_ms = 7000\nskip = 40\ntimes = 1\n"
+            .into(),
+    ));
+    let (members, url) = (c.members.clone(), c.nats.urls());
+    for n in NAMES {
+        c.launch(n, "test-cookie", &members, &url);
+    }
+    c.wait(60, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    let before = leases(c.node("a"));
+    let mine = serving(c.node("a"));
+    assert!(!mine.is_empty());
+    c.wait(60, "a's lease manager stalled", || {
+        c.node("a").log(1).contains("injected stall")
+    });
+    let stalled = Instant::now();
+    assert_leases_hold(&c, &before, 8, "while a's lease manager stalls");
+    assert_eq!(serving(c.node("a")), mine, "a stopped serving a partition");
+    assert!(
+        c.node("a").log(1).contains("injected stall")
+            && stalled.elapsed() >= Duration::from_secs(8)
+    );
+}
+
+/// A state store outage longer than the lease period: every owner stops answering
+/// (leases lapse), but keeps its partitions' actors; when the server is back, each lease
+/// is re-adopted at its last revision (nobody took it), so no partition changes owner or
+/// epoch, none is reloaded or replayed (no partition actor restarted, no scope claimed
+/// again), and every partition is answered again within a few renewals.
+#[test]
+fn cluster_store_outage_longer_than_a_lease_moves_and_reloads_nothing() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::balanced_three() else {
+        return;
+    };
+    for i in 0..30 {
+        let body = format!(r#"[{{"event_id":"o{i}","user":"u{i}","item":"it{i}","kind":"view"}}]"#);
+        assert_eq!(c.node("a").post("/v1/events", &body).status, 200);
+    }
+    c.wait(30, "the events applied", || {
+        applied_items(c.node("b"), 30).is_some_and(|m| m.len() >= 30)
+    });
+    let before = leases(c.node("a"));
+    let claims = |n: &Node| -> Vec<(String, u64)> {
+        try_cluster_full(n)
+            .map(|v| {
+                v["state"]["claims"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|x| {
+                        (
+                            x["scope"].as_str().unwrap_or("").to_string(),
+                            x["epoch"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let claims_before: Vec<_> = NAMES.iter().map(|m| claims(c.node(m))).collect();
+    c.nats.servers[0].kill9();
+    let down = Instant::now();
+    c.wait(30, "every node's leases lapsed", || {
+        NAMES.iter().all(|m| {
+            try_cluster(c.node(m)).is_some_and(|v| {
+                v["partitions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|p| p["state"] != "serving")
+            })
+        })
+    });
+    // Out for twice the lease period in all.
+    while down.elapsed() < Duration::from_millis(2 * c.tuning.lease_period_ms) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.nats.servers[0].spawn();
+    let back = Instant::now();
+    c.wait(60, "every partition answered again", || {
+        all_served_by(&c, &NAMES)
+    });
+    let answered = back.elapsed();
+    assert_leases_hold(&c, &before, 2, "after the outage");
+    for (i, m) in NAMES.iter().enumerate() {
+        let n = c.node(m);
+        assert_eq!(
+            claims(n),
+            claims_before[i],
+            "{m} claimed a scope again (a reload)"
+        );
+        for (child, restarts, generation) in children_of(n, "partitions_supervisor") {
+            assert_eq!(
+                (restarts, generation),
+                (0, 1),
+                "{m}: {child} was restarted by the outage"
+            );
+        }
+    }
+    let readopted: f64 = NAMES
+        .iter()
+        .map(|m| {
+            metric_sum(
+                c.node(m),
+                "troupe_cluster_partition_events_total",
+                "readopted",
+            )
+        })
+        .sum();
+    assert_eq!(readopted as u32, PARTITIONS, "every lease re-adopted once");
+    assert_applied_once(
+        &c,
+        "c",
+        &(0..30).map(|i| format!("it{i}")).collect::<Vec<_>>(),
+        30,
+    );
+    println!(
+        "store outage of {:.1} s (lease period {:.1} s): every partition answered again {:.2} s after the server returned, none moved or reloaded",
+        (back - down).as_secs_f64(),
+        c.tuning.lease_period_ms as f64 / 1000.0,
+        answered.as_secs_f64()
+    );
+}
+
+/// Failovers on `names` so far (`/v1/cluster` counts).
+fn failovers(c: &Cluster, names: &[&str]) -> u64 {
+    names
+        .iter()
+        .filter_map(|m| try_cluster(c.node(m)))
+        .map(|v| v["counts"]["failovers"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// Pauses c (SIGSTOP) until its partitions are served by a and b, resumes it, and
+/// returns once a and b have seen it alive again for three renewals.
+fn pause_until_failover(c: &Cluster) {
+    c.node("c").signal("STOP");
+    c.wait(60, "c's partitions served by a and b", || {
+        all_served_by(c, &["a", "b"])
+    });
+    c.node("c").signal("CONT");
+    c.wait(30, "c answers again", || try_cluster(c.node("c")).is_some());
+    std::thread::sleep(Duration::from_millis(3 * c.tuning.lease_renew_ms));
+}
+
+/// A member that stalls now and then: without a hold-down each pause costs a failover of
+/// the partitions handed back to it in between; with one, only the first pause does.
+/// c is paused three times; the failovers are counted and printed for both settings.
+#[test]
+fn cluster_flapping_member_is_held_down_and_costs_one_failover() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let mut counts = Vec::new();
+    for hold_down_ms in [1, 30_000] {
+        let Some(nats) = NatsCluster::one() else {
+            return;
+        };
+        let mut c = Cluster::on(
+            nats,
+            Tuning {
+                hold_down_ms,
+                ..Tuning::default()
+            },
+        );
+        let (members, url) = (c.members.clone(), c.nats.urls());
+        for n in NAMES {
+            c.launch(n, "test-cookie", &members, &url);
+        }
+        c.wait(60, "partitions balanced over the three nodes", || {
+            balanced(&c)
+        });
+        let owned_by_c = serving(c.node("c")).len() as u64;
+        for round in 0..3 {
+            pause_until_failover(&c);
+            if hold_down_ms > 1 {
+                // Held down: nothing is handed back to it meanwhile.
+                let held = try_cluster(c.node("a")).map(|v| v["held_down"].clone());
+                assert!(
+                    held.as_ref()
+                        .and_then(|h| h.as_array())
+                        .is_some_and(|h| h.iter().any(|m| m == "c")),
+                    "round {round}: a does not hold c down: {held:?}"
+                );
+                assert!(
+                    serving(c.node("c")).is_empty(),
+                    "round {round}: c got partitions back"
+                );
+            } else {
+                c.wait(60, "c gets its partitions back", || balanced(&c));
+            }
+        }
+        let n = failovers(&c, &["a", "b"]);
+        if hold_down_ms > 1 {
+            assert_eq!(
+                n, owned_by_c,
+                "one failover per partition c owned, not one per pause"
+            );
+        } else {
+            assert!(n >= 3 * owned_by_c.min(1), "{n}");
+        }
+        counts.push((hold_down_ms, owned_by_c, n));
+    }
+    for (h, owned, n) in counts {
+        println!(
+            "member paused 3 times, hold-down {h} ms: {n} failovers (it owned {owned} partitions)"
+        );
+    }
+}
+
+/// A panic in each actor of the control plane (lease manager, lease renewer, membership,
+/// gateway) on node a: each is restarted by the cluster supervisor (counted in
+/// `/v1/cluster`), no lease moves, and the cluster serves every partition throughout.
+#[test]
+fn cluster_control_plane_actors_are_supervised() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::prepare() else {
+        return;
+    };
+    let fault = |target: &str, skip: u64| {
+        format!("[[faults]]\ntarget = \"{target}\"\naction = \"panic\"\nskip = {skip}\ntimes = 1\n")
+    };
+    c.node_extra.push((
+        "a",
+        [
+            fault("lease_manager", 40),
+            fault("lease_renewer", 50),
+            fault("membership", 120),
+            fault("gateway", 300),
+        ]
+        .concat(),
+    ));
+    let (members, url) = (c.members.clone(), c.nats.urls());
+    for n in NAMES {
+        c.launch(n, "test-cookie", &members, &url);
+    }
+    c.wait(60, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    let before = leases(c.node("a"));
+    let restarted = |c: &Cluster| -> Vec<String> {
+        children_of(c.node("a"), "cluster_supervisor")
+            .into_iter()
+            .filter(|(_, r, _)| *r > 0)
+            .map(|(n, _, _)| n)
+            .collect()
+    };
+    let until = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut r = restarted(&c);
+        r.sort();
+        if r == ["gateway", "lease_manager", "lease_renewer", "membership"] {
+            break;
+        }
+        if Instant::now() > until {
+            c.fail(&format!(
+                "not every control plane actor panicked and restarted: {r:?}"
+            ));
+        }
+        let by = served_by(&c, &NAMES);
+        if let Some((p, w)) = by.iter().find(|(_, w)| w.len() > 1) {
+            c.fail(&format!("partition {p} served by {w:?} at once"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.wait(30, "balanced again", || balanced(&c));
+    assert_eq!(leases(c.node("b")), before, "a lease moved");
+    let log = c.node("a").log(1);
+    for t in ["lease_manager", "lease_renewer", "membership", "gateway"] {
+        assert!(log.contains(&format!("injected panic in {t}")), "{t}");
+    }
 }

@@ -779,20 +779,40 @@ fn jetstream_r3_leader_killed_during_load_resumes_and_loses_nothing() {
     let (mut last_count, mut last_change, mut pause) =
         (acked_rows(&log).len(), Instant::now(), Duration::ZERO);
     cluster.servers[leader].kill9();
+    let mut restarted = false;
     while loader.try_wait().unwrap().is_none() {
         let c = acked_rows(&log).len();
         if c != last_count {
             pause = pause.max(last_change.elapsed());
             (last_count, last_change) = (c, Instant::now());
         }
+        // The killed server comes back on its store while the load goes on.
+        if !restarted && c >= 2 * n / 3 {
+            cluster.servers[leader].spawn();
+            restarted = true;
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
-    println!("R3 stream leader (server s{leader}) SIGKILLed: longest pause between acked batches {:.1} s", pause.as_secs_f64());
+    if !restarted {
+        cluster.servers[leader].spawn();
+    }
+    println!("R3 stream leader (server s{leader}) SIGKILLed and restarted during the load: longest pause between acked batches {:.1} s", pause.as_secs_f64());
     let status = loader.wait().unwrap();
     assert!(status.success(), "loader failed: {status:?}");
     let acked = acked_rows(&log);
     assert_eq!(acked.iter().collect::<HashSet<_>>().len(), n);
     assert_each_acked_applied_once(&node, &acked, n, users);
+    // Whole again: every replica current, and writes after it acked and applied.
+    wait_or_dump(&node, 120, "every replica current again", || {
+        ["troupe", "KV_troupe_state", "OBJ_troupe_blobs"]
+            .iter()
+            .all(|s| cluster.stream_whole(s))
+    });
+    let body = format!(r#"[{{"event_id":"after","user":"u0","item":"it{n}","kind":"view"}}]"#);
+    assert_eq!(node.post("/v1/events", &body).status, 200);
+    let mut all = acked.clone();
+    all.push(format!("it{n}"));
+    assert_each_acked_applied_once(&node, &all, n + 1, users);
 }
 
 /// Sum of the node's metric samples named `name` (exactly, before any labels) whose

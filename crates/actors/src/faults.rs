@@ -29,6 +29,9 @@ pub struct Fault {
     pub on_key: Option<String>,
     /// Fire at most this many times (unlimited if `None`).
     pub times: Option<u64>,
+    /// Occasions let pass before the first firing.
+    pub skip: u64,
+    occasions: AtomicU64,
     fired: AtomicU64,
 }
 
@@ -44,11 +47,22 @@ impl Fault {
             action,
             on_key,
             times,
+            skip: 0,
+            occasions: AtomicU64::new(0),
             fired: AtomicU64::new(0),
         }
     }
 
+    /// The same fault, firing only after `skip` occasions have passed.
+    pub fn skipping(mut self, skip: u64) -> Fault {
+        self.skip = skip;
+        self
+    }
+
     fn take(&self) -> bool {
+        if self.occasions.fetch_add(1, Ordering::Relaxed) < self.skip {
+            return false;
+        }
         let n = self.fired.fetch_add(1, Ordering::Relaxed);
         match self.times {
             Some(t) if n >= t => {
@@ -119,6 +133,22 @@ impl Faults {
             .iter()
             .find(|f| f.target == target && f.take())
             .map(|f| f.action)
+    }
+}
+
+/// Runs the fault (if any) of a call of `target` (the control plane's actors:
+/// `lease_manager`, `lease_renewer`, `membership`, `gateway`): panics, returns an error, or
+/// stalls.
+pub async fn fire(faults: &Faults, target: &str) -> Result<(), InjectedFault> {
+    match faults.on_call(target) {
+        None => Ok(()),
+        Some(FaultAction::Panic) => panic!("injected panic in {target}"),
+        Some(FaultAction::Error) => Err(InjectedFault(target.to_string())),
+        Some(FaultAction::Stall(d)) => {
+            tracing::warn!(target, stall_ms = d.as_millis() as u64, "injected stall");
+            tokio::time::sleep(d).await;
+            Ok(())
+        }
     }
 }
 

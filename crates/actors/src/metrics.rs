@@ -46,6 +46,15 @@ pub struct Metrics {
     /// scraped).
     pub peers: Family<Labels, Gauge>,
     pub partitions_held: Family<Labels, Gauge>,
+    /// Cluster: failed state store calls of the lease actors, by operation (`renew`,
+    /// `member`, `read`, `claim`, `release`).
+    pub lease_store_errors: Family<Labels, Counter>,
+    /// Cluster: lapses seen per member (heartbeat stopped without a graceful leave).
+    pub member_lapses: Family<Labels, Counter>,
+    /// Cluster: hand-overs put off because the cluster's move budget was spent.
+    pub moves_deferred: Counter,
+    /// Cluster: 1 while this node's last lease round could read the state store.
+    pub log_reachable: Gauge,
     pub recommend_seconds: Histogram,
     pub recommendations: Family<Labels, Counter>,
     pub candidate_cache: Family<Labels, Counter>,
@@ -96,6 +105,10 @@ impl Metrics {
             forwarded: Family::default(),
             peers: Family::default(),
             partitions_held: Family::default(),
+            lease_store_errors: Family::default(),
+            member_lapses: Family::default(),
+            moves_deferred: Counter::default(),
+            log_reachable: Gauge::default(),
             checkpoint_bytes: Family::default(),
             checkpoints: Family::default(),
             recommend_seconds: Histogram::new(exponential_buckets(0.0002, 2.0, 14)),
@@ -199,6 +212,26 @@ impl Metrics {
                 "cluster_partition_events",
                 "Partition lease events on this node: claim, failover (claimed after its owner's lease lapsed), handoff, lost, failed",
                 m.partition_events.clone(),
+            );
+            r.register(
+                "cluster_lease_store_errors",
+                "Failed state store calls of the lease actors, by operation (renew, member, read, claim, release)",
+                m.lease_store_errors.clone(),
+            );
+            r.register(
+                "cluster_member_lapses",
+                "Lapses seen per member (heartbeat stopped without a graceful leave)",
+                m.member_lapses.clone(),
+            );
+            r.register(
+                "cluster_log_reachable",
+                "1 while this node's lease actors can read and write the state store, 0 while they cannot",
+                m.log_reachable.clone(),
+            );
+            r.register(
+                "cluster_moves_deferred",
+                "Hand-overs put off because the cluster's move budget was spent",
+                m.moves_deferred.clone(),
             );
             r.register(
                 "cluster_forwarded",

@@ -2,6 +2,8 @@
 
 pub const NODE_SUPERVISOR: &str = "node_supervisor";
 pub const PARTITIONS_SUPERVISOR: &str = "partitions_supervisor";
+/// Cluster mode: the supervisor of the control plane (gateway, membership, leases).
+pub const CLUSTER_SUPERVISOR: &str = "cluster_supervisor";
 pub const JOURNAL: &str = "journal";
 pub const CATALOG: &str = "catalog";
 pub const ITEM_STATS: &str = "item_stats";

@@ -36,11 +36,6 @@ pub struct NodeHandle {
     pub ctx: Arc<Ctx>,
     pub root: ActorRef<SupervisorMsg>,
     pub root_done: tokio::task::JoinHandle<()>,
-    /// Cluster mode: sessions to the peers and the partition leases.
-    pub cluster: Option<(
-        crate::cluster::membership::Membership,
-        crate::cluster::lease::LeaseHandle,
-    )>,
 }
 
 /// Errors calling into the node's actors.
@@ -145,14 +140,85 @@ fn children(ctx: &Arc<Ctx>, encoder: Arc<dyn TextEncoder>, encoder_name: String)
         (AlsTrainer, c.clone())
     });
     let c = ctx.clone();
-    let ranker = ChildSpec::new(names::RANKER, policy, move || (Ranker, c.clone()));
+    let ranker = ChildSpec::new(names::RANKER, policy.clone(), move || (Ranker, c.clone()));
     let mut all = vec![enc];
     all.extend(singletons);
-    all.extend([psup, trainer, ranker]);
+    all.push(psup);
+    if ctx.cluster.is_some() {
+        all.push(control_plane(ctx, &policy));
+    }
+    all.extend([trainer, ranker]);
     if ctx.embedded_log() {
         all.insert(0, journal);
     }
     all
+}
+
+/// Cluster mode: the control plane under its own supervisor, restarted like every
+/// other actor: the gateway peers call, the membership (node server, dialling,
+/// liveness), the lease renewer and the lease manager. The leases held live in
+/// `Cluster`, so a restart of either lease actor loses none.
+fn control_plane(ctx: &Arc<Ctx>, policy: &crate::settings::RestartPolicy) -> ChildSpec {
+    use crate::cluster::{gateway::Gateway, lease, membership};
+    let c = ctx.clone();
+    // The gateway is not registered by name: ractor_cluster registers the peers' remote
+    // actors under their names here, which would collide with a local name.
+    let gateway = ChildSpec {
+        name: "gateway".to_string(),
+        policy: policy.clone(),
+        start: Arc::new(move |sup: ActorCell| {
+            let c = c.clone();
+            Box::pin(async move {
+                let (r, _) = Actor::spawn_linked(None, Gateway, c, sup).await?;
+                Ok(r.get_cell())
+            })
+        }),
+    };
+    let c = ctx.clone();
+    let membership = ChildSpec::new(membership::NAME, policy.clone(), move || {
+        (membership::Membership, c.clone())
+    });
+    let c = ctx.clone();
+    let renewer = ChildSpec::new(lease::RENEWER, policy.clone(), move || {
+        (lease::Renewer, c.clone())
+    });
+    let c = ctx.clone();
+    let p = policy.clone();
+    let make: lease::MakeChild = Arc::new(move |part| {
+        let spec = consumer::ConsumerSpec {
+            scope: names::user_features(part),
+            kind: consumer::Kind::UserFeatures,
+            streams: vec![part],
+        };
+        consumer_child(&c, &spec, &p)
+    });
+    let c = ctx.clone();
+    let manager = ChildSpec::new(lease::MANAGER, policy.clone(), move || {
+        (
+            lease::Manager,
+            lease::ManagerArgs {
+                ctx: c.clone(),
+                make_child: make.clone(),
+            },
+        )
+    });
+    ChildSpec::new(names::CLUSTER_SUPERVISOR, policy.clone(), move || {
+        (
+            Supervisor,
+            SupervisorArgs {
+                children: vec![
+                    gateway.clone(),
+                    membership.clone(),
+                    renewer.clone(),
+                    manager.clone(),
+                ],
+                on_failure: None,
+                on_escalate: None,
+                on_give_up: None,
+                stop_timeout: crate::supervisor::STOP_TIMEOUT,
+            },
+        )
+    })
 }
 
 /// The supervised child that runs consumer `c`.
@@ -216,31 +282,10 @@ pub async fn start(
     if ctx.settings.retention {
         tokio::spawn(retain(ctx.clone()));
     }
-    let cluster = match ctx.cluster.clone() {
-        None => None,
-        Some(cl) => {
-            let membership = crate::cluster::membership::start(ctx.clone(), cl.clone())
-                .await
-                .map_err(|e| ractor::SpawnErr::StartupFailed(e.into()))?;
-            let c = ctx.clone();
-            let policy = ctx.settings.restart.clone();
-            let make: crate::cluster::lease::MakeChild = Arc::new(move |p| {
-                let spec = consumer::ConsumerSpec {
-                    scope: names::user_features(p),
-                    kind: consumer::Kind::UserFeatures,
-                    streams: vec![p],
-                };
-                consumer_child(&c, &spec, &policy)
-            });
-            let leases = crate::cluster::lease::start(ctx.clone(), cl, make);
-            Some((membership, leases))
-        }
-    };
     Ok(NodeHandle {
         ctx,
         root,
         root_done: done,
-        cluster,
     })
 }
 
@@ -314,7 +359,9 @@ pub async fn append(
     }
 }
 
-/// `Observe` of every actor in the tree plus the supervisors' records.
+/// `Observe` of every actor in the tree plus the supervisors' records, asked all at once:
+/// the whole answer takes at most about `timeout`, however many actors are busy (an actor
+/// stuck on the log answers `Timeout`).
 pub async fn observe_all(
     ctx: &Ctx,
     timeout: Duration,
@@ -322,17 +369,36 @@ pub async fn observe_all(
     Vec<(String, Result<Observation, CallError>)>,
     Vec<(String, Option<SupervisorSnapshot>)>,
 ) {
-    let mut out = Vec::new();
+    type Pending<'a> = std::pin::Pin<
+        Box<dyn std::future::Future<Output = (String, Result<Observation, CallError>)> + Send + 'a>,
+    >;
+    let mut asks: Vec<Pending<'static>> = Vec::new();
+    let ask = |name: String, kind: Option<consumer::Kind>| -> Pending<'static> {
+        Box::pin(async move {
+            let r = match kind {
+                None if name == names::JOURNAL => call(&name, timeout, JournalMsg::Observe).await,
+                None if name == names::CONTENT_ENCODER => {
+                    call(&name, timeout, ContentEncoderMsg::Observe).await
+                }
+                None if name == names::ALS_TRAINER => {
+                    call(&name, timeout, AlsTrainerMsg::Observe).await
+                }
+                None => call(&name, timeout, RankerMsg::Observe).await,
+                Some(consumer::Kind::Catalog) => call(&name, timeout, CatalogMsg::Observe).await,
+                Some(consumer::Kind::ItemStats) => {
+                    call(&name, timeout, ItemStatsMsg::Observe).await
+                }
+                Some(consumer::Kind::UserFeatures) => {
+                    call(&name, timeout, UserFeaturesMsg::Observe).await
+                }
+            };
+            (name, r)
+        })
+    };
     if ctx.embedded_log() {
-        out.push((
-            names::JOURNAL.to_string(),
-            call(names::JOURNAL, timeout, JournalMsg::Observe).await,
-        ));
+        asks.push(ask(names::JOURNAL.into(), None));
     }
-    out.push((
-        names::CONTENT_ENCODER.to_string(),
-        call(names::CONTENT_ENCODER, timeout, ContentEncoderMsg::Observe).await,
-    ));
+    asks.push(ask(names::CONTENT_ENCODER.into(), None));
     for c in consumer::consumers(&ctx.settings) {
         // A cluster node runs only the partitions it holds.
         if c.kind == consumer::Kind::UserFeatures
@@ -341,29 +407,25 @@ pub async fn observe_all(
         {
             continue;
         }
-        let r = match c.kind {
-            consumer::Kind::Catalog => call(&c.scope, timeout, CatalogMsg::Observe).await,
-            consumer::Kind::ItemStats => call(&c.scope, timeout, ItemStatsMsg::Observe).await,
-            consumer::Kind::UserFeatures => call(&c.scope, timeout, UserFeaturesMsg::Observe).await,
-        };
-        out.push((c.scope, r));
+        asks.push(ask(c.scope.clone(), Some(c.kind)));
     }
-    out.push((
-        names::ALS_TRAINER.to_string(),
-        call(names::ALS_TRAINER, timeout, AlsTrainerMsg::Observe).await,
-    ));
-    out.push((
-        names::RANKER.to_string(),
-        call(names::RANKER, timeout, RankerMsg::Observe).await,
-    ));
-    let mut sups = Vec::new();
-    for s in [names::NODE_SUPERVISOR, names::PARTITIONS_SUPERVISOR] {
-        sups.push((
+    asks.push(ask(names::ALS_TRAINER.into(), None));
+    asks.push(ask(names::RANKER.into(), None));
+    let mut supervisors = vec![names::NODE_SUPERVISOR, names::PARTITIONS_SUPERVISOR];
+    if ctx.cluster.is_some() {
+        supervisors.push(names::CLUSTER_SUPERVISOR);
+    }
+    let sups = supervisors.into_iter().map(|s| async move {
+        (
             s.to_string(),
             call(s, timeout, SupervisorMsg::Observe).await.ok(),
-        ));
-    }
-    (out, sups)
+        )
+    });
+    futures_util::future::join(
+        futures_util::future::join_all(asks),
+        futures_util::future::join_all(sups),
+    )
+    .await
 }
 
 /// Graceful stop: refuse new writes, let the journal commit what it holds, checkpoint
@@ -382,12 +444,12 @@ pub async fn shutdown(handle: NodeHandle) -> Vec<String> {
     }
     // A cluster node checkpoints, stops and releases the partitions it holds first, so
     // their next owners take them at once instead of waiting for the leases to lapse.
-    if let Some((_, leases)) = &handle.cluster {
-        problems.extend(leases.release_all().await);
+    if ctx.cluster.is_some() {
+        problems.extend(crate::cluster::lease::release_all(Duration::from_secs(120)).await);
     }
     let mut results: Vec<(String, Result<CheckpointReply, CallError>)> = Vec::new();
     for c in consumer::consumers(&ctx.settings) {
-        if c.kind == consumer::Kind::UserFeatures && handle.cluster.is_some() {
+        if c.kind == consumer::Kind::UserFeatures && ctx.cluster.is_some() {
             continue;
         }
         let r = match c.kind {
@@ -409,9 +471,6 @@ pub async fn shutdown(handle: NodeHandle) -> Vec<String> {
     }
     if tokio::time::timeout(t, handle.root_done).await.is_err() {
         problems.push("supervision tree did not stop in time".into());
-    }
-    if let Some((membership, _)) = handle.cluster {
-        membership.stop();
     }
     problems
 }

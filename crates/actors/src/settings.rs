@@ -100,6 +100,14 @@ pub struct ClusterSettings {
     pub rebalance_interval: Duration,
     /// Deadline of a request forwarded to a partition's owner.
     pub forward_timeout: Duration,
+    /// A member seen to lapse is given no partitions until it has been alive again for
+    /// this long, doubled for every further lapse, up to `member_hold_down_max`.
+    pub member_hold_down: Duration,
+    pub member_hold_down_max: Duration,
+    /// At most this many voluntary hand-overs in the whole cluster per
+    /// `move_budget_window` (failovers are never held back).
+    pub move_budget: u32,
+    pub move_budget_window: Duration,
 }
 
 impl std::fmt::Debug for ClusterSettings {
@@ -113,6 +121,8 @@ impl std::fmt::Debug for ClusterSettings {
             .field("lease_period", &self.lease_period)
             .field("lease_renew", &self.lease_renew)
             .field("rebalance_interval", &self.rebalance_interval)
+            .field("member_hold_down", &self.member_hold_down)
+            .field("move_budget", &self.move_budget)
             .finish()
     }
 }

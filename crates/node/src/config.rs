@@ -111,6 +111,10 @@ pub struct ClusterSection {
     pub lease_renew_ms: u64,
     pub rebalance_interval_ms: u64,
     pub forward_timeout_ms: u64,
+    pub member_hold_down_ms: u64,
+    pub member_hold_down_max_ms: u64,
+    pub move_budget: u32,
+    pub move_budget_window_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -250,6 +254,10 @@ pub struct FaultSection {
     pub on: Option<String>,
     #[serde(default)]
     pub times: Option<u64>,
+    /// Let this many occasions pass before the first firing (a control-plane fault
+    /// after the cluster has settled).
+    #[serde(default)]
+    pub skip: u64,
 }
 
 impl Default for Config {
@@ -314,6 +322,10 @@ impl Default for Config {
                 lease_renew_ms: 3_000,
                 rebalance_interval_ms: 2_000,
                 forward_timeout_ms: 1_000,
+                member_hold_down_ms: 30_000,
+                member_hold_down_max_ms: 600_000,
+                move_budget: 16,
+                move_budget_window_ms: 60_000,
             },
             features: FeaturesSection {
                 history_len: 200,
@@ -682,6 +694,14 @@ impl Config {
                 c.forward_timeout_ms >= 1,
                 "cluster.forward_timeout_ms must be >= 1",
             );
+            need(
+                c.member_hold_down_max_ms >= c.member_hold_down_ms,
+                "cluster.member_hold_down_max_ms must be >= cluster.member_hold_down_ms",
+            );
+            need(
+                c.move_budget >= 1 && c.move_budget_window_ms >= 1,
+                "cluster.move_budget and cluster.move_budget_window_ms must be >= 1",
+            );
         }
         need(
             (1..=65_536).contains(&self.journal.cache_mb),
@@ -925,6 +945,10 @@ impl Config {
                 lease_renew: ms(c.lease_renew_ms),
                 rebalance_interval: ms(c.rebalance_interval_ms),
                 forward_timeout: ms(c.forward_timeout_ms),
+                member_hold_down: ms(c.member_hold_down_ms),
+                member_hold_down_max: ms(c.member_hold_down_max_ms),
+                move_budget: c.move_budget,
+                move_budget_window: ms(c.move_budget_window_ms),
             });
         }
         s.restart = RestartPolicy {
@@ -947,7 +971,7 @@ impl Config {
                         "error" => FaultAction::Error,
                         _ => FaultAction::Stall(Duration::from_millis(f.stall_ms)),
                     };
-                    Fault::new(&f.target, action, f.on.clone(), f.times)
+                    Fault::new(&f.target, action, f.on.clone(), f.times).skipping(f.skip)
                 })
                 .collect(),
         }

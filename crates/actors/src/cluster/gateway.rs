@@ -144,6 +144,7 @@ impl Actor for Gateway {
         ctx: &mut Arc<Ctx>,
     ) -> Result<(), ActorProcessingErr> {
         let GatewayMsg::Call(bytes, port) = msg;
+        crate::faults::fire(&ctx.faults, "gateway").await?;
         match open(&bytes) {
             Ok(Envelope {
                 request: Request::Ping { .. },

@@ -1,41 +1,65 @@
-//! Partition ownership by leases in the state store.
+//! Partition ownership by leases in the state store, kept by two supervised actors.
 //!
-//! Records (JSON, in the state store's records: a KV bucket on JetStream):
+//! Records (JSON, in the state store's records: the KV bucket on JetStream, read from
+//! its leader):
 //! - `member.<name>`: a member's heartbeat, rewritten every `lease_renew`. A member is
 //!   *alive* while this node has seen its record change within `lease_period`.
 //! - `lease.<p>`: `{owner, epoch, beat, failed}` of partition `p`. The owner renews it by
-//!   compare-and-set every `lease_renew` (NATS 2.9 KV has no per-key TTL).
+//!   compare-and-set every `lease_renew`.
+//! - `moves`: the times of the latest voluntary hand-overs, the cluster's move budget.
 //!
-//! Time is each node's own monotonic clock; no clocks are compared. The owner counts its
-//! lease from the moment it *sent* the renewal that succeeded and stops answering for and
-//! applying the partition `lease_period - lease_renew` after it, unless a later renewal
-//! succeeded. A claimant takes a lease only after it has seen the record unchanged for a
-//! full `lease_period` (timed from when it *observed* the last change, which is after the
-//! owner sent it), so the old owner has stopped before the new one starts. A released
-//! lease (`owner = ""`, written on SIGTERM or a hand-over) is taken at once.
+//! **Two actors, so that nothing delays a renewal.** The [`Renewer`] does only the
+//! time-critical writes: every held lease renewed (all compare-and-sets in flight
+//! together, each bounded by `lease_renew`) and this member's heartbeat. The [`Manager`]
+//! does everything that may take long: reading the records, claiming, starting and
+//! stopping partitions, handing them over, marking them failed, releasing them on a
+//! graceful stop. The leases held live in [`super::Cluster`] (`held`), so either actor
+//! restarts without losing them.
 //!
-//! The desired owner of a partition is the rendezvous choice over the alive members. A
-//! node claims the free or lapsed leases it is the desired owner of, all in the same
-//! round (a dead node's partitions move in parallel), and hands over at most one
-//! partition per `rebalance_interval` to a desired owner that has been alive for two
-//! renewals (a node that joins or returns), so there is no storm. Claiming a lease is
-//! followed by the consumer's own fenced claim of the partition's state scope, its
-//! checkpoint load and its replay; the partition is answered from here only after that.
+//! **Time** is each node's own monotonic clock; no clocks are compared for ownership. The
+//! owner counts its lease from the moment it *sent* the renewal that succeeded and stops
+//! answering for the partition `lease_period - lease_renew` after it, unless a later
+//! renewal succeeded. A claimant takes a lease only after it has seen the record unchanged
+//! for a full `lease_period`, counted only over time in which it could read the store (a
+//! round that cannot read restarts every observation), so the old owner has stopped
+//! before the new one starts. A released lease (`owner = ""`, written on SIGTERM or a
+//! hand-over) is taken at once.
+//!
+//! **A store outage longer than the slack** stops answering, not the partitions: a lease
+//! whose time ran out stays held here (`lapsed`), its actor keeps its state, and the
+//! renewer keeps trying the compare-and-set at the lease's last revision. If nobody wrote
+//! the record meanwhile, that write re-adopts the lease and the partition is answered
+//! again at once, without a reload or replay; if someone did, the lease is lost and the
+//! partition stopped here. Claimants restart their observation after an outage, so the
+//! owner, which renews every `lease_renew`, gets there first.
+//!
+//! **Desired owner** = rendezvous choice over the members that are alive and not held
+//! down. A member seen to lapse (alive, then silent without leaving) is held down: not
+//! given partitions until it has been alive again for `member_hold_down`, doubled for
+//! every further lapse up to `member_hold_down_max`. A node that finds its own rounds
+//! interrupted for longer than a lease period (paused, cut off) holds itself down alike.
+//! A node claims the free or lapsed leases it is the desired owner of, all in the same
+//! round, and hands over at most one partition per `rebalance_interval`, to a desired
+//! owner alive for two renewals with a session here, within the cluster-wide budget of
+//! `move_budget` hand-overs per `move_budget_window`.
 //!
 //! A partition whose actors keep failing is given up by the partition supervisor: its
-//! lease is released and marked `failed` (nobody claims it until an operator resets it),
-//! instead of taking down every node that claims it in turn.
+//! lease is released and marked `failed` (nobody claims it until an operator resets it).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster_derive::RactorMessage;
 use serde::{Deserialize, Serialize};
 
 use super::{rendezvous, Cluster};
 use crate::ctx::Ctx;
 use crate::state::{now_ms, StateError};
 use crate::supervisor::{ChildSpec, SupervisorMsg};
+use crate::Discard;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LeaseRecord {
@@ -52,6 +76,15 @@ pub struct LeaseRecord {
     pub written_ms: i64,
 }
 
+impl LeaseRecord {
+    /// The same holder's record (owner, process and epoch): a write of this node's own.
+    fn same_holder(&self, other: &LeaseRecord) -> bool {
+        self.owner == other.owner
+            && self.incarnation == other.incarnation
+            && self.epoch == other.epoch
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MemberRecord {
     pub incarnation: String,
@@ -59,6 +92,20 @@ pub struct MemberRecord {
     /// Written on a graceful stop: the member is not alive from then on.
     pub leaving: bool,
     pub written_ms: i64,
+}
+
+/// The times (ms since the epoch, by each writer's clock) of the latest voluntary
+/// hand-overs in the cluster. Clocks only bound the budget, never ownership.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MovesRecord {
+    pub times_ms: Vec<i64>,
+}
+
+/// A lease this node holds: the record as last written here and its revision.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub rec: LeaseRecord,
+    pub rev: u64,
 }
 
 /// A state store call bounded by `limit` (an election can hold a call far longer than
@@ -83,143 +130,347 @@ pub fn member_key(name: &str) -> String {
     format!("member.{name}")
 }
 
+const MOVES_KEY: &str = "moves";
+
 /// Builds the supervised child of a partition.
 pub type MakeChild = Arc<dyn Fn(u32) -> ChildSpec + Send + Sync>;
 
-/// The lease manager's state (one per node; its round and a graceful stop take turns).
-pub struct Leases {
+/// Counts a lease event in `/v1/cluster` (`counter`) and in the metrics (`kind`).
+fn event(ctx: &Ctx, cluster: &Cluster, counter: &std::sync::atomic::AtomicU64, kind: &str) {
+    cluster.count(counter);
+    ctx.metrics
+        .partition_events
+        .get_or_create(&crate::metrics::label("event", kind))
+        .inc();
+}
+
+/// Counts a failed call to the state store by a lease actor (`op`: renew, member, read,
+/// claim, release) and marks the store unreachable.
+fn store_error(ctx: &Ctx, cluster: &Cluster, op: &str, e: &StateError) {
+    ctx.metrics
+        .lease_store_errors
+        .get_or_create(&crate::metrics::label("op", op))
+        .inc();
+    if cluster.log_reachable.swap(false, Ordering::Relaxed) {
+        tracing::warn!(op, error = %e, "lease store call failed: the state store is unreachable or slow (own leases lapse unless renewed in time)");
+    }
+}
+
+/// How long a renewal sent at `sent` keeps a lease valid here.
+fn valid_until(cluster: &Cluster, sent: Instant) -> Instant {
+    let s = &cluster.settings;
+    sent + s.lease_period.saturating_sub(s.lease_renew)
+}
+
+// ---------------------------------------------------------------------------- renewer
+
+/// The actor that renews every lease this node holds and writes its member heartbeat.
+pub struct Renewer;
+
+#[derive(RactorMessage)]
+pub enum RenewerMsg {
+    Tick,
+}
+
+pub struct RenewerState {
+    ctx: Arc<Ctx>,
+    cluster: Arc<Cluster>,
+    beat: u64,
+}
+
+impl Actor for Renewer {
+    type Msg = RenewerMsg;
+    type State = RenewerState;
+    type Arguments = Arc<Ctx>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RenewerMsg>,
+        ctx: Arc<Ctx>,
+    ) -> Result<RenewerState, ActorProcessingErr> {
+        let cluster = ctx
+            .cluster
+            .clone()
+            .ok_or("the lease renewer runs in cluster mode only")?;
+        myself.send_message(RenewerMsg::Tick)?;
+        Ok(RenewerState {
+            ctx,
+            cluster,
+            beat: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RenewerMsg>,
+        _: RenewerMsg,
+        st: &mut RenewerState,
+    ) -> Result<(), ActorProcessingErr> {
+        crate::faults::fire(&st.ctx.faults, "lease_renewer").await?;
+        let s = st.cluster.settings.clone();
+        let (ctx, cluster) = (st.ctx.clone(), st.cluster.clone());
+        let (member, failed) = tokio::join!(st.heartbeat(), renew_all(&ctx, &cluster));
+        // The next round comes at the renewal interval, sooner after a failure.
+        let next = if failed || !member {
+            s.lease_renew / 3
+        } else {
+            s.lease_renew
+        };
+        myself.send_after(next, || RenewerMsg::Tick);
+        Ok(())
+    }
+}
+
+impl RenewerState {
+    /// This member's heartbeat record, once the node has joined (until it leaves).
+    /// False when the write failed.
+    async fn heartbeat(&mut self) -> bool {
+        let cl = &self.cluster;
+        if !cl.joined.load(Ordering::Relaxed) || cl.leaving.load(Ordering::Relaxed) {
+            return true;
+        }
+        self.beat += 1;
+        let rec = MemberRecord {
+            incarnation: self.ctx.consumers.owner().to_string(),
+            beat: self.beat,
+            leaving: false,
+            written_ms: now_ms(),
+        };
+        let bytes = serde_json::to_vec(&rec).unwrap_or_default();
+        let key = member_key(&cl.me);
+        match bounded(cl.settings.lease_renew, self.ctx.state.put(&key, bytes)).await {
+            Ok(_) => {
+                let now = Instant::now();
+                let prev = cl.heartbeat_ok.lock().replace(now);
+                if prev.is_some_and(|t| now.duration_since(t) > cl.settings.lease_period) {
+                    // Silent for longer than a lease period: the others saw it lapse.
+                    cl.self_lapses.fetch_add(1, Ordering::Relaxed);
+                    cl.wake.notify_one();
+                }
+                true
+            }
+            Err(e) => {
+                store_error(&self.ctx, cl, "member", &e);
+                false
+            }
+        }
+    }
+}
+
+/// Renews every lease held here, all compare-and-sets in flight together, each counted
+/// valid from the moment it was sent. A lease whose time ran out is tried at its last
+/// revision too (re-adopted when nobody wrote it meanwhile). Returns true when a renewal
+/// failed for want of an answer.
+async fn renew_all(ctx: &Arc<Ctx>, cluster: &Arc<Cluster>) -> bool {
+    let held: Vec<(u32, Held)> = cluster
+        .held
+        .lock()
+        .iter()
+        .map(|(&p, h)| (p, h.clone()))
+        .collect();
+    if held.is_empty() {
+        return false;
+    }
+    let bound = cluster.settings.lease_renew;
+    let writes = held.into_iter().map(|(p, h)| {
+        let state = ctx.state.clone();
+        async move {
+            let key = lease_key(p);
+            let attempt = |mut rec: LeaseRecord, rev: u64| {
+                let (state, key) = (state.clone(), key.clone());
+                async move {
+                    rec.beat += 1;
+                    rec.written_ms = now_ms();
+                    let bytes = serde_json::to_vec(&rec).unwrap_or_default();
+                    let sent = Instant::now();
+                    let r = bounded(bound, state.compare_and_set(&key, bytes, Some(rev))).await;
+                    (rec, sent, r)
+                }
+            };
+            let (rec, sent, r) = attempt(h.rec.clone(), h.rev).await;
+            // A renewal that timed out here may still have been written: the record then
+            // holds this process and epoch at a newer revision. Nobody else writes that,
+            // so it is adopted and renewed again.
+            if let Err(StateError::Conflict { .. }) = &r {
+                if let Ok(Some(v)) = bounded(bound, state.get(&key)).await {
+                    let found: Option<LeaseRecord> = serde_json::from_slice(&v.value).ok();
+                    if let Some(f) = found.filter(|f| f.same_holder(&rec)) {
+                        let again = attempt(f, v.revision).await;
+                        return (p, h, again.0, again.1, again.2);
+                    }
+                }
+            }
+            (p, h, rec, sent, r)
+        }
+    });
+    let mut failed = false;
+    for (p, before, rec, sent, r) in futures_util::future::join_all(writes).await {
+        // Released or lost meanwhile (by the manager): the result is not ours to apply.
+        let current = cluster.held.lock().get(&p).map(|h| h.rec.epoch);
+        if current != Some(before.rec.epoch) {
+            continue;
+        }
+        match r {
+            Ok(rev) => {
+                cluster.held.lock().insert(p, Held { rec, rev });
+                let mut slot = cluster.slots[p as usize].lock();
+                let lapsed = slot.valid_until.is_none_or(|t| t <= sent);
+                if !slot.moving {
+                    slot.valid_until = Some(valid_until(cluster, sent));
+                }
+                drop(slot);
+                cluster.log_reachable.store(true, Ordering::Relaxed);
+                if lapsed {
+                    tracing::info!(partition = p, "lease re-adopted at its last revision: nobody took it while it lapsed; answered again without a reload");
+                    event(ctx, cluster, &cluster.counters.readopted, "readopted");
+                }
+            }
+            Err(StateError::Conflict { .. }) => {
+                cluster.lose(p, "the lease changed under its owner");
+                event(ctx, cluster, &cluster.counters.lost, "lost");
+            }
+            Err(e) => {
+                store_error(ctx, cluster, "renew", &e);
+                failed = true;
+                tracing::warn!(partition = p, error = %e, "lease renewal failed; retrying soon");
+            }
+        }
+    }
+    failed
+}
+
+// ---------------------------------------------------------------------------- manager
+
+/// The actor that reads the lease and member records and acts on them: claims,
+/// partition starts and stops, hand-overs, failures, the graceful release.
+pub struct Manager;
+
+pub struct ManagerArgs {
+    pub ctx: Arc<Ctx>,
+    pub make_child: MakeChild,
+}
+
+#[derive(RactorMessage)]
+pub enum ManagerMsg {
+    Round,
+    /// Graceful stop: every owned partition checkpointed, stopped and released; this
+    /// member marked leaving. Answers the problems met.
+    ReleaseAll(RpcReplyPort<Vec<String>>),
+}
+
+/// A member's lapses, for its hold-down.
+#[derive(Debug, Clone)]
+struct Lapses {
+    count: u32,
+    hold: Duration,
+}
+
+pub struct ManagerState {
     ctx: Arc<Ctx>,
     cluster: Arc<Cluster>,
     make_child: MakeChild,
-    /// Revision of every record observed, and when it last changed.
+    /// Revision of every record observed, and since when this node has seen it so.
     seen: HashMap<String, (u64, Instant)>,
-    /// Leases held here: the record's revision after this node's last write.
-    mine: HashMap<u32, (LeaseRecord, u64)>,
     /// Members alive, since when.
     alive_since: HashMap<String, Instant>,
-    beat: u64,
+    /// Members seen to lapse, by name (this node's own name: its own interruptions).
+    lapses: HashMap<String, Lapses>,
+    /// When this node last read the records, and when its last round ran.
+    last_read: Option<Instant>,
+    last_round: Instant,
+    /// This node's own lapses already acted on (see `Cluster::self_lapses`).
+    self_lapses_seen: u64,
     last_handoff: Instant,
     stopped: bool,
-    /// Joined the cluster: had an authenticated session with a peer, or found no other
-    /// member alive. Until then the node writes no member record and claims nothing, so
-    /// a node with a wrong cookie never owns a partition its peers cannot reach.
-    joined: bool,
-    /// A renewal failed in the last round: the next comes sooner.
-    renewal_failed: bool,
+    /// Turns `cluster.wake` notifications into rounds (aborted with the actor).
+    _waker: AbortOnDrop,
 }
 
-type Shared = Arc<tokio::sync::Mutex<Leases>>;
+/// A task aborted when dropped (an actor's helper task ends with the actor, even after a
+/// panic, which drops the state without running `post_stop`).
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
 
-/// Starts the lease rounds; the handle stops them and releases every lease.
-pub fn start(ctx: Arc<Ctx>, cluster: Arc<Cluster>, make_child: MakeChild) -> LeaseHandle {
-    let leases = Arc::new(tokio::sync::Mutex::new(Leases {
-        ctx,
-        cluster: cluster.clone(),
-        make_child,
-        seen: HashMap::new(),
-        mine: HashMap::new(),
-        alive_since: HashMap::new(),
-        beat: 0,
-        last_handoff: Instant::now(),
-        stopped: false,
-        joined: false,
-        renewal_failed: false,
-    }));
-    let l = leases.clone();
-    let task = tokio::spawn(async move {
-        let every = cluster.settings.lease_renew;
-        loop {
-            let retry_soon = {
-                let mut g = l.lock().await;
-                if g.stopped {
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Actor for Manager {
+    type Msg = ManagerMsg;
+    type State = ManagerState;
+    type Arguments = ManagerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ManagerMsg>,
+        args: ManagerArgs,
+    ) -> Result<ManagerState, ActorProcessingErr> {
+        let cluster = args
+            .ctx
+            .cluster
+            .clone()
+            .ok_or("the lease manager runs in cluster mode only")?;
+        let (c, me) = (cluster.clone(), myself.clone());
+        let waker = tokio::spawn(async move {
+            loop {
+                c.wake.notified().await;
+                if me.cast(ManagerMsg::Round).is_err() {
                     return;
                 }
-                g.round().await;
-                g.renewal_failed
-            };
-            // The next round comes at the renewal interval, or sooner when a held lease
-            // would lapse first (its partition is then stopped at once).
-            let lapse = cluster
-                .slots
-                .iter()
-                .filter_map(|s| s.lock().valid_until)
-                .min()
-                .map(|t| t.saturating_duration_since(Instant::now()));
-            let mut next = lapse.map_or(every, |d| d.min(every));
-            if retry_soon {
-                // A failed renewal is retried well before the lease could lapse.
-                next = next.min(every / 3);
             }
-            tokio::select! {
-                _ = tokio::time::sleep(next) => {}
-                _ = cluster.wake.notified() => {}
-            }
-        }
-    });
-    LeaseHandle { leases, task }
-}
+        });
+        myself.send_message(ManagerMsg::Round)?;
+        Ok(ManagerState {
+            ctx: args.ctx,
+            cluster,
+            make_child: args.make_child,
+            seen: HashMap::new(),
+            alive_since: HashMap::new(),
+            lapses: HashMap::new(),
+            last_read: None,
+            last_round: Instant::now(),
+            self_lapses_seen: 0,
+            last_handoff: Instant::now(),
+            stopped: false,
+            _waker: AbortOnDrop(waker),
+        })
+    }
 
-pub struct LeaseHandle {
-    leases: Shared,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl LeaseHandle {
-    /// Graceful stop: no more rounds; every owned partition checkpointed, stopped and
-    /// released; this member marked leaving. Returns the problems met.
-    pub async fn release_all(&self) -> Vec<String> {
-        let mut g = self.leases.lock().await;
-        g.stopped = true;
-        self.task.abort();
-        let mut problems = Vec::new();
-        let mut owned: Vec<u32> = g.mine.keys().copied().collect();
-        owned.sort_unstable();
-        for p in owned {
-            if let Err(e) = g.hand_over(p).await {
-                problems.push(format!("partition {p}: {e}"));
+    async fn handle(
+        &self,
+        myself: ActorRef<ManagerMsg>,
+        msg: ManagerMsg,
+        st: &mut ManagerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ManagerMsg::Round => {
+                if st.stopped {
+                    return Ok(());
+                }
+                crate::faults::fire(&st.ctx.faults, "lease_manager").await?;
+                st.round().await;
+                // One timer at a time: a wake-up's round does not add another.
+                let due = st.last_round + st.cluster.settings.lease_renew;
+                if !st.cluster.round_scheduled.swap(true, Ordering::AcqRel) {
+                    let c = st.cluster.clone();
+                    myself.send_after(due.saturating_duration_since(Instant::now()), move || {
+                        c.round_scheduled.store(false, Ordering::Release);
+                        ManagerMsg::Round
+                    });
+                }
+            }
+            ManagerMsg::ReleaseAll(reply) => {
+                reply.send(st.release_all().await).discard();
             }
         }
-        let me = g.cluster.me.clone();
-        let rec = MemberRecord {
-            incarnation: g.ctx.consumers.owner().to_string(),
-            beat: g.beat + 1,
-            leaving: true,
-            written_ms: now_ms(),
-        };
-        if let Err(e) = g
-            .ctx
-            .state
-            .put(
-                &member_key(&me),
-                serde_json::to_vec(&rec).unwrap_or_default(),
-            )
-            .await
-        {
-            problems.push(format!("member record: {e}"));
-        }
-        problems
+        Ok(())
     }
 }
 
-impl Leases {
-    /// Counts a lease event in `/v1/cluster` (`counter`) and in the metrics (`kind`).
-    fn event(&self, counter: &std::sync::atomic::AtomicU64, kind: &str) {
-        self.cluster.count(counter);
-        self.ctx
-            .metrics
-            .partition_events
-            .get_or_create(&crate::metrics::label("event", kind))
-            .inc();
-    }
-
+impl ManagerState {
     fn period(&self) -> Duration {
         self.cluster.settings.lease_period
-    }
-
-    /// How long a renewal sent at `sent` keeps the lease valid here.
-    fn valid_until(&self, sent: Instant) -> Instant {
-        let s = &self.cluster.settings;
-        sent + s.lease_period.saturating_sub(s.lease_renew)
     }
 
     fn observe(&mut self, key: &str, rev: u64, now: Instant) -> Instant {
@@ -230,47 +481,97 @@ impl Leases {
         e.1
     }
 
-    /// One round: failed partitions released, own heartbeat, records read, leases
-    /// renewed or dropped, free leases claimed, at most one hand-over.
+    /// Notes a lapse of `member` and raises its hold-down.
+    fn lapsed(&mut self, member: &str) {
+        let s = &self.cluster.settings;
+        let l = self.lapses.entry(member.to_string()).or_insert(Lapses {
+            count: 0,
+            hold: Duration::ZERO,
+        });
+        l.count += 1;
+        l.hold = s
+            .member_hold_down
+            .saturating_mul(2u32.saturating_pow(l.count.saturating_sub(1).min(16)))
+            .min(s.member_hold_down_max);
+        tracing::warn!(
+            member,
+            lapses = l.count,
+            hold_down_ms = l.hold.as_millis() as u64,
+            "member lapsed; held down before it is given partitions again"
+        );
+        self.ctx
+            .metrics
+            .member_lapses
+            .get_or_create(&crate::metrics::label("member", member))
+            .inc();
+    }
+
+    /// True while `member`, alive since `since`, is held down after a lapse.
+    fn held_down(&mut self, member: &str, since: Instant) -> bool {
+        let max = self.cluster.settings.member_hold_down_max;
+        let Some(l) = self.lapses.get(member) else {
+            return false;
+        };
+        let alive_for = since.elapsed();
+        if alive_for >= max {
+            // Alive long enough for its record of lapses to be forgotten.
+            self.lapses.remove(member);
+            return false;
+        }
+        alive_for < l.hold
+    }
+
+    /// One round: lost and failed partitions stopped, records read, free leases
+    /// claimed, at most one hand-over.
     async fn round(&mut self) {
-        // Leases whose time ran out stop at once, before any network call.
-        let expired: Vec<u32> = self
-            .mine
-            .keys()
-            .copied()
-            .filter(|&p| !self.cluster.holds(p) && !self.cluster.slots[p as usize].lock().moving)
-            .collect();
-        for p in expired {
-            self.lose(p, "the lease lapsed before a renewal succeeded")
-                .await;
+        let now = Instant::now();
+        self.last_round = now;
+        // This node's own heartbeat stopped for longer than a lease period (it was
+        // paused, starved or cut off; the renewer counts it): it holds itself down like
+        // any member seen to lapse.
+        let me = self.cluster.me.clone();
+        let lapses = self.cluster.self_lapses.load(Ordering::Relaxed);
+        if lapses > self.self_lapses_seen {
+            self.self_lapses_seen = lapses;
+            tracing::warn!("this node's heartbeat lapsed (paused, starved or cut off)");
+            self.lapsed(&me);
+            self.alive_since.insert(me.clone(), now);
+        }
+        let lost = std::mem::take(&mut *self.cluster.lost.lock());
+        for (p, why) in lost {
+            tracing::warn!(partition = p, reason = %why, "partition lease lost; partition stopped here");
+            stop_partition(&self.ctx, p).await;
         }
         let given_up = std::mem::take(&mut *self.cluster.given_up.lock());
         for (p, why) in given_up {
             self.mark_failed(p, &why).await;
         }
-        // Renewals first and together: while the store is slow (a leader election), no
-        // other call of the round delays them.
-        self.renew_all().await;
-        let me = self.cluster.me.clone();
-        let joined = self.joined || self.join().await;
-        let state = self.ctx.state.clone();
-        let bound = self.cluster.settings.lease_renew;
-        // A node that has not joined only follows the leases (for routing).
-        if joined {
-            self.beat += 1;
-            let rec = MemberRecord {
-                incarnation: self.ctx.consumers.owner().to_string(),
-                beat: self.beat,
-                leaving: false,
-                written_ms: now_ms(),
-            };
-            let bytes = serde_json::to_vec(&rec).unwrap_or_default();
-            if let Err(e) = bounded(bound, state.put(&member_key(&me), bytes)).await {
-                self.unreachable(&e);
-                return;
+        let joined = self.cluster.joined.load(Ordering::Relaxed) || {
+            let now_joined = self.join().await;
+            if now_joined {
+                // The first heartbeat at once (the renewer writes the next ones): members
+                // starting now see this one alive.
+                let rec = MemberRecord {
+                    incarnation: self.ctx.consumers.owner().to_string(),
+                    beat: 0,
+                    leaving: false,
+                    written_ms: now_ms(),
+                };
+                let bytes = serde_json::to_vec(&rec).unwrap_or_default();
+                let key = member_key(&self.cluster.me);
+                if let Err(e) = bounded(
+                    self.cluster.settings.lease_renew,
+                    self.ctx.state.put(&key, bytes),
+                )
+                .await
+                {
+                    store_error(&self.ctx, &self.cluster, "member", &e);
+                }
             }
-        }
-        // Everything else the round needs, read together.
+            now_joined
+        };
+        // Everything the round needs, read together.
+        let me = self.cluster.me.clone();
         let members: Vec<String> = self
             .cluster
             .settings
@@ -284,6 +585,8 @@ impl Leases {
             .map(|m| member_key(m))
             .chain((0..self.cluster.slots.len() as u32).map(lease_key))
             .collect();
+        let bound = self.cluster.settings.lease_renew;
+        let state = self.ctx.state.clone();
         let reads =
             futures_util::future::join_all(keys.iter().map(|k| bounded(bound, state.get(k)))).await;
         let mut values = HashMap::new();
@@ -293,15 +596,26 @@ impl Leases {
                     values.insert(k.clone(), v);
                 }
                 Err(e) => {
-                    self.unreachable(&e);
+                    store_error(&self.ctx, &self.cluster, "read", &e);
                     return;
                 }
             }
         }
-        self.cluster
-            .log_reachable
-            .store(true, std::sync::atomic::Ordering::Relaxed);
         let now = Instant::now();
+        // After an outage (or a pause) every observation starts again: a claimant only
+        // counts time in which it could read the store, so the owner's renewer, which
+        // re-adopts its lease at its last revision, gets there first.
+        let interrupted = self
+            .last_read
+            .is_none_or(|t| now.duration_since(t) > 2 * bound);
+        if interrupted {
+            for v in self.seen.values_mut() {
+                v.1 = now;
+            }
+        }
+        self.last_read = Some(now);
+        self.cluster.log_reachable.store(true, Ordering::Relaxed);
+        *self.cluster.last_read.lock() = Some(now);
         let period = self.period();
         let mut alive = vec![me.clone()];
         for m in &members {
@@ -310,16 +624,35 @@ impl Leases {
             let rev = v.as_ref().map_or(0, |v| v.revision);
             let changed = self.observe(&k, rev, now);
             let rec: Option<MemberRecord> = v.and_then(|v| serde_json::from_slice(&v.value).ok());
-            let is_alive = rec.is_some_and(|r| !r.leaving) && now.duration_since(changed) < period;
+            let leaving = rec.as_ref().is_none_or(|r| r.leaving);
+            let is_alive = !leaving && now.duration_since(changed) < period;
             if is_alive {
                 self.alive_since.entry(m.clone()).or_insert(now);
                 alive.push(m.clone());
-            } else {
-                self.alive_since.remove(m);
+            } else if self.alive_since.remove(m).is_some() && !leaving {
+                self.lapsed(m);
             }
         }
         self.alive_since.entry(me.clone()).or_insert(now);
-        let alive_refs: Vec<&str> = alive.iter().map(String::as_str).collect();
+        // The desired owners: alive and not held down (all alive ones if that leaves
+        // nobody, so partitions are never left without an owner).
+        let mut eligible: Vec<String> = Vec::new();
+        for m in &alive {
+            let since = self.alive_since.get(m).copied().unwrap_or(now);
+            if !self.held_down(m, since) {
+                eligible.push(m.clone());
+            }
+        }
+        if eligible.is_empty() {
+            eligible = alive.clone();
+        }
+        *self.cluster.held_down.lock() = alive
+            .iter()
+            .filter(|m| !eligible.contains(m))
+            .cloned()
+            .collect();
+        let eligible_refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
+        let held_here: Vec<u32> = self.cluster.held.lock().keys().copied().collect();
         for p in 0..self.cluster.slots.len() as u32 {
             let k = lease_key(p);
             let v = values.get(&k).cloned().flatten();
@@ -328,26 +661,9 @@ impl Leases {
             let rec: Option<LeaseRecord> = v
                 .as_ref()
                 .and_then(|v| serde_json::from_slice(&v.value).ok());
-            if let Some((held, my_rev)) = self.mine.get(&p).cloned() {
-                // Revisions only grow. An older one is a read from a replica that lags
-                // (direct gets), not a change. A newer one is either a renewal of ours
-                // that timed out here but was written (same incarnation and epoch:
-                // adopted, without extending the lease) or someone else's write.
-                if rev > my_rev {
-                    match rec {
-                        Some(r)
-                            if r.owner == held.owner
-                                && r.incarnation == held.incarnation
-                                && r.epoch == held.epoch =>
-                        {
-                            self.mine.insert(p, (r, rev));
-                        }
-                        r => {
-                            let by = r.map_or("nobody".into(), |r| r.owner);
-                            self.lose(p, &format!("the lease was taken by {by}")).await;
-                        }
-                    }
-                }
+            if held_here.contains(&p) {
+                // The renewer keeps it (revisions it wrote, adoption of its own writes,
+                // and the loss on a conflict).
                 continue;
             }
             {
@@ -364,7 +680,7 @@ impl Leases {
             if !joined || rec.as_ref().is_some_and(|r| r.failed.is_some()) {
                 continue;
             }
-            if rendezvous(p, alive_refs.iter().copied()) != Some(me.as_str()) {
+            if rendezvous(p, eligible_refs.iter().copied()) != Some(me.as_str()) {
                 continue;
             }
             let released = rec.as_ref().is_none_or(|r| r.owner.is_empty());
@@ -376,7 +692,7 @@ impl Leases {
             }
         }
         if joined {
-            self.rebalance(&alive).await;
+            self.rebalance(&eligible).await;
         }
     }
 
@@ -386,10 +702,7 @@ impl Leases {
         let peers: Vec<String> = self.cluster.peers.lock().keys().cloned().collect();
         if peers.iter().any(|p| self.cluster.peer_up(p)) {
             tracing::info!("joined the cluster");
-            self.joined = true;
-            self.cluster
-                .joined
-                .store(true, std::sync::atomic::Ordering::Relaxed);
+            self.cluster.joined.store(true, Ordering::Relaxed);
             return true;
         }
         let now = Instant::now();
@@ -407,7 +720,7 @@ impl Leases {
                     others_alive |= !leaving && now.duration_since(changed) < period;
                 }
                 Err(e) => {
-                    self.unreachable(&e);
+                    store_error(&self.ctx, &self.cluster, "read", &e);
                     return false;
                 }
             }
@@ -417,97 +730,8 @@ impl Leases {
             return false;
         }
         tracing::info!("joined the cluster (no other member is alive)");
-        self.joined = true;
-        self.cluster
-            .joined
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cluster.joined.store(true, Ordering::Relaxed);
         true
-    }
-
-    fn unreachable(&mut self, e: &StateError) {
-        if self
-            .cluster
-            .log_reachable
-            .swap(false, std::sync::atomic::Ordering::Relaxed)
-        {
-            tracing::warn!(error = %e, "lease round failed: the state store is unreachable (own leases lapse unless renewed in time)");
-        }
-    }
-
-    /// Renews every lease held here, all compare-and-sets in flight together, each
-    /// counted valid from the moment it was sent.
-    async fn renew_all(&mut self) {
-        let held: Vec<(u32, LeaseRecord, u64)> = self
-            .mine
-            .iter()
-            .map(|(&p, (rec, rev))| (p, rec.clone(), *rev))
-            .collect();
-        if held.is_empty() {
-            return;
-        }
-        let state = self.ctx.state.clone();
-        let bound = self.cluster.settings.lease_renew;
-        let writes = held.into_iter().map(|(p, rec, rev)| {
-            let state = state.clone();
-            async move {
-                let key = lease_key(p);
-                let attempt = |mut rec: LeaseRecord, rev: u64| {
-                    let (state, key) = (state.clone(), key.clone());
-                    async move {
-                        rec.beat += 1;
-                        rec.written_ms = now_ms();
-                        let bytes = serde_json::to_vec(&rec).unwrap_or_default();
-                        let sent = Instant::now();
-                        let r = bounded(bound, state.compare_and_set(&key, bytes, Some(rev))).await;
-                        (rec, sent, r)
-                    }
-                };
-                let (rec, sent, r) = attempt(rec, rev).await;
-                // A renewal that timed out here may still have been written: the record
-                // then holds this incarnation and epoch at a newer revision. Nobody else
-                // can have written that, so it is adopted and renewed again.
-                if let Err(StateError::Conflict { .. }) = &r {
-                    if let Ok(Some(v)) = bounded(bound, state.get(&key)).await {
-                        let found: Option<LeaseRecord> = serde_json::from_slice(&v.value).ok();
-                        if found.as_ref().is_some_and(|f| {
-                            f.owner == rec.owner
-                                && f.incarnation == rec.incarnation
-                                && f.epoch == rec.epoch
-                        }) {
-                            let again = attempt(found.unwrap_or_default(), v.revision).await;
-                            return (p, again.0, again.1, again.2);
-                        }
-                    }
-                }
-                (p, rec, sent, r)
-            }
-        });
-        self.renewal_failed = false;
-        for (p, rec, sent, r) in futures_util::future::join_all(writes).await {
-            if !self.mine.contains_key(&p) {
-                continue;
-            }
-            match r {
-                Ok(new) => {
-                    self.mine.insert(p, (rec, new));
-                    let until = self.valid_until(sent);
-                    let mut slot = self.cluster.slots[p as usize].lock();
-                    if !slot.moving {
-                        slot.valid_until = Some(until);
-                    }
-                    drop(slot);
-                    self.observe(&lease_key(p), new, sent);
-                }
-                Err(StateError::Conflict { .. }) => {
-                    self.lose(p, "the lease changed under its owner").await
-                }
-                Err(e) => {
-                    self.unreachable(&e);
-                    self.renewal_failed = true;
-                    tracing::warn!(partition = p, error = %e, "lease renewal failed; retrying soon")
-                }
-            }
-        }
     }
 
     async fn claim(&mut self, p: u32, old: LeaseRecord, rev: Option<u64>, failover: bool) {
@@ -520,38 +744,51 @@ impl Leases {
             written_ms: now_ms(),
         };
         let sent = Instant::now();
-        let r = self
-            .ctx
-            .state
-            .compare_and_set(
+        let r = bounded(
+            self.cluster.settings.lease_renew,
+            self.ctx.state.compare_and_set(
                 &lease_key(p),
                 serde_json::to_vec(&rec).unwrap_or_default(),
                 rev,
-            )
-            .await;
+            ),
+        )
+        .await;
         let new = match r {
             Ok(n) => n,
             Err(e) => {
+                if !matches!(e, StateError::Conflict { .. }) {
+                    store_error(&self.ctx, &self.cluster, "claim", &e);
+                }
                 tracing::info!(partition = p, error = %e, "lease claim lost a race or failed");
                 return;
             }
         };
         tracing::info!(partition = p, epoch = rec.epoch, from = %old.owner, failover, "partition lease claimed");
         self.observe(&lease_key(p), new, sent);
-        let until = self.valid_until(sent);
         {
             let mut slot = self.cluster.slots[p as usize].lock();
             slot.owner = rec.owner.clone();
             slot.epoch = rec.epoch;
-            slot.valid_until = Some(until);
+            slot.valid_until = Some(valid_until(&self.cluster, sent));
             slot.moving = false;
             slot.failed = None;
             slot.changed = sent;
         }
-        self.mine.insert(p, (rec, new));
-        self.event(&self.cluster.counters.claims, "claim");
+        // From here on the renewer keeps it.
+        self.cluster.held.lock().insert(p, Held { rec, rev: new });
+        event(
+            &self.ctx,
+            &self.cluster,
+            &self.cluster.counters.claims,
+            "claim",
+        );
         if failover {
-            self.event(&self.cluster.counters.failovers, "failover");
+            event(
+                &self.ctx,
+                &self.cluster,
+                &self.cluster.counters.failovers,
+                "failover",
+            );
         }
         // The partition's consumer claims its state scope anew (fencing the last owner),
         // loads the checkpoint and replays; it is answered once that is done.
@@ -571,75 +808,69 @@ impl Leases {
         };
         if let Some(why) = problem {
             tracing::warn!(partition = p, error = %why, "partition did not start; releasing its lease");
-            self.stop_partition(p).await;
+            stop_partition(&self.ctx, p).await;
             if let Err(e) = self.release(p, None).await {
                 tracing::warn!(partition = p, error = %e, "lease not released; it lapses instead");
             }
         }
     }
 
-    /// Stops answering for and applying `p` at once, and forgets the lease.
-    async fn lose(&mut self, p: u32, why: &str) {
-        {
-            let mut slot = self.cluster.slots[p as usize].lock();
-            slot.valid_until = None;
-            slot.moving = false;
-        }
-        self.mine.remove(&p);
-        self.event(&self.cluster.counters.lost, "lost");
-        tracing::warn!(
-            partition = p,
-            reason = why,
-            "partition lease lost; partition stopped here"
-        );
-        self.stop_partition(p).await;
-    }
-
-    /// Stops the partition's actor (no restart) and drops what this node held of it.
-    async fn stop_partition(&self, p: u32) {
-        let scope = crate::names::user_features(p);
-        crate::Discard::discard(
-            crate::node::call(
-                crate::names::PARTITIONS_SUPERVISOR,
-                Duration::from_secs(30),
-                |port| SupervisorMsg::Remove(scope.clone(), port),
-            )
-            .await,
-        );
-        self.ctx.consumers.deposed(&scope);
-        self.ctx.health.end_recovery(&scope);
-        *self.ctx.user_stores[p as usize].write() = Default::default();
-    }
-
-    /// Writes the lease released (or failed), if this node still holds it.
+    /// Writes the lease released (or failed), if this node still holds it. The lease
+    /// leaves `held` first, so the renewer lets it go; a renewal of it in flight meanwhile
+    /// is recognised (this process and epoch at a newer revision) and written over.
     async fn release(&mut self, p: u32, failed: Option<String>) -> Result<(), String> {
-        let Some((mut rec, rev)) = self.mine.remove(&p) else {
+        let Some(h) = self.cluster.held.lock().remove(&p) else {
             return Ok(());
         };
-        rec.owner.clear();
-        rec.incarnation.clear();
-        rec.failed = failed;
-        rec.written_ms = now_ms();
         {
             let mut slot = self.cluster.slots[p as usize].lock();
             slot.valid_until = None;
             slot.moving = false;
             slot.owner.clear();
-            slot.failed = rec.failed.clone();
+            slot.failed = failed.clone();
         }
-        self.ctx
-            .state
-            .compare_and_set(
-                &lease_key(p),
-                serde_json::to_vec(&rec).unwrap_or_default(),
-                Some(rev),
+        let mut rec = h.rec.clone();
+        rec.owner.clear();
+        rec.incarnation.clear();
+        rec.failed = failed;
+        let bound = self.cluster.settings.lease_renew;
+        let key = lease_key(p);
+        let mut rev = h.rev;
+        for _ in 0..3 {
+            rec.written_ms = now_ms();
+            let bytes = serde_json::to_vec(&rec).unwrap_or_default();
+            match bounded(
+                bound,
+                self.ctx.state.compare_and_set(&key, bytes, Some(rev)),
             )
             .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+            {
+                Ok(_) => return Ok(()),
+                Err(StateError::Conflict { .. }) => {
+                    let found = bounded(bound, self.ctx.state.get(&key))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    match found {
+                        Some(v)
+                            if serde_json::from_slice::<LeaseRecord>(&v.value)
+                                .is_ok_and(|f| f.same_holder(&h.rec)) =>
+                        {
+                            rev = v.revision;
+                        }
+                        _ => return Err("the lease was taken meanwhile".into()),
+                    }
+                }
+                Err(e) => {
+                    store_error(&self.ctx, &self.cluster, "release", &e);
+                    return Err(e.to_string());
+                }
+            }
+        }
+        Err("the lease kept changing".into())
     }
 
     /// Final checkpoint, stop, release: the partition is free for its next owner at once.
+    /// The lease stays held (renewed) until the release.
     async fn hand_over(&mut self, p: u32) -> Result<(), String> {
         self.cluster.slots[p as usize].lock().moving = true;
         let scope = crate::names::user_features(p);
@@ -651,7 +882,7 @@ impl Leases {
             Ok(r) => r.error,
             Err(e) => Some(e.to_string()),
         };
-        self.stop_partition(p).await;
+        stop_partition(&self.ctx, p).await;
         let released = self.release(p, None).await;
         match (problem, released) {
             (None, Ok(())) => Ok(()),
@@ -663,29 +894,75 @@ impl Leases {
     }
 
     async fn mark_failed(&mut self, p: u32, why: &str) {
-        self.event(&self.cluster.counters.failed, "failed");
+        event(
+            &self.ctx,
+            &self.cluster,
+            &self.cluster.counters.failed,
+            "failed",
+        );
         tracing::error!(
             partition = p,
             reason = why,
             "partition given up after repeated failures; released and marked failed"
         );
-        self.stop_partition(p).await;
+        stop_partition(&self.ctx, p).await;
         if let Err(e) = self.release(p, Some(why.to_string())).await {
             tracing::warn!(partition = p, error = %e, "could not mark the partition failed");
         }
     }
 
+    /// Takes one move from the cluster's budget (`move_budget` hand-overs per
+    /// `move_budget_window`); false when it is spent or the store did not answer.
+    async fn take_move(&mut self) -> bool {
+        let s = self.cluster.settings.clone();
+        let now = now_ms();
+        let window = s.move_budget_window.as_millis() as i64;
+        for _ in 0..3 {
+            let cur = match bounded(s.lease_renew, self.ctx.state.get(MOVES_KEY)).await {
+                Ok(v) => v,
+                Err(_) => return false,
+            };
+            let mut rec: MovesRecord = cur
+                .as_ref()
+                .and_then(|v| serde_json::from_slice(&v.value).ok())
+                .unwrap_or_default();
+            rec.times_ms.retain(|&t| now - t < window);
+            if rec.times_ms.len() >= s.move_budget as usize {
+                tracing::info!(
+                    moves = rec.times_ms.len(),
+                    "hand-over put off: the cluster's move budget is spent for now"
+                );
+                self.ctx.metrics.moves_deferred.inc();
+                return false;
+            }
+            rec.times_ms.push(now);
+            let bytes = serde_json::to_vec(&rec).unwrap_or_default();
+            let expected = cur.map(|v| v.revision);
+            match bounded(
+                s.lease_renew,
+                self.ctx.state.compare_and_set(MOVES_KEY, bytes, expected),
+            )
+            .await
+            {
+                Ok(_) => return true,
+                Err(StateError::Conflict { .. }) => continue,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
     /// Hands one owned partition to its desired owner, when that member has been alive
-    /// for two renewals, has a session with this node, and no hand-over happened within
-    /// `rebalance_interval`.
-    async fn rebalance(&mut self, alive: &[String]) {
-        let s = &self.cluster.settings;
+    /// for two renewals, has a session with this node, no hand-over happened here within
+    /// `rebalance_interval`, and the cluster's move budget allows one.
+    async fn rebalance(&mut self, eligible: &[String]) {
+        let s = self.cluster.settings.clone();
         if self.last_handoff.elapsed() < s.rebalance_interval {
             return;
         }
         let settled = s.lease_renew * 2;
-        let refs: Vec<&str> = alive.iter().map(String::as_str).collect();
-        let mut owned: Vec<u32> = self.mine.keys().copied().collect();
+        let refs: Vec<&str> = eligible.iter().map(String::as_str).collect();
+        let mut owned: Vec<u32> = self.cluster.held.lock().keys().copied().collect();
         owned.sort_unstable();
         let me = self.cluster.me.clone();
         let target = owned.into_iter().find_map(|p| {
@@ -699,15 +976,80 @@ impl Leases {
             let reachable = self.cluster.peer_up(d);
             (d != me && ready && reachable && self.ctx.serving(p)).then(|| (p, d.to_string()))
         });
-        if let Some((p, to)) = target {
-            self.last_handoff = Instant::now();
-            tracing::info!(partition = p, to = %to, "handing a partition to its desired owner");
-            match self.hand_over(p).await {
-                Ok(()) => {
-                    self.event(&self.cluster.counters.handoffs, "handoff");
-                }
-                Err(e) => tracing::warn!(partition = p, error = %e, "hand-over incomplete"),
+        let Some((p, to)) = target else {
+            return;
+        };
+        self.last_handoff = Instant::now();
+        if !self.take_move().await {
+            return;
+        }
+        tracing::info!(partition = p, to = %to, "handing a partition to its desired owner");
+        match self.hand_over(p).await {
+            Ok(()) => event(
+                &self.ctx,
+                &self.cluster,
+                &self.cluster.counters.handoffs,
+                "handoff",
+            ),
+            Err(e) => tracing::warn!(partition = p, error = %e, "hand-over incomplete"),
+        }
+    }
+
+    /// See [`ManagerMsg::ReleaseAll`].
+    async fn release_all(&mut self) -> Vec<String> {
+        self.stopped = true;
+        self.cluster.leaving.store(true, Ordering::Relaxed);
+        let mut problems = Vec::new();
+        let mut owned: Vec<u32> = self.cluster.held.lock().keys().copied().collect();
+        owned.sort_unstable();
+        for p in owned {
+            if let Err(e) = self.hand_over(p).await {
+                problems.push(format!("partition {p}: {e}"));
             }
         }
+        let rec = MemberRecord {
+            incarnation: self.ctx.consumers.owner().to_string(),
+            beat: 0,
+            leaving: true,
+            written_ms: now_ms(),
+        };
+        let bytes = serde_json::to_vec(&rec).unwrap_or_default();
+        let key = member_key(&self.cluster.me);
+        if let Err(e) = bounded(
+            self.cluster.settings.lease_period,
+            self.ctx.state.put(&key, bytes),
+        )
+        .await
+        {
+            problems.push(format!("member record: {e}"));
+        }
+        problems
+    }
+}
+
+/// Stops the partition's actor (no restart) and drops what this node held of it.
+async fn stop_partition(ctx: &Ctx, p: u32) {
+    let scope = crate::names::user_features(p);
+    crate::node::call(
+        crate::names::PARTITIONS_SUPERVISOR,
+        Duration::from_secs(30),
+        |port| SupervisorMsg::Remove(scope.clone(), port),
+    )
+    .await
+    .discard();
+    ctx.consumers.deposed(&scope);
+    ctx.health.end_recovery(&scope);
+    *ctx.user_stores[p as usize].write() = Default::default();
+}
+
+/// The lease actors' registered names.
+pub const RENEWER: &str = "lease_renewer";
+pub const MANAGER: &str = "lease_manager";
+
+/// The graceful release through the manager (see [`ManagerMsg::ReleaseAll`]).
+pub async fn release_all(timeout: Duration) -> Vec<String> {
+    match crate::node::call(MANAGER, timeout, ManagerMsg::ReleaseAll).await {
+        Ok(problems) => problems,
+        Err(e) => vec![format!("lease manager: {e}")],
     }
 }

@@ -24,29 +24,37 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use ractor::{Actor, ActorCell, ActorId, ActorRef};
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef};
 use ractor_cluster::node::NodeServerSessionInformation;
 use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
+use ractor_cluster_derive::RactorMessage;
+use std::sync::atomic::Ordering;
 
-use super::gateway::{self, Gateway, GatewayMsg, RemoteError};
+use super::gateway::{self, RemoteError};
 use super::{Cluster, PeerState};
 use crate::ctx::Ctx;
 
-/// What a running membership holds (stopped with the node).
-pub struct Membership {
-    pub server: ActorRef<NodeServerMessage>,
-    pub gateway: ActorRef<GatewayMsg>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+/// The registered name of the membership actor.
+pub const NAME: &str = "membership";
+
+/// The supervised actor that keeps this node's sessions: it runs the ractor_cluster node
+/// server (linked: it dies with this actor), the dialling tasks (aborted with it) and,
+/// every `heartbeat`, the liveness calls. A restart starts a new node server, whose
+/// sessions the peers and the dialling tasks re-establish; the leases do not depend on
+/// sessions, so a restart moves nothing.
+pub struct Membership;
+
+#[derive(RactorMessage)]
+pub enum MembershipMsg {
+    Liveness,
 }
 
-impl Membership {
-    pub fn stop(self) {
-        for t in self.tasks {
-            t.abort();
-        }
-        self.gateway.stop(Some("node stopping".into()));
-        self.server.stop(Some("node stopping".into()));
-    }
+pub struct MembershipState {
+    ctx: Arc<Ctx>,
+    cluster: Arc<Cluster>,
+    sessions: Sessions,
+    _server: ActorRef<NodeServerMessage>,
+    _tasks: Vec<super::lease::AbortOnDrop>,
 }
 
 #[derive(Debug, Clone)]
@@ -60,10 +68,18 @@ struct SessionInfo {
 /// Open sessions by their actor (shared by the event subscription and the liveness loop).
 type Sessions = Arc<Mutex<HashMap<ActorId, SessionInfo>>>;
 
-/// Node events from the node server, turned into peer states.
+/// Node events from the node server, turned into peer states. Events of a node server
+/// an earlier incarnation of the membership actor started are ignored.
 struct Events {
     cluster: Arc<Cluster>,
     sessions: Sessions,
+    incarnation: u64,
+}
+
+impl Events {
+    fn current(&self) -> bool {
+        self.cluster.membership_incarnation.load(Ordering::Relaxed) == self.incarnation
+    }
 }
 
 /// The member name of a session's peer (ractor_cluster names nodes `name@host`).
@@ -75,6 +91,9 @@ fn peer_name(ses: &NodeServerSessionInformation) -> Option<String> {
 
 impl NodeEventSubscription for Events {
     fn node_session_opened(&self, ses: NodeServerSessionInformation) {
+        if !self.current() {
+            return;
+        }
         let id = ses.actor.get_id();
         self.sessions.lock().insert(
             id,
@@ -110,6 +129,9 @@ impl NodeEventSubscription for Events {
     }
 
     fn node_session_authenticated(&self, ses: NodeServerSessionInformation) {
+        if !self.current() {
+            return;
+        }
         let id = ses.actor.get_id();
         let name = peer_name(&ses);
         let Some(name) = name else { return };
@@ -159,6 +181,9 @@ impl NodeEventSubscription for Events {
     }
 
     fn node_session_disconnected(&self, ses: NodeServerSessionInformation) {
+        if !self.current() {
+            return;
+        }
         let id = ses.actor.get_id();
         let info = self.sessions.lock().remove(&id);
         let name = info
@@ -196,71 +221,118 @@ impl NodeEventSubscription for Events {
     fn node_session_ready(&self, _ses: NodeServerSessionInformation) {}
 }
 
-/// Starts the node server, the gateway, the dialling loops and the liveness loop.
-pub async fn start(ctx: Arc<Ctx>, cluster: Arc<Cluster>) -> Result<Membership, String> {
-    let s = &cluster.settings;
-    let me = s
-        .members
-        .iter()
-        .find(|m| m.name == cluster.me)
-        .ok_or_else(|| format!("node {} is not among cluster.members", cluster.me))?;
-    let (host, port) = me
-        .cluster_addr
-        .rsplit_once(':')
-        .ok_or_else(|| format!("cluster_addr `{}` is not host:port", me.cluster_addr))?;
-    let port: u16 = port
-        .parse()
-        .map_err(|_| format!("cluster_addr `{}`: bad port", me.cluster_addr))?;
-    let ip = tokio::net::lookup_host(&me.cluster_addr)
-        .await
-        .map_err(|e| format!("resolving {}: {e}", me.cluster_addr))?
-        .next()
-        .ok_or_else(|| format!("{} resolves to no address", me.cluster_addr))?
-        .ip();
-    let server = NodeServer::new(
-        port,
-        s.cookie.clone(),
-        cluster.me.clone(),
-        host.to_string(),
-        None,
-        Some(ractor_cluster::node::NodeConnectionMode::Isolated),
-    )
-    .with_listen_addr(ip);
-    let (server, _) = Actor::spawn(None, server, ()).await.map_err(|e| {
-        format!(
-            "starting the cluster node server on {}: {e}",
-            me.cluster_addr
+impl Actor for Membership {
+    type Msg = MembershipMsg;
+    type State = MembershipState;
+    type Arguments = Arc<Ctx>;
+
+    /// Starts the node server and the dialling tasks; schedules the liveness calls.
+    async fn pre_start(
+        &self,
+        myself: ActorRef<MembershipMsg>,
+        ctx: Arc<Ctx>,
+    ) -> Result<MembershipState, ActorProcessingErr> {
+        let cluster = ctx
+            .cluster
+            .clone()
+            .ok_or("membership runs in cluster mode only")?;
+        let incarnation = cluster
+            .membership_incarnation
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
+        // Whatever an earlier incarnation counted died with its node server.
+        for p in cluster.peers.lock().values_mut() {
+            p.sessions = 0;
+            p.misses = 0;
+            if matches!(p.state, PeerState::Up | PeerState::Unresponsive) {
+                p.set(PeerState::Down);
+            }
+        }
+        let s = &cluster.settings;
+        let me = s
+            .members
+            .iter()
+            .find(|m| m.name == cluster.me)
+            .ok_or_else(|| format!("node {} is not among cluster.members", cluster.me))?;
+        let (host, port) = me
+            .cluster_addr
+            .rsplit_once(':')
+            .ok_or_else(|| format!("cluster_addr `{}` is not host:port", me.cluster_addr))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("cluster_addr `{}`: bad port", me.cluster_addr))?;
+        let ip = tokio::net::lookup_host(&me.cluster_addr)
+            .await
+            .map_err(|e| format!("resolving {}: {e}", me.cluster_addr))?
+            .next()
+            .ok_or_else(|| format!("{} resolves to no address", me.cluster_addr))?
+            .ip();
+        let server = NodeServer::new(
+            port,
+            s.cookie.clone(),
+            cluster.me.clone(),
+            host.to_string(),
+            None,
+            Some(ractor_cluster::node::NodeConnectionMode::Isolated),
         )
-    })?;
-    let sessions: Sessions = Default::default();
-    server
-        .cast(NodeServerMessage::SubscribeToEvents {
-            id: "troupe.membership".into(),
-            subscription: Box::new(Events {
-                cluster: cluster.clone(),
-                sessions: sessions.clone(),
-            }),
+        .with_listen_addr(ip);
+        let (server, _) = Actor::spawn_linked(None, server, (), myself.get_cell())
+            .await
+            .map_err(|e| {
+                format!(
+                    "starting the cluster node server on {}: {e}",
+                    me.cluster_addr
+                )
+            })?;
+        let sessions: Sessions = Default::default();
+        server
+            .cast(NodeServerMessage::SubscribeToEvents {
+                id: "troupe.membership".into(),
+                subscription: Box::new(Events {
+                    cluster: cluster.clone(),
+                    sessions: sessions.clone(),
+                    incarnation,
+                }),
+            })
+            .map_err(|e| e.to_string())?;
+        let mut tasks = Vec::new();
+        for m in s.members.iter().filter(|m| m.name > cluster.me) {
+            tasks.push(super::lease::AbortOnDrop(tokio::spawn(dial(
+                cluster.clone(),
+                server.clone(),
+                m.name.clone(),
+                m.cluster_addr.clone(),
+            ))));
+        }
+        tracing::info!(addr = %me.cluster_addr, members = s.members.len(), incarnation, "cluster node server listening");
+        myself.send_after(s.heartbeat, || MembershipMsg::Liveness);
+        Ok(MembershipState {
+            ctx,
+            cluster,
+            sessions,
+            _server: server,
+            _tasks: tasks,
         })
-        .map_err(|e| e.to_string())?;
-    let (gw, _) = Actor::spawn(None, Gateway, ctx.clone())
-        .await
-        .map_err(|e| format!("starting the gateway: {e}"))?;
-    let mut tasks = Vec::new();
-    for m in s.members.iter().filter(|m| m.name > cluster.me) {
-        tasks.push(tokio::spawn(dial(
-            cluster.clone(),
-            server.clone(),
-            m.name.clone(),
-            m.cluster_addr.clone(),
-        )));
     }
-    tasks.push(tokio::spawn(liveness(cluster.clone(), sessions)));
-    tracing::info!(addr = %me.cluster_addr, members = s.members.len(), "cluster node server listening");
-    Ok(Membership {
-        server,
-        gateway: gw,
-        tasks,
-    })
+
+    async fn handle(
+        &self,
+        myself: ActorRef<MembershipMsg>,
+        _: MembershipMsg,
+        st: &mut MembershipState,
+    ) -> Result<(), ActorProcessingErr> {
+        crate::faults::fire(&st.ctx.faults, "membership").await?;
+        let started = Instant::now();
+        liveness(&st.cluster, &st.sessions).await;
+        // One round per heartbeat, however long the calls took (at most a heartbeat).
+        let next = st
+            .cluster
+            .settings
+            .heartbeat
+            .saturating_sub(started.elapsed());
+        myself.send_after(next, || MembershipMsg::Liveness);
+        Ok(())
+    }
 }
 
 /// Keeps a session to `peer` open: dials when there is none, waits for it to
@@ -332,14 +404,11 @@ async fn dial(
     }
 }
 
-/// Every `heartbeat`, a timed `Ping` to every peer with a session; a peer that missed
+/// A timed `Ping` to every peer with a session; a peer that missed
 /// `2 * heartbeat_misses` in a row has its sessions closed.
-async fn liveness(cluster: Arc<Cluster>, sessions: Sessions) {
+async fn liveness(cluster: &Arc<Cluster>, sessions: &Sessions) {
     let s = cluster.settings.clone();
-    let mut tick = tokio::time::interval(s.heartbeat);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
+    {
         let peers: Vec<String> = cluster
             .peers
             .lock()

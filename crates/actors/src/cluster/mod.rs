@@ -98,6 +98,10 @@ pub enum SlotState {
     Replaying,
     /// Owned here and being handed over (final checkpoint, then release).
     Moving,
+    /// Held here, but its time ran out before a renewal succeeded (the state store did
+    /// not answer): not answered; re-adopted by the next renewal if nobody took it, else
+    /// lost and stopped.
+    Lapsed,
     /// Owned by another node (see `owner`), or by nobody yet.
     Remote,
     /// Given up after repeated failures of its actors; nobody claims it until an
@@ -132,6 +136,9 @@ pub struct Counters {
     pub lost: AtomicU64,
     /// Partitions this node gave up after repeated failures.
     pub failed: AtomicU64,
+    /// Leases that lapsed here and were re-adopted at their last revision (nobody had
+    /// taken them): answered again without a reload or replay.
+    pub readopted: AtomicU64,
     /// Requests forwarded to an owner, and those that fell back to a degraded answer.
     pub forwarded: AtomicU64,
     pub forward_failures: AtomicU64,
@@ -153,6 +160,25 @@ pub struct Cluster {
     pub log_reachable: std::sync::atomic::AtomicBool,
     /// See [`lease`]: a node claims partitions only once it has joined.
     pub joined: std::sync::atomic::AtomicBool,
+    /// The leases this node holds (the renewer renews them; the manager adds and
+    /// removes them). Kept here so that either actor restarts without losing them.
+    pub(crate) held: Mutex<std::collections::HashMap<u32, lease::Held>>,
+    /// Leases the renewer lost (another writer took them), for the manager to stop.
+    pub(crate) lost: Mutex<Vec<(u32, String)>>,
+    /// Set on a graceful stop: no more heartbeats, no more claims.
+    pub(crate) leaving: std::sync::atomic::AtomicBool,
+    /// A manager round is scheduled (one timer at a time).
+    pub(crate) round_scheduled: std::sync::atomic::AtomicBool,
+    /// Alive members held down after lapses (not given partitions for now).
+    pub held_down: Mutex<Vec<String>>,
+    /// When this node last read the lease and member records.
+    pub last_read: Mutex<Option<Instant>>,
+    /// Incarnation of the membership actor (events of older node servers are ignored).
+    pub(crate) membership_incarnation: AtomicU64,
+    /// When this node's member heartbeat was last written, and how many times it went
+    /// unwritten for longer than a lease period (this node lapsed, as the others saw it).
+    pub(crate) heartbeat_ok: Mutex<Option<Instant>>,
+    pub(crate) self_lapses: AtomicU64,
 }
 
 impl Cluster {
@@ -183,6 +209,15 @@ impl Cluster {
             wake: tokio::sync::Notify::new(),
             log_reachable: std::sync::atomic::AtomicBool::new(false),
             joined: std::sync::atomic::AtomicBool::new(false),
+            held: Mutex::new(Default::default()),
+            lost: Mutex::new(Vec::new()),
+            leaving: std::sync::atomic::AtomicBool::new(false),
+            round_scheduled: std::sync::atomic::AtomicBool::new(false),
+            held_down: Mutex::new(Vec::new()),
+            last_read: Mutex::new(None),
+            membership_incarnation: AtomicU64::new(0),
+            heartbeat_ok: Mutex::new(None),
+            self_lapses: AtomicU64::new(0),
             settings,
         }
     }
@@ -218,6 +253,26 @@ impl Cluster {
             .iter()
             .find(|m| m.name == name)
             .map(|m| m.http_addr.as_str())
+    }
+
+    /// Forgets a lease another writer took: the partition stops being answered at once,
+    /// and the lease manager stops its actor.
+    pub(crate) fn lose(&self, p: u32, why: &str) {
+        if self.held.lock().remove(&p).is_none() {
+            return;
+        }
+        {
+            let mut slot = self.slots[p as usize].lock();
+            slot.valid_until = None;
+            slot.moving = false;
+        }
+        self.lost.lock().push((p, why.to_string()));
+        self.wake.notify_one();
+    }
+
+    /// True while this node holds `p`'s lease, valid or lapsed.
+    pub fn held_here(&self, p: u32) -> bool {
+        self.held.lock().contains_key(&p)
     }
 
     /// Reports a partition its supervisor gave up (see [`lease`]).
@@ -268,11 +323,16 @@ impl Cluster {
                 .set(n as i64);
         }
         drop(peers);
-        let (mut serving, mut replaying, mut moving) = (0, 0, 0);
+        m.log_reachable
+            .set(i64::from(self.log_reachable.load(Ordering::Relaxed)));
+        let (mut serving, mut replaying, mut moving, mut lapsed) = (0, 0, 0, 0);
         for (i, slot) in self.slots.iter().enumerate() {
+            let held = self.held_here(i as u32);
             let s = slot.lock();
             if s.moving {
                 moving += 1;
+            } else if held && s.valid_until.is_none_or(|t| Instant::now() >= t) {
+                lapsed += 1;
             } else if s.valid_until.is_some_and(|t| Instant::now() < t) {
                 if ctx
                     .health
@@ -288,6 +348,7 @@ impl Cluster {
             ("serving", serving),
             ("replaying", replaying),
             ("moving", moving),
+            ("lapsed", lapsed),
         ] {
             m.partitions_held
                 .get_or_create(&crate::metrics::label("state", label))
@@ -328,12 +389,15 @@ impl Cluster {
             .enumerate()
             .map(|(i, slot)| {
                 let p = i as u32;
+                let here = self.held_here(p);
                 let s = slot.lock().clone();
                 let held = s.valid_until.is_some_and(|t| now < t);
                 let state = if s.failed.is_some() {
                     SlotState::Failed
                 } else if s.moving {
                     SlotState::Moving
+                } else if here && !held {
+                    SlotState::Lapsed
                 } else if !held {
                     SlotState::Remote
                 } else if ctx.health.is_recovering(&crate::names::user_features(p)) {
@@ -361,11 +425,14 @@ impl Cluster {
             "partitions": partitions,
             "log_reachable": self.log_reachable.load(Ordering::Relaxed),
             "joined": self.joined.load(Ordering::Relaxed),
+            "held_down": self.held_down.lock().clone(),
+            "leases_read_ms_ago": self.last_read.lock().map(|t| ms(t.elapsed())),
             "counts": {
                 "claims": n(&c.claims),
                 "failovers": n(&c.failovers),
                 "handoffs": n(&c.handoffs),
                 "leases_lost": n(&c.lost),
+                "leases_readopted": n(&c.readopted),
                 "partitions_failed": n(&c.failed),
                 "forwarded": n(&c.forwarded),
                 "forward_failures": n(&c.forward_failures),
