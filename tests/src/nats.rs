@@ -296,8 +296,10 @@ impl NatsCluster {
             } else {
                 String::new()
             };
+            // no_advertise: clients are not told the other servers' addresses, so a
+            // client given proxied addresses cannot reconnect around its proxies.
             let cluster = format!(
-                "cluster {{ name: troupe-test, listen: 127.0.0.1:{route}, {advertise}routes: [{}] }}\n",
+                "cluster {{ name: troupe-test, listen: 127.0.0.1:{route}, no_advertise: true, {advertise}routes: [{}] }}\n",
                 list.join(", ")
             );
             servers.push(NatsServer::configured(
@@ -335,6 +337,22 @@ impl NatsCluster {
                 .expect("started with route proxies")
                 .cut();
         }
+    }
+
+    /// A proxy in front of each server's client port (for a node whose every link to
+    /// the servers a test cuts), and the URL list through them.
+    pub fn client_proxies(&self) -> (Vec<Proxy>, String) {
+        let proxies: Vec<Proxy> = self
+            .servers
+            .iter()
+            .map(|s| Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], s.port))))
+            .collect();
+        let urls = proxies
+            .iter()
+            .map(|p| format!("nats://{}", p.addr()))
+            .collect::<Vec<_>>()
+            .join(",");
+        (proxies, urls)
     }
 
     /// Restores every route cut by [`NatsCluster::cut`].

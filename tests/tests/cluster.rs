@@ -34,6 +34,8 @@ struct Tuning {
     /// Hold-down of a member after a lapse (short by default: most tests restart or
     /// resume nodes and wait for them to get partitions back).
     hold_down_ms: u64,
+    /// Extra lines of `[journal]`.
+    journal: String,
 }
 
 impl Default for Tuning {
@@ -43,6 +45,7 @@ impl Default for Tuning {
             lease_period_ms: 3000,
             lease_renew_ms: 500,
             hold_down_ms: 1000,
+            journal: String::new(),
         }
     }
 }
@@ -57,7 +60,7 @@ fn config(name: &str, dir: &std::path::Path, members: &[Member], nats: &str, t: 
         .collect();
     format!(
         "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{http}\"\n\
-[journal]\npartitions = {PARTITIONS}\npoll_interval_ms = 20\n\
+[journal]\npartitions = {PARTITIONS}\npoll_interval_ms = 20\n{}\
 [features]\nhistory_len = 100000\ncheckpoint_every_records = 700\ncheckpoint_interval_ms = 300\n\
 [als]\nmin_interactions = 1000000000\n\
 [supervision]\nbackoff_base_ms = 5\nbackoff_max_ms = 50\n\
@@ -66,6 +69,7 @@ fn config(name: &str, dir: &std::path::Path, members: &[Member], nats: &str, t: 
 reconnect_max_ms = 1000\nlease_period_ms = {}\nlease_renew_ms = {}\nrebalance_interval_ms = 200\n\
 forward_timeout_ms = 3000\nmember_hold_down_ms = {}\nmember_hold_down_max_ms = {}\n",
         dir.join("data").display(),
+        t.journal,
         t.jetstream,
         list.join(", "),
         t.lease_period_ms,
@@ -750,16 +754,26 @@ fn reader(
     })
 }
 
-/// Read-your-writes across nodes: an event acknowledged by one node is in the answer of
-/// a read of that user through a third node (without `min_offset`), forwarded to the
-/// owner, and the answer is not stale.
+/// Read-your-writes across nodes on three servers with replicas 3: an event acknowledged
+/// by one node is in the answer of a read of that user through a third node (without
+/// `min_offset`), forwarded to the owner, and the answer is not stale.
 #[test]
 fn cluster_read_through_any_node_sees_a_write_acked_by_another() {
     let _serial = one_at_a_time();
     let _t = timed();
-    let Some(c) = Cluster::balanced_three() else {
+    // Three servers, everything replicated: the freshness target comes from the stream's
+    // leader, never from a replica that may lag.
+    let Some(nats) = NatsCluster::start() else {
         return;
     };
+    let mut c = Cluster::on(nats, r3_tuning());
+    let (members, url) = (c.members.clone(), c.nats.urls());
+    for n in NAMES {
+        c.launch(n, "test-cookie", &members, &url);
+    }
+    c.wait(90, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
     let p = *serving(c.node("c")).iter().next().unwrap();
     let user = user_in(p);
     for i in 0..20 {
@@ -1443,4 +1457,229 @@ fn cluster_control_plane_actors_are_supervised() {
     for t in ["lease_manager", "lease_renewer", "membership", "gateway"] {
         assert!(log.contains(&format!("injected panic in {t}")), "{t}");
     }
+}
+
+/// Tuning for the link-cut tests: three servers, replicas 3, the test lease timing.
+fn r3_tuning() -> Tuning {
+    Tuning {
+        jetstream: "replicas = 3\nrequest_timeout_ms = 5000\nconnect_timeout_ms = 60000\n".into(),
+        lease_period_ms: 6000,
+        lease_renew_ms: 1000,
+        ..Tuning::default()
+    }
+}
+
+/// Watches the cluster for `secs`: fails when a partition is served by two nodes at once
+/// or a node's `/v1/cluster` or `/readyz` takes more than 2 s; returns the longest time
+/// any partition went unserved by every node.
+fn longest_unserved(c: &Cluster, secs: u64, what: &str) -> Duration {
+    let started = Instant::now();
+    let mut since: HashMap<u64, Instant> = HashMap::new();
+    let mut worst = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(secs) {
+        let m = served_by(c, &NAMES);
+        if let Some((p, who)) = m.iter().find(|(_, w)| w.len() > 1) {
+            c.fail(&format!("{what}: partition {p} served by {who:?} at once"));
+        }
+        let now = Instant::now();
+        for p in 0..PARTITIONS as u64 {
+            if m.get(&p).is_some_and(|w| !w.is_empty()) {
+                if let Some(t) = since.remove(&p) {
+                    worst = worst.max(now - t);
+                }
+            } else {
+                since.entry(p).or_insert(now);
+            }
+        }
+        for n in NAMES {
+            for path in ["/v1/cluster", "/readyz"] {
+                let t = Instant::now();
+                let r = std::panic::catch_unwind(|| c.node(n).get(path));
+                if t.elapsed() > Duration::from_secs(2) || r.is_err() {
+                    c.fail(&format!(
+                        "{what}: {n}{path} answered after {:.1} s ({})",
+                        t.elapsed().as_secs_f64(),
+                        if r.is_err() { "no answer" } else { "late" }
+                    ));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let now = Instant::now();
+    if let Some((p, t)) = since.into_iter().next() {
+        c.fail(&format!(
+            "{what}: partition {p} still unserved after {:.1} s",
+            (now - t).as_secs_f64()
+        ));
+    }
+    worst
+}
+
+/// Three servers (replicas 3); node c reaches each server only through a proxy, and all
+/// three are cut: c cannot reach the log at all. Its status endpoints keep answering
+/// within 2 s and say so (`/readyz` cluster.log_reachable false), no partition is ever
+/// served twice, and a and b serve every partition within the lease period plus a few
+/// seconds (the time is printed). After the heal c rejoins and gets partitions back.
+#[test]
+fn cluster_node_cut_from_every_server_moves_its_partitions_in_time() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(nats) = NatsCluster::start() else {
+        return;
+    };
+    let (proxies, proxied) = nats.client_proxies();
+    let mut c = Cluster::on(nats, r3_tuning());
+    let (members, url) = (c.members.clone(), c.nats.urls());
+    c.launch("a", "test-cookie", &members, &url);
+    c.launch("b", "test-cookie", &members, &url);
+    c.launch("c", "test-cookie", &members, &proxied);
+    c.wait(90, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    assert!(!serving(c.node("c")).is_empty());
+    for p in &proxies {
+        p.cut();
+    }
+    let took = longest_unserved(&c, 30, "c cut off from every server");
+    assert!(all_served_by(&c, &["a", "b"]));
+    let ready = c.node("c").get("/readyz");
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    c.wait(30, "c says the log is unreachable", || {
+        c.node("c").get("/readyz").body["cluster"]["log_reachable"] == false
+    });
+    let limit = Duration::from_millis(c.tuning.lease_period_ms) + Duration::from_secs(5);
+    assert!(took <= limit, "partitions unanswered for {took:?}");
+    for p in &proxies {
+        p.heal();
+    }
+    c.wait(90, "c serves partitions again", || balanced(&c));
+    println!(
+        "node cut from every server (R3, lease {:.0} s): longest a partition went unserved {:.2} s",
+        c.tuning.lease_period_ms as f64 / 1000.0,
+        took.as_secs_f64()
+    );
+}
+
+/// Three servers whose routes go through proxies; the server leading the lease bucket is
+/// cut off from the other two (its routes cut both ways). The nodes connected to it lose
+/// the leaders; they reconnect to another server, no partition is ever served twice,
+/// status endpoints answer within 2 s, and every partition is served again within the
+/// lease period plus a few seconds (printed). After the heal the cluster is whole.
+#[test]
+fn cluster_server_cut_from_the_others_keeps_every_partition_served() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(nats) = NatsCluster::start_with_route_proxies() else {
+        return;
+    };
+    let mut c = Cluster::on(nats, r3_tuning());
+    let (members, url) = (c.members.clone(), c.nats.urls());
+    for n in NAMES {
+        c.launch(n, "test-cookie", &members, &url);
+    }
+    c.wait(90, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    let mut leader = None;
+    c.wait(30, "the lease bucket's stream has a leader", || {
+        leader = c.nats.stream_leader("KV_troupe_state");
+        leader.is_some()
+    });
+    let leader = leader.unwrap();
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    for &o in &others {
+        c.nats.cut(leader, o);
+    }
+    let took = longest_unserved(&c, 30, "server cut from the others");
+    // Writes go through every node.
+    for (k, m) in NAMES.iter().enumerate() {
+        let body =
+            format!(r#"[{{"event_id":"cut-{k}","user":"u{k}","item":"cut{k}","kind":"view"}}]"#);
+        let mut ok = false;
+        for _ in 0..40 {
+            let r = c.node(m).post("/v1/events", &body);
+            if r.status == 200 {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        assert!(ok, "{m} takes no writes with server s{leader} cut off");
+    }
+    c.nats.heal();
+    c.wait(120, "the cluster whole again", || {
+        ["troupe", "KV_troupe_state", "OBJ_troupe_blobs"]
+            .iter()
+            .all(|s| c.nats.stream_whole(s))
+    });
+    c.wait(60, "every partition served", || all_served_by(&c, &NAMES));
+    println!(
+        "server s{leader} (lease bucket leader) cut from the other two (R3, lease {:.0} s): longest a partition went unserved {:.2} s",
+        c.tuning.lease_period_ms as f64 / 1000.0,
+        took.as_secs_f64()
+    );
+    let limit = Duration::from_millis(c.tuning.lease_period_ms) + Duration::from_secs(5);
+    assert!(took <= limit, "a partition went unserved for {took:?}");
+}
+
+/// A member added after retention deleted the start of the log: its own node-scoped
+/// consumers (item statistics, catalog) have no checkpoint, and replaying from offset 0
+/// is impossible. They start from another member's checkpoint instead, so the new node
+/// becomes ready and counts what the others count.
+#[test]
+fn cluster_member_added_after_retention_starts_from_a_peers_checkpoint() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(nats) = NatsCluster::one() else {
+        return;
+    };
+    let mut c = Cluster::on(
+        nats,
+        Tuning {
+            journal: "retention = true\n".into(),
+            ..Tuning::default()
+        },
+    );
+    let (all, url) = (c.members.clone(), c.nats.urls());
+    let two: Vec<Member> = all.iter().filter(|m| m.0 != "c").cloned().collect();
+    c.launch("a", "test-cookie", &two, &url);
+    c.launch("b", "test-cookie", &two, &url);
+    c.wait(60, "a and b serve every partition", || {
+        all_served_by(&c, &["a", "b"])
+    });
+    let (n, users) = (2_000usize, 40usize);
+    let events = c.root.path().join("events.csv");
+    let acked_log = c.root.path().join("acked.txt");
+    write_events(&events, 0..n, users);
+    let status = start_loader(c.node("a"), &events, &acked_log, 200)
+        .wait()
+        .unwrap();
+    assert!(status.success());
+    c.wait(
+        60,
+        "retention deleted records every checkpoint covers",
+        || {
+            ["a", "b"]
+                .iter()
+                .map(|m| metric_sum(c.node(m), "troupe_log_truncated_records_total", ""))
+                .sum::<f64>()
+                > 0.0
+        },
+    );
+    c.wait(60, "a counted every item", || {
+        items_counted(c.node("a")) >= n as u64
+    });
+    // c joins the configuration now, on an empty disk.
+    c.launch("c", "test-cookie", &all, &url);
+    c.wait(60, "c counted every item", || {
+        items_counted(c.node("c")) >= n as u64
+    });
+    assert_eq!(items_counted(c.node("c")), items_counted(c.node("a")));
+    assert!(
+        c.node("c")
+            .log(1)
+            .contains("starting from another member's"),
+        "c replayed from the start instead"
+    );
 }

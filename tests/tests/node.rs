@@ -1059,3 +1059,164 @@ fn jetstream_durability_is_read_from_the_servers_monitoring_endpoint() {
         assert_eq!(metric(&node, "troupe_log_sync_always", &[]), gauge);
     }
 }
+
+/// Deletes the node's stream on `server` (as an operator would by hand) and creates it
+/// again empty, with the node's layout.
+fn recreate_stream(server: &NatsServer) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use troupe_actors::jetstream::{JetStream, JetStreamConfig};
+        let js = JetStream::connect(JetStreamConfig::local(&server.url(), "troupe", 4))
+            .await
+            .unwrap();
+        js.js.delete_stream("troupe").await.unwrap();
+        JetStream::connect(JetStreamConfig::local(&server.url(), "troupe", 4))
+            .await
+            .unwrap();
+    });
+}
+
+/// A stream that goes backwards (deleted and re-created by hand; a server that lost
+/// writes it had not synced looks the same): the running node notices within seconds
+/// and stops with exit 1 naming the cause instead of skipping, and a node started on the
+/// re-created stream refuses too, since its checkpoints are past the stream's end.
+#[test]
+fn jetstream_stream_going_backwards_stops_the_node_instead_of_skipping() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!("{FAST}{}", jetstream_config(&server));
+    let mut node = Node::start(dir.path(), &config, &[]);
+    let rows: Vec<Value> = (0..300)
+        .map(|i| json!({"event_id": format!("e{i}"), "user": format!("u{}", i % 20), "item": format!("it{i}"), "kind": "view"}))
+        .collect();
+    assert_eq!(
+        node.post("/v1/events", &Value::Array(rows).to_string())
+            .status,
+        200
+    );
+    wait_or_dump(&node, 30, "checkpoints past the events", || {
+        metric(
+            &node,
+            "troupe_checkpoints_total",
+            &["consumer=\"user_features\""],
+        ) >= 4.0
+    });
+    recreate_stream(&server);
+    let code = node.wait_exit(30);
+    let log = node.log(1);
+    assert_eq!(
+        code,
+        Some(1),
+        "the node kept running on a re-created stream"
+    );
+    assert!(
+        log.contains("re-created"),
+        "{}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+    // Started again on the re-created stream: its checkpoints are past the stream's end.
+    node.launch();
+    let code = node.wait_exit(60);
+    let log = node.log(2);
+    assert_eq!(
+        code,
+        Some(1),
+        "a node started on a stream behind its checkpoints"
+    );
+    assert!(
+        log.contains("the log went backwards"),
+        "{}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+}
+
+/// Times `item` appears in `user`'s history (through `node`).
+fn times_applied(node: &Node, user: &str, item: &str) -> usize {
+    node.get(&format!("/v1/users/{user}")).body["history"]
+        .as_array()
+        .map(|h| h.iter().filter(|e| e["item"] == item).count())
+        .unwrap_or(0)
+}
+
+/// Posts `body` until the answer's first result says `duplicate: false` (the server's
+/// duplicate window has passed), polling every 100 ms for up to 30 s.
+fn post_until_stored_again(node: &Node, body: &str) {
+    wait_until(30, "the server's duplicate window to pass", || {
+        let r = node.post("/v1/events", body);
+        r.status == 200 && r.body["results"][0]["duplicate"] == false
+    });
+}
+
+/// The dedupe horizon on JetStream is what the README and the OpenAPI document state: a
+/// retry within the server's duplicate window is answered `duplicate: true`; a later one
+/// is stored again but applied once while its key is among the consumers' last
+/// `consumer_dedupe_keys` keys of its partition; past both it counts as a new event.
+#[test]
+fn jetstream_dedupe_horizon_is_the_servers_window_then_the_consumers_keys() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}{}duplicate_window_secs = 1\n",
+        FAST.replace("[journal]\n", "[journal]\nconsumer_dedupe_keys = 50\n"),
+        jetstream_config(&server)
+    );
+    let node = Node::start(dir.path(), &config, &[]);
+    let x = r#"[{"event_id":"x","user":"u0","item":"ix","kind":"view"}]"#;
+    let first = node.post("/v1/events", x);
+    assert_eq!(first.body["results"][0]["duplicate"], false);
+    let again = node.post("/v1/events", x);
+    assert_eq!(
+        again.body["results"][0]["duplicate"], true,
+        "within the server's window"
+    );
+    // After the server's window: stored again, applied once (the consumer remembers).
+    post_until_stored_again(&node, x);
+    let one = r#"[{"event_id":"one","user":"u0","item":"marker1","kind":"view"}]"#;
+    assert_eq!(node.post("/v1/events", one).status, 200);
+    wait_until(30, "the marker applied", || {
+        times_applied(&node, "u0", "marker1") == 1
+    });
+    assert_eq!(
+        times_applied(&node, "u0", "ix"),
+        1,
+        "a retry after the server window"
+    );
+    assert!(metric(&node, "troupe_consumer_duplicates_total", &[]) >= 1.0);
+    // Sixty more events of the same user (same partition) push the key out of the
+    // consumers' 50; a retry after that counts as a new event, as documented.
+    let rows: Vec<Value> = (0..60)
+        .map(|i| json!({"event_id": format!("f{i}"), "user": "u0", "item": format!("f{i}"), "kind": "view"}))
+        .collect();
+    assert_eq!(
+        node.post("/v1/events", &Value::Array(rows).to_string())
+            .status,
+        200
+    );
+    post_until_stored_again(&node, x);
+    let two = r#"[{"event_id":"two","user":"u0","item":"marker2","kind":"view"}]"#;
+    assert_eq!(node.post("/v1/events", two).status, 200);
+    wait_until(30, "the second marker applied", || {
+        times_applied(&node, "u0", "marker2") == 1
+    });
+    assert_eq!(
+        times_applied(&node, "u0", "ix"),
+        2,
+        "past both horizons a retry is new"
+    );
+    let doc = node.get("/v1/openapi.json").body.to_string();
+    assert!(doc.contains("duplicate window (log.jetstream.duplicate_window_secs, 1 s)"));
+    assert!(node
+        .metrics()
+        .contains("troupe_consumer_dedupe_horizon_seconds"));
+}

@@ -185,6 +185,7 @@ impl Actor for Catalog {
                 .collect()
         };
         send_encode(items);
+        st.rt.verify_log(&st.ctx).await?;
         st.rt.step(&st.ctx, &mut st.data).await?;
         st.ctx.health.end_recovery(names::CATALOG);
         st.wake = crate::consumer::follow_heads(&st.ctx, [CATALOG_STREAM], myself.clone(), || {

@@ -86,6 +86,15 @@ impl RecentKeys {
         self.order.len()
     }
 
+    /// How far back the keys held reach: the append time of the newest minus that of the
+    /// oldest, ms (a retry older than this is no longer recognised).
+    pub fn reach_ms(&self) -> i64 {
+        match (self.order.front(), self.order.back()) {
+            (Some(&(old, _)), Some(&(new, _))) => new - old,
+            _ => 0,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.order.is_empty()
     }
@@ -305,6 +314,43 @@ impl Registry {
     }
 }
 
+/// How long a consumer's start keeps trying to claim its scope while the state store
+/// does not answer.
+const CLAIM_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs a state store call of a consumer's recovery until the store answers (or
+/// `patience` runs out): an unreachable store (a leader election, a server cut off)
+/// postpones the recovery, the consumer staying "recovering", instead of failing it, so
+/// transient unavailability never exhausts a restart intensity or gives a partition up.
+pub async fn until_answered<T, F, Fut>(
+    consumer: &str,
+    patience: Option<std::time::Duration>,
+    mut call: F,
+) -> Result<T, StateError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StateError>>,
+{
+    let started = Instant::now();
+    let mut pause = std::time::Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        match call().await {
+            Err(StateError::Unavailable(why))
+                if patience.is_none_or(|p| started.elapsed() + pause < p) =>
+            {
+                if !warned {
+                    tracing::warn!(consumer, error = %why, "state store unavailable during recovery; waiting for it");
+                    warned = true;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// A state write the store could not take now (its server unreachable): a running
 /// consumer postpones its checkpoint instead of failing.
 #[derive(Debug)]
@@ -404,11 +450,13 @@ impl ConsumerRuntime {
         kind: &'static str,
         streams: impl IntoIterator<Item = u32>,
     ) -> Result<ConsumerRuntime, ActorProcessingErr> {
-        let claim = ctx
-            .consumers
-            .claim(&*ctx.state, name)
-            .await
-            .map_err(|e| state_failure(ctx, name, e))?;
+        // Bounded here (pre-start blocks its supervisor); a store that stays away fails
+        // the start, which the supervisor retries after its backoff.
+        let claim = until_answered(name, Some(CLAIM_PATIENCE), || {
+            ctx.consumers.claim(&*ctx.state, name)
+        })
+        .await
+        .map_err(|e| state_failure(ctx, name, e))?;
         let failures: FxHashMap<(u32, u64), u32> = claim
             .lock()
             .await
@@ -443,6 +491,34 @@ impl ConsumerRuntime {
             match self.cursors.get_mut(&s) {
                 Some(slot) => *slot = c,
                 None => return Err(format!("it has a position in stream {s}, which this consumer does not read (was the partition count changed?)")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses to go on when the log ends below a position this consumer has applied
+    /// (restored from its checkpoint): records were lost (a server that had not synced
+    /// them) or the stream was re-created. Skipping ahead would silently miss whatever
+    /// the log holds there later, so the consumer stops with a [`Fatal`] error instead.
+    /// An unreachable log postpones the check to the first catch-up that reaches it.
+    pub async fn verify_log(&self, ctx: &Ctx) -> Result<(), ActorProcessingErr> {
+        for (&s, c) in &self.cursors {
+            if c.applied == 0 {
+                continue;
+            }
+            match ctx.log.end(s).await {
+                Ok(end) if end < c.applied => {
+                    return Err(Fatal(format!(
+                        "the log went backwards: stream {} ends at offset {end}, but {} has applied up to {} (its checkpoint); records were lost (a server that had not synced them) or the stream was re-created. Refusing to serve rather than skip: restore the stream, or reset this consumer's state",
+                        crate::metrics::stream_label(s),
+                        self.name,
+                        c.applied
+                    ))
+                    .into())
+                }
+                Ok(_) => {}
+                Err(crate::log::LogError::Unavailable(_)) => return Ok(()),
+                Err(e) => return Err(e.to_string().into()),
             }
         }
         Ok(())
@@ -624,15 +700,22 @@ impl ConsumerRuntime {
         // the mark for the supervisor's failure hook.
         ctx.consumers.clear_in_flight(&self.name);
         self.since_checkpoint += n;
+        let labels = crate::metrics::labels2(
+            "consumer",
+            self.kind,
+            "stream",
+            crate::metrics::stream_label(stream),
+        );
         ctx.metrics
             .applied_offset
-            .get_or_create(&crate::metrics::labels2(
-                "consumer",
-                self.kind,
-                "stream",
-                crate::metrics::stream_label(stream),
-            ))
+            .get_or_create(&labels)
             .set(self.applied(stream) as i64);
+        if let Some(c) = self.cursors.get(&stream) {
+            ctx.metrics
+                .dedupe_reach
+                .get_or_create(&labels)
+                .set(c.recent.reach_ms() / 1000);
+        }
         Ok(n)
     }
 
@@ -764,9 +847,8 @@ impl ConsumerRuntime {
         F: FnOnce(&T) -> Result<(), String> + Send + 'static,
     {
         let name = self.name.clone();
-        let loaded = ctx
-            .state
-            .load(&ctx.consumers.scope_of(&name))
+        let scope = ctx.consumers.scope_of(&name);
+        let loaded = until_answered(&name, None, || ctx.state.load(&scope))
             .await
             .map_err(|e| state_failure(ctx, &name, e))?;
         let (base, deltas) = match loaded {
@@ -802,7 +884,10 @@ impl ConsumerRuntime {
                     None => return Ok(None),
                 }
             }
-            _ => return Ok(None),
+            _ => match self.peer_checkpoint(ctx).await? {
+                Some(f) => f,
+                None => return Ok(None),
+            },
         };
         let found = checkpoint_format(&base)
             .map_err(|e| format!("checkpoint of {name} does not decode: {e}"))?;
@@ -835,6 +920,45 @@ impl ConsumerRuntime {
         })
         .await??;
         Ok(Some((cp, deltas)))
+    }
+
+    /// Cluster mode, a node-scoped consumer without a checkpoint of its own (a member
+    /// that joins, or returns after its scope was reset): the most advanced checkpoint
+    /// another member wrote for the same consumer. Its state is a function of the shared
+    /// log alone, so it is this node's as well; starting from it, the node replays only
+    /// what follows it instead of the log from offset 0, which retention may have cut.
+    async fn peer_checkpoint(
+        &self,
+        ctx: &Arc<Ctx>,
+    ) -> Result<Option<(Vec<u8>, Vec<Vec<u8>>)>, ActorProcessingErr> {
+        let Some(cluster) = ctx.settings.cluster.as_ref() else {
+            return Ok(None);
+        };
+        if self.name.starts_with(crate::names::USER_FEATURES_PREFIX) {
+            return Ok(None);
+        }
+        let mut best: Option<(u64, String, crate::state::Loaded)> = None;
+        for m in cluster
+            .members
+            .iter()
+            .filter(|m| m.name != ctx.settings.node_name)
+        {
+            let scope = singleton_scope(&self.name, &m.name);
+            let loaded = until_answered(&self.name, None, || ctx.state.load(&scope))
+                .await
+                .map_err(|e| state_failure(ctx, &self.name, e))?;
+            let Some(l) = loaded.filter(|l| l.base.is_some()) else {
+                continue;
+            };
+            let covered: u64 = l.pointer.positions.iter().map(|&(_, o)| o).sum();
+            if best.as_ref().is_none_or(|(c, _, _)| covered > *c) {
+                best = Some((covered, scope, l));
+            }
+        }
+        Ok(best.map(|(_, scope, l)| {
+            tracing::info!(consumer = %self.name, from = %scope, "no checkpoint of its own: starting from another member's");
+            (l.base.unwrap_or_default(), l.deltas)
+        }))
     }
 
     /// Counters for `Observe`.

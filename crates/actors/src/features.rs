@@ -412,6 +412,7 @@ impl Actor for UserFeatures {
             }
         }
         *st.data.store().write() = store;
+        st.rt.verify_log(&st.ctx).await?;
         let before = st.rt.applied(st.partition);
         let started = Instant::now();
         st.replayed = st.rt.step(&st.ctx, &mut st.data).await?;

@@ -230,6 +230,7 @@ impl Actor for ItemStats {
             st.data.events = cp.events.into_owned();
             st.data.latest_ts_ms = cp.latest_ts_ms;
         }
+        st.rt.verify_log(&st.ctx).await?;
         st.rt.step(&st.ctx, &mut st.data).await?;
         st.ctx.health.end_recovery(names::ITEM_STATS);
         st.wake = crate::consumer::follow_heads(&st.ctx, st.ctx.streams(), myself.clone(), || {

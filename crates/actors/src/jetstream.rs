@@ -664,6 +664,8 @@ pub struct JetStreamLog {
     batches: tokio::sync::Semaphore,
     follower: Option<tokio::task::JoinHandle<()>>,
     watchdog: Option<tokio::task::JoinHandle<()>>,
+    /// Set when the stream went backwards under this node (see [`Log::fault`]).
+    fault: Arc<parking_lot::Mutex<Option<String>>>,
     /// Truncation marks as last read from the server.
     marks: parking_lot::Mutex<rustc_hash::FxHashMap<u32, u64>>,
 }
@@ -693,6 +695,7 @@ impl JetStreamLog {
         let info = s.info().await.map_err(|e| unavailable("stream info", e))?;
         let last = info.state.last_sequence;
         let atomic = info.config.allow_atomic_publish;
+        let created = info.created;
         let mut log = JetStreamLog {
             js,
             heads,
@@ -701,6 +704,7 @@ impl JetStreamLog {
             batches: tokio::sync::Semaphore::new(ATOMIC_BATCHES_IN_FLIGHT),
             follower: None,
             watchdog: None,
+            fault: Default::default(),
             marks: Default::default(),
         };
         let streams: Vec<u32> = (0..log.js.config.partitions)
@@ -719,7 +723,12 @@ impl JetStreamLog {
             seen,
             last + 1,
         )));
-        log.watchdog = Some(tokio::spawn(watch_heads(log.js.clone(), log.heads.clone())));
+        log.watchdog = Some(tokio::spawn(watch_heads(
+            log.js.clone(),
+            log.heads.clone(),
+            created,
+            log.fault.clone(),
+        )));
         Ok(log)
     }
 
@@ -1015,18 +1024,38 @@ async fn follow(
 /// (the tail does not hold those records, so consumers read them from the server), so a
 /// follower that stalls (a consumer lost in a leader election, a slow reconnect) delays
 /// consumers by a few seconds at most and never stops them.
-async fn watch_heads(js: JetStream, heads: Arc<Heads>) {
+async fn watch_heads(
+    js: JetStream,
+    heads: Arc<Heads>,
+    created: async_nats::datetime::DateTime,
+    fault: Arc<parking_lot::Mutex<Option<String>>>,
+) {
     let streams: Vec<u32> = (0..js.config.partitions)
         .chain(std::iter::once(CATALOG_STREAM))
         .collect();
     let mut behind: rustc_hash::FxHashMap<u32, u64> = Default::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_connected = true;
+    let mut ticks = 0u64;
     loop {
         tick.tick().await;
         if !js.connected() {
+            was_connected = false;
             continue;
         }
+        ticks += 1;
+        // On every reconnect and every few seconds: the stream must not have gone
+        // backwards under this node (ADR 012).
+        if !was_connected || ticks.is_multiple_of(5) {
+            let seen = streams.iter().map(|&s| heads.get(s)).max().unwrap_or(0);
+            if let Some(why) = stream_regressed(&js, created, seen).await {
+                tracing::error!(reason = %why, "the log went backwards; refusing to serve");
+                *fault.lock() = Some(why);
+                return;
+            }
+        }
+        was_connected = true;
         for &s in &streams {
             let subject = js.config.subject(s);
             let Ok(m) = js.stream.direct_get_last_for_subject(subject).await else {
@@ -1049,6 +1078,32 @@ async fn watch_heads(js: JetStream, heads: Arc<Heads>) {
             }
         }
     }
+}
+
+/// Whether the stream went backwards: deleted and re-created (another creation time), or
+/// ending below a sequence this node has already seen (a server that lost writes it had
+/// not synced). `None` when it did not, or the server could not be asked.
+async fn stream_regressed(
+    js: &JetStream,
+    created: async_nats::datetime::DateTime,
+    seen: u64,
+) -> Option<String> {
+    let mut s = js.stream.clone();
+    let info = s.info().await.ok()?;
+    let name = &js.config.stream;
+    if info.created != created {
+        return Some(format!(
+            "stream {name} was deleted and re-created while this node ran (created {} before, {} now): the records it held are gone; restore the stream or start the cluster on a new one",
+            created, info.created
+        ));
+    }
+    let last = info.state.last_sequence;
+    if last < seen {
+        return Some(format!(
+            "stream {name} ends at sequence {last}, below {seen} which this node had already read: the server lost acknowledged records (writes it had not synced) or the stream was replaced; refusing to serve rather than skip"
+        ));
+    }
+    None
 }
 
 fn decode_message(
@@ -1234,6 +1289,20 @@ impl Log for JetStreamLog {
         self.js.sync.lock().gauge()
     }
 
+    fn fault(&self) -> Option<String> {
+        self.fault.lock().clone()
+    }
+
+    /// The stream's last sequence (one sequence for every subject).
+    async fn end(&self, _stream: u32) -> Result<u64, LogError> {
+        let mut s = self.js.stream.clone();
+        let info = s
+            .info()
+            .await
+            .map_err(|e| LogError::Unavailable(unavailable("stream info", e)))?;
+        Ok(info.state.last_sequence)
+    }
+
     fn describe(&self) -> serde_json::Value {
         let c = &self.js.config;
         let mut warnings = Vec::new();
@@ -1322,6 +1391,13 @@ fn state_unavailable(what: &str, e: impl std::fmt::Display) -> StateError {
 impl StateStore for JetStreamState {
     fn backend(&self) -> &'static str {
         "jetstream"
+    }
+
+    async fn reconnect(&self) {
+        tracing::warn!("the state store does not answer over a connection that is up: reconnecting (another server may reach the leaders)");
+        if let Err(e) = self.js.client.force_reconnect().await {
+            tracing::warn!(error = %e, "reconnect request failed");
+        }
     }
 
     /// Every key read at once (direct gets in flight together).

@@ -72,6 +72,9 @@ pub struct Metrics {
     pub http_saturated: Family<Labels, Counter>,
     /// Records a consumer skipped as duplicates of a key it applied within the horizon.
     pub consumer_duplicates: Counter,
+    /// How far back (seconds of append time) the keys a consumer remembers per stream
+    /// reach: a retry older than this is applied again (past the log's own dedupe).
+    pub dedupe_reach: Family<Labels, Gauge>,
     /// Idempotency keys the journal remembers (bounded by `idempotency_max_keys`).
     pub idempotency_keys: Gauge,
     /// Checkpoint bytes written, by consumer kind and form (`full`, `delta`).
@@ -124,6 +127,7 @@ impl Metrics {
             http_in_flight: Family::default(),
             http_saturated: Family::default(),
             consumer_duplicates: Counter::default(),
+            dedupe_reach: Family::default(),
             idempotency_keys: Gauge::default(),
         };
         {
@@ -317,6 +321,11 @@ impl Metrics {
                 "consumer_duplicates",
                 "Records skipped by a consumer as duplicates of a key applied within the horizon",
                 m.consumer_duplicates.clone(),
+            );
+            r.register(
+                "consumer_dedupe_horizon_seconds",
+                "How far back (append time) the keys a consumer remembers per stream reach: an older retry that the log stored again is applied again",
+                m.dedupe_reach.clone(),
             );
             r.register(
                 "idempotency_keys",

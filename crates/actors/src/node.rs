@@ -279,6 +279,7 @@ pub async fn start(
     let (root, done) =
         Actor::spawn(Some(names::NODE_SUPERVISOR.to_string()), Supervisor, args).await?;
     tokio::spawn(trim_memory());
+    tokio::spawn(watch_log_fault(ctx.clone(), root.clone()));
     if ctx.settings.retention {
         tokio::spawn(retain(ctx.clone()));
     }
@@ -287,6 +288,26 @@ pub async fn start(
         root,
         root_done: done,
     })
+}
+
+/// Stops the node when its log reports that it went backwards ([`crate::log::Log::fault`]):
+/// the escalation reaches the root at once (the process exits 1 with the reason), as no
+/// restart can bring back what the log lost.
+async fn watch_log_fault(ctx: Arc<Ctx>, root: ActorRef<SupervisorMsg>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if let Some(why) = ctx.log.fault() {
+            let reason = format!(
+                "escalate: the log failed in a way {}: {why}",
+                crate::supervisor::FATAL_MARK
+            );
+            tracing::error!(reason = %reason, "stopping the node");
+            ctx.health.escalate(reason.clone());
+            root.stop(Some(reason));
+            return;
+        }
+    }
 }
 
 /// Every few seconds, hands the allocator's free pages back to the system once it holds

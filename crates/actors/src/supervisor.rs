@@ -30,7 +30,7 @@ use crate::settings::RestartPolicy;
 pub struct Fatal(pub String);
 
 /// Marks the reason of a fatal escalation, so a parent supervisor passes it on at once.
-const FATAL_MARK: &str = "a restart cannot fix";
+pub const FATAL_MARK: &str = "a restart cannot fix";
 
 impl std::fmt::Display for Fatal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

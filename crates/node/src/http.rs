@@ -54,6 +54,9 @@ use crate::openapi::{self, ApiShape};
 /// Limits and options of the HTTP layer.
 #[derive(Clone)]
 pub struct HttpOptions {
+    /// On a JetStream log: its duplicate window (s) and the consumers' keys per
+    /// partition (the dedupe horizon the OpenAPI document states).
+    pub jetstream_dedupe: Option<(u64, usize)>,
     pub max_body_bytes: usize,
     pub max_events_per_request: usize,
     /// Reads (recommendations, similar items, items, users, cluster, admin reads)
@@ -177,7 +180,9 @@ pub fn router(ctx: Arc<Ctx>, opts: HttpOptions) -> Router {
         max_events_per_request: opts.max_events_per_request,
         max_body_bytes: opts.max_body_bytes,
         max_future_skew_secs: s.max_future_skew.as_secs(),
+        built_ms: now_ms(),
         idempotency_window_secs: s.idempotency_window.as_secs(),
+        jetstream_dedupe: opts.jetstream_dedupe,
         writes_need_token: opts.auth_token.is_some(),
         user_data_needs_token: opts.auth_token.is_some() || opts.read_token.is_some(),
         reads_need_token: !opts.public_reads

@@ -195,6 +195,10 @@ pub fn http_options(cfg: &Config) -> HttpOptions {
     let h = &cfg.http;
     let secret = |s: &crate::config::Secret| (!s.0.is_empty()).then(|| s.0.clone());
     HttpOptions {
+        jetstream_dedupe: (cfg.log.backend == "jetstream").then_some((
+            cfg.log.jetstream.duplicate_window_secs,
+            cfg.journal.consumer_dedupe_keys,
+        )),
         max_body_bytes: h.max_body_bytes,
         max_events_per_request: h.max_events_per_request,
         max_in_flight_reads: h.max_in_flight,

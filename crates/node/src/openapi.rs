@@ -13,7 +13,13 @@ pub struct ApiShape {
     pub max_events_per_request: usize,
     pub max_body_bytes: usize,
     pub max_future_skew_secs: u64,
+    /// When the document was built (the node's clock, ms since the epoch): the static
+    /// bound of `ts` is taken from it.
+    pub built_ms: i64,
     pub idempotency_window_secs: u64,
+    /// On a JetStream log: the server's duplicate window (s) and the keys each consumer
+    /// remembers per partition, which together are the dedupe horizon there.
+    pub jetstream_dedupe: Option<(u64, usize)>,
     /// Writes and admin routes need the bearer token.
     pub writes_need_token: bool,
     /// `GET /v1/users/{id}` needs a token (write or read token).
@@ -78,6 +84,63 @@ fn k_param(max_k: usize) -> Value {
     })
 }
 
+/// The highest integer `ts` the schema states: the build time plus the allowed skew (any
+/// value up to it stays acceptable, as the node's clock only moves on).
+fn ts_max(s: &ApiShape) -> i64 {
+    s.built_ms + (s.max_future_skew_secs as i64) * 1000
+}
+
+/// `(year, month, day)` of the UTC day `days_back` days before the one of `ms`.
+fn day_before(ms: i64, days_back: i64) -> (i64, u32, u32) {
+    use chrono::Datelike;
+    let t =
+        chrono::DateTime::from_timestamp_millis(ms - days_back * 86_400_000).unwrap_or_default();
+    (i64::from(t.year()), t.month(), t.day())
+}
+
+fn date_before(ms: i64, days_back: i64) -> String {
+    let (y, m, d) = day_before(ms, days_back);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// A regular expression matching exactly the numbers `lo..=hi`, written with `width`
+/// digits (leading zeros): one alternative per run of numbers sharing all digits but the
+/// last.
+fn range_regex(lo: i64, hi: i64, width: usize) -> String {
+    let mut parts = Vec::new();
+    let mut n = lo;
+    while n <= hi {
+        let top = (n - n % 10 + 9).min(hi);
+        let prefix = if width > 1 {
+            format!("{:0w$}", n / 10, w = width - 1)
+        } else {
+            String::new()
+        };
+        parts.push(format!("{prefix}[{}-{}]", n % 10, top % 10));
+        n = top + 1;
+    }
+    format!("(?:{})", parts.join("|"))
+}
+
+/// The RFC 3339 date-times from 1971-01-01 up to the end of the UTC day two days before
+/// the build day: a static set the node accepts whatever the offset (up to ±23:59) and
+/// whenever the request comes. Days run to 28 in every month, so each is a real date.
+fn date_time_pattern(built_ms: i64) -> String {
+    let (y, m, d) = day_before(built_ms, 2);
+    let (y, m, d) = (y, i64::from(m), i64::from(d).min(28));
+    let day = range_regex(1, 28, 2);
+    let month = range_regex(1, 12, 2);
+    let mut dates = vec![format!("{}-{month}-{day}", range_regex(1971, y - 1, 4))];
+    if m > 1 {
+        dates.push(format!("{y:04}-{}-{day}", range_regex(1, m - 1, 2)));
+    }
+    dates.push(format!("{y:04}-{m:02}-{}", range_regex(1, d, 2)));
+    format!(
+        "^(?:{})T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\\.[0-9]{{1,9}})?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$",
+        dates.join("|")
+    )
+}
+
 /// An operation; `secured` adds the bearer requirement and its 401.
 fn op(
     summary: &str,
@@ -133,10 +196,10 @@ pub fn document(s: &ApiShape) -> Value {
             "kind": id("event kind (view, click, purchase, rating, dislike, ...); lower-cased"),
             "value": {"type": "number", "minimum": -MAX_ABS_VALUE, "maximum": MAX_ABS_VALUE, "description": "optional value (rating, quantity), stored as a 32-bit float"},
             "ts": {
-                "description": format!("event time, milliseconds since the Unix epoch or an RFC 3339 date-time, from 1970 on and at most journal.max_future_skew_secs ({}) after the node's clock (that bound depends on the clock, so the schema cannot state it); default: the node's clock at arrival", s.max_future_skew_secs),
+                "description": format!("event time, milliseconds since the Unix epoch or an RFC 3339 date-time (`YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`), from 1970 on and at most journal.max_future_skew_secs ({} s) after the node's clock at arrival. That rule moves with the clock; the schema states the bound as of when this document was built, which stays accepted: integers up to {} (the build time plus the skew), date-times up to {} (two days before the build day, whatever the offset); the node accepts every later time its rule allows. Default: the node's clock at arrival", s.max_future_skew_secs, ts_max(s), date_before(s.built_ms, 2)),
                 "oneOf": [
-                    {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET},
-                    {"type": "string", "format": "date-time"},
+                    {"type": "integer", "minimum": 0, "maximum": ts_max(s)},
+                    {"type": "string", "pattern": date_time_pattern(s.built_ms)},
                 ],
             },
             "request_id": id("the recommendation this event came from"),
@@ -285,7 +348,11 @@ pub fn document(s: &ApiShape) -> Value {
     // Statuses every route can answer: 400 (bad query or path), 503 (saturated, journal
     // recovering, shutting down, actor unavailable).
     let body_errors: &[u16] = &[400, 408, 413, 415, 503];
-    let retry_rule = format!("A retry is safe: an event with `event_id` is identified by it; one without `event_id` but with `ts` by its content; one with neither by the request's `Idempotency-Key` header (or, without it, the whole body) and its place in the request. A duplicate within journal.idempotency_window_secs ({} s; and among the newest journal.idempotency_max_keys keys) is not appended again: its result says `duplicate: true` with the original position. Past that horizon a retry counts as a new event.", s.idempotency_window_secs);
+    let identity = "A retry is safe: an event with `event_id` is identified by it; one without `event_id` but with `ts` by its content; one with neither by the request's `Idempotency-Key` header (or, without it, the whole body) and its place in the request.";
+    let retry_rule = match s.jetstream_dedupe {
+        None => format!("{identity} A duplicate within journal.idempotency_window_secs ({} s; and among the newest journal.idempotency_max_keys keys) is not appended again: its result says `duplicate: true` with the original position. Past that horizon a retry counts as a new event.", s.idempotency_window_secs),
+        Some((window, keys)) => format!("{identity} This node's log is NATS JetStream: a duplicate within the server's duplicate window (log.jetstream.duplicate_window_secs, {window} s) is not appended again: its result says `duplicate: true` with the original position. A later retry is stored again (`duplicate: false`) and applied once while its key is among the last journal.consumer_dedupe_keys ({keys}) keys of its partition and within journal.idempotency_window_secs ({} s); past both it counts as a new event. The metric troupe_consumer_dedupe_horizon_seconds shows how far back that reaches now.", s.idempotency_window_secs),
+    };
     let events_op = with_body(
         op(
             "Append events; the answer comes once they are durable",
@@ -514,4 +581,23 @@ pub fn document(s: &ApiShape) -> Value {
             json!({"bearer": {"type": "http", "scheme": "bearer"}});
     }
     doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_and_the_date_time_bound() {
+        assert_eq!(range_regex(1, 12, 2), "(?:0[1-9]|1[0-2])");
+        assert_eq!(range_regex(1971, 1983, 4), "(?:197[1-9]|198[0-3])");
+        // Built on 2026-12-05: dates up to 2026-12-03.
+        let built = chrono::DateTime::parse_from_rfc3339("2026-12-05T10:00:00Z")
+            .unwrap()
+            .timestamp_millis();
+        assert_eq!(date_before(built, 2), "2026-12-03");
+        let p = date_time_pattern(built);
+        assert!(p.contains("2026-(?:0[1-9]|1[0-1])-"), "{p}");
+        assert!(p.contains("2026-12-(?:0[1-3])"), "{p}");
+    }
 }

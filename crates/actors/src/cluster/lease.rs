@@ -34,10 +34,12 @@
 //! owner, which renews every `lease_renew`, gets there first.
 //!
 //! **Desired owner** = rendezvous choice over the members that are alive and not held
-//! down. A member seen to lapse (alive, then silent without leaving) is held down: not
-//! given partitions until it has been alive again for `member_hold_down`, doubled for
-//! every further lapse up to `member_hold_down_max`. A node that finds its own rounds
-//! interrupted for longer than a lease period (paused, cut off) holds itself down alike.
+//! down. A member seen to lapse (alive, then silent without leaving, while this node
+//! could read the store) is held down: not given partitions until it has been alive
+//! again for `member_hold_down`, doubled for every further lapse up to
+//! `member_hold_down_max`. Hand-overs are made by the owners, whose views hold the
+//! flapping member down; a store outage, which silences every member at once, is not a
+//! lapse of anyone (observations restart after it).
 //! A node claims the free or lapsed leases it is the desired owner of, all in the same
 //! round, and hands over at most one partition per `rebalance_interval`, to a desired
 //! owner alive for two renewals with a session here, within the cluster-wide budget of
@@ -176,6 +178,10 @@ pub struct RenewerState {
     ctx: Arc<Ctx>,
     cluster: Arc<Cluster>,
     beat: u64,
+    /// Since when renewals or heartbeats have been failing, and when this node last
+    /// asked for a new connection because of it.
+    failing_since: Option<Instant>,
+    reconnected: Option<Instant>,
 }
 
 impl Actor for Renewer {
@@ -197,6 +203,8 @@ impl Actor for Renewer {
             ctx,
             cluster,
             beat: 0,
+            failing_since: None,
+            reconnected: None,
         })
     }
 
@@ -216,6 +224,28 @@ impl Actor for Renewer {
         } else {
             s.lease_renew
         };
+        // A store that stops answering over a connection that is up: the server this
+        // node holds may be cut off from the others (it cannot reach the leaders while
+        // another server could). After two renewal intervals of failures the client
+        // reconnects (to a server picked at random), at most once per half lease period.
+        if failed || !member {
+            let now = Instant::now();
+            let since = *st.failing_since.get_or_insert(now);
+            let due = st
+                .reconnected
+                .is_none_or(|t| now.duration_since(t) >= s.lease_period / 2);
+            if now.duration_since(since) >= 2 * s.lease_renew && due {
+                st.reconnected = Some(now);
+                st.ctx
+                    .metrics
+                    .lease_store_errors
+                    .get_or_create(&crate::metrics::label("op", "reconnect"))
+                    .inc();
+                st.ctx.state.reconnect().await;
+            }
+        } else {
+            st.failing_since = None;
+        }
         myself.send_after(next, || RenewerMsg::Tick);
         Ok(())
     }
@@ -239,16 +269,7 @@ impl RenewerState {
         let bytes = serde_json::to_vec(&rec).unwrap_or_default();
         let key = member_key(&cl.me);
         match bounded(cl.settings.lease_renew, self.ctx.state.put(&key, bytes)).await {
-            Ok(_) => {
-                let now = Instant::now();
-                let prev = cl.heartbeat_ok.lock().replace(now);
-                if prev.is_some_and(|t| now.duration_since(t) > cl.settings.lease_period) {
-                    // Silent for longer than a lease period: the others saw it lapse.
-                    cl.self_lapses.fetch_add(1, Ordering::Relaxed);
-                    cl.wake.notify_one();
-                }
-                true
-            }
+            Ok(_) => true,
             Err(e) => {
                 store_error(&self.ctx, cl, "member", &e);
                 false
@@ -290,14 +311,19 @@ async fn renew_all(ctx: &Arc<Ctx>, cluster: &Arc<Cluster>) -> bool {
             let (rec, sent, r) = attempt(h.rec.clone(), h.rev).await;
             // A renewal that timed out here may still have been written: the record then
             // holds this process and epoch at a newer revision. Nobody else writes that,
-            // so it is adopted and renewed again.
+            // so it is adopted and renewed again. A conflict is a loss only once the
+            // record has been read and is someone else's.
             if let Err(StateError::Conflict { .. }) = &r {
-                if let Ok(Some(v)) = bounded(bound, state.get(&key)).await {
-                    let found: Option<LeaseRecord> = serde_json::from_slice(&v.value).ok();
-                    if let Some(f) = found.filter(|f| f.same_holder(&rec)) {
-                        let again = attempt(f, v.revision).await;
-                        return (p, h, again.0, again.1, again.2);
+                match bounded(bound, state.get(&key)).await {
+                    Ok(Some(v)) => {
+                        let found: Option<LeaseRecord> = serde_json::from_slice(&v.value).ok();
+                        if let Some(f) = found.filter(|f| f.same_holder(&rec)) {
+                            let again = attempt(f, v.revision).await;
+                            return (p, h, again.0, again.1, again.2);
+                        }
                     }
+                    Ok(None) => {}
+                    Err(e) => return (p, h, rec, sent, Err(e)),
                 }
             }
             (p, h, rec, sent, r)
@@ -378,8 +404,6 @@ pub struct ManagerState {
     /// When this node last read the records, and when its last round ran.
     last_read: Option<Instant>,
     last_round: Instant,
-    /// This node's own lapses already acted on (see `Cluster::self_lapses`).
-    self_lapses_seen: u64,
     last_handoff: Instant,
     stopped: bool,
     /// Turns `cluster.wake` notifications into rounds (aborted with the actor).
@@ -430,7 +454,6 @@ impl Actor for Manager {
             lapses: HashMap::new(),
             last_read: None,
             last_round: Instant::now(),
-            self_lapses_seen: 0,
             last_handoff: Instant::now(),
             stopped: false,
             _waker: AbortOnDrop(waker),
@@ -526,17 +549,6 @@ impl ManagerState {
     async fn round(&mut self) {
         let now = Instant::now();
         self.last_round = now;
-        // This node's own heartbeat stopped for longer than a lease period (it was
-        // paused, starved or cut off; the renewer counts it): it holds itself down like
-        // any member seen to lapse.
-        let me = self.cluster.me.clone();
-        let lapses = self.cluster.self_lapses.load(Ordering::Relaxed);
-        if lapses > self.self_lapses_seen {
-            self.self_lapses_seen = lapses;
-            tracing::warn!("this node's heartbeat lapsed (paused, starved or cut off)");
-            self.lapsed(&me);
-            self.alive_since.insert(me.clone(), now);
-        }
         let lost = std::mem::take(&mut *self.cluster.lost.lock());
         for (p, why) in lost {
             tracing::warn!(partition = p, reason = %why, "partition lease lost; partition stopped here");

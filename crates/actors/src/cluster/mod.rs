@@ -175,10 +175,6 @@ pub struct Cluster {
     pub last_read: Mutex<Option<Instant>>,
     /// Incarnation of the membership actor (events of older node servers are ignored).
     pub(crate) membership_incarnation: AtomicU64,
-    /// When this node's member heartbeat was last written, and how many times it went
-    /// unwritten for longer than a lease period (this node lapsed, as the others saw it).
-    pub(crate) heartbeat_ok: Mutex<Option<Instant>>,
-    pub(crate) self_lapses: AtomicU64,
 }
 
 impl Cluster {
@@ -216,8 +212,6 @@ impl Cluster {
             held_down: Mutex::new(Vec::new()),
             last_read: Mutex::new(None),
             membership_incarnation: AtomicU64::new(0),
-            heartbeat_ok: Mutex::new(None),
-            self_lapses: AtomicU64::new(0),
             settings,
         }
     }

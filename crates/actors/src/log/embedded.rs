@@ -145,6 +145,11 @@ impl Log for EmbeddedLog {
         Ok(self.heads.get(stream))
     }
 
+    /// Heads are persisted and only grow: a stream's head is where it ends.
+    async fn end(&self, stream: u32) -> Result<u64, LogError> {
+        Ok(self.heads.get(stream))
+    }
+
     async fn truncate(&self, stream: u32, before: u64) -> Result<u64, LogError> {
         let store = self.store.clone();
         let (n, mark) = blocking(move || {

@@ -89,6 +89,18 @@ pub trait Log: Send + Sync + 'static {
         1
     }
 
+    /// Set once the backend went backwards under this node (a shared log deleted and
+    /// re-created, or ending below a position this node had read): the node escalates
+    /// and stops instead of skipping what it had not applied.
+    fn fault(&self) -> Option<String> {
+        None
+    }
+
+    /// An offset at or above the highest the log has ever assigned in `stream` (never
+    /// lower than a position a consumer applied, unless records were lost): a shared
+    /// log's last sequence, the embedded journal's persisted head.
+    async fn end(&self, stream: u32) -> Result<u64, LogError>;
+
     /// What `/v1/cluster` shows of the backend (server version, replicas, warnings).
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({ "backend": self.backend(), "writable": self.writable() })

@@ -233,6 +233,11 @@ pub trait StateStore: Send + Sync + 'static {
     /// Names of the blobs starting with `prefix`, sorted.
     async fn blob_names(&self, prefix: &str) -> Result<Vec<String>, StateError>;
 
+    /// Drops the connection to the backend and connects again (another server of a
+    /// cluster, when the one it holds is cut off from the others); a no-op for a local
+    /// backend.
+    async fn reconnect(&self) {}
+
     // ---- cache (neither fenced nor durable: a lost entry is recomputed) -------------
 
     /// Cached values of `keys` in namespace `ns` (`None`: not cached).
