@@ -7,6 +7,7 @@
   serving    recommendations/s and latency (wrk) vs nginx serving a static file
   freshness  event ack -> applied_offset reaching it, p50/p99
   recovery   restart time vs journal length, checkpoints off and on
+  restart-scale  JetStream: restart time vs events and distinct items, idle and under load
   cluster    three nodes on one JetStream server: a recommendation through a non-owner
              (one hop) vs through the owner, same users, same run; failover after SIGKILL
              of a node (detection, claim, replay, first full answer) per data size;
@@ -49,12 +50,13 @@ class Node:
             f.write(f'[node]\nname = "bench"\ndata_dir = "{workdir}/data"\n'
                     f'[http]\naddr = "127.0.0.1:{self.port}"\nmax_in_flight = 4096\n{extra}\n')
         self.proc = None
+        self.log_level = "warn"
 
     def start(self, timeout=600):
         t0 = time.time()
         log = open(os.path.join(self.dir, "node.log"), "a")
         self.proc = subprocess.Popen([self.troupe, "node", "--config", self.cfg],
-                                     stdout=log, stderr=log, env={**os.environ, "TROUPE_LOG": "warn"})
+                                     stdout=log, stderr=log, env={**os.environ, "TROUPE_LOG": self.log_level})
         while time.time() - t0 < timeout:
             try:
                 st, _ = self.get("/readyz")
@@ -101,6 +103,22 @@ class Node:
                 if a["state"]["applied_offset"] < heads.get(p, 0):
                     return False
         return True
+
+
+    def consumers_caught_up(self):
+        """True when every consumer (user features and the ones of every partition, such as
+        item stats) has applied each stream up to its head."""
+        _, c = self.get("/v1/cluster")
+        heads = {str(h["stream"]): h["offset"] for h in c["journal_heads"]}
+        for a in c["actors"]:
+            offsets = (a.get("state") or {}).get("applied_offsets")
+            if a["name"].startswith("user_features-") or a["name"] == "item_stats":
+                if offsets is None and "applied_offset" not in (a.get("state") or {}):
+                    return False
+                for o in offsets or []:
+                    if o["offset"] < heads.get(str(o["stream"]), 0):
+                        return False
+        return self.caught_up()
 
 
 def ndjson_batch(prefix, start, n, users=20000, items=10000):
@@ -431,6 +449,66 @@ def recovery(a):
             shutil.rmtree(work, ignore_errors=True)
 
 
+def restart_scale(a):
+    """Restart time on the JetStream backend against the size of the data: a node loads
+    `n` events naming `n / 2` distinct items (NDJSON batches of 1,000 from 4 clients),
+    checkpoints with its defaults, is SIGKILLed and restarted, first with no load, then
+    while 2 clients keep writing; time from the restart to /readyz 200 and where recovery
+    went (each consumer's recovery log line)."""
+    print(f"{'events':>9} {'items':>8} {'load ev/s':>9} {'idle restart s':>14} {'restart under load s':>20}")
+    for n in a.sizes:
+        work = tempfile.mkdtemp(prefix="troupe-restart-", dir=a.dir)
+        srv = NatsServers(work, 1, a.sync)
+        items = n // 2
+        os.makedirs(os.path.join(work, "n"))
+        node = Node(a.troupe, os.path.join(work, "n"),
+                    f'[journal]\npartitions = 4\n[als]\nmin_interactions = 1000000000\n'
+                    f'[log]\nbackend = "jetstream"\n[log.jetstream]\nurl = "{srv.url}"\n')
+        node.log_level = "info"
+        node.start()
+        bodies = {c: [ndjson_batch(f"s{c}", k, 1000, users=200000, items=items)
+                      for k in range(c * 1000, n, 4000)] for c in range(4)}
+        t0 = time.time()
+        rate = post_batches([node], bodies, 1e9)
+        loaded = time.time()
+        while not node.consumers_caught_up():
+            time.sleep(0.5)
+        behind = time.time() - loaded
+        time.sleep(35)  # one checkpoint interval (30 s by default) after the load
+        node.kill9()
+        idle = node.start()
+        # Under load: two writers keep posting while the node is killed and restarted.
+        stop = threading.Event()
+
+        def writer(c):
+            conn = None
+            k = 0
+            while not stop.is_set():
+                try:
+                    conn = conn or node.conn()
+                    node.post("/v1/events", ndjson_batch(f"w{c}", k, 1000, users=200000, items=items), conn)
+                except OSError:
+                    conn = None
+                    time.sleep(0.05)
+                k += 1000
+        ws = [threading.Thread(target=writer, args=(c,)) for c in range(2)]
+        [w.start() for w in ws]
+        time.sleep(5)
+        node.kill9()
+        loaded = node.start()
+        stop.set()
+        [w.join() for w in ws]
+        node.stop()
+        srv.kill()
+        print(f"{n:>9} {items:>8} {rate:>9.0f} {idle:>14.2f} {loaded:>20.2f}"
+              f"   (consumers caught up {behind:.1f} s after the load)")
+        log = open(os.path.join(work, "n", "node.log")).read()
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", log).splitlines():
+            if " recovered " in line and ("replayed=0 users=0" not in line and "items=0 " not in line):
+                print("   ", line[line.index("}:") + 3:] if "}:" in line else line)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- serving
 WRK_LUA = """
 math.randomseed(7)
@@ -576,6 +654,7 @@ class ClusterNode(Node):
                     f'[log]\nbackend = "jetstream"\n[log.jetstream]\nurl = "{url}"\n'
                     f'[cluster]\nmembers = [{ms}]\n')
         self.proc = None
+        self.log_level = "warn"
 
     def start(self, timeout=600):
         os.environ["TROUPE_CLUSTER_COOKIE"] = "bench-cookie"
@@ -813,7 +892,7 @@ def load_cluster(nodes, prefix, n, users, clients=4, batch=1000):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["ingest", "jetstream", "rebuild", "freshness", "recovery", "serving", "cluster"])
+    p.add_argument("what", choices=["ingest", "jetstream", "rebuild", "freshness", "recovery", "restart-scale", "serving", "cluster"])
     p.add_argument("--troupe", default="target/release/troupe")
     p.add_argument("--publisher", default="target/release/examples/jetstream_publish",
                    help="the raw loop for `jetstream` (cargo build --release --example jetstream_publish)")
@@ -833,7 +912,8 @@ def main():
     a.troupe = os.path.abspath(a.troupe)
     a.publisher = os.path.abspath(a.publisher)
     a.dir = os.path.abspath(a.dir) if a.dir else None
-    {"ingest": ingest, "jetstream": jetstream, "rebuild": rebuild, "freshness": freshness, "recovery": recovery, "serving": serving, "cluster": cluster}[a.what](a)
+    {"ingest": ingest, "jetstream": jetstream, "rebuild": rebuild, "freshness": freshness, "recovery": recovery,
+     "restart-scale": restart_scale, "serving": serving, "cluster": cluster}[a.what](a)
 
 
 if __name__ == "__main__":

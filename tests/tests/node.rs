@@ -1220,3 +1220,40 @@ fn jetstream_dedupe_horizon_is_the_servers_window_then_the_consumers_keys() {
         .metrics()
         .contains("troupe_consumer_dedupe_horizon_seconds"));
 }
+
+/// A graceful stop that cannot finish everything (the JetStream server is gone, so no
+/// final checkpoint can be written) still exits 0 and says what it could not finish:
+/// nothing acknowledged is lost, the next start replays from the last checkpoint.
+#[test]
+fn jetstream_sigterm_without_the_server_exits_0_and_names_what_it_could_not_finish() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut server) = NatsServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{FAST}{}request_timeout_ms = 1000\n",
+        jetstream_config(&server)
+    );
+    let mut node = Node::start(dir.path(), &config, &[]);
+    let rows: Vec<Value> = (0..50)
+        .map(|i| json!({"event_id": format!("s{i}"), "user": format!("u{}", i % 10), "item": format!("it{i}"), "kind": "view"}))
+        .collect();
+    assert_eq!(
+        node.post("/v1/events", &Value::Array(rows).to_string())
+            .status,
+        200
+    );
+    wait_until(30, "the events applied", || {
+        applied_items(&node, 10).len() >= 50
+    });
+    server.kill9();
+    assert_eq!(node.terminate(), Some(0));
+    let log = node.log(1);
+    assert!(
+        log.contains("unfinished:"),
+        "{}",
+        &log[log.len().saturating_sub(2000)..]
+    );
+}

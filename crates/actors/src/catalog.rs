@@ -21,7 +21,13 @@ use crate::record::{Item, Payload, Record, CATALOG_STREAM};
 use crate::state::Form;
 use crate::wire::WIRE_VERSION;
 
+/// Format of the full checkpoint and of the deltas after it.
 pub const CATALOG_CHECKPOINT_FORMAT: u16 = 3;
+
+/// A full checkpoint is written once the deltas after the last one add up to this many
+/// times its size, and at most `MAX_DELTAS` deltas follow one.
+const COMPACT_RATIO: usize = 4;
+const MAX_DELTAS: u64 = 256;
 /// Where an older build kept the checkpoint in the embedded store's own table.
 const LEGACY_NAME: &str = "catalog";
 
@@ -44,6 +50,17 @@ struct Checkpoint<'a> {
     deleted: Cow<'a, FxHashSet<String>>,
 }
 
+/// The items upserted and deleted since the previous checkpoint (full or delta).
+#[derive(Serialize, Deserialize)]
+struct DeltaCheckpoint<'a> {
+    format: u16,
+    /// 1 for the first delta after a full checkpoint, then 2, 3, ...
+    seq: u64,
+    cursors: Cow<'a, Cursors>,
+    upserts: Vec<Item>,
+    deletes: Vec<String>,
+}
+
 pub struct Catalog;
 
 /// What records are applied to: the shared catalogue view, plus the work they leave for
@@ -54,6 +71,13 @@ struct Items {
     removed: Vec<String>,
     upserts: u64,
     deletes: u64,
+    /// Ids upserted or deleted since the previous checkpoint.
+    changed: FxHashSet<String>,
+    /// Size of the last full checkpoint (0: none yet, the next one is full), of the deltas
+    /// after it, and their number.
+    full_bytes: usize,
+    delta_bytes: usize,
+    deltas: u64,
 }
 
 pub struct CatalogState {
@@ -83,11 +107,13 @@ impl Apply for Items {
             Payload::ItemUpsert(item) => {
                 self.encode.push((item.id.clone(), item.embed_text()));
                 self.ctx.catalog.write().upsert(item.clone());
+                self.changed.insert(item.id.clone());
                 self.upserts += 1;
             }
             Payload::ItemDelete { id } => {
                 self.ctx.catalog.write().delete(id);
                 self.removed.push(id.clone());
+                self.changed.insert(id.clone());
                 self.deletes += 1;
             }
             Payload::Event(_) | Payload::EraseUser { .. } => {}
@@ -114,16 +140,99 @@ impl Consumer for Items {
         ctx.publish_applied(CATALOG_STREAM, applied);
     }
 
+    /// A delta of the items changed since the previous checkpoint while the deltas stay
+    /// small next to the full checkpoint, otherwise a full one.
     fn snapshot(&mut self, rt: &ConsumerRuntime) -> Result<(Form, Vec<u8>), ActorProcessingErr> {
         let view = self.ctx.catalog.read();
-        let cp = Checkpoint {
-            format: CATALOG_CHECKPOINT_FORMAT,
-            cursors: Cow::Borrowed(&rt.cursors),
-            items: Cow::Borrowed(&view.items),
-            deleted: Cow::Borrowed(&view.deleted),
+        let mut out = None;
+        if self.full_bytes > 0 && self.deltas < MAX_DELTAS {
+            let mut changed: Vec<&String> = self.changed.iter().collect();
+            changed.sort();
+            let (mut upserts, mut deletes) = (Vec::new(), Vec::new());
+            for id in changed {
+                match view.items.get(id) {
+                    Some(item) => upserts.push(item.clone()),
+                    None => deletes.push(id.clone()),
+                }
+            }
+            let d = DeltaCheckpoint {
+                format: CATALOG_CHECKPOINT_FORMAT,
+                seq: self.deltas + 1,
+                cursors: Cow::Borrowed(&rt.cursors),
+                upserts,
+                deletes,
+            };
+            let b = crate::codec::encode(&d)?;
+            if self.delta_bytes + b.len() <= COMPACT_RATIO * self.full_bytes {
+                out = Some((Form::Delta, b));
+            }
+        }
+        let out = match out {
+            Some(o) => o,
+            None => {
+                let cp = Checkpoint {
+                    format: CATALOG_CHECKPOINT_FORMAT,
+                    cursors: Cow::Borrowed(&rt.cursors),
+                    items: Cow::Borrowed(&view.items),
+                    deleted: Cow::Borrowed(&view.deleted),
+                };
+                (Form::Full, crate::codec::encode(&cp)?)
+            }
         };
-        Ok((Form::Full, crate::codec::encode(&cp)?))
+        drop(view);
+        self.changed.clear();
+        Ok(out)
     }
+
+    fn checkpointed(&mut self, form: Form, bytes: usize, written: bool) {
+        if !written {
+            // The changes were taken for that write: only a full checkpoint is right next.
+            self.full_bytes = 0;
+            return;
+        }
+        match form {
+            Form::Full => (self.full_bytes, self.delta_bytes, self.deltas) = (bytes, 0, 0),
+            Form::Delta => {
+                self.delta_bytes += bytes;
+                self.deltas += 1;
+            }
+        }
+    }
+}
+
+/// Applies the deltas written after a full checkpoint to `view`, in order; the cursors of
+/// the last one (`None`: no deltas).
+fn replay_deltas(
+    view: &mut crate::serving::CatalogView,
+    deltas: Vec<Vec<u8>>,
+) -> Result<Option<Cursors>, String> {
+    let mut cursors = None;
+    for (k, bytes) in deltas.into_iter().enumerate() {
+        let seq = k as u64 + 1;
+        let format = crate::consumer::checkpoint_format(&bytes)
+            .map_err(|e| format!("delta {seq} does not decode: {e}"))?;
+        if format != CATALOG_CHECKPOINT_FORMAT {
+            return Err(format!(
+                "delta {seq} has format {format}, this build reads {CATALOG_CHECKPOINT_FORMAT}"
+            ));
+        }
+        let d: DeltaCheckpoint = crate::consumer::decode_checkpoint(&bytes)
+            .map_err(|e| format!("delta {seq} does not decode: {e}"))?;
+        if d.seq != seq {
+            return Err(format!(
+                "delta {seq} has sequence {}: a delta is missing",
+                d.seq
+            ));
+        }
+        for item in d.upserts {
+            view.upsert(item);
+        }
+        for id in d.deletes {
+            view.delete(&id);
+        }
+        cursors = Some(d.cursors.into_owned());
+    }
+    Ok(cursors)
 }
 
 impl Actor for Catalog {
@@ -145,6 +254,10 @@ impl Actor for Catalog {
                 removed: Vec::new(),
                 upserts: 0,
                 deletes: 0,
+                changed: Default::default(),
+                full_bytes: 0,
+                delta_bytes: 0,
+                deltas: 0,
             },
             ctx,
             rt,
@@ -157,6 +270,7 @@ impl Actor for Catalog {
         myself: ActorRef<CatalogMsg>,
         st: &mut CatalogState,
     ) -> Result<(), ActorProcessingErr> {
+        let started = std::time::Instant::now();
         let cp: Option<(Checkpoint, _)> = st
             .rt
             .load_checkpoint(
@@ -172,21 +286,43 @@ impl Actor for Catalog {
             let placeholders = std::mem::take(&mut view.placeholders);
             *view = Default::default();
             view.placeholders = placeholders;
-            if let Some((cp, _)) = cp {
+            if let Some((cp, deltas)) = cp {
                 st.rt
                     .restore(cp.cursors.into_owned())
                     .map_err(|e| format!("checkpoint of {}: {e}", names::CATALOG))?;
                 view.set_items(cp.items.into_owned());
                 view.deleted = cp.deleted.into_owned();
+                if let Some(cursors) = replay_deltas(&mut view, deltas)
+                    .map_err(|e| format!("checkpoint of {}: {e}", names::CATALOG))?
+                {
+                    st.rt
+                        .restore(cursors)
+                        .map_err(|e| format!("checkpoint of {}: {e}", names::CATALOG))?;
+                }
             }
             view.items
                 .values()
                 .map(|i| (i.id.clone(), i.embed_text()))
                 .collect()
         };
+        // Deltas continue the chain just restored when it is this scope's own.
+        if let Some(chain) = st.rt.restored_chain {
+            st.data.full_bytes = chain.full_bytes;
+            st.data.delta_bytes = chain.delta_bytes;
+            st.data.deltas = chain.deltas;
+        }
+        st.data.changed.clear();
+        let (loaded, loaded_ms) = (items.len(), started.elapsed().as_millis() as u64);
         send_encode(items);
         st.rt.verify_log(&st.ctx).await?;
-        st.rt.step(&st.ctx, &mut st.data).await?;
+        let replayed = st.rt.step(&st.ctx, &mut st.data).await?;
+        tracing::info!(
+            items = loaded,
+            load_ms = loaded_ms,
+            replayed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "catalog recovered"
+        );
         st.ctx.health.end_recovery(names::CATALOG);
         st.wake = crate::consumer::follow_heads(&st.ctx, [CATALOG_STREAM], myself.clone(), || {
             CatalogMsg::HeadMoved
@@ -272,6 +408,99 @@ mod tests {
         #[test]
         fn checkpoint_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             drop(crate::consumer::decode_checkpoint::<Checkpoint>(&bytes));
+            drop(crate::consumer::decode_checkpoint::<DeltaCheckpoint>(&bytes));
         }
+    }
+
+    fn record(payload: Payload) -> Record {
+        Record {
+            stream: CATALOG_STREAM,
+            offset: 1,
+            key: 0,
+            at_ms: 1,
+            payload,
+        }
+    }
+
+    fn item(id: &str, text: &str) -> Payload {
+        Payload::ItemUpsert(Item {
+            id: id.into(),
+            text: text.into(),
+            ..Default::default()
+        })
+    }
+
+    /// A full checkpoint and the deltas after it rebuild the view that wrote them: upserts,
+    /// re-upserts, deletes (and a delete then an upsert) in the order they happened.
+    #[tokio::test]
+    async fn deltas_continue_the_full_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = crate::store::Store::open(&dir.path().join("s.redb")).unwrap();
+        let ctx = Arc::new(Ctx::new(
+            crate::settings::Settings::defaults("t"),
+            store,
+            crate::faults::Faults::default(),
+        ));
+        let rt = ConsumerRuntime::load(&ctx, names::CATALOG, "catalog", [CATALOG_STREAM])
+            .await
+            .unwrap();
+        let mut items = Items {
+            ctx: ctx.clone(),
+            encode: Vec::new(),
+            removed: Vec::new(),
+            upserts: 0,
+            deletes: 0,
+            changed: Default::default(),
+            full_bytes: 0,
+            delta_bytes: 0,
+            deltas: 0,
+        };
+        for i in 0..500 {
+            items
+                .apply(&record(item(&format!("i{i}"), "a lamp")))
+                .unwrap();
+        }
+        let (form, full) = items.snapshot(&rt).unwrap();
+        assert_eq!(form, Form::Full);
+        items.checkpointed(form, full.len(), true);
+        let steps = [
+            vec![
+                item("i1", "a red lamp"),
+                Payload::ItemDelete { id: "i2".into() },
+            ],
+            vec![
+                item("new", "a chair"),
+                Payload::ItemDelete { id: "i3".into() },
+            ],
+            vec![
+                item("i2", "back again"),
+                Payload::ItemDelete { id: "new".into() },
+            ],
+        ];
+        let mut deltas = Vec::new();
+        for step in steps {
+            for p in step {
+                items.apply(&record(p)).unwrap();
+            }
+            let (form, d) = items.snapshot(&rt).unwrap();
+            assert_eq!(form, Form::Delta);
+            assert!(d.len() * 10 < full.len(), "a delta holds only what changed");
+            items.checkpointed(form, d.len(), true);
+            deltas.push(d);
+        }
+        let cp: Checkpoint = crate::consumer::decode_checkpoint(&full).unwrap();
+        let mut view = crate::serving::CatalogView::default();
+        view.set_items(cp.items.into_owned());
+        view.deleted = cp.deleted.into_owned();
+        replay_deltas(&mut view, deltas.clone()).unwrap();
+        let now = ctx.catalog.read();
+        assert_eq!(view.items, now.items);
+        assert_eq!(view.deleted, now.deleted);
+        assert_eq!(view.items["i1"].text, "a red lamp");
+        assert!(view.items.contains_key("i2") && !view.items.contains_key("i3"));
+        assert!(!view.items.contains_key("new") && view.deleted.contains("new"));
+        drop(now);
+        let mut gap = crate::serving::CatalogView::default();
+        assert!(replay_deltas(&mut gap, deltas[1..].to_vec()).is_err());
     }
 }

@@ -40,8 +40,11 @@ use crate::settings::Settings;
 use crate::state::{Claim, Form, StateError};
 use crate::supervisor::{Deposed, Fatal};
 
-/// Records read from the store per catch-up step.
-pub const CATCH_UP_CHUNK: usize = 4096;
+/// Records read from the log per catch-up step. One read costs a fixed set of round trips
+/// (on JetStream: the stream's bounds and an ordered consumer created for it), which under
+/// heavy writes dominates a replay with small reads; a step of this size holds the actor
+/// for about 0.1-0.3 s when it replays.
+pub const CATCH_UP_CHUNK: usize = 16_384;
 
 /// Keys of the records a consumer applied recently in one stream, oldest first. Bounded
 /// by count and by the records' append time; stored as the low 64 bits of the key.
@@ -439,6 +442,18 @@ pub struct ConsumerRuntime {
     legacy: Option<String>,
     /// No checkpoint is due before this (set when the state store was unreachable).
     retry_at: Option<Instant>,
+    /// The chain `load_checkpoint` restored from this scope's own pointer: bytes of its
+    /// full checkpoint, of its deltas, and their number (a consumer may append deltas
+    /// to it instead of starting with a full checkpoint).
+    pub restored_chain: Option<RestoredChain>,
+}
+
+/// See [`ConsumerRuntime::restored_chain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoredChain {
+    pub full_bytes: usize,
+    pub delta_bytes: usize,
+    pub deltas: u64,
 }
 
 impl ConsumerRuntime {
@@ -468,6 +483,7 @@ impl ConsumerRuntime {
         Ok(ConsumerRuntime {
             claim,
             legacy: None,
+            restored_chain: None,
             retry_at: None,
             name: name.to_string(),
             kind,
@@ -642,10 +658,21 @@ impl ConsumerRuntime {
         ctx: &Arc<Ctx>,
         consumer: &mut C,
     ) -> Result<(), ActorProcessingErr> {
+        let started = Instant::now();
         let (form, bytes) = consumer.snapshot(self)?;
+        let encoded_ms = started.elapsed().as_millis() as u64;
         let len = bytes.len();
         let r = self.write_checkpoint(ctx, form, bytes).await;
         consumer.checkpointed(form, len, r.is_ok());
+        tracing::debug!(
+            consumer = %self.name,
+            form = ?form,
+            bytes = len,
+            encoded_ms,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            ok = r.is_ok(),
+            "checkpoint"
+        );
         r
     }
 
@@ -848,11 +875,16 @@ impl ConsumerRuntime {
     {
         let name = self.name.clone();
         let scope = ctx.consumers.scope_of(&name);
+        let started = Instant::now();
         let loaded = until_answered(&name, None, || ctx.state.load(&scope))
             .await
             .map_err(|e| state_failure(ctx, &name, e))?;
+        let mut own = false;
         let (base, deltas) = match loaded {
-            Some(l) if l.base.is_some() => (l.base.unwrap_or_default(), l.deltas),
+            Some(l) if l.base.is_some() => {
+                own = true;
+                (l.base.unwrap_or_default(), l.deltas)
+            }
             Some(l) if !l.deltas.is_empty() => {
                 return Err(format!(
                     "checkpoint of {name}: {} deltas but no full checkpoint",
@@ -912,6 +944,14 @@ impl ConsumerRuntime {
             )
             .into());
         }
+        let fetched_ms = started.elapsed().as_millis() as u64;
+        let delta_bytes = deltas.iter().map(Vec::len).sum::<usize>();
+        let bytes = base.len() + delta_bytes;
+        self.restored_chain = own.then_some(RestoredChain {
+            full_bytes: base.len(),
+            delta_bytes,
+            deltas: deltas.len() as u64,
+        });
         let cp = tokio::task::spawn_blocking(move || -> Result<T, String> {
             let cp = decode_checkpoint::<T>(&base)
                 .map_err(|e| format!("checkpoint of {name} does not decode: {e}"))?;
@@ -919,6 +959,14 @@ impl ConsumerRuntime {
             Ok(cp)
         })
         .await??;
+        tracing::debug!(
+            consumer = %self.name,
+            bytes,
+            deltas = deltas.len(),
+            fetched_ms,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "checkpoint loaded"
+        );
         Ok(Some((cp, deltas)))
     }
 

@@ -21,7 +21,13 @@ use crate::state::Form;
 use crate::wire::WIRE_VERSION;
 use crate::wire_payload;
 
-pub const ITEM_STATS_CHECKPOINT_FORMAT: u16 = 4;
+/// Format of the full checkpoint and of the deltas after it.
+pub const ITEM_STATS_CHECKPOINT_FORMAT: u16 = 5;
+
+/// A full checkpoint is written once the deltas after the last one add up to this many
+/// times its size, and at most `MAX_DELTAS` deltas follow one (as for UserFeatures).
+const COMPACT_RATIO: usize = 4;
+const MAX_DELTAS: u64 = 256;
 /// Where an older build kept the checkpoint in the embedded store's own table.
 const LEGACY_NAME: &str = "item_stats";
 
@@ -61,10 +67,78 @@ pub enum ItemStatsMsg {
 struct Checkpoint<'a> {
     format: u16,
     cursors: Cow<'a, Cursors>,
-    ids: Cow<'a, IdMap>,
+    ids: Names<'a>,
     popularity: Cow<'a, Popularity>,
     /// Events per interned item, every kind, undecayed.
     events: Cow<'a, [u64]>,
+    latest_ts_ms: i64,
+}
+
+/// Item ids in index order as one string and the byte length of each: a full checkpoint
+/// of millions of items decodes with one allocation per id (the map is rebuilt from the
+/// names) instead of a map entry and a name each, read field by field.
+#[derive(Serialize, Deserialize)]
+struct Names<'a> {
+    text: Cow<'a, str>,
+    lengths: Vec<u32>,
+}
+
+impl Names<'static> {
+    fn of(ids: &IdMap) -> Self {
+        let names = ids.names();
+        let mut text = String::with_capacity(names.iter().map(String::len).sum());
+        let mut lengths = Vec::with_capacity(names.len());
+        for n in names {
+            text.push_str(n);
+            lengths.push(n.len() as u32);
+        }
+        Names {
+            text: Cow::Owned(text),
+            lengths,
+        }
+    }
+}
+
+impl Names<'_> {
+    fn into_ids(self) -> Result<IdMap, String> {
+        let mut names = Vec::with_capacity(self.lengths.len());
+        let mut at = 0usize;
+        for (i, &l) in self.lengths.iter().enumerate() {
+            let end = at + l as usize;
+            let Some(n) = self.text.get(at..end) else {
+                return Err(format!(
+                    "item name {i} runs past the names or splits a character"
+                ));
+            };
+            names.push(n.to_string());
+            at = end;
+        }
+        if at != self.text.len() {
+            return Err("the item names hold more bytes than their lengths".into());
+        }
+        IdMap::from_names(names)
+    }
+}
+
+/// What changed since the previous checkpoint (full or delta): written as a delta while
+/// the deltas stay small next to the full checkpoint, so a checkpoint costs what changed,
+/// not the whole catalogue of items.
+#[derive(Serialize, Deserialize)]
+struct DeltaCheckpoint<'a> {
+    format: u16,
+    /// 1 for the first delta after a full checkpoint, then 2, 3, ...
+    seq: u64,
+    cursors: Cow<'a, Cursors>,
+    /// Items interned since the previous checkpoint, in index order from `names_from`.
+    names_from: u32,
+    names: Vec<String>,
+    /// The popularity anchor the raw values below are relative to (a delta is written
+    /// only while it is the previous checkpoint's).
+    anchor: i64,
+    /// Items whose popularity or count changed: index, raw popularity, events.
+    items: Vec<(u32, f64, u64)>,
+    /// Items whose categories changed, with their categories now.
+    categories: Vec<(u32, Vec<String>)>,
     latest_ts_ms: i64,
 }
 
@@ -79,6 +153,17 @@ struct Stats {
     events: Vec<u64>,
     latest_ts_ms: i64,
     new_items: Vec<String>,
+    /// Since the previous checkpoint: items whose counts changed, items whose categories
+    /// changed, the item count and the anchor then.
+    dirty: rustc_hash::FxHashSet<u32>,
+    dirty_categories: rustc_hash::FxHashSet<u32>,
+    names_at_checkpoint: usize,
+    anchor_at_checkpoint: i64,
+    /// Size of the last full checkpoint (0: none yet, the next one is full), of the deltas
+    /// after it, and their number.
+    full_bytes: usize,
+    delta_bytes: usize,
+    deltas: u64,
 }
 
 pub struct ItemStatsState {
@@ -103,6 +188,7 @@ impl Apply for Stats {
                     self.events.resize(slot + 1, 0);
                 }
                 self.events[slot] += 1;
+                self.dirty.insert(i);
                 if let Some(w) = self
                     .ctx
                     .settings
@@ -118,10 +204,12 @@ impl Apply for Stats {
             Payload::ItemUpsert(item) => {
                 let i = self.ids.intern(&item.id);
                 self.popularity.set_categories(i, &item.categories);
+                self.dirty_categories.insert(i);
             }
             Payload::ItemDelete { id } => {
                 if let Some(i) = self.ids.get(id) {
                     self.popularity.set_categories(i, &[]);
+                    self.dirty_categories.insert(i);
                 }
             }
             Payload::EraseUser { .. } => {}
@@ -148,16 +236,132 @@ impl Consumer for Stats {
         self.new_items.clear();
     }
 
+    /// A delta of what changed since the previous checkpoint while the deltas stay small
+    /// (and the popularity anchor has not moved), otherwise a full checkpoint.
     fn snapshot(&mut self, rt: &ConsumerRuntime) -> Result<(Form, Vec<u8>), ActorProcessingErr> {
-        let cp = Checkpoint {
-            format: ITEM_STATS_CHECKPOINT_FORMAT,
-            cursors: Cow::Borrowed(&rt.cursors),
-            ids: Cow::Borrowed(&self.ids),
-            popularity: Cow::Borrowed(&self.popularity),
-            events: Cow::Borrowed(&self.events),
-            latest_ts_ms: self.latest_ts_ms,
+        let anchor = self.popularity.anchor();
+        let delta_allowed =
+            self.full_bytes > 0 && self.deltas < MAX_DELTAS && anchor == self.anchor_at_checkpoint;
+        let mut out = None;
+        if delta_allowed {
+            let mut items: Vec<u32> = self.dirty.iter().copied().collect();
+            items.sort_unstable();
+            let mut categories: Vec<u32> = self.dirty_categories.iter().copied().collect();
+            categories.sort_unstable();
+            let d = DeltaCheckpoint {
+                format: ITEM_STATS_CHECKPOINT_FORMAT,
+                seq: self.deltas + 1,
+                cursors: Cow::Borrowed(&rt.cursors),
+                names_from: self.names_at_checkpoint as u32,
+                names: (self.names_at_checkpoint..self.ids.len())
+                    .filter_map(|i| self.ids.name(i as u32).map(str::to_string))
+                    .collect(),
+                anchor,
+                items: items
+                    .into_iter()
+                    .map(|i| {
+                        let n = self.events.get(i as usize).copied().unwrap_or(0);
+                        (i, self.popularity.relative(i), n)
+                    })
+                    .collect(),
+                categories: categories
+                    .into_iter()
+                    .map(|i| (i, self.popularity.categories_of(i).to_vec()))
+                    .collect(),
+                latest_ts_ms: self.latest_ts_ms,
+            };
+            let b = crate::codec::encode(&d)?;
+            if self.delta_bytes + b.len() <= COMPACT_RATIO * self.full_bytes {
+                out = Some((Form::Delta, b));
+            }
+        }
+        let out = match out {
+            Some(o) => o,
+            None => {
+                let cp = Checkpoint {
+                    format: ITEM_STATS_CHECKPOINT_FORMAT,
+                    cursors: Cow::Borrowed(&rt.cursors),
+                    ids: Names::of(&self.ids),
+                    popularity: Cow::Borrowed(&self.popularity),
+                    events: Cow::Borrowed(&self.events),
+                    latest_ts_ms: self.latest_ts_ms,
+                };
+                (Form::Full, crate::codec::encode(&cp)?)
+            }
         };
-        Ok((Form::Full, crate::codec::encode(&cp)?))
+        self.dirty.clear();
+        self.dirty_categories.clear();
+        self.names_at_checkpoint = self.ids.len();
+        self.anchor_at_checkpoint = anchor;
+        Ok(out)
+    }
+
+    fn checkpointed(&mut self, form: Form, bytes: usize, written: bool) {
+        if !written {
+            // The changes were taken for that write: only a full checkpoint is right next.
+            self.full_bytes = 0;
+            return;
+        }
+        match form {
+            Form::Full => (self.full_bytes, self.delta_bytes, self.deltas) = (bytes, 0, 0),
+            Form::Delta => {
+                self.delta_bytes += bytes;
+                self.deltas += 1;
+            }
+        }
+    }
+}
+
+impl Stats {
+    /// Applies the deltas written after the full checkpoint just restored, in order;
+    /// the cursors of the last one (`None`: no deltas).
+    fn replay_deltas(&mut self, deltas: Vec<Vec<u8>>) -> Result<Option<Cursors>, String> {
+        let mut cursors = None;
+        for (k, bytes) in deltas.into_iter().enumerate() {
+            let seq = k as u64 + 1;
+            let format = crate::consumer::checkpoint_format(&bytes)
+                .map_err(|e| format!("delta {seq} does not decode: {e}"))?;
+            if format != ITEM_STATS_CHECKPOINT_FORMAT {
+                return Err(format!(
+                    "delta {seq} has format {format}, this build reads {ITEM_STATS_CHECKPOINT_FORMAT}"
+                ));
+            }
+            let d: DeltaCheckpoint = crate::consumer::decode_checkpoint(&bytes)
+                .map_err(|e| format!("delta {seq} does not decode: {e}"))?;
+            if d.seq != seq || d.names_from as usize != self.ids.len() {
+                return Err(format!(
+                    "delta {seq} (sequence {}, items from {}) does not continue the checkpoint ({} items): a delta is missing",
+                    d.seq,
+                    d.names_from,
+                    self.ids.len()
+                ));
+            }
+            if d.anchor != self.popularity.anchor() {
+                return Err(format!(
+                    "delta {seq} is relative to popularity anchor {}, the checkpoint's is {}",
+                    d.anchor,
+                    self.popularity.anchor()
+                ));
+            }
+            for n in &d.names {
+                self.ids.intern(n);
+            }
+            for (i, relative, events) in d.items {
+                self.popularity.set_relative(i, relative);
+                let slot = i as usize;
+                if self.events.len() <= slot {
+                    self.events.resize(slot + 1, 0);
+                }
+                self.events[slot] = events;
+            }
+            for (i, c) in d.categories {
+                self.popularity.set_categories(i, &c);
+            }
+            self.latest_ts_ms = d.latest_ts_ms;
+            cursors = Some(d.cursors.into_owned());
+            self.deltas = seq;
+        }
+        Ok(cursors)
     }
 }
 
@@ -198,6 +402,13 @@ impl Actor for ItemStats {
                 popularity: Popularity::new(0, hl),
                 events: Vec::new(),
                 latest_ts_ms: 0,
+                dirty: Default::default(),
+                dirty_categories: Default::default(),
+                names_at_checkpoint: 0,
+                anchor_at_checkpoint: 0,
+                full_bytes: 0,
+                delta_bytes: 0,
+                deltas: 0,
                 new_items: Vec::new(),
             },
             ctx,
@@ -212,6 +423,7 @@ impl Actor for ItemStats {
         st: &mut ItemStatsState,
     ) -> Result<(), ActorProcessingErr> {
         let p = st.ctx.settings.partitions;
+        let started = std::time::Instant::now();
         let cp: Option<(Checkpoint, _)> = st
             .rt
             .load_checkpoint(
@@ -221,17 +433,58 @@ impl Actor for ItemStats {
                 move |cp: &Checkpoint| crate::consumer::check_partitions(&cp.cursors, p),
             )
             .await?;
-        if let Some((cp, _)) = cp {
+        let mut deltas_on_start = 0;
+        if let Some((cp, deltas)) = cp {
             st.rt
                 .restore(cp.cursors.into_owned())
                 .map_err(|e| format!("checkpoint of {}: {e}", names::ITEM_STATS))?;
-            st.data.ids = cp.ids.into_owned();
+            st.data.ids = cp
+                .ids
+                .into_ids()
+                .map_err(|e| format!("checkpoint of {}: {e}", names::ITEM_STATS))?;
             st.data.popularity = cp.popularity.into_owned();
             st.data.events = cp.events.into_owned();
             st.data.latest_ts_ms = cp.latest_ts_ms;
+            deltas_on_start = deltas.len();
+            if let Some(cursors) = st
+                .data
+                .replay_deltas(deltas)
+                .map_err(|e| format!("checkpoint of {}: {e}", names::ITEM_STATS))?
+            {
+                st.rt
+                    .restore(cursors)
+                    .map_err(|e| format!("checkpoint of {}: {e}", names::ITEM_STATS))?;
+            }
+            // Deltas continue the chain just restored when it is this scope's own (its
+            // sizes are known); otherwise the next checkpoint is a full one.
+            let chain = st
+                .rt
+                .restored_chain
+                .unwrap_or(crate::consumer::RestoredChain {
+                    full_bytes: 0,
+                    delta_bytes: 0,
+                    deltas: 0,
+                });
+            st.data.full_bytes = chain.full_bytes;
+            st.data.delta_bytes = chain.delta_bytes;
+            st.data.deltas = chain.deltas;
+            st.data.dirty.clear();
+            st.data.dirty_categories.clear();
+            st.data.names_at_checkpoint = st.data.ids.len();
+            st.data.anchor_at_checkpoint = st.data.popularity.anchor();
         }
+        let loaded_ms = started.elapsed().as_millis() as u64;
+        let items_loaded = st.data.ids.len();
         st.rt.verify_log(&st.ctx).await?;
-        st.rt.step(&st.ctx, &mut st.data).await?;
+        let replayed = st.rt.step(&st.ctx, &mut st.data).await?;
+        tracing::info!(
+            items = items_loaded,
+            deltas = deltas_on_start,
+            load_ms = loaded_ms,
+            replayed,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "item stats recovered"
+        );
         st.ctx.health.end_recovery(names::ITEM_STATS);
         st.wake = crate::consumer::follow_heads(&st.ctx, st.ctx.streams(), myself.clone(), || {
             ItemStatsMsg::HeadMoved
@@ -295,7 +548,7 @@ mod tests {
         let cp = Checkpoint {
             format: ITEM_STATS_CHECKPOINT_FORMAT,
             cursors: Cow::Owned(Cursors::default()),
-            ids: Cow::Owned(ids),
+            ids: Names::of(&ids),
             popularity: Cow::Owned(popularity),
             events: Cow::Owned(vec![3]),
             latest_ts_ms: 100_000,
@@ -308,10 +561,239 @@ mod tests {
         assert_eq!(&*back.events, &[3]);
     }
 
+    #[test]
+    fn names_round_trip_and_refuse_what_does_not_add_up() {
+        let mut ids = IdMap::default();
+        for n in ["lamp", "", "lampe à pied", "灯", "lamp2"] {
+            ids.intern(n);
+        }
+        let bytes = crate::codec::encode(&Names::of(&ids)).unwrap();
+        let back: Names = crate::consumer::decode_checkpoint(&bytes).unwrap();
+        let back = back.into_ids().unwrap();
+        assert_eq!(back.names(), ids.names());
+        assert_eq!(back.get("灯"), Some(3));
+        let split = Names {
+            text: Cow::Borrowed("灯"),
+            lengths: vec![1, 2],
+        };
+        assert!(split.into_ids().unwrap_err().contains("splits a character"));
+        let short = Names {
+            text: Cow::Borrowed("abc"),
+            lengths: vec![2],
+        };
+        assert!(short.into_ids().is_err());
+        let twice = Names {
+            text: Cow::Borrowed("aa"),
+            lengths: vec![1, 1],
+        };
+        assert!(twice.into_ids().unwrap_err().contains("twice"));
+    }
+
     proptest! {
         #[test]
         fn checkpoint_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
             drop(crate::consumer::decode_checkpoint::<Checkpoint>(&bytes));
+            drop(crate::consumer::decode_checkpoint::<DeltaCheckpoint>(&bytes));
         }
+    }
+
+    fn stats(ctx: &Arc<Ctx>) -> Stats {
+        Stats {
+            ctx: ctx.clone(),
+            ids: IdMap::default(),
+            popularity: Popularity::new(0, 3600.0),
+            events: Vec::new(),
+            latest_ts_ms: 0,
+            new_items: Vec::new(),
+            dirty: Default::default(),
+            dirty_categories: Default::default(),
+            names_at_checkpoint: 0,
+            anchor_at_checkpoint: 0,
+            full_bytes: 0,
+            delta_bytes: 0,
+            deltas: 0,
+        }
+    }
+
+    fn event(item: &str, offset: u64) -> Record {
+        Record {
+            stream: 0,
+            offset,
+            key: offset as u128,
+            at_ms: 1,
+            payload: Payload::Event(crate::record::Event {
+                event_id: None,
+                user: "u".into(),
+                item: item.into(),
+                kind: "view".into(),
+                value: None,
+                ts_ms: 1_000_000 + offset as i64,
+                request_id: None,
+            }),
+        }
+    }
+
+    fn upsert(item: &str, category: &str) -> Record {
+        Record {
+            stream: crate::record::CATALOG_STREAM,
+            offset: 1,
+            key: 0,
+            at_ms: 1,
+            payload: Payload::ItemUpsert(crate::record::Item {
+                id: item.into(),
+                categories: vec![category.into()],
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// After a restart the actor appends deltas to the chain it restored (no full
+    /// checkpoint of the whole catalogue first), and the next start restores the full
+    /// checkpoint, the old deltas and the new one to the counts of every event.
+    #[tokio::test]
+    async fn a_restart_continues_the_checkpoint_chain() {
+        use crate::journal::{AppendEntry, AppendRequest, Journal, JournalMsg};
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = crate::store::Store::open(&dir.path().join("s.redb")).unwrap();
+        let mut settings = crate::settings::Settings::defaults("t");
+        settings.partitions = 1;
+        let ctx = Arc::new(Ctx::new(settings, store, crate::faults::Faults::default()));
+        let (j, _) = Actor::spawn(None, Journal, ctx.clone()).await.unwrap();
+        let append = |from: u64, to: u64| {
+            let j = j.clone();
+            async move {
+                let entries = (from..to)
+                    .map(|o| AppendEntry::new(0, event(&format!("i{}", o % 50), o).payload))
+                    .collect();
+                let r = j
+                    .call(|p| JournalMsg::Append(AppendRequest::new(entries), p), None)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(r.error, None);
+            }
+        };
+        let count = |form: &str| {
+            ctx.metrics
+                .checkpoints
+                .get_or_create(&crate::metrics::labels2(
+                    "consumer",
+                    "item_stats",
+                    "form",
+                    form,
+                ))
+                .get()
+        };
+        let run = |then: u64| {
+            let ctx = ctx.clone();
+            async move {
+                let (a, h) = Actor::spawn(None, ItemStats, ctx.clone()).await.unwrap();
+                if then > 0 {
+                    let r = a
+                        .call(ItemStatsMsg::Checkpoint, None)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    assert_eq!(r.error, None);
+                }
+                let mut counts = Vec::new();
+                for i in 0..50 {
+                    let n = a
+                        .call(|p| ItemStatsMsg::EventCount(format!("i{i}"), p), None)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    counts.push(n.unwrap_or(0));
+                }
+                a.stop(None);
+                h.await.unwrap();
+                counts
+            }
+        };
+        append(0, 200).await;
+        run(1).await;
+        assert_eq!((count("full"), count("delta")), (1, 0));
+        append(200, 230).await;
+        run(1).await;
+        assert_eq!(
+            (count("full"), count("delta")),
+            (1, 1),
+            "the checkpoint after a restart is a delta of the restored chain"
+        );
+        append(230, 260).await;
+        run(1).await;
+        assert_eq!((count("full"), count("delta")), (1, 2));
+        let counts = run(0).await;
+        let want: Vec<u64> = (0..50u64)
+            .map(|i| (0..260u64).filter(|o| o % 50 == i).count() as u64)
+            .collect();
+        assert_eq!(
+            counts, want,
+            "full checkpoint + 2 deltas restore every count"
+        );
+        j.stop(None);
+    }
+
+    /// A full checkpoint and the deltas after it restore exactly the state that wrote
+    /// them; a delta holds only what changed, and a missing one is refused.
+    #[tokio::test]
+    async fn deltas_continue_the_full_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = crate::store::Store::open(&dir.path().join("s.redb")).unwrap();
+        let ctx = Arc::new(Ctx::new(
+            crate::settings::Settings::defaults("t"),
+            store,
+            crate::faults::Faults::default(),
+        ));
+        let rt = ConsumerRuntime::load(&ctx, names::ITEM_STATS, "item_stats", [0])
+            .await
+            .unwrap();
+        let mut s = stats(&ctx);
+        let mut written = Vec::new();
+        for o in 1..=1000u64 {
+            s.apply(&event(&format!("i{}", o % 300), o)).unwrap();
+        }
+        let (form, full) = s.snapshot(&rt).unwrap();
+        assert_eq!(form, Form::Full);
+        s.checkpointed(form, full.len(), true);
+        for round in 0..3u64 {
+            for o in 0..20u64 {
+                s.apply(&event(
+                    &format!("i{}", 290 + o + round),
+                    2000 + round * 100 + o,
+                ))
+                .unwrap();
+            }
+            s.apply(&upsert(&format!("i{round}"), "lamps")).unwrap();
+            let (form, d) = s.snapshot(&rt).unwrap();
+            assert_eq!(form, Form::Delta, "round {round}");
+            assert!(d.len() * 5 < full.len(), "a delta holds only what changed");
+            s.checkpointed(form, d.len(), true);
+            written.push(d);
+        }
+        let cp: Checkpoint = crate::consumer::decode_checkpoint(&full).unwrap();
+        let mut back = stats(&ctx);
+        back.ids = cp.ids.into_ids().unwrap();
+        back.popularity = cp.popularity.into_owned();
+        back.events = cp.events.into_owned();
+        back.replay_deltas(written.clone()).unwrap();
+        assert_eq!(back.ids.len(), s.ids.len());
+        assert_eq!(back.events, s.events);
+        for i in 0..s.ids.len() as u32 {
+            assert_eq!(back.ids.name(i), s.ids.name(i));
+            assert_eq!(back.popularity.relative(i), s.popularity.relative(i));
+            assert_eq!(
+                back.popularity.categories_of(i),
+                s.popularity.categories_of(i)
+            );
+        }
+        assert_eq!(back.latest_ts_ms, s.latest_ts_ms);
+        // A gap in the chain is refused.
+        let mut gap = stats(&ctx);
+        let cp: Checkpoint = crate::consumer::decode_checkpoint(&full).unwrap();
+        gap.ids = cp.ids.into_ids().unwrap();
+        gap.popularity = cp.popularity.into_owned();
+        gap.events = cp.events.into_owned();
+        assert!(gap.replay_deltas(written[1..].to_vec()).is_err());
     }
 }

@@ -27,6 +27,23 @@ impl IdMap {
         i
     }
 
+    /// The map whose index `i` names `names[i]` (the first of repeated names keeps its
+    /// index; a repeat is an error, since indices must stay dense and distinct).
+    pub fn from_names(names: Vec<String>) -> std::result::Result<Self, String> {
+        let mut index = FxHashMap::with_capacity_and_hasher(names.len(), Default::default());
+        for (i, n) in names.iter().enumerate() {
+            if index.insert(n.clone(), i as u32).is_some() {
+                return Err(format!("id {n:?} is listed twice"));
+            }
+        }
+        Ok(IdMap { index, names })
+    }
+
+    /// Every id, by index.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
     pub fn get(&self, id: &str) -> Option<u32> {
         self.index.get(id).copied()
     }

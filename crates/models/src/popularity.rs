@@ -70,6 +70,17 @@ impl DecayedCounter {
     pub fn relative_values(&self) -> &[f64] {
         &self.values
     }
+
+    /// The time the raw values are relative to (it moves when values would grow too big).
+    pub fn anchor(&self) -> i64 {
+        self.anchor
+    }
+
+    /// Sets a slot's raw value (relative to the current anchor), growing the slots.
+    pub fn set_relative(&mut self, slot: usize, value: f64) {
+        self.ensure(slot + 1);
+        self.values[slot] = value;
+    }
 }
 
 /// Popularity model: decayed counts per item plus an index of items per category.
@@ -122,6 +133,30 @@ impl Popularity {
             self.of_item.insert(item, listed);
         }
         self.counts.ensure(item as usize + 1);
+    }
+
+    /// The anchor of the decayed counts ([`DecayedCounter::anchor`]).
+    pub fn anchor(&self) -> i64 {
+        self.counts.anchor()
+    }
+
+    /// An item's raw count relative to the anchor, and a setter for restoring it (both
+    /// for incremental checkpoints: the raw values of the items that changed).
+    pub fn relative(&self, item: u32) -> f64 {
+        self.counts
+            .relative_values()
+            .get(item as usize)
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    pub fn set_relative(&mut self, item: u32, value: f64) {
+        self.counts.set_relative(item as usize, value);
+    }
+
+    /// The categories `item` is listed under.
+    pub fn categories_of(&self, item: u32) -> &[String] {
+        self.of_item.get(&item).map_or(&[], Vec::as_slice)
     }
 
     /// Decayed score of one item at `now`.
