@@ -156,6 +156,19 @@ impl Cluster {
         Some(c)
     }
 
+    /// The three members on `nats` with `tuning`, started and balanced.
+    fn balanced_on(nats: NatsCluster, tuning: Tuning) -> Cluster {
+        let mut c = Cluster::on(nats, tuning);
+        let (members, url) = (c.members.clone(), c.nats.urls());
+        for n in NAMES {
+            c.launch(n, "test-cookie", &members, &url);
+        }
+        c.wait(90, "partitions balanced over the three nodes", || {
+            balanced(&c)
+        });
+        c
+    }
+
     /// A member's cluster address.
     fn cluster_addr(&self, name: &str) -> std::net::SocketAddr {
         let (_, port, _) = *self.members.iter().find(|m| m.0 == name).unwrap();
@@ -335,10 +348,11 @@ fn items_counted(n: &Node) -> u64 {
 }
 
 /// On three servers with replicas 3, SIGKILL one of three nodes while events stream in
-/// through the other two and queries go to them: its partitions move to the survivors, every query is answered (degraded
-/// allowed, no 5xx), the partitions come back when it restarts, and every acknowledged
-/// event is applied exactly once (by event id across all users, read through one node)
-/// and counted once per item by every node's item stats.
+/// through the other two and queries go to them: its partitions move to the survivors
+/// (the time is printed), every query is answered (degraded allowed, no 5xx), the
+/// partitions come back when it restarts, and every acknowledged event is applied
+/// exactly once (by event id across all users, read through one node) and counted once
+/// per item by every node's item stats.
 #[test]
 fn cluster_kill9_of_a_node_under_load_moves_its_partitions_and_loses_nothing() {
     let _serial = one_at_a_time();
@@ -347,14 +361,7 @@ fn cluster_kill9_of_a_node_under_load_moves_its_partitions_and_loses_nothing() {
     let Some(nats) = NatsCluster::start() else {
         return;
     };
-    let mut c = Cluster::on(nats, r3_tuning());
-    let (members, url) = (c.members.clone(), c.nats.urls());
-    for n in NAMES {
-        c.launch(n, "test-cookie", &members, &url);
-    }
-    c.wait(90, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
+    let mut c = Cluster::balanced_on(nats, r3_tuning());
     let (n, users) = (4_000usize, 40usize);
     let root = c.root.path().to_path_buf();
     let (ev_a, ev_b) = (root.join("a.csv"), root.join("b.csv"));
@@ -782,14 +789,7 @@ fn cluster_read_through_any_node_sees_a_write_acked_by_another() {
     let Some(nats) = NatsCluster::start() else {
         return;
     };
-    let mut c = Cluster::on(nats, r3_tuning());
-    let (members, url) = (c.members.clone(), c.nats.urls());
-    for n in NAMES {
-        c.launch(n, "test-cookie", &members, &url);
-    }
-    c.wait(90, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
+    let c = Cluster::balanced_on(nats, r3_tuning());
     let p = *serving(c.node("c")).iter().next().unwrap();
     let user = user_in(p);
     for i in 0..20 {
@@ -953,14 +953,7 @@ fn cluster_outlasts_a_jetstream_leader_election_without_moving_partitions() {
         lease_renew_ms: 3_000,
         ..Tuning::default()
     };
-    let mut c = Cluster::on(nats, tuning);
-    let (members, url) = (c.members.clone(), c.nats.urls());
-    for n in NAMES {
-        c.launch(n, "test-cookie", &members, &url);
-    }
-    c.wait(90, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
+    let mut c = Cluster::balanced_on(nats, tuning);
     let before = leases(c.node("a"));
     let (n, users) = (3_000usize, 30usize);
     let events = c.root.path().join("events.csv");
@@ -1589,14 +1582,7 @@ fn cluster_server_cut_from_the_others_keeps_every_partition_served() {
     let Some(nats) = NatsCluster::start_with_route_proxies() else {
         return;
     };
-    let mut c = Cluster::on(nats, r3_tuning());
-    let (members, url) = (c.members.clone(), c.nats.urls());
-    for n in NAMES {
-        c.launch(n, "test-cookie", &members, &url);
-    }
-    c.wait(90, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
+    let c = Cluster::balanced_on(nats, r3_tuning());
     let mut leader = None;
     c.wait(30, "the lease bucket's stream has a leader", || {
         leader = c.nats.stream_leader("KV_troupe_state");

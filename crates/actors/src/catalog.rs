@@ -12,7 +12,7 @@ use ractor_cluster_derive::RactorMessage;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
-use crate::consumer::{Apply, Consumer, ConsumerRuntime, Cursors};
+use crate::consumer::{Apply, Consumer, ConsumerRuntime, Cursors, DeltaChain};
 use crate::ctx::Ctx;
 use crate::encoder::ContentEncoderMsg;
 use crate::messages::{CheckpointReply, ItemIds, ItemTexts, Observation};
@@ -73,11 +73,8 @@ struct Items {
     deletes: u64,
     /// Ids upserted or deleted since the previous checkpoint.
     changed: FxHashSet<String>,
-    /// Size of the last full checkpoint (0: none yet, the next one is full), of the deltas
-    /// after it, and their number.
-    full_bytes: usize,
-    delta_bytes: usize,
-    deltas: u64,
+    /// The checkpoint chain the next delta would continue.
+    chain: DeltaChain,
 }
 
 pub struct CatalogState {
@@ -144,8 +141,8 @@ impl Consumer for Items {
     /// small next to the full checkpoint, otherwise a full one.
     fn snapshot(&mut self, rt: &ConsumerRuntime) -> Result<(Form, Vec<u8>), ActorProcessingErr> {
         let view = self.ctx.catalog.read();
-        let mut out = None;
-        if self.full_bytes > 0 && self.deltas < MAX_DELTAS {
+        let mut delta = None;
+        if self.chain.open(MAX_DELTAS) {
             let mut changed: Vec<&String> = self.changed.iter().collect();
             changed.sort();
             let (mut upserts, mut deletes) = (Vec::new(), Vec::new());
@@ -157,46 +154,28 @@ impl Consumer for Items {
             }
             let d = DeltaCheckpoint {
                 format: CATALOG_CHECKPOINT_FORMAT,
-                seq: self.deltas + 1,
+                seq: self.chain.next_seq(),
                 cursors: Cow::Borrowed(&rt.cursors),
                 upserts,
                 deletes,
             };
-            let b = crate::codec::encode(&d)?;
-            if self.delta_bytes + b.len() <= COMPACT_RATIO * self.full_bytes {
-                out = Some((Form::Delta, b));
-            }
+            delta = Some(crate::codec::encode(&d)?);
         }
-        let out = match out {
-            Some(o) => o,
-            None => {
-                let cp = Checkpoint {
-                    format: CATALOG_CHECKPOINT_FORMAT,
-                    cursors: Cow::Borrowed(&rt.cursors),
-                    items: Cow::Borrowed(&view.items),
-                    deleted: Cow::Borrowed(&view.deleted),
-                };
-                (Form::Full, crate::codec::encode(&cp)?)
-            }
-        };
+        let out = self.chain.choose(delta, COMPACT_RATIO, || {
+            crate::codec::encode(&Checkpoint {
+                format: CATALOG_CHECKPOINT_FORMAT,
+                cursors: Cow::Borrowed(&rt.cursors),
+                items: Cow::Borrowed(&view.items),
+                deleted: Cow::Borrowed(&view.deleted),
+            })
+        })?;
         drop(view);
         self.changed.clear();
         Ok(out)
     }
 
     fn checkpointed(&mut self, form: Form, bytes: usize, written: bool) {
-        if !written {
-            // The changes were taken for that write: only a full checkpoint is right next.
-            self.full_bytes = 0;
-            return;
-        }
-        match form {
-            Form::Full => (self.full_bytes, self.delta_bytes, self.deltas) = (bytes, 0, 0),
-            Form::Delta => {
-                self.delta_bytes += bytes;
-                self.deltas += 1;
-            }
-        }
+        self.chain.written(form, bytes, written);
     }
 }
 
@@ -208,22 +187,12 @@ fn replay_deltas(
 ) -> Result<Option<Cursors>, String> {
     let mut cursors = None;
     for (k, bytes) in deltas.into_iter().enumerate() {
-        let seq = k as u64 + 1;
-        let format = crate::consumer::checkpoint_format(&bytes)
-            .map_err(|e| format!("delta {seq} does not decode: {e}"))?;
-        if format != CATALOG_CHECKPOINT_FORMAT {
-            return Err(format!(
-                "delta {seq} has format {format}, this build reads {CATALOG_CHECKPOINT_FORMAT}"
-            ));
-        }
-        let d: DeltaCheckpoint = crate::consumer::decode_checkpoint(&bytes)
-            .map_err(|e| format!("delta {seq} does not decode: {e}"))?;
-        if d.seq != seq {
-            return Err(format!(
-                "delta {seq} has sequence {}: a delta is missing",
-                d.seq
-            ));
-        }
+        let d: DeltaCheckpoint = crate::consumer::decode_delta(
+            &bytes,
+            k as u64 + 1,
+            CATALOG_CHECKPOINT_FORMAT,
+            |d: &DeltaCheckpoint| d.seq,
+        )?;
         for item in d.upserts {
             view.upsert(item);
         }
@@ -255,9 +224,7 @@ impl Actor for Catalog {
                 upserts: 0,
                 deletes: 0,
                 changed: Default::default(),
-                full_bytes: 0,
-                delta_bytes: 0,
-                deltas: 0,
+                chain: DeltaChain::default(),
             },
             ctx,
             rt,
@@ -306,11 +273,7 @@ impl Actor for Catalog {
                 .collect()
         };
         // Deltas continue the chain just restored when it is this scope's own.
-        if let Some(chain) = st.rt.restored_chain {
-            st.data.full_bytes = chain.full_bytes;
-            st.data.delta_bytes = chain.delta_bytes;
-            st.data.deltas = chain.deltas;
-        }
+        st.data.chain = st.rt.restored_chain.unwrap_or_default();
         st.data.changed.clear();
         let (loaded, loaded_ms) = (items.len(), started.elapsed().as_millis() as u64);
         send_encode(items);
@@ -451,9 +414,7 @@ mod tests {
             upserts: 0,
             deletes: 0,
             changed: Default::default(),
-            full_bytes: 0,
-            delta_bytes: 0,
-            deltas: 0,
+            chain: DeltaChain::default(),
         };
         for i in 0..500 {
             items

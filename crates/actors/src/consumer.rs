@@ -442,18 +442,100 @@ pub struct ConsumerRuntime {
     legacy: Option<String>,
     /// No checkpoint is due before this (set when the state store was unreachable).
     retry_at: Option<Instant>,
-    /// The chain `load_checkpoint` restored from this scope's own pointer: bytes of its
-    /// full checkpoint, of its deltas, and their number (a consumer may append deltas
-    /// to it instead of starting with a full checkpoint).
-    pub restored_chain: Option<RestoredChain>,
+    /// The chain `load_checkpoint` restored from this scope's own pointer (a consumer
+    /// may append deltas to it instead of starting with a full checkpoint).
+    pub restored_chain: Option<DeltaChain>,
 }
 
-/// See [`ConsumerRuntime::restored_chain`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RestoredChain {
+/// An incremental checkpoint chain as its writer accounts it: the bytes of the full
+/// checkpoint it continues (0: none this actor can continue, so the next one is full), of
+/// the deltas written after it, and their number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeltaChain {
     pub full_bytes: usize,
     pub delta_bytes: usize,
     pub deltas: u64,
+}
+
+impl DeltaChain {
+    /// Whether a delta may come next: there is a full checkpoint to continue and fewer
+    /// than `max` deltas after it.
+    pub fn open(&self, max: u64) -> bool {
+        self.full_bytes > 0 && self.deltas < max
+    }
+
+    /// The sequence number the next delta carries (1 for the first after a full one).
+    pub fn next_seq(&self) -> u64 {
+        self.deltas + 1
+    }
+
+    /// Whether a delta of `len` bytes keeps the deltas within `ratio` times the full
+    /// checkpoint (past that, a full one costs less to load).
+    pub fn fits(&self, len: usize, ratio: usize) -> bool {
+        self.delta_bytes + len <= ratio * self.full_bytes
+    }
+
+    /// The checkpoint to write: `delta` (already encoded, `None` when none may be
+    /// written) while it fits within `ratio` times the full checkpoint, else the full
+    /// one `full` encodes.
+    pub fn choose<E>(
+        &self,
+        delta: Option<Vec<u8>>,
+        ratio: usize,
+        full: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Result<(Form, Vec<u8>), E> {
+        match delta {
+            Some(b) if self.fits(b.len(), ratio) => Ok((Form::Delta, b)),
+            _ => Ok((Form::Full, full()?)),
+        }
+    }
+
+    /// Accounts a checkpoint write. After a write that failed or whose outcome is
+    /// unknown, only a full checkpoint is right next (the changes were taken for it).
+    pub fn written(&mut self, form: Form, bytes: usize, ok: bool) {
+        if !ok {
+            self.full_bytes = 0;
+            return;
+        }
+        match form {
+            Form::Full => {
+                *self = DeltaChain {
+                    full_bytes: bytes,
+                    ..Default::default()
+                }
+            }
+            Form::Delta => {
+                self.delta_bytes += bytes;
+                self.deltas += 1;
+            }
+        }
+    }
+}
+
+/// The `seq`-th delta (from 1) of a chain written in `format`: refused when it has
+/// another format, does not decode, or carries another sequence number (`seq_of`), which
+/// means a delta is missing.
+pub fn decode_delta<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    seq: u64,
+    format: u16,
+    seq_of: impl Fn(&T) -> u64,
+) -> Result<T, String> {
+    let found =
+        checkpoint_format(bytes).map_err(|e| format!("delta {seq} does not decode: {e}"))?;
+    if found != format {
+        return Err(format!(
+            "delta {seq} has format {found}, this build reads {format}"
+        ));
+    }
+    let d: T = decode_checkpoint(bytes).map_err(|e| format!("delta {seq} does not decode: {e}"))?;
+    if seq_of(&d) != seq {
+        return Err(format!(
+            "delta {seq} has sequence {}: a delta is missing",
+            seq_of(&d)
+        ));
+    }
+    Ok(d)
 }
 
 impl ConsumerRuntime {
@@ -947,7 +1029,7 @@ impl ConsumerRuntime {
         let fetched_ms = started.elapsed().as_millis() as u64;
         let delta_bytes = deltas.iter().map(Vec::len).sum::<usize>();
         let bytes = base.len() + delta_bytes;
-        self.restored_chain = own.then_some(RestoredChain {
+        self.restored_chain = own.then_some(DeltaChain {
             full_bytes: base.len(),
             delta_bytes,
             deltas: deltas.len() as u64,
@@ -1153,6 +1235,56 @@ pub fn check_partitions(cursors: &Cursors, partitions: u32) -> Result<(), String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delta_chain_opens_after_a_full_checkpoint_and_closes_on_its_bounds() {
+        let mut c = DeltaChain::default();
+        assert!(
+            !c.open(4),
+            "nothing to continue: the next checkpoint is full"
+        );
+        c.written(Form::Full, 100, true);
+        assert!(c.open(4) && c.fits(400, 4) && !c.fits(401, 4));
+        assert_eq!(c.next_seq(), 1);
+        c.written(Form::Delta, 150, true);
+        c.written(Form::Delta, 150, true);
+        assert_eq!((c.next_seq(), c.delta_bytes), (3, 300));
+        assert!(c.fits(100, 4) && !c.fits(101, 4));
+        c.written(Form::Delta, 10, true);
+        c.written(Form::Delta, 10, true);
+        assert!(!c.open(4), "at most 4 deltas");
+        c.written(Form::Full, 50, true);
+        assert_eq!(
+            c,
+            DeltaChain {
+                full_bytes: 50,
+                delta_bytes: 0,
+                deltas: 0
+            }
+        );
+        c.written(Form::Delta, 10, false);
+        assert!(!c.open(4), "after an unknown outcome the next one is full");
+    }
+
+    #[test]
+    fn a_delta_of_another_format_or_sequence_is_refused() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct D {
+            format: u16,
+            seq: u64,
+        }
+        let bytes = |format, seq| crate::codec::encode(&D { format, seq }).unwrap();
+        assert!(decode_delta(&bytes(3, 2), 2, 3, |d: &D| d.seq).is_ok());
+        let e = decode_delta(&bytes(2, 2), 2, 3, |d: &D| d.seq)
+            .err()
+            .unwrap();
+        assert!(e.contains("format 2"), "{e}");
+        let e = decode_delta(&bytes(3, 3), 2, 3, |d: &D| d.seq)
+            .err()
+            .unwrap();
+        assert!(e.contains("missing"), "{e}");
+        assert!(decode_delta(&[1, 2], 1, 3, |d: &D| d.seq).is_err());
+    }
     use crate::faults::Faults;
     use crate::record::{Event, Payload};
     use crate::settings::Settings;

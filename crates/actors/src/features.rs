@@ -21,7 +21,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster_derive::RactorMessage;
 use serde::{Deserialize, Serialize};
 
-use crate::consumer::{Apply, Consumer, ConsumerRuntime, Cursors};
+use crate::consumer::{Apply, Consumer, ConsumerRuntime, Cursors, DeltaChain};
 use crate::ctx::Ctx;
 use crate::messages::{CheckpointReply, Observation};
 use crate::record::{Payload, Record};
@@ -102,11 +102,8 @@ struct Partition {
     partition: u32,
     /// Sequence number of the last checkpoint written or loaded (full or delta).
     seq: u64,
-    /// Size of the last full checkpoint this actor wrote (0: none yet, the next one is
-    /// full), and of the deltas written after it.
-    full_bytes: usize,
-    delta_bytes: usize,
-    deltas: u64,
+    /// The chain of checkpoints this actor wrote (after a start, the first one is full).
+    chain: DeltaChain,
 }
 
 impl Partition {
@@ -234,53 +231,38 @@ impl Consumer for Partition {
     fn snapshot(&mut self, rt: &ConsumerRuntime) -> Result<(Form, Vec<u8>), ActorProcessingErr> {
         let seq = self.seq + 1;
         let mut store = self.store().write();
-        let delta = if self.full_bytes == 0 || self.deltas >= MAX_DELTAS {
+        let delta = if !self.chain.open(MAX_DELTAS) {
             None
         } else {
             store.delta()
         };
-        let mut out = None;
-        if let Some(delta) = delta {
-            let b = crate::codec::encode(&DeltaCheckpoint {
+        let delta = match delta {
+            Some(delta) => Some(crate::codec::encode(&DeltaCheckpoint {
                 format: FEATURES_CHECKPOINT_FORMAT,
                 seq,
                 cursors: Cow::Borrowed(&rt.cursors),
                 delta,
-            })?;
-            if self.delta_bytes + b.len() <= COMPACT_RATIO * self.full_bytes {
-                out = Some((Form::Delta, b));
-            }
-        }
-        let out = match out {
-            Some(o) => o,
-            None => (
-                Form::Full,
-                crate::codec::encode(&Checkpoint {
-                    format: FEATURES_CHECKPOINT_FORMAT,
-                    seq,
-                    cursors: Cow::Borrowed(&rt.cursors),
-                    store: &store,
-                })?,
-            ),
+            })?),
+            None => None,
         };
+        let out = self.chain.choose(delta, COMPACT_RATIO, || {
+            crate::codec::encode(&Checkpoint {
+                format: FEATURES_CHECKPOINT_FORMAT,
+                seq,
+                cursors: Cow::Borrowed(&rt.cursors),
+                store: &store,
+            })
+        })?;
         store.mark_checkpointed();
         Ok(out)
     }
 
     fn checkpointed(&mut self, form: Form, bytes: usize, written: bool) {
-        if !written {
-            // The changes were marked written: only a full checkpoint is right next.
-            self.full_bytes = 0;
-            return;
+        if written {
+            self.seq += 1;
         }
-        self.seq += 1;
-        match form {
-            Form::Full => (self.full_bytes, self.delta_bytes, self.deltas) = (bytes, 0, 0),
-            Form::Delta => {
-                self.delta_bytes += bytes;
-                self.deltas += 1;
-            }
-        }
+        // After a failed write the changes were marked written: the next one is full.
+        self.chain.written(form, bytes, written);
     }
 }
 
@@ -343,9 +325,7 @@ impl Actor for UserFeatures {
                 ctx: args.ctx.clone(),
                 partition: args.partition,
                 seq: 0,
-                full_bytes: 0,
-                delta_bytes: 0,
-                deltas: 0,
+                chain: DeltaChain::default(),
             },
             ctx: args.ctx,
             partition: args.partition,

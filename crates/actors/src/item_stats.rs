@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use troupe_models::dataset::IdMap;
 use troupe_models::popularity::Popularity;
 
-use crate::consumer::{Apply, Consumer, ConsumerRuntime, Cursors};
+use crate::consumer::{Apply, Consumer, ConsumerRuntime, Cursors, DeltaChain};
 use crate::ctx::Ctx;
 use crate::messages::{CheckpointReply, Observation};
 use crate::names;
@@ -159,11 +159,8 @@ struct Stats {
     dirty_categories: rustc_hash::FxHashSet<u32>,
     names_at_checkpoint: usize,
     anchor_at_checkpoint: i64,
-    /// Size of the last full checkpoint (0: none yet, the next one is full), of the deltas
-    /// after it, and their number.
-    full_bytes: usize,
-    delta_bytes: usize,
-    deltas: u64,
+    /// The checkpoint chain the next delta would continue.
+    chain: DeltaChain,
 }
 
 pub struct ItemStatsState {
@@ -240,9 +237,8 @@ impl Consumer for Stats {
     /// (and the popularity anchor has not moved), otherwise a full checkpoint.
     fn snapshot(&mut self, rt: &ConsumerRuntime) -> Result<(Form, Vec<u8>), ActorProcessingErr> {
         let anchor = self.popularity.anchor();
-        let delta_allowed =
-            self.full_bytes > 0 && self.deltas < MAX_DELTAS && anchor == self.anchor_at_checkpoint;
-        let mut out = None;
+        let delta_allowed = self.chain.open(MAX_DELTAS) && anchor == self.anchor_at_checkpoint;
+        let mut delta = None;
         if delta_allowed {
             let mut items: Vec<u32> = self.dirty.iter().copied().collect();
             items.sort_unstable();
@@ -250,7 +246,7 @@ impl Consumer for Stats {
             categories.sort_unstable();
             let d = DeltaCheckpoint {
                 format: ITEM_STATS_CHECKPOINT_FORMAT,
-                seq: self.deltas + 1,
+                seq: self.chain.next_seq(),
                 cursors: Cow::Borrowed(&rt.cursors),
                 names_from: self.names_at_checkpoint as u32,
                 names: (self.names_at_checkpoint..self.ids.len())
@@ -270,25 +266,18 @@ impl Consumer for Stats {
                     .collect(),
                 latest_ts_ms: self.latest_ts_ms,
             };
-            let b = crate::codec::encode(&d)?;
-            if self.delta_bytes + b.len() <= COMPACT_RATIO * self.full_bytes {
-                out = Some((Form::Delta, b));
-            }
+            delta = Some(crate::codec::encode(&d)?);
         }
-        let out = match out {
-            Some(o) => o,
-            None => {
-                let cp = Checkpoint {
-                    format: ITEM_STATS_CHECKPOINT_FORMAT,
-                    cursors: Cow::Borrowed(&rt.cursors),
-                    ids: Names::of(&self.ids),
-                    popularity: Cow::Borrowed(&self.popularity),
-                    events: Cow::Borrowed(&self.events),
-                    latest_ts_ms: self.latest_ts_ms,
-                };
-                (Form::Full, crate::codec::encode(&cp)?)
-            }
-        };
+        let out = self.chain.choose(delta, COMPACT_RATIO, || {
+            crate::codec::encode(&Checkpoint {
+                format: ITEM_STATS_CHECKPOINT_FORMAT,
+                cursors: Cow::Borrowed(&rt.cursors),
+                ids: Names::of(&self.ids),
+                popularity: Cow::Borrowed(&self.popularity),
+                events: Cow::Borrowed(&self.events),
+                latest_ts_ms: self.latest_ts_ms,
+            })
+        })?;
         self.dirty.clear();
         self.dirty_categories.clear();
         self.names_at_checkpoint = self.ids.len();
@@ -297,18 +286,7 @@ impl Consumer for Stats {
     }
 
     fn checkpointed(&mut self, form: Form, bytes: usize, written: bool) {
-        if !written {
-            // The changes were taken for that write: only a full checkpoint is right next.
-            self.full_bytes = 0;
-            return;
-        }
-        match form {
-            Form::Full => (self.full_bytes, self.delta_bytes, self.deltas) = (bytes, 0, 0),
-            Form::Delta => {
-                self.delta_bytes += bytes;
-                self.deltas += 1;
-            }
-        }
+        self.chain.written(form, bytes, written);
     }
 }
 
@@ -319,19 +297,15 @@ impl Stats {
         let mut cursors = None;
         for (k, bytes) in deltas.into_iter().enumerate() {
             let seq = k as u64 + 1;
-            let format = crate::consumer::checkpoint_format(&bytes)
-                .map_err(|e| format!("delta {seq} does not decode: {e}"))?;
-            if format != ITEM_STATS_CHECKPOINT_FORMAT {
+            let d: DeltaCheckpoint = crate::consumer::decode_delta(
+                &bytes,
+                seq,
+                ITEM_STATS_CHECKPOINT_FORMAT,
+                |d: &DeltaCheckpoint| d.seq,
+            )?;
+            if d.names_from as usize != self.ids.len() {
                 return Err(format!(
-                    "delta {seq} has format {format}, this build reads {ITEM_STATS_CHECKPOINT_FORMAT}"
-                ));
-            }
-            let d: DeltaCheckpoint = crate::consumer::decode_checkpoint(&bytes)
-                .map_err(|e| format!("delta {seq} does not decode: {e}"))?;
-            if d.seq != seq || d.names_from as usize != self.ids.len() {
-                return Err(format!(
-                    "delta {seq} (sequence {}, items from {}) does not continue the checkpoint ({} items): a delta is missing",
-                    d.seq,
+                    "delta {seq} adds items from {}, the checkpoint holds {}: a delta is missing",
                     d.names_from,
                     self.ids.len()
                 ));
@@ -359,7 +333,6 @@ impl Stats {
             }
             self.latest_ts_ms = d.latest_ts_ms;
             cursors = Some(d.cursors.into_owned());
-            self.deltas = seq;
         }
         Ok(cursors)
     }
@@ -406,9 +379,7 @@ impl Actor for ItemStats {
                 dirty_categories: Default::default(),
                 names_at_checkpoint: 0,
                 anchor_at_checkpoint: 0,
-                full_bytes: 0,
-                delta_bytes: 0,
-                deltas: 0,
+                chain: DeltaChain::default(),
                 new_items: Vec::new(),
             },
             ctx,
@@ -457,17 +428,7 @@ impl Actor for ItemStats {
             }
             // Deltas continue the chain just restored when it is this scope's own (its
             // sizes are known); otherwise the next checkpoint is a full one.
-            let chain = st
-                .rt
-                .restored_chain
-                .unwrap_or(crate::consumer::RestoredChain {
-                    full_bytes: 0,
-                    delta_bytes: 0,
-                    deltas: 0,
-                });
-            st.data.full_bytes = chain.full_bytes;
-            st.data.delta_bytes = chain.delta_bytes;
-            st.data.deltas = chain.deltas;
+            st.data.chain = st.rt.restored_chain.unwrap_or_default();
             st.data.dirty.clear();
             st.data.dirty_categories.clear();
             st.data.names_at_checkpoint = st.data.ids.len();
@@ -609,9 +570,7 @@ mod tests {
             dirty_categories: Default::default(),
             names_at_checkpoint: 0,
             anchor_at_checkpoint: 0,
-            full_bytes: 0,
-            delta_bytes: 0,
-            deltas: 0,
+            chain: DeltaChain::default(),
         }
     }
 
