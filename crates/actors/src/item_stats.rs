@@ -75,8 +75,8 @@ struct Checkpoint<'a> {
 }
 
 /// Item ids in index order as one string and the byte length of each: a full checkpoint
-/// of millions of items decodes with one allocation per id (the map is rebuilt from the
-/// names) instead of a map entry and a name each, read field by field.
+/// of millions of items reads them as one string and rebuilds the map from it, instead of
+/// decoding a map and a list of names (each id twice) entry by entry.
 #[derive(Serialize, Deserialize)]
 struct Names<'a> {
     text: Cow<'a, str>,
