@@ -98,6 +98,20 @@ fn send_encode(items: Vec<(String, String)>) {
     }
 }
 
+impl Items {
+    fn new(ctx: Arc<Ctx>) -> Self {
+        Items {
+            ctx,
+            encode: Vec::new(),
+            removed: Vec::new(),
+            upserts: 0,
+            deletes: 0,
+            changed: Default::default(),
+            chain: DeltaChain::default(),
+        }
+    }
+}
+
 impl Apply for Items {
     fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr> {
         match &r.payload {
@@ -217,15 +231,7 @@ impl Actor for Catalog {
         ctx.health.begin_recovery(names::CATALOG);
         let rt = ConsumerRuntime::load(&ctx, names::CATALOG, "catalog", [CATALOG_STREAM]).await?;
         Ok(CatalogState {
-            data: Items {
-                ctx: ctx.clone(),
-                encode: Vec::new(),
-                removed: Vec::new(),
-                upserts: 0,
-                deletes: 0,
-                changed: Default::default(),
-                chain: DeltaChain::default(),
-            },
+            data: Items::new(ctx.clone()),
             ctx,
             rt,
             wake: Default::default(),
@@ -407,15 +413,7 @@ mod tests {
         let rt = ConsumerRuntime::load(&ctx, names::CATALOG, "catalog", [CATALOG_STREAM])
             .await
             .unwrap();
-        let mut items = Items {
-            ctx: ctx.clone(),
-            encode: Vec::new(),
-            removed: Vec::new(),
-            upserts: 0,
-            deletes: 0,
-            changed: Default::default(),
-            chain: DeltaChain::default(),
-        };
+        let mut items = Items::new(ctx.clone());
         for i in 0..500 {
             items
                 .apply(&record(item(&format!("i{i}"), "a lamp")))
