@@ -890,9 +890,128 @@ def load_cluster(nodes, prefix, n, users, clients=4, batch=1000):
         time.sleep(0.1)
 
 
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def served_versions(nodes):
+    out = []
+    for n in nodes:
+        try:
+            _, c = n.get("/v1/cluster")
+            out.append(c.get("als_model_version"))
+        except (OSError, ValueError):
+            out.append(None)
+    return out
+
+
+def retrain_everywhere(asked, nodes, timeout=3600):
+    """POST retrain to `asked` (retried while no node leads); returns (report, seconds
+    from the request to every node serving the published version)."""
+    t0 = time.time()
+    while True:
+        st, r = asked.post("/v1/admin/retrain", b"", ctype="application/json")
+        if st == 200:
+            break
+        if time.time() - t0 > timeout:
+            raise RuntimeError(f"retrain refused: {st} {r}")
+        time.sleep(0.2)
+    v = r["serving_version"]
+    while served_versions(nodes) != [v] * len(nodes):
+        if time.time() - t0 > timeout:
+            raise RuntimeError(f"not every node serves v{v}: {served_versions(nodes)}")
+        time.sleep(0.05)
+    return r, time.time() - t0
+
+
+def leader_of(nodes):
+    for n in nodes:
+        v = n.view()
+        if v and v.get("trainer", {}).get("this_node_leads"):
+            return n
+    return None
+
+
+def model_plane(a):
+    """One model for the cluster: retrain request to every node serving the new version,
+    snapshot bytes, leader failover to the next version, leader RSS against one node."""
+    work = tempfile.mkdtemp(prefix="troupe-model-", dir=a.dir)
+    srv, url = start_nats(work)
+    partitions = 8
+    print(f"three nodes and {nats_version()} (R1) on this machine; {partitions} partitions; "
+          "lease_period 15 s (default); events over size/50 users and 10,000 items")
+    try:
+        for size in a.sizes:
+            users = [f"u{k}" for k in range(max(1000, size // 50))]
+            # One node (embedded journal) on the same events, for the RSS comparison.
+            d = os.path.join(work, f"{size}-single")
+            os.makedirs(d)
+            one = Node(a.troupe, d, f"[journal]\npartitions = {partitions}\n[als]\nmin_interactions = 1000000000\n")
+            one.start()
+            load_cluster([one], f"e{size}", size, users)
+            rss_before = rss_mib(one.proc.pid)
+            st, rep = one.post("/v1/admin/retrain", b"", ctype="application/json")
+            single_rss = rss_mib(one.proc.pid)
+            print(f"\n{size} events, one node: trained in {rep['train_ms'] / 1000:.1f} s; RSS {single_rss:.0f} MiB"
+                  f" ({single_rss * 2**20 / size:.0f} B per event; {rss_before:.0f} MiB before training)")
+            one.stop()
+            names = ["n1", "n2", "n3"]
+            members = [(n, free_port(), free_port()) for n in names]
+            nodes = []
+            for n, c, h in members:
+                d = os.path.join(work, f"{size}-{n}")
+                os.makedirs(d)
+                nodes.append(ClusterNode(a.troupe, d, n, h, members, url, partitions))
+            for node in nodes:
+                txt = open(node.cfg).read().replace('[log.jetstream]\n', f'[log.jetstream]\nstream = "m{size}"\n')
+                open(node.cfg, "w").write(txt)
+            for node in nodes:
+                node.start()
+            t0 = time.time()
+            while cluster_serving(nodes) != partitions or leader_of(nodes) is None:
+                if time.time() - t0 > 300:
+                    raise RuntimeError("cluster did not place partitions and a leader")
+                time.sleep(0.2)
+            t_load = time.time()
+            load_cluster(nodes, f"e{size}", size, users)
+            print(f"{size} events loaded through {nodes[0].name} in {time.time() - t_load:.1f} s")
+            leader = leader_of(nodes)
+            asked = next(n for n in nodes if n is not leader)
+            rep, secs = retrain_everywhere(asked, nodes)
+            _, c = leader.get("/v1/cluster")
+            tr = next(x for x in c["actors"] if x["name"] == "als_trainer")["state"]
+            snap = tr["record"]["versions"][-1]
+            leader_rss = rss_mib(leader.proc.pid)
+            others = [rss_mib(n.proc.pid) for n in nodes if n is not leader]
+            print(f"{size} events, three nodes: retrain asked of {asked.name}, trained by {leader.name}"
+                  f" ({rep['users']} users, {rep['interactions']} interactions, train {rep['train_ms'] / 1000:.1f} s);"
+                  f" every node serving v{rep['serving_version']} {secs:.2f} s after the request"
+                  f" ({secs - rep['train_ms'] / 1000:.2f} s beyond training); snapshot {snap['bytes'] / 2**20:.1f} MiB")
+            print(f"{size} events: leader RSS {leader_rss:.0f} MiB = {leader_rss / single_rss:.2f} x one node's"
+                  f" ({leader_rss * 2**20 / size:.0f} B per event); the others {', '.join(f'{r:.0f}' for r in others)} MiB")
+            # Failover: SIGKILL the leader; time until another leads and every survivor
+            # serves the next version (the retrain is asked as soon as it is accepted).
+            t_kill = time.time()
+            leader.kill9()
+            rest = [n for n in nodes if n is not leader]
+            rep2, _ = retrain_everywhere(rest[0], rest)
+            total = time.time() - t_kill
+            print(f"{size} events: leader SIGKILLed; v{rep2['serving_version']} published by"
+                  f" {rep2['leader']} and served by both survivors {total:.1f} s after the kill"
+                  f" (lease 15 s, training {rep2['train_ms'] / 1000:.1f} s)")
+            for n in rest:
+                n.stop()
+    finally:
+        srv.kill()
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["ingest", "jetstream", "rebuild", "freshness", "recovery", "restart-scale", "serving", "cluster"])
+    p.add_argument("what", choices=["ingest", "jetstream", "rebuild", "freshness", "recovery", "restart-scale", "serving", "cluster", "model-plane"])
     p.add_argument("--troupe", default="target/release/troupe")
     p.add_argument("--publisher", default="target/release/examples/jetstream_publish",
                    help="the raw loop for `jetstream` (cargo build --release --example jetstream_publish)")
@@ -913,7 +1032,8 @@ def main():
     a.publisher = os.path.abspath(a.publisher)
     a.dir = os.path.abspath(a.dir) if a.dir else None
     {"ingest": ingest, "jetstream": jetstream, "rebuild": rebuild, "freshness": freshness, "recovery": recovery,
-     "restart-scale": restart_scale, "serving": serving, "cluster": cluster}[a.what](a)
+     "restart-scale": restart_scale, "serving": serving, "cluster": cluster,
+     "model-plane": model_plane}[a.what](a)
 
 
 if __name__ == "__main__":

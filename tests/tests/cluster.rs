@@ -36,6 +36,8 @@ struct Tuning {
     hold_down_ms: u64,
     /// Extra lines of `[journal]`.
     journal: String,
+    /// Members configured with `trainer = false`.
+    no_trainer: Vec<&'static str>,
 }
 
 impl Default for Tuning {
@@ -46,6 +48,7 @@ impl Default for Tuning {
             lease_renew_ms: 500,
             hold_down_ms: 1000,
             journal: String::new(),
+            no_trainer: Vec::new(),
         }
     }
 }
@@ -55,7 +58,8 @@ fn config(name: &str, dir: &std::path::Path, members: &[Member], nats: &str, t: 
     let list: Vec<String> = members
         .iter()
         .map(|(n, c, h)| {
-            format!("{{ name = \"{n}\", cluster_addr = \"127.0.0.1:{c}\", http_addr = \"127.0.0.1:{h}\" }}")
+            let trainer = if t.no_trainer.contains(n) { ", trainer = false" } else { "" };
+            format!("{{ name = \"{n}\", cluster_addr = \"127.0.0.1:{c}\", http_addr = \"127.0.0.1:{h}\"{trainer} }}")
         })
         .collect();
     format!(
@@ -1684,4 +1688,282 @@ fn cluster_member_added_after_retention_starts_from_a_peers_checkpoint() {
             .contains("starting from another member's"),
         "c replayed from the start instead"
     );
+}
+
+/// `POST /v1/admin/retrain` through `n`, asked again while it answers 503 (no leader, or
+/// no session to it yet), for up to 30 s.
+fn retrain_via(n: &Node) -> troupe_tests::Reply {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = n.post("/v1/admin/retrain", "");
+        if r.status != 503 || Instant::now() >= deadline {
+            return r;
+        }
+        assert!(
+            r.retry_after.is_some(),
+            "503 without Retry-After: {}",
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The ALS version `n` serves (0: none or no answer).
+fn model_version(n: &Node) -> u64 {
+    try_cluster_full(n)
+        .and_then(|v| v["als_model_version"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The trainer leader as `n` sees it, and whether `n` leads.
+fn trainer(n: &Node) -> (Option<String>, bool) {
+    try_cluster(n)
+        .map(|c| {
+            let t = &c["trainer"];
+            (
+                t["leader"].as_str().map(str::to_string),
+                t["this_node_leads"] == true,
+            )
+        })
+        .unwrap_or((None, false))
+}
+
+/// The member that leads the training, once every node agrees on it.
+fn agreed_leader(c: &Cluster, names: &[&str]) -> Option<String> {
+    let views: Vec<(Option<String>, bool)> = names.iter().map(|n| trainer(c.node(n))).collect();
+    let leader = views[0].0.clone()?;
+    let leading: Vec<&str> = names
+        .iter()
+        .zip(&views)
+        .filter(|(_, v)| v.1)
+        .map(|(n, _)| *n)
+        .collect();
+    (views.iter().all(|v| v.0.as_deref() == Some(&leader)) && leading == [leader.as_str()])
+        .then_some(leader)
+}
+
+/// Events over 60 users and 200 items (each user touches a band of related items), so
+/// that ALS has something to learn; every user lives in some partition of every node.
+fn write_rated(path: &std::path::Path, rows: usize) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    writeln!(f, "user,item,kind,timestamp").unwrap();
+    for r in 0..rows {
+        let u = r % 60;
+        let item = (u * 3 + (r * 7919) % 23) % 200;
+        writeln!(f, "u{u},i{item},view,{}", 1_600_000_000 + r).unwrap();
+    }
+}
+
+/// One model for the cluster: the leader trains on every partition's users (not only
+/// those it owns), publishes version 1, and all three nodes serve it; a retrain asked of
+/// a node that does not lead reaches the leader. SIGKILL of the leader: another member
+/// leads after the lease and publishes the next version (never the same number twice),
+/// which the survivors and the restarted node serve. A rollback asked of a node that
+/// does not lead reaches every node.
+#[test]
+fn cluster_serves_one_model_trained_on_every_partition() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::prepare() else {
+        return;
+    };
+    let (members, url) = (c.members.clone(), c.nats.urls());
+    for n in NAMES {
+        c.launch(n, "test-cookie", &members, &url);
+    }
+    c.wait(60, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    let events = c.root.path().join("rated.csv");
+    write_rated(&events, 3000);
+    let log = c.root.path().join("acked.txt");
+    let status = start_loader(c.node("a"), &events, &log, 200)
+        .wait()
+        .unwrap();
+    assert!(status.success());
+    c.wait(30, "one trainer leader agreed by every node", || {
+        agreed_leader(&c, &NAMES).is_some()
+    });
+    let leader = agreed_leader(&c, &NAMES).unwrap();
+    let other = *NAMES.iter().find(|n| **n != leader).unwrap();
+    let r = c.node(other).post("/v1/admin/retrain", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["accepted"], true, "{}", r.body);
+    assert_eq!(r.body["leader"], leader.as_str(), "{}", r.body);
+    assert_eq!(
+        r.body["users"], 60,
+        "trained on every partition's users: {}",
+        r.body
+    );
+    let v1 = r.body["serving_version"].as_u64().unwrap();
+    assert_eq!(v1, 1, "{}", r.body);
+    c.wait(30, "every node serves version 1", || {
+        NAMES.iter().all(|n| model_version(c.node(n)) == v1)
+    });
+    // Every node's answer for one user uses the same version.
+    for n in NAMES {
+        let rec = c.node(n).get("/v1/recommendations/u7?k=5");
+        assert_eq!(rec.status, 200, "{}", rec.body);
+        assert_eq!(rec.body["model_versions"]["als"], v1, "{n}: {}", rec.body);
+    }
+
+    // The leader dies: another member leads after the lease and publishes version 2.
+    c.node_mut(&leader).kill9();
+    let rest: Vec<&str> = NAMES.iter().copied().filter(|n| *n != leader).collect();
+    let killed = Instant::now();
+    c.wait(60, "a new leader agreed by the survivors", || {
+        agreed_leader(&c, &rest).is_some_and(|l| l != leader)
+    });
+    println!(
+        "trainer leader SIGKILLed: a new leader after {:.2} s (lease {} ms)",
+        killed.elapsed().as_secs_f64(),
+        c.tuning.lease_period_ms
+    );
+    let new_leader = agreed_leader(&c, &rest).unwrap();
+    let asked = *rest.iter().find(|n| **n != new_leader).unwrap();
+    let r = retrain_via(c.node(asked));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["leader"], new_leader.as_str(), "{}", r.body);
+    assert_eq!(r.body["users"], 60, "{}", r.body);
+    let v2 = r.body["serving_version"].as_u64().unwrap();
+    assert_eq!(
+        v2,
+        v1 + 1,
+        "the next version, never one issued before: {}",
+        r.body
+    );
+    c.wait(30, "the survivors serve version 2", || {
+        rest.iter().all(|n| model_version(c.node(n)) == v2)
+    });
+    println!(
+        "leader failover to the next version served everywhere: {:.2} s after the kill",
+        killed.elapsed().as_secs_f64()
+    );
+    // The restarted node serves the newest version.
+    c.node_mut(&leader).spawn();
+    c.wait(60, "the restarted node serves version 2", || {
+        model_version(c.node(&leader)) == v2
+    });
+
+    // Rollback through a node that does not lead: every node goes back to version 1.
+    let r = c.node(asked).post("/v1/admin/rollback", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["serving_version"], v1, "{}", r.body);
+    c.wait(30, "every node serves the rolled-back version", || {
+        NAMES.iter().all(|n| model_version(c.node(n)) == v1)
+    });
+    // Members' records show every node's version in each node's view.
+    c.wait(30, "every view lists version 1 for every member", || {
+        NAMES.iter().all(|n| {
+            try_cluster(c.node(n)).is_some_and(|v| {
+                v["members"]
+                    .as_array()
+                    .is_some_and(|ms| ms.iter().all(|m| m["model_version"] == v1))
+            })
+        })
+    });
+}
+
+/// The trainer's status in `n`'s `/v1/cluster` (its actor's observation).
+fn trainer_status(n: &Node) -> Value {
+    try_cluster_full(n)
+        .and_then(|v| {
+            v["actors"]
+                .as_array()?
+                .iter()
+                .find(|a| a["name"] == "als_trainer")
+                .map(|a| a["state"].clone())
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// A node whose read of a published snapshot is damaged (test hook, once) refuses it by
+/// its hash, keeps serving what it had, says so in `/v1/cluster` and a metric, and loads
+/// the version on a later try. A leader paused past its lease (SIGSTOP) loses the lead;
+/// resumed (SIGCONT), it does not lead, forwards a retrain to the new leader, and every
+/// version number is issued once.
+#[test]
+fn cluster_damaged_snapshot_is_refused_and_a_paused_leader_is_replaced() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(nats) = NatsCluster::one() else {
+        return;
+    };
+    let tuning = Tuning {
+        no_trainer: vec!["c"],
+        ..Tuning::default()
+    };
+    let mut c = Cluster::on(nats, tuning);
+    c.node_extra.push((
+        "c",
+        "[[faults]]\ntarget = \"model_blob.corrupt\"\naction = \"error\"\ntimes = 1\n".into(),
+    ));
+    let (members, url) = (c.members.clone(), c.nats.urls());
+    for n in NAMES {
+        c.launch(n, "test-cookie", &members, &url);
+    }
+    c.wait(60, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    let events = c.root.path().join("rated.csv");
+    write_rated(&events, 3000);
+    let log = c.root.path().join("acked.txt");
+    let status = start_loader(c.node("a"), &events, &log, 200)
+        .wait()
+        .unwrap();
+    assert!(status.success());
+    c.wait(30, "one trainer leader agreed by every node", || {
+        agreed_leader(&c, &NAMES).is_some()
+    });
+    let leader = agreed_leader(&c, &NAMES).unwrap();
+    assert_ne!(leader, "c", "c may not lead (trainer = false)");
+    let r = c.node("c").post("/v1/admin/retrain", "");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v1 = r.body["serving_version"].as_u64().unwrap();
+    c.wait(30, "a and b serve the new version", || {
+        ["a", "b"].iter().all(|n| model_version(c.node(n)) == v1)
+    });
+    c.wait(30, "c refused the damaged copy and says so", || {
+        trainer_status(c.node("c"))["load_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("damaged"))
+    });
+    assert_eq!(model_version(c.node("c")), 0, "c served a damaged snapshot");
+    assert!(metric_sum(c.node("c"), "troupe_als_model_load_failures_total", "") >= 1.0);
+    c.wait(40, "c loads the version on a later try", || {
+        model_version(c.node("c")) == v1
+    });
+
+    // The leader pauses past its lease: the other eligible member leads and publishes.
+    let other = if leader == "a" { "b" } else { "a" };
+    c.node(&leader).signal("STOP");
+    c.wait(30, "the other eligible member leads", || {
+        trainer(c.node(other)).1
+    });
+    let r = retrain_via(c.node("c"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["leader"], other, "{}", r.body);
+    let v2 = r.body["serving_version"].as_u64().unwrap();
+    assert_eq!(v2, v1 + 1, "{}", r.body);
+    c.node(&leader).signal("CONT");
+    c.wait(
+        30,
+        "the resumed node does not lead and serves the new version",
+        || !trainer(c.node(&leader)).1 && model_version(c.node(&leader)) == v2,
+    );
+    // A retrain asked of it reaches the leader once its session to it is back (503 with
+    // Retry-After meanwhile): the next number, never one issued before.
+    let r = retrain_via(c.node(&leader));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["leader"], other, "{}", r.body);
+    assert_eq!(
+        r.body["serving_version"].as_u64().unwrap(),
+        v2 + 1,
+        "{}",
+        r.body
+    );
+    c.wait(30, "every node serves the newest version", || {
+        NAMES.iter().all(|n| model_version(c.node(n)) == v2 + 1)
+    });
 }

@@ -6,7 +6,8 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use troupe_tests::{parse_report, shared_data, timed, troupe, Node};
+use troupe_tests::nats::NatsServer;
+use troupe_tests::{free_port, parse_report, shared_data, timed, troupe, Node};
 
 /// Node settings for these runs: model settings at their defaults (which are `troupe
 /// eval`'s), a display history far shorter than most users' (it must not cap what the
@@ -97,6 +98,125 @@ fn served_matches_evaluated(dir: &Path, train: &Path, test: &Path, items: &Path)
     served
 }
 
+/// `troupe online-eval` against `url` (loads the split, retrains, scores).
+fn online_eval(url: &str, train: &Path, test: &Path, items: &Path) -> Value {
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    parse_report(&troupe(&[
+        "online-eval",
+        "--url",
+        url,
+        "--train",
+        &p(train),
+        "--test",
+        &p(test),
+        "--items",
+        &p(items),
+        "--json",
+    ]))
+}
+
+/// Three cluster nodes on one JetStream server, with the single node's settings; waits
+/// until every partition is served by exactly one of them.
+fn start_cluster(dir: &Path, nats: &str) -> Vec<Node> {
+    let members: Vec<(String, u16, u16)> = ["a", "b", "c"]
+        .iter()
+        .map(|n| (n.to_string(), free_port(), free_port()))
+        .collect();
+    let list: Vec<String> = members
+        .iter()
+        .map(|(n, c, h)| {
+            format!("{{ name = \"{n}\", cluster_addr = \"127.0.0.1:{c}\", http_addr = \"127.0.0.1:{h}\" }}")
+        })
+        .collect();
+    let nodes: Vec<Node> = members
+        .iter()
+        .map(|(name, _, http)| {
+            let home = dir.join(name);
+            let text = format!(
+                "{NODE}[node]\nname = \"{name}\"\ndata_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{http}\"\n\
+[log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"{nats}\"\n\
+[cluster]\nmembers = [{}]\nlease_period_ms = 3000\nlease_renew_ms = 500\nrebalance_interval_ms = 200\n",
+                home.join("data").display(),
+                list.join(", ")
+            );
+            Node::start_config(&home, *http, &text, &[("TROUPE_CLUSTER_COOKIE", "served")])
+        })
+        .collect();
+    // Placed: every partition served by exactly one node, and the map unchanged for 3 s
+    // (hand-overs to the nodes that started later are done).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mut stable: Option<(Vec<(u64, usize)>, std::time::Instant)> = None;
+    loop {
+        let mut map: Vec<(u64, usize)> = nodes
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| {
+                let v = n.get("/v1/cluster").body;
+                v["cluster"]["partitions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["state"] == "serving")
+                    .filter_map(|p| p["partition"].as_u64())
+                    .map(|p| (p, i))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        map.sort_unstable();
+        let placed = map.len() == 4 && map.windows(2).all(|w| w[0].0 != w[1].0);
+        match &stable {
+            Some((m, since)) if placed && *m == map => {
+                if since.elapsed() >= std::time::Duration::from_secs(3) {
+                    return nodes;
+                }
+            }
+            _ => stable = placed.then(|| (map.clone(), std::time::Instant::now())),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cluster did not place its partitions: {map:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Served quality of a 3-node cluster equals one node's on the same split: the cluster
+/// serves one model, trained by its leader on every partition, through any node.
+fn cluster_serves_like_one_node(dir: &Path, train: &Path, test: &Path, items: &Path) {
+    let Some(nats) = NatsServer::start() else {
+        return;
+    };
+    let single = Node::start(&dir.join("single"), NODE, &[]);
+    let one = online_eval(&single.url(), train, test, items);
+    drop(single);
+    let nodes = start_cluster(&dir.join("cluster"), &nats.url());
+    // Through the second node: most users' partitions are owned by the others.
+    let three = online_eval(&nodes[1].url(), train, test, items);
+    assert_eq!(one["users"], three["users"], "the same test users");
+    let mut report = String::new();
+    let mut worst: f64 = 0.0;
+    for model in ["popularity", "als", "content", "ensemble"] {
+        let ndcg = |r: &Value| r["models"][model]["ndcg"].as_f64().unwrap();
+        let (a, b) = (ndcg(&one), ndcg(&three));
+        worst = worst.max((a - b).abs());
+        report.push_str(&format!("{model}: one node {a:.4} three nodes {b:.4}\n"));
+    }
+    println!("{report}");
+    let versions: Vec<Value> = nodes
+        .iter()
+        .map(|n| n.get("/v1/cluster").body["als_model_version"].clone())
+        .collect();
+    assert!(
+        versions.iter().all(|v| *v == versions[0]) && versions[0].as_u64().is_some(),
+        "every node serves one version: {versions:?}"
+    );
+    assert!(
+        worst <= TOLERANCE,
+        "the cluster's served NDCG@10 differs from one node's by {worst:.4}:\n{report}retrain: {}",
+        three["retrain"]
+    );
+}
+
 /// The default blend was chosen (on validation data) to beat every single branch on the
 /// shared data sets; this holds it to that as served.
 fn ensemble_beats_every_branch(served: &Value) {
@@ -156,6 +276,22 @@ fn served_quality_matches_eval_on_movielens() {
     ensemble_beats_every_branch(&served);
 }
 
+#[test]
+fn served_quality_of_a_cluster_equals_one_node_on_movielens() {
+    let _t = timed();
+    let Some(root) = shared_data() else {
+        return;
+    };
+    let ml = root.join("ml-latest-small");
+    let dir = tempfile::tempdir().unwrap();
+    cluster_serves_like_one_node(
+        dir.path(),
+        &ml.join("split/train.csv"),
+        &ml.join("split/test.csv"),
+        &ml.join("movies.csv"),
+    );
+}
+
 /// Online Retail split by time (the last 20 % of each customer's purchases), saved by
 /// `troupe eval --save-split` so both sides read the same files; quantities are values.
 #[test]
@@ -193,6 +329,13 @@ fn served_quality_matches_eval_on_online_retail() {
         &or.join("items.csv"),
     );
     ensemble_beats_every_branch(&served);
+    // A 3-node cluster serves what one node serves on the same split.
+    cluster_serves_like_one_node(
+        &dir.path().join("cluster"),
+        &split.join("train.csv"),
+        &split.join("test.csv"),
+        &or.join("items.csv"),
+    );
 }
 
 #[test]

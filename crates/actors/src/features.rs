@@ -202,6 +202,73 @@ fn replay_deltas(
     Ok(last)
 }
 
+/// A read-only copy of a partition this node does not own, for the trainer leader: its
+/// owner's latest checkpoint (the compact interaction store, shared in the state store),
+/// kept current by reading the log after it. Never written back: the owner alone
+/// checkpoints the partition.
+#[derive(Default)]
+pub struct Shadow {
+    pub store: UserStore,
+    /// Offset of the last record applied.
+    pub applied: u64,
+}
+
+impl Shadow {
+    /// Loads partition `p` from its owner's latest checkpoint (empty when there is none).
+    pub async fn load(ctx: &Ctx, p: u32) -> Result<Shadow, ActorProcessingErr> {
+        let name = crate::names::user_features(p);
+        let Some(loaded) = ctx.state.load(&name).await? else {
+            return Ok(Shadow::default());
+        };
+        let Some(base) = loaded.base else {
+            return Ok(Shadow::default());
+        };
+        let deltas = loaded.deltas;
+        let shadow = tokio::task::spawn_blocking(move || -> Result<Shadow, String> {
+            let format = crate::consumer::checkpoint_format(&base)
+                .map_err(|e| format!("checkpoint of {name}: {e}"))?;
+            if format != FEATURES_CHECKPOINT_FORMAT {
+                return Err(format!(
+                    "checkpoint of {name} has format {format}, this build reads {FEATURES_CHECKPOINT_FORMAT}"
+                ));
+            }
+            let cp: StoredCheckpoint = crate::consumer::decode_checkpoint(&base)
+                .map_err(|e| format!("checkpoint of {name}: {e}"))?;
+            let mut applied = cp.cursors.get(&p).map_or(0, |c| c.applied);
+            let mut store = UserStore::from_wire(cp.store)
+                .map_err(|e| format!("checkpoint of {name}: {e}"))?;
+            if let Some((cursors, _)) = replay_deltas(&name, &mut store, deltas, cp.seq)
+                .map_err(|e| e.to_string())?
+            {
+                applied = cursors.get(&p).map_or(applied, |c| c.applied);
+            }
+            Ok(Shadow { store, applied })
+        })
+        .await??;
+        Ok(shadow)
+    }
+
+    /// Applies records of the log (events and erasures, as the owner does).
+    pub fn apply(&mut self, records: &[Record]) {
+        for r in records {
+            if r.offset <= self.applied {
+                continue;
+            }
+            match &r.payload {
+                Payload::Event(e) => {
+                    self.store
+                        .apply(&e.user, &e.item, &e.kind, e.value, e.ts_ms, r.offset);
+                }
+                Payload::EraseUser { user } => {
+                    self.store.erase(user);
+                }
+                Payload::ItemUpsert(_) | Payload::ItemDelete { .. } => {}
+            }
+            self.applied = r.offset;
+        }
+    }
+}
+
 impl Apply for Partition {
     fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr> {
         match &r.payload {

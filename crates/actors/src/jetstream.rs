@@ -430,6 +430,17 @@ impl JetStream {
                     let kv = ensure_kv(&js, &config, &config.kv_bucket(), false).await?;
                     let cache = ensure_kv(&js, &config, &config.cache_bucket(), true).await?;
                     let blobs = ensure_blobs(&js, &config).await?;
+                    // A stream just created on a cluster of servers answers reads only
+                    // once its replicas elected a leader; until then a read finds "no
+                    // responders". Start only when every one has a leader.
+                    for name in [
+                        config.stream.clone(),
+                        format!("KV_{}", config.kv_bucket()),
+                        format!("KV_{}", config.cache_bucket()),
+                        format!("OBJ_{}", config.blob_bucket()),
+                    ] {
+                        has_leader(&js, &name).await?;
+                    }
                     Ok((stream, kv, cache, blobs))
                 }
             },
@@ -489,6 +500,25 @@ impl JetStream {
             self.client.connection_state(),
             async_nats::connection::State::Connected
         )
+    }
+}
+
+/// Whether a stream's replicas have elected a leader (a stream on one server without
+/// clustering reports no cluster and always has one).
+async fn has_leader(js: &jetstream::Context, name: &str) -> Result<(), StartError> {
+    let mut s = js
+        .get_stream(name)
+        .await
+        .map_err(|e| unavailable(&format!("stream {name}"), e))?;
+    let info = s
+        .info()
+        .await
+        .map_err(|e| unavailable(&format!("stream {name} info"), e))?;
+    match &info.cluster {
+        Some(c) if c.leader.is_none() => Err(StartError::Transient(format!(
+            "stream {name} has no leader yet"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -1383,6 +1413,20 @@ impl JetStreamState {
     }
 }
 
+/// An error whose cause is a request nobody answered at once (the client reports a 503
+/// "no responders" status as a stream not found).
+fn no_responders(e: &dyn std::error::Error) -> bool {
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if text.contains("no stream found") || text.contains("no responders") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 fn state_unavailable(what: &str, e: impl std::fmt::Display) -> StateError {
     StateError::Unavailable(format!("{what}: {e}"))
 }
@@ -1431,14 +1475,59 @@ impl StateStore for JetStreamState {
         Ok(())
     }
 
+    async fn watch(
+        &self,
+        key: &str,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<u64>>, StateError> {
+        let mut w = self
+            .js
+            .kv
+            .watch(key)
+            .await
+            .map_err(|e| state_unavailable(key, e))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let key = key.to_string();
+        tokio::spawn(async move {
+            while let Some(e) = w.next().await {
+                match e {
+                    Ok(e) => {
+                        if tx.send(e.revision).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::debug!(key = %key, error = %err, "watch ended");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
+
+    /// A read answered "no responders" (a bucket whose replicas are electing a leader,
+    /// a server whose JetStream is still starting) is tried again for a moment: a read
+    /// changes nothing.
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StateError> {
-        match self.js.kv.entry(key).await {
-            Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(Some(Versioned {
-                value: e.value.to_vec(),
-                revision: e.revision,
-            })),
-            Ok(_) => Ok(None),
-            Err(e) => Err(state_unavailable(key, e)),
+        let mut pause = Duration::from_millis(50);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.js.kv.entry(key).await {
+                Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                    return Ok(Some(Versioned {
+                        value: e.value.to_vec(),
+                        revision: e.revision,
+                    }))
+                }
+                Ok(_) => return Ok(None),
+                Err(e) if tries < 6 && no_responders(&e) => {
+                    tracing::debug!(key, error = %e, "state read found no responders; again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(e) => return Err(state_unavailable(key, e)),
+            }
         }
     }
 

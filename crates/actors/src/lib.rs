@@ -49,6 +49,7 @@ pub mod ranker;
 pub mod record;
 pub mod serving;
 pub mod settings;
+pub mod snapshots;
 pub mod state;
 pub mod store;
 pub mod supervisor;

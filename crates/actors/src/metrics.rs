@@ -63,6 +63,7 @@ pub struct Metrics {
     pub breaker_state: Family<Labels, Gauge>,
     pub model_version: Gauge,
     pub retrains: Family<Labels, Counter>,
+    pub model_load_failures: Counter,
     pub embeddings_computed: Counter,
     pub embeddings_cached: Counter,
     pub http_requests: Family<Labels, Counter>,
@@ -121,6 +122,7 @@ impl Metrics {
             breaker_state: Family::default(),
             model_version: Gauge::default(),
             retrains: Family::default(),
+            model_load_failures: Counter::default(),
             embeddings_computed: Counter::default(),
             embeddings_cached: Counter::default(),
             http_requests: Family::default(),
@@ -291,6 +293,11 @@ impl Metrics {
                 "als_retrains",
                 "ALS retrains by outcome",
                 m.retrains.clone(),
+            );
+            r.register(
+                "als_model_load_failures",
+                "Published ALS snapshots this node refused to load (blob missing, hash mismatch, does not decode)",
+                m.model_load_failures.clone(),
             );
             r.register(
                 "embeddings_computed",

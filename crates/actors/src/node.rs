@@ -159,7 +159,7 @@ fn children(ctx: &Arc<Ctx>, encoder: Arc<dyn TextEncoder>, encoder_name: String)
 /// liveness), the lease renewer and the lease manager. The leases held live in
 /// `Cluster`, so a restart of either lease actor loses none.
 fn control_plane(ctx: &Arc<Ctx>, policy: &crate::settings::RestartPolicy) -> ChildSpec {
-    use crate::cluster::{gateway::Gateway, lease, membership};
+    use crate::cluster::{gateway::Gateway, leader, lease, membership};
     let c = ctx.clone();
     // The gateway is not registered by name: ractor_cluster registers the peers' remote
     // actors under their names here, which would collide with a local name.
@@ -181,6 +181,10 @@ fn control_plane(ctx: &Arc<Ctx>, policy: &crate::settings::RestartPolicy) -> Chi
     let c = ctx.clone();
     let renewer = ChildSpec::new(lease::RENEWER, policy.clone(), move || {
         (lease::Renewer, c.clone())
+    });
+    let c = ctx.clone();
+    let trainer_lease = ChildSpec::new(leader::NAME, policy.clone(), move || {
+        (leader::TrainerLease, c.clone())
     });
     let c = ctx.clone();
     let p = policy.clone();
@@ -211,6 +215,7 @@ fn control_plane(ctx: &Arc<Ctx>, policy: &crate::settings::RestartPolicy) -> Chi
                     membership.clone(),
                     renewer.clone(),
                     manager.clone(),
+                    trainer_lease.clone(),
                 ],
                 on_failure: None,
                 on_escalate: None,
@@ -466,6 +471,7 @@ pub async fn shutdown(handle: NodeHandle) -> Vec<String> {
     // A cluster node checkpoints, stops and releases the partitions it holds first, so
     // their next owners take them at once instead of waiting for the leases to lapse.
     if ctx.cluster.is_some() {
+        crate::cluster::leader::release(Duration::from_secs(10)).await;
         problems.extend(crate::cluster::lease::release_all(Duration::from_secs(120)).await);
     }
     let mut results: Vec<(String, Result<CheckpointReply, CallError>)> = Vec::new();

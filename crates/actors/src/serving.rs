@@ -76,7 +76,13 @@ pub struct AlsServing {
     pub validation_ndcg: f64,
     pub trained_at_ms: i64,
     pub interactions: u64,
+    /// The latest event time (ms) among the interactions it was trained on: a held-out
+    /// interaction later than this is one the model has not seen.
+    pub max_event_ts: i64,
 }
+
+/// Key of [`AlsServing::max_event_ts`] in a snapshot's `extra`.
+const MAX_EVENT_TS: &str = "max_event_ts";
 
 /// On-disk form of a model version.
 #[derive(Serialize, Deserialize)]
@@ -110,7 +116,7 @@ impl AlsServing {
             validation_ndcg: self.validation_ndcg,
             trained_at_ms: self.trained_at_ms,
             interactions: self.interactions,
-            extra: BTreeMap::new(),
+            extra: BTreeMap::from([(MAX_EVENT_TS.to_string(), self.max_event_ts.to_string())]),
         }
     }
 
@@ -148,6 +154,11 @@ impl AlsServing {
             params: s.params,
             validation_ndcg: s.validation_ndcg,
             trained_at_ms: s.trained_at_ms,
+            max_event_ts: s
+                .extra
+                .get(MAX_EVENT_TS)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(i64::MAX),
             interactions: s.interactions,
         })
     }

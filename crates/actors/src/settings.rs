@@ -76,6 +76,8 @@ pub struct Member {
     pub cluster_addr: String,
     /// Its HTTP API (shown in `/v1/cluster`).
     pub http_addr: String,
+    /// Whether it may lead the training (see [`crate::cluster::leader`]).
+    pub trainer: bool,
 }
 
 /// How the nodes of a cluster find each other and share partitions.

@@ -123,6 +123,13 @@ pub struct MemberEntry {
     pub name: String,
     pub cluster_addr: String,
     pub http_addr: String,
+    /// Whether this member may lead the training (default: every member may).
+    #[serde(default = "yes")]
+    pub trainer: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Where records and state live.
@@ -934,6 +941,7 @@ impl Config {
                         name: m.name.clone(),
                         cluster_addr: m.cluster_addr.clone(),
                         http_addr: m.http_addr.clone(),
+                        trainer: m.trainer,
                     })
                     .collect(),
                 cookie: c.cookie.0.clone(),

@@ -289,21 +289,43 @@ pub fn run(a: DemoArgs, nodes: usize) -> CmdResult {
         names[0],
         started.elapsed().as_secs_f64()
     );
-    // Each node trains on the partitions it owns (one model leader for the cluster is
-    // the next step of the design).
-    for (name, u) in names.iter().zip(&urls) {
-        let r = agent()
-            .post(format!("{u}/v1/admin/retrain"))
+    // One model for the cluster: the retrain asked of the first node reaches the
+    // trainer leader, which trains on every partition and publishes one version that
+    // every node loads. A leader is elected within a lease period of the start.
+    let mut report = Value::Null;
+    wait_for(60, "the trainer leader trained a model", || {
+        let Ok(mut r) = agent()
+            .post(format!("{}/v1/admin/retrain", urls[0]))
+            .config()
+            .http_status_as_error(false)
+            .build()
             .send_empty()
-            .map_err(internal)?
-            .body_mut()
-            .read_to_string()
-            .unwrap_or_default();
-        let v: Value = serde_json::from_str(&r).unwrap_or(Value::Null);
-        println!(
-            "{name}: trained ALS v{} on {} users of its partitions",
-            v["model_version"], v["users"]
-        );
+        else {
+            return false;
+        };
+        let ok = r.status() == 200;
+        report = serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default())
+            .unwrap_or(Value::Null);
+        ok
+    })?;
+    println!(
+        "the trainer leader {} trained ALS v{} on {} users (every partition), {} interactions, validation NDCG@10 {:.4}: {}",
+        report["leader"].as_str().unwrap_or("?"),
+        report["serving_version"],
+        report["users"],
+        report["interactions"],
+        report["candidate_ndcg"].as_f64().unwrap_or(0.0),
+        report["reason"].as_str().unwrap_or("")
+    );
+    let version = report["serving_version"].as_u64().unwrap_or(0);
+    wait_for(60, "every node serving the published version", || {
+        urls.iter().all(|u| {
+            get(&format!("{u}/v1/cluster"))
+                .is_some_and(|(_, v)| v["als_model_version"].as_u64() == Some(version))
+        })
+    })?;
+    for name in &names {
+        println!("{name}: serves ALS v{version}");
     }
     let users: Vec<String> = std::fs::read_to_string(&events)
         .map_err(internal)?

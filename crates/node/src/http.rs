@@ -1519,6 +1519,13 @@ async fn retrain(_a: Admitted<Writes>, q: RawQuery) -> ApiResult {
         AlsTrainerMsg::Retrain,
     )
     .await?;
+    if r.no_leader {
+        // No leader, or one that did not answer: nothing was trained; ask again soon.
+        let mut resp = ApiError::unavailable(r.reason.clone()).into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        return Ok(resp);
+    }
     Ok(Json(serde_json::to_value(&r).unwrap_or(Value::Null)).into_response())
 }
 

@@ -121,43 +121,105 @@ fn segment(s: &str) -> String {
     out
 }
 
-/// Waits until every stream's applied offset reached its head and no item text waits
-/// for its embedding.
-fn wait_settled(http: &Http, token: Option<&str>, wait: Duration) -> Result<(), CliError> {
+/// Waits until every stream's applied offset reached its head, no item text waits for
+/// its embedding, and (with `model`) the node serves at least that ALS version. In a
+/// cluster a partition's applied offset is its owner's: each member's `/v1/cluster` is
+/// read for the partitions it serves (the catalog is applied by every node).
+fn wait_settled(
+    http: &Http,
+    token: Option<&str>,
+    wait: Duration,
+    model: Option<u64>,
+) -> Result<(), CliError> {
     let deadline = Instant::now() + wait;
     let mut last = String::new();
     while Instant::now() < deadline {
-        match http.get("/v1/cluster", token) {
-            Ok(v) => {
-                let offsets = |key: &str| -> FxHashMap<String, u64> {
-                    v[key]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|s| Some((s["stream"].to_string(), s["offset"].as_u64()?)))
-                        .collect()
-                };
-                let (heads, applied) = (offsets("journal_heads"), offsets("applied"));
-                let caught_up = heads
-                    .iter()
-                    .all(|(s, h)| applied.get(s).is_some_and(|a| a >= h));
-                let encoding = v["actors"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|a| a["name"] == "content_encoder")
-                    .any(|a| a["state"]["in_flight_batches"].as_u64().unwrap_or(0) > 0);
-                if caught_up && !encoding && v["ready"] == true {
-                    return Ok(());
-                }
-                last = format!("heads {heads:?}, applied {applied:?}, encoding {encoding}");
-            }
+        match settled(http, token, model) {
+            Ok(None) => return Ok(()),
+            Ok(Some(why)) => last = why,
             Err(e) => last = e,
         }
         std::thread::sleep(Duration::from_millis(200));
     }
     Err(CliError::Internal(anyhow::anyhow!(
         "the node did not settle within {wait:?}: {last}"
+    )))
+}
+
+/// `None` when settled, else what is still waited for.
+fn settled(http: &Http, token: Option<&str>, model: Option<u64>) -> Result<Option<String>, String> {
+    let v = http.get("/v1/cluster", token)?;
+    let offsets = |doc: &Value, key: &str| -> FxHashMap<String, u64> {
+        doc[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| {
+                let stream = s["stream"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| s["stream"].to_string());
+                Some((stream, s["offset"].as_u64()?))
+            })
+            .collect()
+    };
+    let heads = offsets(&v, "journal_heads");
+    let mut applied = offsets(&v, "applied");
+    if let Some(members) = v["cluster"]["members"].as_array() {
+        // Partition streams: the applied offset of the member serving each.
+        let mut owned: FxHashMap<String, u64> = FxHashMap::default();
+        for m in members {
+            let doc = if m["self"] == true {
+                v.clone()
+            } else {
+                let Some(addr) = m["http_addr"].as_str() else {
+                    continue;
+                };
+                let peer = Http {
+                    agent: http.agent.clone(),
+                    base: format!("http://{addr}"),
+                };
+                match peer.get("/v1/cluster", token) {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                }
+            };
+            for p in doc["cluster"]["partitions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                if p["state"] == "serving" {
+                    if let (Some(n), Some(a)) =
+                        (p["partition"].as_u64(), p["applied_offset"].as_u64())
+                    {
+                        owned.insert(n.to_string(), a);
+                    }
+                }
+            }
+        }
+        for (s, a) in applied.iter_mut() {
+            if s != "catalog" {
+                *a = owned.get(s).copied().unwrap_or(0);
+            }
+        }
+    }
+    let caught_up = heads
+        .iter()
+        .all(|(s, h)| applied.get(s).is_some_and(|a| a >= h));
+    let encoding = v["actors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["name"] == "content_encoder")
+        .any(|a| a["state"]["in_flight_batches"].as_u64().unwrap_or(0) > 0);
+    let serving = v["als_model_version"].as_u64().unwrap_or(0);
+    let model_ok = model.is_none_or(|m| serving >= m);
+    if caught_up && !encoding && model_ok && v["ready"] == true {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "heads {heads:?}, applied {applied:?}, encoding {encoding}, als version {serving} (waiting for {model:?})"
     )))
 }
 
@@ -227,12 +289,15 @@ pub fn run(a: OnlineEvalArgs) -> CmdResult {
             min_value: a.min_value,
         };
         load_summary = crate::load_cmd::load(&load)?;
-        wait_settled(&http, token, Duration::from_secs(a.wait_secs))?;
+        wait_settled(&http, token, Duration::from_secs(a.wait_secs), None)?;
         retrain = http
             .post("/v1/admin/retrain", token)
             .map_err(|e| CliError::Internal(anyhow::anyhow!(e)))?;
     }
-    wait_settled(&http, token, Duration::from_secs(a.wait_secs))?;
+    // A cluster's nodes load the version the leader published on their own: the node
+    // asked must serve it before it is scored.
+    let published = retrain["serving_version"].as_u64().filter(|&v| v > 0);
+    wait_settled(&http, token, Duration::from_secs(a.wait_secs), published)?;
     let load_seconds = started.elapsed().as_secs_f64();
     let rel = relevant(&a, &weights)?;
     let pool = rayon::ThreadPoolBuilder::new()

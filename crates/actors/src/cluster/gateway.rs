@@ -51,6 +51,8 @@ pub enum Request {
         query: UserQuery,
         min_offset: Option<u64>,
     },
+    /// For the trainer leader: retrain now (answered with the validation report).
+    Retrain,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -67,6 +69,7 @@ pub enum Response {
     Pong { name: String },
     Recommend(RecommendReply),
     User { view: UserView, stale: bool },
+    Retrain(crate::trainer::RetrainReport),
 }
 
 /// Why a remote call did not produce an answer.
@@ -183,6 +186,26 @@ async fn answer(ctx: &Arc<Ctx>, env: Envelope) -> Result<Response, RemoteError> 
             crate::record::partition_of(&query.user, ctx.settings.partitions)
         }
         Request::Ping { .. } => return Ok(pong(ctx)),
+        Request::Retrain => {
+            // Only the leader trains: a node that is not leading says so (the caller
+            // asked a node it believed to lead).
+            let leads = ctx
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.trainer_epoch().is_some());
+            if !leads {
+                return Err(RemoteError::Failed(format!(
+                    "{} does not lead the training",
+                    ctx.settings.node_name
+                )));
+            }
+            let report = crate::node::call(crate::names::ALS_TRAINER, budget, |port| {
+                crate::trainer::AlsTrainerMsg::Retrain(port)
+            })
+            .await
+            .map_err(|e| RemoteError::Failed(e.to_string()))?;
+            return Ok(Response::Retrain(report));
+        }
     };
     if !ctx.serving(p) {
         return Err(RemoteError::NotOwner {
@@ -199,7 +222,7 @@ async fn answer(ctx: &Arc<Ctx>, env: Envelope) -> Result<Response, RemoteError> 
             .map_err(|e| RemoteError::Failed(e.to_string()))?;
             Ok(Response::Recommend(reply))
         }
-        Request::Ping { .. } => Ok(pong(ctx)),
+        Request::Ping { .. } | Request::Retrain => Ok(pong(ctx)),
         Request::User { query, min_offset } => {
             let target = min_offset.unwrap_or_else(|| ctx.head(p));
             let fresh = ctx
@@ -295,6 +318,7 @@ impl Response {
             Response::Pong { .. } => "a pong",
             Response::Recommend(_) => "recommendations",
             Response::User { .. } => "a user",
+            Response::Retrain(_) => "a retrain report",
         }
     }
 }

@@ -94,6 +94,9 @@ pub struct MemberRecord {
     /// Written on a graceful stop: the member is not alive from then on.
     pub leaving: bool,
     pub written_ms: i64,
+    /// The ALS model version the member serves (0: none), for `/v1/cluster`.
+    #[serde(default)]
+    pub model_version: u64,
 }
 
 /// The times (ms since the epoch, by each writer's clock) of the latest voluntary
@@ -265,6 +268,7 @@ impl RenewerState {
             beat: self.beat,
             leaving: false,
             written_ms: now_ms(),
+            model_version: self.ctx.als.load().as_ref().map_or(0, |m| m.version),
         };
         let bytes = serde_json::to_vec(&rec).unwrap_or_default();
         let key = member_key(&cl.me);
@@ -568,6 +572,7 @@ impl ManagerState {
                     beat: 0,
                     leaving: false,
                     written_ms: now_ms(),
+                    model_version: self.ctx.als.load().as_ref().map_or(0, |m| m.version),
                 };
                 let bytes = serde_json::to_vec(&rec).unwrap_or_default();
                 let key = member_key(&self.cluster.me);
@@ -636,6 +641,12 @@ impl ManagerState {
             let rev = v.as_ref().map_or(0, |v| v.revision);
             let changed = self.observe(&k, rev, now);
             let rec: Option<MemberRecord> = v.and_then(|v| serde_json::from_slice(&v.value).ok());
+            if let Some(r) = &rec {
+                self.cluster
+                    .model_versions
+                    .lock()
+                    .insert(m.clone(), r.model_version);
+            }
             let leaving = rec.as_ref().is_none_or(|r| r.leaving);
             let is_alive = !leaving && now.duration_since(changed) < period;
             if is_alive {
@@ -1024,6 +1035,7 @@ impl ManagerState {
             beat: 0,
             leaving: true,
             written_ms: now_ms(),
+            model_version: 0,
         };
         let bytes = serde_json::to_vec(&rec).unwrap_or_default();
         let key = member_key(&self.cluster.me);

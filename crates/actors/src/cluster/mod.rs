@@ -16,6 +16,7 @@
 //! layer, the ranker and `/v1/cluster` read.
 
 pub mod gateway;
+pub mod leader;
 pub mod lease;
 pub mod membership;
 
@@ -31,7 +32,8 @@ use crate::settings::ClusterSettings;
 /// Version of the node-to-node frames (the header of every gateway call and reply). A
 /// peer answering with another version is shown as `incompatible` and never called.
 /// 2: one gateway variant, version header outside the body.
-pub const CLUSTER_PROTOCOL: u16 = 2;
+/// 3: retrain requests reach the trainer leader.
+pub const CLUSTER_PROTOCOL: u16 = 3;
 
 /// How this node sees one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -175,6 +177,10 @@ pub struct Cluster {
     pub last_read: Mutex<Option<Instant>>,
     /// Incarnation of the membership actor (events of older node servers are ignored).
     pub(crate) membership_incarnation: AtomicU64,
+    /// The trainer leadership (see [`leader`]).
+    pub leader: Mutex<leader::LeaderView>,
+    /// The model version each peer serves, from its member record.
+    pub model_versions: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 impl Cluster {
@@ -212,6 +218,8 @@ impl Cluster {
             held_down: Mutex::new(Vec::new()),
             last_read: Mutex::new(None),
             membership_incarnation: AtomicU64::new(0),
+            leader: leader::new_view(),
+            model_versions: Mutex::new(Default::default()),
             settings,
         }
     }
@@ -361,9 +369,12 @@ impl Cluster {
             "self": true,
             "state": "up",
             "http_addr": self.http_addr(&self.me),
+            "model_version": ctx.als.load().as_ref().map_or(0, |m| m.version),
         })];
+        let versions = self.model_versions.lock().clone();
         for (name, p) in self.peers.lock().iter() {
             members.push(json!({
+                "model_version": versions.get(name),
                 "name": name,
                 "self": false,
                 "state": p.state,
@@ -417,6 +428,7 @@ impl Cluster {
             "me": self.me,
             "members": members,
             "partitions": partitions,
+            "trainer": self.leader_status(),
             "log_reachable": self.log_reachable.load(Ordering::Relaxed),
             "joined": self.joined.load(Ordering::Relaxed),
             "held_down": self.held_down.lock().clone(),

@@ -238,6 +238,16 @@ pub trait StateStore: Send + Sync + 'static {
     /// backend.
     async fn reconnect(&self) {}
 
+    /// A notification for every change of `key` from now on (a KV watch on JetStream);
+    /// `None` when the backend cannot watch (one node: the writer is the reader, and
+    /// callers read again on their own schedule). The channel closes when the watch ends.
+    async fn watch(
+        &self,
+        _key: &str,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<u64>>, StateError> {
+        Ok(None)
+    }
+
     // ---- cache (neither fenced nor durable: a lost entry is recomputed) -------------
 
     /// Cached values of `keys` in namespace `ns` (`None`: not cached).
