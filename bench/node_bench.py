@@ -856,15 +856,20 @@ def throughput(nodes, seconds):
     return ingest_rate, sum(done) / (time.time() - t0)
 
 
-def load_cluster(nodes, prefix, n, users, clients=4, batch=1000):
+def load_cluster(nodes, prefix, n, users, clients=4, batch=1000, spread=False):
     """Posts `n` events through the first node and waits until every owner applied its
-    partitions."""
+    partitions. `spread`: each pass over the users moves every user to other items (so
+    most events are distinct user-item pairs, as a training set has)."""
     node = nodes[0]
     conns = [node.conn() for _ in range(clients)]
 
+    def item(k):
+        shift = (k // len(users)) * 7321 if spread else 0
+        return (k * 104729 + shift) % 10000
+
     def body(k0, m):
         return ("".join('{"event_id":"%s-%d","user":"%s","item":"i%d","kind":"view"}\n'
-                        % (prefix, k, users[k * 7919 % len(users)], k * 104729 % 10000)
+                        % (prefix, k, users[k * 7919 % len(users)], item(k))
                         for k in range(k0, k0 + m))).encode()
 
     def run(c):
@@ -881,6 +886,9 @@ def load_cluster(nodes, prefix, n, users, clients=4, batch=1000):
         behind = False
         for nd in nodes:
             _, c = nd.get("/v1/cluster")
+            if c["cluster"] is None:
+                behind = behind or not nd.caught_up()
+                continue
             heads = {str(h["stream"]): h["offset"] for h in c["journal_heads"]}
             for p in c["cluster"]["partitions"]:
                 if p["state"] == "serving" and (p["applied_offset"] or 0) < heads.get(str(p["partition"]), 0):
@@ -952,7 +960,7 @@ def model_plane(a):
             os.makedirs(d)
             one = Node(a.troupe, d, f"[journal]\npartitions = {partitions}\n[als]\nmin_interactions = 1000000000\n")
             one.start()
-            load_cluster([one], f"e{size}", size, users)
+            load_cluster([one], f"e{size}", size, users, spread=True)
             rss_before = rss_mib(one.proc.pid)
             st, rep = one.post("/v1/admin/retrain", b"", ctype="application/json")
             single_rss = rss_mib(one.proc.pid)
@@ -977,7 +985,7 @@ def model_plane(a):
                     raise RuntimeError("cluster did not place partitions and a leader")
                 time.sleep(0.2)
             t_load = time.time()
-            load_cluster(nodes, f"e{size}", size, users)
+            load_cluster(nodes, f"e{size}", size, users, spread=True)
             print(f"{size} events loaded through {nodes[0].name} in {time.time() - t_load:.1f} s")
             leader = leader_of(nodes)
             asked = next(n for n in nodes if n is not leader)

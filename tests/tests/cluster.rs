@@ -1775,6 +1775,37 @@ fn cluster_serves_one_model_trained_on_every_partition() {
     c.wait(60, "partitions balanced over the three nodes", || {
         balanced(&c)
     });
+    // Item texts: each is encoded by one member (its encoder owner); the others read
+    // the shared cache.
+    let texts: Vec<Value> = (0..300)
+        .map(|i| serde_json::json!({"id": format!("i{i}"), "text": format!("item {i} of shelf {}", i % 17)}))
+        .collect();
+    assert_eq!(
+        c.node("a")
+            .post("/v1/items", &Value::Array(texts).to_string())
+            .status,
+        200
+    );
+    c.wait(60, "every node embedded the 300 texts", || {
+        NAMES.iter().all(|n| {
+            try_cluster_full(c.node(n)).is_some_and(|v| {
+                v["actors"].as_array().is_some_and(|a| {
+                    a.iter().any(|x| {
+                        x["name"] == "content_encoder" && x["state"]["embedded_items"] == 300
+                    })
+                })
+            })
+        })
+    });
+    let computed: f64 = NAMES
+        .iter()
+        .map(|n| metric_sum(c.node(n), "troupe_embeddings_computed_total", ""))
+        .sum();
+    println!("300 item texts encoded {computed} times over three nodes");
+    assert!(
+        computed <= 330.0,
+        "texts encoded {computed} times for 300 (each should be encoded once)"
+    );
     let events = c.root.path().join("rated.csv");
     write_rated(&events, 3000);
     let log = c.root.path().join("acked.txt");

@@ -212,7 +212,10 @@ fn settled(http: &Http, token: Option<&str>, model: Option<u64>) -> Result<Optio
         .into_iter()
         .flatten()
         .filter(|a| a["name"] == "content_encoder")
-        .any(|a| a["state"]["in_flight_batches"].as_u64().unwrap_or(0) > 0);
+        .any(|a| {
+            a["state"]["in_flight_batches"].as_u64().unwrap_or(0) > 0
+                || a["state"]["deferred_items"].as_u64().unwrap_or(0) > 0
+        });
     let serving = v["als_model_version"].as_u64().unwrap_or(0);
     let model_ok = model.is_none_or(|m| serving >= m);
     if caught_up && !encoding && model_ok && v["ready"] == true {
