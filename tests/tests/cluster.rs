@@ -1998,3 +1998,120 @@ fn cluster_damaged_snapshot_is_refused_and_a_paused_leader_is_replaced() {
         NAMES.iter().all(|n| model_version(c.node(n)) == v2 + 1)
     });
 }
+
+/// The trainer leader SIGKILLed while it trains (a training run stalled by a test hook):
+/// the retrain forwarded to it fails with 503, another member leads after the lease,
+/// starts its training set from the owners' checkpoints and the log, and publishes
+/// version 1 (the killed leader never published, so no number is skipped or reused);
+/// a node SIGKILLed and restarted while that training runs ends up serving it, as does
+/// the old leader once restarted.
+#[test]
+fn cluster_leader_killed_while_training_is_replaced_and_every_node_converges() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::prepare() else {
+        return;
+    };
+    c.extra =
+        "[[faults]]\ntarget = \"als_training\"\naction = \"stall\"\nstall_ms = 6000\ntimes = 1\n"
+            .into();
+    let (members, url) = (c.members.clone(), c.nats.urls());
+    for n in NAMES {
+        c.launch(n, "test-cookie", &members, &url);
+    }
+    c.wait(60, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    let events = c.root.path().join("rated.csv");
+    write_rated(&events, 3000);
+    let log = c.root.path().join("acked.txt");
+    let status = start_loader(c.node("a"), &events, &log, 200)
+        .wait()
+        .unwrap();
+    assert!(status.success());
+    c.wait(30, "one trainer leader agreed by every node", || {
+        agreed_leader(&c, &NAMES).is_some()
+    });
+    let leader = agreed_leader(&c, &NAMES).unwrap();
+    let asked = *NAMES.iter().find(|n| **n != leader).unwrap();
+    let url_asked = c.node(asked).url();
+    let first = std::thread::spawn(move || {
+        ureq::post(format!("{url_asked}/v1/admin/retrain"))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send_empty()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    });
+    c.wait(30, "the leader is training", || {
+        trainer_status(c.node(&leader))["training"] == true
+    });
+    c.node_mut(&leader).kill9();
+    let status = first.join().unwrap();
+    assert_eq!(
+        status, 503,
+        "a retrain whose leader died is not answered as done"
+    );
+    let rest: Vec<&str> = NAMES.iter().copied().filter(|n| *n != leader).collect();
+    c.wait(60, "a new leader agreed by the survivors", || {
+        agreed_leader(&c, &rest).is_some_and(|l| l != leader)
+    });
+    let new_leader = agreed_leader(&c, &rest).unwrap();
+    let other = *rest.iter().find(|n| **n != new_leader).unwrap();
+    let url_other = c.node(other).url();
+    let second = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = ureq::post(format!("{url_other}/v1/admin/retrain"))
+                .config()
+                .http_status_as_error(false)
+                .build()
+                .send_empty();
+            match r {
+                Ok(mut r) if r.status() != 503 || Instant::now() >= deadline => {
+                    let body = r.body_mut().read_to_string().unwrap_or_default();
+                    return (r.status().as_u16(), body);
+                }
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    });
+    c.wait(30, "the new leader is training", || {
+        trainer_status(c.node(&new_leader))["training"] == true
+    });
+    // The node that asked is killed and restarted while the training runs.
+    c.node_mut(other).kill9();
+    c.node_mut(other).spawn();
+    let (status, body) = second.join().unwrap();
+    // The asking node died mid-request: ask again through the new leader itself.
+    let report: Value = if status == 200 {
+        serde_json::from_str(&body).unwrap()
+    } else {
+        let r = retrain_via(c.node(&new_leader));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+    };
+    assert_eq!(report["leader"], new_leader.as_str(), "{report}");
+    assert_eq!(report["users"], 60, "{report}");
+    let v = report["serving_version"].as_u64().unwrap();
+    assert!(v == 1 || v == 2, "{report}");
+    c.node_mut(&leader).spawn();
+    c.wait(60, "every node serves the newest version", || {
+        NAMES.iter().all(|n| model_version(c.node(n)) == v)
+    });
+    // Every version number issued once, from 1 on.
+    let versions: Vec<u64> = trainer_status(c.node(&new_leader))["record"]["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["version"].as_u64())
+        .collect();
+    assert_eq!(versions, (1..=v).collect::<Vec<_>>());
+    assert!(
+        c.node(&new_leader)
+            .log(1)
+            .contains("from its owner's checkpoint"),
+        "the new leader built its training set from the owners' checkpoints"
+    );
+}

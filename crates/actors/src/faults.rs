@@ -22,7 +22,9 @@ pub enum FaultAction {
 #[derive(Debug)]
 pub struct Fault {
     /// Actor kind (`user_features`, `item_stats`, `catalog`, `journal`,
-    /// `ranker`) or a branch (`branch.als`, `branch.content`, `branch.popularity`).
+    /// `ranker`), a branch (`branch.als`, `branch.content`, `branch.popularity`), or a
+    /// step of the model plane (`als_training`: stall a training run;
+    /// `model_blob.corrupt`: damage a snapshot's bytes as read).
     pub target: String,
     pub action: FaultAction,
     /// Fire on records whose event id / item id / user equals this (any record if `None`).

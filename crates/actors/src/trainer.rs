@@ -624,6 +624,16 @@ impl AlsTrainerState {
         let leader = self.me().to_string();
         tokio::spawn(async move {
             let out = tokio::task::spawn_blocking(move || {
+                // Test hook: a training run that takes long (to kill a leader mid-run).
+                if let Some(crate::faults::FaultAction::Stall(d)) =
+                    ctx.faults.on_call("als_training")
+                {
+                    tracing::warn!(
+                        stall_ms = d.as_millis() as u64,
+                        "injected stall in training"
+                    );
+                    std::thread::sleep(d);
+                }
                 let (users, items, pairs) = gather(&ctx, &shadows);
                 let (mut report, model) = train(TrainInput {
                     version: 0,

@@ -496,14 +496,14 @@ pub fn document(s: &ApiShape) -> Value {
     );
     let retrain_op = op(
         "Retrain ALS now",
-        "Answers the validation report once training finished (the candidate is served only when it validates at least as well as the serving model).",
+        "Answers the validation report once training finished (the candidate is served only when it validates at least as well as the serving model on interactions neither has seen). In a cluster any node forwards the request to the trainer leader, which publishes the model every node then serves; 503 with Retry-After while no node leads or the leader cannot be reached.",
         vec![],
         responses(json_ok("validation report", json!({"type": "object", "required": ["accepted", "reason", "model_version", "serving_version"], "properties": {"accepted": {"type": "boolean"}, "reason": {"type": "string"}, "model_version": {"type": "integer"}, "serving_version": {"type": "integer"}}})), &[400, 503]),
         w,
     );
     let rollback_op = op(
         "Serve the previous ALS model version",
-        "409 when no older version is stored or no model is served.",
+        "Every node (in a cluster) serves the previous kept version until the next publish. 409 when no older version is kept or no model is served.",
         vec![],
         responses(
             json_ok(
