@@ -1049,7 +1049,7 @@ impl Actor for AlsTrainer {
                     if !st.ensure_claimed(epoch).await? {
                         port.send(RetrainReport {
                             version: WIRE_VERSION,
-                            reason: "the model record is held by a newer leader".into(),
+                            reason: "this node leads but could not claim the model record (a newer leader holds it, or the store did not answer); retry shortly".into(),
                             no_leader: true,
                             ..Default::default()
                         })
