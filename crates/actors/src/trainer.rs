@@ -116,7 +116,8 @@ pub struct RetrainReport {
     pub compared_users: u32,
     /// The node that trained (the leader).
     pub leader: String,
-    /// True when no node leads the training (the request could not be served).
+    /// True when the request could not be served now (no node leads, the leader did not
+    /// answer, or its training set could not be read): answered 503 with Retry-After.
     pub no_leader: bool,
 }
 
@@ -441,7 +442,10 @@ impl AlsTrainerState {
     /// (loaded from its owner's checkpoint), caught up to the head; the shadow of a
     /// partition served here is dropped (its live store is read instead). With
     /// `upto_head`, each shadow reads until the head as it was at the call.
-    async fn refresh_shadows(&mut self, upto_head: bool) -> Result<(), ActorProcessingErr> {
+    ///
+    /// A log or store that does not answer is an error for the caller to report and try
+    /// again later, never a failure of the actor.
+    async fn refresh_shadows(&mut self, upto_head: bool) -> Result<(), String> {
         if self.ctx.cluster.is_none() {
             return Ok(());
         }
@@ -458,7 +462,9 @@ impl AlsTrainerState {
             }
             if slot.read().is_none() {
                 let started = Instant::now();
-                let sh = Shadow::load(&self.ctx, p).await?;
+                let sh = Shadow::load(&self.ctx, p)
+                    .await
+                    .map_err(|e| format!("partition {p}: {e}"))?;
                 tracing::info!(
                     partition = p,
                     applied = sh.applied,
@@ -469,16 +475,34 @@ impl AlsTrainerState {
                 *slot.write() = Some(sh);
             }
             let head = self.ctx.head(p);
+            let mut reloaded = false;
             loop {
                 let after = slot.read().as_ref().map_or(0, |s| s.applied);
                 if after >= head {
                     break;
                 }
-                let r = self.ctx.log.read(p, after, head, SHADOW_CHUNK).await?;
+                let r = self
+                    .ctx
+                    .log
+                    .read(p, after, head, SHADOW_CHUNK)
+                    .await
+                    .map_err(|e| format!("partition {p}: {e}"))?;
                 if r.truncated > after {
                     // Retention deleted records the shadow has not read: the owner's
-                    // checkpoint covers them; load it again.
-                    *slot.write() = Some(Shadow::load(&self.ctx, p).await?);
+                    // checkpoint covers them; load it again (once: a checkpoint still
+                    // below the cut is an error, tried again later).
+                    if reloaded {
+                        *slot.write() = None;
+                        return Err(format!(
+                            "partition {p}: the log is cut at {} and the owner's checkpoint covers only {after}",
+                            r.truncated
+                        ));
+                    }
+                    reloaded = true;
+                    let sh = Shadow::load(&self.ctx, p)
+                        .await
+                        .map_err(|e| format!("partition {p}: {e}"))?;
+                    *slot.write() = Some(sh);
                     continue;
                 }
                 if r.records.is_empty() {
@@ -513,7 +537,9 @@ impl AlsTrainerState {
                 );
                 self.claimed = Some(epoch);
                 if rec.latest == 0 {
-                    self.migrate_legacy(epoch).await?;
+                    if let Err(e) = self.migrate_legacy(epoch).await {
+                        tracing::warn!(error = %e, "an older build's model not migrated");
+                    }
                 }
                 Ok(true)
             }
@@ -613,7 +639,21 @@ impl AlsTrainerState {
                 }
             }
         }
-        self.refresh_shadows(true).await?;
+        if let Err(e) = self.refresh_shadows(true).await {
+            let reason = format!("the training set could not be read: {e}; retry shortly");
+            tracing::warn!(reason = %reason, "training not started");
+            for port in self.waiting.drain(..) {
+                port.send(RetrainReport {
+                    version: WIRE_VERSION,
+                    reason: reason.clone(),
+                    leader: self.ctx.settings.node_name.clone(),
+                    no_leader: true,
+                    ..Default::default()
+                })
+                .discard();
+            }
+            return Ok(());
+        }
         self.training = true;
         self.trained_at = Some(self.events_held());
         self.last_train = Instant::now();
@@ -1022,7 +1062,10 @@ impl Actor for AlsTrainer {
                 if st.training {
                     return Ok(());
                 }
-                st.refresh_shadows(false).await?;
+                if let Err(e) = st.refresh_shadows(false).await {
+                    tracing::warn!(error = %e, "trainer shadows not caught up; trying again");
+                    return Ok(());
+                }
                 let held = st.events_held();
                 let since = match st.trained_at {
                     Some(t) => held.saturating_sub(t),
