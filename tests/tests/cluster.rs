@@ -173,6 +173,18 @@ impl Cluster {
         c
     }
 
+    /// Starts the three members (with this cluster's tuning and extras) and waits until
+    /// the partitions are balanced over them.
+    fn launch_all_balanced(&mut self) {
+        let (members, url) = (self.members.clone(), self.nats.urls());
+        for n in NAMES {
+            self.launch(n, "test-cookie", &members, &url);
+        }
+        self.wait(60, "partitions balanced over the three nodes", || {
+            balanced(self)
+        });
+    }
+
     /// A member's cluster address.
     fn cluster_addr(&self, name: &str) -> std::net::SocketAddr {
         let (_, port, _) = *self.members.iter().find(|m| m.0 == name).unwrap();
@@ -1755,6 +1767,22 @@ fn write_rated(path: &std::path::Path, rows: usize) {
     }
 }
 
+/// Loads [`write_rated`]'s 3,000 events through a and waits until every node agrees on
+/// one trainer leader; returns it.
+fn load_rated_and_elect(c: &Cluster) -> String {
+    let events = c.root.path().join("rated.csv");
+    write_rated(&events, 3000);
+    let log = c.root.path().join("acked.txt");
+    let status = start_loader(c.node("a"), &events, &log, 200)
+        .wait()
+        .unwrap();
+    assert!(status.success());
+    c.wait(30, "one trainer leader agreed by every node", || {
+        agreed_leader(c, &NAMES).is_some()
+    });
+    agreed_leader(c, &NAMES).unwrap()
+}
+
 /// One model for the cluster: the leader trains on every partition's users (not only
 /// those it owns), publishes version 1, and all three nodes serve it; a retrain asked of
 /// a node that does not lead reaches the leader. SIGKILL of the leader: another member
@@ -1768,13 +1796,7 @@ fn cluster_serves_one_model_trained_on_every_partition() {
     let Some(mut c) = Cluster::prepare() else {
         return;
     };
-    let (members, url) = (c.members.clone(), c.nats.urls());
-    for n in NAMES {
-        c.launch(n, "test-cookie", &members, &url);
-    }
-    c.wait(60, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
+    c.launch_all_balanced();
     // Item texts: each is encoded by one member (its encoder owner); the others read
     // the shared cache.
     let texts: Vec<Value> = (0..300)
@@ -1806,17 +1828,7 @@ fn cluster_serves_one_model_trained_on_every_partition() {
         computed <= 330.0,
         "texts encoded {computed} times for 300 (each should be encoded once)"
     );
-    let events = c.root.path().join("rated.csv");
-    write_rated(&events, 3000);
-    let log = c.root.path().join("acked.txt");
-    let status = start_loader(c.node("a"), &events, &log, 200)
-        .wait()
-        .unwrap();
-    assert!(status.success());
-    c.wait(30, "one trainer leader agreed by every node", || {
-        agreed_leader(&c, &NAMES).is_some()
-    });
-    let leader = agreed_leader(&c, &NAMES).unwrap();
+    let leader = load_rated_and_elect(&c);
     let other = *NAMES.iter().find(|n| **n != leader).unwrap();
     let r = c.node(other).post("/v1/admin/retrain", "");
     assert_eq!(r.status, 200, "{}", r.body);
@@ -1930,24 +1942,8 @@ fn cluster_damaged_snapshot_is_refused_and_a_paused_leader_is_replaced() {
         "c",
         "[[faults]]\ntarget = \"model_blob.corrupt\"\naction = \"error\"\ntimes = 1\n".into(),
     ));
-    let (members, url) = (c.members.clone(), c.nats.urls());
-    for n in NAMES {
-        c.launch(n, "test-cookie", &members, &url);
-    }
-    c.wait(60, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
-    let events = c.root.path().join("rated.csv");
-    write_rated(&events, 3000);
-    let log = c.root.path().join("acked.txt");
-    let status = start_loader(c.node("a"), &events, &log, 200)
-        .wait()
-        .unwrap();
-    assert!(status.success());
-    c.wait(30, "one trainer leader agreed by every node", || {
-        agreed_leader(&c, &NAMES).is_some()
-    });
-    let leader = agreed_leader(&c, &NAMES).unwrap();
+    c.launch_all_balanced();
+    let leader = load_rated_and_elect(&c);
     assert_ne!(leader, "c", "c may not lead (trainer = false)");
     let r = c.node("c").post("/v1/admin/retrain", "");
     assert_eq!(r.status, 200, "{}", r.body);
@@ -2015,24 +2011,8 @@ fn cluster_leader_killed_while_training_is_replaced_and_every_node_converges() {
     c.extra =
         "[[faults]]\ntarget = \"als_training\"\naction = \"stall\"\nstall_ms = 6000\ntimes = 1\n"
             .into();
-    let (members, url) = (c.members.clone(), c.nats.urls());
-    for n in NAMES {
-        c.launch(n, "test-cookie", &members, &url);
-    }
-    c.wait(60, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
-    let events = c.root.path().join("rated.csv");
-    write_rated(&events, 3000);
-    let log = c.root.path().join("acked.txt");
-    let status = start_loader(c.node("a"), &events, &log, 200)
-        .wait()
-        .unwrap();
-    assert!(status.success());
-    c.wait(30, "one trainer leader agreed by every node", || {
-        agreed_leader(&c, &NAMES).is_some()
-    });
-    let leader = agreed_leader(&c, &NAMES).unwrap();
+    c.launch_all_balanced();
+    let leader = load_rated_and_elect(&c);
     let asked = *NAMES.iter().find(|n| **n != leader).unwrap();
     let url_asked = c.node(asked).url();
     let first = std::thread::spawn(move || {

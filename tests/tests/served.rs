@@ -68,34 +68,30 @@ fn served_matches_evaluated(dir: &Path, train: &Path, test: &Path, items: &Path)
         "--json",
     ]));
     let node = Node::start(dir, NODE, &[]);
-    let served = parse_report(&troupe(&[
-        "online-eval",
-        "--url",
-        &node.url(),
-        "--train",
-        &p(train),
-        "--test",
-        &p(test),
-        "--items",
-        &p(items),
-        "--json",
-    ]));
-    assert_eq!(served["users"], eval["users"], "the same test users");
-    let mut report = String::new();
-    let mut worst: f64 = 0.0;
-    for model in ["popularity", "als", "content", "ensemble"] {
-        let ndcg = |r: &Value| r["models"][model]["ndcg"].as_f64().unwrap();
-        let (e, s) = (ndcg(&eval), ndcg(&served));
-        worst = worst.max((e - s).abs());
-        report.push_str(&format!("{model}: eval {e:.4} served {s:.4}\n"));
-    }
-    println!("{report}");
+    let served = online_eval(&node.url(), train, test, items);
+    let (worst, report) = compare(("eval", &eval), ("served", &served));
     assert!(
         worst <= TOLERANCE,
         "served NDCG@10 differs from eval by {worst:.4}:\n{report}served details: {}",
         served["details"]
     );
     served
+}
+
+/// Every model's NDCG@10 in two reports side by side (printed), and the largest
+/// difference.
+fn compare((la, a): (&str, &Value), (lb, b): (&str, &Value)) -> (f64, String) {
+    assert_eq!(a["users"], b["users"], "the same test users");
+    let mut report = String::new();
+    let mut worst: f64 = 0.0;
+    for model in ["popularity", "als", "content", "ensemble"] {
+        let ndcg = |r: &Value| r["models"][model]["ndcg"].as_f64().unwrap();
+        let (x, y) = (ndcg(a), ndcg(b));
+        worst = worst.max((x - y).abs());
+        report.push_str(&format!("{model}: {la} {x:.4} {lb} {y:.4}\n"));
+    }
+    println!("{report}");
+    (worst, report)
 }
 
 /// `troupe online-eval` against `url` (loads the split, retrains, scores).
@@ -192,16 +188,7 @@ fn cluster_serves_like_one_node(dir: &Path, train: &Path, test: &Path, items: &P
     let nodes = start_cluster(&dir.join("cluster"), &nats.url());
     // Through the second node: most users' partitions are owned by the others.
     let three = online_eval(&nodes[1].url(), train, test, items);
-    assert_eq!(one["users"], three["users"], "the same test users");
-    let mut report = String::new();
-    let mut worst: f64 = 0.0;
-    for model in ["popularity", "als", "content", "ensemble"] {
-        let ndcg = |r: &Value| r["models"][model]["ndcg"].as_f64().unwrap();
-        let (a, b) = (ndcg(&one), ndcg(&three));
-        worst = worst.max((a - b).abs());
-        report.push_str(&format!("{model}: one node {a:.4} three nodes {b:.4}\n"));
-    }
-    println!("{report}");
+    let (worst, report) = compare(("one node", &one), ("three nodes", &three));
     let versions: Vec<Value> = nodes
         .iter()
         .map(|n| n.get("/v1/cluster").body["als_model_version"].clone())

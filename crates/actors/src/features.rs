@@ -202,6 +202,18 @@ fn replay_deltas(
     Ok(last)
 }
 
+/// What a partition's record does to its interaction store (events and erasures; item
+/// records belong to the catalog), on the owner and in a shadow alike.
+fn apply_record(store: &mut UserStore, r: &Record) {
+    match &r.payload {
+        Payload::Event(e) => store.apply(&e.user, &e.item, &e.kind, e.value, e.ts_ms, r.offset),
+        Payload::EraseUser { user } => {
+            store.erase(user);
+        }
+        Payload::ItemUpsert(_) | Payload::ItemDelete { .. } => {}
+    }
+}
+
 /// A read-only copy of a partition this node does not own, for the trainer leader: its
 /// owner's latest checkpoint (the compact interaction store, shared in the state store),
 /// kept current by reading the log after it. Never written back: the owner alone
@@ -254,16 +266,7 @@ impl Shadow {
             if r.offset <= self.applied {
                 continue;
             }
-            match &r.payload {
-                Payload::Event(e) => {
-                    self.store
-                        .apply(&e.user, &e.item, &e.kind, e.value, e.ts_ms, r.offset);
-                }
-                Payload::EraseUser { user } => {
-                    self.store.erase(user);
-                }
-                Payload::ItemUpsert(_) | Payload::ItemDelete { .. } => {}
-            }
+            apply_record(&mut self.store, r);
             self.applied = r.offset;
         }
     }
@@ -271,17 +274,7 @@ impl Shadow {
 
 impl Apply for Partition {
     fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr> {
-        match &r.payload {
-            Payload::Event(e) => {
-                self.store()
-                    .write()
-                    .apply(&e.user, &e.item, &e.kind, e.value, e.ts_ms, r.offset);
-            }
-            Payload::EraseUser { user } => {
-                self.store().write().erase(user);
-            }
-            Payload::ItemUpsert(_) | Payload::ItemDelete { .. } => {}
-        }
+        apply_record(&mut self.store().write(), r);
         Ok(())
     }
 }

@@ -25,7 +25,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster_derive::RactorMessage;
 use serde::Serialize;
 
-use super::lease::LeaseRecord;
+use super::lease::{bounded, LeaseRecord};
 use crate::ctx::Ctx;
 use crate::state::{now_ms, StateError};
 use crate::Discard;
@@ -111,18 +111,6 @@ pub struct TrainerLeaseState {
     /// Revision of the record observed and since when (reset by a round that cannot read).
     seen: Option<(u64, Instant)>,
     released: bool,
-}
-
-async fn bounded<T>(
-    limit: Duration,
-    call: impl std::future::Future<Output = Result<T, StateError>>,
-) -> Result<T, StateError> {
-    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-        Err(StateError::Unavailable(format!(
-            "no answer within {} ms",
-            limit.as_millis()
-        )))
-    })
 }
 
 impl Actor for TrainerLease {
@@ -323,11 +311,7 @@ impl TrainerLeaseState {
                 Ok(Some(v)) => {
                     let found: Option<LeaseRecord> = serde_json::from_slice(&v.value).ok();
                     match found {
-                        Some(f)
-                            if f.owner == rec.owner
-                                && f.incarnation == rec.incarnation
-                                && f.epoch == rec.epoch =>
-                        {
+                        Some(f) if f.same_holder(&rec) => {
                             rec = f;
                             (next, sent, r) = attempt(rec.clone(), v.revision).await;
                         }

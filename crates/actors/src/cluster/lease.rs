@@ -80,7 +80,7 @@ pub struct LeaseRecord {
 
 impl LeaseRecord {
     /// The same holder's record (owner, process and epoch): a write of this node's own.
-    fn same_holder(&self, other: &LeaseRecord) -> bool {
+    pub(crate) fn same_holder(&self, other: &LeaseRecord) -> bool {
         self.owner == other.owner
             && self.incarnation == other.incarnation
             && self.epoch == other.epoch
@@ -115,7 +115,7 @@ pub struct Held {
 
 /// A state store call bounded by `limit` (an election can hold a call far longer than
 /// a lease round may wait); running out of time is `Unavailable`.
-async fn bounded<T>(
+pub(crate) async fn bounded<T>(
     limit: Duration,
     call: impl std::future::Future<Output = Result<T, StateError>>,
 ) -> Result<T, StateError> {
