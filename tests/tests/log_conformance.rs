@@ -302,9 +302,20 @@ async fn large_concurrent_appends_land_where_their_positions_say(b: &Backend) {
             .collect()
     };
     let sent: Vec<Vec<AppendEntry>> = (0..4).map(request).collect();
-    let appends = sent.iter().enumerate().map(|(i, entries)| {
+    // An append the log calls unavailable (a replicated stream electing, no responders)
+    // is retried with the same ids, as callers are told to: each entry is stored once.
+    let appends = sent.iter().enumerate().map(|(i, entries)| async move {
         let log = if i % 2 == 0 { &b.log } else { &b.other_log };
-        log.append(entries.clone())
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match log.append(entries.clone()).await {
+                Err(LogError::Unavailable(_)) if tries < 5 => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                r => return r,
+            }
+        }
     });
     let results = futures_util::future::join_all(appends).await;
     let mut at: std::collections::HashMap<(u32, u64), String> = Default::default();
