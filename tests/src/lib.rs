@@ -501,3 +501,55 @@ pub fn acked_rows(log: &std::path::Path) -> Vec<String> {
         .map(|id| format!("it{}", id.rsplit('-').next().unwrap_or_default()))
         .collect()
 }
+
+/// `scripts/otlp_receiver.py` on a free port: an OTLP/HTTP (JSON) trace receiver whose
+/// spans the test reads back. Killed when dropped.
+pub struct OtlpReceiver {
+    child: std::process::Child,
+    pub port: u16,
+    out: PathBuf,
+}
+
+impl OtlpReceiver {
+    /// Starts the receiver writing to `dir/spans.jsonl` and waits until it listens.
+    pub fn start(dir: &std::path::Path) -> OtlpReceiver {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("scripts")
+            .join("otlp_receiver.py");
+        let port = free_port();
+        let out = dir.join("spans.jsonl");
+        let child = std::process::Command::new("python3")
+            .arg(&script)
+            .args(["--port", &port.to_string(), "--out"])
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 runs the OTLP receiver");
+        let r = OtlpReceiver { child, port, out };
+        wait_until(20, "the OTLP receiver listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}

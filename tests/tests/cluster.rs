@@ -2095,3 +2095,312 @@ fn cluster_leader_killed_while_training_is_replaced_and_every_node_converges() {
         "the new leader built its training set from the owners' checkpoints"
     );
 }
+
+/// The spans of trace `trace_id` received so far.
+fn trace_spans(rx: &troupe_tests::OtlpReceiver, trace_id: &str) -> Vec<Value> {
+    rx.spans()
+        .into_iter()
+        .filter(|s| s["trace_id"] == trace_id)
+        .collect()
+}
+
+/// The span named `name` recorded by node `instance` in `spans`.
+fn span_of<'a>(spans: &'a [Value], name: &str, instance: &str) -> Option<&'a Value> {
+    spans
+        .iter()
+        .find(|s| s["name"] == name && s["instance"] == instance)
+}
+
+/// A recommendation asked of node a for a user whose partition b owns is one trace: the
+/// caller's `traceparent` is the parent of a's `http` span, a's forwarding `call` span is
+/// its child, b's `gateway` span is the child of that call (across the processes), and
+/// b's `rank` span the child of the gateway; every span names its node in the resource.
+#[test]
+fn cluster_forwarded_request_is_one_trace_across_both_nodes() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::prepare() else {
+        return;
+    };
+    let rx = troupe_tests::OtlpReceiver::start(c.root.path());
+    c.extra = format!(
+        "[telemetry]\notlp_endpoint = \"{}\"\notlp_protocol = \"http/json\"\nsample_ratio = 1.0\n",
+        rx.url()
+    );
+    c.launch_all_balanced();
+    let p = *serving(c.node("b")).iter().next().unwrap();
+    let user = user_in(p);
+    let w = c.node("a").post(
+        "/v1/events",
+        &format!(r#"[{{"user":"{user}","item":"t1","kind":"view"}}]"#),
+    );
+    assert_eq!(w.status, 200, "{}", w.body);
+    let (trace_id, caller) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let rec = c.node("a").get_with(
+        &format!("/v1/recommendations/{user}?k=5"),
+        &[("traceparent", &format!("00-{trace_id}-{caller}-01"))],
+    );
+    assert_eq!(rec.status, 200, "{}", rec.body);
+    assert_eq!(rec.body["route"], "forwarded", "{}", rec.body);
+    assert_eq!(rec.body["served_by"], "b", "{}", rec.body);
+    // The batch exporters send within seconds.
+    let mut spans = Vec::new();
+    c.wait(60, "the spans of both nodes received", || {
+        spans = trace_spans(&rx, trace_id);
+        span_of(&spans, "rank", "b").is_some() && span_of(&spans, "http", "a").is_some()
+    });
+    let http = span_of(&spans, "http", "a").unwrap();
+    let call = span_of(&spans, "call", "a").expect("a's forwarding span");
+    let gateway = span_of(&spans, "gateway", "b").expect("b's gateway span");
+    let rank = span_of(&spans, "rank", "b").unwrap();
+    assert_eq!(http["parent"], caller, "{http}");
+    assert_eq!(call["parent"], http["span_id"], "{call}");
+    assert_eq!(gateway["parent"], call["span_id"], "{gateway}");
+    assert_eq!(rank["parent"], gateway["span_id"], "{rank}");
+    for s in [http, call, gateway, rank] {
+        assert_eq!(s["service"], "troupe", "{s}");
+    }
+    assert_eq!(gateway["attributes"]["request"], "recommend", "{gateway}");
+    // No span of this trace came from c, which had nothing to do with it.
+    assert!(spans.iter().all(|s| s["instance"] != "c"), "{spans:?}");
+}
+
+/// A client program (`troupe-client`) joined to the cluster: it sees only the members'
+/// gateways; its writes are acknowledged with positions and read back through another
+/// member (read-your-writes with `min_offset`); invalid input is refused with the reason
+/// HTTP gives; when the member it talks to is SIGKILLed mid-run it fails over to another
+/// member, and every write it was acknowledged is in the cluster afterwards, once.
+#[test]
+fn cluster_client_fails_over_and_loses_no_acknowledged_write() {
+    use troupe_client::proto::api::{EventIn, ItemIn, RecommendQuery};
+    use troupe_client::{Client, ClientConfig, ClientError};
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::balanced_three() else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seeds: Vec<String> = NAMES
+        .iter()
+        .map(|n| c.cluster_addr(n).to_string())
+        .collect();
+    let mut cfg = ClientConfig::new(
+        &seeds.iter().map(String::as_str).collect::<Vec<_>>(),
+        "test-cookie",
+    );
+    cfg.name = "failover-test".into();
+    cfg.call_timeout = Duration::from_secs(20);
+    let client = rt
+        .block_on(Client::connect_with(cfg))
+        .expect("client connects");
+    rt.block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while troupe_client::members_seen().len() < 3 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    assert_eq!(troupe_client::members_seen(), vec!["a", "b", "c"]);
+    // Access: the only remote actors this client sees are the members' gateways.
+    for g in ractor::pg::which_groups() {
+        assert!(g.starts_with("troupe.gateway."), "client sees group {g}");
+    }
+    for name in ractor::registry::registered() {
+        assert!(
+            !["ranker", "journal", "item_stats", "als_trainer", "catalog"].contains(&name.as_str()),
+            "client sees node actor {name}"
+        );
+    }
+    // Invalid input: the reason HTTP gives for the same event.
+    let bad = EventIn {
+        user: String::new(),
+        item: "i".into(),
+        kind: "view".into(),
+        ..Default::default()
+    };
+    let err = rt.block_on(client.ingest(vec![bad], None)).unwrap_err();
+    let http = c
+        .node("a")
+        .post("/v1/events", r#"[{"user":"","item":"i","kind":"view"}]"#);
+    assert_eq!(http.status, 400);
+    match &err {
+        ClientError::Invalid { code, detail } => {
+            assert_eq!(code, http.body["error"].as_str().unwrap());
+            assert_eq!(detail, http.body["detail"].as_str().unwrap());
+        }
+        other => panic!("expected Invalid, got {other:?}"),
+    }
+    // Items, then events with their own ids, each read back through the client.
+    let items: Vec<ItemIn> = (0..20)
+        .map(|i| ItemIn {
+            id: format!("ci{i}"),
+            text: format!(
+                "item number {i} about {}",
+                ["trains", "boats", "planes"][i % 3]
+            ),
+            categories: vec![["rail", "sea", "air"][i % 3].into()],
+            ..Default::default()
+        })
+        .collect();
+    let w = rt.block_on(client.upsert_items(items)).unwrap();
+    assert_eq!(w.acked, 20);
+    let mut acked: Vec<(String, String)> = Vec::new();
+    let mut write = |round: usize| -> Result<(), ClientError> {
+        let events: Vec<EventIn> = (0..6)
+            .map(|u| EventIn {
+                event_id: Some(format!("ce-{round}-{u}")),
+                user: format!("cu{u}"),
+                item: format!("ci{}", (round + u) % 20),
+                kind: "view".into(),
+                ..Default::default()
+            })
+            .collect();
+        let w = rt.block_on(client.ingest(events.clone(), None))?;
+        assert_eq!(w.positions.len(), 6);
+        for e in events {
+            acked.push((e.user, e.item));
+        }
+        // Read-your-writes through whichever member answers.
+        let p = w.positions[0];
+        let u = rt.block_on(client.get_user("cu0", Some(p.offset)))?;
+        assert!(!u.stale, "{u:?}");
+        assert!(u
+            .view
+            .history
+            .iter()
+            .any(|t| t.item == format!("ci{}", round % 20)));
+        Ok(())
+    };
+    for round in 0..5 {
+        write(round).unwrap();
+    }
+    let r = rt
+        .block_on(client.recommend(RecommendQuery {
+            user: "cu1".into(),
+            k: 5,
+            ..Default::default()
+        }))
+        .unwrap();
+    assert!(!r.items.is_empty(), "{r:?}");
+    assert_eq!(r.items[0].shares.len(), 3);
+    let sim = rt.block_on(client.similar("ci0", 3, Some(w.positions[0].offset)));
+    assert!(sim.is_ok(), "{sim:?}");
+    // Kill the member the client talks to, mid-run.
+    let victim = rt.block_on(client.current_member()).unwrap();
+    let idx = NAMES.iter().position(|n| *n == victim).unwrap();
+    c.nodes[idx].kill9();
+    for round in 5..15 {
+        // A write may meet the partition moving (unavailable): retried, as callers are
+        // told to; the event ids make the retry safe.
+        let mut tries = 0;
+        loop {
+            match write(round) {
+                Ok(()) => break,
+                Err(ClientError::Unavailable { .. }) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        }
+    }
+    let now_on = rt.block_on(client.current_member()).unwrap();
+    assert_ne!(now_on, victim, "the client failed over");
+    // Everything acknowledged is there, once, seen through a survivor.
+    let survivor = NAMES.iter().find(|n| **n != victim).unwrap();
+    let mut want: HashMap<String, usize> = HashMap::new();
+    for (u, _) in &acked {
+        *want.entry(u.clone()).or_default() += 1;
+    }
+    c.wait(60, "every acknowledged event applied", || {
+        want.iter().all(|(u, n)| {
+            let r = c.node(survivor).get(&format!("/v1/users/{u}"));
+            r.status == 200 && r.body["events"].as_u64() == Some(*n as u64)
+        })
+    });
+}
+
+/// The client example (`crates/client/examples/quickstart.rs`) against real members, the
+/// member it talks to SIGKILLed mid-run: it finishes every round through another member,
+/// and every event it was acknowledged is in the cluster once.
+#[test]
+fn cluster_client_example_runs_through_a_member_killed_mid_run() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let exe = troupe_tests::troupe_bin()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("quickstart");
+    if !exe.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = std::process::Command::new(cargo)
+            .args(["build", "-p", "troupe-client", "--example", "quickstart"])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "building the example");
+    }
+    let Some(mut c) = Cluster::balanced_three() else {
+        return;
+    };
+    let seeds: Vec<String> = NAMES
+        .iter()
+        .map(|n| c.cluster_addr(n).to_string())
+        .collect();
+    let rounds = 30;
+    let out = c.root.path().join("quickstart.out");
+    let mut child = std::process::Command::new(&exe)
+        .env("TROUPE_SEEDS", seeds.join(","))
+        .env("TROUPE_CLUSTER_COOKIE", "test-cookie")
+        .env("TROUPE_ROUNDS", rounds.to_string())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let text = || std::fs::read_to_string(&out).unwrap_or_default();
+    c.wait(60, "the example's third round", || {
+        text().contains("round 2:")
+    });
+    let victim = text()
+        .lines()
+        .rev()
+        .find_map(|l| l.split(" via ").nth(1))
+        .unwrap()
+        .trim()
+        .to_string();
+    let idx = NAMES.iter().position(|n| *n == victim).unwrap();
+    c.nodes[idx].kill9();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the example did not finish: {}",
+            text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let t = text();
+    assert!(status.success(), "{t}");
+    assert!(t.contains(&format!("round {}:", rounds - 1)), "{t}");
+    let after: Vec<&str> = t
+        .lines()
+        .skip_while(|l| !l.contains(&format!("via {victim}")))
+        .filter_map(|l| l.split(" via ").nth(1))
+        .collect();
+    assert!(
+        after.iter().any(|m| m.trim() != victim),
+        "never answered by another member: {t}"
+    );
+    assert!(t.contains("recommendations (served by"), "{t}");
+    let survivor = NAMES.iter().find(|n| **n != victim).unwrap();
+    c.wait(
+        60,
+        "every acknowledged event of the example applied",
+        || {
+            let r = c.node(survivor).get("/v1/users/qs-user");
+            r.status == 200 && r.body["events"].as_u64() == Some(3 * rounds as u64)
+        },
+    );
+}

@@ -546,7 +546,7 @@ fn spans_are_exported_over_otlp_http() {
     let _t = timed();
     let (port, seen) = collector();
     let dir = tempfile::tempdir().unwrap();
-    let extra = format!("{FAST}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nservice_name = \"troupe-otlp-test\"\n");
+    let extra = format!("{FAST}\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{port}\"\nservice_name = \"troupe-otlp-test\"\nsample_ratio = 1.0\n");
     let mut node = Node::start(dir.path(), &extra, &[]);
     assert_eq!(
         node.post(

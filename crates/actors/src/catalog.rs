@@ -19,7 +19,6 @@ use crate::messages::{CheckpointReply, ItemIds, ItemTexts, Observation};
 use crate::names;
 use crate::record::{Item, Payload, Record, CATALOG_STREAM};
 use crate::state::Form;
-use crate::wire::WIRE_VERSION;
 
 /// Format of the full checkpoint and of the deltas after it.
 pub const CATALOG_CHECKPOINT_FORMAT: u16 = 3;
@@ -85,16 +84,19 @@ pub struct CatalogState {
     data: Items,
 }
 
+/// What the content model embeds for an item: the text `troupe eval` embeds (the item
+/// text, then its categories).
+pub fn embed_text(item: &Item) -> String {
+    troupe_models::data::content_text(&item.text, &item.categories, &[])
+}
+
 fn send_encode(items: Vec<(String, String)>) {
     if items.is_empty() {
         return;
     }
     if let Some(e) = ractor::registry::where_is(names::CONTENT_ENCODER) {
-        e.send_message(ContentEncoderMsg::Encode(ItemTexts {
-            version: WIRE_VERSION,
-            items,
-        }))
-        .discard();
+        e.send_message(ContentEncoderMsg::Encode(ItemTexts { items }))
+            .discard();
     }
 }
 
@@ -116,7 +118,7 @@ impl Apply for Items {
     fn apply(&mut self, r: &Record) -> Result<(), ActorProcessingErr> {
         match &r.payload {
             Payload::ItemUpsert(item) => {
-                self.encode.push((item.id.clone(), item.embed_text()));
+                self.encode.push((item.id.clone(), embed_text(item)));
                 self.ctx.catalog.write().upsert(item.clone());
                 self.changed.insert(item.id.clone());
                 self.upserts += 1;
@@ -275,7 +277,7 @@ impl Actor for Catalog {
             }
             view.items
                 .values()
-                .map(|i| (i.id.clone(), i.embed_text()))
+                .map(|i| (i.id.clone(), embed_text(i)))
                 .collect()
         };
         // Deltas continue the chain just restored when it is this scope's own.

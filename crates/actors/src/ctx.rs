@@ -117,6 +117,9 @@ pub struct Ctx {
     pub started: Instant,
     /// Cluster mode: peers and partition leases (`None`: this node owns every partition).
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The request layer, once the node's transports built it (the gateway answers
+    /// client calls through it). Weak: the layer holds this context.
+    pub api: std::sync::OnceLock<std::sync::Weak<crate::api::Api>>,
 }
 
 impl Ctx {
@@ -178,6 +181,7 @@ impl Ctx {
             settings,
             store,
             faults,
+            api: std::sync::OnceLock::new(),
         }
     }
 

@@ -160,7 +160,11 @@ async fn encode_batch(
         let view = ctx.catalog.read();
         ready
             .iter()
-            .map(|(id, _, _)| view.items.get(id).map(|i| text_hash(&i.embed_text())))
+            .map(|(id, _, _)| {
+                view.items
+                    .get(id)
+                    .map(|i| text_hash(&crate::catalog::embed_text(i)))
+            })
             .collect()
     };
     let mut index = ctx.content.write();
@@ -215,16 +219,13 @@ impl Actor for ContentEncoder {
             view.items
                 .values()
                 .filter_map(|i| {
-                    let text = i.embed_text();
+                    let text = crate::catalog::embed_text(i);
                     (index.text_hash(&i.id) != Some(text_hash(&text))).then(|| (i.id.clone(), text))
                 })
                 .collect()
         };
         if !missing.is_empty() {
-            myself.send_message(ContentEncoderMsg::Encode(ItemTexts {
-                version: crate::wire::WIRE_VERSION,
-                items: missing,
-            }))?;
+            myself.send_message(ContentEncoderMsg::Encode(ItemTexts { items: missing }))?;
         }
         Ok(())
     }

@@ -27,8 +27,6 @@ use crate::messages::{CheckpointReply, Observation};
 use crate::record::{Payload, Record};
 use crate::state::Form;
 use crate::user_store::{DeltaWire, StoreWire, UserStore};
-use crate::wire::WIRE_VERSION;
-use crate::wire_payload;
 
 pub use crate::user_store::Touch;
 
@@ -43,38 +41,7 @@ const COMPACT_RATIO: usize = 8;
 /// At most this many deltas follow a full checkpoint (bounds the keys recovery reads).
 const MAX_DELTAS: u64 = 1024;
 
-/// What the ranker gets for a user.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct UserView {
-    pub version: u16,
-    pub known: bool,
-    /// The query's `unchanged_since` equals `last_offset`: only the positions are filled.
-    pub unchanged: bool,
-    pub history: Vec<Touch>,
-    /// `(item, summed weight, latest ts ms)` of every positive item.
-    pub interests: Vec<(String, f32, i64)>,
-    pub seen: Vec<String>,
-    pub disliked: Vec<String>,
-    pub kind_counts: Vec<(String, u64)>,
-    pub events: u64,
-    pub last_ts_ms: i64,
-    /// Offset of the user's last applied event (0: none).
-    pub last_offset: u64,
-    /// Partition offset applied when this view was taken.
-    pub applied_offset: u64,
-}
-
-/// A user to read.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct UserQuery {
-    pub version: u16,
-    pub user: String,
-    /// When non-zero and equal to the user's `last_offset`, the answer carries only the
-    /// positions (`unchanged: true`): the caller's copy is current.
-    pub unchanged_since: u64,
-}
-
-wire_payload!(UserView, UserQuery);
+pub use troupe_proto::api::{UserQuery, UserView};
 
 #[derive(RactorMessage)]
 pub enum UserFeaturesMsg {
@@ -332,12 +299,10 @@ impl UserFeaturesState {
         let store = self.data.store().read();
         match store.last_offset(&q.user) {
             None => UserView {
-                version: WIRE_VERSION,
                 applied_offset: applied,
                 ..Default::default()
             },
             Some(last) if q.unchanged_since != 0 && q.unchanged_since == last => UserView {
-                version: WIRE_VERSION,
                 known: true,
                 unchanged: true,
                 last_offset: last,
@@ -349,7 +314,6 @@ impl UserFeaturesState {
                     .summary(&self.ctx.user_rules(), &q.user)
                     .unwrap_or_default();
                 UserView {
-                    version: WIRE_VERSION,
                     known: true,
                     unchanged: false,
                     history: s.history,

@@ -18,8 +18,6 @@ use crate::messages::{CheckpointReply, Observation};
 use crate::names;
 use crate::record::{Payload, Record};
 use crate::state::Form;
-use crate::wire::WIRE_VERSION;
-use crate::wire_payload;
 
 /// Format of the full checkpoint and of the deltas after it.
 pub const ITEM_STATS_CHECKPOINT_FORMAT: u16 = 5;
@@ -34,7 +32,6 @@ const LEGACY_NAME: &str = "item_stats";
 /// Request for the most popular items.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TopRequest {
-    pub version: u16,
     pub n: u32,
     pub category: Option<String>,
     /// Evaluation time (ms); popularity decays on the events' clock.
@@ -44,11 +41,8 @@ pub struct TopRequest {
 /// Popular items, best first.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TopReply {
-    pub version: u16,
     pub items: Vec<(String, f32)>,
 }
-
-wire_payload!(TopRequest, TopReply);
 
 #[derive(RactorMessage)]
 pub enum ItemStatsMsg {
@@ -224,7 +218,6 @@ impl Consumer for Stats {
         if let Some(c) = ractor::registry::where_is(names::CATALOG) {
             c.send_message(crate::catalog::CatalogMsg::Placeholders(
                 crate::messages::ItemIds {
-                    version: WIRE_VERSION,
                     ids: std::mem::take(&mut self.new_items),
                 },
             ))
@@ -347,10 +340,7 @@ impl ItemStatsState {
             .into_iter()
             .filter_map(|s| self.data.ids.name(s.item).map(|n| (n.to_string(), s.score)))
             .collect();
-        TopReply {
-            version: WIRE_VERSION,
-            items,
-        }
+        TopReply { items }
     }
 }
 

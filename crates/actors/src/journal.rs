@@ -26,7 +26,6 @@ use std::time::Instant;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster_derive::RactorMessage;
 use rustc_hash::FxHashMap;
-use serde::{Deserialize, Serialize};
 
 use crate::ctx::Ctx;
 use crate::faults::FaultAction;
@@ -34,66 +33,30 @@ use crate::messages::{Observation, RecordBatch};
 use crate::metrics::label;
 use crate::metrics::stream_label;
 use crate::names;
-use crate::record::{Payload, Record, CATALOG_STREAM};
+use crate::record::{Record, CATALOG_STREAM};
 use crate::store::JournalBatch;
 use crate::supervisor::Fatal;
-use crate::wire::{self, WIRE_VERSION};
-use crate::wire_payload;
 
-/// One record to append: its stream, its idempotency key (0: not deduplicated) and what
-/// it carries.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct AppendEntry {
-    pub stream: u32,
-    pub key: u128,
-    pub payload: Payload,
-}
-
-impl AppendEntry {
-    /// An entry keyed by its payload's own key (the event id, or a hash of the event).
-    pub fn new(stream: u32, payload: Payload) -> Self {
-        AppendEntry {
-            stream,
-            key: payload.idempotency_key(),
-            payload,
-        }
-    }
-}
+pub use troupe_proto::log::{AppendEntry, Position};
 
 /// Records to append.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct AppendRequest {
-    pub version: u16,
     pub entries: Vec<AppendEntry>,
 }
 
 impl AppendRequest {
     pub fn new(entries: Vec<AppendEntry>) -> Self {
-        AppendRequest {
-            version: WIRE_VERSION,
-            entries,
-        }
+        AppendRequest { entries }
     }
 }
 
-/// Where one record landed.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
-pub struct Position {
-    pub stream: u32,
-    pub offset: u64,
-    /// The record had been acked before (same idempotency key); this is its position.
-    pub duplicate: bool,
-}
-
 /// Answer to an append: one position per entry, or an error for the whole request.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct AppendReply {
-    pub version: u16,
     pub positions: Vec<Position>,
     pub error: Option<String>,
 }
-
-wire_payload!(AppendRequest, AppendReply);
 
 #[derive(RactorMessage)]
 pub enum JournalMsg {
@@ -247,7 +210,6 @@ fn now_ms() -> i64 {
 
 fn reply_error(port: RpcReplyPort<AppendReply>, msg: &str) {
     port.send(AppendReply {
-        version: WIRE_VERSION,
         positions: Vec::new(),
         error: Some(msg.to_string()),
     })
@@ -328,10 +290,6 @@ impl Actor for Journal {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             JournalMsg::Append(req, port) => {
-                if !wire::accepted(req.version) {
-                    reply_error(port, "append request of an unknown wire version");
-                    return Ok(());
-                }
                 if st.ctx.health.draining.load(Ordering::Relaxed) {
                     reply_error(port, "node is shutting down");
                     return Ok(());
@@ -521,7 +479,6 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
         dups += positions.len() as u64 - new;
         ctx.metrics.events_acked.inc_by(new);
         port.send(AppendReply {
-            version: WIRE_VERSION,
             positions,
             error: None,
         })
@@ -536,7 +493,7 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
 mod tests {
     use super::*;
     use crate::faults::Faults;
-    use crate::record::{partition_of, Event};
+    use crate::record::{partition_of, Event, Payload};
     use crate::settings::Settings;
     use crate::store::Store;
 

@@ -24,13 +24,14 @@
 //! [`breaker`], [`supervisor`], [`consumer`] (the consumer runtime: cursors, poison
 //! records, dedupe, checkpoint cadence), [`codec`] (bounded bincode),
 //! [`node`] (assembles the supervision tree), [`ctx`] (shared state), [`settings`],
-//! [`faults`], [`metrics`], [`wire`]/[`messages`] (cluster-ready payloads).
+//! [`faults`], [`metrics`], [`messages`] (payloads of local messages). What crosses a
+//! process boundary (records, the cross-node envelope, API types) is in [`proto`].
 
 pub mod alloc;
+pub mod api;
 pub mod breaker;
 pub mod catalog;
 pub mod cluster;
-pub mod codec;
 pub mod consumer;
 pub mod content_index;
 pub mod ctx;
@@ -46,18 +47,20 @@ pub mod metrics;
 pub mod names;
 pub mod node;
 pub mod ranker;
-pub mod record;
 pub mod serving;
 pub mod settings;
 pub mod snapshots;
 pub mod state;
 pub mod store;
 pub mod supervisor;
+pub mod trace;
 pub mod trainer;
 pub mod user_store;
-pub mod wire;
 
 pub use troupe_models as models;
+pub use troupe_proto as proto;
+/// Bounded bincode and the log record format live in the protocol crate.
+pub use troupe_proto::{codec, record};
 
 /// Explicitly discards a send result: the receiver (a caller that timed out, an actor
 /// that is restarting) may be gone, and there is nothing useful to do about it here.

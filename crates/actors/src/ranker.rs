@@ -16,7 +16,6 @@ use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster_derive::RactorMessage;
 use rustc_hash::{FxHashMap, FxHashSet};
-use serde::{Deserialize, Serialize};
 use troupe_models::blend::{self, BranchList};
 use troupe_models::topk::{self, Scored};
 
@@ -30,111 +29,12 @@ use crate::metrics::{label, labels2};
 use crate::names;
 use crate::record::partition_of;
 use crate::serving::CatalogView;
-use crate::wire::{self, WIRE_VERSION};
-use crate::wire_payload;
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
-pub const BRANCHES: [&str; 3] = ["als", "content", "popularity"];
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RecommendRequest {
-    pub version: u16,
-    pub user: String,
-    pub k: u32,
-    pub category: Option<String>,
-    pub exclude: Vec<String>,
-    /// Per-request blend weights (als, content, popularity).
-    pub weights: Option<Vec<f32>>,
-    pub request_id: String,
-    /// Clock for decays (ms); 0 = the node's clock.
-    pub now_ms: i64,
-    /// Read-your-writes: the answer reflects the user's partition up to this offset (the
-    /// offset a write of this user was acked with), or is flagged `stale`. `None`: up to
-    /// the partition's head when the request arrived.
-    pub min_offset: Option<u64>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RecommendedItem {
-    pub item: String,
-    pub score: f32,
-    /// Share of the score from als, content, popularity.
-    pub shares: Vec<f32>,
-    /// Category filter aside: categories of the item (for explanations).
-    pub categories: Vec<String>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct BranchReport {
-    pub name: String,
-    /// `ok`, `empty`, `failed`, `timeout`, `open`, `unavailable`.
-    pub status: String,
-    pub candidates: u32,
-    pub micros: u64,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RecommendReply {
-    pub version: u16,
-    pub request_id: String,
-    pub user: String,
-    pub items: Vec<RecommendedItem>,
-    pub als_model_version: u64,
-    pub content_encoder: String,
-    pub applied_offset: u64,
-    /// Partition offset the answer waited for (`min_offset`, or the head at arrival).
-    pub awaited_offset: u64,
-    pub degraded: bool,
-    pub stale: bool,
-    pub cold_start: bool,
-    /// ALS and content candidates came from the per-user cache.
-    pub cached: bool,
-    pub branches: Vec<BranchReport>,
-    /// Set when every branch the weights select had no candidate for this user: the
-    /// answer then blends with the configured weights instead (shares show it), and this
-    /// says so. `None` for a normal answer.
-    pub fallback: Option<Fallback>,
-    pub error: Option<String>,
-    /// The node that computed the answer.
-    pub served_by: String,
-    /// How the request reached it: `local` (this node serves the user's partition),
-    /// `forwarded` (answered by the partition's owner), or, for a degraded answer without
-    /// the user's features, `owner_unreachable` / `no_owner` (the partition is moving).
-    pub route: String,
-}
-
-/// What an answer fell back to (see `RecommendReply::fallback`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Fallback {
-    /// The weights the request (or config) asked for.
-    pub requested: Vec<f32>,
-    /// The weights the answer used.
-    pub used: Vec<f32>,
-    pub reason: String,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct SimilarRequest {
-    pub version: u16,
-    pub item: String,
-    pub k: u32,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct SimilarReply {
-    pub version: u16,
-    pub item: String,
-    /// `content`, `als` or empty when the item is unknown to both.
-    pub source: String,
-    pub items: Vec<(String, f32)>,
-}
-
-wire_payload!(
-    RecommendRequest,
-    RecommendReply,
-    SimilarRequest,
-    SimilarReply
-);
+pub use troupe_proto::api::{
+    Branch, BranchReport, BranchStatus, Fallback, RecommendReply, RecommendRequest,
+    RecommendedItem, Route, SimilarReply, SimilarRequest, SimilarSource,
+};
 
 #[derive(RactorMessage)]
 pub enum RankerMsg {
@@ -234,8 +134,6 @@ struct PopularList {
 /// Depth of a shared popularity list (requests filter seen items out of it).
 const POPULAR_DEPTH: usize = 1000;
 
-/// Branch statuses (see [`BranchReport::status`]).
-const STATUSES: [&str; 6] = ["ok", "empty", "failed", "timeout", "open", "unavailable"];
 const CACHE_OUTCOMES: [&str; 3] = ["hit", "miss", "bypass"];
 
 /// Metric handles resolved once (a family lookup builds its label strings every time).
@@ -250,22 +148,26 @@ struct Handles {
 impl Handles {
     fn new(m: &crate::metrics::Metrics) -> Handles {
         Handles {
-            outcomes: BRANCHES
+            outcomes: Branch::ALL
                 .iter()
                 .map(|b| {
-                    STATUSES
+                    BranchStatus::ALL
                         .iter()
                         .map(|s| {
                             m.branch_outcomes
-                                .get_or_create(&labels2("branch", b, "status", s))
+                                .get_or_create(&labels2("branch", b.name(), "status", s.name()))
                                 .clone()
                         })
                         .collect()
                 })
                 .collect(),
-            breakers: BRANCHES
+            breakers: Branch::ALL
                 .iter()
-                .map(|b| m.breaker_state.get_or_create(&label("branch", b)).clone())
+                .map(|b| {
+                    m.breaker_state
+                        .get_or_create(&label("branch", b.name()))
+                        .clone()
+                })
                 .collect(),
             served: ["ok", "degraded"].map(|o| {
                 m.recommendations
@@ -318,16 +220,17 @@ impl RankerCore {
         T: std::ops::Deref<Target = Candidates>,
         F: std::future::Future<Output = Result<Option<T>, String>>,
     {
-        let name = BRANCHES[idx];
+        let branch = Branch::ALL[idx];
+        let name = branch.name();
         let started = Instant::now();
         let breaker = &self.breakers[idx];
         let mut report = BranchReport {
-            name: name.to_string(),
+            name: branch,
             ..Default::default()
         };
         if !breaker.allow() {
-            report.status = "open".into();
-            self.note(idx, &report.status);
+            report.status = BranchStatus::Open;
+            self.note(idx, report.status);
             return (None, report);
         }
         let deadline = self.ctx.settings.ranker.branch_deadline;
@@ -348,35 +251,33 @@ impl RankerCore {
             Ok(Ok(v)) => {
                 breaker.record(true);
                 report.status = match &v {
-                    None => "unavailable".into(),
-                    Some(c) if c.is_empty() => "empty".into(),
-                    Some(_) => "ok".into(),
+                    None => BranchStatus::Unavailable,
+                    Some(c) if c.is_empty() => BranchStatus::Empty,
+                    Some(_) => BranchStatus::Ok,
                 };
                 v
             }
             Ok(Err(BranchError::Failed(e))) => {
                 breaker.record(false);
                 tracing::warn!(branch = name, error = %e, "branch failed");
-                report.status = "failed".into();
+                report.status = BranchStatus::Failed;
                 None
             }
             Err(_) => {
                 breaker.record(false);
-                report.status = "timeout".into();
+                report.status = BranchStatus::Timeout;
                 None
             }
         };
         report.candidates = out.as_ref().map_or(0, |c| c.len() as u32);
         report.micros = started.elapsed().as_micros() as u64;
-        self.note(idx, &report.status);
+        self.note(idx, report.status);
         (out, report)
     }
 
-    fn note(&self, idx: usize, status: &str) {
+    fn note(&self, idx: usize, status: BranchStatus) {
         let h = &self.handles;
-        if let Some(s) = STATUSES.iter().position(|x| *x == status) {
-            h.outcomes[idx][s].inc();
-        }
+        h.outcomes[idx][status as usize].inc();
         h.breakers[idx].set(self.breakers[idx].state().gauge());
     }
 
@@ -391,7 +292,6 @@ impl RankerCore {
         let cell = ractor::registry::where_is(names::user_features(partition))?;
         let actor: ActorRef<UserFeaturesMsg> = cell.into();
         let q = UserQuery {
-            version: WIRE_VERSION,
             user: user.to_string(),
             unchanged_since,
         };
@@ -401,15 +301,13 @@ impl RankerCore {
             .ranker
             .branch_deadline
             .max(Duration::from_millis(20));
-        match ractor::call_t!(
+        ractor::call_t!(
             actor,
             UserFeaturesMsg::GetUser,
             timeout.as_millis() as u64,
             q
-        ) {
-            Ok(v) if wire::accepted(v.version) => Some(v),
-            _ => None,
-        }
+        )
+        .ok()
     }
 
     /// The popularity list for `category`, at least `want` deep when the catalogue has
@@ -435,7 +333,6 @@ impl RankerCore {
             ItemStatsMsg::Top,
             self.ctx.settings.ranker.branch_deadline.as_millis() as u64,
             TopRequest {
-                version: WIRE_VERSION,
                 n: ask as u32,
                 category: category.clone(),
                 now_ms,
@@ -584,10 +481,9 @@ impl RankerCore {
         let ctx = &self.ctx;
         let s = &ctx.settings;
         let mut reply = RecommendReply {
-            version: WIRE_VERSION,
             request_id: req.request_id.clone(),
             served_by: ctx.settings.node_name.clone(),
-            route: "local".into(),
+            route: Route::Local,
             user: req.user.clone(),
             content_encoder: ctx.content.read().encoder.clone(),
             ..Default::default()
@@ -652,10 +548,8 @@ impl RankerCore {
                 let e = Arc::new(self.user_candidates(&req, view, als_version, n).await);
                 // Only complete answers are reused. A missing ALS model is complete (a
                 // new version drops the entry); an empty content index is not.
-                let failed = [&e.als.1, &e.content.1]
-                    .iter()
-                    .any(|r| matches!(r.status.as_str(), "failed" | "timeout" | "open"))
-                    || e.content.1.status == "unavailable";
+                let failed = [&e.als.1, &e.content.1].iter().any(|r| r.status.is_fault())
+                    || e.content.1.status == BranchStatus::Unavailable;
                 if let Some(c) = cache {
                     if features_ok && !reply.stale && !failed {
                         c.insert(key, e.clone());
@@ -688,11 +582,7 @@ impl RankerCore {
         }
         reply.als_model_version = als_version;
         reply.branches = vec![r0, r1, r2];
-        reply.degraded = !features_ok
-            || reply
-                .branches
-                .iter()
-                .any(|b| matches!(b.status.as_str(), "failed" | "timeout" | "open"));
+        reply.degraded = !features_ok || reply.branches.iter().any(|b| b.status.is_fault());
 
         // Blend over a per-request index of candidate ids; what the catalogue hides or
         // deletes, and what the request excludes, is filtered here for every branch.
@@ -788,7 +678,6 @@ impl RankerCore {
         let k = req.k.max(1) as usize;
         let ctx = &self.ctx;
         let mut reply = SimilarReply {
-            version: WIRE_VERSION,
             item: req.item.clone(),
             ..Default::default()
         };
@@ -808,7 +697,7 @@ impl RankerCore {
                     },
                     &mut scratch,
                 );
-                reply.source = "content".into();
+                reply.source = SimilarSource::Content;
                 reply.items = named(&top, |i| index.name(i));
                 return reply;
             }
@@ -824,7 +713,7 @@ impl RankerCore {
                     |j| j == i || model.items.name(j).is_none_or(|id| catalog.hidden(id)),
                     &mut scratch,
                 );
-                reply.source = "als".into();
+                reply.source = SimilarSource::Als;
                 reply.items = named(&top, |j| model.items.name(j));
             }
         }
@@ -915,14 +804,6 @@ impl Actor for Ranker {
         match msg {
             RankerMsg::Recommend(req, port) => {
                 st.requests += 1;
-                if !wire::accepted(req.version) {
-                    port.send(RecommendReply {
-                        error: Some("request of an unknown wire version".into()),
-                        ..Default::default()
-                    })
-                    .discard();
-                    return Ok(());
-                }
                 match st.core.ctx.faults.on_key("ranker", &req.user) {
                     Some(FaultAction::Panic) => {
                         panic!("injected panic in ranker for user {}", req.user)
@@ -934,10 +815,15 @@ impl Actor for Ranker {
                     None => {}
                 }
                 let core = st.core.clone();
-                tokio::spawn(async move {
-                    let r = core.recommend(req).await;
-                    port.send(r).discard();
-                });
+                // The sender's span (ractor carries it on local sends) is the parent.
+                let span = tracing::info_span!("rank", user = %req.user, k = req.k);
+                tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        let r = core.recommend(req).await;
+                        port.send(r).discard();
+                    },
+                    span,
+                ));
             }
             RankerMsg::Similar(req, port) => {
                 let core = st.core.clone();

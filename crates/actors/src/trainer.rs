@@ -24,7 +24,6 @@ use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster_derive::RactorMessage;
 use rustc_hash::{FxHashMap, FxHashSet};
-use serde::{Deserialize, Serialize};
 use troupe_models::als::{self, FoldIn};
 use troupe_models::dataset::IdMap;
 use troupe_models::metrics::user_metrics;
@@ -38,8 +37,6 @@ use crate::metrics::label;
 use crate::names;
 use crate::serving::{AlsServing, AlsSnapshot};
 use crate::snapshots::{self, ModelRecord, RecordError, SnapshotMeta};
-use crate::wire::WIRE_VERSION;
-use crate::wire_payload;
 
 /// Name of the checkpoint older builds kept (a second copy of every interaction); it is
 /// deleted at start.
@@ -96,40 +93,7 @@ const RETRAIN_FRESHNESS_WAIT: Duration = Duration::from_secs(60);
 /// How long a retrain forwarded to the leader may take.
 const RETRAIN_FORWARD_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Outcome of one retrain.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RetrainReport {
-    pub version: u16,
-    pub model_version: u64,
-    pub accepted: bool,
-    pub reason: String,
-    pub candidate_ndcg: f64,
-    pub serving_ndcg: f64,
-    pub validation_users: u32,
-    pub interactions: u64,
-    pub users: u32,
-    pub items: u32,
-    pub train_ms: u64,
-    pub serving_version: u64,
-    /// Held-out users the candidate was compared with the serving model on (interactions
-    /// newer than the serving model's training set).
-    pub compared_users: u32,
-    /// The node that trained (the leader).
-    pub leader: String,
-    /// True when the request could not be served now (no node leads, the leader did not
-    /// answer, or its training set could not be read): answered 503 with Retry-After.
-    pub no_leader: bool,
-}
-
-/// Result of a rollback.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RollbackReply {
-    pub version: u16,
-    pub serving_version: u64,
-    pub error: Option<String>,
-}
-
-wire_payload!(RetrainReport, RollbackReply);
+pub use troupe_proto::api::{RetrainReport, RollbackReply};
 
 #[derive(RactorMessage)]
 pub enum AlsTrainerMsg {
@@ -226,7 +190,6 @@ fn holdout_ndcg(
 fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
     let started = Instant::now();
     let mut report = RetrainReport {
-        version: WIRE_VERSION,
         model_version: input.version,
         interactions: input.pairs.len() as u64,
         users: input.user_keys.len() as u32,
@@ -644,7 +607,6 @@ impl AlsTrainerState {
             tracing::warn!(reason = %reason, "training not started");
             for port in self.waiting.drain(..) {
                 port.send(RetrainReport {
-                    version: WIRE_VERSION,
                     reason: reason.clone(),
                     leader: self.ctx.settings.node_name.clone(),
                     no_leader: true,
@@ -692,7 +654,6 @@ impl AlsTrainerState {
             let out = out.unwrap_or_else(|e| {
                 (
                     RetrainReport {
-                        version: WIRE_VERSION,
                         reason: format!("training task failed: {e}"),
                         ..Default::default()
                     },
@@ -1091,7 +1052,6 @@ impl Actor for AlsTrainer {
                         .sum();
                     if !st.ensure_claimed(epoch).await? {
                         port.send(RetrainReport {
-                            version: WIRE_VERSION,
                             reason: "this node leads but could not claim the model record (a newer leader holds it, or the store did not answer); retry shortly".into(),
                             no_leader: true,
                             ..Default::default()
@@ -1099,7 +1059,6 @@ impl Actor for AlsTrainer {
                         .discard();
                     } else if acked == 0 && st.events_held() == 0 {
                         port.send(RetrainReport {
-                            version: WIRE_VERSION,
                             reason: "no interactions to train on".into(),
                             serving_version: st.ctx.als.load().as_ref().map_or(0, |m| m.version),
                             leader: st.me().to_string(),
@@ -1122,7 +1081,6 @@ impl Actor for AlsTrainer {
                     tokio::spawn(async move {
                         let report = match leader {
                             None => RetrainReport {
-                                version: WIRE_VERSION,
                                 reason: "no node leads the training now (an election is under way); retry shortly".into(),
                                 no_leader: true,
                                 ..Default::default()
@@ -1130,20 +1088,18 @@ impl Actor for AlsTrainer {
                             Some(l) => match crate::cluster::gateway::call(
                                 &l,
                                 "retrain",
-                                crate::cluster::gateway::Request::Retrain,
+                                troupe_proto::wire::Request::Retrain,
                                 RETRAIN_FORWARD_TIMEOUT,
                             )
                             .await
                             {
-                                Ok(crate::cluster::gateway::Response::Retrain(r)) => r,
+                                Ok(troupe_proto::wire::Response::Retrain(r)) => r,
                                 Ok(_) => RetrainReport {
-                                    version: WIRE_VERSION,
                                     reason: format!("{l} answered a retrain with something else"),
                                     no_leader: true,
                                     ..Default::default()
                                 },
                                 Err(e) => RetrainReport {
-                                    version: WIRE_VERSION,
                                     reason: format!("the trainer leader {l} did not answer: {e}"),
                                     no_leader: true,
                                     leader: l,
@@ -1168,7 +1124,6 @@ impl Actor for AlsTrainer {
                         st.follow().await;
                         let now = st.ctx.als.load().as_ref().map(|m| m.version);
                         RollbackReply {
-                            version: WIRE_VERSION,
                             serving_version: rec.serve,
                             error: (now != Some(rec.serve)).then(|| {
                                 format!(
@@ -1180,7 +1135,6 @@ impl Actor for AlsTrainer {
                         }
                     }
                     Err(e) => RollbackReply {
-                        version: WIRE_VERSION,
                         serving_version: current.unwrap_or(0),
                         error: Some(e.to_string()),
                     },

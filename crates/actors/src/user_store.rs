@@ -264,14 +264,7 @@ struct Row {
     last_offset: u64,
 }
 
-/// One touch as a view shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Touch {
-    pub item: String,
-    pub kind: String,
-    pub weight: f32,
-    pub ts_ms: i64,
-}
+pub use troupe_proto::api::Touch;
 
 /// How queries read the stored events: the node's current settings.
 #[derive(Clone, Copy)]

@@ -246,6 +246,11 @@ pub struct TelemetrySection {
     /// OTLP/HTTP endpoint for traces; empty: no export.
     pub otlp_endpoint: String,
     pub service_name: String,
+    /// `http/protobuf` (default) or `http/json`.
+    pub otlp_protocol: String,
+    /// Share of traces recorded where a trace starts (0..=1); a span whose caller sent a
+    /// trace context follows the caller's decision (parent-based).
+    pub sample_ratio: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -413,6 +418,8 @@ impl Default for Config {
             telemetry: TelemetrySection {
                 otlp_endpoint: String::new(),
                 service_name: "troupe".into(),
+                otlp_protocol: "http/protobuf".into(),
+                sample_ratio: 0.1,
             },
             faults: Vec::new(),
         }
@@ -825,6 +832,17 @@ impl Config {
         need(
             self.supervision.window_ms >= 1,
             "supervision.window_ms must be >= 1",
+        );
+        need(
+            matches!(
+                self.telemetry.otlp_protocol.as_str(),
+                "http/protobuf" | "http/json"
+            ),
+            "telemetry.otlp_protocol must be http/protobuf or http/json",
+        );
+        need(
+            (0.0..=1.0).contains(&self.telemetry.sample_ratio),
+            "telemetry.sample_ratio must be in 0..=1",
         );
         if !self.faults.is_empty() && !faults_allowed {
             p.push(

@@ -12,7 +12,6 @@ use troupe_actors::node;
 use troupe_actors::ranker::{RankerMsg, RecommendRequest};
 use troupe_actors::record::{partition_of, Event, Item, Payload, CATALOG_STREAM};
 use troupe_actors::trainer::AlsTrainerMsg;
-use troupe_actors::wire::WIRE_VERSION;
 use troupe_models::data::{read_items, Columns, EventReader};
 
 use crate::cli::{DemoArgs, GenArgs};
@@ -154,7 +153,6 @@ pub fn run(a: DemoArgs) -> CmdResult {
         let texts: std::collections::HashMap<&str, &str> = items.iter().map(|i| (i.id.as_str(), i.text.as_str())).collect();
         for user in users {
             let req = RecommendRequest {
-                version: WIRE_VERSION,
                 user: user.clone(),
                 k: 5,
                 request_id: format!("demo-{user}"),

@@ -209,6 +209,10 @@ pub fn run(a: DemoArgs, nodes: usize) -> CmdResult {
         .iter()
         .map(|(_, h)| format!("http://127.0.0.1:{h}"))
         .collect();
+    // Client programs (crates/client) join with the same cookie: kept in a file only
+    // this user can read, never printed.
+    let cookie_file = dir.join("cookie");
+    write_private(&cookie_file, &cookie).map_err(internal)?;
     for (i, name) in names.iter().enumerate() {
         let ndir = dir.join(name);
         std::fs::create_dir_all(&ndir).map_err(internal)?;
@@ -379,6 +383,15 @@ pub fn run(a: DemoArgs, nodes: usize) -> CmdResult {
         urls[0]
     );
     println!("  curl {}/v1/cluster", urls[0]);
+    let seeds: Vec<String> = ports
+        .iter()
+        .map(|(c, _)| format!("127.0.0.1:{c}"))
+        .collect();
+    println!(
+        "  TROUPE_SEEDS={} TROUPE_COOKIE_FILE={} cargo run -p troupe-client --example quickstart   (the client API)",
+        seeds.join(","),
+        cookie_file.display()
+    );
     if a.exit {
         children.stop();
         return Ok(());
@@ -389,4 +402,14 @@ pub fn run(a: DemoArgs, nodes: usize) -> CmdResult {
     println!("stopping the nodes and the server");
     children.stop();
     Ok(())
+}
+
+/// Writes `text` to a new file readable by this user only.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    opts.open(path)?.write_all(text.as_bytes())
 }

@@ -33,20 +33,15 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use troupe_actors::api::{now_ms, Access, Api, ApiOptions, Permit};
 use troupe_actors::ctx::Ctx;
-use troupe_actors::features::UserQuery;
-use troupe_actors::journal::{AppendEntry, Position};
-use troupe_actors::log::LogError;
-use troupe_actors::names;
+use troupe_actors::journal::Position;
 use troupe_actors::node::{self, CallError};
-use troupe_actors::ranker::{BranchReport, RankerMsg, RecommendRequest, SimilarRequest};
-use troupe_actors::record::{hash128, partition_of, Event, Item, Payload, CATALOG_STREAM};
-use troupe_actors::trainer::AlsTrainerMsg;
-use troupe_actors::wire::WIRE_VERSION;
+use troupe_actors::proto::api::{self as proto, ErrorKind, UserRead};
+use troupe_actors::ranker::{Branch, BranchReport, BranchStatus, RecommendRequest, Route};
+use troupe_actors::record::{hash128, Event, Item, CATALOG_STREAM};
 
 use crate::limits::{self, check_id, check_text};
 use crate::openapi::{self, ApiShape};
@@ -78,38 +73,13 @@ pub struct HttpOptions {
     pub header_timeout: Duration,
 }
 
-/// One admission class: its permits and its in-flight gauge.
-#[derive(Clone)]
-struct Class {
-    name: &'static str,
-    permits: Arc<Semaphore>,
-    in_flight: Gauge,
-}
-
-impl Class {
-    fn new(ctx: &Ctx, name: &'static str, n: usize) -> Class {
-        Class {
-            name,
-            permits: Arc::new(Semaphore::new(n.max(1))),
-            in_flight: ctx
-                .metrics
-                .http_in_flight
-                .get_or_create(&troupe_actors::metrics::label("class", name))
-                .clone(),
-        }
-    }
-
-    fn saturated(&self) -> bool {
-        self.permits.available_permits() == 0
-    }
-}
-
 #[derive(Clone)]
 pub struct AppState {
     ctx: Arc<Ctx>,
     opts: HttpOptions,
-    reads: Class,
-    writes: Class,
+    /// The request layer every route calls (shared with the cluster gateway).
+    api: Arc<Api>,
+    /// Requests seen (span ids).
     requests: Arc<AtomicU64>,
     openapi: Arc<String>,
 }
@@ -118,7 +88,7 @@ pub struct AppState {
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    error: &'static str,
+    code: std::borrow::Cow<'static, str>,
     detail: String,
     retry_after: Option<u64>,
 }
@@ -127,7 +97,7 @@ impl ApiError {
     fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> Self {
         ApiError {
             status,
-            error,
+            code: error.into(),
             detail: detail.into(),
             retry_after: None,
         }
@@ -155,11 +125,31 @@ impl From<CallError> for ApiError {
     }
 }
 
+/// The request layer's errors, with the status their class has over HTTP.
+impl From<proto::ApiError> for ApiError {
+    fn from(e: proto::ApiError) -> Self {
+        let status = match e.kind {
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Overloaded | ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError {
+            status,
+            code: e.code.into(),
+            detail: e.detail,
+            retry_after: e.retry_after_s,
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (
             self.status,
-            Json(json!({"error": self.error, "detail": self.detail})),
+            Json(json!({"error": self.code, "detail": self.detail})),
         )
             .into_response();
         if let Some(s) = self.retry_after {
@@ -188,9 +178,20 @@ pub fn router(ctx: Arc<Ctx>, opts: HttpOptions) -> Router {
         reads_need_token: !opts.public_reads
             && (opts.auth_token.is_some() || opts.read_token.is_some()),
     };
+    let api = Api::new(
+        ctx.clone(),
+        ApiOptions {
+            auth_token: opts.auth_token.clone(),
+            read_token: opts.read_token.clone(),
+            public_reads: opts.public_reads,
+            max_events_per_request: opts.max_events_per_request,
+            max_in_flight_reads: opts.max_in_flight_reads,
+            max_in_flight_writes: opts.max_in_flight_writes,
+            request_timeout: opts.request_timeout,
+        },
+    );
     let state = AppState {
-        reads: Class::new(&ctx, "read", opts.max_in_flight_reads),
-        writes: Class::new(&ctx, "write", opts.max_in_flight_writes),
+        api,
         requests: Arc::new(AtomicU64::new(0)),
         openapi: Arc::new(openapi::document(&shape).to_string()),
         ctx,
@@ -286,7 +287,31 @@ async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Respon
         .map(|m| m.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
     let id = st.requests.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::info_span!("http", %method, route = %route, request = id);
+    let span = tracing::info_span!(
+        "http",
+        %method,
+        route = %route,
+        request = id,
+        node = %st.ctx.settings.node_name,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    // A caller that traces sends W3C trace context: this request joins its trace.
+    let caller = {
+        let header = |h: &str| {
+            req.headers()
+                .get(h)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        troupe_actors::proto::wire::TraceContext {
+            traceparent: header("traceparent"),
+            tracestate: header("tracestate"),
+        }
+    };
+    troupe_actors::trace::adopt(&span, &caller);
+    troupe_actors::trace::record_ids(&span);
     let resp = tracing::Instrument::instrument(next.run(req), span).await;
     st.ctx
         .metrics
@@ -301,14 +326,10 @@ async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Respon
     resp
 }
 
-/// Who may call a route and which in-flight limit it counts against.
-pub trait Access: Send + Sync + 'static {
-    /// Needs a token (which ones: see [`Admitted`]).
-    fn needs_token(o: &HttpOptions) -> bool;
-    /// The read token is enough.
-    const READ_TOKEN_OK: bool;
-    /// Counts against the write limit and carries a body.
-    const WRITE: bool;
+/// Who may call a route and which in-flight limit it counts against (the request
+/// layer's classes, one type per class for the extractor).
+pub trait Class: Send + Sync + 'static {
+    const ACCESS: Access;
 }
 
 /// Writes and admin routes.
@@ -320,50 +341,24 @@ pub struct UserData;
 /// Operational reads (cluster state): public.
 pub struct Ops;
 
-impl Access for Writes {
-    fn needs_token(o: &HttpOptions) -> bool {
-        o.auth_token.is_some()
-    }
-    const READ_TOKEN_OK: bool = false;
-    const WRITE: bool = true;
+impl Class for Writes {
+    const ACCESS: Access = Access::Writes;
 }
-
-impl Access for Reads {
-    fn needs_token(o: &HttpOptions) -> bool {
-        !o.public_reads && (o.auth_token.is_some() || o.read_token.is_some())
-    }
-    const READ_TOKEN_OK: bool = true;
-    const WRITE: bool = false;
+impl Class for Reads {
+    const ACCESS: Access = Access::Reads;
 }
-
-impl Access for UserData {
-    fn needs_token(o: &HttpOptions) -> bool {
-        o.auth_token.is_some() || o.read_token.is_some()
-    }
-    const READ_TOKEN_OK: bool = true;
-    const WRITE: bool = false;
+impl Class for UserData {
+    const ACCESS: Access = Access::UserData;
 }
-
-impl Access for Ops {
-    fn needs_token(_: &HttpOptions) -> bool {
-        false
-    }
-    const READ_TOKEN_OK: bool = false;
-    const WRITE: bool = false;
+impl Class for Ops {
+    const ACCESS: Access = Access::Ops;
 }
 
 /// A request past its access check and admitted into its class; the slot is held until
 /// the handler returns.
 pub struct Admitted<A> {
-    _permit: OwnedSemaphorePermit,
-    in_flight: Gauge,
-    _access: PhantomData<A>,
-}
-
-impl<A> Drop for Admitted<A> {
-    fn drop(&mut self) {
-        self.in_flight.dec();
-    }
+    _permit: Permit,
+    _class: PhantomData<A>,
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
@@ -374,32 +369,13 @@ fn bearer(parts: &Parts) -> Option<&str> {
         .and_then(|v| v.strip_prefix("Bearer "))
 }
 
-/// Constant-time comparison, so the time of a refusal says nothing about the token.
-fn same_token(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
-}
-
-impl<A: Access> FromRequestParts<AppState> for Admitted<A> {
+impl<A: Class> FromRequestParts<AppState> for Admitted<A> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, st: &AppState) -> Result<Self, ApiError> {
         let o = &st.opts;
-        if A::needs_token(o) {
-            let given = bearer(parts);
-            let ok = given.is_some_and(|t| {
-                o.auth_token.as_deref().is_some_and(|a| same_token(t, a))
-                    || (A::READ_TOKEN_OK
-                        && o.read_token.as_deref().is_some_and(|r| same_token(t, r)))
-            });
-            if !ok {
-                return Err(ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "a valid bearer token is required for this route",
-                ));
-            }
-        }
-        if A::WRITE {
+        st.api.authorize(A::ACCESS, bearer(parts))?;
+        if A::ACCESS.is_write() {
             // Refused before a byte of the body is read.
             let declared = parts
                 .headers
@@ -417,32 +393,10 @@ impl<A: Access> FromRequestParts<AppState> for Admitted<A> {
             }
             check_content_type(&parts.headers)?;
         }
-        let class = if A::WRITE { &st.writes } else { &st.reads };
-        match class.permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                class.in_flight.inc();
-                Ok(Admitted {
-                    _permit: permit,
-                    in_flight: class.in_flight.clone(),
-                    _access: PhantomData,
-                })
-            }
-            Err(_) => {
-                st.ctx
-                    .metrics
-                    .http_saturated
-                    .get_or_create(&troupe_actors::metrics::label("class", class.name))
-                    .inc();
-                Err(ApiError {
-                    retry_after: Some(1),
-                    ..ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "overloaded",
-                        format!("too many {}s in flight", class.name),
-                    )
-                })
-            }
-        }
+        Ok(Admitted {
+            _permit: st.api.admit(A::ACCESS)?,
+            _class: PhantomData,
+        })
     }
 }
 
@@ -585,25 +539,6 @@ fn body_text(bytes: &Bytes) -> Result<&str, ApiError> {
         .map_err(|e| ApiError::bad(format!("request body is not valid UTF-8: {e}")))
 }
 
-fn writable(st: &AppState) -> Result<(), ApiError> {
-    if st.ctx.health.draining.load(Ordering::Relaxed) {
-        return Err(ApiError::unavailable("node is shutting down"));
-    }
-    if st.ctx.health.journal_failed.load(Ordering::Relaxed) {
-        return Err(ApiError::unavailable(
-            "journal is recovering from a write error",
-        ));
-    }
-    if !st.ctx.log.writable() {
-        st.ctx.metrics.log_write_errors.inc();
-        return Err(ApiError::unavailable(format!(
-            "the {} log cannot be reached; nothing was written, retry later",
-            st.ctx.log.backend()
-        )));
-    }
-    Ok(())
-}
-
 /// `T` from a JSON object only: derived structs would also take an array (fields by
 /// position), which the API does not allow.
 struct Obj<T>(T);
@@ -629,11 +564,11 @@ impl<'de, T: Deserialize<'de> + Expecting> Deserialize<'de> for Obj<T> {
     }
 }
 
-impl Expecting for EventIn {
+impl Expecting for EventJson {
     const WHAT: &'static str = "an event object";
 }
 
-impl Expecting for ItemIn {
+impl Expecting for ItemJson {
     const WHAT: &'static str = "an item object";
 }
 
@@ -646,7 +581,7 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Optio
 /// An event as clients send it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "an event object")]
-struct EventIn {
+struct EventJson {
     #[serde(default, deserialize_with = "present")]
     event_id: Option<String>,
     user: String,
@@ -661,15 +596,10 @@ struct EventIn {
     request_id: Option<String>,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// A checked event and whether it carried its own identity (`event_id` or `ts`).
-fn to_event(e: EventIn, now: i64, skew_ms: i64) -> Result<(Event, bool), String> {
+/// An event of a body, its `ts` read (milliseconds or an RFC 3339 string), then checked
+/// by the request layer; the bool says whether it carried its own identity.
+fn to_event(e: EventJson, now: i64, skew_ms: i64) -> Result<(Event, bool), String> {
+    // The fields the request layer checks first keep their place in the reasons.
     check_id("user", &e.user)?;
     check_id("item", &e.item)?;
     check_id("kind", &e.kind)?;
@@ -680,59 +610,45 @@ fn to_event(e: EventIn, now: i64, skew_ms: i64) -> Result<(Event, bool), String>
         check_id("request_id", id)?;
     }
     let ts_ms = match &e.ts {
-        None => now,
+        None => None,
         // JSON has one number type: 1000.0 is the integer 1000.
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .or_else(|| {
-                n.as_f64()
-                    .filter(|f| f.fract() == 0.0 && (0.0..9.0e18).contains(f))
-                    .map(|f| f as i64)
-            })
-            .filter(|&t| t >= 0)
-            .ok_or_else(|| format!("ts {n} must be a whole number of milliseconds since 1970"))?,
+        Some(Value::Number(n)) => Some(
+            n.as_i64()
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && (0.0..9.0e18).contains(f))
+                        .map(|f| f as i64)
+                })
+                .filter(|&t| t >= 0)
+                .ok_or_else(|| {
+                    format!("ts {n} must be a whole number of milliseconds since 1970")
+                })?,
+        ),
         Some(Value::Null) => {
             return Err("ts is null: leave the field out to use the node's clock".into())
         }
-        Some(Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
-            .map_err(|err| format!("ts `{s}` is not an RFC 3339 date-time: {err}"))?
-            .timestamp_millis(),
+        Some(Value::String(s)) => Some(
+            chrono::DateTime::parse_from_rfc3339(s)
+                .map_err(|err| format!("ts `{s}` is not an RFC 3339 date-time: {err}"))?
+                .timestamp_millis(),
+        ),
         Some(_) => {
             return Err("ts must be milliseconds since the epoch or an RFC 3339 string".into())
         }
     };
-    if ts_ms > now + skew_ms {
-        return Err(format!(
-            "ts {ts_ms} is more than {} s after the node's clock",
-            skew_ms / 1000
-        ));
-    }
-    if ts_ms < 0 {
-        return Err("ts must not be before 1970".into());
-    }
-    let value = match e.value {
-        None => None,
-        Some(v) if v.abs() <= limits::MAX_ABS_VALUE => Some(v as f32),
-        Some(v) => {
-            return Err(format!(
-                "value {v} is out of range: it must lie within ±{:e} (values are stored as 32-bit floats)",
-                limits::MAX_ABS_VALUE
-            ))
-        }
-    };
-    let own_identity = e.event_id.is_some() || e.ts.is_some();
-    Ok((
-        Event {
+    troupe_actors::api::check_event(
+        proto::EventIn {
             event_id: e.event_id,
             user: e.user,
             item: e.item,
-            kind: e.kind.to_ascii_lowercase(),
-            value,
+            kind: e.kind,
+            value: e.value,
             ts_ms,
             request_id: e.request_id,
         },
-        own_identity,
-    ))
+        now,
+        skew_ms,
+    )
 }
 
 /// Parses a JSON array or NDJSON body into events; every problem names its event or line.
@@ -744,10 +660,10 @@ fn parse_events(
 ) -> Result<Vec<(Event, bool)>, ApiError> {
     let trimmed = text.trim_start();
     let array = trimmed.starts_with('[');
-    let raw: Vec<(usize, Result<EventIn, String>)> = if array {
+    let raw: Vec<(usize, Result<EventJson, String>)> = if array {
         // Well-formed arrays decode in one pass; the element-by-element pass below only
         // runs to name the bad elements.
-        if let Ok(events) = serde_json::from_str::<Vec<Obj<EventIn>>>(text) {
+        if let Ok(events) = serde_json::from_str::<Vec<Obj<EventJson>>>(text) {
             events.into_iter().map(|e| Ok(e.0)).enumerate().collect()
         } else {
             let values: Vec<Value> = serde_json::from_str(text)
@@ -758,7 +674,7 @@ fn parse_events(
                 .map(|(i, v)| {
                     (
                         i,
-                        serde_json::from_value::<Obj<EventIn>>(v)
+                        serde_json::from_value::<Obj<EventJson>>(v)
                             .map(|e| e.0)
                             .map_err(|e| e.to_string()),
                     )
@@ -772,7 +688,7 @@ fn parse_events(
             .map(|(i, l)| {
                 (
                     i,
-                    serde_json::from_str::<Obj<EventIn>>(l)
+                    serde_json::from_str::<Obj<EventJson>>(l)
                         .map(|e| e.0)
                         .map_err(|e| e.to_string()),
                 )
@@ -798,40 +714,8 @@ fn parse_events(
             Err(e) => problems.push(format!("{what} {}: {e}", i + 1)),
         }
     }
-    if !problems.is_empty() {
-        let n = problems.len();
-        problems.truncate(20);
-        return Err(ApiError::bad(format!(
-            "{n} invalid event(s), nothing was accepted: {}",
-            problems.join("; ")
-        )));
-    }
+    troupe_actors::api::refuse_problems(problems)?;
     Ok(out)
-}
-
-/// The idempotency key of event number `index` of a request. An event with `event_id`
-/// or `ts` has its own (the payload's); one with neither is identified by the request
-/// (its `Idempotency-Key`, else its whole body) and its place in it, so a retry of the
-/// same request maps to the same keys although the node's clock moved.
-fn event_key(payload: &Payload, own: bool, request: &[u8], index: usize) -> u128 {
-    if own {
-        payload.idempotency_key()
-    } else {
-        hash128(&[b"req", request, &(index as u64).to_le_bytes()])
-    }
-}
-
-async fn append(st: &AppState, entries: Vec<AppendEntry>) -> Result<Vec<Position>, ApiError> {
-    writable(st)?;
-    node::append(&st.ctx, entries, st.opts.request_timeout)
-        .await
-        .map_err(|e| match e {
-            LogError::Refused(why) => ApiError::bad(why),
-            LogError::Unavailable(why) | LogError::Failed(why) => {
-                st.ctx.metrics.log_write_errors.inc();
-                ApiError::unavailable(why)
-            }
-        })
 }
 
 /// A partition number, or `"catalog"` for the catalog stream.
@@ -883,61 +767,39 @@ async fn post_events(
     let idem = match headers.get("idempotency-key") {
         None => None,
         Some(v) => {
-            let b = v.as_bytes();
-            if b.is_empty()
-                || b.len() > limits::MAX_ID_CHARS
-                || !b.iter().all(|c| (0x21..=0x7e).contains(c))
-            {
-                return Err(ApiError::bad(format!(
+            let k = v.to_str().map_err(|_| {
+                ApiError::bad(format!(
                     "Idempotency-Key must be 1..={} visible ASCII characters (no spaces)",
                     limits::MAX_ID_CHARS
-                )));
-            }
-            Some(String::from_utf8_lossy(b).into_owned())
+                ))
+            })?;
+            troupe_actors::api::check_request_key(k)?;
+            Some(k.to_string())
         }
     };
     let bytes = read_body(&st, body).await?;
     let text = body_text(&bytes)?;
     let skew = st.ctx.settings.max_future_skew.as_millis() as i64;
-    let events =
-        parse_events(text, now_ms(), skew, st.opts.max_events_per_request).inspect_err(|_| {
-            st.ctx
-                .metrics
-                .events_rejected
-                .get_or_create(&troupe_actors::metrics::label("reason", "invalid"))
-                .inc();
-        })?;
+    let events = parse_events(text, now_ms(), skew, st.opts.max_events_per_request)
+        .inspect_err(|_| st.api.count_invalid_events())?;
+    // Events without their own identity are keyed by the request: its
+    // Idempotency-Key, else its whole body.
     let request: Vec<u8> = match &idem {
-        Some(k) => [b"key:".as_slice(), k.as_bytes()].concat(),
+        Some(k) => troupe_actors::api::request_key_bytes(k),
         None => hash128(&[b"body", &bytes]).to_le_bytes().to_vec(),
     };
-    let p = st.ctx.settings.partitions;
-    let entries: Vec<AppendEntry> = events
-        .into_iter()
-        .enumerate()
-        .map(|(i, (e, own))| {
-            let stream = partition_of(&e.user, p);
-            let payload = Payload::Event(e);
-            AppendEntry {
-                stream,
-                key: event_key(&payload, own, &request, i),
-                payload,
-            }
-        })
-        .collect();
-    let positions = append(&st, entries).await?;
-    let acked = positions.iter().filter(|p| !p.duplicate).count();
+    let w = st.api.append_events(events, &request).await?;
     Ok(Json(EventsOut {
-        acked,
-        duplicates: positions.len() - acked,
-        results: positions.iter().map(|p| position_out(p, None)).collect(),
+        acked: w.acked as usize,
+        duplicates: w.duplicates as usize,
+        results: w.positions.iter().map(|p| position_out(p, None)).collect(),
     })
     .into_response())
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "an item object")]
-struct ItemIn {
+struct ItemJson {
     #[serde(default, deserialize_with = "present")]
     id: Option<String>,
     #[serde(default, deserialize_with = "present")]
@@ -950,46 +812,14 @@ struct ItemIn {
     attributes: Option<BTreeMap<String, String>>,
 }
 
-fn to_item(id: String, i: ItemIn) -> Result<Item, String> {
-    check_id("id", &id)?;
-    let text = i.text.unwrap_or_default();
-    check_text("text", &text, 0, limits::MAX_TEXT_CHARS)?;
-    let mut categories = i.categories.unwrap_or_default();
-    if categories.len() > limits::MAX_CATEGORIES {
-        return Err(format!(
-            "{} categories; the limit is {}",
-            categories.len(),
-            limits::MAX_CATEGORIES
-        ));
-    }
-    for c in &categories {
-        check_text("category", c, 1, limits::MAX_CATEGORY_CHARS)?;
-    }
-    let mut seen = std::collections::HashSet::new();
-    categories.retain(|c| seen.insert(c.clone()));
-    let attributes = i.attributes.unwrap_or_default();
-    if attributes.len() > limits::MAX_ATTRIBUTES {
-        return Err(format!(
-            "{} attributes; the limit is {}",
-            attributes.len(),
-            limits::MAX_ATTRIBUTES
-        ));
-    }
-    for (k, v) in &attributes {
-        check_text("attribute name", k, 1, limits::MAX_ATTRIBUTE_KEY_CHARS)?;
-        check_text(
-            &format!("attribute `{k}`"),
-            v,
-            0,
-            limits::MAX_ATTRIBUTE_VALUE_CHARS,
-        )?;
-    }
-    Ok(Item {
+/// An item of a body (its id given apart), checked by the request layer.
+fn to_item(id: String, i: ItemJson) -> Result<Item, String> {
+    troupe_actors::api::check_item(proto::ItemIn {
         id,
-        text,
-        categories,
+        text: i.text.unwrap_or_default(),
+        categories: i.categories.unwrap_or_default(),
         hidden: i.hidden.unwrap_or(false),
-        attributes,
+        attributes: i.attributes.unwrap_or_default(),
     })
 }
 
@@ -1012,7 +842,7 @@ async fn put_item(
     let id = path_id("id", path)?;
     Params::none(q.0)?;
     let bytes = read_body(&st, body).await?;
-    let Obj(item): Obj<ItemIn> = serde_json::from_str(body_text(&bytes)?)
+    let Obj(item): Obj<ItemJson> = serde_json::from_str(body_text(&bytes)?)
         .map_err(|e| ApiError::bad(format!("item: {e}")))?;
     if item.id.is_some() {
         return Err(ApiError::bad(
@@ -1020,12 +850,8 @@ async fn put_item(
         ));
     }
     let item = to_item(id.clone(), item).map_err(ApiError::bad)?;
-    let pos = append(
-        &st,
-        vec![AppendEntry::new(CATALOG_STREAM, Payload::ItemUpsert(item))],
-    )
-    .await?;
-    Ok(items_out(&pos, vec![id]))
+    let w = st.api.upsert_items(vec![item]).await?;
+    Ok(items_out(&w.positions, vec![id]))
 }
 
 async fn post_items(
@@ -1036,7 +862,7 @@ async fn post_items(
 ) -> ApiResult {
     Params::none(q.0)?;
     let bytes = read_body(&st, body).await?;
-    let items: Vec<Obj<ItemIn>> = serde_json::from_str(body_text(&bytes)?)
+    let items: Vec<Obj<ItemJson>> = serde_json::from_str(body_text(&bytes)?)
         .map_err(|e| ApiError::bad(format!("body is not a JSON array of items: {e}")))?;
     if items.is_empty() {
         return Err(ApiError::bad("no items in the body"));
@@ -1052,7 +878,7 @@ async fn post_items(
             ),
         ));
     }
-    let mut entries = Vec::with_capacity(items.len());
+    let mut checked = Vec::with_capacity(items.len());
     let mut ids = Vec::with_capacity(items.len());
     let mut problems = Vec::new();
     for (n, Obj(mut i)) in items.into_iter().enumerate() {
@@ -1063,7 +889,7 @@ async fn post_items(
         match to_item(id, i) {
             Ok(it) => {
                 ids.push(it.id.clone());
-                entries.push(AppendEntry::new(CATALOG_STREAM, Payload::ItemUpsert(it)));
+                checked.push(it);
             }
             Err(e) => problems.push(format!("item {}: {e}", n + 1)),
         }
@@ -1075,8 +901,8 @@ async fn post_items(
             problems.join("; ")
         )));
     }
-    let pos = append(&st, entries).await?;
-    Ok(items_out(&pos, ids))
+    let w = st.api.upsert_items(checked).await?;
+    Ok(items_out(&w.positions, ids))
 }
 
 async fn delete_item(
@@ -1087,26 +913,8 @@ async fn delete_item(
 ) -> ApiResult {
     let id = path_id("id", path)?;
     Params::none(q.0)?;
-    let pos = append(
-        &st,
-        vec![AppendEntry::new(
-            CATALOG_STREAM,
-            Payload::ItemDelete { id: id.clone() },
-        )],
-    )
-    .await?;
-    Ok(items_out(&pos, vec![id]))
-}
-
-/// Waits (bounded by `freshness_wait`) for the serving consumer of `stream` to reach
-/// `min_offset`, or the stream's head at arrival; true when it did not, or when the log
-/// is unreachable so the node cannot know its head is current (stale).
-async fn wait_fresh(st: &AppState, stream: u32, min_offset: Option<u64>) -> bool {
-    let ctx = &st.ctx;
-    let target = min_offset.unwrap_or_else(|| ctx.head(stream));
-    !ctx.wait_applied(stream, target, ctx.settings.ranker.freshness_wait)
-        .await
-        || !ctx.log.writable()
+    let w = st.api.delete_item(id.clone()).await?;
+    Ok(items_out(&w.positions, vec![id]))
 }
 
 async fn get_item(
@@ -1117,20 +925,15 @@ async fn get_item(
 ) -> ApiResult {
     let id = path_id("id", path)?;
     let q = Params::parse(q.0, &["min_offset"], &[])?;
-    let stale = wait_fresh(&st, CATALOG_STREAM, q.min_offset()?).await;
-    let view = st.ctx.catalog.read();
-    let item = view
-        .items
-        .get(&id)
-        .ok_or_else(|| ApiError::not_found(format!("no item `{id}` in the catalog")))?;
+    let v = st.api.get_item(&id, q.min_offset()?).await?;
     Ok(Json(json!({
-        "id": item.id,
-        "text": item.text,
-        "categories": item.categories,
-        "hidden": item.hidden,
-        "attributes": item.attributes,
-        "applied_offset": view.applied,
-        "stale": stale,
+        "id": v.item.id,
+        "text": v.item.text,
+        "categories": v.item.categories,
+        "hidden": v.item.hidden,
+        "attributes": v.item.attributes,
+        "applied_offset": v.applied_offset,
+        "stale": v.stale,
     }))
     .into_response())
 }
@@ -1189,27 +992,17 @@ async fn recommend(
         check_text("exclude", v, 0, limits::MAX_EXCLUDE_CHARS).map_err(ApiError::bad)?;
         exclude.extend(v.split(',').filter(|x| !x.is_empty()).map(str::to_string));
     }
-    let request_id = format!(
-        "{}-{:x}-{}",
-        st.ctx.settings.node_name,
-        st.ctx.started.elapsed().as_nanos(),
-        st.requests.load(Ordering::Relaxed)
-    );
-    let req = RecommendRequest {
-        version: WIRE_VERSION,
+    let req = st.api.name_request(RecommendRequest {
         user,
         k,
         category,
         exclude,
         weights,
-        request_id,
+        request_id: String::new(),
         now_ms: 0,
         min_offset: q.min_offset()?,
-    };
-    let reply = troupe_actors::cluster::recommend(&st.ctx, req, st.opts.request_timeout).await?;
-    if let Some(e) = reply.error {
-        return Err(ApiError::unavailable(e));
-    }
+    });
+    let reply = st.api.recommend(req).await?;
     let items: Vec<RecItemOut<'_>> = reply
         .items
         .iter()
@@ -1217,9 +1010,9 @@ async fn recommend(
             item: &i.item,
             score: i.score,
             shares: SharesOut {
-                als: i.shares.first().copied().unwrap_or(0.0),
-                content: i.shares.get(1).copied().unwrap_or(0.0),
-                popularity: i.shares.get(2).copied().unwrap_or(0.0),
+                als: i.share(Branch::Als),
+                content: i.share(Branch::Content),
+                popularity: i.share(Branch::Popularity),
             },
             categories: explain.then_some(i.categories.as_slice()),
         })
@@ -1240,7 +1033,7 @@ async fn recommend(
         cached: reply.cached,
         fallback: reply.fallback.as_ref(),
         served_by: &reply.served_by,
-        route: &reply.route,
+        route: reply.route,
         branches: if explain {
             BranchesOut::Full(&reply.branches)
         } else {
@@ -1249,8 +1042,8 @@ async fn recommend(
                     .branches
                     .iter()
                     .map(|b| BriefBranch {
-                        name: &b.name,
-                        status: &b.status,
+                        name: b.name,
+                        status: b.status,
                     })
                     .collect(),
             )
@@ -1275,7 +1068,7 @@ struct RecommendationsOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     fallback: Option<&'a troupe_actors::ranker::Fallback>,
     served_by: &'a str,
-    route: &'a str,
+    route: Route,
     branches: BranchesOut<'a>,
 }
 
@@ -1302,16 +1095,16 @@ struct ModelVersionsOut<'a> {
 }
 
 #[derive(Serialize)]
-struct BriefBranch<'a> {
-    name: &'a str,
-    status: &'a str,
+struct BriefBranch {
+    name: Branch,
+    status: BranchStatus,
 }
 
 /// Branch statuses, or with `explain` the full reports (candidates, time).
 #[derive(Serialize)]
 #[serde(untagged)]
 enum BranchesOut<'a> {
-    Brief(Vec<BriefBranch<'a>>),
+    Brief(Vec<BriefBranch>),
     Full(&'a [BranchReport]),
 }
 
@@ -1326,25 +1119,12 @@ async fn item_stats(
 ) -> ApiResult {
     let item = path_id("id", path)?;
     let q = Params::parse(q.0, &["min_offset"], &[])?;
-    let stale = wait_fresh(&st, CATALOG_STREAM, q.min_offset()?).await;
-    if st.ctx.catalog.read().deleted.contains(&item) {
-        return Err(ApiError::not_found(format!("item `{item}` was deleted")));
-    }
-    let counted = node::call(names::ITEM_STATS, st.opts.request_timeout, |p| {
-        troupe_actors::item_stats::ItemStatsMsg::EventCount(item.clone(), p)
-    })
-    .await?;
-    let known = counted.is_some() || st.ctx.catalog.read().items.contains_key(&item);
-    if !known {
-        return Err(ApiError::not_found(format!(
-            "no item `{item}` in the catalog and no event for it applied yet"
-        )));
-    }
+    let v = st.api.item_stats(item, q.min_offset()?).await?;
     Ok(Json(json!({
-        "item": item,
-        "event_count": counted.unwrap_or(0),
-        "node": st.ctx.settings.node_name,
-        "stale": stale,
+        "item": v.item,
+        "event_count": v.event_count,
+        "node": v.node,
+        "stale": v.stale,
     }))
     .into_response())
 }
@@ -1358,25 +1138,7 @@ async fn similar(
     let item = path_id("id", path)?;
     let q = Params::parse(q.0, &["k", "min_offset"], &[])?;
     let k = q.k(st.ctx.settings.ranker.max_k)?;
-    wait_fresh(&st, CATALOG_STREAM, q.min_offset()?).await;
-    if st.ctx.catalog.read().deleted.contains(&item) {
-        return Err(ApiError::not_found(format!("item `{item}` was deleted")));
-    }
-    let req = SimilarRequest {
-        version: WIRE_VERSION,
-        item,
-        k,
-    };
-    let r = node::call(names::RANKER, st.opts.request_timeout, |p| {
-        RankerMsg::Similar(req, p)
-    })
-    .await?;
-    if r.source.is_empty() {
-        return Err(ApiError::not_found(format!(
-            "item `{}` has no embedding or factors",
-            r.item
-        )));
-    }
+    let r = st.api.similar(item, k, q.min_offset()?).await?;
     Ok(Json(json!({
         "item": r.item,
         "source": r.source,
@@ -1393,22 +1155,15 @@ async fn get_user(
 ) -> ApiResult {
     let user = path_id("id", path)?;
     let q = Params::parse(q.0, &["min_offset"], &[])?;
-    let p = partition_of(&user, st.ctx.settings.partitions);
-    let query = UserQuery {
-        version: WIRE_VERSION,
-        user: user.clone(),
-        unchanged_since: 0,
-    };
-    let (v, stale) =
-        troupe_actors::cluster::user_view(&st.ctx, query, q.min_offset()?, st.opts.request_timeout)
-            .await
-            .map_err(ApiError::unavailable)?;
-    if !v.known {
-        return Err(ApiError::not_found(format!("no events for user `{user}`")));
-    }
+    let UserRead {
+        user,
+        partition,
+        view: v,
+        stale,
+    } = st.api.get_user(user, q.min_offset()?).await?;
     Ok(Json(json!({
         "user": user,
-        "partition": p,
+        "partition": partition,
         "events": v.events,
         "last_event_ms": v.last_ts_ms,
         "last_offset": v.last_offset,
@@ -1430,9 +1185,8 @@ async fn delete_user(
 ) -> ApiResult {
     let user = path_id("id", path)?;
     Params::none(q.0)?;
-    let p = partition_of(&user, st.ctx.settings.partitions);
-    let pos = append(&st, vec![AppendEntry::new(p, Payload::EraseUser { user })]).await?;
-    let results: Vec<PositionOut> = pos.iter().map(|p| position_out(p, None)).collect();
+    let w = st.api.erase_user(user).await?;
+    let results: Vec<PositionOut> = w.positions.iter().map(|p| position_out(p, None)).collect();
     Ok(Json(json!({ "results": results })).into_response())
 }
 
@@ -1511,35 +1265,16 @@ async fn dead_letters(State(st): State<AppState>, _a: Admitted<Writes>, q: RawQu
     Ok(Json(json!({"dead_letters": docs})).into_response())
 }
 
-async fn retrain(_a: Admitted<Writes>, q: RawQuery) -> ApiResult {
+async fn retrain(State(st): State<AppState>, _a: Admitted<Writes>, q: RawQuery) -> ApiResult {
     Params::none(q.0)?;
-    let r = node::call(
-        names::ALS_TRAINER,
-        Duration::from_secs(3600),
-        AlsTrainerMsg::Retrain,
-    )
-    .await?;
-    if r.no_leader {
-        // No leader, or one that did not answer: nothing was trained; ask again soon.
-        let mut resp = ApiError::unavailable(r.reason.clone()).into_response();
-        resp.headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
-        return Ok(resp);
-    }
+    // No leader, or one that did not answer: 503, nothing was trained; ask again in 5 s.
+    let r = st.api.retrain().await?;
     Ok(Json(serde_json::to_value(&r).unwrap_or(Value::Null)).into_response())
 }
 
 async fn rollback(State(st): State<AppState>, _a: Admitted<Writes>, q: RawQuery) -> ApiResult {
     Params::none(q.0)?;
-    let r = node::call(
-        names::ALS_TRAINER,
-        st.opts.request_timeout,
-        AlsTrainerMsg::Rollback,
-    )
-    .await?;
-    if let Some(e) = r.error {
-        return Err(ApiError::new(StatusCode::CONFLICT, "conflict", e));
-    }
+    let r = st.api.rollback().await?;
     Ok(Json(json!({"serving_version": r.serving_version})).into_response())
 }
 
@@ -1572,7 +1307,7 @@ async fn healthz(State(st): State<AppState>, q: RawQuery) -> ApiResult {
 async fn readyz(State(st): State<AppState>, q: RawQuery) -> ApiResult {
     Params::none(q.0)?;
     let h = &st.ctx.health;
-    let in_flight = |c: &Class| c.in_flight.get();
+    let [(reads_in_flight, reads_full), (writes_in_flight, writes_full)] = st.api.in_flight();
     let body = json!({
         "ready": h.ready(),
         "recovering": h.recovering(),
@@ -1582,8 +1317,8 @@ async fn readyz(State(st): State<AppState>, q: RawQuery) -> ApiResult {
         // must not drop every node when the shared log is down).
         "log_writable": st.ctx.log.writable(),
         "draining": h.draining.load(Ordering::Relaxed),
-        "saturated": {"reads": st.reads.saturated(), "writes": st.writes.saturated()},
-        "in_flight": {"reads": in_flight(&st.reads), "writes": in_flight(&st.writes)},
+        "saturated": {"reads": reads_full, "writes": writes_full},
+        "in_flight": {"reads": reads_in_flight, "writes": writes_in_flight},
         // Cluster mode: what this node can do now. Reads are answered whatever the log
         // does: from here for the partitions it serves, through their owners for the
         // others, degraded when neither is possible.
@@ -1697,31 +1432,8 @@ mod tests {
     }
 
     #[test]
-    fn retries_without_ids_map_to_the_same_keys() {
-        let p = Payload::Event(Event {
-            event_id: None,
-            user: "u".into(),
-            item: "i".into(),
-            kind: "view".into(),
-            value: None,
-            ts_ms: 1,
-            request_id: None,
-        });
-        let body = b"[{\"user\":\"u\",\"item\":\"i\",\"kind\":\"view\"}]";
-        let req = hash128(&[b"body", body]).to_le_bytes();
-        assert_eq!(event_key(&p, false, &req, 0), event_key(&p, false, &req, 0));
-        assert_ne!(event_key(&p, false, &req, 0), event_key(&p, false, &req, 1));
-        let other = hash128(&[b"body", b"[]"]).to_le_bytes();
-        assert_ne!(
-            event_key(&p, false, &req, 0),
-            event_key(&p, false, &other, 0)
-        );
-        assert_eq!(event_key(&p, true, &req, 3), p.idempotency_key());
-    }
-
-    #[test]
     fn items_have_limits_on_every_field() {
-        let ok = ItemIn {
+        let ok = ItemJson {
             id: None,
             text: Some("t".into()),
             categories: Some(vec!["a".into(), "a".into()]),
@@ -1734,7 +1446,7 @@ mod tests {
             .collect();
         let e = to_item(
             "x".into(),
-            ItemIn {
+            ItemJson {
                 id: None,
                 text: None,
                 categories: Some(many),
@@ -1749,7 +1461,7 @@ mod tests {
             .collect();
         assert!(to_item(
             "x".into(),
-            ItemIn {
+            ItemJson {
                 id: None,
                 text: None,
                 categories: None,
@@ -1765,7 +1477,7 @@ mod tests {
         .into();
         assert!(to_item(
             "x".into(),
-            ItemIn {
+            ItemJson {
                 id: None,
                 text: None,
                 categories: None,
@@ -1774,7 +1486,7 @@ mod tests {
             }
         )
         .is_err());
-        let e = serde_json::from_str::<ItemIn>(r#"{"id": null}"#).unwrap_err();
+        let e = serde_json::from_str::<ItemJson>(r#"{"id": null}"#).unwrap_err();
         assert!(e.to_string().contains("null"), "{e}");
     }
 

@@ -12,7 +12,8 @@
 //! - [`node_cmd`]: `troupe node` (store, actors, HTTP, graceful stop).
 //! - [`http`]: the axum API under `/v1` and the probes, on a hyper server with header and
 //!   body timeouts and separate read and write admission.
-//! - [`limits`]: the limit of every API field (enforced by `http`, stated by `openapi`).
+//! - [`limits`]: the limit of every API field (enforced by the request layer,
+//!   `troupe_actors::api`, stated by `openapi`).
 //! - [`openapi`]: the OpenAPI 3.1 document, built from the node's own limits.
 //! - [`load_cmd`]: `troupe load` (bulk import, resumable).
 
@@ -24,7 +25,7 @@ pub mod eval_cmd;
 pub mod exit;
 pub mod gen_cmd;
 pub mod http;
-pub mod limits;
+pub use troupe_actors::api::limits;
 pub mod load_cmd;
 pub mod node_cmd;
 pub mod online_eval;

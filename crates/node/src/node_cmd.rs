@@ -381,11 +381,22 @@ pub fn run(args: NodeArgs, verbose: bool) -> Result<(), CliError> {
     // The batch exporter runs on its own thread; the runtime only needs to exist.
     let _guard = rt.enter();
     let t = &cfg.telemetry;
-    let otlp = (!t.otlp_endpoint.is_empty())
-        .then_some((t.otlp_endpoint.as_str(), t.service_name.as_str()));
+    let otlp = (!t.otlp_endpoint.is_empty()).then(|| crate::telemetry::Otlp {
+        endpoint: t.otlp_endpoint.clone(),
+        service: t.service_name.clone(),
+        instance: cfg.node.name.clone(),
+        json: t.otlp_protocol == "http/json",
+        sample_ratio: t.sample_ratio,
+    });
+    let exporting = otlp.is_some();
     let telemetry = crate::telemetry::init(verbose, otlp).map_err(CliError::input)?;
-    if otlp.is_some() {
-        tracing::info!(endpoint = %t.otlp_endpoint, "exporting traces over OTLP/HTTP");
+    if exporting {
+        tracing::info!(
+            endpoint = %t.otlp_endpoint,
+            protocol = %t.otlp_protocol,
+            sample_ratio = t.sample_ratio,
+            "exporting traces over OTLP/HTTP"
+        );
     }
     let result = rt.block_on(async {
         let b = boot(&cfg).await.map_err(CliError::Internal)?;

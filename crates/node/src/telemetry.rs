@@ -1,10 +1,18 @@
 //! Logging and tracing: `tracing` events to stderr (filter `TROUPE_LOG`), and, when an
-//! OTLP endpoint is configured, spans exported over OTLP/HTTP (protobuf) by a batch
-//! processor on its own thread.
+//! OTLP endpoint is configured, spans exported over OTLP/HTTP (protobuf or JSON) by a
+//! batch processor on its own thread.
+//!
+//! Each node names itself in the resource (`service.instance.id` = the node's name), so
+//! a trace that crosses nodes shows which node every span came from. Sampling is
+//! parent-based: a trace starts recorded with `sample_ratio`, and a span whose caller
+//! (another node, over the gateway) sent a trace context follows the caller's decision,
+//! so a trace is recorded whole or not at all. Request spans record their `trace_id` and
+//! `span_id` as fields, so log lines inside them carry both.
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -35,8 +43,19 @@ pub fn traces_url(endpoint: &str) -> String {
     }
 }
 
-/// Installs the global subscriber. `otlp`: `(endpoint, service name)`.
-pub fn init(verbose: bool, otlp: Option<(&str, &str)>) -> Result<Telemetry, String> {
+/// Where and how spans are exported.
+pub struct Otlp {
+    pub endpoint: String,
+    pub service: String,
+    /// `service.instance.id`: the node's name.
+    pub instance: String,
+    /// OTLP/HTTP with JSON bodies instead of protobuf.
+    pub json: bool,
+    pub sample_ratio: f64,
+}
+
+/// Installs the global subscriber.
+pub fn init(verbose: bool, otlp: Option<Otlp>) -> Result<Telemetry, String> {
     let default = if verbose { "debug" } else { "info" };
     let filter =
         || EnvFilter::try_from_env("TROUPE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
@@ -44,21 +63,31 @@ pub fn init(verbose: bool, otlp: Option<(&str, &str)>) -> Result<Telemetry, Stri
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_filter(filter());
-    let Some((endpoint, service)) = otlp else {
+    let Some(o) = otlp else {
         // A second init (tests, demo inside a process) is harmless.
         tracing_subscriber::registry().with(fmt).try_init().ok();
         return Ok(Telemetry { provider: None });
     };
+    let protocol = if o.json {
+        Protocol::HttpJson
+    } else {
+        Protocol::HttpBinary
+    };
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
-        .with_endpoint(traces_url(endpoint))
+        .with_protocol(protocol)
+        .with_endpoint(traces_url(&o.endpoint))
         .build()
-        .map_err(|e| format!("telemetry.otlp_endpoint `{endpoint}`: {e}"))?;
+        .map_err(|e| format!("telemetry.otlp_endpoint `{}`: {e}", o.endpoint))?;
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            o.sample_ratio,
+        ))))
         .with_resource(
             Resource::builder()
-                .with_service_name(service.to_string())
+                .with_service_name(o.service.clone())
+                .with_attribute(KeyValue::new("service.instance.id", o.instance.clone()))
                 .build(),
         )
         .build();

@@ -135,6 +135,16 @@ impl NodeEventSubscription for Events {
         let id = ses.actor.get_id();
         let name = peer_name(&ses);
         let Some(name) = name else { return };
+        if name.starts_with(troupe_client::CLIENT_PREFIX) {
+            // A client program: admitted, never a member. It owns nothing, is never
+            // called, and the only actors it sees here are the gateways.
+            if let Some(i) = self.sessions.lock().get_mut(&id) {
+                i.authenticated = true;
+                i.name = Some(name.clone());
+            }
+            tracing::info!(client = %name, addr = %ses.peer_addr, "client session authenticated");
+            return;
+        }
         let mut peers = self.cluster.peers.lock();
         match peers.get_mut(&name) {
             Some(p) => {
@@ -164,6 +174,7 @@ impl NodeEventSubscription for Events {
                 if !first {
                     return;
                 }
+                super::gateway::member_session_opened(&name, ses.node_id);
                 if p.state != PeerState::Connecting {
                     p.reconnects += 1;
                 }
@@ -185,6 +196,7 @@ impl NodeEventSubscription for Events {
             return;
         }
         let id = ses.actor.get_id();
+        super::gateway::session_closed(ses.node_id);
         let info = self.sessions.lock().remove(&id);
         let name = info
             .as_ref()
@@ -285,6 +297,8 @@ impl Actor for Membership {
                 )
             })?;
         let sessions: Sessions = Default::default();
+        // A new node server numbers its sessions afresh.
+        super::gateway::forget_sessions();
         server
             .cast(NodeServerMessage::SubscribeToEvents {
                 id: "troupe.membership".into(),
@@ -430,9 +444,12 @@ async fn liveness(cluster: &Arc<Cluster>, sessions: &Sessions) {
                     p.misses = 0;
                     p.set(PeerState::Up);
                 }
-                Err(RemoteError::Version(v)) => {
+                Err(RemoteError::Version { got, accepted }) => {
                     p.set(PeerState::Incompatible);
-                    p.last_error = Some(format!("peer speaks cluster protocol {v}"));
+                    p.last_error = Some(format!(
+                        "peer speaks cluster protocol {got}; this node accepts {}..={}",
+                        accepted.0, accepted.1
+                    ));
                 }
                 Err(e) => {
                     p.misses += 1;

@@ -30,10 +30,11 @@ use serde::Serialize;
 use crate::settings::ClusterSettings;
 
 /// Version of the node-to-node frames (the header of every gateway call and reply). A
-/// peer answering with another version is shown as `incompatible` and never called.
-/// 2: one gateway variant, version header outside the body.
-/// 3: retrain requests reach the trainer leader.
-pub const CLUSTER_PROTOCOL: u16 = 3;
+/// peer answering with a version this node does not accept is shown as `incompatible`
+/// and never called. 2: one gateway variant, version header outside the body. 3: retrain
+/// requests reach the trainer leader. 4: the protocol crate's frames, with the caller's
+/// trace context.
+pub use troupe_proto::wire::PROTOCOL as CLUSTER_PROTOCOL;
 
 /// How this node sees one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -458,7 +459,8 @@ pub async fn recommend(
     timeout: std::time::Duration,
 ) -> Result<crate::ranker::RecommendReply, crate::node::CallError> {
     let p = crate::record::partition_of(&req.user, ctx.settings.partitions);
-    let mut route = "local";
+    use troupe_proto::api::Route;
+    let mut route = Route::Local;
     let mut unsure = false;
     if ctx.cluster.is_some() && req.min_offset.is_none() {
         let (target, u) = read_target(ctx, p).await;
@@ -468,20 +470,20 @@ pub async fn recommend(
     if let Some(cl) = ctx.cluster.as_ref().filter(|_| !ctx.serving(p)) {
         let (owner, _) = cl.owner_of(p);
         route = if owner.is_empty() || owner == cl.me {
-            "no_owner"
+            Route::NoOwner
         } else {
-            "owner_unreachable"
+            Route::OwnerUnreachable
         };
-        if route == "owner_unreachable" && cl.peer_up(&owner) {
+        if route == Route::OwnerUnreachable && cl.peer_up(&owner) {
             // Read-your-writes across nodes: the owner waits for the target taken
             // when the request arrived here.
             let fwd = req.clone();
             let id = req.request_id.clone();
             let t = cl.settings.forward_timeout.min(timeout);
-            match gateway::call(&owner, &id, gateway::Request::Recommend(fwd), t).await {
-                Ok(gateway::Response::Recommend(mut r)) => {
+            match gateway::call(&owner, &id, troupe_proto::wire::Request::Recommend(fwd), t).await {
+                Ok(troupe_proto::wire::Response::Recommend(mut r)) => {
                     cl.forwarded(ctx, true);
-                    r.route = "forwarded".into();
+                    r.route = Route::Forwarded;
                     r.stale |= unsure;
                     return Ok(r);
                 }
@@ -503,7 +505,7 @@ pub async fn recommend(
         crate::ranker::RankerMsg::Recommend(req, port)
     })
     .await?;
-    reply.route = route.into();
+    reply.route = route;
     reply.stale |= unsure;
     Ok(reply)
 }
@@ -566,10 +568,19 @@ pub async fn user_view(
     }
     let id = format!("user-{}", query.user);
     let t = cl.settings.forward_timeout.min(timeout);
-    let r = gateway::call(&owner, &id, gateway::Request::User { query, min_offset }, t).await;
-    cl.forwarded(ctx, matches!(r, Ok(gateway::Response::User { .. })));
+    let r = gateway::call(
+        &owner,
+        &id,
+        troupe_proto::wire::Request::User { query, min_offset },
+        t,
+    )
+    .await;
+    cl.forwarded(
+        ctx,
+        matches!(r, Ok(troupe_proto::wire::Response::User { .. })),
+    );
     match r {
-        Ok(gateway::Response::User { view, stale }) => Ok((view, stale || unsure)),
+        Ok(troupe_proto::wire::Response::User { view, stale }) => Ok((view, stale || unsure)),
         Ok(_) => Err(format!("{owner} answered with another kind of response")),
         Err(e) => Err(format!("partition {p} is owned by {owner}: {e}")),
     }

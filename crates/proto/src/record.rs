@@ -42,14 +42,6 @@ pub struct Item {
     pub attributes: BTreeMap<String, String>,
 }
 
-impl Item {
-    /// What the content model embeds for this item: the text `troupe eval` embeds (the
-    /// item text, then its categories).
-    pub fn embed_text(&self) -> String {
-        troupe_models::data::content_text(&self.text, &self.categories, &[])
-    }
-}
-
 /// What a record carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Payload {

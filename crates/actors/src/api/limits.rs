@@ -1,5 +1,6 @@
-//! The limits of every field the HTTP API accepts, in one place: the handlers enforce
-//! them and the OpenAPI document states them (`openapi.rs` reads the same constants).
+//! The limits of every field the API accepts (over HTTP and from client programs), in one
+//! place: the request layer enforces them and the OpenAPI document states them (the node
+//! crate's `openapi.rs` reads the same constants).
 //! String lengths count Unicode scalar values (what JSON Schema's `maxLength` counts).
 
 /// Ids (user, item, event, request) and kinds: 1..=256 characters, no control characters.
@@ -19,6 +20,10 @@ pub const MAX_ABS_VALUE: f64 = 1e9;
 /// list of ids).
 pub const MAX_EXCLUDE_PARAMS: usize = 100;
 pub const MAX_EXCLUDE_CHARS: usize = 4096;
+/// Excluded item ids in one client call (HTTP bounds them by its parameter limits).
+pub const MAX_EXCLUDE_IDS: usize = 10_000;
+/// Largest blend weight (what `weights_pattern` admits over HTTP).
+pub const MAX_WEIGHT: f32 = 1e9;
 /// Largest `min_offset` (JSON Schema's int64 maximum).
 pub const MAX_OFFSET: u64 = i64::MAX as u64;
 /// The pattern of strings without control characters (C0, DEL, C1: what
