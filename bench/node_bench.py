@@ -1017,12 +1017,49 @@ def model_plane(a):
         srv.kill()
 
 
+def client_api(a):
+    """The client API (troupe-client over ractor_cluster) against HTTP on the same member
+    and data, in one run: sequential latency and concurrent throughput of recommendations
+    and of event ingest (`--bench-client`, built with
+    `cargo build --release -p troupe-client --example client_bench`)."""
+    work = tempfile.mkdtemp(prefix="troupe-client-", dir=a.dir)
+    srv, url = start_nats(work)
+    try:
+        name = "m1"
+        members = [(name, free_port(), free_port())]
+        node = ClusterNode(a.troupe, os.path.join(work, name), name, members[0][2], members, url, 8)
+        os.makedirs(node.dir, exist_ok=True)
+        node.start()
+        while not (node.view() and all(p["state"] == "serving" for p in node.view()["partitions"])):
+            time.sleep(0.1)
+        size = a.sizes[0]
+        users = [f"u{k}" for k in range(max(1000, size // 50))]
+        t = time.time()
+        load_cluster([node], "e", size, users)
+        print(f"one member on {nats_version()} (R1), 8 partitions; {size} events for {len(users)} users "
+              f"loaded over HTTP and applied in {time.time() - t:.1f} s")
+        out = subprocess.run([a.bench_client, "--seed", f"127.0.0.1:{members[0][1]}",
+                              "--http", f"127.0.0.1:{members[0][2]}", "--cookie", "bench-cookie",
+                              "--users", str(len(users)), "--samples", str(a.samples),
+                              "--threads", str(a.conns), "--seconds", str(a.seconds)],
+                             capture_output=True, text=True, timeout=3600)
+        print(out.stdout, end="")
+        if out.returncode != 0:
+            print(out.stderr, file=sys.stderr)
+            raise RuntimeError("client_bench failed")
+        node.stop()
+    finally:
+        srv.kill()
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["ingest", "jetstream", "rebuild", "freshness", "recovery", "restart-scale", "serving", "cluster", "model-plane"])
+    p.add_argument("what", choices=["ingest", "jetstream", "rebuild", "freshness", "recovery", "restart-scale", "serving", "cluster", "model-plane", "client-api"])
     p.add_argument("--troupe", default="target/release/troupe")
     p.add_argument("--publisher", default="target/release/examples/jetstream_publish",
                    help="the raw loop for `jetstream` (cargo build --release --example jetstream_publish)")
+    p.add_argument("--bench-client", default="target/release/examples/client_bench",
+                   help="client-api: the bench program (cargo build --release -p troupe-client --example client_bench)")
     p.add_argument("--dir", default=None, help="where temporary data dirs go (same disk as the raw loop)")
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--base", type=int, default=200000, help="rebuild: events in the checkpoint")
@@ -1038,10 +1075,11 @@ def main():
     a = p.parse_args()
     a.troupe = os.path.abspath(a.troupe)
     a.publisher = os.path.abspath(a.publisher)
+    a.bench_client = os.path.abspath(a.bench_client)
     a.dir = os.path.abspath(a.dir) if a.dir else None
     {"ingest": ingest, "jetstream": jetstream, "rebuild": rebuild, "freshness": freshness, "recovery": recovery,
      "restart-scale": restart_scale, "serving": serving, "cluster": cluster,
-     "model-plane": model_plane}[a.what](a)
+     "model-plane": model_plane, "client-api": client_api}[a.what](a)
 
 
 if __name__ == "__main__":

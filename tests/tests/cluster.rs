@@ -2210,6 +2210,34 @@ fn cluster_client_fails_over_and_loses_no_acknowledged_write() {
             "client sees node actor {name}"
         );
     }
+    // A client that joins a process group named after a member intercepts nothing:
+    // members look a peer's gateway up among that peer's own sessions.
+    let rogue_calls = Arc::new(AtomicU64::new(0));
+    let rogue = rt
+        .block_on(ractor::Actor::spawn(None, Rogue, rogue_calls.clone()))
+        .unwrap()
+        .0;
+    ractor::pg::join("troupe.gateway.b".into(), vec![rogue.get_cell()]);
+    let p = *serving(c.node("b")).iter().next().unwrap();
+    let user = user_in(p);
+    // The join travels over the client's sessions at once; every answer meanwhile and
+    // after must still come from b.
+    for _ in 0..50 {
+        let r = c.node("a").get(&format!("/v1/recommendations/{user}?k=3"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(
+            (r.body["route"].as_str(), r.body["served_by"].as_str()),
+            (Some("forwarded"), Some("b")),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(
+        rogue_calls.load(Ordering::Relaxed),
+        0,
+        "a called the rogue gateway"
+    );
+    rogue.stop(None);
     // Invalid input: the reason HTTP gives for the same event.
     let bad = EventIn {
         user: String::new(),
@@ -2403,4 +2431,33 @@ fn cluster_client_example_runs_through_a_member_killed_mid_run() {
             r.status == 200 && r.body["events"].as_u64() == Some(3 * rounds as u64)
         },
     );
+}
+
+/// A client-side actor posing as member b's gateway (counts what reaches it).
+struct Rogue;
+
+impl ractor::Actor for Rogue {
+    type Msg = troupe_client::GatewayMsg;
+    type State = Arc<AtomicU64>;
+    type Arguments = Arc<AtomicU64>;
+
+    async fn pre_start(
+        &self,
+        _me: ractor::ActorRef<Self::Msg>,
+        calls: Arc<AtomicU64>,
+    ) -> Result<Arc<AtomicU64>, ractor::ActorProcessingErr> {
+        Ok(calls)
+    }
+
+    async fn handle(
+        &self,
+        _me: ractor::ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        calls: &mut Arc<AtomicU64>,
+    ) -> Result<(), ractor::ActorProcessingErr> {
+        let troupe_client::GatewayMsg::Call(_, port) = msg;
+        calls.fetch_add(1, Ordering::Relaxed);
+        drop(port.send(Vec::new()));
+        Ok(())
+    }
 }

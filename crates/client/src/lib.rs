@@ -336,16 +336,23 @@ impl Client {
                 continue;
             };
             let left = deadline - now;
+            // Half of what is left (at least 200 ms) per attempt: a member that hangs
+            // leaves time to ask another.
+            let attempt = if resend_after_timeout {
+                (left / 2).max(Duration::from_millis(200)).min(left)
+            } else {
+                left
+            };
             let env = Envelope {
                 id: id.clone(),
-                budget_ms: left.as_millis() as u64,
+                budget_ms: attempt.as_millis() as u64,
                 trace: TraceContext::default(),
                 request: Request::Api {
                     token: self.inner.cfg.token.clone(),
                     op: op.clone(),
                 },
             };
-            match call_gateway(&member, &env, left).await {
+            match call_gateway(&member, &env, attempt).await {
                 Ok(Response::Api(r)) => {
                     *self.inner.current.lock().await = Some(member);
                     return r.map_err(ClientError::from);

@@ -622,6 +622,29 @@ impl Api {
         })
     }
 
+    /// Every dead letter (JSON documents), oldest first, whichever backend keeps them.
+    pub async fn dead_letters(&self) -> Result<Vec<Vec<u8>>, ApiError> {
+        let ctx = &self.ctx;
+        let mut docs: Vec<Vec<u8>> = ctx
+            .state
+            .dead_letters()
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?
+            .into_iter()
+            .map(|d| d.doc)
+            .collect();
+        if ctx.state.backend() == "embedded" {
+            // Dead letters an older build kept in the store's own table.
+            let store = ctx.store.clone();
+            let old = tokio::task::spawn_blocking(move || store.dead_letters())
+                .await
+                .map_err(|e| ApiError::unavailable(e.to_string()))?
+                .map_err(|e| ApiError::unavailable(e.to_string()))?;
+            docs.splice(0..0, old);
+        }
+        Ok(docs)
+    }
+
     /// Retrains now (on the trainer leader, wherever it runs). No leader, or one that
     /// did not answer: unavailable, retry after 5 s.
     pub async fn retrain(&self) -> Result<RetrainReport, ApiError> {
