@@ -1027,8 +1027,8 @@ def client_api(a):
     try:
         name = "m1"
         members = [(name, free_port(), free_port())]
+        os.makedirs(os.path.join(work, name))
         node = ClusterNode(a.troupe, os.path.join(work, name), name, members[0][2], members, url, 8)
-        os.makedirs(node.dir, exist_ok=True)
         node.start()
         while not (node.view() and all(p["state"] == "serving" for p in node.view()["partitions"])):
             time.sleep(0.1)

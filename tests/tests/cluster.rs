@@ -2238,6 +2238,18 @@ fn cluster_client_fails_over_and_loses_no_acknowledged_write() {
         "a called the rogue gateway"
     );
     rogue.stop(None);
+    // Cluster status through the client: the owners HTTP shows.
+    let status = rt.block_on(client.cluster_status()).unwrap();
+    assert_eq!(status.members.len(), 3, "{status:?}");
+    assert_eq!(status.partitions.len(), PARTITIONS as usize);
+    let asked = c.node(&status.node).get("/v1/cluster");
+    for (p, q) in status
+        .partitions
+        .iter()
+        .zip(asked.body["cluster"]["partitions"].as_array().unwrap())
+    {
+        assert_eq!(p.owner, q["owner"].as_str().unwrap(), "{status:?}");
+    }
     // Invalid input: the reason HTTP gives for the same event.
     let bad = EventIn {
         user: String::new(),

@@ -245,6 +245,7 @@ fn ops() -> Vec<(&'static str, Op)> {
         ),
         ("request-api-retrain", Op::Retrain),
         ("request-api-rollback", Op::Rollback),
+        ("request-api-cluster-status", Op::ClusterStatus),
     ]
 }
 
@@ -354,6 +355,36 @@ fn replies() -> Vec<(&'static str, Result<Response, RemoteError>)> {
             Ok(Response::Api(Ok(OpReply::Rollback(RollbackReply {
                 serving_version: 2,
                 error: None,
+            })))),
+        ),
+        (
+            "reply-api-cluster",
+            Ok(Response::Api(Ok(OpReply::Cluster(ClusterStatus {
+                node: "a".into(),
+                ready: true,
+                members: vec![
+                    MemberStatus {
+                        name: "a".into(),
+                        this_node: true,
+                        state: PeerState::Up,
+                        model_version: 3,
+                    },
+                    MemberStatus {
+                        name: "b".into(),
+                        this_node: false,
+                        state: PeerState::Unresponsive,
+                        model_version: 2,
+                    },
+                ],
+                partitions: vec![PartitionStatus {
+                    partition: 0,
+                    owner: "a".into(),
+                    epoch: 7,
+                    state: SlotState::Serving,
+                    applied_offset: Some(1240),
+                }],
+                trainer_leader: Some("a".into()),
+                model_version: 3,
             })))),
         ),
         (

@@ -94,10 +94,7 @@ fn send_encode(items: Vec<(String, String)>) {
     if items.is_empty() {
         return;
     }
-    if let Some(e) = ractor::registry::where_is(names::CONTENT_ENCODER) {
-        e.send_message(ContentEncoderMsg::Encode(ItemTexts { items }))
-            .discard();
-    }
+    crate::handles::content_encoder().tell(ContentEncoderMsg::Encode(ItemTexts { items }));
 }
 
 impl Items {

@@ -215,14 +215,11 @@ impl Consumer for Stats {
         if self.new_items.is_empty() {
             return;
         }
-        if let Some(c) = ractor::registry::where_is(names::CATALOG) {
-            c.send_message(crate::catalog::CatalogMsg::Placeholders(
-                crate::messages::ItemIds {
-                    ids: std::mem::take(&mut self.new_items),
-                },
-            ))
-            .discard();
-        }
+        crate::handles::catalog().tell(crate::catalog::CatalogMsg::Placeholders(
+            crate::messages::ItemIds {
+                ids: std::mem::take(&mut self.new_items),
+            },
+        ));
         self.new_items.clear();
     }
 

@@ -38,6 +38,7 @@ pub mod ctx;
 pub mod encoder;
 pub mod faults;
 pub mod features;
+pub mod handles;
 pub mod item_stats;
 pub mod jetstream;
 pub mod journal;

@@ -289,8 +289,7 @@ impl RankerCore {
         partition: u32,
         unchanged_since: u64,
     ) -> Option<UserView> {
-        let cell = ractor::registry::where_is(names::user_features(partition))?;
-        let actor: ActorRef<UserFeaturesMsg> = cell.into();
+        let actor = crate::handles::user_features(partition).get()?;
         let q = UserQuery {
             user: user.to_string(),
             unchanged_since,
@@ -326,8 +325,9 @@ impl RankerCore {
             }
         }
         let ask = want.clamp(POPULAR_DEPTH, 100_000);
-        let cell = ractor::registry::where_is(names::ITEM_STATS).ok_or("item stats unavailable")?;
-        let actor: ActorRef<ItemStatsMsg> = cell.into();
+        let actor = crate::handles::item_stats()
+            .get()
+            .ok_or("item stats unavailable")?;
         let top = ractor::call_t!(
             actor,
             ItemStatsMsg::Top,

@@ -26,8 +26,8 @@ use ractor_cluster::{NodeEventSubscription, NodeServer, NodeServerMessage};
 use ractor_cluster_derive::RactorClusterMessage;
 use tokio::sync::Mutex;
 use troupe_proto::api::{
-    ApiError, ErrorKind, EventIn, ItemIn, ItemStatsView, ItemView, Op, OpReply, RecommendQuery,
-    RecommendReply, RetrainReport, RollbackReply, SimilarReply, UserRead, Written,
+    ApiError, ClusterStatus, ErrorKind, EventIn, ItemIn, ItemStatsView, ItemView, Op, OpReply,
+    RecommendQuery, RecommendReply, RetrainReport, RollbackReply, SimilarReply, UserRead, Written,
 };
 use troupe_proto::wire::{self, Envelope, RemoteError, Request, Response, TraceContext};
 
@@ -519,6 +519,15 @@ impl Client {
         }
     }
 
+    /// The cluster as the member asked sees it: members, partitions with their owners
+    /// and epochs, the trainer leader, the model version.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        match self.call(Op::ClusterStatus).await? {
+            OpReply::Cluster(c) => Ok(c),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     pub async fn rollback(&self) -> Result<RollbackReply, ClientError> {
         match self.call(Op::Rollback).await? {
             OpReply::Rollback(r) => Ok(r),
@@ -589,5 +598,51 @@ async fn call_gateway(
         Ok(ractor::rpc::CallResult::SenderError) | Err(_) => {
             Err(RemoteError::Unreachable(member.to_string()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_errors_become_typed_client_errors() {
+        let e = |kind, code: &str| ApiError {
+            retry_after_s: Some(3),
+            ..ApiError::new(kind, code, "why")
+        };
+        assert_eq!(
+            ClientError::from(e(ErrorKind::Invalid, "too_many_events")),
+            ClientError::Invalid {
+                code: "too_many_events".into(),
+                detail: "why".into()
+            }
+        );
+        assert_eq!(
+            ClientError::from(e(ErrorKind::Unauthorized, "unauthorized")),
+            ClientError::Unauthorized("why".into())
+        );
+        assert_eq!(
+            ClientError::from(e(ErrorKind::Overloaded, "overloaded")),
+            ClientError::Overloaded {
+                detail: "why".into(),
+                retry_after: Duration::from_secs(3)
+            }
+        );
+        assert_eq!(
+            ClientError::from(e(ErrorKind::Unavailable, "unavailable")),
+            ClientError::Unavailable {
+                detail: "why".into(),
+                retry_after: Duration::from_secs(3)
+            }
+        );
+        assert_eq!(
+            ClientError::from(e(ErrorKind::NotFound, "not_found")),
+            ClientError::NotFound("why".into())
+        );
+        assert_eq!(
+            ClientError::from(e(ErrorKind::Conflict, "conflict")),
+            ClientError::Conflict("why".into())
+        );
     }
 }

@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use troupe_actors::ctx::Ctx;
+use troupe_actors::handles;
 use troupe_actors::journal::AppendEntry;
-use troupe_actors::names;
 use troupe_actors::node;
 use troupe_actors::ranker::{RankerMsg, RecommendRequest};
 use troupe_actors::record::{partition_of, Event, Item, Payload, CATALOG_STREAM};
@@ -140,7 +140,7 @@ pub fn run(a: DemoArgs) -> CmdResult {
         };
         append_all(&booted.handle.ctx, entries).await?;
         println!("loaded {} items and {n_events} events through the journal in {:.1}s", items.len(), started.elapsed().as_secs_f64());
-        let report = node::call(names::ALS_TRAINER, Duration::from_secs(3600), AlsTrainerMsg::Retrain).await.map_err(internal)?;
+        let report = handles::als_trainer().call(Duration::from_secs(3600), AlsTrainerMsg::Retrain).await.map_err(internal)?;
         println!(
             "trained ALS v{}: {} users x {} items, {} interactions, validation NDCG@10 {:.4} ({} held-out users) in {:.1}s",
             report.model_version, report.users, report.items, report.interactions, report.candidate_ndcg, report.validation_users, report.train_ms as f64 / 1000.0
@@ -158,7 +158,7 @@ pub fn run(a: DemoArgs) -> CmdResult {
                 request_id: format!("demo-{user}"),
                 ..Default::default()
             };
-            let r = node::call(names::RANKER, Duration::from_secs(10), |port| RankerMsg::Recommend(req, port)).await.map_err(internal)?;
+            let r = handles::ranker().call(Duration::from_secs(10), |port| RankerMsg::Recommend(req, port)).await.map_err(internal)?;
             println!("\nuser {user} (applied offset {}, degraded {}):", r.applied_offset, r.degraded);
             for it in &r.items {
                 let s = &it.shares;

@@ -358,6 +358,84 @@ pub struct UserRead {
     pub stale: bool,
 }
 
+/// How a node sees a member of its cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PeerState {
+    /// No authenticated session yet (dialling, or waiting to be dialled).
+    Connecting,
+    /// Session up and liveness calls answered.
+    Up,
+    /// Session open but `heartbeat_misses` liveness calls in a row went unanswered (a
+    /// hung or overloaded peer, or a socket that died silently). After twice that many
+    /// misses this node closes the session, so a redial replaces it.
+    Unresponsive,
+    /// The session closed; reconnecting.
+    Down,
+    /// The handshake failed (cookie mismatch, or not a Troupe node).
+    Refused,
+    /// The peer speaks another cluster protocol version.
+    Incompatible,
+}
+
+/// Where a partition stands on the node that reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotState {
+    /// Owned here and answered from here.
+    Serving,
+    /// Owned here; the checkpoint is loading or the log is replaying (not answered yet).
+    Replaying,
+    /// Owned here and being handed over (final checkpoint, then release).
+    Moving,
+    /// Held here, but its time ran out before a renewal succeeded (the state store did
+    /// not answer): not answered; re-adopted by the next renewal if nobody took it, else
+    /// lost and stopped.
+    Lapsed,
+    /// Owned by another node (see `owner`), or by nobody yet.
+    Remote,
+    /// Given up after repeated failures of its actors; nobody claims it until an
+    /// operator resets it.
+    Failed,
+}
+
+/// One member as the answering node sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub name: String,
+    /// The answering node itself.
+    pub this_node: bool,
+    pub state: PeerState,
+    /// The ALS model version the member serves (0: none, or not known yet).
+    pub model_version: u64,
+}
+
+/// One partition as the answering node sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartitionStatus {
+    pub partition: u32,
+    /// The lease holder ("" when nobody holds it).
+    pub owner: String,
+    pub epoch: u64,
+    pub state: SlotState,
+    /// Applied offset, when the answering node serves the partition.
+    pub applied_offset: Option<u64>,
+}
+
+/// The cluster as one node sees it (a single node reports itself serving everything).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The answering node.
+    pub node: String,
+    pub ready: bool,
+    pub members: Vec<MemberStatus>,
+    pub partitions: Vec<PartitionStatus>,
+    /// The trainer leader, when one is known.
+    pub trainer_leader: Option<String>,
+    /// The ALS model version the answering node serves (0: none).
+    pub model_version: u64,
+}
+
 /// An operation of the API (what HTTP routes and client calls ask for).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Op {
@@ -394,6 +472,8 @@ pub enum Op {
     },
     Retrain,
     Rollback,
+    /// The cluster as the node asked sees it.
+    ClusterStatus,
 }
 
 impl Op {
@@ -410,6 +490,7 @@ impl Op {
             Op::EraseUser { .. } => "erase_user",
             Op::Retrain => "retrain",
             Op::Rollback => "rollback",
+            Op::ClusterStatus => "cluster_status",
         }
     }
 }
@@ -425,6 +506,7 @@ pub enum OpReply {
     User(UserRead),
     Retrain(RetrainReport),
     Rollback(RollbackReply),
+    Cluster(ClusterStatus),
 }
 
 /// Why an operation was refused: the same classes and reasons as the HTTP API's errors

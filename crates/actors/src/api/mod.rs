@@ -17,9 +17,10 @@ use std::time::Duration;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use troupe_proto::api::{
-    ApiError, ErrorKind, EventIn, ItemIn, ItemStatsView, ItemView, Op, OpReply, RecommendQuery,
-    RecommendReply, RecommendRequest, RetrainReport, RollbackReply, SimilarReply, SimilarRequest,
-    SimilarSource, UserQuery, UserRead, Written,
+    ApiError, ClusterStatus, ErrorKind, EventIn, ItemIn, ItemStatsView, ItemView, MemberStatus, Op,
+    OpReply, PartitionStatus, PeerState, RecommendQuery, RecommendReply, RecommendRequest,
+    RetrainReport, RollbackReply, SimilarReply, SimilarRequest, SimilarSource, SlotState,
+    UserQuery, UserRead, Written,
 };
 use troupe_proto::log::{AppendEntry, Position};
 use troupe_proto::record::{hash128, partition_of, Event, Item, Payload, CATALOG_STREAM};
@@ -78,6 +79,7 @@ impl Access {
                 Access::Reads
             }
             Op::GetUser { .. } => Access::UserData,
+            Op::ClusterStatus => Access::Ops,
         }
     }
 
@@ -332,6 +334,7 @@ impl Api {
             }
             Op::Retrain => self.retrain().await.map(OpReply::Retrain),
             Op::Rollback => self.rollback().await.map(OpReply::Rollback),
+            Op::ClusterStatus => Ok(OpReply::Cluster(self.cluster_status())),
         }
     }
 
@@ -537,11 +540,12 @@ impl Api {
             return Err(ApiError::not_found(format!("item `{item}` was deleted")));
         }
         let req = SimilarRequest { item, k };
-        let r = node::call(crate::names::RANKER, self.opts.request_timeout, |p| {
-            crate::ranker::RankerMsg::Similar(req, p)
-        })
-        .await
-        .map_err(unavailable)?;
+        let r = crate::handles::ranker()
+            .call(self.opts.request_timeout, |p| {
+                crate::ranker::RankerMsg::Similar(req, p)
+            })
+            .await
+            .map_err(unavailable)?;
         if r.source == SimilarSource::None {
             return Err(ApiError::not_found(format!(
                 "item `{}` has no embedding or factors",
@@ -577,11 +581,12 @@ impl Api {
         if self.ctx.catalog.read().deleted.contains(&item) {
             return Err(ApiError::not_found(format!("item `{item}` was deleted")));
         }
-        let counted = node::call(crate::names::ITEM_STATS, self.opts.request_timeout, |p| {
-            crate::item_stats::ItemStatsMsg::EventCount(item.clone(), p)
-        })
-        .await
-        .map_err(unavailable)?;
+        let counted = crate::handles::item_stats()
+            .call(self.opts.request_timeout, |p| {
+                crate::item_stats::ItemStatsMsg::EventCount(item.clone(), p)
+            })
+            .await
+            .map_err(unavailable)?;
         let known = counted.is_some() || self.ctx.catalog.read().items.contains_key(&item);
         if !known {
             return Err(ApiError::not_found(format!(
@@ -622,6 +627,38 @@ impl Api {
         })
     }
 
+    /// The cluster as this node sees it; a single node reports itself serving every
+    /// partition.
+    pub fn cluster_status(&self) -> ClusterStatus {
+        let ctx = &self.ctx;
+        if let Some(c) = &ctx.cluster {
+            return c.status(ctx);
+        }
+        let me = ctx.settings.node_name.clone();
+        let model_version = ctx.als.load().as_ref().map_or(0, |m| m.version);
+        ClusterStatus {
+            node: me.clone(),
+            ready: ctx.health.ready(),
+            members: vec![MemberStatus {
+                name: me.clone(),
+                this_node: true,
+                state: PeerState::Up,
+                model_version,
+            }],
+            partitions: (0..ctx.settings.partitions)
+                .map(|p| PartitionStatus {
+                    partition: p,
+                    owner: me.clone(),
+                    epoch: 0,
+                    state: SlotState::Serving,
+                    applied_offset: Some(ctx.applied(p)),
+                })
+                .collect(),
+            trainer_leader: Some(me),
+            model_version,
+        }
+    }
+
     /// Every dead letter (JSON documents), oldest first, whichever backend keeps them.
     pub async fn dead_letters(&self) -> Result<Vec<Vec<u8>>, ApiError> {
         let ctx = &self.ctx;
@@ -648,11 +685,12 @@ impl Api {
     /// Retrains now (on the trainer leader, wherever it runs). No leader, or one that
     /// did not answer: unavailable, retry after 5 s.
     pub async fn retrain(&self) -> Result<RetrainReport, ApiError> {
-        let r = node::call(crate::names::ALS_TRAINER, RETRAIN_TIMEOUT, |p| {
-            crate::trainer::AlsTrainerMsg::Retrain(p)
-        })
-        .await
-        .map_err(unavailable)?;
+        let r = crate::handles::als_trainer()
+            .call(RETRAIN_TIMEOUT, |p| {
+                crate::trainer::AlsTrainerMsg::Retrain(p)
+            })
+            .await
+            .map_err(unavailable)?;
         if r.no_leader {
             return Err(ApiError {
                 retry_after_s: Some(5),
@@ -664,13 +702,13 @@ impl Api {
 
     /// Serves the newest kept model version below the served one, on every node.
     pub async fn rollback(&self) -> Result<RollbackReply, ApiError> {
-        let r = node::call(
-            crate::names::ALS_TRAINER,
-            self.opts.request_timeout,
-            crate::trainer::AlsTrainerMsg::Rollback,
-        )
-        .await
-        .map_err(unavailable)?;
+        let r = crate::handles::als_trainer()
+            .call(
+                self.opts.request_timeout,
+                crate::trainer::AlsTrainerMsg::Rollback,
+            )
+            .await
+            .map_err(unavailable)?;
         if let Some(e) = r.error {
             return Err(ApiError::new(ErrorKind::Conflict, "conflict", e));
         }

@@ -170,11 +170,10 @@ async fn answer(ctx: &Arc<Ctx>, env: Envelope) -> Result<Response, RemoteError> 
                     ctx.settings.node_name
                 )));
             }
-            let report = crate::node::call(crate::names::ALS_TRAINER, budget, |port| {
-                crate::trainer::AlsTrainerMsg::Retrain(port)
-            })
-            .await
-            .map_err(|e| RemoteError::Failed(e.to_string()))?;
+            let report = crate::handles::als_trainer()
+                .call(budget, crate::trainer::AlsTrainerMsg::Retrain)
+                .await
+                .map_err(|e| RemoteError::Failed(e.to_string()))?;
             return Ok(Response::Retrain(report));
         }
     };
@@ -186,11 +185,12 @@ async fn answer(ctx: &Arc<Ctx>, env: Envelope) -> Result<Response, RemoteError> 
     }
     match request {
         Request::Recommend(req) => {
-            let reply = crate::node::call(crate::names::RANKER, budget, |port| {
-                crate::ranker::RankerMsg::Recommend(req, port)
-            })
-            .await
-            .map_err(|e| RemoteError::Failed(e.to_string()))?;
+            let reply = crate::handles::ranker()
+                .call(budget, |port| {
+                    crate::ranker::RankerMsg::Recommend(req, port)
+                })
+                .await
+                .map_err(|e| RemoteError::Failed(e.to_string()))?;
             Ok(Response::Recommend(reply))
         }
         Request::Ping { .. } | Request::Retrain | Request::Api { .. } => Ok(pong(ctx)),
@@ -199,11 +199,12 @@ async fn answer(ctx: &Arc<Ctx>, env: Envelope) -> Result<Response, RemoteError> 
             let fresh = ctx
                 .wait_applied(p, target, ctx.settings.ranker.freshness_wait.min(budget))
                 .await;
-            let view = crate::node::call(&crate::names::user_features(p), budget, |port| {
-                crate::features::UserFeaturesMsg::GetUser(query, port)
-            })
-            .await
-            .map_err(|e| RemoteError::Failed(e.to_string()))?;
+            let view = crate::handles::user_features(p)
+                .call(budget, |port| {
+                    crate::features::UserFeaturesMsg::GetUser(query, port)
+                })
+                .await
+                .map_err(|e| RemoteError::Failed(e.to_string()))?;
             Ok(Response::User {
                 view,
                 stale: !fresh || !ctx.log.writable(),

@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::Mutex;
-use serde::Serialize;
 
 use crate::settings::ClusterSettings;
 
@@ -36,25 +35,8 @@ use crate::settings::ClusterSettings;
 /// trace context.
 pub use troupe_proto::wire::PROTOCOL as CLUSTER_PROTOCOL;
 
-/// How this node sees one peer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PeerState {
-    /// No authenticated session yet (dialling, or waiting to be dialled).
-    Connecting,
-    /// Session up and liveness calls answered.
-    Up,
-    /// Session open but `heartbeat_misses` liveness calls in a row went unanswered (a
-    /// hung or overloaded peer, or a socket that died silently). After twice that many
-    /// misses this node closes the session, so a redial replaces it.
-    Unresponsive,
-    /// The session closed; reconnecting.
-    Down,
-    /// The handshake failed (cookie mismatch, or not a Troupe node).
-    Refused,
-    /// The peer speaks another cluster protocol version.
-    Incompatible,
-}
+/// How this node sees one peer, and where a partition stands here (shared with clients).
+pub use troupe_proto::api::{PeerState, SlotState};
 
 /// One peer's record.
 #[derive(Debug, Clone)]
@@ -89,27 +71,6 @@ impl Peer {
             self.since = Instant::now();
         }
     }
-}
-
-/// Where a partition stands on this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SlotState {
-    /// Owned here and answered from here.
-    Serving,
-    /// Owned here; the checkpoint is loading or the log is replaying (not answered yet).
-    Replaying,
-    /// Owned here and being handed over (final checkpoint, then release).
-    Moving,
-    /// Held here, but its time ran out before a renewal succeeded (the state store did
-    /// not answer): not answered; re-adopted by the next renewal if nobody took it, else
-    /// lost and stopped.
-    Lapsed,
-    /// Owned by another node (see `owner`), or by nobody yet.
-    Remote,
-    /// Given up after repeated failures of its actors; nobody claims it until an
-    /// operator resets it.
-    Failed,
 }
 
 /// A partition as this node knows it.
@@ -303,6 +264,81 @@ impl Cluster {
             .inc();
     }
 
+    /// Where partition `p` (its slot `s`) stands here at `now`, and whether this node
+    /// holds its lease now.
+    fn slot_state(
+        &self,
+        ctx: &crate::ctx::Ctx,
+        p: u32,
+        s: &Slot,
+        now: Instant,
+    ) -> (SlotState, bool) {
+        let here = self.held_here(p);
+        let held = s.valid_until.is_some_and(|t| now < t);
+        let state = if s.failed.is_some() {
+            SlotState::Failed
+        } else if s.moving {
+            SlotState::Moving
+        } else if here && !held {
+            SlotState::Lapsed
+        } else if !held {
+            SlotState::Remote
+        } else if ctx.health.is_recovering(&crate::names::user_features(p)) {
+            SlotState::Replaying
+        } else {
+            SlotState::Serving
+        };
+        (state, held)
+    }
+
+    /// The cluster as this node sees it, for clients.
+    pub fn status(&self, ctx: &crate::ctx::Ctx) -> troupe_proto::api::ClusterStatus {
+        use troupe_proto::api::{ClusterStatus, MemberStatus, PartitionStatus};
+        let own = ctx.als.load().as_ref().map_or(0, |m| m.version);
+        let versions = self.model_versions.lock().clone();
+        let mut members = vec![MemberStatus {
+            name: self.me.clone(),
+            this_node: true,
+            state: PeerState::Up,
+            model_version: own,
+        }];
+        for (name, p) in self.peers.lock().iter() {
+            members.push(MemberStatus {
+                name: name.clone(),
+                this_node: false,
+                state: p.state,
+                model_version: versions.get(name).copied().unwrap_or(0),
+            });
+        }
+        members.sort_by(|a, b| a.name.cmp(&b.name));
+        let now = Instant::now();
+        let partitions = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                let p = i as u32;
+                let s = slot.lock().clone();
+                let (state, held) = self.slot_state(ctx, p, &s, now);
+                PartitionStatus {
+                    partition: p,
+                    owner: s.owner.clone(),
+                    epoch: s.epoch,
+                    state,
+                    applied_offset: held.then(|| ctx.applied(p)),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            node: self.me.clone(),
+            ready: ctx.health.ready(),
+            members,
+            partitions,
+            trainer_leader: self.leader_status().leader,
+            model_version: own,
+        }
+    }
+
     /// Sets the scrape-time gauges: peers by state, held partitions by state.
     pub fn export(&self, ctx: &crate::ctx::Ctx) {
         let m = &ctx.metrics;
@@ -395,22 +431,8 @@ impl Cluster {
             .enumerate()
             .map(|(i, slot)| {
                 let p = i as u32;
-                let here = self.held_here(p);
                 let s = slot.lock().clone();
-                let held = s.valid_until.is_some_and(|t| now < t);
-                let state = if s.failed.is_some() {
-                    SlotState::Failed
-                } else if s.moving {
-                    SlotState::Moving
-                } else if here && !held {
-                    SlotState::Lapsed
-                } else if !held {
-                    SlotState::Remote
-                } else if ctx.health.is_recovering(&crate::names::user_features(p)) {
-                    SlotState::Replaying
-                } else {
-                    SlotState::Serving
-                };
+                let (state, held) = self.slot_state(ctx, p, &s, now);
                 json!({
                     "partition": p,
                     "owner": s.owner,
@@ -501,10 +523,11 @@ pub async fn recommend(
         // the partition.
         req.min_offset = None;
     }
-    let mut reply = crate::node::call(crate::names::RANKER, timeout, |port| {
-        crate::ranker::RankerMsg::Recommend(req, port)
-    })
-    .await?;
+    let mut reply = crate::handles::ranker()
+        .call(timeout, |port| {
+            crate::ranker::RankerMsg::Recommend(req, port)
+        })
+        .await?;
     reply.route = route;
     reply.stale |= unsure;
     Ok(reply)
@@ -548,11 +571,12 @@ pub async fn user_view(
         let fresh = ctx
             .wait_applied(p, target, ctx.settings.ranker.freshness_wait)
             .await;
-        let view = crate::node::call(&crate::names::user_features(p), timeout, |port| {
-            crate::features::UserFeaturesMsg::GetUser(query, port)
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        let view = crate::handles::user_features(p)
+            .call(timeout, |port| {
+                crate::features::UserFeaturesMsg::GetUser(query, port)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
         return Ok((view, unsure || !fresh || !ctx.log.writable()));
     };
     let (owner, _) = cl.owner_of(p);
