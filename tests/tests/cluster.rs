@@ -38,6 +38,8 @@ struct Tuning {
     journal: String,
     /// Members configured with `trainer = false`.
     no_trainer: Vec<&'static str>,
+    /// Extra lines of `[http]` (tokens).
+    http: String,
 }
 
 impl Default for Tuning {
@@ -49,6 +51,7 @@ impl Default for Tuning {
             hold_down_ms: 1000,
             journal: String::new(),
             no_trainer: Vec::new(),
+            http: String::new(),
         }
     }
 }
@@ -63,7 +66,7 @@ fn config(name: &str, dir: &std::path::Path, members: &[Member], nats: &str, t: 
         })
         .collect();
     format!(
-        "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{http}\"\n\
+        "[node]\nname = \"{name}\"\ndata_dir = \"{}\"\n[http]\naddr = \"127.0.0.1:{http}\"\n{}\
 [journal]\npartitions = {PARTITIONS}\npoll_interval_ms = 20\n{}\
 [features]\nhistory_len = 100000\ncheckpoint_every_records = 700\ncheckpoint_interval_ms = 300\n\
 [als]\nmin_interactions = 1000000000\n\
@@ -73,6 +76,7 @@ fn config(name: &str, dir: &std::path::Path, members: &[Member], nats: &str, t: 
 reconnect_max_ms = 1000\nlease_period_ms = {}\nlease_renew_ms = {}\nrebalance_interval_ms = 200\n\
 forward_timeout_ms = 3000\nmember_hold_down_ms = {}\nmember_hold_down_max_ms = {}\n",
         dir.join("data").display(),
+        t.http,
         t.journal,
         t.jetstream,
         list.join(", "),
@@ -2472,4 +2476,80 @@ impl ractor::Actor for Rogue {
         drop(port.send(Vec::new()));
         Ok(())
     }
+}
+
+/// A cluster with a bearer token: a client without it is refused writes and user data
+/// with `Unauthorized` (HTTP's 401), still reads recommendations (public reads); the same
+/// client with the token writes and reads the user back.
+#[test]
+fn cluster_client_calls_need_the_token_where_http_does() {
+    use troupe_client::proto::api::{EventIn, RecommendQuery};
+    use troupe_client::{Client, ClientConfig, ClientError};
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(nats) = NatsCluster::one() else {
+        return;
+    };
+    let mut c = Cluster::on(
+        nats,
+        Tuning {
+            http: "auth_token = \"s3cret\"\n".into(),
+            ..Tuning::default()
+        },
+    );
+    c.launch_all_balanced();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seeds: Vec<String> = NAMES
+        .iter()
+        .map(|n| c.cluster_addr(n).to_string())
+        .collect();
+    let mut cfg = ClientConfig::new(
+        &seeds.iter().map(String::as_str).collect::<Vec<_>>(),
+        "test-cookie",
+    );
+    cfg.name = "token-test".into();
+    let client = rt
+        .block_on(Client::connect_with(cfg))
+        .expect("client connects");
+    let event = || {
+        vec![EventIn {
+            event_id: Some("tok-1".into()),
+            user: "tu".into(),
+            item: "ti".into(),
+            kind: "view".into(),
+            ..Default::default()
+        }]
+    };
+    let http = c
+        .node("a")
+        .post("/v1/events", r#"[{"user":"tu","item":"ti","kind":"view"}]"#);
+    assert_eq!(http.status, 401, "{}", http.body);
+    match rt.block_on(client.ingest(event(), None)) {
+        Err(ClientError::Unauthorized(why)) => {
+            assert_eq!(why, http.body["detail"].as_str().unwrap())
+        }
+        other => panic!("expected Unauthorized, got {other:?}"),
+    }
+    assert!(matches!(
+        rt.block_on(client.get_user("tu", None)),
+        Err(ClientError::Unauthorized(_))
+    ));
+    // Recommendations are public reads.
+    let r = rt.block_on(client.recommend(RecommendQuery {
+        user: "tu".into(),
+        k: 3,
+        ..Default::default()
+    }));
+    assert!(r.is_ok(), "{r:?}");
+    let client = client.with_token("s3cret");
+    let w = rt.block_on(client.ingest(event(), None)).unwrap();
+    assert_eq!(w.acked, 1);
+    let u = rt
+        .block_on(client.get_user("tu", Some(w.positions[0].offset)))
+        .unwrap();
+    assert_eq!(u.view.events, 1);
+    assert!(matches!(
+        rt.block_on(client.clone().with_token("wrong").erase_user("tu")),
+        Err(ClientError::Unauthorized(_))
+    ));
 }
