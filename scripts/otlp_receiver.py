@@ -32,7 +32,9 @@ def _id(v):
 
 
 def _value(v):
-    for k in ("stringValue", "intValue", "doubleValue", "boolValue"):
+    if "intValue" in v:
+        return int(v["intValue"])  # a string in the protobuf-JSON mapping
+    for k in ("stringValue", "doubleValue", "boolValue"):
         if k in v:
             return v[k]
     return v

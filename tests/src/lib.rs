@@ -502,6 +502,12 @@ pub fn acked_rows(log: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// An integer span attribute (exporters send unsigned values as numbers or as strings).
+pub fn as_int(v: &serde_json::Value) -> Option<i64> {
+    v.as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+}
+
 /// `scripts/otlp_receiver.py` on a free port: an OTLP/HTTP (JSON) trace receiver whose
 /// spans the test reads back. Killed when dropped.
 pub struct OtlpReceiver {

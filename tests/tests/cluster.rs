@@ -2134,9 +2134,12 @@ fn cluster_forwarded_request_is_one_trace_across_both_nodes() {
     c.launch_all_balanced();
     let p = *serving(c.node("b")).iter().next().unwrap();
     let user = user_in(p);
-    let w = c.node("a").post(
+    // The write goes through a inside a caller's trace; b owns the partition.
+    let (write_trace, writer) = ("5cf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b8");
+    let w = c.node("a").post_with(
         "/v1/events",
         &format!(r#"[{{"user":"{user}","item":"t1","kind":"view"}}]"#),
+        &[("traceparent", &format!("00-{write_trace}-{writer}-01"))],
     );
     assert_eq!(w.status, 200, "{}", w.body);
     let (trace_id, caller) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
@@ -2167,6 +2170,34 @@ fn cluster_forwarded_request_is_one_trace_across_both_nodes() {
     assert_eq!(gateway["attributes"]["request"], "recommend", "{gateway}");
     // No span of this trace came from c, which had nothing to do with it.
     assert!(spans.iter().all(|s| s["instance"] != "c"), "{spans:?}");
+    // The write's event, published on a with its trace context in the message headers,
+    // is applied on b, the partition's owner, in a span whose parent is a's request
+    // span: the write and its apply are one trace across the two processes.
+    let mut written = Vec::new();
+    c.wait(60, "the apply of the traced write exported by b", || {
+        written = trace_spans(&rx, write_trace);
+        written.iter().any(|s| {
+            s["name"] == "apply"
+                && s["instance"] == "b"
+                && s["attributes"]["consumer"] == "user_features"
+        })
+    });
+    let request = span_of(&written, "http", "a").expect("a's write span");
+    assert_eq!(request["parent"], writer, "{request}");
+    let apply = written
+        .iter()
+        .find(|s| {
+            s["name"] == "apply"
+                && s["instance"] == "b"
+                && s["attributes"]["consumer"] == "user_features"
+        })
+        .unwrap();
+    assert_eq!(apply["parent"], request["span_id"], "{apply}");
+    assert_eq!(
+        troupe_tests::as_int(&apply["attributes"]["stream"]),
+        Some(p as i64),
+        "{apply}"
+    );
 }
 
 /// A client program (`troupe-client`) joined to the cluster: it sees only the members'
@@ -2552,4 +2583,133 @@ fn cluster_client_calls_need_the_token_where_http_does() {
         rt.block_on(client.clone().with_token("wrong").erase_user("tu")),
         Err(ClientError::Unauthorized(_))
     ));
+}
+
+/// A rolling upgrade across adjacent protocol versions: a runs as the previous build
+/// would (`[cluster] protocol = 4`: it writes and accepts only 4), b and c speak the
+/// newest. Every member sees every other up (none incompatible); recommendations and
+/// user reads are forwarded both ways (old to new, new to old) with read-your-writes; a
+/// client speaking the newest version works through a in the older version and gets an
+/// explicit version error (never a timeout) for an operation the older version lacks.
+/// Then a is upgraded in place (restarted without the pin): the operation works through
+/// it and the peers talk to it in the newest version again.
+#[test]
+fn cluster_rolling_upgrade_nodes_of_adjacent_protocol_versions_work_together() {
+    use troupe_client::proto::wire;
+    use troupe_client::{Client, ClientConfig, ClientError};
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::prepare() else {
+        return;
+    };
+    let (old, new) = (wire::PROTOCOL - 1, wire::PROTOCOL);
+    // Appended to the [cluster] section, which closes the node's file.
+    c.node_extra.push(("a", format!("protocol = {old}\n")));
+    c.launch_all_balanced();
+    let member = |view: &Value, name: &str| -> Value {
+        view["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["name"] == name))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let all_up = |c: &Cluster| {
+        NAMES.iter().all(|n| {
+            try_cluster(c.node(n)).is_some_and(|v| {
+                NAMES
+                    .iter()
+                    .filter(|m| *m != n)
+                    .all(|m| member(&v, m)["state"] == "up")
+            })
+        })
+    };
+    c.wait(30, "every member up in every member's view", || all_up(&c));
+    let view = |c: &Cluster, n: &str| try_cluster(c.node(n)).expect("cluster view");
+    assert_eq!(member(&view(&c, "a"), "a")["protocol"], old);
+    assert_eq!(member(&view(&c, "b"), "b")["protocol"], new);
+    assert_eq!(
+        member(&view(&c, "b"), "a")["protocol"],
+        old,
+        "b talks to a in {old}"
+    );
+    // Forwarded both ways, each read after a write acknowledged by another node.
+    for (via, owner) in [("a", "b"), ("b", "a"), ("c", "a"), ("a", "c")] {
+        let p = *serving(c.node(owner)).iter().next().unwrap();
+        let user = user_in(p);
+        let item = format!("up-{via}-{owner}");
+        let w = c.node(owner).post(
+            "/v1/events",
+            &format!(r#"[{{"user":"{user}","item":"{item}","kind":"view"}}]"#),
+        );
+        assert_eq!(w.status, 200, "{}", w.body);
+        let r = c.node(via).get(&format!("/v1/users/{user}"));
+        assert_eq!(r.status, 200, "{via} -> {owner}: {}", r.body);
+        assert_eq!(r.body["stale"], false, "{}", r.body);
+        assert!(
+            r.body.to_string().contains(&item),
+            "{via} -> {owner}: {}",
+            r.body
+        );
+        let rec = c.node(via).get(&format!("/v1/recommendations/{user}?k=5"));
+        assert_eq!(rec.status, 200, "{via} -> {owner}: {}", rec.body);
+        assert_eq!(
+            rec.body["route"], "forwarded",
+            "{via} -> {owner}: {}",
+            rec.body
+        );
+        assert_eq!(rec.body["served_by"], owner, "{}", rec.body);
+        assert_eq!(
+            rec.body["degraded"], false,
+            "{via} -> {owner}: {}",
+            rec.body
+        );
+    }
+    // A client of the newest version, joined through a only.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let connect = |seed: &str, name: &str| {
+        let mut cfg = ClientConfig::new(&[seed], "test-cookie");
+        cfg.name = name.into();
+        cfg.call_timeout = Duration::from_secs(20);
+        rt.block_on(Client::connect_with(cfg))
+            .expect("client connects")
+    };
+    let a_addr = c.cluster_addr("a").to_string();
+    let client = connect(&a_addr, "upgrade-test");
+    let status = rt
+        .block_on(client.cluster_status())
+        .expect("status through a");
+    assert!(status.members.iter().any(|m| m.name == "a"));
+    let asked = Instant::now();
+    let refused = rt.block_on(client.dead_letters());
+    match &refused {
+        Err(ClientError::Version(why)) => {
+            assert!(why.contains(&format!("needs protocol {new}")), "{why}")
+        }
+        other => panic!("dead letters through a node of {old}: {other:?}"),
+    }
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "refused only after {:?}",
+        asked.elapsed()
+    );
+    drop(client);
+    // a is upgraded in place: same data, no pin.
+    let a = c.node_mut("a");
+    assert_eq!(a.terminate(), Some(0));
+    let text = std::fs::read_to_string(&a.config).unwrap();
+    std::fs::write(&a.config, text.replace(&format!("protocol = {old}\n"), "")).unwrap();
+    a.spawn();
+    c.wait(60, "every member up again", || all_up(&c));
+    c.wait(
+        30,
+        "b talks to the upgraded a in the newest version",
+        || member(&view(&c, "b"), "a")["protocol"] == new,
+    );
+    assert_eq!(member(&view(&c, "a"), "a")["protocol"], new);
+    let client = connect(&a_addr, "upgrade-test-2");
+    let dead = rt
+        .block_on(client.dead_letters())
+        .expect("dead letters through the upgraded a");
+    assert!(dead.is_empty(), "{dead:?}");
+    c.wait(60, "every partition served", || all_served_by(&c, &NAMES));
 }

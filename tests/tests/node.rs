@@ -577,6 +577,75 @@ fn spans_are_exported_over_otlp_http() {
     );
 }
 
+/// A write made inside a caller's trace carries the trace into the journal: the apply of
+/// its events by the partition's consumer is one span of the same trace, the child of the
+/// write's request span on this node.
+#[test]
+fn an_events_apply_joins_the_trace_of_the_request_that_wrote_it() {
+    let _t = timed();
+    let dir = tempfile::tempdir().unwrap();
+    let rx = troupe_tests::OtlpReceiver::start(dir.path());
+    let extra = format!(
+        "{FAST}\n[telemetry]\notlp_endpoint = \"{}\"\notlp_protocol = \"http/json\"\nsample_ratio = 1.0\n",
+        rx.url()
+    );
+    let node = Node::start(dir.path(), &extra, &[]);
+    let (trace_id, caller) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    let events = json!([
+        {"user": "traced", "item": "t1", "kind": "view"},
+        {"user": "traced", "item": "t2", "kind": "view"}
+    ]);
+    let w = node.post_with(
+        "/v1/events",
+        &events.to_string(),
+        &[("traceparent", &format!("00-{trace_id}-{caller}-01"))],
+    );
+    assert_eq!(w.status, 200, "{}", w.body);
+    let mut spans: Vec<Value> = Vec::new();
+    let http_of = |spans: &[Value]| {
+        spans
+            .iter()
+            .find(|s| s["name"] == "http" && s["parent"] == caller)
+            .cloned()
+    };
+    let apply_of = |spans: &[Value], http: &Value| {
+        spans
+            .iter()
+            .find(|s| {
+                s["name"] == "apply"
+                    && s["attributes"]["consumer"] == "user_features"
+                    && s["parent"] == http["span_id"]
+            })
+            .cloned()
+    };
+    wait_until(
+        60,
+        "the write's request span and its apply exported",
+        || {
+            spans = rx
+                .spans()
+                .into_iter()
+                .filter(|s| s["trace_id"] == trace_id)
+                .collect();
+            http_of(&spans).is_some_and(|h| apply_of(&spans, &h).is_some())
+        },
+    );
+    let http = http_of(&spans).unwrap();
+    let apply = apply_of(&spans, &http).unwrap();
+    assert_eq!(apply["instance"], http["instance"], "{apply}");
+    // Both events of the write are applied in one span (consecutive records of a write).
+    let offset = |k: &str| troupe_tests::as_int(&apply["attributes"][k]).unwrap_or(-1);
+    assert_eq!(offset("last_offset") - offset("first_offset"), 1, "{apply}");
+    assert_eq!(
+        spans
+            .iter()
+            .filter(|s| s["name"] == "apply" && s["attributes"]["consumer"] == "user_features")
+            .count(),
+        1,
+        "{spans:?}"
+    );
+}
+
 #[test]
 fn load_resumes_from_its_state_file_and_reports_bad_rows() {
     let _t = timed();

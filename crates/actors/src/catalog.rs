@@ -387,6 +387,7 @@ mod tests {
             key: 0,
             at_ms: 1,
             payload,
+            trace: None,
         }
     }
 

@@ -420,6 +420,44 @@ pub struct Step {
     pub done: bool,
 }
 
+/// The `apply` span of record `r` when the request that wrote it was traced: a child of
+/// that request's span (so the apply on the partition's owner is part of the writer's
+/// trace, whichever node wrote it), shared by consecutive records of the same write.
+/// `None` for untraced records: applying them costs no span.
+fn apply_span<'a>(
+    traced: &'a mut Option<(String, tracing::Span)>,
+    consumer: &'static str,
+    r: &Record,
+) -> Option<&'a tracing::Span> {
+    let Some(tp) = &r.trace else {
+        *traced = None;
+        return None;
+    };
+    if traced.as_ref().is_none_or(|(t, _)| t != tp) {
+        let span = tracing::info_span!(
+            "apply",
+            consumer,
+            stream = r.stream,
+            first_offset = r.offset,
+            last_offset = r.offset,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        crate::trace::adopt(
+            &span,
+            &crate::proto::wire::TraceContext {
+                traceparent: tp.clone(),
+                tracestate: String::new(),
+            },
+        );
+        crate::trace::record_ids(&span);
+        *traced = Some((tp.clone(), span));
+    }
+    let span = traced.as_ref().map(|(_, s)| s)?;
+    span.record("last_offset", r.offset);
+    Some(span)
+}
+
 /// Per-consumer bookkeeping for applying records (see the module docs).
 pub struct ConsumerRuntime {
     /// Registered name (`user_features-3`); failure counts and dead letters are kept
@@ -770,6 +808,9 @@ impl ConsumerRuntime {
         let horizon = ctx.settings.idempotency_window.as_millis() as i64;
         let cap = ctx.settings.consumer_dedupe_keys;
         let mut n = 0;
+        // The span of the traced write whose records are being applied (one per run of
+        // records written by the same sampled request).
+        let mut traced: Option<(String, tracing::Span)> = None;
         for r in records {
             let Some(cursor) = self.cursors.get_mut(&stream) else {
                 break;
@@ -798,6 +839,8 @@ impl ConsumerRuntime {
                 self.duplicates += 1;
                 ctx.metrics.consumer_duplicates.inc();
             } else {
+                let span = apply_span(&mut traced, self.kind, &r);
+                let _in = span.map(tracing::Span::enter);
                 target.apply(&r)?;
                 n += 1;
             }
@@ -1316,7 +1359,7 @@ mod tests {
         for &o in offsets {
             let mut b = JournalBatch::new(0, o, at(o));
             b.push(key(o), &ev(o));
-            ctx.store.append(&[b], &[], 0, None).unwrap();
+            ctx.store.append(&[b], &[], &[], 0, None).unwrap();
         }
     }
 

@@ -576,6 +576,7 @@ mod tests {
                 ts_ms: 1_000_000 + offset as i64,
                 request_id: None,
             }),
+            trace: None,
         }
     }
 
@@ -590,6 +591,7 @@ mod tests {
                 categories: vec![category.into()],
                 ..Default::default()
             }),
+            trace: None,
         }
     }
 

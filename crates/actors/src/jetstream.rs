@@ -16,7 +16,7 @@
 //! awaited, and the client bounds the acks in flight (`max_in_flight`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 use async_trait::async_trait;
@@ -679,6 +679,10 @@ fn server_code(err: &jetstream::context::PublishError) -> Option<u64> {
         .map(|e| e.error_code().0)
 }
 
+/// The message header that carries the W3C trace context of the request that wrote a
+/// record (sampled requests only).
+const TRACEPARENT: &str = "traceparent";
+
 /// The hex form of an idempotency key (`Nats-Msg-Id`).
 fn msg_id(key: u128) -> String {
     format!("{key:032x}")
@@ -812,6 +816,9 @@ impl JetStreamLog {
             if e.key != 0 {
                 h.insert(header::NATS_MESSAGE_ID, msg_id(e.key).as_str());
             }
+            if let Some(t) = &e.trace {
+                h.insert(TRACEPARENT, t.as_str());
+            }
             let payload = Bytes::from(record::encode(&e.payload));
             if i + 1 < n {
                 self.js
@@ -879,6 +886,9 @@ impl JetStreamLog {
                 .payload(Bytes::from(record::encode(&e.payload)));
             if e.key != 0 {
                 msg = msg.message_id(msg_id(e.key));
+            }
+            if let Some(t) = &e.trace {
+                msg = msg.header(TRACEPARENT, t.as_str());
             }
             let ack = self
                 .js
@@ -1054,6 +1064,20 @@ async fn follow(
 /// (the tail does not hold those records, so consumers read them from the server), so a
 /// follower that stalls (a consumer lost in a leader election, a slow reconnect) delays
 /// consumers by a few seconds at most and never stops them.
+/// True when a replicated stream's info came without a leader: a member answered with
+/// its own state, which may lag (a replica catching up after a partition heals).
+fn leaderless(info: &jetstream::stream::Info) -> bool {
+    info.cluster
+        .as_ref()
+        .is_some_and(|c| c.leader.as_deref().is_none_or(str::is_empty))
+}
+
+/// A regression of the stream is acted on only when this many checks in a row, spanning
+/// at least [`REGRESSION_CONFIRM`], see it: one answer from a replica that is catching up
+/// (a healed partition) must not stop every node of the cluster.
+const REGRESSION_CHECKS: u32 = 3;
+const REGRESSION_CONFIRM: Duration = Duration::from_secs(4);
+
 async fn watch_heads(
     js: JetStream,
     heads: Arc<Heads>,
@@ -1068,6 +1092,8 @@ async fn watch_heads(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_connected = true;
     let mut ticks = 0u64;
+    // A regression seen since (checks in a row): acted on only once confirmed.
+    let mut suspected: Option<(Instant, u32)> = None;
     loop {
         tick.tick().await;
         if !js.connected() {
@@ -1075,14 +1101,22 @@ async fn watch_heads(
             continue;
         }
         ticks += 1;
-        // On every reconnect and every few seconds: the stream must not have gone
-        // backwards under this node (ADR 012).
-        if !was_connected || ticks.is_multiple_of(5) {
+        // On every reconnect and every few seconds (every second while a regression is
+        // suspected): the stream must not have gone backwards under this node (ADR 012).
+        if !was_connected || suspected.is_some() || ticks.is_multiple_of(5) {
             let seen = streams.iter().map(|&s| heads.get(s)).max().unwrap_or(0);
-            if let Some(why) = stream_regressed(&js, created, seen).await {
-                tracing::error!(reason = %why, "the log went backwards; refusing to serve");
-                *fault.lock() = Some(why);
-                return;
+            match stream_regressed(&js, created, seen).await {
+                Some(why) => {
+                    let (since, n) = suspected.get_or_insert((Instant::now(), 0));
+                    *n += 1;
+                    if *n >= REGRESSION_CHECKS && since.elapsed() >= REGRESSION_CONFIRM {
+                        tracing::error!(reason = %why, "the log went backwards; refusing to serve");
+                        *fault.lock() = Some(why);
+                        return;
+                    }
+                    tracing::warn!(reason = %why, checks = *n, "the log looks like it went backwards; checking again before refusing to serve");
+                }
+                None => suspected = None,
             }
         }
         was_connected = true;
@@ -1121,6 +1155,11 @@ async fn stream_regressed(
     let mut s = js.stream.clone();
     let info = s.info().await.ok()?;
     let name = &js.config.stream;
+    if leaderless(info) {
+        // A replicated stream without a leader: a member answered with its own state,
+        // which may lag (a replica catching up after a partition heals). Not evidence.
+        return None;
+    }
     if info.created != created {
         return Some(format!(
             "stream {name} was deleted and re-created while this node ran (created {} before, {} now): the records it held are gone; restore the stream or start the cluster on a new one",
@@ -1154,12 +1193,16 @@ fn decode_message(
         .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
         .and_then(|v| u128::from_str_radix(v.as_str(), 16).ok())
         .unwrap_or(0);
+    let trace = headers
+        .and_then(|h| h.get(TRACEPARENT))
+        .map(|v| v.as_str().to_string());
     Ok(Record {
         stream,
         offset: seq,
         key,
         at_ms,
         payload,
+        trace,
     })
 }
 
@@ -1330,6 +1373,11 @@ impl Log for JetStreamLog {
             .info()
             .await
             .map_err(|e| LogError::Unavailable(unavailable("stream info", e)))?;
+        if leaderless(info) {
+            return Err(LogError::Unavailable(
+                "the stream has no leader (a replica's own state may lag); asking again".into(),
+            ));
+        }
         Ok(info.state.last_sequence)
     }
 

@@ -358,6 +358,7 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
     // One batch (one row) per stream, records encoded straight into it.
     let mut batches: FxHashMap<u32, JournalBatch> = FxHashMap::default();
     let mut committed: Vec<Record> = Vec::with_capacity(n);
+    let mut traces: Vec<(u32, u64, String)> = Vec::new();
     let mut replies = Vec::with_capacity(batch.len());
     let mut injected = false;
     for (req, port) in batch {
@@ -366,6 +367,7 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
             stream,
             key,
             payload,
+            trace,
         } in req.entries
         {
             if key != 0 {
@@ -384,12 +386,16 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
             if key != 0 {
                 fresh.insert(key, (stream, offset));
             }
+            if let Some(t) = &trace {
+                traces.push((stream, offset, t.clone()));
+            }
             let rec = Record {
                 stream,
                 offset,
                 key,
                 at_ms: now,
                 payload,
+                trace,
             };
             if let Some(FaultAction::Error) = ctx.faults.on_record("journal", &rec) {
                 injected = true;
@@ -421,7 +427,13 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
         let keys: Vec<(u128, u32, u64)> = fresh.iter().map(|(&k, &(s, o))| (k, s, o)).collect();
         tokio::task::spawn_blocking(move || {
             store
-                .append(&batches, &keys, now, (expired > 0).then_some(horizon))
+                .append(
+                    &batches,
+                    &keys,
+                    &traces,
+                    now,
+                    (expired > 0).then_some(horizon),
+                )
                 .map_err(|e| e.to_string())
         })
         .await

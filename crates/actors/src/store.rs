@@ -28,6 +28,10 @@ const HEADS: TableDefinition<u32, u64> = TableDefinition::new("journal_heads");
 /// stream -> the highest offset deleted by retention. A consumer whose position is below
 /// it has lost records and must stop (see `consumer.rs`).
 const TRUNCATED: TableDefinition<u32, u64> = TableDefinition::new("journal_truncated");
+/// The W3C `traceparent` of journal records written by sampled requests, by
+/// `(stream, offset)`: beside the records, so the batch format stays as it is and
+/// unsampled writes cost nothing.
+const TRACES: TableDefinition<(u32, u64), &str> = TableDefinition::new("journal_traces");
 /// Version of the batch container written by this build:
 /// `[format u16][first offset u64][count u32][appended at ms i64]`, then per record
 /// `[length u32][idempotency key u128][record]`, each record carrying its own format and
@@ -456,6 +460,7 @@ impl Store {
             tx.open_table(JOURNAL).map_err(self.err())?;
             tx.open_table(HEADS).map_err(self.err())?;
             tx.open_table(TRUNCATED).map_err(self.err())?;
+            tx.open_table(TRACES).map_err(self.err())?;
             tx.open_table(IDEM).map_err(self.err())?;
             tx.open_table(CHECKPOINTS).map_err(self.err())?;
             tx.open_table(FAILURES).map_err(self.err())?;
@@ -752,16 +757,24 @@ impl Store {
     }
 
     /// Appends batches (each one row) plus the idempotency entries `(key, stream, offset)`
-    /// of their records in one durable commit (one fsync), moves the heads past them, and
-    /// drops idempotency groups acked before `expire_before_ms`.
+    /// of their records and the trace contexts `(stream, offset, traceparent)` of traced
+    /// ones in one durable commit (one fsync), moves the heads past them, and drops
+    /// idempotency groups acked before `expire_before_ms`.
     pub fn append(
         &self,
         batches: &[JournalBatch],
         keys: &[(u128, u32, u64)],
+        traces: &[(u32, u64, String)],
         now_ms: i64,
         expire_before_ms: Option<i64>,
     ) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(self.err())?;
+        if !traces.is_empty() {
+            let mut t = tx.open_table(TRACES).map_err(self.err())?;
+            for (s, o, tp) in traces {
+                t.insert((*s, *o), tp.as_str()).map_err(self.err())?;
+            }
+        }
         {
             let mut j = tx.open_table(JOURNAL).map_err(self.err())?;
             let mut heads = tx.open_table(HEADS).map_err(self.err())?;
@@ -848,7 +861,21 @@ impl Store {
                     key: r.key.unwrap_or_else(|| payload.idempotency_key()),
                     at_ms: f.at_ms,
                     payload,
+                    trace: None,
                 });
+            }
+        }
+        if let (Some(first), Some(last)) = (out.first(), out.last()) {
+            let traces = tx.open_table(TRACES).map_err(self.err())?;
+            for row in traces
+                .range((stream, first.offset)..=(stream, last.offset))
+                .map_err(self.err())?
+            {
+                let (k, v) = row.map_err(self.err())?;
+                let offset = k.value().1;
+                if let Ok(i) = out.binary_search_by_key(&offset, |r| r.offset) {
+                    out[i].trace = Some(v.value().to_string());
+                }
             }
         }
         Ok(ReadAfter {
@@ -876,6 +903,10 @@ impl Store {
             })
             .map_err(self.err())?;
             if highest > 0 {
+                tx.open_table(TRACES)
+                    .map_err(self.err())?
+                    .retain_in((stream, 0)..=(stream, highest), |_, _| false)
+                    .map_err(self.err())?;
                 let mut cut = tx.open_table(TRUNCATED).map_err(self.err())?;
                 let prev = cut
                     .get(stream)
@@ -1250,6 +1281,51 @@ mod tests {
         assert_ne!(Store::open(&b).unwrap().0.identity().unwrap(), first);
     }
 
+    /// Trace contexts written beside records come back on their records (and only
+    /// theirs), survive a reopen, and go with the records retention deletes.
+    #[test]
+    fn traces_are_kept_beside_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let tp = |i: u64| format!("00-{:032x}-{:016x}-01", i + 1, i + 1);
+        {
+            let (s, _) = Store::open(&path).unwrap();
+            let mut next = Default::default();
+            for c in 0..2u32 {
+                let (b, keys) = batches((5 * c..5 * c + 5).map(|i| (0, ev(i))), &mut next);
+                // Records 2 and 7 (offsets 3 and 8) were written by traced requests.
+                let traces = vec![(0, u64::from(5 * c) + 3, tp(u64::from(c)))];
+                s.append(&b, &keys, &traces, 5, None).unwrap();
+            }
+        }
+        let (s, _) = Store::open(&path).unwrap();
+        let traced = |r: &ReadAfter| -> Vec<(u64, String)> {
+            r.records
+                .iter()
+                .filter_map(|r| r.trace.clone().map(|t| (r.offset, t)))
+                .collect()
+        };
+        let all = s.read_after(0, 0, u64::MAX, 100).unwrap();
+        assert_eq!(traced(&all), vec![(3, tp(0)), (8, tp(1))]);
+        // A read that starts after the first traced record sees only the second.
+        assert_eq!(
+            traced(&s.read_after(0, 3, 9, 100).unwrap()),
+            vec![(8, tp(1))]
+        );
+        assert!(traced(&s.read_after(0, 3, 7, 100).unwrap()).is_empty());
+        // Retention deletes the first commit, and its trace with it.
+        assert_eq!(s.truncate(0, 6).unwrap(), 5);
+        assert_eq!(
+            traced(&s.read_after(0, 5, u64::MAX, 100).unwrap()),
+            vec![(8, tp(1))]
+        );
+        let tx = s.db.begin_read().unwrap();
+        assert_eq!(
+            redb::ReadableTableMetadata::len(&tx.open_table(TRACES).unwrap()).unwrap(),
+            1
+        );
+    }
+
     #[test]
     fn append_read_truncate_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -1261,7 +1337,7 @@ mod tests {
             // Two commits: 5 + 5 records per stream.
             for c in 0..2 {
                 let (b, keys) = batches((10 * c..10 * c + 10).map(|i| (i % 2, ev(i))), &mut next);
-                s.append(&b, &keys, 5, None).unwrap();
+                s.append(&b, &keys, &[], 5, None).unwrap();
             }
             assert_eq!(s.streams().unwrap(), vec![0, 1]);
             assert_eq!(
@@ -1327,7 +1403,7 @@ mod tests {
         assert_eq!(w, vec![(7, 0, 1, 100), (8, 1, 1, 200)]);
         // New keys land in one group per commit; expiry drops whole groups by time.
         let (batch, keys) = batches((1..=4).map(|i| (0, ev(i))), &mut Default::default());
-        s.append(&batch, &keys, 300, Some(150)).unwrap();
+        s.append(&batch, &keys, &[], 300, Some(150)).unwrap();
         let w = s.idempotency_window(0).unwrap();
         assert!(!w.iter().any(|e| e.0 == 7), "older than the horizon: gone");
         assert!(w.iter().any(|e| e.0 == 8));
@@ -1355,7 +1431,7 @@ mod tests {
             let (s, _) = Store::open(&path).unwrap();
             let mut next = Default::default();
             let (b, keys) = batches((1..=2).map(|i| (0, ev(i))), &mut next);
-            s.append(&b, &keys, 0, None).unwrap();
+            s.append(&b, &keys, &[], 0, None).unwrap();
             // The last commit: a good record, then one whose body was cut short (as a
             // torn write would leave it), then a batch that ends inside its framing.
             // Its keys were acked (idempotency entries written with it).
@@ -1367,13 +1443,13 @@ mod tests {
             let keys: Vec<_> = (3..=5)
                 .map(|i| (ev(i).idempotency_key(), 0, i as u64))
                 .collect();
-            s.append(&[b], &keys, 0, None).unwrap();
+            s.append(&[b], &keys, &[], 0, None).unwrap();
             // Stream 1: a whole batch of bad records goes, the batch before it stays.
             let (b, keys) = batches([(1, ev(6))], &mut Default::default());
-            s.append(&b, &keys, 0, None).unwrap();
+            s.append(&b, &keys, &[], 0, None).unwrap();
             let mut b = JournalBatch::new(1, 2, 0);
             b.push_encoded(ev(7).idempotency_key(), &torn);
-            s.append(&[b], &[(ev(7).idempotency_key(), 1, 2)], 0, None)
+            s.append(&[b], &[(ev(7).idempotency_key(), 1, 2)], &[], 0, None)
                 .unwrap();
         }
         let (s, rep) = Store::open(&path).unwrap();
@@ -1406,7 +1482,7 @@ mod tests {
         }
         // Appends continue after the head; readers see a sparse stream.
         let (b, keys) = batches([(0, ev(8))], &mut [(0, 5)].into_iter().collect());
-        s.append(&b, &keys, 0, None).unwrap();
+        s.append(&b, &keys, &[], 0, None).unwrap();
         let r = s.read_after(0, 3, u64::MAX, 10).unwrap();
         assert_eq!(offsets(&r), vec![6]);
         assert_eq!(r.records[0].payload, ev(8));
@@ -1457,7 +1533,7 @@ mod tests {
         assert_eq!(r.records[0].key, ev(7).idempotency_key());
         // New batches (format 2) follow the old ones in the same stream.
         let (b, keys) = batches([(0, ev(3))], &mut [(0, 2)].into_iter().collect());
-        s.append(&b, &keys, 0, None).unwrap();
+        s.append(&b, &keys, &[], 0, None).unwrap();
         assert_eq!(
             offsets(&s.read_after(0, 0, u64::MAX, 10).unwrap()),
             vec![1, 2, 3]

@@ -33,6 +33,15 @@ pub fn current() -> TraceContext {
     context_of(&tracing::Span::current())
 }
 
+/// The `traceparent` of the current span when its trace is sampled (`None` otherwise):
+/// what a written record carries, so its apply joins the writer's trace. Unsampled
+/// writes carry nothing, which keeps the log's records as small as before.
+pub fn sampled() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    let sc = cx.span().span_context().clone();
+    (sc.is_valid() && sc.is_sampled()).then(|| format!("00-{}-{}-01", sc.trace_id(), sc.span_id()))
+}
+
 /// Makes `span` a child of the caller's span described by `tc` (nothing when `tc` is
 /// empty or malformed: the span then starts its own trace).
 pub fn adopt(span: &tracing::Span, tc: &TraceContext) {

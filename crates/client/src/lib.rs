@@ -365,11 +365,15 @@ impl Client {
                 }
                 Err(RemoteError::Version { got, accepted }) => {
                     return Err(ClientError::Version(format!(
-                        "{member} answered in protocol {got}; this client accepts {}..={} (and speaks {})",
+                        "{member} and this client share no protocol version (version {got} refused; the refusing side accepts {}..={}; this client speaks {}..={})",
                         accepted.0,
                         accepted.1,
-                        wire::PROTOCOL
+                        wire::OLDEST,
+                        wire::speaks()
                     )))
+                }
+                Err(e @ RemoteError::TooNew { .. }) => {
+                    return Err(ClientError::Version(format!("{member}: {e}")))
                 }
                 Err(RemoteError::Timeout(_)) if !resend_after_timeout => {
                     return Err(ClientError::Timeout(timeout))
@@ -521,6 +525,15 @@ impl Client {
 
     /// The cluster as the member asked sees it: members, partitions with their owners
     /// and epochs, the trainer leader, the model version.
+    /// Records the consumers gave up on, one JSON document each (admin token; members
+    /// of protocol 5 and later).
+    pub async fn dead_letters(&self) -> Result<Vec<String>, ClientError> {
+        match self.call(Op::DeadLetters).await? {
+            OpReply::DeadLetters(d) => Ok(d),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
         match self.call(Op::ClusterStatus).await? {
             OpReply::Cluster(c) => Ok(c),
@@ -585,20 +598,29 @@ async fn call_gateway(
     env: &Envelope,
     timeout: Duration,
 ) -> Result<Response, RemoteError> {
-    let frame = wire::request_frame(env).map_err(RemoteError::Failed)?;
     let gw = gateway_of(member).ok_or_else(|| RemoteError::Unreachable(member.to_string()))?;
-    match gw
-        .call(|port| GatewayMsg::Call(frame, port), Some(timeout))
-        .await
-    {
-        Ok(ractor::rpc::CallResult::Success(bytes)) => wire::open_reply(&bytes),
-        Ok(ractor::rpc::CallResult::Timeout) => {
-            Err(RemoteError::Timeout(timeout.as_millis() as u64))
+    let started = Instant::now();
+    // In the newest version the member speaks (a member of the previous version is
+    // asked again in it; the two versions share `timeout`).
+    wire::exchange(member, env, |frame| {
+        let gw = gw.clone();
+        let left = timeout.saturating_sub(started.elapsed());
+        async move {
+            match gw
+                .call(|port| GatewayMsg::Call(frame, port), Some(left))
+                .await
+            {
+                Ok(ractor::rpc::CallResult::Success(bytes)) => Ok(bytes),
+                Ok(ractor::rpc::CallResult::Timeout) => {
+                    Err(RemoteError::Timeout(timeout.as_millis() as u64))
+                }
+                Ok(ractor::rpc::CallResult::SenderError) | Err(_) => {
+                    Err(RemoteError::Unreachable(member.to_string()))
+                }
+            }
         }
-        Ok(ractor::rpc::CallResult::SenderError) | Err(_) => {
-            Err(RemoteError::Unreachable(member.to_string()))
-        }
-    }
+    })
+    .await
 }
 
 #[cfg(test)]

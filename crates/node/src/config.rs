@@ -115,6 +115,11 @@ pub struct ClusterSection {
     pub member_hold_down_max_ms: u64,
     pub move_budget: u32,
     pub move_budget_window_ms: u64,
+    /// The newest cross-node protocol version this node speaks (0: this build's newest).
+    /// During a rolling upgrade, pin it to the previous build's version until every
+    /// member runs the new build, so nothing that needs the new version is used while a
+    /// member could still be rolled back; nodes of adjacent versions talk in the older.
+    pub protocol: u16,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -338,6 +343,7 @@ impl Default for Config {
                 member_hold_down_max_ms: 600_000,
                 move_budget: 16,
                 move_budget_window_ms: 60_000,
+                protocol: 0,
             },
             features: FeaturesSection {
                 history_len: 200,
@@ -715,6 +721,14 @@ impl Config {
             need(
                 c.move_budget >= 1 && c.move_budget_window_ms >= 1,
                 "cluster.move_budget and cluster.move_budget_window_ms must be >= 1",
+            );
+            let (oldest, newest) = (
+                troupe_actors::proto::wire::OLDEST,
+                troupe_actors::proto::wire::PROTOCOL,
+            );
+            need(
+                c.protocol == 0 || (oldest..=newest).contains(&c.protocol),
+                &format!("cluster.protocol must be 0 (the newest) or in {oldest}..={newest}"),
             );
         }
         need(

@@ -398,6 +398,14 @@ pub fn run(args: NodeArgs, verbose: bool) -> Result<(), CliError> {
             "exporting traces over OTLP/HTTP"
         );
     }
+    if cfg.cluster.protocol != 0 {
+        troupe_actors::proto::wire::speak_as(cfg.cluster.protocol).map_err(CliError::input)?;
+        tracing::info!(
+            protocol = cfg.cluster.protocol,
+            newest = troupe_actors::proto::wire::PROTOCOL,
+            "speaking an older cluster protocol (cluster.protocol)"
+        );
+    }
     let result = rt.block_on(async {
         let b = boot(&cfg).await.map_err(CliError::Internal)?;
         println!(

@@ -474,6 +474,8 @@ pub enum Op {
     Rollback,
     /// The cluster as the node asked sees it.
     ClusterStatus,
+    /// Records consumers gave up on (admin; protocol 5).
+    DeadLetters,
 }
 
 impl Op {
@@ -491,6 +493,15 @@ impl Op {
             Op::Retrain => "retrain",
             Op::Rollback => "rollback",
             Op::ClusterStatus => "cluster_status",
+            Op::DeadLetters => "dead_letters",
+        }
+    }
+
+    /// The first protocol version that has this operation.
+    pub fn since(&self) -> u16 {
+        match self {
+            Op::DeadLetters => 5,
+            _ => 4,
         }
     }
 }
@@ -507,6 +518,8 @@ pub enum OpReply {
     Retrain(RetrainReport),
     Rollback(RollbackReply),
     Cluster(ClusterStatus),
+    /// One JSON document per dead letter (consumer, stream, offset, attempts, record).
+    DeadLetters(Vec<String>),
 }
 
 /// Why an operation was refused: the same classes and reasons as the HTTP API's errors

@@ -11,6 +11,9 @@ pub struct AppendEntry {
     pub stream: u32,
     pub key: u128,
     pub payload: Payload,
+    /// W3C `traceparent` of the sampled request that writes it (`None`: not traced).
+    #[serde(default)]
+    pub trace: Option<String>,
 }
 
 impl AppendEntry {
@@ -20,7 +23,14 @@ impl AppendEntry {
             stream,
             key: payload.idempotency_key(),
             payload,
+            trace: None,
         }
+    }
+
+    /// The entry carrying the trace context `trace` (a W3C `traceparent`).
+    pub fn traced(mut self, trace: Option<String>) -> Self {
+        self.trace = trace;
+        self
     }
 }
 

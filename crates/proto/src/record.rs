@@ -93,6 +93,11 @@ pub struct Record {
     /// When the log appended it (ms since the epoch; 0 when unknown).
     pub at_ms: i64,
     pub payload: Payload,
+    /// W3C `traceparent` of the sampled request that appended it (`None`: not traced),
+    /// kept beside the record by the log (a JetStream header; a side table of the
+    /// embedded journal), so the record's apply joins the writer's trace.
+    #[serde(default)]
+    pub trace: Option<String>,
 }
 
 /// Why a stored record could not be read.

@@ -13,7 +13,10 @@
 //! [`TraceContext`]. Golden bytes of every message of each accepted version live under
 //! `tests/golden/` and must keep decoding.
 
+use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -21,11 +24,62 @@ use crate::api::{
     ApiError, Op, OpReply, RecommendReply, RecommendRequest, RetrainReport, UserQuery, UserView,
 };
 
-/// The protocol version this build speaks.
-pub const PROTOCOL: u16 = 4;
+/// The newest protocol version this build speaks. Version 5 added the client's
+/// dead-letter read ([`crate::api::Op::DeadLetters`]) and [`RemoteError::TooNew`]; every
+/// message of version 4 encodes to the same bytes in 5.
+pub const PROTOCOL: u16 = 5;
 
-/// The request versions this build answers.
-pub const ACCEPTED: RangeInclusive<u16> = 4..=4;
+/// The oldest version this build reads and writes.
+pub const OLDEST: u16 = 4;
+
+/// The versions this build can speak.
+pub const ACCEPTED: RangeInclusive<u16> = OLDEST..=PROTOCOL;
+
+/// The newest version this process speaks: [`PROTOCOL`] unless pinned lower by
+/// [`speak_as`] (a node configured to speak as the previous build until every member is
+/// upgraded, so nothing that needs the new version is used while one could be rolled
+/// back).
+static SPEAKS: AtomicU16 = AtomicU16::new(PROTOCOL);
+
+/// The version last agreed with each peer (by node name): requests go out in it.
+static PEERS: Mutex<BTreeMap<String, u16>> = Mutex::new(BTreeMap::new());
+
+/// Pins the newest version this process speaks and accepts to `version`.
+pub fn speak_as(version: u16) -> Result<(), String> {
+    if !ACCEPTED.contains(&version) {
+        return Err(format!(
+            "protocol {version} cannot be spoken by this build (it speaks {OLDEST}..={PROTOCOL})"
+        ));
+    }
+    SPEAKS.store(version, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The newest version this process speaks.
+pub fn speaks() -> u16 {
+    SPEAKS.load(Ordering::Relaxed)
+}
+
+/// The versions this process accepts now: [`OLDEST`] to [`speaks`].
+pub fn accepted() -> RangeInclusive<u16> {
+    OLDEST..=speaks()
+}
+
+/// The version requests to `peer` go out in: the one last agreed with it, or this
+/// process's newest before the first exchange.
+pub fn peer_version(peer: &str) -> u16 {
+    PEERS
+        .lock()
+        .ok()
+        .and_then(|m| m.get(peer).copied())
+        .unwrap_or_else(speaks)
+}
+
+fn remember(peer: &str, version: u16) {
+    if let Ok(mut m) = PEERS.lock() {
+        m.insert(peer.to_string(), version);
+    }
+}
 
 /// W3C trace context of the caller's span (`traceparent`, `tracestate` headers), so the
 /// callee's spans join the caller's trace. Empty strings: not traced.
@@ -62,6 +116,14 @@ pub enum Request {
 }
 
 impl Request {
+    /// The first protocol version that has this request.
+    pub fn since(&self) -> u16 {
+        match self {
+            Request::Api { op, .. } => op.since(),
+            _ => OLDEST,
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Request::Ping { .. } => "ping",
@@ -120,6 +182,9 @@ pub enum RemoteError {
     Timeout(u64),
     #[error("peer {0} is unreachable")]
     Unreachable(String),
+    /// The request exists only from protocol `needs`; the peer speaks up to `peer`.
+    #[error("this request needs protocol {needs}; the node asked speaks up to {peer} (upgrade it, or unpin its protocol, first)")]
+    TooNew { needs: u16, peer: u16 },
 }
 
 impl RemoteError {
@@ -127,7 +192,7 @@ impl RemoteError {
     pub fn version(got: u16) -> Self {
         RemoteError::Version {
             got,
-            accepted: (*ACCEPTED.start(), *ACCEPTED.end()),
+            accepted: (OLDEST, speaks()),
         }
     }
 }
@@ -146,25 +211,51 @@ pub fn unframe(f: &[u8]) -> Option<(u16, &[u8])> {
     Some((u16::from_le_bytes([head[0], head[1]]), body))
 }
 
-/// A request frame of this build's version.
+/// A request frame in the newest version this process speaks.
 pub fn request_frame(env: &Envelope) -> Result<Vec<u8>, String> {
-    Ok(frame(PROTOCOL, &crate::codec::encode(env)?))
+    request_frame_in(env, speaks()).map_err(|e| e.to_string())
 }
 
-/// A received request frame, checked and decoded. `Err` carries the version to answer
-/// in (the caller's when it is one this build can still write, else this build's) and
-/// the error.
-pub fn open_request(f: &[u8]) -> Result<Envelope, (u16, RemoteError)> {
+/// A request frame in protocol `version`; [`RemoteError::TooNew`] when the request does
+/// not exist in it. (Versions differ only by added variants, so the body's bytes are the
+/// same in every version that has the request.)
+pub fn request_frame_in(env: &Envelope, version: u16) -> Result<Vec<u8>, RemoteError> {
+    if env.request.since() > version {
+        return Err(RemoteError::TooNew {
+            needs: env.request.since(),
+            peer: version,
+        });
+    }
+    let body = crate::codec::encode(env).map_err(RemoteError::Failed)?;
+    Ok(frame(version, &body))
+}
+
+/// A received request frame, checked and decoded, with its version (the reply goes out
+/// in it). `Err` carries the version to answer in (the caller's when this process
+/// speaks it, else its own newest) and the error.
+pub fn open_request(f: &[u8]) -> Result<(u16, Envelope), (u16, RemoteError)> {
     let (version, body) = unframe(f).ok_or_else(|| {
         (
-            PROTOCOL,
+            speaks(),
             RemoteError::Decode("frame shorter than its header".into()),
         )
     })?;
-    if !ACCEPTED.contains(&version) {
-        return Err((PROTOCOL, RemoteError::version(version)));
+    if !accepted().contains(&version) {
+        return Err((speaks(), RemoteError::version(version)));
     }
-    crate::codec::decode(body).map_err(|e| (version, RemoteError::Decode(e)))
+    let env: Envelope =
+        crate::codec::decode(body).map_err(|e| (version, RemoteError::Decode(e)))?;
+    if env.request.since() > version {
+        // What a build of that version makes of it: a variant it does not know.
+        return Err((
+            version,
+            RemoteError::Decode(format!(
+                "a {} request does not exist in protocol {version}",
+                env.request.kind()
+            )),
+        ));
+    }
+    Ok((version, env))
 }
 
 /// This node's reply frame for `r`, in protocol `version`.
@@ -184,13 +275,51 @@ pub fn reply_frame(version: u16, r: &Result<Response, RemoteError>) -> Vec<u8> {
 pub fn open_reply(f: &[u8]) -> Result<Response, RemoteError> {
     let (version, body) =
         unframe(f).ok_or_else(|| RemoteError::Decode("reply shorter than its header".into()))?;
-    if !ACCEPTED.contains(&version) {
+    if !accepted().contains(&version) {
         // Another version's body cannot be read with this build's types: name the
         // versions instead.
         return Err(RemoteError::version(version));
     }
     crate::codec::decode::<Result<Response, RemoteError>>(body)
         .map_err(|e| RemoteError::Decode(format!("reply: {e}")))?
+}
+
+/// One request to `peer` through `send` (a request frame out, the reply frame back), in
+/// the newest version both sides speak: the version last agreed with `peer` (pings, and
+/// requests that version lacks, try this process's newest, so an upgraded peer is
+/// noticed). A refusal that names an older range is answered by sending again in that
+/// range's newest version, which is then remembered for `peer`; a request that does not
+/// exist there is [`RemoteError::TooNew`], never sent in it.
+pub async fn exchange<F, Fut>(
+    peer: &str,
+    env: &Envelope,
+    mut send: F,
+) -> Result<Response, RemoteError>
+where
+    F: FnMut(Vec<u8>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<u8>, RemoteError>>,
+{
+    let agreed = peer_version(peer).min(speaks());
+    let mut version = match env.request {
+        Request::Ping { .. } => speaks(),
+        ref r if r.since() > agreed => speaks(),
+        _ => agreed,
+    };
+    loop {
+        let reply = open_reply(&send(request_frame_in(env, version)?).await?);
+        match &reply {
+            Err(RemoteError::Version {
+                accepted: (lo, hi), ..
+            }) if *hi < version && *hi >= OLDEST && lo <= hi => {
+                version = *hi;
+                remember(peer, version);
+                continue;
+            }
+            Err(RemoteError::Version { .. }) => {}
+            _ => remember(peer, version),
+        }
+        return reply;
+    }
 }
 
 #[cfg(test)]
@@ -213,7 +342,7 @@ mod tests {
     #[test]
     fn frames_round_trip_and_bad_ones_are_explicit_errors() {
         let good = request_frame(&env()).unwrap();
-        assert_eq!(open_request(&good).unwrap(), env());
+        assert_eq!(open_request(&good).unwrap(), (PROTOCOL, env()));
         assert!(matches!(
             open_request(&good[..1]),
             Err((_, RemoteError::Decode(_)))
@@ -231,9 +360,18 @@ mod tests {
             open_request(&next).unwrap_err(),
             (PROTOCOL, RemoteError::version(PROTOCOL + 1))
         );
-        let old = frame(3, &good[2..]);
+        let old = frame(OLDEST - 1, &good[2..]);
         let (_, e) = open_request(&old).unwrap_err();
-        assert!(e.to_string().contains("version 3 is not accepted"), "{e}");
+        assert!(
+            e.to_string()
+                .contains(&format!("version {} is not accepted", OLDEST - 1)),
+            "{e}"
+        );
+        // The previous version is read, and answered in.
+        assert_eq!(
+            open_request(&frame(OLDEST, &good[2..])).unwrap(),
+            (OLDEST, env())
+        );
         // Replies carry the answering node's version, then the result.
         let err = RemoteError::NotOwner {
             partition: 3,
@@ -255,5 +393,100 @@ mod tests {
             )),
             Err(RemoteError::version(PROTOCOL + 1))
         );
+    }
+
+    fn dead_letters() -> Envelope {
+        Envelope {
+            request: Request::Api {
+                token: None,
+                op: crate::api::Op::DeadLetters,
+            },
+            ..env()
+        }
+    }
+
+    #[test]
+    fn a_request_newer_than_the_version_is_never_sent_nor_read() {
+        let e = dead_letters();
+        assert_eq!(
+            request_frame_in(&e, OLDEST),
+            Err(RemoteError::TooNew {
+                needs: 5,
+                peer: OLDEST
+            })
+        );
+        // Written as version 4 anyway (a confused peer): refused as a build of 4 would.
+        let body = &request_frame_in(&e, PROTOCOL).unwrap()[2..];
+        let (answer_in, err) = open_request(&frame(OLDEST, body)).unwrap_err();
+        assert_eq!(answer_in, OLDEST);
+        assert!(
+            err.to_string().contains("does not exist in protocol 4"),
+            "{err}"
+        );
+    }
+
+    /// A caller of the newest version and a callee that speaks only the previous one:
+    /// the refusal names the callee's range, the request goes again in it, and the
+    /// version is remembered for that peer; a request the old version lacks is never sent
+    /// in it.
+    #[test]
+    fn exchange_falls_back_to_the_peers_version_and_remembers_it() {
+        // The callee: a build that accepts only OLDEST.
+        let old_peer = |f: Vec<u8>| async move {
+            let (v, body) = unframe(&f).unwrap();
+            if v != OLDEST {
+                let refusal = RemoteError::Version {
+                    got: v,
+                    accepted: (OLDEST, OLDEST),
+                };
+                return Ok(reply_frame(OLDEST, &Err(refusal)));
+            }
+            let env: Envelope = crate::codec::decode(body).unwrap();
+            Ok(reply_frame(OLDEST, &Ok(Response::Pong { name: env.id })))
+        };
+        let sent = std::sync::Mutex::new(Vec::new());
+        let send = |f: Vec<u8>| {
+            sent.lock().unwrap().push(unframe(&f).unwrap().0);
+            old_peer(f)
+        };
+        let r = block_on(exchange("old-peer", &env(), send));
+        assert_eq!(r, Ok(Response::Pong { name: "r1".into() }));
+        assert_eq!(*sent.lock().unwrap(), vec![PROTOCOL, OLDEST]);
+        assert_eq!(peer_version("old-peer"), OLDEST);
+        // Next time straight in the remembered version.
+        sent.lock().unwrap().clear();
+        let send = |f: Vec<u8>| {
+            sent.lock().unwrap().push(unframe(&f).unwrap().0);
+            old_peer(f)
+        };
+        block_on(exchange("old-peer", &env(), send)).unwrap();
+        assert_eq!(*sent.lock().unwrap(), vec![OLDEST]);
+        // A request that needs the new version is tried in it (the peer may have been
+        // upgraded since), and is never sent in the old one.
+        let r = block_on(exchange("old-peer", &dead_letters(), |f| {
+            sent.lock().unwrap().push(unframe(&f).unwrap().0);
+            old_peer(f)
+        }));
+        assert_eq!(
+            r,
+            Err(RemoteError::TooNew {
+                needs: 5,
+                peer: OLDEST
+            })
+        );
+        assert_eq!(*sent.lock().unwrap(), vec![OLDEST, PROTOCOL]);
+    }
+
+    /// Polls a future that never waits to completion (the test peers answer at once).
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        use std::task::{Context, Poll, Waker};
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut f = std::pin::pin!(f);
+        loop {
+            if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return v;
+            }
+        }
     }
 }

@@ -74,7 +74,8 @@ impl Access {
             | Op::DeleteItem { .. }
             | Op::EraseUser { .. }
             | Op::Retrain
-            | Op::Rollback => Access::Writes,
+            | Op::Rollback
+            | Op::DeadLetters => Access::Writes,
             Op::Recommend(_) | Op::Similar { .. } | Op::GetItem { .. } | Op::ItemStats { .. } => {
                 Access::Reads
             }
@@ -335,6 +336,13 @@ impl Api {
             Op::Retrain => self.retrain().await.map(OpReply::Retrain),
             Op::Rollback => self.rollback().await.map(OpReply::Rollback),
             Op::ClusterStatus => Ok(OpReply::Cluster(self.cluster_status())),
+            Op::DeadLetters => self.dead_letters().await.map(|docs| {
+                OpReply::DeadLetters(
+                    docs.into_iter()
+                        .map(|d| String::from_utf8_lossy(&d).into_owned())
+                        .collect(),
+                )
+            }),
         }
     }
 
@@ -383,6 +391,7 @@ impl Api {
         request: &[u8],
     ) -> Result<Written, ApiError> {
         let p = self.ctx.settings.partitions;
+        let trace = crate::trace::sampled();
         let entries: Vec<AppendEntry> = events
             .into_iter()
             .enumerate()
@@ -393,6 +402,7 @@ impl Api {
                     stream,
                     key: event_key(&payload, own, request, i),
                     payload,
+                    trace: trace.clone(),
                 }
             })
             .collect();
@@ -404,19 +414,23 @@ impl Api {
     pub async fn upsert_items(&self, items: Vec<Item>) -> Result<Written, ApiError> {
         let entries = items
             .into_iter()
-            .map(|it| AppendEntry::new(CATALOG_STREAM, Payload::ItemUpsert(it)))
+            .map(|it| {
+                AppendEntry::new(CATALOG_STREAM, Payload::ItemUpsert(it))
+                    .traced(crate::trace::sampled())
+            })
             .collect();
         Ok(written(self.append(entries).await?))
     }
 
     pub async fn delete_item(&self, id: String) -> Result<Written, ApiError> {
-        let e = AppendEntry::new(CATALOG_STREAM, Payload::ItemDelete { id });
+        let e = AppendEntry::new(CATALOG_STREAM, Payload::ItemDelete { id })
+            .traced(crate::trace::sampled());
         Ok(written(self.append(vec![e]).await?))
     }
 
     pub async fn erase_user(&self, user: String) -> Result<Written, ApiError> {
         let p = partition_of(&user, self.ctx.settings.partitions);
-        let e = AppendEntry::new(p, Payload::EraseUser { user });
+        let e = AppendEntry::new(p, Payload::EraseUser { user }).traced(crate::trace::sampled());
         Ok(written(self.append(vec![e]).await?))
     }
 

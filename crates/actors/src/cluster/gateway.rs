@@ -19,10 +19,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::Instrument;
-use troupe_proto::wire::{
-    open_reply, open_request, reply_frame, request_frame, Envelope, Request, Response, ACCEPTED,
-    PROTOCOL,
-};
+use troupe_proto::wire::{exchange, open_request, reply_frame, Envelope, Request, Response};
 
 use crate::ctx::Ctx;
 use crate::Discard;
@@ -90,13 +87,16 @@ impl Actor for Gateway {
         let GatewayMsg::Call(bytes, port) = msg;
         crate::faults::fire(&ctx.faults, "gateway").await?;
         match open_request(&bytes) {
-            Ok(Envelope {
-                request: Request::Ping { .. },
-                ..
-            }) => {
-                port.send(reply_frame(PROTOCOL, &Ok(pong(ctx)))).discard();
+            Ok((
+                version,
+                Envelope {
+                    request: Request::Ping { .. },
+                    ..
+                },
+            )) => {
+                port.send(reply_frame(version, &Ok(pong(ctx)))).discard();
             }
-            Ok(env) => {
+            Ok((version, env)) => {
                 // Answered on its own task: a slow request never delays liveness calls.
                 let ctx = ctx.clone();
                 let span = tracing::info_span!(
@@ -111,7 +111,7 @@ impl Actor for Gateway {
                 crate::trace::record_ids(&span);
                 tokio::spawn(
                     async move {
-                        port.send(reply_frame(PROTOCOL, &answer(&ctx, env).await))
+                        port.send(reply_frame(version, &answer(&ctx, env).await))
                             .discard();
                     }
                     .instrument(span),
@@ -234,21 +234,28 @@ fn gateway_of(peer: &str) -> Option<ActorRef<GatewayMsg>> {
 /// A timed call to `peer`'s gateway. A reply of a version outside [`ACCEPTED`] is
 /// [`RemoteError::Version`]; one that does not decode is an error, as is a timeout.
 async fn rpc(peer: &str, env: &Envelope, timeout: Duration) -> Result<Response, RemoteError> {
-    let request = request_frame(env).map_err(RemoteError::Failed)?;
     let gw = gateway_of(peer).ok_or_else(|| RemoteError::Unreachable(peer.to_string()))?;
-    let bytes = match gw
-        .call(|port| GatewayMsg::Call(request, port), Some(timeout))
-        .await
-    {
-        Ok(ractor::rpc::CallResult::Success(b)) => b,
-        Ok(ractor::rpc::CallResult::Timeout) => {
-            return Err(RemoteError::Timeout(timeout.as_millis() as u64))
-        }
-        Ok(ractor::rpc::CallResult::SenderError) | Err(_) => {
-            return Err(RemoteError::Unreachable(peer.to_string()))
+    let started = std::time::Instant::now();
+    let send = |request: Vec<u8>| {
+        let gw = gw.clone();
+        // A request sent again in an older version shares the one timeout.
+        let left = timeout.saturating_sub(started.elapsed());
+        async move {
+            match gw
+                .call(|port| GatewayMsg::Call(request, port), Some(left))
+                .await
+            {
+                Ok(ractor::rpc::CallResult::Success(b)) => Ok(b),
+                Ok(ractor::rpc::CallResult::Timeout) => {
+                    Err(RemoteError::Timeout(timeout.as_millis() as u64))
+                }
+                Ok(ractor::rpc::CallResult::SenderError) | Err(_) => {
+                    Err(RemoteError::Unreachable(peer.to_string()))
+                }
+            }
         }
     };
-    open_reply(&bytes).map_err(|e| match e {
+    exchange(peer, env, send).await.map_err(|e| match e {
         RemoteError::Decode(why) => RemoteError::Decode(format!("{peer}: {why}")),
         other => other,
     })
@@ -296,5 +303,6 @@ pub async fn call(
 
 /// The versions this node answers, for status pages and refusals.
 pub fn accepted_versions() -> (u16, u16) {
-    (*ACCEPTED.start(), *ACCEPTED.end())
+    let a = troupe_proto::wire::accepted();
+    (*a.start(), *a.end())
 }

@@ -407,6 +407,8 @@ impl Cluster {
             "state": "up",
             "http_addr": self.http_addr(&self.me),
             "model_version": ctx.als.load().as_ref().map_or(0, |m| m.version),
+            "protocol": troupe_proto::wire::speaks(),
+            "protocols_accepted": gateway::accepted_versions(),
         })];
         let versions = self.model_versions.lock().clone();
         for (name, p) in self.peers.lock().iter() {
@@ -422,6 +424,7 @@ impl Cluster {
                 "reconnects": p.reconnects,
                 "sessions": p.sessions,
                 "error": p.last_error,
+                "protocol": troupe_proto::wire::peer_version(name),
             }));
         }
         let now = Instant::now();
