@@ -2713,3 +2713,92 @@ fn cluster_rolling_upgrade_nodes_of_adjacent_protocol_versions_work_together() {
     assert!(dead.is_empty(), "{dead:?}");
     c.wait(60, "every partition served", || all_served_by(&c, &NAMES));
 }
+
+/// Client calls count against the member's admission limits together with HTTP
+/// requests: with one read slot (`max_in_flight = 1`) held by a client recommendation
+/// that stalls in the ranker, another client read is refused `Overloaded` with a retry
+/// delay at once (not queued, not timed out), and so is an HTTP read to the same member
+/// (503 with Retry-After); once the slow call is answered, reads are admitted again.
+#[test]
+fn cluster_client_calls_obey_the_members_admission_limits() {
+    use troupe_client::proto::api::RecommendQuery;
+    use troupe_client::{Client, ClientConfig, ClientError};
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(nats) = NatsCluster::one() else {
+        return;
+    };
+    let mut c = Cluster::on(
+        nats,
+        Tuning {
+            http: "max_in_flight = 1\n".into(),
+            ..Tuning::default()
+        },
+    );
+    c.extra = "[[faults]]\ntarget = \"ranker\"\naction = \"stall\"\nstall_ms = 4000\non = \"slow-user\"\ntimes = 1\n".into();
+    c.launch_all_balanced();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut cfg = ClientConfig::new(&[c.cluster_addr("a").to_string().as_str()], "test-cookie");
+    cfg.name = "admission-test".into();
+    cfg.call_timeout = Duration::from_secs(20);
+    let client = rt
+        .block_on(Client::connect_with(cfg))
+        .expect("client connects");
+    let query = |user: &str| RecommendQuery {
+        user: user.into(),
+        k: 5,
+        ..Default::default()
+    };
+    // The slow user has a history, so the ranker (where the fault waits) answers it.
+    let w = c.node("b").post(
+        "/v1/events",
+        r#"[{"user":"slow-user","item":"s1","kind":"view"},{"user":"u1","item":"s1","kind":"view"}]"#,
+    );
+    assert_eq!(w.status, 200, "{}", w.body);
+    rt.block_on(client.recommend(query("warm-up")))
+        .expect("a read with the slot free");
+    let member = rt
+        .block_on(client.current_member())
+        .expect("a member answered");
+    let slow = {
+        let client = client.clone();
+        let q = query("slow-user");
+        rt.spawn(async move { client.recommend(q).await })
+    };
+    c.wait(3, "the slow call holding the member's read slot", || {
+        metric_sum(c.node(&member), "troupe_http_in_flight", "class=\"read\"") >= 1.0
+    });
+    // The slow call holds the member's one read slot: the next read is refused at once.
+    let mut refused = None;
+    c.wait(3, "a client read refused while the slot is held", || {
+        let asked = Instant::now();
+        match rt.block_on(client.recommend(query("u1"))) {
+            Err(ClientError::Overloaded {
+                detail,
+                retry_after,
+            }) => {
+                refused = Some((detail, retry_after, asked.elapsed()));
+                true
+            }
+            _ => false,
+        }
+    });
+    let (detail, retry_after, took) = refused.unwrap();
+    assert!(detail.contains("reads"), "{detail}");
+    assert!(retry_after > Duration::ZERO);
+    assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    // HTTP shares the limit.
+    let r = c.node(&member).get("/v1/recommendations/u1?k=5");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.retry_after.is_some(), "{}", r.body);
+    // The slow call itself is answered, and the slot is free again.
+    rt.block_on(slow)
+        .unwrap()
+        .expect("the slow call is answered");
+    rt.block_on(client.recommend(query("u1")))
+        .expect("a read once the slot is free");
+    assert_eq!(
+        c.node(&member).get("/v1/recommendations/u1?k=5").status,
+        200
+    );
+}
