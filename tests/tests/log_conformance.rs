@@ -10,17 +10,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use troupe_actors::ctx::Ctx;
 use troupe_actors::faults::Faults;
 use troupe_actors::jetstream::{JetStream, JetStreamConfig, JetStreamLog, JetStreamState};
-use troupe_actors::journal::Journal;
 use troupe_actors::log::embedded::{EmbeddedLog, JournalRef};
 use troupe_actors::log::{wait_head, AppendEntry, Heads, Log, LogError, Tail};
 use troupe_actors::record::{partition_of, Event, Payload, CATALOG_STREAM};
 use troupe_actors::settings::Settings;
 use troupe_actors::state::embedded::EmbeddedState;
 use troupe_actors::state::{Form, StateError, StateStore};
-use troupe_actors::store::Store;
+use troupe_actors::Ctx;
+use troupe_actors::Journal;
+use troupe_actors::Store;
 use troupe_tests::nats::{NatsCluster, NatsServer};
 
 const PARTITIONS: u32 = 4;

@@ -85,7 +85,8 @@ impl RecentKeys {
         false
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.order.len()
     }
 
@@ -96,10 +97,6 @@ impl RecentKeys {
             (Some(&(old, _)), Some(&(new, _))) => new - old,
             _ => 0,
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
     }
 }
 
@@ -151,17 +148,6 @@ pub enum Kind {
     Catalog,
     ItemStats,
     UserFeatures,
-}
-
-impl Kind {
-    /// The label of metrics and fault targets.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Catalog => "catalog",
-            Kind::ItemStats => "item_stats",
-            Kind::UserFeatures => "user_features",
-        }
-    }
 }
 
 /// Every consumer a node runs: the one list that retention, the supervision tree and

@@ -28,8 +28,6 @@ use crate::record::{Payload, Record};
 use crate::state::Form;
 use crate::user_store::{DeltaWire, StoreWire, UserStore};
 
-pub use crate::user_store::Touch;
-
 /// Version of the UserFeatures checkpoint format (full checkpoints and deltas).
 pub const FEATURES_CHECKPOINT_FORMAT: u16 = 6;
 /// A full checkpoint is written once the deltas after the last one add up to this many

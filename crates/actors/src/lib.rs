@@ -27,41 +27,52 @@
 //! [`faults`], [`metrics`], [`messages`] (payloads of local messages). What crosses a
 //! process boundary (records, the cross-node envelope, API types) is in [`proto`].
 
-pub mod alloc;
+mod alloc;
 pub mod api;
-pub mod breaker;
-pub mod catalog;
-pub mod cluster;
-pub mod consumer;
-pub mod content_index;
-pub mod ctx;
-pub mod encoder;
+mod breaker;
+mod catalog;
+mod cluster;
+mod consumer;
+mod content_index;
+mod ctx;
+mod encoder;
 pub mod faults;
-pub mod features;
+mod features;
 pub mod handles;
-pub mod item_stats;
+mod item_stats;
 pub mod jetstream;
-pub mod journal;
+mod journal;
 pub mod log;
-pub mod messages;
-pub mod metrics;
-pub mod names;
+mod messages;
+mod metrics;
+mod names;
 pub mod node;
-pub mod ranker;
-pub mod serving;
+mod ranker;
+mod serving;
 pub mod settings;
-pub mod snapshots;
+mod snapshots;
 pub mod state;
-pub mod store;
-pub mod supervisor;
+mod store;
+mod supervisor;
 pub mod trace;
-pub mod trainer;
-pub mod user_store;
+mod trainer;
+mod user_store;
 
 pub use troupe_models as models;
 pub use troupe_proto as proto;
 /// Bounded bincode and the log record format live in the protocol crate.
 pub use troupe_proto::{codec, record};
+
+// The rest of the public surface: what the node binary and tests need from the private
+// modules (the actors themselves stay inside; they are reached through `handles`).
+pub use alloc::{limit_arenas, stats as allocator_stats};
+pub use cluster::{rendezvous, PeerState};
+pub use ctx::{Ctx, TAIL_RECORDS};
+pub use journal::Journal;
+pub use metrics::{labels2, stream_label};
+pub use ranker::RankerMsg;
+pub use store::{Store, DEFAULT_CACHE_BYTES};
+pub use trainer::AlsTrainerMsg;
 
 /// Explicitly discards a send result: the receiver (a caller that timed out, an actor
 /// that is restarting) may be gone, and there is nothing useful to do about it here.

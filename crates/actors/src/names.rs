@@ -18,8 +18,3 @@ pub const USER_FEATURES_PREFIX: &str = "user_features-";
 pub fn user_features(p: u32) -> String {
     format!("{USER_FEATURES_PREFIX}{p}")
 }
-
-/// Actor kind of a registered name (the part before `-`), used by fault targets.
-pub fn kind_of(name: &str) -> &str {
-    name.split('-').next().unwrap_or(name)
-}

@@ -102,10 +102,6 @@ impl Dict {
         self.names.len() - self.free.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Bytes on the heap: texts, the index vector and the hash table.
     pub fn heap_bytes(&self) -> usize {
         let texts: usize = self.names.iter().map(|n| n.len()).sum();

@@ -308,7 +308,7 @@ impl Default for Config {
                 max_future_skew_secs: 300,
                 poll_interval_ms: 100,
                 retention: false,
-                cache_mb: troupe_actors::store::DEFAULT_CACHE_BYTES >> 20,
+                cache_mb: troupe_actors::DEFAULT_CACHE_BYTES >> 20,
             },
             log: LogSection {
                 backend: "embedded".into(),

@@ -5,13 +5,14 @@
 
 use std::time::{Duration, Instant};
 
-use troupe_actors::ctx::Ctx;
 use troupe_actors::handles;
-use troupe_actors::journal::AppendEntry;
+use troupe_actors::log::AppendEntry;
 use troupe_actors::node;
-use troupe_actors::ranker::{RankerMsg, RecommendRequest};
+use troupe_actors::proto::api::RecommendRequest;
 use troupe_actors::record::{partition_of, Event, Item, Payload, CATALOG_STREAM};
-use troupe_actors::trainer::AlsTrainerMsg;
+use troupe_actors::AlsTrainerMsg;
+use troupe_actors::Ctx;
+use troupe_actors::RankerMsg;
 use troupe_models::data::{read_items, Columns, EventReader};
 
 use crate::cli::{DemoArgs, GenArgs};

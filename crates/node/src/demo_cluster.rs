@@ -255,10 +255,8 @@ pub fn run(a: DemoArgs, nodes: usize) -> CmdResult {
             let parts = c["partitions"].as_array().cloned().unwrap_or_default();
             let placed = !parts.is_empty()
                 && parts.iter().enumerate().all(|(p, x)| {
-                    let want = troupe_actors::cluster::rendezvous(
-                        p as u32,
-                        names.iter().map(String::as_str),
-                    );
+                    let want =
+                        troupe_actors::rendezvous(p as u32, names.iter().map(String::as_str));
                     x["owner"].as_str() == want
                 });
             let serving: usize = urls

@@ -9,9 +9,9 @@ use std::time::Duration;
 use troupe_actors::Discard;
 
 use anyhow::Context;
-use troupe_actors::ctx::Ctx;
 use troupe_actors::node::{self, NodeHandle};
-use troupe_actors::store::Store;
+use troupe_actors::Ctx;
+use troupe_actors::Store;
 use troupe_models::content::onnx::OnnxEncoder;
 use troupe_models::content::tfidf::HashedTfidf;
 use troupe_models::content::TextEncoder;
@@ -89,7 +89,7 @@ async fn jetstream_ctx(cfg: &Config, store: Store) -> anyhow::Result<Ctx> {
         }
     }
     let heads = Arc::new(Heads::new(cfg.journal.partitions));
-    let tail = Arc::new(Tail::new(troupe_actors::ctx::TAIL_RECORDS));
+    let tail = Arc::new(Tail::new(troupe_actors::TAIL_RECORDS));
     let log = retry_until("opening the log", deadline, longest, || {
         let (js, heads, tail) = (js.clone(), heads.clone(), tail.clone());
         async move { Ok(JetStreamLog::open(js, heads, tail).await?) }
@@ -376,7 +376,7 @@ pub fn run(args: NodeArgs, verbose: bool) -> Result<(), CliError> {
         return Ok(());
     }
     install_tls_provider();
-    troupe_actors::alloc::limit_arenas();
+    troupe_actors::limit_arenas();
     let rt = runtime()?;
     // The batch exporter runs on its own thread; the runtime only needs to exist.
     let _guard = rt.enter();

@@ -28,13 +28,6 @@ use parking_lot::Mutex;
 
 use crate::settings::ClusterSettings;
 
-/// Version of the node-to-node frames (the header of every gateway call and reply). A
-/// peer answering with a version this node does not accept is shown as `incompatible`
-/// and never called. 2: one gateway variant, version header outside the body. 3: retrain
-/// requests reach the trainer leader. 4: the protocol crate's frames, with the caller's
-/// trace context.
-pub use troupe_proto::wire::PROTOCOL as CLUSTER_PROTOCOL;
-
 /// How this node sees one peer, and where a partition stands here (shared with clients).
 pub use troupe_proto::api::{PeerState, SlotState};
 

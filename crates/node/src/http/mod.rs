@@ -41,12 +41,12 @@ use axum::{Json, Router};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 use troupe_actors::api::{now_ms, Access, Api, ApiOptions, Permit};
-use troupe_actors::ctx::Ctx;
-use troupe_actors::journal::Position;
+use troupe_actors::log::Position;
 use troupe_actors::node::{self, CallError};
 use troupe_actors::proto::api::{self as proto, ErrorKind, UserRead};
-use troupe_actors::ranker::{Branch, BranchReport, BranchStatus, RecommendRequest, Route};
+use troupe_actors::proto::api::{Branch, BranchReport, BranchStatus, RecommendRequest, Route};
 use troupe_actors::record::{hash128, Event, Item, CATALOG_STREAM};
+use troupe_actors::Ctx;
 
 use crate::limits::{self, check_id, check_text};
 
@@ -333,7 +333,7 @@ async fn observe(State(st): State<AppState>, req: Request, next: Next) -> Respon
     st.ctx
         .metrics
         .http_requests
-        .get_or_create(&troupe_actors::metrics::labels2(
+        .get_or_create(&troupe_actors::labels2(
             "route",
             &route,
             "status",

@@ -28,7 +28,7 @@ pub(super) async fn cluster(
         st.ctx
             .streams()
             .iter()
-            .map(|&s| json!({"stream": troupe_actors::metrics::stream_label(s), "offset": f(s)}))
+            .map(|&s| json!({"stream": troupe_actors::stream_label(s), "offset": f(s)}))
             .collect::<Vec<_>>()
     };
     Ok(Json(json!({
@@ -48,7 +48,7 @@ pub(super) async fn cluster(
         "journal_heads": streams(&|s| st.ctx.head(s)),
         "applied": streams(&|s| st.ctx.applied(s)),
         "als_model_version": st.ctx.als.load().as_ref().map(|m| m.version),
-        "allocator": troupe_actors::alloc::stats(),
+        "allocator": troupe_actors::allocator_stats(),
         "actors": actors,
         "supervisors": sups,
     }))
@@ -137,7 +137,7 @@ pub(super) async fn readyz(State(st): State<AppState>, q: RawQuery) -> ApiResult
         "cluster": st.ctx.cluster.as_ref().map(|c| {
             let parts = st.ctx.settings.partitions;
             let served: Vec<u32> = (0..parts).filter(|&p| st.ctx.serving(p)).collect();
-            let peers_up = c.peers.lock().values().filter(|p| p.state == troupe_actors::cluster::PeerState::Up).count();
+            let peers_up = c.peers.lock().values().filter(|p| p.state == troupe_actors::PeerState::Up).count();
             json!({
                 "log_reachable": c.log_reachable.load(Ordering::Relaxed),
                 "leases_read_ms_ago": c.last_read.lock().map(|t| t.elapsed().as_millis() as u64),

@@ -131,7 +131,7 @@ pub(super) struct RecommendationsOut<'a> {
     cold_start: bool,
     cached: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
-    fallback: Option<&'a troupe_actors::ranker::Fallback>,
+    fallback: Option<&'a troupe_actors::proto::api::Fallback>,
     served_by: &'a str,
     route: Route,
     branches: BranchesOut<'a>,
