@@ -1003,33 +1003,21 @@ impl ConsumerRuntime {
                 )
                 .into())
             }
-            _ if ctx.state.backend() == "embedded" => {
-                let store = ctx.store.clone();
-                let old = legacy.to_string();
-                let found =
-                    tokio::task::spawn_blocking(move || -> Result<_, crate::store::StoreError> {
-                        let Some(base) = store.get_checkpoint(&old)? else {
-                            return Ok(None);
-                        };
-                        let mut deltas = Vec::new();
-                        for n in store.checkpoints_under(&format!("{old}/"))? {
-                            deltas.extend(store.get_checkpoint(&n)?);
-                        }
-                        Ok(Some((base, deltas)))
-                    })
-                    .await??;
-                match found {
-                    Some(f) => {
-                        tracing::info!(consumer = %name, legacy, "reading the checkpoint an older build wrote");
-                        self.legacy = Some(legacy.to_string());
-                        f
-                    }
-                    None => return Ok(None),
+            _ => match ctx
+                .state
+                .legacy_checkpoint(legacy)
+                .await
+                .map_err(|e| state_failure(ctx, &name, e))?
+            {
+                Some(f) => {
+                    tracing::info!(consumer = %name, legacy, "reading the checkpoint an older build wrote");
+                    self.legacy = Some(legacy.to_string());
+                    f
                 }
-            }
-            _ => match self.peer_checkpoint(ctx).await? {
-                Some(f) => f,
-                None => return Ok(None),
+                None => match self.peer_checkpoint(ctx).await? {
+                    Some(f) => f,
+                    None => return Ok(None),
+                },
             },
         };
         let found = checkpoint_format(&base)

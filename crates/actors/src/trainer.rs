@@ -56,10 +56,7 @@ async fn legacy_versions(ctx: &Ctx) -> Result<Vec<u64>, ActorProcessingErr> {
         .iter()
         .filter_map(|n| n.strip_prefix(snapshots::MODEL_PREFIX)?.parse().ok())
         .collect();
-    if ctx.state.backend() == "embedded" {
-        let store = ctx.store.clone();
-        out.extend(tokio::task::spawn_blocking(move || store.model_versions()).await??);
-    }
+    out.extend(ctx.state.legacy_model_versions().await?);
     out.sort_unstable();
     out.dedup();
     Ok(out)
@@ -67,9 +64,8 @@ async fn legacy_versions(ctx: &Ctx) -> Result<Vec<u64>, ActorProcessingErr> {
 
 async fn legacy_bytes(ctx: &Ctx, version: u64) -> Result<Option<Vec<u8>>, ActorProcessingErr> {
     let mut bytes = ctx.state.get_blob(&legacy_blob(version)).await?;
-    if bytes.is_none() && ctx.state.backend() == "embedded" {
-        let store = ctx.store.clone();
-        bytes = tokio::task::spawn_blocking(move || store.get_model(version)).await??;
+    if bytes.is_none() {
+        bytes = ctx.state.legacy_model(version).await?;
     }
     Ok(bytes)
 }

@@ -684,15 +684,13 @@ impl Api {
             .into_iter()
             .map(|d| d.doc)
             .collect();
-        if ctx.state.backend() == "embedded" {
-            // Dead letters an older build kept in the store's own table.
-            let store = ctx.store.clone();
-            let old = tokio::task::spawn_blocking(move || store.dead_letters())
-                .await
-                .map_err(|e| ApiError::unavailable(e.to_string()))?
-                .map_err(|e| ApiError::unavailable(e.to_string()))?;
-            docs.splice(0..0, old);
-        }
+        // Dead letters an older build kept elsewhere come first.
+        let old = ctx
+            .state
+            .legacy_dead_letters()
+            .await
+            .map_err(|e| ApiError::unavailable(e.to_string()))?;
+        docs.splice(0..0, old);
         Ok(docs)
     }
 

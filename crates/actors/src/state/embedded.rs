@@ -34,6 +34,41 @@ impl StateStore for EmbeddedState {
         "embedded"
     }
 
+    /// A checkpoint of the store's own table (a build before the state store): the
+    /// base under `name`, its deltas under `name/`.
+    async fn legacy_checkpoint(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Vec<u8>, Vec<Vec<u8>>)>, StateError> {
+        let (s, old) = (self.store.clone(), name.to_string());
+        blocking(move || {
+            let Some(base) = s.get_checkpoint(&old)? else {
+                return Ok(None);
+            };
+            let mut deltas = Vec::new();
+            for n in s.checkpoints_under(&format!("{old}/"))? {
+                deltas.extend(s.get_checkpoint(&n)?);
+            }
+            Ok(Some((base, deltas)))
+        })
+        .await
+    }
+
+    async fn legacy_dead_letters(&self) -> Result<Vec<Vec<u8>>, StateError> {
+        let s = self.store.clone();
+        blocking(move || s.dead_letters()).await
+    }
+
+    async fn legacy_model_versions(&self) -> Result<Vec<u64>, StateError> {
+        let s = self.store.clone();
+        blocking(move || s.model_versions()).await
+    }
+
+    async fn legacy_model(&self, version: u64) -> Result<Option<Vec<u8>>, StateError> {
+        let s = self.store.clone();
+        blocking(move || s.get_model(version)).await
+    }
+
     /// The node's own cache table, read in one transaction.
     async fn cache_get(&self, ns: &str, keys: &[u128]) -> Result<Vec<Option<Vec<u8>>>, StateError> {
         let (s, n, k) = (self.store.clone(), ns.to_string(), keys.to_vec());

@@ -238,6 +238,32 @@ pub trait StateStore: Send + Sync + 'static {
     /// backend.
     async fn reconnect(&self) {}
 
+    // ---- what an older build of this backend left -------------------------------
+    // Read once, when nothing newer exists; only the embedded store had older layouts.
+
+    /// The checkpoint (base, deltas) an older build wrote for consumer `name`.
+    async fn legacy_checkpoint(
+        &self,
+        _name: &str,
+    ) -> Result<Option<(Vec<u8>, Vec<Vec<u8>>)>, StateError> {
+        Ok(None)
+    }
+
+    /// Dead letters an older build kept in a table of its own.
+    async fn legacy_dead_letters(&self) -> Result<Vec<Vec<u8>>, StateError> {
+        Ok(Vec::new())
+    }
+
+    /// Model versions an older build kept in a table of its own.
+    async fn legacy_model_versions(&self) -> Result<Vec<u64>, StateError> {
+        Ok(Vec::new())
+    }
+
+    /// One model an older build kept in a table of its own.
+    async fn legacy_model(&self, _version: u64) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(None)
+    }
+
     /// A notification for every change of `key` from now on (a KV watch on JetStream);
     /// `None` when the backend cannot watch (one node: the writer is the reader, and
     /// callers read again on their own schedule). The channel closes when the watch ends.
