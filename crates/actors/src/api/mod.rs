@@ -793,6 +793,14 @@ pub fn now_ms() -> i64 {
 
 /// A checked event and whether it carried its own identity (`event_id` or `ts`).
 pub fn check_event(e: EventIn, now: i64, skew_ms: i64) -> Result<(Event, bool), String> {
+    check_event_ids(&e)?;
+    check_event_rest(e, now, skew_ms)
+}
+
+/// The identifiers of an event (user, item, kind, event and request ids), the first
+/// checks of [`check_event`] (a transport that parses more fields checks these first so
+/// the reasons keep their order).
+pub fn check_event_ids(e: &EventIn) -> Result<(), String> {
     check_id("user", &e.user)?;
     check_id("item", &e.item)?;
     check_id("kind", &e.kind)?;
@@ -802,6 +810,11 @@ pub fn check_event(e: EventIn, now: i64, skew_ms: i64) -> Result<(Event, bool), 
     if let Some(id) = &e.request_id {
         check_id("request_id", id)?;
     }
+    Ok(())
+}
+
+/// The checks of [`check_event`] after [`check_event_ids`]: time and value.
+pub fn check_event_rest(e: EventIn, now: i64, skew_ms: i64) -> Result<(Event, bool), String> {
     let ts_ms = e.ts_ms.unwrap_or(now);
     if ts_ms > now + skew_ms {
         return Err(format!(

@@ -24,17 +24,18 @@ pub(super) struct EventJson {
 /// An event of a body, its `ts` read (milliseconds or an RFC 3339 string), then checked
 /// by the request layer; the bool says whether it carried its own identity.
 pub(super) fn to_event(e: EventJson, now: i64, skew_ms: i64) -> Result<(Event, bool), String> {
-    // The fields the request layer checks first keep their place in the reasons.
-    check_id("user", &e.user)?;
-    check_id("item", &e.item)?;
-    check_id("kind", &e.kind)?;
-    if let Some(id) = &e.event_id {
-        check_id("event_id", id)?;
-    }
-    if let Some(id) = &e.request_id {
-        check_id("request_id", id)?;
-    }
-    let ts_ms = match &e.ts {
+    let mut event = proto::EventIn {
+        event_id: e.event_id,
+        user: e.user,
+        item: e.item,
+        kind: e.kind,
+        value: e.value,
+        ts_ms: None,
+        request_id: e.request_id,
+    };
+    // The identifiers first, so the reasons keep the request layer's order.
+    troupe_actors::api::check_event_ids(&event)?;
+    event.ts_ms = match &e.ts {
         None => None,
         // JSON has one number type: 1000.0 is the integer 1000.
         Some(Value::Number(n)) => Some(
@@ -61,19 +62,7 @@ pub(super) fn to_event(e: EventJson, now: i64, skew_ms: i64) -> Result<(Event, b
             return Err("ts must be milliseconds since the epoch or an RFC 3339 string".into())
         }
     };
-    troupe_actors::api::check_event(
-        proto::EventIn {
-            event_id: e.event_id,
-            user: e.user,
-            item: e.item,
-            kind: e.kind,
-            value: e.value,
-            ts_ms,
-            request_id: e.request_id,
-        },
-        now,
-        skew_ms,
-    )
+    troupe_actors::api::check_event_rest(event, now, skew_ms)
 }
 
 /// Parses a JSON array or NDJSON body into events; every problem names its event or line.
