@@ -347,15 +347,7 @@ impl Api {
     }
 
     fn check_count(&self, n: usize, code: &str, what: &str) -> Result<(), ApiError> {
-        let max = self.opts.max_events_per_request;
-        if n > max {
-            return Err(ApiError::new(
-                ErrorKind::Invalid,
-                code,
-                format!("{n} {what} in one request; the limit is {max}"),
-            ));
-        }
-        Ok(())
+        check_count(n, self.opts.max_events_per_request, code, what)
     }
 
     fn check_k(&self, k: u32) -> Result<(), ApiError> {
@@ -795,6 +787,18 @@ pub fn now_ms() -> i64 {
 pub fn check_event(e: EventIn, now: i64, skew_ms: i64) -> Result<(Event, bool), String> {
     check_event_ids(&e)?;
     check_event_rest(e, now, skew_ms)
+}
+
+/// At most `max` records (`what`: events, items) in one request; `code` names the refusal.
+pub fn check_count(n: usize, max: usize, code: &str, what: &str) -> Result<(), ApiError> {
+    if n > max {
+        return Err(ApiError::new(
+            ErrorKind::Invalid,
+            code,
+            format!("{n} {what} in one request; the limit is {max}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The identifiers of an event (user, item, kind, event and request ids), the first

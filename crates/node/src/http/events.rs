@@ -112,13 +112,7 @@ pub(super) fn parse_events(
     if raw.is_empty() {
         return Err(ApiError::bad("no events in the body"));
     }
-    if raw.len() > max {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "too_many_events",
-            format!("{} events in one request; the limit is {max}", raw.len()),
-        ));
-    }
+    troupe_actors::api::check_count(raw.len(), max, "too_many_events", "events")?;
     let what = if array { "event" } else { "line" };
     let mut out = Vec::with_capacity(raw.len());
     let mut problems = Vec::new();
@@ -219,6 +213,25 @@ mod tests {
         assert!(e.detail.contains("after the node's clock"), "{}", e.detail);
         let e = parse(r#"[{"user":1,"item":"i","kind":"v"}]"#).unwrap_err();
         assert!(e.detail.contains("event 1"), "{}", e.detail);
+    }
+
+    #[test]
+    fn more_events_than_the_limit_are_refused_naming_it() {
+        let one = r#"{"user":"u","item":"i","kind":"v"}"#;
+        let body = format!("[{}]", [one; 11].join(","));
+        let e = parse(&body).unwrap_err();
+        assert_eq!(
+            (e.status, e.code.as_ref(), e.detail.as_str()),
+            (
+                StatusCode::BAD_REQUEST,
+                "too_many_events",
+                "11 events in one request; the limit is 10"
+            )
+        );
+        assert_eq!(
+            parse(&format!("[{}]", [one; 10].join(","))).unwrap().len(),
+            10
+        );
     }
 
     #[test]

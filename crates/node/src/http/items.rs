@@ -73,17 +73,12 @@ pub(super) async fn post_items(
     if items.is_empty() {
         return Err(ApiError::bad("no items in the body"));
     }
-    if items.len() > st.opts.max_events_per_request {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "too_many_items",
-            format!(
-                "{} items in one request; the limit is {}",
-                items.len(),
-                st.opts.max_events_per_request
-            ),
-        ));
-    }
+    troupe_actors::api::check_count(
+        items.len(),
+        st.opts.max_events_per_request,
+        "too_many_items",
+        "items",
+    )?;
     let mut checked = Vec::with_capacity(items.len());
     let mut ids = Vec::with_capacity(items.len());
     let mut problems = Vec::new();
