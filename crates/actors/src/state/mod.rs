@@ -628,17 +628,32 @@ pub trait StateStore: Send + Sync + 'static {
     }
 
     /// Stores a cluster-wide constant once: the first writer's value stays, and a later
-    /// caller gets the stored value back to compare with its own.
+    /// caller gets the stored value back to compare with its own. An unavailable backend
+    /// (a bucket whose replicas are still electing a leader) is asked again for a moment:
+    /// creating a record only if it is absent, then reading it, is safe to repeat.
     async fn constant(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>, StateError> {
-        match self.compare_and_set(key, value.clone(), None).await {
-            Ok(_) => Ok(value),
-            Err(StateError::Conflict { .. }) => match self.get(key).await? {
-                Some(v) => Ok(v.value),
-                None => Err(StateError::Failed(format!(
-                    "constant {key} exists and does not at once"
-                ))),
-            },
-            Err(e) => Err(e),
+        let mut pause = std::time::Duration::from_millis(50);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let r = match self.compare_and_set(key, value.clone(), None).await {
+                Ok(_) => Ok(value.clone()),
+                Err(StateError::Conflict { .. }) => match self.get(key).await {
+                    Ok(Some(v)) => Ok(v.value),
+                    Ok(None) => Err(StateError::Failed(format!(
+                        "constant {key} exists and does not at once"
+                    ))),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
+            match r {
+                Err(StateError::Unavailable(_)) if tries < 6 => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                r => return r,
+            }
         }
     }
 }
