@@ -599,10 +599,20 @@ async fn call_gateway(
     timeout: Duration,
 ) -> Result<Response, RemoteError> {
     let gw = gateway_of(member).ok_or_else(|| RemoteError::Unreachable(member.to_string()))?;
+    exchange_with(&gw, member, env, timeout).await
+}
+
+/// One request to the gateway `gw` of `peer` under `timeout`, in the newest protocol
+/// version both speak ([`wire::exchange`]: a peer of the previous version is asked
+/// again in it; the two attempts share `timeout`). Members call each other through it too.
+pub async fn exchange_with(
+    gw: &ActorRef<GatewayMsg>,
+    peer: &str,
+    env: &Envelope,
+    timeout: Duration,
+) -> Result<Response, RemoteError> {
     let started = Instant::now();
-    // In the newest version the member speaks (a member of the previous version is
-    // asked again in it; the two versions share `timeout`).
-    wire::exchange(member, env, |frame| {
+    wire::exchange(peer, env, |frame| {
         let gw = gw.clone();
         let left = timeout.saturating_sub(started.elapsed());
         async move {
@@ -615,7 +625,7 @@ async fn call_gateway(
                     Err(RemoteError::Timeout(timeout.as_millis() as u64))
                 }
                 Ok(ractor::rpc::CallResult::SenderError) | Err(_) => {
-                    Err(RemoteError::Unreachable(member.to_string()))
+                    Err(RemoteError::Unreachable(peer.to_string()))
                 }
             }
         }

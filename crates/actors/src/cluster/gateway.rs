@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tracing::Instrument;
-use troupe_proto::wire::{exchange, open_request, reply_frame, Envelope, Request, Response};
+use troupe_proto::wire::{open_request, reply_frame, Envelope, Request, Response};
 
 use crate::ctx::Ctx;
 use crate::Discard;
@@ -231,34 +231,16 @@ fn gateway_of(peer: &str) -> Option<ActorRef<GatewayMsg>> {
         .map(ActorRef::from)
 }
 
-/// A timed call to `peer`'s gateway. A reply of a version outside [`ACCEPTED`] is
+/// A timed call to `peer`'s gateway, in the newest version both speak. A refusal of every version is
 /// [`RemoteError::Version`]; one that does not decode is an error, as is a timeout.
 async fn rpc(peer: &str, env: &Envelope, timeout: Duration) -> Result<Response, RemoteError> {
     let gw = gateway_of(peer).ok_or_else(|| RemoteError::Unreachable(peer.to_string()))?;
-    let started = std::time::Instant::now();
-    let send = |request: Vec<u8>| {
-        let gw = gw.clone();
-        // A request sent again in an older version shares the one timeout.
-        let left = timeout.saturating_sub(started.elapsed());
-        async move {
-            match gw
-                .call(|port| GatewayMsg::Call(request, port), Some(left))
-                .await
-            {
-                Ok(ractor::rpc::CallResult::Success(b)) => Ok(b),
-                Ok(ractor::rpc::CallResult::Timeout) => {
-                    Err(RemoteError::Timeout(timeout.as_millis() as u64))
-                }
-                Ok(ractor::rpc::CallResult::SenderError) | Err(_) => {
-                    Err(RemoteError::Unreachable(peer.to_string()))
-                }
-            }
-        }
-    };
-    exchange(peer, env, send).await.map_err(|e| match e {
-        RemoteError::Decode(why) => RemoteError::Decode(format!("{peer}: {why}")),
-        other => other,
-    })
+    troupe_client::exchange_with(&gw, peer, env, timeout)
+        .await
+        .map_err(|e| match e {
+            RemoteError::Decode(why) => RemoteError::Decode(format!("{peer}: {why}")),
+            other => other,
+        })
 }
 
 /// A liveness call to `peer`: its name as it answers.
