@@ -2,6 +2,7 @@
 //! generate small data sets. The binary comes from `TROUPE_BIN` when set (e.g. a release
 //! build), else from the workspace target directory next to this test executable.
 
+pub mod browser;
 pub mod nats;
 pub mod proxy;
 

@@ -2802,3 +2802,185 @@ fn cluster_client_calls_obey_the_members_admission_limits() {
         200
     );
 }
+
+/// The rows of the page's table `tbody` as (key attribute, cell texts).
+fn page_rows(
+    b: &troupe_tests::browser::Browser,
+    tbody: &str,
+    key: &str,
+) -> Vec<(String, Vec<String>)> {
+    let v = b.eval(
+        "return [...document.querySelectorAll('#' + arguments[0] + ' tr')].map(r => \
+         [r.getAttribute(arguments[1]) || '', [...r.children].map(c => c.textContent)]);",
+        vec![Value::from(tbody), Value::from(key)],
+    );
+    serde_json::from_value(v).unwrap_or_default()
+}
+
+/// The status page in a real browser (headless Chromium over WebDriver) against a live
+/// 3-node cluster with data and a model: members, partitions with their owners, the
+/// model version and its validation NDCG, the recommendation form (the rendered list is
+/// the API's answer, with share bars and flags), similar items; a SIGKILLed member turns
+/// down on the page. A screenshot is saved in the test's temp dir (and copied to
+/// `TROUPE_SCREENSHOT_DIR` when set).
+#[test]
+fn cluster_status_page_in_a_browser_shows_the_cluster_and_answers_the_form() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::prepare() else {
+        return;
+    };
+    let Some(browser) = troupe_tests::browser::Browser::start(c.root.path()) else {
+        return;
+    };
+    c.launch_all_balanced();
+    let texts: Vec<Value> = (0..200)
+        .map(|i| serde_json::json!({"id": format!("i{i}"), "text": format!("item {i} of shelf {}", i % 17), "categories": [format!("c{}", i % 5)]}))
+        .collect();
+    let r = c
+        .node("a")
+        .post("/v1/items", &Value::Array(texts).to_string());
+    assert_eq!(r.status, 200, "{}", r.body);
+    load_rated_and_elect(&c);
+    let r = retrain_via(c.node("b"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v1 = r.body["serving_version"].as_u64().unwrap();
+    c.wait(30, "every node serves the model", || {
+        NAMES.iter().all(|n| model_version(c.node(n)) == v1)
+    });
+
+    let a = c.node("a");
+    browser.goto(&format!("{}/", a.url()));
+    browser.wait(20, "three members up on the page", |b| {
+        let rows = page_rows(b, "members", "data-member");
+        rows.len() == 3 && rows.iter().all(|(_, cells)| cells[1] == "up")
+    });
+    // Every member shows the version it serves.
+    browser.wait(20, "each member's model version on the page", |b| {
+        page_rows(b, "members", "data-member")
+            .iter()
+            .all(|(_, cells)| cells[2] == v1.to_string())
+    });
+    // Partitions: one row each, the owner the API names.
+    let api = try_cluster(a).unwrap();
+    let owners: HashMap<String, String> = api["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["partition"].to_string(),
+                p["owner"].as_str().unwrap_or("none").to_string(),
+            )
+        })
+        .collect();
+    browser.wait(10, "the partition map with the API's owners", |b| {
+        let rows = page_rows(b, "partitions", "data-partition");
+        rows.len() == PARTITIONS as usize
+            && rows
+                .iter()
+                .all(|(p, cells)| owners.get(p) == Some(&cells[1]))
+    });
+    // The model: the serving version with its validation NDCG, drawn as a chart point.
+    let versions = page_rows(&browser, "versions", "data-version");
+    assert!(
+        versions
+            .iter()
+            .any(|(v, cells)| *v == v1.to_string() && cells[0].contains("serving")),
+        "{versions:?}"
+    );
+    let points = browser.eval(
+        "return document.querySelectorAll('#ndcg-chart circle').length;",
+        vec![],
+    );
+    assert!(points.as_u64().unwrap_or(0) >= 1, "no NDCG point drawn");
+    // The supervision tree and the breakers.
+    let actors = page_rows(&browser, "actors", "data-actor");
+    assert!(actors.iter().any(|(n, _)| n == "ranker"), "{actors:?}");
+    let breakers = page_rows(&browser, "breakers", "data-breaker");
+    assert!(
+        breakers
+            .iter()
+            .any(|(n, cells)| n == "als" && cells[1] == "closed"),
+        "{breakers:?}"
+    );
+
+    // The form: user -> top-k, the rendered list is the API's answer.
+    browser.type_into("#user-id", "u7");
+    browser.type_into("#user-k", "5");
+    browser.click("#user-submit");
+    browser.wait(15, "the form's answer rendered", |b| {
+        b.eval(
+            "return document.getElementById('user-form').dataset.done || '0';",
+            vec![],
+        ) == "1"
+    });
+    let shown: Vec<String> = page_rows(&browser, "recs", "data-item")
+        .into_iter()
+        .map(|(item, _)| item)
+        .collect();
+    let api = a.get("/v1/recommendations/u7?k=5&explain=true");
+    assert_eq!(api.status, 200, "{}", api.body);
+    let expected: Vec<String> = api.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(expected.len(), 5, "{}", api.body);
+    assert_eq!(shown, expected, "the page shows the API's list");
+    let bars = browser.eval(
+        "return document.querySelectorAll('#recs [data-branch]').length;",
+        vec![],
+    );
+    assert!(bars.as_u64().unwrap_or(0) >= 5, "share bars drawn: {bars}");
+    for flag in ["degraded", "stale", "cold_start"] {
+        let v = browser.eval(
+            "return document.querySelector('[data-flag=\"' + arguments[0] + '\"]').dataset.value;",
+            vec![Value::from(flag)],
+        );
+        assert_eq!(v, api.body[flag].as_bool().unwrap().to_string(), "{flag}");
+    }
+    let route = browser.eval(
+        "return document.querySelector('[data-flag=\"route\"]').dataset.value;",
+        vec![],
+    );
+    assert!(
+        ["local", "forwarded"].contains(&route.as_str().unwrap_or("")),
+        "{route}"
+    );
+
+    // Similar items for an item id.
+    browser.type_into("#similar-id", "i3");
+    browser.click("#similar-submit");
+    let api = a.get("/v1/items/i3/similar?k=10");
+    assert_eq!(api.status, 200, "{}", api.body);
+    let expected: Vec<String> = api.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!expected.is_empty(), "{}", api.body);
+    browser.wait(15, "the similar items rendered", |b| {
+        page_rows(b, "similar", "data-item")
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
+            == expected
+    });
+    let shot = c.root.path().join("status-page.png");
+    browser.screenshot(&shot);
+    println!("screenshot: {}", shot.display());
+    if let Ok(dir) = std::env::var("TROUPE_SCREENSHOT_DIR") {
+        std::fs::copy(&shot, std::path::Path::new(&dir).join("status-page.png")).unwrap();
+    }
+
+    // A member killed: the page (refreshing itself) shows it down.
+    c.node_mut("c").kill9();
+    browser.wait(30, "member c shown down on the page", |b| {
+        page_rows(b, "members", "data-member")
+            .iter()
+            .any(|(n, cells)| n == "c" && cells[1] != "up")
+    });
+}

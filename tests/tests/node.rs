@@ -455,26 +455,35 @@ fn freshness_bad_input_items_and_graceful_stop() {
     node.spawn();
     assert_eq!(node.get("/v1/users/u3").body["kind_counts"]["purchase"], 5);
     assert!(node.log(1).contains("stopped cleanly"));
+    assert!(
+        !node.log(1).contains('\x1b'),
+        "escape codes in a node's log file"
+    );
 }
 
 #[test]
 fn demo_runs_a_node_loads_trains_and_explains() {
     let _t = timed();
     let dir = tempfile::tempdir().unwrap();
-    let out = troupe_tests::troupe(&[
-        "demo",
-        "--exit",
-        "--addr",
-        "127.0.0.1:0",
-        "--gen-users",
-        "300",
-        "--gen-items",
-        "150",
-        "--gen-events",
-        "6000",
-        "--dir",
-        dir.path().to_str().unwrap(),
-    ]);
+    // TROUPE_LOG unset: the demo's own default level is under test.
+    let out = std::process::Command::new(troupe_tests::troupe_bin())
+        .args([
+            "demo",
+            "--exit",
+            "--addr",
+            "127.0.0.1:0",
+            "--gen-users",
+            "300",
+            "--gen-items",
+            "150",
+            "--gen-events",
+            "6000",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .env_remove("TROUPE_LOG")
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -495,6 +504,46 @@ fn demo_runs_a_node_loads_trains_and_explains() {
         .filter(|l| l.contains("als ") && l.contains("content ") && l.contains("popularity "))
         .count();
     assert!(rec_lines >= 10, "{stdout}");
+    // Results without log lines in between (stderr is a pipe here: no escape codes
+    // either); -v brings the node's INFO lines back, still without colour in a pipe.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains(" INFO "), "{stderr}");
+    assert!(
+        !stdout.contains('\x1b') && !stderr.contains('\x1b'),
+        "{stderr}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(troupe_tests::troupe_bin())
+        .args([
+            "-v",
+            "demo",
+            "--exit",
+            "--addr",
+            "127.0.0.1:0",
+            "--gen-users",
+            "100",
+            "--gen-items",
+            "50",
+            "--gen-events",
+            "1000",
+            "--dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .env_remove("TROUPE_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let tail: String = stderr
+        .chars()
+        .rev()
+        .take(3000)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    assert!(out.status.success(), "{tail}");
+    assert!(stderr.contains(" INFO "), "{tail}");
+    assert!(!stderr.contains('\x1b'), "escape codes in a pipe: {stderr}");
 }
 
 /// A minimal OTLP/HTTP collector: records (path, body) of every POST, answers 200.

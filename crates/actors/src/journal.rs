@@ -487,9 +487,7 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
     }
     let mut dups = 0;
     for (port, positions) in replies {
-        let new = positions.iter().filter(|p| !p.duplicate).count() as u64;
-        dups += positions.len() as u64 - new;
-        ctx.metrics.events_acked.inc_by(new);
+        dups += positions.iter().filter(|p| p.duplicate).count() as u64;
         port.send(AppendReply {
             positions,
             error: None,
@@ -497,7 +495,6 @@ async fn flush(st: &mut JournalState) -> Result<(), ActorProcessingErr> {
         .discard();
     }
     st.duplicates += dups;
-    ctx.metrics.events_duplicate.inc_by(dups);
     Ok(())
 }
 

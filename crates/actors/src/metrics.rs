@@ -136,12 +136,12 @@ impl Metrics {
             let mut r = m.registry.lock();
             r.register(
                 "events_acked",
-                "Events durably journaled and acked",
+                "Records (events and item changes) durably written to the log and acknowledged",
                 m.events_acked.clone(),
             );
             r.register(
                 "events_duplicate",
-                "Events dropped as duplicates of an acked idempotency key",
+                "Records answered as duplicates of an acknowledged idempotency key (not written again)",
                 m.events_duplicate.clone(),
             );
             r.register(

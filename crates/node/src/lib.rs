@@ -42,8 +42,11 @@ pub fn run() -> ExitCode {
     let args = cli::Cli::parse();
     // `troupe node` installs logging itself, once its config names the OTLP endpoint.
     let node_logs = matches!(args.command, cli::Command::Node(_));
+    // The demo prints results on stdout: its progress lines stay out of the way unless -v.
+    let quiet = matches!(args.command, cli::Command::Demo(_));
     if !node_logs {
-        init_logging(args.verbose);
+        // Only fails for an invalid OTLP endpoint, and none is given here.
+        telemetry::init(telemetry::default_level(args.verbose, quiet), None).ok();
     }
     if let Some(n) = args.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
@@ -75,9 +78,4 @@ pub fn run() -> ExitCode {
             ExitCode::from(e.code())
         }
     }
-}
-
-fn init_logging(verbose: bool) {
-    // Only fails for an invalid OTLP endpoint, and none is given here.
-    telemetry::init(verbose, None).ok();
 }

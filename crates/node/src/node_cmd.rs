@@ -389,7 +389,8 @@ pub fn run(args: NodeArgs, verbose: bool) -> Result<(), CliError> {
         sample_ratio: t.sample_ratio,
     });
     let exporting = otlp.is_some();
-    let telemetry = crate::telemetry::init(verbose, otlp).map_err(CliError::input)?;
+    let telemetry = crate::telemetry::init(crate::telemetry::default_level(verbose, false), otlp)
+        .map_err(CliError::input)?;
     if exporting {
         tracing::info!(
             endpoint = %t.otlp_endpoint,

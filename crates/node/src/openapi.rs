@@ -536,6 +536,13 @@ pub fn document(s: &ApiShape) -> Value {
         json!({"200": {"description": "OpenMetrics text", "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}, "400": error_ref()}),
         false,
     );
+    let page = op(
+        "The status page (HTML built into the binary; its script reads /v1/cluster and /metrics)",
+        "",
+        vec![],
+        json!({"200": {"description": "HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}, "400": error_ref()}),
+        false,
+    );
     let openapi = probe("This document", json!({"type": "object"}), &[400]);
     let mut doc = json!({
         "openapi": "3.1.0",
@@ -574,6 +581,8 @@ pub fn document(s: &ApiShape) -> Value {
             "/healthz": {"get": healthz},
             "/readyz": {"get": readyz},
             "/metrics": {"get": metrics},
+            "/": {"get": page.clone()},
+            "/ui": {"get": page},
         },
     });
     if w || r || u {

@@ -54,13 +54,15 @@ pub struct Otlp {
     pub sample_ratio: f64,
 }
 
-/// Installs the global subscriber.
-pub fn init(verbose: bool, otlp: Option<Otlp>) -> Result<Telemetry, String> {
-    let default = if verbose { "debug" } else { "info" };
+/// Installs the global subscriber: log lines on stderr at `default` level (`TROUPE_LOG`
+/// overrides it), coloured only when stderr is a terminal and `NO_COLOR` is unset, and
+/// spans exported over OTLP when `otlp` is given.
+pub fn init(default: &str, otlp: Option<Otlp>) -> Result<Telemetry, String> {
     let filter =
         || EnvFilter::try_from_env("TROUPE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs())
         .with_target(false)
         .with_filter(filter());
     let Some(o) = otlp else {
@@ -102,6 +104,21 @@ pub fn init(verbose: bool, otlp: Option<Otlp>) -> Result<Telemetry, String> {
     Ok(Telemetry {
         provider: Some(provider),
     })
+}
+
+/// Escape codes only for a person at a terminal: never into a file or a pipe.
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+/// The log level when neither `-v` nor `TROUPE_LOG` says otherwise.
+pub fn default_level(verbose: bool, quiet: bool) -> &'static str {
+    match (verbose, quiet) {
+        (true, _) => "debug",
+        (false, true) => "warn",
+        (false, false) => "info",
+    }
 }
 
 #[cfg(test)]

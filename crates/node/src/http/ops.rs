@@ -1,5 +1,5 @@
 //! Operations and admin routes: `/v1/cluster`, `/v1/admin/*`, the OpenAPI document,
-//! `/healthz`, `/readyz`, `/metrics`.
+//! `/healthz`, `/readyz`, `/metrics`, and the status page (`/`, `/ui`).
 
 use super::*;
 
@@ -88,6 +88,26 @@ pub(super) async fn rollback(
     Params::none(q.0)?;
     let r = st.api.rollback().await?;
     Ok(Json(json!({"serving_version": r.serving_version})).into_response())
+}
+
+/// The status page: one HTML file built into the binary. Its script reads this node's
+/// `/v1/cluster` and `/metrics` and calls the request routes; it loads nothing from
+/// anywhere else.
+pub(super) async fn status_page(q: RawQuery) -> ApiResult {
+    Params::none(q.0)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; \
+                 img-src 'self' data:; connect-src 'self'",
+            ),
+        ],
+        include_str!("status.html"),
+    )
+        .into_response())
 }
 
 pub(super) async fn openapi_doc(State(st): State<AppState>, q: RawQuery) -> ApiResult {
