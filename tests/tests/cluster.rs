@@ -2984,3 +2984,248 @@ fn cluster_status_page_in_a_browser_shows_the_cluster_and_answers_the_form() {
             .any(|(n, cells)| n == "c" && cells[1] != "up")
     });
 }
+
+/// A Prometheus server (Debian's `prometheus`) on the shipped configuration, copied
+/// unchanged into `dir` beside a targets file naming the live nodes. Killed on drop.
+struct Prometheus {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+impl Prometheus {
+    fn query(&self, q: &str) -> Value {
+        let r = ureq::get(format!("{}/api/v1/query", self.url))
+            .query("query", q)
+            .call();
+        match r {
+            Ok(mut r) => serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap(),
+            Err(e) => serde_json::json!({"status": "error", "error": e.to_string()}),
+        }
+    }
+
+    fn api(&self, path: &str) -> Value {
+        let mut r = ureq::get(format!("{}{path}", self.url)).call().unwrap();
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+    }
+}
+
+/// `prometheus` and `promtool` from `TROUPE_PROMETHEUS_DIR` or Debian's `/usr/bin`; `None`
+/// with a message when absent, unless `TROUPE_REQUIRE_PROMETHEUS=1`.
+fn prometheus_tools() -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let dir = std::env::var("TROUPE_PROMETHEUS_DIR").unwrap_or_else(|_| "/usr/bin".into());
+    let dir = std::path::Path::new(&dir);
+    let (server, tool) = (dir.join("prometheus"), dir.join("promtool"));
+    if server.exists() && tool.exists() {
+        return Some((server, tool));
+    }
+    let msg = "prometheus and promtool not installed (apt-get install prometheus)";
+    if std::env::var("TROUPE_REQUIRE_PROMETHEUS").as_deref() == Ok("1") {
+        panic!("{msg}, and TROUPE_REQUIRE_PROMETHEUS=1");
+    }
+    eprintln!("skipping: {msg}");
+    None
+}
+
+/// A rule's expression `<quantity> <op> <threshold>` with the comparison made to keep
+/// every series (`op bool`), so that it returns data whether or not the alert holds.
+fn quantity_of(rule: &str) -> String {
+    let ops = [" == ", " != ", " >= ", " <= ", " > ", " < "];
+    let (at, op) = ops
+        .iter()
+        .filter_map(|op| rule.rfind(op).map(|i| (i, *op)))
+        .max_by_key(|(i, _)| *i)
+        .unwrap_or_else(|| panic!("rule without a comparison: {rule}"));
+    format!(
+        "{} {} bool {}",
+        &rule[..at],
+        op.trim(),
+        &rule[at + op.len()..]
+    )
+}
+
+/// The shipped Prometheus configuration, alert rules and Grafana board against a live
+/// 3-node cluster: `promtool check config` and `check rules` pass; after scrapes, every
+/// query of the board (its variables substituted) and the quantity of every alert rule
+/// return data through Prometheus's HTTP API; after a SIGKILL, the node-down and failover
+/// alerts fire.
+#[test]
+fn cluster_prometheus_rules_and_board_work_against_a_live_cluster() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some((server, promtool)) = prometheus_tools() else {
+        return;
+    };
+    let Some(mut c) = Cluster::prepare() else {
+        return;
+    };
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let prom_dir = c.root.path().join("prometheus");
+    std::fs::create_dir_all(prom_dir.join("targets")).unwrap();
+    for f in ["prometheus.yml", "alerts.yml"] {
+        std::fs::copy(deploy.join(f), prom_dir.join(f)).unwrap();
+    }
+    let targets: Vec<String> = c
+        .members
+        .iter()
+        .map(|(_, _, http)| format!("127.0.0.1:{http}"))
+        .collect();
+    std::fs::write(
+        prom_dir.join("targets/troupe.json"),
+        serde_json::json!([{"targets": targets}]).to_string(),
+    )
+    .unwrap();
+    for args in [
+        vec!["check", "config", "prometheus.yml"],
+        vec!["check", "rules", "alerts.yml"],
+    ] {
+        let out = std::process::Command::new(&promtool)
+            .args(&args)
+            .current_dir(&prom_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A cluster with data, a model, answers and writes, so every series exists.
+    c.launch_all_balanced();
+    load_rated_and_elect(&c);
+    let r = retrain_via(c.node("a"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    c.wait(30, "every node serves the model", || {
+        NAMES.iter().all(|n| model_version(c.node(n)) >= 1)
+    });
+    let port = free_port();
+    let log = std::fs::File::create(prom_dir.join("prometheus.log")).unwrap();
+    let prom = Prometheus {
+        child: std::process::Command::new(&server)
+            .arg("--config.file=prometheus.yml")
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                prom_dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .current_dir(&prom_dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let traffic = |c: &Cluster| {
+        for (i, n) in NAMES.iter().enumerate() {
+            let node = c.node(n);
+            node.get(&format!("/v1/recommendations/u{i}?k=5"));
+            node.post(
+                "/v1/events",
+                &format!(r#"[{{"user":"u{i}","item":"i{}","kind":"view"}}]"#, i + 1),
+            );
+        }
+    };
+    // Scraped at least three times (rates need two samples in their window).
+    c.wait(60, "three nodes scraped three times", || {
+        traffic(&c);
+        let v = prom.query("count_over_time(up{job=\"troupe\"}[1m]) >= 3");
+        v["data"]["result"].as_array().is_some_and(|r| r.len() == 3)
+    });
+
+    // Every query of the board returns data (Grafana's variables substituted).
+    let board: Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy.join("grafana/troupe.json")).unwrap())
+            .unwrap();
+    let mut queries: Vec<String> = Vec::new();
+    for p in board["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            queries.push(
+                t["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$__rate_interval", "30s")
+                    .replace("$instance", ".*"),
+            );
+        }
+    }
+    assert!(queries.len() >= 20, "{queries:?}");
+    // The quantity of every alert rule, as Prometheus loaded them.
+    let rules = prom.api("/api/v1/rules");
+    let mut alerts = Vec::new();
+    for g in rules["data"]["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            alerts.push(r["name"].as_str().unwrap().to_string());
+            queries.push(quantity_of(r["query"].as_str().unwrap()));
+        }
+    }
+    for a in [
+        "TroupeNodeDown",
+        "TroupePartitionUnowned",
+        "TroupePartitionFailed",
+        "TroupeApplyLagHigh",
+        "TroupeDeadLettersGrowing",
+        "TroupeBreakerOpen",
+        "TroupeLogNotWritable",
+        "TroupeTrainerLeaderMissing",
+        "TroupeModelVersionsDiffer",
+        "TroupeHttp5xxRate",
+        "TroupeAdmissionSaturated",
+        "TroupeFailover",
+    ] {
+        assert!(
+            alerts.iter().any(|x| x == a),
+            "rule {a} missing: {alerts:?}"
+        );
+    }
+    let mut empty: Vec<String> = queries.clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !empty.is_empty() && Instant::now() < deadline {
+        traffic(&c);
+        empty.retain(|q| {
+            let v = prom.query(q);
+            assert_ne!(v["status"], "error", "{q}: {v}");
+            v["data"]["result"].as_array().is_none_or(|r| r.is_empty())
+        });
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        empty.is_empty(),
+        "queries without data after 60 s: {empty:#?}"
+    );
+    println!(
+        "{} board and rule queries answered with data",
+        queries.len()
+    );
+
+    // A node killed: the node-down and failover alerts fire.
+    let dead = format!(
+        "127.0.0.1:{}",
+        c.members.iter().find(|m| m.0 == "c").unwrap().2
+    );
+    c.node_mut("c").kill9();
+    let firing = |name: &str, instance: Option<&str>| {
+        prom.api("/api/v1/alerts")["data"]["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| {
+                a["labels"]["alertname"] == name
+                    && a["state"] == "firing"
+                    && instance.is_none_or(|i| a["labels"]["instance"] == i)
+            })
+    };
+    c.wait(90, "TroupeNodeDown firing for the killed node", || {
+        firing("TroupeNodeDown", Some(&dead))
+    });
+    c.wait(60, "TroupeFailover firing", || {
+        firing("TroupeFailover", None)
+    });
+}

@@ -302,6 +302,29 @@ impl Ctx {
     }
 
     /// All streams: partitions then the catalog.
+    /// Sets the gauges that are read when scraped: log state, the cluster's view, and
+    /// the apply lag of the streams this node applies (every partition on a single node;
+    /// those it holds, and the catalog, in a cluster; a stream let go loses its series).
+    pub fn export_metrics(&self) {
+        let m = &self.metrics;
+        m.log_writable.set(i64::from(self.log.writable()));
+        m.log_sync_always.set(self.log.syncs_every_write());
+        if let Some(c) = &self.cluster {
+            c.export(self);
+        }
+        for s in self.streams() {
+            let labels = crate::metrics::label("stream", crate::metrics::stream_label(s));
+            let applies_here =
+                s == CATALOG_STREAM || self.cluster.as_ref().is_none_or(|c| c.holds(s));
+            if applies_here {
+                let lag = self.head(s).saturating_sub(self.applied(s));
+                m.apply_lag.get_or_create(&labels).set(lag as i64);
+            } else {
+                m.apply_lag.remove(&labels);
+            }
+        }
+    }
+
     pub fn streams(&self) -> Vec<u32> {
         (0..self.settings.partitions)
             .chain(std::iter::once(CATALOG_STREAM))

@@ -62,6 +62,21 @@ pub struct Metrics {
     /// 0 closed, 1 open, 2 half-open.
     pub breaker_state: Family<Labels, Gauge>,
     pub model_version: Gauge,
+    /// Validation NDCG@10 of the served ALS version (measured when it was trained).
+    pub model_ndcg: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Time from a write's arrival in the request layer to its acknowledgement by the
+    /// log (either backend): the ack latency clients see, without HTTP parsing.
+    pub append_seconds: Histogram,
+    /// Records the log holds that the consumer serving a stream here has not applied
+    /// yet (set when scraped; streams served by this node only).
+    pub apply_lag: Family<Labels, Gauge>,
+    /// Recommendations answered `stale` (not known to reflect every acked write).
+    pub recommendations_stale: Counter,
+    /// Cluster: partitions by state as this node sees the lease table (`owned`,
+    /// `unowned`, `failed`; set when scraped).
+    pub partitions: Family<Labels, Gauge>,
+    /// Cluster: 1 while this node knows a trainer leader (set when scraped).
+    pub trainer_leader_known: Gauge,
     pub retrains: Family<Labels, Counter>,
     pub model_load_failures: Counter,
     pub embeddings_computed: Counter,
@@ -121,6 +136,12 @@ impl Metrics {
             branch_outcomes: Family::default(),
             breaker_state: Family::default(),
             model_version: Gauge::default(),
+            model_ndcg: Gauge::default(),
+            append_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            apply_lag: Family::default(),
+            recommendations_stale: Counter::default(),
+            partitions: Family::default(),
+            trainer_leader_known: Gauge::default(),
             retrains: Family::default(),
             model_load_failures: Counter::default(),
             embeddings_computed: Counter::default(),
@@ -133,6 +154,13 @@ impl Metrics {
             idempotency_keys: Gauge::default(),
         };
         {
+            // Lease events exist (at 0) before the first one, so that rules and boards
+            // over them have a series from the start.
+            for event in ["claim", "failover", "handoff", "lost", "failed"] {
+                m.partition_events
+                    .get_or_create(&label("event", event))
+                    .inc_by(0);
+            }
             let mut r = m.registry.lock();
             r.register(
                 "events_acked",
@@ -288,6 +316,36 @@ impl Metrics {
                 "als_model_version",
                 "ALS model version being served",
                 m.model_version.clone(),
+            );
+            r.register(
+                "als_model_validation_ndcg",
+                "Validation NDCG@10 of the served ALS version, measured on held-out events when it was trained",
+                m.model_ndcg.clone(),
+            );
+            r.register(
+                "append_seconds",
+                "Time for the log to acknowledge one write request (the ack latency, either backend)",
+                m.append_seconds.clone(),
+            );
+            r.register(
+                "apply_lag_records",
+                "Records in the log not yet applied by the consumer serving the stream on this node",
+                m.apply_lag.clone(),
+            );
+            r.register(
+                "recommendations_stale",
+                "Recommendations answered stale (not known to reflect every acknowledged write)",
+                m.recommendations_stale.clone(),
+            );
+            r.register(
+                "cluster_partitions",
+                "Partitions by state as this node sees the lease table: owned, unowned, failed",
+                m.partitions.clone(),
+            );
+            r.register(
+                "cluster_trainer_leader_known",
+                "1 while this node knows which member leads the training, 0 while none does",
+                m.trainer_leader_known.clone(),
             );
             r.register(
                 "als_retrains",

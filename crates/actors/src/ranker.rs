@@ -671,6 +671,9 @@ impl RankerCore {
             .recommend_seconds
             .observe(started.elapsed().as_secs_f64());
         self.handles.served[usize::from(reply.degraded)].inc();
+        if reply.stale {
+            ctx.metrics.recommendations_stale.inc();
+        }
         reply
     }
 

@@ -687,6 +687,7 @@ impl AlsTrainerState {
                     report.model_version = v;
                     report.serving_version = v;
                     self.ctx.metrics.model_version.set(v as i64);
+                    self.ctx.metrics.model_ndcg.set(model.validation_ndcg);
                     tracing::info!(
                         model_version = v,
                         ndcg = report.candidate_ndcg,
@@ -823,6 +824,7 @@ impl AlsTrainerState {
                     "als model loaded from the model record"
                 );
                 self.ctx.metrics.model_version.set(m.version as i64);
+                self.ctx.metrics.model_ndcg.set(m.validation_ndcg);
                 self.ctx.als.store(Some(Arc::new(m)));
                 self.load_failure = None;
             }

@@ -112,6 +112,11 @@ struct Class {
 
 impl Class {
     fn new(ctx: &Ctx, name: &'static str, n: usize) -> Class {
+        // The refusal counter exists (at 0) before the first refusal, for alert rules.
+        ctx.metrics
+            .http_saturated
+            .get_or_create(&crate::metrics::label("class", name))
+            .inc_by(0);
         Class {
             name,
             permits: Arc::new(Semaphore::new(n.max(1))),
@@ -449,6 +454,7 @@ impl Api {
 
     async fn append(&self, entries: Vec<AppendEntry>) -> Result<Vec<Position>, ApiError> {
         self.writable()?;
+        let started = std::time::Instant::now();
         let positions = node::append(&self.ctx, entries, self.opts.request_timeout)
             .await
             .map_err(|e| match e {
@@ -461,6 +467,7 @@ impl Api {
         // Counted here, whichever log took them (the embedded journal or JetStream).
         let dups = positions.iter().filter(|p| p.duplicate).count() as u64;
         let m = &self.ctx.metrics;
+        m.append_seconds.observe(started.elapsed().as_secs_f64());
         m.events_acked.inc_by(positions.len() as u64 - dups);
         m.events_duplicate.inc_by(dups);
         Ok(positions)

@@ -386,6 +386,36 @@ impl Cluster {
                 .get_or_create(&crate::metrics::label("state", label))
                 .set(n);
         }
+        // The lease table as this node last read it: a partition is owned while this
+        // node holds its lease or its holder is a member answering here (up), failed
+        // when marked so, unowned otherwise (released, or held by a member that is down
+        // until another claims it).
+        let now = Instant::now();
+        let up: std::collections::HashSet<String> = self
+            .peers
+            .lock()
+            .iter()
+            .filter(|(_, p)| p.state == PeerState::Up)
+            .map(|(n, _)| n.clone())
+            .collect();
+        let (mut owned, mut unowned, mut failed) = (0, 0, 0);
+        for slot in &self.slots {
+            let s = slot.lock();
+            if s.failed.is_some() {
+                failed += 1;
+            } else if s.valid_until.is_some_and(|t| now < t) || up.contains(&s.owner) {
+                owned += 1;
+            } else {
+                unowned += 1;
+            }
+        }
+        for (label, n) in [("owned", owned), ("unowned", unowned), ("failed", failed)] {
+            m.partitions
+                .get_or_create(&crate::metrics::label("state", label))
+                .set(n);
+        }
+        m.trainer_leader_known
+            .set(i64::from(self.leader_status().leader.is_some()));
     }
 }
 

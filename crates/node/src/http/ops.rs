@@ -178,17 +178,7 @@ pub(super) async fn readyz(State(st): State<AppState>, q: RawQuery) -> ApiResult
 
 pub(super) async fn metrics(State(st): State<AppState>, q: RawQuery) -> ApiResult {
     Params::none(q.0)?;
-    st.ctx
-        .metrics
-        .log_writable
-        .set(i64::from(st.ctx.log.writable()));
-    st.ctx
-        .metrics
-        .log_sync_always
-        .set(st.ctx.log.syncs_every_write());
-    if let Some(c) = &st.ctx.cluster {
-        c.export(&st.ctx);
-    }
+    st.ctx.export_metrics();
     Ok((
         [(
             header::CONTENT_TYPE,
