@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+import charts  # bench/charts.py: ratio tables as SVG
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 SHARED = ROOT.parent / "shared" / "data"
@@ -194,6 +196,9 @@ def main():
         print(f"{name:<14} ratio    fit {ratio['fit_seconds']:.2f}  recommend {ratio['recommend_seconds']:.2f}  "
               f"NDCG diff {med['troupe']['ndcg'] - med['implicit']['ndcg']:+.4f}")
         results[name] = {"median": med, "ratio": ratio, "runs": runs}
+    charts.draw(a.troupe, f"als-{a.reg_scaling}", "ALS: Troupe / implicit (time, lower is faster)",
+                [(f"{n} {k.replace('_seconds', '')}", r["ratio"][k]) for n, r in results.items()
+                 for k in ("fit_seconds", "recommend_seconds")])
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"als-{a.reg_scaling}.json").write_text(json.dumps(results, indent=1))
 

@@ -18,6 +18,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+import charts  # bench/charts.py: ratio tables as SVG
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MOVIES = ROOT.parent / "shared" / "data" / "ml-latest-small" / "movies.csv"
 
@@ -80,6 +82,7 @@ def main():
             w.writerows((i, t) for i, t in enumerate(tx))
         print(f"{len(tx)} texts (MovieLens titles + genres), max_len {a.max_len}, median of {a.repeats}")
         print(f"{'batch':>5} {'threads':>7} {'troupe/s':>9} {'ort/s':>9} {'ratio':>6}")
+        rows = []
         for batch in (32, 1):
             for threads in (1, 2):
                 tr, orr = [], []
@@ -88,6 +91,8 @@ def main():
                     orr.append(ort_rate(a.model, tx, batch, threads, a.max_len))
                 t, o = statistics.median(tr), statistics.median(orr)
                 print(f"{batch:>5} {threads:>7} {t:>9.1f} {o:>9.1f} {t / o:>6.2f}")
+                rows.append((f"batch {batch}, {threads} thread(s)", t / o))
+        charts.draw(a.troupe, "minilm", "MiniLM embeddings/s: Troupe (tract) / onnxruntime", rows)
 
 
 if __name__ == "__main__":

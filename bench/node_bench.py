@@ -32,6 +32,8 @@ import tempfile
 import threading
 import time
 
+import charts  # bench/charts.py: ratio tables as SVG
+
 
 def free_port():
     s = socket.socket()
@@ -203,6 +205,8 @@ def ingest(a):
     print(f"{'batch':>6} {'clients':>7} {'troupe ev/s':>12} {'raw ev/s':>12} {'ratio':>6} {'apply lag s':>11}")
     for b, c, r, raw, ratio, lag in rows:
         print(f"{b:>6} {c:>7} {r:>12.0f} {raw:>12.0f} {ratio:>6.2f} {lag:>11.2f}")
+    charts.draw(a.troupe, "ingest-embedded", "Embedded ingest: Troupe / raw write+fdatasync loop",
+                [(f"batch {b}, {c} clients", ratio) for b, c, _, _, ratio, _ in rows])
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -310,6 +314,8 @@ def jetstream(a):
           f"{'apply lag s':>11} {'troupe embedded ev/s':>21} {'js/embedded':>11}")
     for b, c, raw, rawa, r, lag, emb in rows:
         print(f"{b:>6} {c:>7} {raw:>10.0f} {rawa:>11.0f} {r:>15.0f} {r / rawa:>13.2f} {lag:>11.2f} {emb:>21.0f} {r / emb:>11.2f}")
+    charts.draw(a.troupe, f"ingest-jetstream-{a.servers}", f"JetStream ingest ({a.servers} server(s)): Troupe / raw async-nats atomic batches",
+                [(f"batch {b}, {c} clients", r / rawa) for b, c, _, rawa, r, _, _ in rows])
     shutil.rmtree(work, ignore_errors=True)
 
 

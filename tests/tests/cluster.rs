@@ -108,7 +108,12 @@ impl Cluster {
 
     /// The member ports for nodes using `nats` with `tuning`; no node started yet.
     fn on(nats: NatsCluster, tuning: Tuning) -> Cluster {
-        let members: Vec<Member> = NAMES
+        Cluster::on_names(nats, tuning, &NAMES)
+    }
+
+    /// As [`Cluster::on`] with the members `names`.
+    fn on_names(nats: NatsCluster, tuning: Tuning, names: &[&'static str]) -> Cluster {
+        let members: Vec<Member> = names
             .iter()
             .map(|&n| (n, free_port(), free_port()))
             .collect();
@@ -3228,4 +3233,111 @@ fn cluster_prometheus_rules_and_board_work_against_a_live_cluster() {
     c.wait(60, "TroupeFailover firing", || {
         firing("TroupeFailover", None)
     });
+}
+
+/// Partition -> its one server among `names` (empty when some partition is not served
+/// exactly once).
+fn owner_map(c: &Cluster, names: &[&str]) -> HashMap<u64, String> {
+    let by = served_by(c, names);
+    if (0..PARTITIONS as u64).any(|p| by.get(&p).is_none_or(|v| v.len() != 1)) {
+        return HashMap::new();
+    }
+    by.into_iter().map(|(p, v)| (p, v[0].clone())).collect()
+}
+
+/// A fourth member joins a running 3-node cluster under write load and leaves again,
+/// with no node's file edited (it is listed from the start, as `deploy/k8s/config.yaml`
+/// lists six members for three pods: a listed member that is not running owns nothing).
+/// Joining moves only the partitions whose rendezvous owner is now the new member (every
+/// partition that changes hands goes to it); leaving (SIGTERM) hands back only those;
+/// every acknowledged event is applied exactly once.
+#[test]
+fn cluster_fourth_member_joins_and_leaves_with_incremental_rebalancing_and_loses_nothing() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    const FOUR: [&str; 4] = ["a", "b", "c", "d"];
+    let Some(nats) = NatsCluster::one() else {
+        return;
+    };
+    let mut c = Cluster::on_names(nats, Tuning::default(), &FOUR);
+    let (members, url) = (c.members.clone(), c.nats.urls());
+    for n in NAMES {
+        c.launch(n, "test-cookie", &members, &url);
+    }
+    c.wait(60, "a, b and c serve every partition, each some", || {
+        all_served_by(&c, &NAMES) && NAMES.iter().all(|n| !serving(c.node(n)).is_empty())
+    });
+    // Settled: the same owners twice, a rebalance interval apart.
+    let mut before = HashMap::new();
+    c.wait(30, "ownership settled over a, b and c", || {
+        let now = owner_map(&c, &NAMES);
+        let same = !now.is_empty() && now == before;
+        before = now;
+        std::thread::sleep(Duration::from_millis(500));
+        same
+    });
+
+    let (n, users) = (3_000usize, 30usize);
+    let events = c.root.path().join("events.csv");
+    write_events(&events, 0..n, users);
+    let log = c.root.path().join("acked.txt");
+    let mut load = start_loader(c.node("a"), &events, &log, 50);
+    c.wait(60, "a quarter of the events acked", || {
+        acked_rows(&log).len() >= n / 4
+    });
+
+    // d joins: it takes partitions, and only partitions move to it.
+    c.launch("d", "test-cookie", &members, &url);
+    c.wait(60, "d serves partitions and each is served once", || {
+        all_served_by(&c, &FOUR) && !serving(c.node("d")).is_empty()
+    });
+    let mut during = HashMap::new();
+    c.wait(30, "ownership settled over four members", || {
+        let now = owner_map(&c, &FOUR);
+        let same = !now.is_empty() && now == during;
+        during = now;
+        std::thread::sleep(Duration::from_millis(500));
+        same
+    });
+    let moved: Vec<u64> = (0..PARTITIONS as u64)
+        .filter(|p| during[p] != before[p])
+        .collect();
+    for p in &moved {
+        assert_eq!(
+            during[p], "d",
+            "partition {p} moved between old members on join: {before:?} -> {during:?}"
+        );
+    }
+    assert!(
+        !moved.is_empty() && moved.len() < PARTITIONS as usize,
+        "join moved {moved:?}"
+    );
+    println!(
+        "join: {} of {PARTITIONS} partitions moved, all to the new member",
+        moved.len()
+    );
+
+    // d leaves gracefully: only its partitions move, to the remaining members.
+    assert_eq!(
+        c.node_mut("d").terminate(),
+        Some(0),
+        "d did not stop cleanly"
+    );
+    c.wait(60, "a, b and c serve every partition again", || {
+        all_served_by(&c, &NAMES)
+    });
+    let after = owner_map(&c, &NAMES);
+    for p in 0..PARTITIONS as u64 {
+        if during[&p] != "d" {
+            assert_eq!(
+                after[&p], during[&p],
+                "partition {p} moved on leave though d did not own it"
+            );
+        }
+    }
+    let status = load.wait().unwrap();
+    assert!(status.success(), "loader failed: {status:?}");
+    let acked = acked_rows(&log);
+    assert_eq!(acked.len(), n);
+    assert_applied_once(&c, "a", &acked, users);
 }

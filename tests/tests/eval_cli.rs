@@ -344,3 +344,84 @@ fn eval_with_a_node_config_uses_its_settings_and_refuses_competing_flags() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `--plot` draws NDCG@k for k = 1..50 of every branch and the ensemble as SVG; the
+/// curves in the report agree with the table's NDCG@K at K. `plot-ratios` draws a ratio
+/// table and names the file and field of a bad row.
+#[test]
+fn eval_plot_and_ratio_charts_are_drawn() {
+    let _t = timed();
+    let d = tempfile::tempdir().unwrap();
+    gen(d.path(), "400", "200", "12000");
+    let svg = d.path().join("ndcg.svg");
+    let out = troupe(&[
+        "eval",
+        "--events",
+        d.path().join("events.csv").to_str().unwrap(),
+        "--items",
+        d.path().join("items.csv").to_str().unwrap(),
+        "--split",
+        "random",
+        "--json",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    let r = parse_report(&out);
+    // Not a terminal: no progress bars or colour codes on stderr.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains('\x1b') && !err.contains('\r'), "{err}");
+    let curves = &r["details"]["ndcg_curve"];
+    assert_eq!(curves["k"].as_array().unwrap().len(), 50);
+    let k = r["k"].as_u64().unwrap() as usize;
+    for m in ["als", "content", "popularity", "ensemble"] {
+        let c = curves[m].as_array().unwrap();
+        assert_eq!(c.len(), 50, "{m}");
+        let at_k = c[k - 1].as_f64().unwrap();
+        let table = r["models"][m]["ndcg"].as_f64().unwrap();
+        assert!(
+            (at_k - table).abs() < 1e-9,
+            "{m}: curve {at_k} vs table {table}"
+        );
+    }
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg"), "{}", &text[..text.len().min(200)]);
+    for m in ["ensemble", "als", "content", "popularity"] {
+        assert!(text.contains(m), "{m} missing from the chart");
+    }
+
+    let table = d.path().join("ratios.json");
+    std::fs::write(
+        &table,
+        r#"{"title": "ingest", "rows": [{"label": "batch 1000", "ratio": 0.41}, {"label": "batch 100", "ratio": 0.35}]}"#,
+    )
+    .unwrap();
+    let chart = d.path().join("ratios.svg");
+    let out = troupe(&[
+        "plot-ratios",
+        "--input",
+        table.to_str().unwrap(),
+        "--out",
+        chart.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&chart).unwrap();
+    assert!(text.contains("batch 1000") && text.contains("0.41"));
+    std::fs::write(&table, r#"{"rows": [{"label": "x", "ratio": "fast"}]}"#).unwrap();
+    let out = troupe(&[
+        "plot-ratios",
+        "--input",
+        table.to_str().unwrap(),
+        "--out",
+        chart.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ratios.json") && err.contains("rows[0].ratio"),
+        "{err}"
+    );
+}

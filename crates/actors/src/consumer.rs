@@ -45,6 +45,8 @@ use crate::supervisor::{Deposed, Fatal};
 /// heavy writes dominates a replay with small reads; a step of this size holds the actor
 /// for about 0.1-0.3 s when it replays.
 pub const CATCH_UP_CHUNK: usize = 16_384;
+/// How often a long catch-up logs its progress.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Keys of the records a consumer applied recently in one stream, oldest first. Bounded
 /// by count and by the records' append time; stored as the low 64 bits of the key.
@@ -711,11 +713,31 @@ impl ConsumerRuntime {
         let mut n = 0;
         for s in streams {
             let head = ctx.head(s);
+            let from = self.cursors.get(&s).map_or(0, |c| c.applied);
+            let started = Instant::now();
+            let mut reported = started;
             loop {
                 let step = self.catch_up(ctx, s, head, CATCH_UP_CHUNK, target).await?;
                 n += step.applied;
                 if step.done {
                     break;
+                }
+                // A long catch-up (replay on start, a moved partition) says where it is
+                // every 5 s, with its rate and the time left at that rate.
+                if reported.elapsed() >= PROGRESS_EVERY {
+                    reported = Instant::now();
+                    let at = self.cursors.get(&s).map_or(from, |c| c.applied);
+                    let rate =
+                        at.saturating_sub(from) as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                    tracing::info!(
+                        consumer = %self.name,
+                        stream = %crate::metrics::stream_label(s),
+                        applied = at,
+                        head,
+                        records_per_s = rate.round() as u64,
+                        eta_s = (head.saturating_sub(at) as f64 / rate.max(1.0)).round() as u64,
+                        "catching up"
+                    );
                 }
             }
         }

@@ -72,6 +72,8 @@ pub struct EvalConfig {
     /// How the validation split is carved (follows the outer split).
     pub validation_split: SplitKind,
     pub seed: u64,
+    /// When > 0: also NDCG@k for k = 1..=curve_to per model (`details.ndcg_curve`).
+    pub curve_to: usize,
 }
 
 impl Default for EvalConfig {
@@ -88,6 +90,7 @@ impl Default for EvalConfig {
             validation_fraction: 0.2,
             validation_split: SplitKind::Random,
             seed: 42,
+            curve_to: 0,
         }
     }
 }
@@ -138,6 +141,9 @@ pub struct Evaluation<'a> {
     pub encoder_name: String,
     /// Seconds spent embedding the catalogue (part of the content model's fit time).
     pub embed_seconds: f64,
+    /// Told (phase, done, total) as long steps advance (the tuning grids), for a
+    /// progress display.
+    pub progress: &'a (dyn Fn(&str, u64, u64) + Sync),
 }
 
 /// Per-user training view: weighted positives and filtered items.
@@ -420,6 +426,32 @@ fn ensemble_lists(
     (lists, shares)
 }
 
+/// NDCG@k for k = 1..=kmax of each branch alone and of the blend.
+fn ndcg_curves(
+    c: &Candidates,
+    blend_cfg: &BlendSettings,
+    rel: &[(u32, FxHashSet<u32>)],
+    kmax: usize,
+) -> serde_json::Value {
+    let sets = || rel.iter().map(|(_, r)| r);
+    let branch = |b: usize| {
+        let lists: Vec<Vec<u32>> = c
+            .lists
+            .iter()
+            .map(|l| l[b].iter().take(kmax).map(|s| s.item).collect())
+            .collect();
+        crate::metrics::ndcg_curve(lists.iter().map(Vec::as_slice), sets(), kmax)
+    };
+    let (ens, _) = ensemble_lists(c, blend_cfg, kmax);
+    serde_json::json!({
+        "k": (1..=kmax).collect::<Vec<_>>(),
+        "als": branch(0),
+        "content": branch(1),
+        "popularity": branch(2),
+        "ensemble": crate::metrics::ndcg_curve(ens.iter().map(Vec::as_slice), sets(), kmax),
+    })
+}
+
 fn report(m: RankMetrics, coverage: f64, fit: f64) -> ModelReport {
     ModelReport {
         precision: m.precision,
@@ -480,7 +512,7 @@ impl Evaluation<'_> {
             self.kind_name,
         );
         let users: Vec<u32> = rel.iter().map(|(u, _)| *u).collect();
-        let n_cand = cfg.blend.candidates.max(cfg.k);
+        let n_cand = cfg.blend.candidates.max(cfg.k).max(cfg.curve_to);
 
         let t = Instant::now();
         let pop = popularity_model(&ud, self.item_keys.len(), cfg.popularity_half_life_days);
@@ -525,6 +557,7 @@ impl Evaluation<'_> {
         let (pop_m, pop_cov) = branch_only(&cands, 2, &rel, cfg.k, universe);
         let (ens_lists, shares) = ensemble_lists(&cands, &cfg.blend, cfg.k);
         let (ens_m, ens_cov) = score_lists(ens_lists.into_iter(), &rel, cfg.k, universe);
+        let curve = (cfg.curve_to > 0).then(|| ndcg_curves(&cands, &cfg.blend, &rel, cfg.curve_to));
 
         let details = serde_json::json!({
             "blend": {
@@ -546,6 +579,7 @@ impl Evaluation<'_> {
                 "now": ud.now,
             },
             "tuning": tune_details,
+            "ndcg_curve": curve,
         });
         Ok(EvalReport {
             schema: 1,
@@ -627,7 +661,9 @@ impl Evaluation<'_> {
             }
         }
         let mut best_als: Option<(f64, AlsParams, Vec<Vec<Scored>>)> = None;
-        for p in grid {
+        let grid_len = grid.len() as u64;
+        (self.progress)("tuning ALS", 0, grid_len);
+        for (done, p) in grid.into_iter().enumerate() {
             let model = als::fit_keyed(&m, &p, self.user_keys, self.item_keys)?;
             let lists = als_candidates(&model, &users, &ud, n_cand, true);
             let s = ndcg_of(&lists);
@@ -639,6 +675,7 @@ impl Evaluation<'_> {
             if best_als.as_ref().is_none_or(|b| s > b.0) {
                 best_als = Some((s, p, lists));
             }
+            (self.progress)("tuning ALS", done as u64 + 1, grid_len);
         }
         let (als_ndcg, als_params, als_lists) =
             best_als.ok_or_else(|| ModelError::Empty("no ALS configuration".into()))?;

@@ -41,6 +41,35 @@ pub fn user_metrics(ranked: &[u32], relevant: &FxHashSet<u32>, k: usize) -> Rank
     }
 }
 
+/// Mean NDCG@k over users for every k in 1..=`kmax` (index k-1), in one pass per list:
+/// the same definition as [`user_metrics`] at each k.
+pub fn ndcg_curve<'a, 'b>(
+    lists: impl Iterator<Item = &'a [u32]>,
+    relevant: impl Iterator<Item = &'b FxHashSet<u32>>,
+    kmax: usize,
+) -> Vec<f64> {
+    let discount: Vec<f64> = (0..kmax).map(|p| 1.0 / ((p + 2) as f64).log2()).collect();
+    let mut sum = vec![0.0; kmax];
+    let mut users = 0usize;
+    for (list, rel) in lists.zip(relevant) {
+        if rel.is_empty() {
+            continue;
+        }
+        users += 1;
+        let (mut dcg, mut idcg) = (0.0, 0.0);
+        for (k, s) in sum.iter_mut().enumerate() {
+            if list.get(k).is_some_and(|i| rel.contains(i)) {
+                dcg += discount[k];
+            }
+            if k < rel.len() {
+                idcg += discount[k];
+            }
+            *s += dcg / idcg;
+        }
+    }
+    sum.iter().map(|s| s / users.max(1) as f64).collect()
+}
+
 /// Running average of [`RankMetrics`] plus catalogue coverage.
 #[derive(Debug, Clone)]
 pub struct MetricsAccumulator {
@@ -100,6 +129,28 @@ impl MetricsAccumulator {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_ndcg_curve_is_ndcg_at_every_k() {
+        let lists: Vec<Vec<u32>> = vec![vec![3, 1, 7, 9, 2], vec![5, 6], vec![1, 2, 3]];
+        let rel: Vec<FxHashSet<u32>> = vec![
+            [1, 2, 4].into_iter().collect(),
+            [6].into_iter().collect(),
+            FxHashSet::default(),
+        ];
+        let curve = ndcg_curve(lists.iter().map(Vec::as_slice), rel.iter(), 6);
+        for k in 1..=6 {
+            // Users with a relevant set only, as the accumulator counts them.
+            let want = (user_metrics(&lists[0], &rel[0], k).ndcg
+                + user_metrics(&lists[1], &rel[1], k).ndcg)
+                / 2.0;
+            assert!(
+                (curve[k - 1] - want).abs() < 1e-12,
+                "k={k}: {} vs {want}",
+                curve[k - 1]
+            );
+        }
+    }
+
     use super::*;
     use proptest::prelude::*;
 

@@ -41,6 +41,9 @@ pub enum Command {
     /// Quality as served: load a train split into a live node over HTTP, retrain, ask for
     /// every test user's recommendations per branch and score them like `eval`.
     OnlineEval(Box<crate::online_eval::OnlineEvalArgs>),
+    /// Draw a benchmark's ratio table (Troupe / peer) as an SVG bar chart; the `bench/`
+    /// scripts call it with the table they print.
+    PlotRatios(PlotRatiosArgs),
 }
 
 /// Column names for CSV inputs (default: picked by common header names).
@@ -198,6 +201,10 @@ pub struct EvalArgs {
     /// Print exactly one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Also draw NDCG@k for k = 1..50 of every branch and the ensemble as an SVG chart
+    /// into this file (the curves are in the JSON report's `details.ndcg_curve`).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -281,4 +288,14 @@ pub struct EmbedArgs {
     pub throughput_only: bool,
     #[command(flatten)]
     pub columns: ColumnArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PlotRatiosArgs {
+    /// JSON: {"title": "...", "rows": [{"label": "...", "ratio": 0.41}, ...]}.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// The SVG file to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }

@@ -316,8 +316,12 @@ fn eval_config(
             _ => SplitKind::Random,
         },
         seed: a.seed,
+        curve_to: if a.plot.is_some() { PLOT_K } else { 0 },
     }
 }
+
+/// NDCG@k is drawn for k = 1..PLOT_K.
+const PLOT_K: usize = 50;
 
 /// Loaded, interned and split data.
 struct Loaded {
@@ -414,6 +418,12 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport, CliError> {
         enc.tfidf_dim,
     )?;
     let (user_keys, item_keys) = (data.users.row_keys(), data.items.row_keys());
+    // `--tune`: a bar over the configurations tried (drawn on a terminal only).
+    let tune_bar = ProgressBar::new(0);
+    tune_bar.set_style(
+        ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let ev = Evaluation {
         user_keys: &user_keys,
         item_keys: &item_keys,
@@ -423,6 +433,17 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalReport, CliError> {
         embeddings: e.embeddings.view(),
         encoder_name: e.encoder.clone(),
         embed_seconds: e.load_seconds + e.encode_seconds,
+        progress: &|phase, done, total| {
+            if done == 0 {
+                tune_bar.set_length(total);
+                tune_bar.set_message(phase.to_string());
+                tune_bar.reset();
+            }
+            tune_bar.set_position(done);
+            if done == total {
+                tune_bar.finish_and_clear();
+            }
+        },
     };
     Ok(ev.run(&cfg, |m| info!("{m}"))?)
 }
@@ -513,6 +534,26 @@ pub fn fit_als(a: Box<EvalArgs>) -> CmdResult {
 
 pub fn run(a: Box<EvalArgs>) -> CmdResult {
     let report = evaluate(&a)?;
+    if let Some(path) = &a.plot {
+        let curves = &report.details["ndcg_curve"];
+        let series: Vec<(String, Vec<f64>)> = ["ensemble", "als", "content", "popularity"]
+            .iter()
+            .filter_map(|m| {
+                let v: Vec<f64> = curves[m]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|x| x.as_f64())
+                    .collect();
+                Some((m.to_string(), v))
+            })
+            .collect();
+        let title = format!("NDCG@k, {} test users", report.users);
+        crate::plot::curves(path, &title, "k", "NDCG@k", &series)
+            .map_err(|e| CliError::input(format!("--plot {}: {e}", path.display())))?;
+        if !a.json {
+            println!("NDCG@k for k = 1..{PLOT_K} drawn in {}", path.display());
+        }
+    }
     if a.json {
         let s = serde_json::to_string(&report).map_err(|e| CliError::Internal(e.into()))?;
         println!("{s}");

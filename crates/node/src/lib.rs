@@ -30,6 +30,7 @@ pub mod load_cmd;
 pub mod node_cmd;
 pub mod online_eval;
 pub mod openapi;
+pub mod plot;
 pub mod telemetry;
 
 use std::process::ExitCode;
@@ -70,6 +71,7 @@ pub fn run() -> ExitCode {
         cli::Command::Node(a) => node_cmd::run(a, args.verbose),
         cli::Command::Load(a) => load_cmd::run(*a),
         cli::Command::OnlineEval(a) => online_eval::run(*a),
+        cli::Command::PlotRatios(a) => plot::ratios_cmd(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

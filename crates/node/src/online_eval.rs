@@ -310,7 +310,16 @@ pub fn run(a: OnlineEvalArgs) -> CmdResult {
     let mut models = serde_json::Map::new();
     let mut details = serde_json::Map::new();
     let mut encoder = String::new();
+    // On a terminal: one bar over every query (users x models), with rate and ETA.
+    let pb = indicatif::ProgressBar::new((rel.len() * MODELS.len()) as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "querying {bar:30} {human_pos}/{human_len} ({per_sec}, eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
     for (name, w) in MODELS {
+        pb.set_message(name);
         let t = Instant::now();
         let answers: Vec<Result<Value, String>> = pool.install(|| {
             rel.par_iter()
@@ -319,7 +328,9 @@ pub fn run(a: OnlineEvalArgs) -> CmdResult {
                     if let Some(w) = w {
                         path.push_str(&format!("&weights={w}"));
                     }
-                    http.get(&path, read)
+                    let r = http.get(&path, read);
+                    pb.inc(1);
+                    r
                 })
                 .collect()
         });
@@ -387,6 +398,7 @@ pub fn run(a: OnlineEvalArgs) -> CmdResult {
             }),
         );
     }
+    pb.finish_and_clear();
     let report = json!({
         "schema": 1,
         "k": a.k,
