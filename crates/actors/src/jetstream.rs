@@ -1249,7 +1249,32 @@ impl Log for JetStreamLog {
                 (unique.len() - 1, false)
             })
             .collect();
-        let published = tokio::time::timeout(cfg.timeout, self.publish(&unique))
+        // "No responders": the server this connection uses does not (yet) know of the
+        // stream's subjects (a stream just created on other servers of a cluster, its
+        // interest still travelling over the routes). Nothing was stored, and every
+        // entry with a key is deduplicated by the server anyway: publish again for a
+        // moment when every entry has one.
+        let keyed = unique.iter().all(|e| e.key != 0);
+        let retrying = async {
+            let mut pause = Duration::from_millis(50);
+            let started = std::time::Instant::now();
+            loop {
+                match self.publish(&unique).await {
+                    Err(LogError::Unavailable(why))
+                        if keyed
+                            && started.elapsed() < NO_RESPONDERS_RETRY
+                            && (why.contains("no stream found")
+                                || why.contains("no responders")) =>
+                    {
+                        tracing::debug!(error = %why, "publish found no responders; again");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(500));
+                    }
+                    r => return r,
+                }
+            }
+        };
+        let published = tokio::time::timeout(cfg.timeout, retrying)
             .await
             .map_err(|_| {
                 LogError::Unavailable(format!(
@@ -1461,6 +1486,9 @@ impl JetStreamState {
     }
 }
 
+/// How long a state read answered "no responders" is tried again.
+const NO_RESPONDERS_RETRY: Duration = Duration::from_secs(5);
+
 /// An error whose cause is a request nobody answered at once (the client reports a 503
 /// "no responders" status as a stream not found).
 fn no_responders(e: &dyn std::error::Error) -> bool {
@@ -1553,14 +1581,14 @@ impl StateStore for JetStreamState {
         Ok(Some(rx))
     }
 
-    /// A read answered "no responders" (a bucket whose replicas are electing a leader,
-    /// a server whose JetStream is still starting) is tried again for a moment: a read
-    /// changes nothing.
+    /// A read answered "no responders" (a bucket whose replicas are electing a leader, a
+    /// server whose JetStream is still starting, or one that has not yet learned over its
+    /// routes of the other servers' direct-get subscriptions to a bucket just created) is
+    /// tried again for up to 5 s: a read changes nothing.
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StateError> {
         let mut pause = Duration::from_millis(50);
-        let mut tries = 0;
+        let started = std::time::Instant::now();
         loop {
-            tries += 1;
             match self.js.kv.entry(key).await {
                 Ok(Some(e)) if e.operation == kv::Operation::Put => {
                     return Ok(Some(Versioned {
@@ -1569,10 +1597,10 @@ impl StateStore for JetStreamState {
                     }))
                 }
                 Ok(_) => return Ok(None),
-                Err(e) if tries < 6 && no_responders(&e) => {
+                Err(e) if started.elapsed() < NO_RESPONDERS_RETRY && no_responders(&e) => {
                     tracing::debug!(key, error = %e, "state read found no responders; again");
                     tokio::time::sleep(pause).await;
-                    pause *= 2;
+                    pause = (pause * 2).min(Duration::from_millis(500));
                 }
                 Err(e) => return Err(state_unavailable(key, e)),
             }

@@ -95,12 +95,34 @@ pub fn content_text(text: &str, categories: &[String], tags: &[String]) -> Strin
     s
 }
 
-fn open_maybe_gzip(path: &Path) -> Result<Box<dyn Read + Send>> {
+/// A reader that counts the bytes it passed on (of the file itself, before any
+/// decompression), for progress against the file's length.
+struct Counted<R> {
+    inner: R,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn open_maybe_gzip(
+    path: &Path,
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> Result<Box<dyn Read + Send>> {
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(io)?;
+    let file = Counted {
+        inner: File::open(path).map_err(io)?,
+        read,
+    };
     let mut reader = BufReader::with_capacity(1 << 16, file);
     let magic = reader.fill_buf().map_err(io)?;
     if magic.len() >= 2 && magic[0] == 0x1f && magic[1] == 0x8b {
@@ -173,6 +195,8 @@ pub fn parse_timestamp(s: &str) -> std::result::Result<i64, String> {
 /// A CSV file opened with its header read, positioned at the first data row.
 struct CsvSource {
     file: String,
+    /// Bytes of the file read so far (compressed bytes for a gzip file).
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
     header: Vec<String>,
     reader: csv::Reader<Box<dyn Read + Send>>,
     record: csv::StringRecord,
@@ -181,7 +205,8 @@ struct CsvSource {
 impl CsvSource {
     fn open(path: &Path) -> Result<Self> {
         let file = path.display().to_string();
-        let input = open_maybe_gzip(path)?;
+        let read = std::sync::Arc::default();
+        let input = open_maybe_gzip(path, std::sync::Arc::clone(&read))?;
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(true)
             .flexible(true)
@@ -197,6 +222,7 @@ impl CsvSource {
         }
         Ok(CsvSource {
             file,
+            read,
             header,
             reader,
             record: csv::StringRecord::new(),
@@ -352,6 +378,12 @@ impl EventReader {
     }
 
     /// Rows skipped so far (only with `skip_bad_rows`).
+    /// Bytes of the file read so far (of the compressed file for gzip), against its
+    /// length on disk: progress with an ETA for any input.
+    pub fn bytes_read(&self) -> u64 {
+        self.src.read.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn skipped(&self) -> &SkipReport {
         &self.report
     }

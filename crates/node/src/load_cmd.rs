@@ -367,14 +367,19 @@ pub fn load(args: &LoadArgs) -> Result<Value, CliError> {
         ),
         None => None,
     };
-    let reader = EventReader::open(events_path, &cols, args.cols.skip_bad_rows)?;
-    let pb = ProgressBar::new_spinner();
+    let mut reader = EventReader::open(events_path, &cols, args.cols.skip_bad_rows)?;
+    // On a terminal: a bar over the file's bytes (compressed bytes for gzip), so the rate
+    // and ETA hold for any input; the message counts rows acknowledged.
+    let size = std::fs::metadata(events_path).map_or(0, |m| m.len());
+    let pb = ProgressBar::new(size);
     pb.set_style(
-        ProgressStyle::with_template("{spinner} events {human_pos} ({per_sec}) {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ProgressStyle::with_template(
+            "events {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}, eta {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     if resume > 0 {
-        pb.set_message(format!("resumed after row {resume}"));
+        pb.set_message(format!("resuming after row {resume}"));
     }
     let mut batch: Vec<(u64, String, Value)> = Vec::with_capacity(args.batch);
     let (mut acked, mut dups) = (0u64, 0u64);
@@ -430,12 +435,13 @@ pub fn load(args: &LoadArgs) -> Result<Value, CliError> {
             .map_err(|e| {
                 CliError::Internal(anyhow::Error::new(e).context("saving load progress"))
             })?;
-        pb.set_position(last);
+        pb.set_message(format!("{last} rows acknowledged"));
         batch.clear();
         Ok(())
     };
-    for ev in reader {
+    while let Some(ev) = reader.next() {
         let ev = ev?;
+        pb.set_position(reader.bytes_read());
         let r = row;
         row += 1;
         if r < resume {
