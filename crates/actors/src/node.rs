@@ -376,13 +376,24 @@ pub async fn append(
         return Err(LogError::Unavailable("node is shutting down".into()));
     }
     ctx.check_entries(&entries).map_err(LogError::Refused)?;
-    match tokio::time::timeout(timeout, ctx.log.append(entries)).await {
-        Ok(r) => r,
-        Err(_) => Err(LogError::Unavailable(format!(
-            "the log did not acknowledge within {} ms; a retry with the same ids is safe",
-            timeout.as_millis()
-        ))),
-    }
+    let started = std::time::Instant::now();
+    let positions = match tokio::time::timeout(timeout, ctx.log.append(entries)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(LogError::Unavailable(format!(
+                "the log did not acknowledge within {} ms; a retry with the same ids is safe",
+                timeout.as_millis()
+            )))
+        }
+    };
+    // Counted here, whichever log took them (the embedded journal or JetStream) and
+    // whoever wrote (the request layer, the demo's loader).
+    let dups = positions.iter().filter(|p| p.duplicate).count() as u64;
+    let m = &ctx.metrics;
+    m.append_seconds.observe(started.elapsed().as_secs_f64());
+    m.events_acked.inc_by(positions.len() as u64 - dups);
+    m.events_duplicate.inc_by(dups);
+    Ok(positions)
 }
 
 /// `Observe` of every actor in the tree plus the supervisors' records, asked all at once:

@@ -454,8 +454,7 @@ impl Api {
 
     async fn append(&self, entries: Vec<AppendEntry>) -> Result<Vec<Position>, ApiError> {
         self.writable()?;
-        let started = std::time::Instant::now();
-        let positions = node::append(&self.ctx, entries, self.opts.request_timeout)
+        node::append(&self.ctx, entries, self.opts.request_timeout)
             .await
             .map_err(|e| match e {
                 LogError::Refused(why) => ApiError::invalid(why),
@@ -463,14 +462,7 @@ impl Api {
                     self.ctx.metrics.log_write_errors.inc();
                     ApiError::unavailable(why)
                 }
-            })?;
-        // Counted here, whichever log took them (the embedded journal or JetStream).
-        let dups = positions.iter().filter(|p| p.duplicate).count() as u64;
-        let m = &self.ctx.metrics;
-        m.append_seconds.observe(started.elapsed().as_secs_f64());
-        m.events_acked.inc_by(positions.len() as u64 - dups);
-        m.events_duplicate.inc_by(dups);
-        Ok(positions)
+            })
     }
 
     /// Waits (bounded by `freshness_wait`) for the serving consumer of `stream` to reach
