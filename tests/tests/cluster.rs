@@ -2808,6 +2808,16 @@ fn cluster_client_calls_obey_the_members_admission_limits() {
     );
 }
 
+/// The item ids of an answer's `items` list, in order.
+fn answer_items(body: &Value) -> Vec<String> {
+    body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// The rows of the page's table `tbody` as (key attribute, cell texts).
 fn page_rows(
     b: &troupe_tests::browser::Browser,
@@ -2926,12 +2936,7 @@ fn cluster_status_page_in_a_browser_shows_the_cluster_and_answers_the_form() {
         .collect();
     let api = a.get("/v1/recommendations/u7?k=5&explain=true");
     assert_eq!(api.status, 200, "{}", api.body);
-    let expected: Vec<String> = api.body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["item"].as_str().unwrap().to_string())
-        .collect();
+    let expected = answer_items(&api.body);
     assert_eq!(expected.len(), 5, "{}", api.body);
     assert_eq!(shown, expected, "the page shows the API's list");
     let bars = browser.eval(
@@ -2960,12 +2965,7 @@ fn cluster_status_page_in_a_browser_shows_the_cluster_and_answers_the_form() {
     browser.click("#similar-submit");
     let api = a.get("/v1/items/i3/similar?k=10");
     assert_eq!(api.status, 200, "{}", api.body);
-    let expected: Vec<String> = api.body["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["item"].as_str().unwrap().to_string())
-        .collect();
+    let expected = answer_items(&api.body);
     assert!(!expected.is_empty(), "{}", api.body);
     browser.wait(15, "the similar items rendered", |b| {
         page_rows(b, "similar", "data-item")
@@ -3245,6 +3245,19 @@ fn owner_map(c: &Cluster, names: &[&str]) -> HashMap<u64, String> {
     by.into_iter().map(|(p, v)| (p, v[0].clone())).collect()
 }
 
+/// The owner map over `names` once it is the same twice, a rebalance interval apart.
+fn settled_owners(c: &Cluster, names: &[&str]) -> HashMap<u64, String> {
+    let mut last = HashMap::new();
+    c.wait(30, &format!("ownership settled over {names:?}"), || {
+        let now = owner_map(c, names);
+        let same = !now.is_empty() && now == last;
+        last = now;
+        std::thread::sleep(Duration::from_millis(500));
+        same
+    });
+    last
+}
+
 /// A fourth member joins a running 3-node cluster under write load and leaves again,
 /// with no node's file edited (it is listed from the start, as `deploy/k8s/config.yaml`
 /// lists six members for three pods: a listed member that is not running owns nothing).
@@ -3267,15 +3280,7 @@ fn cluster_fourth_member_joins_and_leaves_with_incremental_rebalancing_and_loses
     c.wait(60, "a, b and c serve every partition, each some", || {
         all_served_by(&c, &NAMES) && NAMES.iter().all(|n| !serving(c.node(n)).is_empty())
     });
-    // Settled: the same owners twice, a rebalance interval apart.
-    let mut before = HashMap::new();
-    c.wait(30, "ownership settled over a, b and c", || {
-        let now = owner_map(&c, &NAMES);
-        let same = !now.is_empty() && now == before;
-        before = now;
-        std::thread::sleep(Duration::from_millis(500));
-        same
-    });
+    let before = settled_owners(&c, &NAMES);
 
     let (n, users) = (3_000usize, 30usize);
     let events = c.root.path().join("events.csv");
@@ -3291,14 +3296,7 @@ fn cluster_fourth_member_joins_and_leaves_with_incremental_rebalancing_and_loses
     c.wait(60, "d serves partitions and each is served once", || {
         all_served_by(&c, &FOUR) && !serving(c.node("d")).is_empty()
     });
-    let mut during = HashMap::new();
-    c.wait(30, "ownership settled over four members", || {
-        let now = owner_map(&c, &FOUR);
-        let same = !now.is_empty() && now == during;
-        during = now;
-        std::thread::sleep(Duration::from_millis(500));
-        same
-    });
+    let during = settled_owners(&c, &FOUR);
     let moved: Vec<u64> = (0..PARTITIONS as u64)
         .filter(|p| during[p] != before[p])
         .collect();

@@ -461,29 +461,41 @@ fn freshness_bad_input_items_and_graceful_stop() {
     );
 }
 
-#[test]
-fn demo_runs_a_node_loads_trains_and_explains() {
-    let _t = timed();
-    let dir = tempfile::tempdir().unwrap();
-    // TROUPE_LOG unset: the demo's own default level is under test.
-    let out = std::process::Command::new(troupe_tests::troupe_bin())
+/// `troupe [flags] demo --exit` on generated data in `dir`, with `TROUPE_LOG` unset.
+fn demo(
+    flags: &[&str],
+    users: &str,
+    items: &str,
+    events: &str,
+    dir: &std::path::Path,
+) -> std::process::Output {
+    std::process::Command::new(troupe_tests::troupe_bin())
+        .args(flags)
         .args([
             "demo",
             "--exit",
             "--addr",
             "127.0.0.1:0",
             "--gen-users",
-            "300",
+            users,
             "--gen-items",
-            "150",
+            items,
             "--gen-events",
-            "6000",
+            events,
             "--dir",
-            dir.path().to_str().unwrap(),
+            dir.to_str().unwrap(),
         ])
         .env_remove("TROUPE_LOG")
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn demo_runs_a_node_loads_trains_and_explains() {
+    let _t = timed();
+    let dir = tempfile::tempdir().unwrap();
+    // TROUPE_LOG unset: the demo's own default level is under test.
+    let out = demo(&[], "300", "150", "6000", dir.path());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -513,25 +525,7 @@ fn demo_runs_a_node_loads_trains_and_explains() {
         "{stderr}"
     );
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(troupe_tests::troupe_bin())
-        .args([
-            "-v",
-            "demo",
-            "--exit",
-            "--addr",
-            "127.0.0.1:0",
-            "--gen-users",
-            "100",
-            "--gen-items",
-            "50",
-            "--gen-events",
-            "1000",
-            "--dir",
-            dir.path().to_str().unwrap(),
-        ])
-        .env_remove("TROUPE_LOG")
-        .output()
-        .unwrap();
+    let out = demo(&["-v"], "100", "50", "1000", dir.path());
     let stderr = String::from_utf8_lossy(&out.stderr);
     let tail: String = stderr
         .chars()
