@@ -56,8 +56,25 @@ impl Default for Tuning {
     }
 }
 
-fn config(name: &str, dir: &std::path::Path, members: &[Member], nats: &str, t: &Tuning) -> String {
-    let http = members.iter().find(|m| m.0 == name).unwrap().2;
+/// Node `name`'s config with the members `members` listed; `own` is its own entry, given
+/// as `advertise` when `members` does not list it (a member the others discover).
+fn config(
+    name: &str,
+    dir: &std::path::Path,
+    members: &[Member],
+    own: Member,
+    nats: &str,
+    t: &Tuning,
+) -> String {
+    let http = own.2;
+    let advertise = if members.iter().any(|m| m.0 == name) {
+        String::new()
+    } else {
+        format!(
+            "advertise = {{ cluster_addr = \"127.0.0.1:{}\", http_addr = \"127.0.0.1:{}\" }}\n",
+            own.1, own.2
+        )
+    };
     let list: Vec<String> = members
         .iter()
         .map(|(n, c, h)| {
@@ -72,7 +89,7 @@ fn config(name: &str, dir: &std::path::Path, members: &[Member], nats: &str, t: 
 [als]\nmin_interactions = 1000000000\n\
 [supervision]\nbackoff_base_ms = 5\nbackoff_max_ms = 50\n\
 [log]\nbackend = \"jetstream\"\n[log.jetstream]\nurl = \"{nats}\"\n{}\
-[cluster]\nmembers = [{}]\nheartbeat_ms = 200\nheartbeat_misses = 3\nhandshake_timeout_ms = 2000\n\
+[cluster]\nmembers = [{}]\n{advertise}heartbeat_ms = 200\nheartbeat_misses = 3\nhandshake_timeout_ms = 2000\n\
 reconnect_max_ms = 1000\nlease_period_ms = {}\nlease_renew_ms = {}\nrebalance_interval_ms = 200\n\
 forward_timeout_ms = 3000\nmember_hold_down_ms = {}\nmember_hold_down_max_ms = {}\n",
         dir.join("data").display(),
@@ -131,7 +148,8 @@ impl Cluster {
     /// Starts node `name` seeing the members as `view` and the server at `nats`.
     fn launch(&mut self, name: &'static str, cookie: &str, view: &[Member], nats: &str) {
         let dir = self.root.path().join(name);
-        let (_, _, http) = *self.members.iter().find(|m| m.0 == name).unwrap();
+        let entry = *self.members.iter().find(|m| m.0 == name).unwrap();
+        let http = entry.2;
         let own: String = self
             .node_extra
             .iter()
@@ -140,7 +158,7 @@ impl Cluster {
             .collect();
         let text = format!(
             "{}{}{own}",
-            config(name, &dir, view, nats, &self.tuning),
+            config(name, &dir, view, entry, nats, &self.tuning),
             self.extra
         );
         let mut env = vec![("TROUPE_CLUSTER_COOKIE", cookie)];
@@ -1087,8 +1105,9 @@ fn cluster_simultaneous_start_with_its_servers_never_exits() {
         let (members, url) = (c.members.clone(), c.nats.urls());
         for n in NAMES {
             let dir = c.root.path().join(n);
-            let http = c.members.iter().find(|m| m.0 == n).unwrap().2;
-            let text = config(n, &dir, &members, &url, &c.tuning);
+            let own = *c.members.iter().find(|m| m.0 == n).unwrap();
+            let http = own.2;
+            let text = config(n, &dir, &members, own, &url, &c.tuning);
             c.nodes.push(Node::launch_config(
                 &dir,
                 http,
@@ -3259,11 +3278,12 @@ fn settled_owners(c: &Cluster, names: &[&str]) -> HashMap<u64, String> {
 }
 
 /// A fourth member joins a running 3-node cluster under write load and leaves again,
-/// with no node's file edited (it is listed from the start, as `deploy/k8s/config.yaml`
-/// lists six members for three pods: a listed member that is not running owns nothing).
-/// Joining moves only the partitions whose rendezvous owner is now the new member (every
-/// partition that changes hands goes to it); leaving (SIGTERM) hands back only those;
-/// every acknowledged event is applied exactly once.
+/// with no file of the three edited: a, b and c list only each other; d lists a alone
+/// (its seed) and describes itself by `advertise`. The three discover d from its member
+/// record and dial it; it appears in every member list, `up`. Joining moves only the
+/// partitions whose rendezvous owner is now the new member (every partition that changes
+/// hands goes to it); leaving (SIGTERM) hands back only those, and d leaves every member
+/// list; every acknowledged event is applied exactly once.
 #[test]
 fn cluster_fourth_member_joins_and_leaves_with_incremental_rebalancing_and_loses_nothing() {
     let _serial = one_at_a_time();
@@ -3274,8 +3294,10 @@ fn cluster_fourth_member_joins_and_leaves_with_incremental_rebalancing_and_loses
     };
     let mut c = Cluster::on_names(nats, Tuning::default(), &FOUR);
     let (members, url) = (c.members.clone(), c.nats.urls());
+    let three: Vec<Member> = members.iter().filter(|m| m.0 != "d").copied().collect();
+    let seed: Vec<Member> = members.iter().filter(|m| m.0 == "a").copied().collect();
     for n in NAMES {
-        c.launch(n, "test-cookie", &members, &url);
+        c.launch(n, "test-cookie", &three, &url);
     }
     c.wait(60, "a, b and c serve every partition, each some", || {
         all_served_by(&c, &NAMES) && NAMES.iter().all(|n| !serving(c.node(n)).is_empty())
@@ -3291,11 +3313,38 @@ fn cluster_fourth_member_joins_and_leaves_with_incremental_rebalancing_and_loses
         acked_rows(&log).len() >= n / 4
     });
 
-    // d joins: it takes partitions, and only partitions move to it.
-    c.launch("d", "test-cookie", &members, &url);
+    for n in NAMES {
+        assert_eq!(
+            member_state(c.node(n), "d").0,
+            "",
+            "{n} knows d before it started"
+        );
+    }
+    // d joins with a as its only seed: the others discover it, it takes partitions,
+    // and only partitions move to it.
+    c.launch("d", "test-cookie", &seed, &url);
     c.wait(60, "d serves partitions and each is served once", || {
         all_served_by(&c, &FOUR) && !serving(c.node("d")).is_empty()
     });
+    let d_http = format!("127.0.0.1:{}", members[3].2);
+    c.wait(
+        30,
+        "every member lists every other up, with d's address",
+        || {
+            FOUR.iter().all(|n| {
+                FOUR.iter()
+                    .filter(|o| *o != n)
+                    .all(|o| member_state(c.node(n), o).0 == "up")
+            }) && NAMES.iter().all(|n| {
+                try_cluster(c.node(n)).is_some_and(|v| {
+                    v["members"].as_array().is_some_and(|ms| {
+                        ms.iter()
+                            .any(|m| m["name"] == "d" && m["http_addr"] == d_http.as_str())
+                    })
+                })
+            })
+        },
+    );
     let during = settled_owners(&c, &FOUR);
     let moved: Vec<u64> = (0..PARTITIONS as u64)
         .filter(|p| during[p] != before[p])
@@ -3323,6 +3372,11 @@ fn cluster_fourth_member_joins_and_leaves_with_incremental_rebalancing_and_loses
     );
     c.wait(60, "a, b and c serve every partition again", || {
         all_served_by(&c, &NAMES)
+    });
+    c.wait(30, "d left every member list", || {
+        NAMES
+            .iter()
+            .all(|n| try_cluster(c.node(n)).is_some() && member_state(c.node(n), "d").0.is_empty())
     });
     let after = owner_map(&c, &NAMES);
     for p in 0..PARTITIONS as u64 {

@@ -1100,7 +1100,7 @@ impl ConsumerRuntime {
         &self,
         ctx: &Arc<Ctx>,
     ) -> Result<Option<(Vec<u8>, Vec<Vec<u8>>)>, ActorProcessingErr> {
-        let Some(cluster) = ctx.settings.cluster.as_ref() else {
+        let Some(cluster) = ctx.cluster.as_ref() else {
             return Ok(None);
         };
         if self.name.starts_with(crate::names::USER_FEATURES_PREFIX) {
@@ -1108,11 +1108,11 @@ impl ConsumerRuntime {
         }
         let mut best: Option<(u64, String, crate::state::Loaded)> = None;
         for m in cluster
-            .members
-            .iter()
-            .filter(|m| m.name != ctx.settings.node_name)
+            .member_names()
+            .into_iter()
+            .filter(|m| *m != ctx.settings.node_name)
         {
-            let scope = singleton_scope(&self.name, &m.name);
+            let scope = singleton_scope(&self.name, &m);
             let loaded = until_answered(&self.name, None, || ctx.state.load(&scope))
                 .await
                 .map_err(|e| state_failure(ctx, &self.name, e))?;
@@ -1210,10 +1210,9 @@ pub async fn retainable(ctx: &Ctx) -> Result<BTreeMap<u32, u64>, StateError> {
     let mut low: BTreeMap<u32, Option<u64>> = BTreeMap::new();
     // In a cluster, every member's copy of a singleton counts.
     let members: Vec<String> = ctx
-        .settings
         .cluster
         .as_ref()
-        .map(|c| c.members.iter().map(|m| m.name.clone()).collect())
+        .map(|c| c.member_names())
         .unwrap_or_default();
     let mut scopes = Vec::new();
     for c in consumers(&ctx.settings) {

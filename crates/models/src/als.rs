@@ -100,8 +100,8 @@ fn random_factors(rows: usize, k: usize, rng: &mut rand::rngs::StdRng) -> Array2
 }
 
 /// Trains ALS on `weights` (users x items). `on_iteration(iter, loss)` is called after
-/// every full iteration when `track_loss` is set (computing the loss costs about a
-/// half-iteration). Start vectors come from one generator in row order, so the result
+/// every full iteration (for progress); the loss is computed only when `track_loss` is
+/// set (it costs about a half-iteration) and is NaN otherwise. Start vectors come from one generator in row order, so the result
 /// depends on how rows were numbered; [`fit_keyed`] removes that dependence.
 pub fn fit(
     weights: &Csr,
@@ -175,9 +175,12 @@ fn fit_from(
     for it in 0..params.iterations {
         solve_side(&mut users, items.view(), &cui, params);
         solve_side(&mut items, users.view(), &ciu, params);
-        if track_loss {
-            on_iteration(it, loss(&cui, users.view(), items.view(), params));
-        }
+        let l = if track_loss {
+            loss(&cui, users.view(), items.view(), params)
+        } else {
+            f64::NAN
+        };
+        on_iteration(it, l);
     }
     Ok(AlsModel {
         params: params.clone(),

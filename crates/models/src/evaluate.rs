@@ -786,6 +786,7 @@ pub fn evaluate_als(
     weights: &WeightConfig,
     params: &AlsParams,
     k: usize,
+    on_iteration: &dyn Fn(usize, usize),
 ) -> Result<AlsOnlyReport> {
     let rel = relevant(test, n_users, weights, kind_name);
     if rel.is_empty() {
@@ -796,7 +797,9 @@ pub fn evaluate_als(
     let ud = user_data(train, n_users, weights, kind_name);
     let t = Instant::now();
     let m = weight_matrix(&ud, n_items);
-    let model = als::fit(&m, params, false, |_, _| {})?;
+    let model = als::fit(&m, params, false, |it, _| {
+        on_iteration(it + 1, params.iterations)
+    })?;
     let fit_seconds = t.elapsed().as_secs_f64();
     let users: Vec<u32> = rel.iter().map(|(u, _)| *u).collect();
     let t = Instant::now();

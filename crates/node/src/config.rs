@@ -96,8 +96,13 @@ pub struct JournalSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterSection {
-    /// Every member (this node is the one whose name is `node.name`); empty: one node.
+    /// The members this node is configured with (empty: one node). They are seeds:
+    /// members not listed are discovered from their member records in the state store.
+    /// This node is the one named `node.name`, listed here or described by `advertise`.
     pub members: Vec<MemberEntry>,
+    /// This node's addresses when it is not among `members` (`{name}` stands for
+    /// `node.name`, so one file serves every pod of a StatefulSet).
+    pub advertise: Option<AdvertiseEntry>,
     /// File holding the cookie (used when `TROUPE_CLUSTER_COOKIE` is not set).
     pub cookie_file: String,
     /// Read from the environment or `cookie_file`, never from this file.
@@ -120,6 +125,16 @@ pub struct ClusterSection {
     /// member runs the new build, so nothing that needs the new version is used while a
     /// member could still be rolled back; nodes of adjacent versions talk in the older.
     pub protocol: u16,
+}
+
+/// Where this node listens for members and clients, when it is not listed.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdvertiseEntry {
+    pub cluster_addr: String,
+    pub http_addr: String,
+    #[serde(default = "yes")]
+    pub trainer: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -329,6 +344,7 @@ impl Default for Config {
             },
             cluster: ClusterSection {
                 members: Vec::new(),
+                advertise: None,
                 cookie_file: String::new(),
                 cookie: Secret::default(),
                 heartbeat_ms: 1_000,
@@ -555,6 +571,24 @@ impl Config {
         !self.cluster.members.is_empty()
     }
 
+    /// This node's own member entry: listed in `members`, or from `advertise`.
+    pub fn own_member(&self) -> Option<MemberEntry> {
+        let c = &self.cluster;
+        let name = &self.node.name;
+        c.members
+            .iter()
+            .find(|m| &m.name == name)
+            .cloned()
+            .or_else(|| {
+                c.advertise.as_ref().map(|a| MemberEntry {
+                    name: name.clone(),
+                    cluster_addr: a.cluster_addr.replace("{name}", name),
+                    http_addr: a.http_addr.replace("{name}", name),
+                    trainer: a.trainer,
+                })
+            })
+    }
+
     /// Every problem with the values, at once.
     pub fn validate(&self, faults_allowed: bool) -> Vec<String> {
         let mut p = Vec::new();
@@ -653,34 +687,36 @@ impl Config {
                     && n.chars()
                         .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_')
             };
-            for (i, m) in c.members.iter().enumerate() {
+            let own = self.own_member();
+            let listed = c.members.iter().any(|m| m.name == self.node.name);
+            let entries = c
+                .members
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (format!("cluster.members[{i}]"), m.clone()))
+                .chain(
+                    own.filter(|_| !listed)
+                        .map(|m| ("cluster.advertise".to_string(), m)),
+                );
+            for (at, m) in entries {
                 need(
                     valid_name(&m.name),
-                    &format!(
-                        "cluster.members[{i}].name `{}` must be 1-64 of A-Z a-z 0-9 - _",
-                        m.name
-                    ),
+                    &format!("{at}.name `{}` must be 1-64 of A-Z a-z 0-9 - _", m.name),
                 );
                 need(
                     m.cluster_addr.rsplit_once(':').is_some_and(|(h, p)| {
                         !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)
                     }),
-                    &format!(
-                        "cluster.members[{i}].cluster_addr `{}` must be host:port",
-                        m.cluster_addr
-                    ),
+                    &format!("{at}.cluster_addr `{}` must be host:port", m.cluster_addr),
                 );
                 need(
                     m.http_addr
                         .rsplit_once(':')
                         .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
-                    &format!(
-                        "cluster.members[{i}].http_addr `{}` must be host:port",
-                        m.http_addr
-                    ),
+                    &format!("{at}.http_addr `{}` must be host:port", m.http_addr),
                 );
                 need(
-                    c.members.iter().filter(|o| o.name == m.name).count() == 1,
+                    c.members.iter().filter(|o| o.name == m.name).count() <= 1,
                     &format!(
                         "cluster.members: the name `{}` appears more than once",
                         m.name
@@ -688,9 +724,9 @@ impl Config {
                 );
             }
             need(
-                c.members.iter().any(|m| m.name == self.node.name),
+                self.own_member().is_some(),
                 &format!(
-                    "node.name `{}` is not among cluster.members",
+                    "node.name `{}` is not among cluster.members and cluster.advertise is not set",
                     self.node.name
                 ),
             );
@@ -969,6 +1005,11 @@ impl Config {
                 members: c
                     .members
                     .iter()
+                    .chain(
+                        self.own_member()
+                            .filter(|o| !c.members.iter().any(|m| m.name == o.name))
+                            .as_ref(),
+                    )
                     .map(|m| troupe_actors::settings::Member {
                         name: m.name.clone(),
                         cluster_addr: m.cluster_addr.clone(),
@@ -1074,6 +1115,57 @@ mod tests {
                 let _ = c.validate(false);
             }
         }
+    }
+
+    #[test]
+    fn a_node_not_listed_describes_itself_by_advertise() {
+        let seeds = "[log]\nbackend = \"jetstream\"\n[cluster]\nmembers = [{ name = \"s-0\", cluster_addr = \"s-0.troupe:7100\", http_addr = \"s-0.troupe:8080\" }]\n";
+        let mut c = Config::parse(seeds).unwrap();
+        c.apply_env(|k| match k {
+            "TROUPE_NODE_NAME" => Some("s-7".into()),
+            "TROUPE_CLUSTER_COOKIE" => Some("x".into()),
+            _ => None,
+        });
+        let p = c.validate(false);
+        assert!(
+            p.iter()
+                .any(|m| m.contains("`s-7` is not among cluster.members")),
+            "{p:?}"
+        );
+        let mut c = Config::parse(&format!(
+            "{seeds}advertise = {{ cluster_addr = \"{{name}}.troupe:7100\", http_addr = \"{{name}}.troupe:8080\", trainer = false }}\n"
+        ))
+        .unwrap();
+        c.apply_env(|k| match k {
+            "TROUPE_NODE_NAME" => Some("s-7".into()),
+            "TROUPE_CLUSTER_COOKIE" => Some("x".into()),
+            _ => None,
+        });
+        assert_eq!(c.validate(false), Vec::<String>::new());
+        let own = c.own_member().unwrap();
+        assert_eq!(
+            (
+                own.cluster_addr.as_str(),
+                own.http_addr.as_str(),
+                own.trainer
+            ),
+            ("s-7.troupe:7100", "s-7.troupe:8080", false)
+        );
+        let members = c.settings().cluster.unwrap().members;
+        let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["s-0", "s-7"]);
+        // A bad advertised address is named as such.
+        let mut c = Config::parse(&format!(
+            "{seeds}advertise = {{ cluster_addr = \"{{name}}\", http_addr = \"{{name}}:8080\" }}\n"
+        ))
+        .unwrap();
+        c.apply_env(|k| (k == "TROUPE_CLUSTER_COOKIE").then(|| "x".to_string()));
+        let p = c.validate(false);
+        assert!(
+            p.iter()
+                .any(|m| m.contains("cluster.advertise.cluster_addr")),
+            "{p:?}"
+        );
     }
 
     #[test]

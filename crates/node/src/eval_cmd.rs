@@ -517,6 +517,12 @@ pub fn fit_als(a: Box<EvalArgs>) -> CmdResult {
     let cfg = config_from_args(&a)?;
     let loaded = load(&a)?;
     let kind_name = kind_names(&loaded.data);
+    // A bar over the ALS iterations (drawn on a terminal only).
+    let bar = ProgressBar::new(cfg.als.iterations as u64);
+    bar.set_style(
+        ProgressStyle::with_template("ALS {bar:30} {pos}/{len} iterations ({per_sec}, eta {eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let r = troupe_models::evaluate::evaluate_als(
         loaded.data.users.len(),
         loaded.data.items.len(),
@@ -526,7 +532,10 @@ pub fn fit_als(a: Box<EvalArgs>) -> CmdResult {
         &cfg.weights,
         &cfg.als,
         cfg.k,
-    )?;
+        &|done, _| bar.set_position(done as u64),
+    );
+    bar.finish_and_clear();
+    let r = r?;
     let s = serde_json::to_string(&r).map_err(|e| CliError::Internal(e.into()))?;
     println!("{s}");
     Ok(())

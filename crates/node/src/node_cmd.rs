@@ -368,7 +368,14 @@ pub fn run(args: NodeArgs, verbose: bool) -> Result<(), CliError> {
             cfg.node.name,
             cfg.log.backend,
             if cfg.clustered() {
-                format!("cluster of {} members", cfg.cluster.members.len())
+                match cfg.own_member() {
+                    Some(m) => format!(
+                        "cluster member at {} with {} configured member(s), others discovered",
+                        m.cluster_addr,
+                        cfg.cluster.members.len()
+                    ),
+                    None => format!("cluster of {} members", cfg.cluster.members.len()),
+                }
             } else {
                 "single node".to_string()
             }

@@ -97,6 +97,68 @@ pub struct MemberRecord {
     /// The ALS model version the member serves (0: none), for `/v1/cluster`.
     #[serde(default)]
     pub model_version: u64,
+    /// Where the member listens, so that members not configured with it find it
+    /// (empty in records of older builds).
+    #[serde(default)]
+    pub cluster_addr: String,
+    #[serde(default)]
+    pub http_addr: String,
+    /// Whether it may lead the training.
+    #[serde(default = "yes")]
+    pub trainer: bool,
+    /// Written by a starting member not yet joined: others learn its addresses and open
+    /// sessions to it, but it is not alive (not given partitions) until its heartbeats.
+    #[serde(default)]
+    pub joining: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl MemberRecord {
+    /// This node's record with its addresses and the model version it serves.
+    pub(crate) fn own(
+        ctx: &Ctx,
+        cluster: &Cluster,
+        beat: u64,
+        leaving: bool,
+        joining: bool,
+    ) -> MemberRecord {
+        let me = cluster
+            .member(&cluster.me)
+            .unwrap_or_else(|| crate::settings::Member {
+                name: cluster.me.clone(),
+                cluster_addr: String::new(),
+                http_addr: String::new(),
+                trainer: false,
+            });
+        MemberRecord {
+            incarnation: ctx.consumers.owner().to_string(),
+            beat,
+            leaving,
+            written_ms: now_ms(),
+            model_version: if leaving {
+                0
+            } else {
+                ctx.als.load().as_ref().map_or(0, |m| m.version)
+            },
+            cluster_addr: me.cluster_addr,
+            http_addr: me.http_addr,
+            trainer: me.trainer,
+            joining,
+        }
+    }
+
+    /// The member it describes, when it names its addresses.
+    pub(crate) fn member(&self, name: &str) -> Option<crate::settings::Member> {
+        (!self.cluster_addr.is_empty()).then(|| crate::settings::Member {
+            name: name.to_string(),
+            cluster_addr: self.cluster_addr.clone(),
+            http_addr: self.http_addr.clone(),
+            trainer: self.trainer,
+        })
+    }
 }
 
 /// The times (ms since the epoch, by each writer's clock) of the latest voluntary
@@ -131,8 +193,11 @@ pub fn lease_key(p: u32) -> String {
     format!("lease.{p}")
 }
 
+/// The prefix of member records' keys.
+pub const MEMBER_PREFIX: &str = "member.";
+
 pub fn member_key(name: &str) -> String {
-    format!("member.{name}")
+    format!("{MEMBER_PREFIX}{name}")
 }
 
 const MOVES_KEY: &str = "moves";
@@ -263,13 +328,7 @@ impl RenewerState {
             return true;
         }
         self.beat += 1;
-        let rec = MemberRecord {
-            incarnation: self.ctx.consumers.owner().to_string(),
-            beat: self.beat,
-            leaving: false,
-            written_ms: now_ms(),
-            model_version: self.ctx.als.load().as_ref().map_or(0, |m| m.version),
-        };
+        let rec = MemberRecord::own(&self.ctx, cl, self.beat, false, false);
         let bytes = serde_json::to_vec(&rec).unwrap_or_default();
         let key = member_key(&cl.me);
         match bounded(cl.settings.lease_renew, self.ctx.state.put(&key, bytes)).await {
@@ -410,6 +469,10 @@ pub struct ManagerState {
     last_round: Instant,
     last_handoff: Instant,
     stopped: bool,
+    /// When the member records were last listed (see [`ManagerState::discover`]).
+    last_discovery: Option<Instant>,
+    /// This node's record announces its addresses (see [`ManagerState::announce`]).
+    announced: bool,
     /// Turns `cluster.wake` notifications into rounds (aborted with the actor).
     _waker: AbortOnDrop,
 }
@@ -460,6 +523,8 @@ impl Actor for Manager {
             last_round: Instant::now(),
             last_handoff: Instant::now(),
             stopped: false,
+            last_discovery: None,
+            announced: false,
             _waker: AbortOnDrop(waker),
         })
     }
@@ -562,18 +627,14 @@ impl ManagerState {
         for (p, why) in given_up {
             self.mark_failed(p, &why).await;
         }
+        self.discover().await;
         let joined = self.cluster.joined.load(Ordering::Relaxed) || {
+            self.announce().await;
             let now_joined = self.join().await;
             if now_joined {
                 // The first heartbeat at once (the renewer writes the next ones): members
                 // starting now see this one alive.
-                let rec = MemberRecord {
-                    incarnation: self.ctx.consumers.owner().to_string(),
-                    beat: 0,
-                    leaving: false,
-                    written_ms: now_ms(),
-                    model_version: self.ctx.als.load().as_ref().map_or(0, |m| m.version),
-                };
+                let rec = MemberRecord::own(&self.ctx, &self.cluster, 0, false, false);
                 let bytes = serde_json::to_vec(&rec).unwrap_or_default();
                 let key = member_key(&self.cluster.me);
                 if let Err(e) = bounded(
@@ -591,10 +652,8 @@ impl ManagerState {
         let me = self.cluster.me.clone();
         let members: Vec<String> = self
             .cluster
-            .settings
-            .members
-            .iter()
-            .map(|m| m.name.clone())
+            .member_names()
+            .into_iter()
             .filter(|n| *n != me)
             .collect();
         let keys: Vec<String> = members
@@ -646,14 +705,25 @@ impl ManagerState {
                     .model_versions
                     .lock()
                     .insert(m.clone(), r.model_version);
+                if let Some(entry) = r.member(m).filter(|_| !r.leaving) {
+                    self.cluster.learn(entry);
+                }
             }
-            let leaving = rec.as_ref().is_none_or(|r| r.leaving);
+            // Leaving, or starting again (joining): said by the member, not a lapse.
+            let leaving = rec.as_ref().is_none_or(|r| r.leaving || r.joining);
             let is_alive = !leaving && now.duration_since(changed) < period;
             if is_alive {
                 self.alive_since.entry(m.clone()).or_insert(now);
                 alive.push(m.clone());
             } else if self.alive_since.remove(m).is_some() && !leaving {
                 self.lapsed(m);
+            }
+            // A discovered member that left (or whose record is gone) and has no session
+            // here leaves the member list.
+            let gone = rec.as_ref().is_none_or(|r| r.leaving);
+            let sessions = self.cluster.peers.lock().get(m).map_or(0, |p| p.sessions);
+            if gone && sessions == 0 && self.cluster.forget(m) {
+                tracing::info!(member = %m, "member left the cluster");
             }
         }
         self.alive_since.entry(me.clone()).or_insert(now);
@@ -717,6 +787,83 @@ impl ManagerState {
         if joined {
             self.rebalance(&eligible).await;
         }
+    }
+
+    /// Members not configured here are found by listing the member records, at most every
+    /// half lease period (and on every round until this node has joined): a record that
+    /// names its addresses and is not leaving adds its member, whom the membership actor
+    /// then dials (the smaller name dials) and the lease rounds read like any other.
+    async fn discover(&mut self) {
+        let now = Instant::now();
+        let joined = self.cluster.joined.load(Ordering::Relaxed);
+        if joined
+            && self
+                .last_discovery
+                .is_some_and(|t| now.duration_since(t) < self.period() / 2)
+        {
+            return;
+        }
+        let bound = self.cluster.settings.lease_renew;
+        let keys = match bounded(bound, self.ctx.state.keys(MEMBER_PREFIX)).await {
+            Ok(k) => k,
+            Err(e) => {
+                store_error(&self.ctx, &self.cluster, "read", &e);
+                return;
+            }
+        };
+        self.last_discovery = Some(now);
+        let known = self.cluster.member_names();
+        for key in keys {
+            let Some(name) = key.strip_prefix(MEMBER_PREFIX) else {
+                continue;
+            };
+            if known.iter().any(|k| k == name) {
+                continue;
+            }
+            let rec = match bounded(bound, self.ctx.state.get(&key)).await {
+                Ok(v) => v.and_then(|v| serde_json::from_slice::<MemberRecord>(&v.value).ok()),
+                Err(e) => {
+                    store_error(&self.ctx, &self.cluster, "read", &e);
+                    return;
+                }
+            };
+            if let Some(m) = rec.filter(|r| !r.leaving).and_then(|r| r.member(name)) {
+                tracing::info!(member = %name, cluster_addr = %m.cluster_addr, "member discovered from its record");
+                self.cluster.learn(m);
+            }
+        }
+    }
+
+    /// Before joining, this node makes sure its record names its addresses, so that
+    /// members not configured with it open sessions to it: written (as `joining`) when
+    /// the record is absent, says leaving, or names other addresses. A node restarting
+    /// after a crash, whose record is intact, writes nothing until it has joined.
+    async fn announce(&mut self) {
+        if self.announced {
+            return;
+        }
+        let bound = self.cluster.settings.lease_renew;
+        let key = member_key(&self.cluster.me);
+        let current = match bounded(bound, self.ctx.state.get(&key)).await {
+            Ok(v) => v.and_then(|v| serde_json::from_slice::<MemberRecord>(&v.value).ok()),
+            Err(e) => {
+                store_error(&self.ctx, &self.cluster, "read", &e);
+                return;
+            }
+        };
+        let rec = MemberRecord::own(&self.ctx, &self.cluster, 0, false, true);
+        let intact = current.is_some_and(|c| {
+            !c.leaving && c.cluster_addr == rec.cluster_addr && c.http_addr == rec.http_addr
+        });
+        if !intact {
+            let bytes = serde_json::to_vec(&rec).unwrap_or_default();
+            if let Err(e) = bounded(bound, self.ctx.state.put(&key, bytes)).await {
+                store_error(&self.ctx, &self.cluster, "member", &e);
+                return;
+            }
+            tracing::info!(cluster_addr = %rec.cluster_addr, "member record announces this node");
+        }
+        self.announced = true;
     }
 
     /// Decides whether this node has joined: a peer answered over an authenticated
@@ -1030,13 +1177,7 @@ impl ManagerState {
                 problems.push(format!("partition {p}: {e}"));
             }
         }
-        let rec = MemberRecord {
-            incarnation: self.ctx.consumers.owner().to_string(),
-            beat: 0,
-            leaving: true,
-            written_ms: now_ms(),
-            model_version: 0,
-        };
+        let rec = MemberRecord::own(&self.ctx, &self.cluster, 0, true, false);
         let bytes = serde_json::to_vec(&rec).unwrap_or_default();
         let key = member_key(&self.cluster.me);
         if let Err(e) = bounded(

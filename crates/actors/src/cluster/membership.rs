@@ -4,7 +4,10 @@
 //! deadline and lets a client believe a connection with a wrong cookie succeeded. So:
 //! - the member with the smaller name dials the other (one session per pair, no
 //!   simultaneous-connect races), re-resolving the address on every attempt, with a
-//!   backoff that doubles from `heartbeat` up to `reconnect_max`;
+//!   backoff that doubles from `heartbeat` up to `reconnect_max`; members discovered
+//!   later (their records, see [`super::lease`]) get a dialling task at the next
+//!   heartbeat, and lose it when they leave the member list;
+//! - a session from a member not known yet is admitted once the cookie check passed;
 //! - every session must authenticate within `handshake_timeout` or it is closed;
 //! - a session that closes before authenticating marks its peer `refused` with the
 //!   reason, on both sides (the dialler knows whom it dialled; the listener learns the
@@ -53,8 +56,29 @@ pub struct MembershipState {
     ctx: Arc<Ctx>,
     cluster: Arc<Cluster>,
     sessions: Sessions,
-    _server: ActorRef<NodeServerMessage>,
-    _tasks: Vec<super::lease::AbortOnDrop>,
+    server: ActorRef<NodeServerMessage>,
+    /// One dialling task per known member with a greater name (aborted with the actor,
+    /// or when the member leaves the member list).
+    dialling: HashMap<String, super::lease::AbortOnDrop>,
+}
+
+impl MembershipState {
+    /// Dialling tasks for the members this node dials (greater names), as the member
+    /// list now stands: started for members new to it, stopped for members gone.
+    fn dial_members(&mut self) {
+        let known = self.cluster.member_names();
+        self.dialling.retain(|name, _| known.contains(name));
+        for name in known.into_iter().filter(|n| *n > self.cluster.me) {
+            if !self.dialling.contains_key(&name) {
+                let task = tokio::spawn(dial(
+                    self.cluster.clone(),
+                    self.server.clone(),
+                    name.clone(),
+                ));
+                self.dialling.insert(name, super::lease::AbortOnDrop(task));
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -184,9 +208,13 @@ impl NodeEventSubscription for Events {
                 tracing::info!(peer = %name, "cluster session authenticated");
             }
             None => {
+                // A member this node does not know yet (not configured here, its record
+                // not read yet): the cookie admitted it. It becomes a peer now; its
+                // addresses come with its record.
+                peers.insert(name.clone(), super::Peer::new());
                 drop(peers);
-                tracing::warn!(peer = %name, addr = %ses.peer_addr, "session from a node that is not a configured member; closed");
-                ses.actor.stop(Some("not a configured member".into()));
+                tracing::info!(peer = %name, addr = %ses.peer_addr, "session from a member not known yet; admitted");
+                self.node_session_authenticated(ses);
             }
         }
     }
@@ -215,6 +243,12 @@ impl NodeEventSubscription for Events {
             p.sessions = p.sessions.saturating_sub(1);
             if p.sessions > 0 {
                 tracing::info!(peer = %name, open = p.sessions, "an older cluster session closed");
+                return;
+            }
+            if self.cluster.member(&name).is_none() {
+                // Admitted by its session only: nothing to dial it by.
+                peers.remove(&name);
+                tracing::info!(peer = %name, "session of a member not in the member list closed");
                 return;
             }
             p.set(PeerState::Down);
@@ -261,10 +295,8 @@ impl Actor for Membership {
             }
         }
         let s = &cluster.settings;
-        let me = s
-            .members
-            .iter()
-            .find(|m| m.name == cluster.me)
+        let me = cluster
+            .member(&cluster.me)
             .ok_or_else(|| format!("node {} is not among cluster.members", cluster.me))?;
         let (host, port) = me
             .cluster_addr
@@ -309,24 +341,17 @@ impl Actor for Membership {
                 }),
             })
             .map_err(|e| e.to_string())?;
-        let mut tasks = Vec::new();
-        for m in s.members.iter().filter(|m| m.name > cluster.me) {
-            tasks.push(super::lease::AbortOnDrop(tokio::spawn(dial(
-                cluster.clone(),
-                server.clone(),
-                m.name.clone(),
-                m.cluster_addr.clone(),
-            ))));
-        }
         tracing::info!(addr = %me.cluster_addr, members = s.members.len(), incarnation, "cluster node server listening");
         myself.send_after(s.heartbeat, || MembershipMsg::Liveness);
-        Ok(MembershipState {
+        let mut st = MembershipState {
             ctx,
             cluster,
             sessions,
-            _server: server,
-            _tasks: tasks,
-        })
+            server,
+            dialling: HashMap::new(),
+        };
+        st.dial_members();
+        Ok(st)
     }
 
     async fn handle(
@@ -337,6 +362,7 @@ impl Actor for Membership {
     ) -> Result<(), ActorProcessingErr> {
         crate::faults::fire(&st.ctx.faults, "membership").await?;
         let started = Instant::now();
+        st.dial_members();
         liveness(&st.cluster, &st.sessions).await;
         // One round per heartbeat, however long the calls took (at most a heartbeat).
         let next = st
@@ -349,17 +375,17 @@ impl Actor for Membership {
     }
 }
 
-/// Keeps a session to `peer` open: dials when there is none, waits for it to
-/// authenticate, backs off after failures.
-async fn dial(
-    cluster: Arc<Cluster>,
-    server: ActorRef<NodeServerMessage>,
-    peer: String,
-    addr: String,
-) {
+/// Keeps a session to `peer` open while it is in the member list: dials when there is
+/// none, waits for it to authenticate, backs off after failures.
+async fn dial(cluster: Arc<Cluster>, server: ActorRef<NodeServerMessage>, peer: String) {
     let s = &cluster.settings;
     let mut backoff = s.heartbeat;
     loop {
+        // Its address as the member list has it now (a discovered member's follows its
+        // record); gone from the list: nothing more to dial.
+        let Some(addr) = cluster.member(&peer).map(|m| m.cluster_addr) else {
+            return;
+        };
         let connected = cluster
             .peers
             .lock()

@@ -1,8 +1,8 @@
 //! Cluster mode: nodes joined by ractor_cluster, partitions owned under leases.
 //!
 //! - [`membership`]: this node's ractor_cluster `NodeServer`, one session to every other
-//!   configured member (the member with the smaller name dials, so two nodes never race
-//!   two sessions), a handshake deadline, reconnects with capped backoff, and liveness by
+//!   known member, configured or discovered from its member record (the member with the
+//!   smaller name dials, so two nodes never race two sessions), a handshake deadline, reconnects with capped backoff, and liveness by
 //!   a timed call every `heartbeat` (ractor_cluster itself notices only closed sockets).
 //! - [`gateway`]: the one actor peers call, with two remote messages (`Ping`, `Call`);
 //!   payloads are versioned bincode and a payload that does not decode is answered with
@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::settings::ClusterSettings;
+use crate::settings::{ClusterSettings, Member};
 
 /// How this node sees one peer, and where a partition stands here (shared with clients).
 pub use troupe_proto::api::{PeerState, SlotState};
@@ -136,6 +136,10 @@ pub struct Cluster {
     pub leader: Mutex<leader::LeaderView>,
     /// The model version each peer serves, from its member record.
     pub model_versions: Mutex<std::collections::HashMap<String, u64>>,
+    /// Every member known here with its addresses: the configured ones (`members`, the
+    /// seeds, and this node) and those discovered from their member records in the state
+    /// store. A configured address wins over an advertised one.
+    directory: Mutex<BTreeMap<String, Member>>,
 }
 
 impl Cluster {
@@ -175,8 +179,60 @@ impl Cluster {
             membership_incarnation: AtomicU64::new(0),
             leader: leader::new_view(),
             model_versions: Mutex::new(Default::default()),
+            directory: Mutex::new(
+                settings
+                    .members
+                    .iter()
+                    .map(|m| (m.name.clone(), m.clone()))
+                    .collect(),
+            ),
             settings,
         }
+    }
+
+    /// A known member's entry (configured or discovered).
+    pub fn member(&self, name: &str) -> Option<Member> {
+        self.directory.lock().get(name).cloned()
+    }
+
+    /// Every member known here, this node included, by name.
+    pub fn member_names(&self) -> Vec<String> {
+        self.directory.lock().keys().cloned().collect()
+    }
+
+    /// True for a member named in this node's configuration (a seed, or this node).
+    pub fn configured(&self, name: &str) -> bool {
+        self.settings.members.iter().any(|m| m.name == name)
+    }
+
+    /// Adds a member discovered from its record; true when it was not known. Configured
+    /// members keep their configured addresses; a discovered member's addresses follow
+    /// its latest record.
+    pub fn learn(&self, m: Member) -> bool {
+        if m.name == self.me || self.configured(&m.name) {
+            return false;
+        }
+        let new = self
+            .directory
+            .lock()
+            .insert(m.name.clone(), m.clone())
+            .is_none();
+        self.peers
+            .lock()
+            .entry(m.name.clone())
+            .or_insert_with(Peer::new);
+        new
+    }
+
+    /// Drops a discovered member that left (configured members are never dropped).
+    pub fn forget(&self, name: &str) -> bool {
+        if self.configured(name) {
+            return false;
+        }
+        let known = self.directory.lock().remove(name).is_some();
+        let peer = self.peers.lock().remove(name).is_some();
+        self.model_versions.lock().remove(name);
+        known || peer
     }
 
     /// True while this node holds a valid lease on `p` (checked on every answer: a node
@@ -204,12 +260,8 @@ impl Cluster {
             .is_some_and(|p| p.state == PeerState::Up)
     }
 
-    pub fn http_addr(&self, name: &str) -> Option<&str> {
-        self.settings
-            .members
-            .iter()
-            .find(|m| m.name == name)
-            .map(|m| m.http_addr.as_str())
+    pub fn http_addr(&self, name: &str) -> Option<String> {
+        self.directory.lock().get(name).map(|m| m.http_addr.clone())
     }
 
     /// Forgets a lease another writer took: the partition stops being answered at once,
