@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use crate::error::{ModelError, Result};
-use crate::kernels::{axpy, Portable, Vector};
+use crate::kernels::{Portable, Vector};
 use crate::sparse::Csr;
 
 /// How the regularisation of a row scales with its number of interactions.
@@ -363,9 +363,6 @@ pub fn loss(c1: &Csr, users: ArrayView2<f32>, items: ArrayView2<f32>, params: &A
     user_part + item_part
 }
 
-/// From this many interactions on, fold-in builds its system with one GEMM.
-const GEMM_FOLD_IN_MIN: usize = 16;
-
 /// Precomputed state for real-time fold-in against fixed item factors.
 #[derive(Debug, Clone)]
 pub struct FoldIn {
@@ -406,68 +403,67 @@ impl FoldIn {
         for i in 0..k {
             a[i * k + i] += reg;
         }
-        if valid.len() >= GEMM_FOLD_IN_MIN {
-            // Many interactions: one matrix product Yu^T diag(c) Yu beats rank-1 updates.
-            let n = valid.len();
-            let mut scaled = Array2::<f32>::zeros((n, k));
-            let mut raw = Array2::<f32>::zeros((n, k));
-            for (r, &(j, w)) in valid.iter().enumerate() {
-                let c = self.params.alpha * w.max(0.0);
-                let yj = &y[j as usize * k..(j as usize + 1) * k];
-                axpy(1.0 + c, yj, &mut b);
-                for (d, &v) in yj.iter().enumerate() {
-                    raw[[r, d]] = v;
-                    scaled[[r, d]] = c * v;
-                }
-            }
-            let mut am = ndarray::ArrayViewMut2::from_shape((k, k), &mut a).expect("k x k");
-            ndarray::linalg::general_mat_mul(1.0, &scaled.t(), &raw, 1.0, &mut am);
-        } else {
-            accumulate_normal_equations(&mut a, &mut b, y, k, &valid, self.params.alpha);
-        }
+        accumulate_normal_equations(&mut a, &mut b, y, k, &valid, self.params.alpha);
         solve_spd(&a, &b, k).unwrap_or_else(|| vec![0.0; k])
     }
 }
 
-/// Cholesky factorisation in f32 (lower triangle, row-major) followed by one step of
-/// iterative refinement, so the result is accurate to about f32 precision even for
-/// moderately ill-conditioned systems. Generic over the vector kernels.
+/// The first column of row `i` that kernels touch: rows of an upper triangle are updated
+/// from the 8-aligned column at or before the diagonal, so every kernel call runs on whole
+/// vectors (for k a multiple of 8). Entries left of the diagonal are scratch: written,
+/// never read.
+#[inline(always)]
+fn aligned(i: usize) -> usize {
+    i & !7
+}
+
+/// Solves `A x = b` for symmetric positive definite `A`, reading only its upper triangle
+/// (row-major n x n, diagonal included): Cholesky `A = U^T U` in f32, one row of `U` at a
+/// time (row i is A's row minus one rank-i update by the rows above, held in registers,
+/// then scaled), then one step of iterative refinement, so the result is accurate to about
+/// f32 precision even for moderately ill-conditioned systems. Every inner loop runs over
+/// contiguous rows. Generic over the vector kernels.
 #[inline(always)]
 fn solve_spd_with<V: Vector>(a: &[f32], b: &[f32], n: usize) -> Option<Vec<f32>> {
-    let mut l = vec![0f32; n * n];
+    let mut u = a[..n * n].to_vec();
+    let minus = vec![-1f32; n];
     for i in 0..n {
-        for j in 0..=i {
-            let s = a[i * n + j] - V::dot(&l[i * n..i * n + j], &l[j * n..j * n + j]);
-            if i == j {
-                if s <= 0.0 || !s.is_finite() {
-                    return None;
-                }
-                l[i * n + i] = s.sqrt();
-            } else {
-                l[i * n + j] = s / l[j * n + j];
-            }
+        let s = aligned(i);
+        let (above, rest) = u.split_at_mut(i * n);
+        let row = &mut rest[s..n];
+        V::rank_update_row(row, i, s, above, n, &minus[..i]);
+        let d = row[i - s];
+        if d <= 0.0 || !d.is_finite() {
+            return None;
         }
+        let inv = 1.0 / d.sqrt();
+        row.iter_mut().for_each(|v| *v *= inv);
     }
     let substitute = |rhs: &[f32]| -> Vec<f32> {
-        let mut z = vec![0f32; n];
-        for i in 0..n {
-            z[i] = (rhs[i] - V::dot(&l[i * n..i * n + i], &z[..i])) / l[i * n + i];
+        // U^T z = rhs, column by column of U^T (rows of U, contiguous).
+        let mut z = rhs.to_vec();
+        for m in 0..n {
+            z[m] /= u[m * n + m];
+            let zm = z[m];
+            V::axpy(-zm, &u[m * n + m + 1..(m + 1) * n], &mut z[m + 1..]);
         }
-        // Back substitution with L^T, column-oriented so it runs on contiguous rows of L.
+        // U x = z.
         let mut x = z;
         for i in (0..n).rev() {
-            x[i] /= l[i * n + i];
-            let xi = x[i];
-            let (head, _) = x.split_at_mut(i);
-            V::axpy(-xi, &l[i * n..i * n + i], head);
+            let t = V::dot(&u[i * n + i + 1..(i + 1) * n], &x[i + 1..]);
+            x[i] = (x[i] - t) / u[i * n + i];
         }
         x
     };
     let mut x = substitute(b);
-    // One refinement step: x += A^-1 (b - A x), residual in f32 from the exact A.
-    let r: Vec<f32> = (0..n)
-        .map(|i| b[i] - V::dot(&a[i * n..(i + 1) * n], &x))
-        .collect();
+    // One refinement step: x += A^-1 (b - A x), the residual from A's upper triangle.
+    let mut ax = vec![0f32; n];
+    for i in 0..n {
+        ax[i] += V::dot(&a[i * n + i..(i + 1) * n], &x[i..]);
+        let xi = x[i];
+        V::axpy(xi, &a[i * n + i + 1..(i + 1) * n], &mut ax[i + 1..]);
+    }
+    let r: Vec<f32> = b.iter().zip(&ax).map(|(b, ax)| b - ax).collect();
     let dx = substitute(&r);
     for (xi, d) in x.iter_mut().zip(dx) {
         *xi += d;
@@ -482,8 +478,9 @@ unsafe fn solve_spd_avx2(a: &[f32], b: &[f32], n: usize) -> Option<Vec<f32>> {
     solve_spd_with::<crate::kernels::avx2::Avx2>(a, b, n)
 }
 
-/// Solves `A x = b` for symmetric positive definite `A` (row-major n x n) on the best
-/// kernels this CPU has. `None` if `A` is not positive definite.
+/// Solves `A x = b` for symmetric positive definite `A` (row-major n x n, only the upper
+/// triangle read) on the best kernels this CPU has. `None` if `A` is not positive
+/// definite.
 pub fn solve_spd(a: &[f32], b: &[f32], n: usize) -> Option<Vec<f32>> {
     #[cfg(target_arch = "x86_64")]
     if crate::kernels::has_avx2() {
@@ -494,7 +491,9 @@ pub fn solve_spd(a: &[f32], b: &[f32], n: usize) -> Option<Vec<f32>> {
     solve_spd_with::<Portable>(a, b, n)
 }
 
-/// Adds `sum_j c_j y_j y_j^T` to `a` and `sum_j (1 + c_j) y_j` to `b`, `c_j = alpha * w_j`.
+/// Adds `sum_j c_j y_j y_j^T` to the upper triangle of `a` (see [`aligned`]) and
+/// `sum_j (1 + c_j) y_j` to `b`, `c_j = alpha * w_j`: the rows `y_j` gathered once, then
+/// one rank update per row of the triangle.
 #[inline(always)]
 fn normal_equations_with<V: Vector>(
     a: &mut [f32],
@@ -504,15 +503,20 @@ fn normal_equations_with<V: Vector>(
     inter: &[(u32, f32)],
     alpha: f32,
 ) {
+    let mut rows = Vec::with_capacity(inter.len() * k);
+    let mut scale = Vec::with_capacity(inter.len());
     for &(j, w) in inter {
         let c = alpha * w.max(0.0);
         let yj = &y[j as usize * k..(j as usize + 1) * k];
         V::axpy(1.0 + c, yj, b);
         if c != 0.0 {
-            for (r, row) in a.chunks_exact_mut(k).enumerate() {
-                V::axpy(c * yj[r], yj, row);
-            }
+            rows.extend_from_slice(yj);
+            scale.push(c);
         }
+    }
+    for (r, row) in a.chunks_exact_mut(k).enumerate() {
+        let s = aligned(r);
+        V::rank_update_row(&mut row[s..], r, s, &rows, k, &scale);
     }
 }
 
@@ -706,15 +710,17 @@ mod tests {
     fn fold_in_matches_dense_solve() {
         let (train, _) = planted(300, 200, 3);
         let m = Csr::from_triples(300, 200, &train);
-        // A short history (rank-1 updates) and a long one (the GEMM path), both scalings.
+        // A short history and a long one, both scalings, 12 factors (rows not whole
+        // vectors: term-by-term kernels) and 64 (rows held in registers).
         let short: Vec<(u32, f32)> = vec![(3, 1.0), (17, 2.0), (40, 0.5), (41, 1.0), (199, 3.0)];
         let long: Vec<(u32, f32)> = (0..40u32).map(|i| (i * 5, 1.0 + (i % 3) as f32)).collect();
         let cases = [RegScaling::None, RegScaling::Count]
             .into_iter()
-            .flat_map(|s| [(s, short.clone()), (s, long.clone())]);
-        for (scaling, inter) in cases {
+            .flat_map(|s| [(s, short.clone()), (s, long.clone())])
+            .flat_map(|(s, i)| [(s, i.clone(), 12), (s, i, 64)]);
+        for (scaling, inter, factors) in cases {
             let params = AlsParams {
-                factors: 12,
+                factors,
                 iterations: 5,
                 reg: 0.3,
                 alpha: 4.0,
@@ -781,37 +787,59 @@ mod tests {
                 num / den,
                 inter.len()
             );
+            // The same recommendations: top 10 of all items by either vector.
+            let top = |v: &dyn Fn(usize) -> f64| {
+                let mut ids: Vec<usize> = (0..n).collect();
+                ids.sort_by(|&x, &y| v(y).total_cmp(&v(x)));
+                ids.truncate(10);
+                ids
+            };
+            let y = &model.item_factors;
+            let score_f32 = |j: usize| (0..k).map(|r| got[r] as f64 * y[[j, r]] as f64).sum();
+            let score_f64 = |j: usize| (0..k).map(|r| exact[r] * y[[j, r]] as f64).sum();
+            assert_eq!(top(&score_f32), top(&score_f64), "{factors} factors");
         }
     }
 
     #[test]
-    fn spd_solver_recovers_a_known_solution() {
-        let n = 64;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        let m: Vec<f32> = (0..n * n).map(|_| rng.random::<f32>() - 0.5).collect();
-        let mut a = vec![0f32; n * n];
-        for i in 0..n {
-            for j in 0..n {
-                a[i * n + j] = (0..n).map(|r| m[r * n + i] * m[r * n + j]).sum::<f32>()
-                    + if i == j { 0.05 } else { 0.0 };
+    fn spd_solver_recovers_a_known_solution_reading_the_upper_triangle_only() {
+        // Sizes below, at and past one register row (64), whole vectors or not.
+        for n in [5usize, 13, 64, 128, 136] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+            let m: Vec<f32> = (0..n * n).map(|_| rng.random::<f32>() - 0.5).collect();
+            let mut a = vec![0f32; n * n];
+            for i in 0..n {
+                for j in 0..n {
+                    a[i * n + j] = (0..n).map(|r| m[r * n + i] * m[r * n + j]).sum::<f32>()
+                        + if i == j { 0.05 } else { 0.0 };
+                }
             }
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin()).collect();
+            let b: Vec<f32> = (0..n)
+                .map(|i| (0..n).map(|j| a[i * n + j] * x[j]).sum())
+                .collect();
+            // Below the diagonal: never read.
+            for i in 0..n {
+                for j in 0..i {
+                    a[i * n + j] = f32::NAN;
+                }
+            }
+            let norm: f32 = x.iter().map(|e| e * e).sum::<f32>().sqrt();
+            let dispatched = solve_spd(&a, &b, n).unwrap();
+            let portable = solve_spd_with::<Portable>(&a, &b, n).unwrap();
+            for got in [dispatched, portable] {
+                let err: f32 = got
+                    .iter()
+                    .zip(&x)
+                    .map(|(g, e)| (g - e).powi(2))
+                    .sum::<f32>()
+                    .sqrt();
+                assert!(err / norm < 2e-3, "n={n}: relative error {}", err / norm);
+            }
+            let mut not_pd = a.clone();
+            not_pd[0] = -1.0;
+            assert!(solve_spd(&not_pd, &b, n).is_none());
         }
-        let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.7).sin()).collect();
-        let b: Vec<f32> = (0..n)
-            .map(|i| (0..n).map(|j| a[i * n + j] * x[j]).sum())
-            .collect();
-        let got = solve_spd(&a, &b, n).unwrap();
-        let err: f32 = got
-            .iter()
-            .zip(&x)
-            .map(|(g, e)| (g - e).powi(2))
-            .sum::<f32>()
-            .sqrt();
-        let norm: f32 = x.iter().map(|e| e * e).sum::<f32>().sqrt();
-        assert!(err / norm < 1e-3, "relative error {}", err / norm);
-        let mut not_pd = a.clone();
-        not_pd[0] = -1.0;
-        assert!(solve_spd(&not_pd, &b, n).is_none());
     }
 
     #[test]

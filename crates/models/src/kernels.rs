@@ -13,6 +13,17 @@ pub trait Vector {
     fn dot(a: &[f32], b: &[f32]) -> f32;
     /// `y += alpha * x`.
     fn axpy(alpha: f32, x: &[f32], y: &mut [f32]);
+    /// `row += sum_t (scale[t] * x_t[r]) * x_t[s..s + row.len()]`, where `x_t` is row `t`
+    /// (`stride` floats) of `rows`: one row (`r`, from column `s`) of a symmetric
+    /// rank-`scale.len()` update, with `row` held in registers across all terms.
+    fn rank_update_row(
+        row: &mut [f32],
+        r: usize,
+        s: usize,
+        rows: &[f32],
+        stride: usize,
+        scale: &[f32],
+    );
 }
 
 /// Portable implementation.
@@ -42,6 +53,23 @@ impl Vector for Portable {
     fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
         for (yi, xi) in y.iter_mut().zip(x) {
             *yi += alpha * xi;
+        }
+    }
+
+    #[inline(always)]
+    fn rank_update_row(
+        row: &mut [f32],
+        r: usize,
+        s: usize,
+        rows: &[f32],
+        stride: usize,
+        scale: &[f32],
+    ) {
+        for (&c, x) in scale.iter().zip(rows.chunks_exact(stride)) {
+            let f = c * x[r];
+            for (y, v) in row.iter_mut().zip(&x[s..]) {
+                *y += f * v;
+            }
         }
     }
 }
@@ -127,6 +155,81 @@ pub mod avx2 {
         }
     }
 
+    /// `row += sum_t (scale[t] * x_t[r]) * x_t[s..s + 8C]` with the row's `C` vectors in
+    /// registers across every term (independent accumulators, so the FMAs pipeline).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn rank_update_fixed<const C: usize>(
+        row: &mut [f32],
+        r: usize,
+        s: usize,
+        rows: &[f32],
+        stride: usize,
+        scale: &[f32],
+    ) {
+        assert!(row.len() >= 8 * C && s + 8 * C <= stride && r < stride);
+        // SAFETY: every row of `rows` has `stride >= s + 8C` floats (asserted), and
+        // `row` has at least 8C.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); C];
+            for (c, x) in scale.iter().zip(rows.chunks_exact(stride)) {
+                let f = _mm256_set1_ps(c * x[r]);
+                let p = x.as_ptr().add(s);
+                for (q, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(f, _mm256_loadu_ps(p.add(8 * q)), *a);
+                }
+            }
+            let out = row.as_mut_ptr();
+            for (q, a) in acc.iter().enumerate() {
+                let y = _mm256_loadu_ps(out.add(8 * q));
+                _mm256_storeu_ps(out.add(8 * q), _mm256_add_ps(y, *a));
+            }
+        }
+    }
+
+    /// See [`super::Vector::rank_update_row`]: a row of whole vectors is updated in
+    /// pieces of up to 64 floats, each held in registers; any other length term by term.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub unsafe fn rank_update_row(
+        row: &mut [f32],
+        r: usize,
+        s: usize,
+        rows: &[f32],
+        stride: usize,
+        scale: &[f32],
+    ) {
+        let len = row.len();
+        // SAFETY: same CPU features as this function; the fixed kernel asserts lengths.
+        unsafe {
+            if len.is_multiple_of(8) && s + len <= stride && r < stride {
+                for (p, piece) in row.chunks_mut(64).enumerate() {
+                    let s = s + 64 * p;
+                    match piece.len() / 8 {
+                        1 => rank_update_fixed::<1>(piece, r, s, rows, stride, scale),
+                        2 => rank_update_fixed::<2>(piece, r, s, rows, stride, scale),
+                        3 => rank_update_fixed::<3>(piece, r, s, rows, stride, scale),
+                        4 => rank_update_fixed::<4>(piece, r, s, rows, stride, scale),
+                        5 => rank_update_fixed::<5>(piece, r, s, rows, stride, scale),
+                        6 => rank_update_fixed::<6>(piece, r, s, rows, stride, scale),
+                        7 => rank_update_fixed::<7>(piece, r, s, rows, stride, scale),
+                        _ => rank_update_fixed::<8>(piece, r, s, rows, stride, scale),
+                    }
+                }
+                return;
+            }
+            for (&c, x) in scale.iter().zip(rows.chunks_exact(stride)) {
+                axpy(c * x[r], &x[s..], row);
+            }
+        }
+    }
+
     /// [`super::Vector`] over these kernels; only instantiate inside a function compiled
     /// with `#[target_feature(enable = "avx2,fma")]`, after checking [`available`].
     pub struct Avx2;
@@ -142,6 +245,19 @@ pub mod avx2 {
         fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
             // SAFETY: as above.
             unsafe { axpy(alpha, x, y) }
+        }
+
+        #[inline(always)]
+        fn rank_update_row(
+            row: &mut [f32],
+            r: usize,
+            s: usize,
+            rows: &[f32],
+            stride: usize,
+            scale: &[f32],
+        ) {
+            // SAFETY: as above.
+            unsafe { rank_update_row(row, r, s, rows, stride, scale) }
         }
     }
 
@@ -271,6 +387,51 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (*x as f64) * (*y as f64))
             .sum::<f64>() as f32
+    }
+
+    #[test]
+    fn rank_update_matches_naive_loops() {
+        // Row lengths of whole vectors (one piece, several pieces) and not, offsets.
+        let shapes = [
+            (64usize, 0usize, 64usize),
+            (24, 40, 64),
+            (128, 0, 128),
+            (136, 8, 144),
+            (13, 3, 16),
+            (0, 0, 8),
+        ];
+        for (len, s, stride) in shapes {
+            let terms = 7;
+            let rows: Vec<f32> = (0..terms * stride)
+                .map(|i| (i as f32 * 0.13).sin())
+                .collect();
+            let scale: Vec<f32> = (0..terms).map(|t| 0.5 - t as f32 * 0.1).collect();
+            let r = stride - 1;
+            let start: Vec<f32> = (0..len).map(|i| (i as f32 * 0.29).cos()).collect();
+            let mut want = start.clone();
+            for t in 0..terms {
+                for (i, w) in want.iter_mut().enumerate() {
+                    *w += scale[t] * rows[t * stride + r] * rows[t * stride + s + i];
+                }
+            }
+            let mut portable = start.clone();
+            Portable::rank_update_row(&mut portable, r, s, &rows, stride, &scale);
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                let mut fast = start.clone();
+                // SAFETY: AVX2 and FMA detected.
+                #[allow(unsafe_code)]
+                unsafe {
+                    avx2::rank_update_row(&mut fast, r, s, &rows, stride, &scale)
+                };
+                for (f, w) in fast.iter().zip(&want) {
+                    assert!((f - w).abs() < 1e-4, "avx2 len={len} s={s}");
+                }
+            }
+            for (p, w) in portable.iter().zip(&want) {
+                assert!((p - w).abs() < 1e-4, "portable len={len} s={s}");
+            }
+        }
     }
 
     #[test]
