@@ -19,6 +19,7 @@ Standard library only (plus `wrk` and `nginx` for `serving`).
 import argparse
 import http.client
 import json
+import resource
 import os
 import random
 import re
@@ -177,14 +178,23 @@ def post_batches(nodes, bodies, seconds):
 def measure_ingest(node, batch, clients, seconds):
     """Acked events/s from `clients` connections posting NDJSON batches of `batch` for
     `seconds`, and how long the consumers then took to catch up."""
+    rate, lag, _ = measure_ingest_cpu(node, batch, clients, seconds)
+    return rate, lag
+
+
+def measure_ingest_cpu(node, batch, clients, seconds):
+    """As `measure_ingest`, plus the node's CPU microseconds (user + system) per acked
+    event from the first post until its consumers caught up."""
     bodies = {c: [ndjson_batch(f"b{batch}c{c}-{node.port}", k * batch, batch)
                   for k in range(4000 if batch == 1 else 400 if batch == 100 else 60)]
               for c in range(clients)}
+    cpu0, t0 = proc_cpu(node.proc.pid), time.time()
     rate = post_batches([node], bodies, seconds)
     t1 = time.time()
     while not node.caught_up():
         time.sleep(0.01)
-    return rate, time.time() - t1
+    cpu = proc_cpu(node.proc.pid) - cpu0
+    return rate, time.time() - t1, cpu * 1e6 / max(rate * (t1 - t0), 1)
 
 
 def ingest(a):
@@ -267,13 +277,24 @@ def start_nats(work):
 
 
 def raw_rate(a, url, stream, batch, clients, replicas, atomic):
+    """The raw loop's records/s and its CPU microseconds per record."""
     args = [a.publisher, url, stream, str(batch), str(clients), str(a.seconds)]
     if atomic:
         args.append("atomic")
     # The publisher creates its stream as the node lays it out (atomic batches allowed).
     env = dict(os.environ, TROUPE_BENCH_REPLICAS=str(replicas))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(args, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["rate"]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = json.loads(out.strip().splitlines()[-1])
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return r["rate"], cpu * 1e6 / max(r["records"], 1)
+
+
+def proc_cpu(pid):
+    """CPU seconds (user + system) a live process has used."""
+    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def jetstream(a):
@@ -290,13 +311,13 @@ def jetstream(a):
     rows = []
     try:
         for batch, clients in ((1, 16), (100, 8), (1000, 4)):
-            raw = raw_rate(a, url, f"raw{batch}", batch, clients, replicas, False)
-            raw_atomic = raw_rate(a, url, f"rawa{batch}", batch, clients, replicas, True) if batch > 1 else raw
+            raw, raw1_cpu = raw_rate(a, url, f"raw{batch}", batch, clients, replicas, False)
+            raw_atomic, raw_cpu = raw_rate(a, url, f"rawa{batch}", batch, clients, replicas, True) if batch > 1 else (raw, raw1_cpu)
             d = os.path.join(work, f"js{batch}")
             os.makedirs(d)
             node = Node(a.troupe, d, base + f'[log]\nbackend = "jetstream"\n[log.jetstream]\nurl = "{url}"\nstream = "node{batch}"\nreplicas = {replicas}\n')
             node.start()
-            js_rate, js_lag = measure_ingest(node, batch, clients, a.seconds)
+            js_rate, js_lag, js_cpu = measure_ingest_cpu(node, batch, clients, a.seconds)
             node.stop()
             d = os.path.join(work, f"emb{batch}")
             os.makedirs(d)
@@ -304,18 +325,21 @@ def jetstream(a):
             node.start()
             emb_rate, _ = measure_ingest(node, batch, clients, a.seconds)
             node.stop()
-            rows.append((batch, clients, raw, raw_atomic, js_rate, js_lag, emb_rate))
+            rows.append((batch, clients, raw, raw_atomic, js_rate, js_lag, emb_rate, raw_cpu, js_cpu))
     finally:
         srv.kill()
     ver = nats_version()
     print(f"JetStream ingest ({ver}, {a.servers} server(s), replicas {replicas}, sync {a.sync}, file storage); "
           f"{a.seconds:.0f} s per row; raw = jetstream_publish (one connection): one by one / atomic batches")
     print(f"{'batch':>6} {'clients':>7} {'raw ev/s':>10} {'raw atomic':>11} {'troupe js ev/s':>15} {'js/raw atomic':>13} "
-          f"{'apply lag s':>11} {'troupe embedded ev/s':>21} {'js/embedded':>11}")
-    for b, c, raw, rawa, r, lag, emb in rows:
-        print(f"{b:>6} {c:>7} {raw:>10.0f} {rawa:>11.0f} {r:>15.0f} {r / rawa:>13.2f} {lag:>11.2f} {emb:>21.0f} {r / emb:>11.2f}")
+          f"{'apply lag s':>11} {'troupe embedded ev/s':>21} {'js/embedded':>11} {'raw cpu us/ev':>13} {'node cpu us/ev':>14}")
+    for b, c, raw, rawa, r, lag, emb, rcpu, ncpu in rows:
+        print(f"{b:>6} {c:>7} {raw:>10.0f} {rawa:>11.0f} {r:>15.0f} {r / rawa:>13.2f} {lag:>11.2f} {emb:>21.0f} {r / emb:>11.2f} "
+              f"{rcpu:>13.2f} {ncpu:>14.2f}")
+    print("cpu us/ev: user + system CPU of the raw loop (its atomic batches; one by one at batch 1) and of the node "
+          "(HTTP, publish, follower and every consumer's apply until caught up) per acknowledged event")
     charts.draw(a.troupe, f"ingest-jetstream-{a.servers}", f"JetStream ingest ({a.servers} server(s)): Troupe / raw async-nats atomic batches",
-                [(f"batch {b}, {c} clients", r / rawa) for b, c, _, rawa, r, _, _ in rows])
+                [(f"batch {b}, {c} clients", r / rawa) for b, c, _, rawa, r, *_ in rows])
     shutil.rmtree(work, ignore_errors=True)
 
 

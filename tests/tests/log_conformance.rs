@@ -400,7 +400,7 @@ async fn reads_follow_sparse_offsets_with_limits_across_batches(b: &Backend) {
         for rec in r.records {
             assert_eq!(rec.stream, 0);
             assert!(rec.at_ms > 1_600_000_000_000, "append time {}", rec.at_ms);
-            got.push((rec.offset, rec.key, rec.payload));
+            got.push((rec.offset, rec.key, rec.payload.clone()));
         }
     }
     assert_eq!(got, want, "{}", b.name);

@@ -810,7 +810,7 @@ impl ConsumerRuntime {
         &mut self,
         ctx: &Arc<Ctx>,
         stream: u32,
-        records: Vec<Record>,
+        records: Vec<Arc<Record>>,
         target: &mut A,
     ) -> Result<u64, ActorProcessingErr> {
         let horizon = ctx.settings.idempotency_window.as_millis() as i64;

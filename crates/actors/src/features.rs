@@ -226,7 +226,7 @@ impl Shadow {
     }
 
     /// Applies records of the log (events and erasures, as the owner does).
-    pub fn apply(&mut self, records: &[Record]) {
+    pub fn apply(&mut self, records: &[std::sync::Arc<Record>]) {
         for r in records {
             if r.offset <= self.applied {
                 continue;

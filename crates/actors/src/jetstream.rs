@@ -702,6 +702,73 @@ pub struct JetStreamLog {
     fault: Arc<parking_lot::Mutex<Option<String>>>,
     /// Truncation marks as last read from the server.
     marks: parking_lot::Mutex<rustc_hash::FxHashMap<u32, u64>>,
+    /// What this node published, until the follower meets it in the stream.
+    kept: Arc<Kept>,
+}
+
+/// The records this node appended, by stream and sequence, so the follower takes them
+/// as they were instead of decoding the bytes it receives again (CRC, bincode, the
+/// key and trace headers). A record the follower met before its append was answered is
+/// decoded as any other and dropped from here at the follower's next batch; at most
+/// [`KEPT_MAX`] are held (beyond, records are simply decoded).
+#[derive(Default)]
+struct Kept {
+    streams:
+        parking_lot::Mutex<rustc_hash::FxHashMap<u32, std::collections::BTreeMap<u64, KeptRecord>>>,
+    len: std::sync::atomic::AtomicUsize,
+}
+
+struct KeptRecord {
+    key: u128,
+    payload: crate::record::Payload,
+    trace: Option<String>,
+}
+
+/// Records kept for the follower at most (about 100 bytes each).
+const KEPT_MAX: usize = 200_000;
+
+impl Kept {
+    fn keep(&self, records: impl IntoIterator<Item = (u32, u64, KeptRecord)>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.len.load(Relaxed) >= KEPT_MAX {
+            return;
+        }
+        let mut streams = self.streams.lock();
+        let mut added = 0;
+        for (stream, seq, r) in records {
+            if streams.entry(stream).or_default().insert(seq, r).is_none() {
+                added += 1;
+            }
+        }
+        self.len.fetch_add(added, Relaxed);
+    }
+
+    /// Takes the record at `seq` of `stream` when this node published it.
+    fn take(&self, stream: u32, seq: u64) -> Option<KeptRecord> {
+        let r = self.streams.lock().get_mut(&stream)?.remove(&seq);
+        if r.is_some() {
+            self.len.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Drops what the follower has passed (`seen`: its last sequence per stream).
+    fn passed(&self, seen: &rustc_hash::FxHashMap<u32, u64>) {
+        let mut streams = self.streams.lock();
+        let mut dropped = 0;
+        for (stream, kept) in streams.iter_mut() {
+            let last = seen.get(stream).copied().unwrap_or(0);
+            if kept.first_key_value().is_some_and(|(&s, _)| s <= last) {
+                let rest = kept.split_off(&(last + 1));
+                dropped += kept.len();
+                *kept = rest;
+            }
+        }
+        if dropped > 0 {
+            self.len
+                .fetch_sub(dropped, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl Drop for JetStreamLog {
@@ -740,6 +807,7 @@ impl JetStreamLog {
             watchdog: None,
             fault: Default::default(),
             marks: Default::default(),
+            kept: Default::default(),
         };
         let streams: Vec<u32> = (0..log.js.config.partitions)
             .chain(std::iter::once(CATALOG_STREAM))
@@ -754,6 +822,7 @@ impl JetStreamLog {
             log.js.clone(),
             log.heads.clone(),
             log.tail.clone(),
+            log.kept.clone(),
             seen,
             last + 1,
         )));
@@ -958,6 +1027,7 @@ async fn follow(
     js: JetStream,
     heads: Arc<Heads>,
     tail: Arc<Tail>,
+    kept: Arc<Kept>,
     mut seen: rustc_hash::FxHashMap<u32, u64>,
     mut from: u64,
 ) {
@@ -1026,6 +1096,19 @@ async fn follow(
                 let run = runs
                     .entry(stream)
                     .or_insert_with(|| (prev, Vec::new(), prev));
+                if let Some(k) = kept.take(stream, seq) {
+                    run.1.push(Record {
+                        stream,
+                        offset: seq,
+                        key: k.key,
+                        at_ms,
+                        payload: k.payload,
+                        trace: k.trace,
+                    });
+                    run.2 = seq;
+                    seen.insert(stream, seq);
+                    continue;
+                }
                 match decode_message(
                     &js.config,
                     stream,
@@ -1051,6 +1134,7 @@ async fn follow(
                 tail.push(stream, prev, records);
                 heads.raise(stream, last);
             }
+            kept.passed(&seen);
             if failed || ended {
                 break;
             }
@@ -1282,7 +1366,24 @@ impl Log for JetStreamLog {
                     cfg.timeout.as_millis()
                 ))
             })??;
-        // The heads move when the follower has the records (tail first, then head).
+        // The heads move when the follower has the records (tail first, then head); it
+        // takes the records stored by this append as they are.
+        drop(unique);
+        self.kept.keep(
+            entries
+                .into_iter()
+                .zip(&slots)
+                .filter(|(_, (j, repeat))| !repeat && !published[*j].duplicate)
+                .map(|(e, (j, _))| {
+                    let p = published[*j];
+                    let r = KeptRecord {
+                        key: e.key,
+                        payload: e.payload,
+                        trace: e.trace,
+                    };
+                    (p.stream, p.offset, r)
+                }),
+        );
         Ok(slots
             .into_iter()
             .map(|(j, repeat)| {
@@ -1360,14 +1461,14 @@ impl Log for JetStreamLog {
             if seq > upto {
                 break;
             }
-            records.push(decode_message(
+            records.push(Arc::new(decode_message(
                 cfg,
                 stream,
                 seq,
                 published,
                 m.headers.as_ref(),
                 &m.payload,
-            )?);
+            )?));
             if seq >= upto || records.len() >= limit {
                 break;
             }

@@ -248,7 +248,9 @@ fn frame(b: &[u8]) -> Result<Framed<'_>, String> {
 /// Records read after a position, with what retention has deleted.
 #[derive(Debug, Default)]
 pub struct ReadAfter {
-    pub records: Vec<Record>,
+    /// Shared, not copied: the tail of recent records hands the same ones to every
+    /// consumer that reads them.
+    pub records: Vec<std::sync::Arc<Record>>,
     /// The highest offset of the stream deleted by retention (0: none), read in the same
     /// snapshot as `records`.
     pub truncated: u64,
@@ -823,7 +825,7 @@ impl Store {
         let mut out = Vec::new();
         if after >= upto || limit == 0 {
             return Ok(ReadAfter {
-                records: out,
+                records: out.into_iter().map(std::sync::Arc::new).collect(),
                 truncated,
             });
         }
@@ -879,7 +881,7 @@ impl Store {
             }
         }
         Ok(ReadAfter {
-            records: out,
+            records: out.into_iter().map(std::sync::Arc::new).collect(),
             truncated,
         })
     }

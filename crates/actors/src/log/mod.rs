@@ -194,7 +194,7 @@ pub struct Tail {
 struct Run {
     /// The stream's offset before the run's first record (0: the stream's start).
     prev: u64,
-    records: std::collections::VecDeque<crate::record::Record>,
+    records: std::collections::VecDeque<std::sync::Arc<crate::record::Record>>,
 }
 
 impl Run {
@@ -233,7 +233,7 @@ impl Tail {
             if r.offset <= run.last() {
                 continue;
             }
-            run.records.push_back(r);
+            run.records.push_back(std::sync::Arc::new(r));
             if run.records.len() > self.cap {
                 if let Some(old) = run.records.pop_front() {
                     run.prev = old.offset;
@@ -252,14 +252,14 @@ impl Tail {
         after: u64,
         upto: u64,
         limit: usize,
-    ) -> Option<Vec<crate::record::Record>> {
+    ) -> Option<Vec<std::sync::Arc<crate::record::Record>>> {
         let runs = self.runs.lock();
         let run = runs.get(&stream)?;
         if after < run.prev {
             return None;
         }
         let start = run.records.partition_point(|r| r.offset <= after);
-        let out: Vec<crate::record::Record> = run
+        let out: Vec<std::sync::Arc<crate::record::Record>> = run
             .records
             .range(start..)
             .take_while(|r| r.offset <= upto)
