@@ -323,7 +323,10 @@ async fn large_concurrent_appends_land_where_their_positions_say(b: &Backend) {
         let positions = r.unwrap_or_else(|e| panic!("{}: {e}", b.name));
         assert_eq!(positions.len(), entries.len());
         for (e, p) in entries.iter().zip(&positions) {
-            assert!(!p.duplicate, "{}", b.name);
+            // `duplicate` may be set here: an append retried after a partial store (by
+            // this test on `Unavailable`, or by the log itself on "no responders") finds
+            // what the earlier attempt stored. What must hold is below: one record per
+            // position, and each the record it was given for.
             assert_eq!(p.stream, e.stream);
             let Payload::Event(ev) = &e.payload else {
                 unreachable!()

@@ -1208,12 +1208,24 @@ pub async fn count_failure(ctx: &Ctx, child: &str) {
 /// checkpoint still needs.
 pub async fn retainable(ctx: &Ctx) -> Result<BTreeMap<u32, u64>, StateError> {
     let mut low: BTreeMap<u32, Option<u64>> = BTreeMap::new();
-    // In a cluster, every member's copy of a singleton counts.
-    let members: Vec<String> = ctx
+    // In a cluster, every member's copy of a singleton counts: the members known here
+    // and every member with a record in the store (one discovered elsewhere, or not yet
+    // discovered by a node that just started, keeps what its checkpoints need).
+    let mut members: Vec<String> = ctx
         .cluster
         .as_ref()
         .map(|c| c.member_names())
         .unwrap_or_default();
+    if !members.is_empty() {
+        let prefix = crate::cluster::lease::MEMBER_PREFIX;
+        for key in ctx.state.keys(prefix).await? {
+            if let Some(name) = key.strip_prefix(prefix) {
+                if !members.iter().any(|m| m == name) {
+                    members.push(name.to_string());
+                }
+            }
+        }
+    }
     let mut scopes = Vec::new();
     for c in consumers(&ctx.settings) {
         if members.is_empty() || c.kind == Kind::UserFeatures {
