@@ -593,6 +593,24 @@ def start_demo(a, d, port, users, items, events, extra):
     raise RuntimeError(f"demo did not start (exit {demo.wait()})")
 
 
+def wait_index(port, timeout=3600):
+    """Waits until the served ALS model's HNSW index is no longer being built; returns a
+    description of the index (state, build seconds, memory)."""
+    t0 = time.time()
+    while True:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/v1/cluster")
+        doc = json.loads(c.getresponse().read())
+        ix = doc.get("als_index") or {}
+        if ix.get("state") != "building":
+            if ix.get("state") == "ready":
+                return f"ready ({ix['items']} items, {ix['build_seconds']:.1f} s, {ix['memory_bytes'] / 1e6:.0f} MB)"
+            return ix.get("state", "none")
+        if time.time() - t0 > timeout:
+            raise RuntimeError("the HNSW index was not built in time")
+        time.sleep(1)
+
+
 def serving(a):
     work = tempfile.mkdtemp(prefix="troupe-serving-", dir=a.dir)
     # nginx answers every request path with a static file the size of a k=10 answer, so
@@ -618,11 +636,18 @@ http {{ access_log off; default_type application/json;
         events = max(200000, items * 5)
         rows = []
         nginx_rps = None
-        # Uncached: every request computes ALS, content and popularity candidates.
-        # Cached: the per-user candidate cache, warmed by one pass over the users first.
-        for mode, extra in [("uncached", "[ranker]\ncache_users = 0\n"), ("cached", "")]:
+        # Uncached: every request computes ALS, content and popularity candidates, with
+        # ALS candidates by exact scan ("exact") or through the HNSW index ("hnsw").
+        # Cached: the default settings (the index from 50k items on) with the per-user
+        # candidate cache, warmed by one pass over the users first.
+        modes = [("uncached exact", "[ranker]\ncache_users = 0\nann_min_items = 0\n"),
+                 ("uncached hnsw", "[ranker]\ncache_users = 0\nann_min_items = 1\n"),
+                 ("cached", "")]
+        for mode, extra in modes:
             port = free_port()
-            demo = start_demo(a, os.path.join(work, f"demo{items}-{mode}"), port, users, items, events, extra)
+            demo = start_demo(a, os.path.join(work, f"demo{items}-{mode.replace(' ', '-')}"), port, users, items,
+                              events, extra)
+            index = wait_index(port)
             url = f"http://127.0.0.1:{port}/"
             if nginx_rps is None:
                 c = http.client.HTTPConnection("127.0.0.1", port)
@@ -661,12 +686,12 @@ http {{ access_log off; default_type application/json;
             demo.send_signal(signal.SIGTERM)
             demo.wait()
             hit_ratio = hits / (hits + miss) if hits + miss else 0.0
-            rows.append((mode, t_rps, t50, t99, t_err, h_rps, h50, h99, hit_ratio))
+            rows.append((mode, t_rps, t50, t99, t_err, h_rps, h50, h99, hit_ratio, index))
         print(f"{items} items, {users} users ({len(sample)} B answers, {a.conns} connections, wrk -t2, 2 cores shared):")
         print(f"  nginx            {nginx_rps:9.0f} req/s  p50 {n50:6.2f} ms  p99 {n99:6.2f} ms  non-2xx {n_err}")
-        for mode, t_rps, t50, t99, t_err, h_rps, h50, h99, hit_ratio in rows:
-            print(f"  troupe {mode:9} {t_rps:9.0f} req/s  p50 {t50:6.2f} ms  p99 {t99:6.2f} ms  non-2xx {t_err}"
-                  f"  ratio {t_rps / nginx_rps:.3f}  cache hits {hit_ratio:.0%}")
+        for mode, t_rps, t50, t99, t_err, h_rps, h50, h99, hit_ratio, index in rows:
+            print(f"  troupe {mode:14} {t_rps:9.0f} req/s  p50 {t50:6.2f} ms  p99 {t99:6.2f} ms  non-2xx {t_err}"
+                  f"  ratio {t_rps / nginx_rps:.3f}  cache hits {hit_ratio:.0%}  als index {index}")
             print(f"    at ~half rate ({h_rps:.0f} req/s): p50 {h50:.2f} ms  p99 {h99:.2f} ms")
     shutil.rmtree(work, ignore_errors=True)
 

@@ -123,6 +123,53 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    /// Serves `model` from the next request on (exact scans), then, when its catalogue
+    /// is large enough (`ranker.ann_min_items`), builds its HNSW index on a thread of its
+    /// own and swaps it in when done. A build for a model no longer served is skipped.
+    pub fn serve_als(self: &Arc<Self>, model: AlsServing) {
+        let model = Arc::new(model);
+        self.als.store(Some(model.clone()));
+        let r = &self.settings.ranker;
+        if !model.wants_index(r.ann_min_items) {
+            self.metrics.ann_index_items.set(0);
+            return;
+        }
+        let ctx = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ann-build".into())
+            .spawn(move || {
+                let current = |ctx: &Ctx| {
+                    ctx.als
+                        .load()
+                        .as_ref()
+                        .is_some_and(|m| Arc::ptr_eq(m, &model))
+                };
+                if !current(&ctx) {
+                    return;
+                }
+                let index = match model.build_index(&ctx.settings.ranker.ann) {
+                    Ok(index) => index,
+                    Err(e) => {
+                        tracing::error!(model_version = model.version, error = %e, "hnsw index build failed; exact scans answer");
+                        return;
+                    }
+                };
+                tracing::info!(
+                    model_version = model.version,
+                    items = index.rows(),
+                    build_ms = (index.build_seconds() * 1e3) as u64,
+                    "hnsw index built and swapped in"
+                );
+                if current(&ctx) {
+                    ctx.metrics.ann_index_items.set(index.rows() as i64);
+                    ctx.metrics.ann_build_seconds.set(index.build_seconds());
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start the hnsw index build; exact scans answer");
+        }
+    }
+
     /// A node on the embedded journal (reached as the `journal` actor).
     pub fn new(settings: Settings, store: Store, faults: Faults) -> Ctx {
         let heads = Arc::new(Heads::new(settings.partitions));

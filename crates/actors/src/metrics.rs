@@ -79,6 +79,13 @@ pub struct Metrics {
     pub trainer_leader_known: Gauge,
     pub retrains: Family<Labels, Counter>,
     pub model_load_failures: Counter,
+    /// Approximate (HNSW) retrievals by branch and path (`graph`, or `exact_fallback`
+    /// when the graph found fewer eligible items than asked).
+    pub ann_searches: Family<Labels, Counter>,
+    /// Rows of the HNSW index the ALS branch searches (0: exact scans), and the seconds
+    /// its last build took.
+    pub ann_index_items: Gauge,
+    pub ann_build_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub embeddings_computed: Counter,
     pub embeddings_cached: Counter,
     pub http_requests: Family<Labels, Counter>,
@@ -144,6 +151,9 @@ impl Metrics {
             trainer_leader_known: Gauge::default(),
             retrains: Family::default(),
             model_load_failures: Counter::default(),
+            ann_searches: Family::default(),
+            ann_index_items: Gauge::default(),
+            ann_build_seconds: Gauge::default(),
             embeddings_computed: Counter::default(),
             embeddings_cached: Counter::default(),
             http_requests: Family::default(),
@@ -356,6 +366,21 @@ impl Metrics {
                 "als_model_load_failures",
                 "Published ALS snapshots this node refused to load (blob missing, hash mismatch, does not decode)",
                 m.model_load_failures.clone(),
+            );
+            r.register(
+                "ann_searches",
+                "Approximate nearest-neighbour retrievals by branch and path (graph, exact_fallback)",
+                m.ann_searches.clone(),
+            );
+            r.register(
+                "ann_index_items",
+                "Items in the HNSW index the ALS branch searches (0 while it scans exactly)",
+                m.ann_index_items.clone(),
+            );
+            r.register(
+                "ann_build_seconds",
+                "Seconds the last HNSW index build took",
+                m.ann_build_seconds.clone(),
             );
             r.register(
                 "embeddings_computed",

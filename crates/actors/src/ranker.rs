@@ -28,7 +28,7 @@ use crate::messages::Observation;
 use crate::metrics::{label, labels2};
 use crate::names;
 use crate::record::partition_of;
-use crate::serving::CatalogView;
+use crate::serving::{AlsServing, CatalogView};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 
 pub use troupe_proto::api::{
@@ -401,8 +401,9 @@ impl RankerCore {
                     let mut scratch = Vec::new();
                     let seen = excl.seen_rows(|id| model.items.get(id));
                     let catalog = ctx.catalog.read();
-                    let top = topk::top_k_dense(
-                        model.item_factors.view(),
+                    let top = als_top_k(
+                        &ctx,
+                        &model,
                         &v,
                         n,
                         |i| {
@@ -709,8 +710,9 @@ impl RankerCore {
             if let Some(i) = model.items.get(&req.item) {
                 let row = model.item_factors.row(i as usize).to_vec();
                 let catalog = ctx.catalog.read();
-                let top = topk::top_k_dense(
-                    model.item_factors.view(),
+                let top = als_top_k(
+                    ctx,
+                    &model,
                     &row,
                     k,
                     |j| j == i || model.items.name(j).is_none_or(|id| catalog.hidden(id)),
@@ -721,6 +723,30 @@ impl RankerCore {
             }
         }
         reply
+    }
+}
+
+/// The best `k` items of the ALS model for `query`: through the model's HNSW index
+/// when it has one (built for large catalogues, `ranker.ann_min_items`), else by an
+/// exact scan of every item factor.
+fn als_top_k(
+    ctx: &Ctx,
+    model: &AlsServing,
+    query: &[f32],
+    k: usize,
+    excluded: impl Fn(u32) -> bool,
+    scratch: &mut Vec<f32>,
+) -> Vec<topk::Scored> {
+    match model.ann.load().as_deref() {
+        Some(index) => {
+            let (top, path) = index.search(model.item_factors.view(), query, k, excluded, scratch);
+            ctx.metrics
+                .ann_searches
+                .get_or_create(&labels2("branch", "als", "path", path.as_str()))
+                .inc();
+            top
+        }
+        None => topk::top_k_dense(model.item_factors.view(), query, k, excluded, scratch),
     }
 }
 

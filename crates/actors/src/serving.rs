@@ -2,10 +2,14 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 use ndarray::Array2;
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use troupe_models::als::{AlsParams, FoldIn};
+use troupe_models::ann::{AnnParams, MipsIndex};
 use troupe_models::dataset::IdMap;
 
 use crate::record::Item;
@@ -79,6 +83,9 @@ pub struct AlsServing {
     /// The latest event time (ms) among the interactions it was trained on: a held-out
     /// interaction later than this is one the model has not seen.
     pub max_event_ts: i64,
+    /// HNSW index over `item_factors`, built off the request path after the model is
+    /// served (see [`AlsServing::build_index`]); exact scans answer until it is there.
+    pub ann: ArcSwapOption<MipsIndex>,
 }
 
 /// Key of [`AlsServing::max_event_ts`] in a snapshot's `extra`.
@@ -160,7 +167,22 @@ impl AlsServing {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(i64::MAX),
             interactions: s.interactions,
+            ann: ArcSwapOption::empty(),
         })
+    }
+
+    /// Whether this model's catalogue is large enough for the HNSW index
+    /// (`min_items` = 0: never).
+    pub fn wants_index(&self, min_items: usize) -> bool {
+        min_items > 0 && self.item_factors.nrows() >= min_items
+    }
+
+    /// Builds the HNSW index over the item factors (blocking, parallel on the rayon pool)
+    /// and swaps it in; requests use it from their next search.
+    pub fn build_index(&self, params: &AnnParams) -> Result<Arc<MipsIndex>, String> {
+        let index = Arc::new(MipsIndex::build(self.item_factors.view(), params)?);
+        self.ann.store(Some(index.clone()));
+        Ok(index)
     }
 }
 

@@ -173,6 +173,10 @@ pub struct RankerSettings {
     pub cache_ttl: Duration,
     /// How long one popularity list (per category) is reused.
     pub popularity_refresh: Duration,
+    /// ALS models with at least this many items get an HNSW index for candidate
+    /// retrieval (0: always exact scans).
+    pub ann_min_items: usize,
+    pub ann: troupe_models::ann::AnnParams,
 }
 
 impl Settings {
@@ -225,6 +229,8 @@ impl Settings {
                 cache_users: 100_000,
                 cache_ttl: Duration::from_secs(60),
                 popularity_refresh: Duration::from_millis(500),
+                ann_min_items: 50_000,
+                ann: troupe_models::ann::AnnParams::default(),
             },
             restart: RestartPolicy::default(),
             retention: false,

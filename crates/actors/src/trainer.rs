@@ -326,6 +326,7 @@ fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
         trained_at_ms: now_ms(),
         interactions: report.interactions,
         max_event_ts,
+        ann: Default::default(),
     };
     (report, Some(serving))
 }
@@ -696,7 +697,7 @@ impl AlsTrainerState {
                         train_ms = report.train_ms,
                         "als model published and swapped in"
                     );
-                    self.ctx.als.store(Some(Arc::new(model)));
+                    self.ctx.serve_als(model);
                 }
                 Err(e) => {
                     report.accepted = false;
@@ -825,7 +826,7 @@ impl AlsTrainerState {
                 );
                 self.ctx.metrics.model_version.set(m.version as i64);
                 self.ctx.metrics.model_ndcg.set(m.validation_ndcg);
-                self.ctx.als.store(Some(Arc::new(m)));
+                self.ctx.serve_als(m);
                 self.load_failure = None;
             }
             Err(e) => {

@@ -13,6 +13,7 @@
 //! - [`sparse`]: CSR matrices (ALS never builds a dense users x items matrix).
 //! - [`als`]: implicit ALS with conjugate gradient, loss, real-time fold-in.
 //! - [`topk`]: exact top-k, single query and batched (GEMM).
+//! - [`ann`]: approximate maximum-inner-product retrieval (HNSW graph, exact rescoring).
 //! - [`content`]: text encoders (tract-onnx sentence model, hashed TF-IDF), user profiles.
 //! - [`popularity`]: decayed popularity, global and per category.
 //! - [`blend`]: normalisation, weighted blending with per-branch contributions, filters.
@@ -22,6 +23,7 @@
 //! - [`kernels`]: f32 SIMD kernels with run-time CPU dispatch.
 
 pub mod als;
+pub mod ann;
 pub mod blend;
 pub mod content;
 pub mod data;

@@ -249,6 +249,30 @@ pub struct RankerSection {
     pub cache_users: usize,
     pub cache_ttl_ms: u64,
     pub popularity_refresh_ms: u64,
+    /// ALS models with at least this many items retrieve candidates through an HNSW
+    /// index (0: exact scans always).
+    pub ann_min_items: usize,
+    pub ann_m: usize,
+    pub ann_ef_construction: usize,
+    pub ann_ef_search: usize,
+    pub ann_norm_ranges: usize,
+    /// f16 or f32: how the index stores vectors (scores are always exact f32).
+    pub ann_quantization: String,
+}
+
+impl RankerSection {
+    /// The HNSW parameters, or why they are invalid.
+    pub fn ann_params(&self) -> Result<troupe_models::ann::AnnParams, String> {
+        let p = troupe_models::ann::AnnParams {
+            m: self.ann_m,
+            ef_construction: self.ann_ef_construction,
+            ef_search: self.ann_ef_search,
+            norm_ranges: self.ann_norm_ranges,
+            quantization: self.ann_quantization.parse()?,
+        };
+        p.validate()?;
+        Ok(p)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -296,6 +320,7 @@ impl Default for Config {
     fn default() -> Self {
         // Model settings default to the evaluation's (one place for both).
         let model = troupe_models::evaluate::EvalConfig::default();
+        let ann = troupe_models::ann::AnnParams::default();
         Config {
             node: NodeSection {
                 name: "node-1".into(),
@@ -430,6 +455,12 @@ impl Default for Config {
                 cache_users: 100_000,
                 cache_ttl_ms: 60_000,
                 popularity_refresh_ms: 500,
+                ann_min_items: 50_000,
+                ann_m: ann.m,
+                ann_ef_construction: ann.ef_construction,
+                ann_ef_search: ann.ef_search,
+                ann_norm_ranges: ann.norm_ranges,
+                ann_quantization: "f16".into(),
             },
             supervision: SupervisionSection {
                 max_restarts: 5,
@@ -875,6 +906,11 @@ impl Config {
             (1..=10_000).contains(&self.ranker.max_k),
             "ranker.max_k must be in 1..=10000",
         );
+        let ann = self.ranker.ann_params().err();
+        need(
+            ann.is_none(),
+            &format!("ranker.ann_*: {}", ann.clone().unwrap_or_default()),
+        );
         need(
             self.supervision.backoff_base_ms <= self.supervision.backoff_max_ms,
             "supervision.backoff_base_ms must be <= backoff_max_ms",
@@ -998,6 +1034,8 @@ impl Config {
             cache_users: self.ranker.cache_users,
             cache_ttl: ms(self.ranker.cache_ttl_ms),
             popularity_refresh: ms(self.ranker.popularity_refresh_ms),
+            ann_min_items: self.ranker.ann_min_items,
+            ann: self.ranker.ann_params().unwrap_or_default(),
         };
         if self.clustered() {
             let c = &self.cluster;

@@ -218,11 +218,14 @@ fn settled(http: &Http, token: Option<&str>, model: Option<u64>) -> Result<Optio
         });
     let serving = v["als_model_version"].as_u64().unwrap_or(0);
     let model_ok = model.is_none_or(|m| serving >= m);
-    if caught_up && !encoding && model_ok && v["ready"] == true {
+    // A served model whose HNSW index is still being built answers by exact scans:
+    // quality as served is measured once the index answers.
+    let indexing = v["als_index"]["state"] == "building";
+    if caught_up && !encoding && model_ok && !indexing && v["ready"] == true {
         return Ok(None);
     }
     Ok(Some(format!(
-        "heads {heads:?}, applied {applied:?}, encoding {encoding}, als version {serving} (waiting for {model:?})"
+        "heads {heads:?}, applied {applied:?}, encoding {encoding}, als version {serving} (waiting for {model:?}), index building {indexing}"
     )))
 }
 

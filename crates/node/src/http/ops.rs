@@ -48,6 +48,21 @@ pub(super) async fn cluster(
         "journal_heads": streams(&|s| st.ctx.head(s)),
         "applied": streams(&|s| st.ctx.applied(s)),
         "als_model_version": st.ctx.als.load().as_ref().map(|m| m.version),
+        "als_index": st.ctx.als.load().as_ref().map(|m| {
+            let index = m.ann.load();
+            json!({
+                "state": match (index.as_ref(), m.wants_index(st.ctx.settings.ranker.ann_min_items)) {
+                    (Some(_), _) => "ready",
+                    (None, true) => "building",
+                    (None, false) => "exact",
+                },
+                "items": index.as_ref().map(|i| i.rows()),
+                "ranges": index.as_ref().map(|i| i.ranges().0),
+                "graphs": index.as_ref().map(|i| i.ranges().1),
+                "build_seconds": index.as_ref().map(|i| i.build_seconds()),
+                "memory_bytes": index.as_ref().map(|i| i.memory_bytes()),
+            })
+        }),
         "allocator": troupe_actors::allocator_stats(),
         "actors": actors,
         "supervisors": sups,
