@@ -638,7 +638,7 @@ http {{ access_log off; default_type application/json;
         nginx_rps = None
         # Uncached: every request computes ALS, content and popularity candidates, with
         # ALS candidates by exact scan ("exact") or through the HNSW index ("hnsw").
-        # Cached: the default settings (the index from 50k items on) with the per-user
+        # Cached: the default settings (the index from 500k items on) with the per-user
         # candidate cache, warmed by one pass over the users first.
         modes = [("uncached exact", "[ranker]\ncache_users = 0\nann_min_items = 0\n"),
                  ("uncached hnsw", "[ranker]\ncache_users = 0\nann_min_items = 1\n"),

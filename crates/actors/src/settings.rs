@@ -229,7 +229,7 @@ impl Settings {
                 cache_users: 100_000,
                 cache_ttl: Duration::from_secs(60),
                 popularity_refresh: Duration::from_millis(500),
-                ann_min_items: 50_000,
+                ann_min_items: 500_000,
                 ann: troupe_models::ann::AnnParams::default(),
             },
             restart: RestartPolicy::default(),

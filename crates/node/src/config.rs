@@ -455,7 +455,7 @@ impl Default for Config {
                 cache_users: 100_000,
                 cache_ttl_ms: 60_000,
                 popularity_refresh_ms: 500,
-                ann_min_items: 50_000,
+                ann_min_items: 500_000,
                 ann_m: ann.m,
                 ann_ef_construction: ann.ef_construction,
                 ann_ef_search: ann.ef_search,
