@@ -346,6 +346,20 @@ impl Node {
             .expect("metrics text")
     }
 
+    /// Sum of the samples of the Prometheus metric `name` (exactly that name, any
+    /// labels) whose labels contain every one of `labels`; 0 when there is none.
+    pub fn metric_sum(&self, name: &str, labels: &[&str]) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+                    && labels.iter().all(|x| l.contains(x))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .fold(0.0, |a, b| a + b)
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -1185,20 +1185,6 @@ fn try_cluster_full(n: &Node) -> Option<Value> {
         .map(|r| r.body)
 }
 
-/// Sum of the samples of the Prometheus metric `name` (exactly that name, any labels)
-/// whose labels contain `label`.
-fn metric_sum(n: &Node, name: &str, label: &str) -> f64 {
-    n.metrics()
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-                && l.contains(label)
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Watches every node's view for `secs`: fails when a partition's owner or epoch differs
 /// from `expected` in any view, or two nodes serve one partition at once.
 fn assert_leases_hold(c: &Cluster, expected: &[(String, u64)], secs: u64, why: &str) {
@@ -1341,11 +1327,8 @@ fn cluster_store_outage_longer_than_a_lease_moves_and_reloads_nothing() {
     let readopted: f64 = NAMES
         .iter()
         .map(|m| {
-            metric_sum(
-                c.node(m),
-                "troupe_cluster_partition_events_total",
-                "readopted",
-            )
+            c.node(m)
+                .metric_sum("troupe_cluster_partition_events_total", &["readopted"])
         })
         .sum();
     assert_eq!(readopted as u32, PARTITIONS, "every lease re-adopted once");
@@ -1708,7 +1691,10 @@ fn cluster_member_added_after_retention_starts_from_a_peers_checkpoint() {
         || {
             ["a", "b"]
                 .iter()
-                .map(|m| metric_sum(c.node(m), "troupe_log_truncated_records_total", ""))
+                .map(|m| {
+                    c.node(m)
+                        .metric_sum("troupe_log_truncated_records_total", &[])
+                })
                 .sum::<f64>()
                 > 0.0
         },
@@ -1849,7 +1835,10 @@ fn cluster_serves_one_model_trained_on_every_partition() {
     });
     let computed: f64 = NAMES
         .iter()
-        .map(|n| metric_sum(c.node(n), "troupe_embeddings_computed_total", ""))
+        .map(|n| {
+            c.node(n)
+                .metric_sum("troupe_embeddings_computed_total", &[])
+        })
         .sum();
     println!("300 item texts encoded {computed} times over three nodes");
     assert!(
@@ -1985,7 +1974,11 @@ fn cluster_damaged_snapshot_is_refused_and_a_paused_leader_is_replaced() {
             .is_some_and(|e| e.contains("damaged"))
     });
     assert_eq!(model_version(c.node("c")), 0, "c served a damaged snapshot");
-    assert!(metric_sum(c.node("c"), "troupe_als_model_load_failures_total", "") >= 1.0);
+    assert!(
+        c.node("c")
+            .metric_sum("troupe_als_model_load_failures_total", &[])
+            >= 1.0
+    );
     c.wait(40, "c loads the version on a later try", || {
         model_version(c.node("c")) == v1
     });
@@ -2790,7 +2783,9 @@ fn cluster_client_calls_obey_the_members_admission_limits() {
         rt.spawn(async move { client.recommend(q).await })
     };
     c.wait(3, "the slow call holding the member's read slot", || {
-        metric_sum(c.node(&member), "troupe_http_in_flight", "class=\"read\"") >= 1.0
+        c.node(&member)
+            .metric_sum("troupe_http_in_flight", &["class=\"read\""])
+            >= 1.0
     });
     // The slow call holds the member's one read slot: the next read is refused at once.
     let mut refused = None;

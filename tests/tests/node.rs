@@ -931,20 +931,6 @@ fn jetstream_r3_leader_killed_during_load_resumes_and_loses_nothing() {
     assert_each_acked_applied_once(&node, &all, n + 1, users);
 }
 
-/// Sum of the node's metric samples named `name` (exactly, before any labels) whose
-/// labels contain every one of `labels`.
-fn metric(node: &Node, name: &str, labels: &[&str]) -> f64 {
-    node.metrics()
-        .lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-                && labels.iter().all(|x| l.contains(x))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A temporary folder with a data folder for each of two nodes, `a` and `b`.
 fn two_node_dirs() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let root = tempfile::tempdir().unwrap();
@@ -1014,7 +1000,7 @@ fn jetstream_node_on_an_empty_disk_rebuilds_from_shared_checkpoints() {
     assert_each_acked_applied_once(&a, &acked, n, users);
     // Every record is covered by a shared checkpoint and deleted from the stream.
     wait_or_dump(&a, 60, "every record truncated", || {
-        metric(&a, "troupe_log_truncated_records_total", &[]) >= (n + ids.len()) as f64
+        a.metric_sum("troupe_log_truncated_records_total", &[]) >= (n + ids.len()) as f64
     });
     // Events after the last truncation, acked just before the node dies: they are in the
     // stream and perhaps in no checkpoint.
@@ -1042,9 +1028,9 @@ fn jetstream_node_on_an_empty_disk_rebuilds_from_shared_checkpoints() {
     assert_eq!(items_known(&b, &ids), ids.len(), "the catalog came back");
     // The embeddings came from the shared cache: the new node computed none.
     wait_or_dump(&b, 60, "every item embedded on the new node", || {
-        metric(&b, "troupe_embeddings_cached_total", &[]) >= ids.len() as f64
+        b.metric_sum("troupe_embeddings_cached_total", &[]) >= ids.len() as f64
     });
-    assert_eq!(metric(&b, "troupe_embeddings_computed_total", &[]), 0.0);
+    assert_eq!(b.metric_sum("troupe_embeddings_computed_total", &[]), 0.0);
     let replayed = actor_sum(&b, "user_features", "replayed_on_start");
     assert!(
         replayed <= 50,
@@ -1110,13 +1096,12 @@ fn jetstream_a_second_owner_fences_the_first_one() {
     wait_or_dump(&a, 60, "the old owner's partitions deposed", || {
         (0..4).all(|p| deposed(&a).contains(&format!("user_features-{p}")))
     });
-    assert!(metric(&a, "troupe_consumers_deposed_total", &[]) >= 4.0);
+    assert!(a.metric_sum("troupe_consumers_deposed_total", &[]) >= 4.0);
     let applied_offsets = |node: &Node| -> Vec<f64> {
         (0..4)
             .map(|p| {
                 let stream = format!("stream=\"{p}\"");
-                metric(
-                    node,
+                node.metric_sum(
                     "troupe_applied_offset",
                     &["consumer=\"user_features\"", &stream],
                 )
@@ -1172,7 +1157,7 @@ fn jetstream_durability_is_read_from_the_servers_monitoring_endpoint() {
             .iter()
             .any(|w| w.as_str().unwrap_or("").contains("sync_interval"));
         assert_eq!(warned, state == "interval", "{log}");
-        assert_eq!(metric(&node, "troupe_log_sync_always", &[]), gauge);
+        assert_eq!(node.metric_sum("troupe_log_sync_always", &[]), gauge);
     }
 }
 
@@ -1218,11 +1203,7 @@ fn jetstream_stream_going_backwards_stops_the_node_instead_of_skipping() {
         200
     );
     wait_or_dump(&node, 30, "checkpoints past the events", || {
-        metric(
-            &node,
-            "troupe_checkpoints_total",
-            &["consumer=\"user_features\""],
-        ) >= 4.0
+        node.metric_sum("troupe_checkpoints_total", &["consumer=\"user_features\""]) >= 4.0
     });
     recreate_stream(&server);
     let code = node.wait_exit(30);
@@ -1308,7 +1289,7 @@ fn jetstream_dedupe_horizon_is_the_servers_window_then_the_consumers_keys() {
         1,
         "a retry after the server window"
     );
-    assert!(metric(&node, "troupe_consumer_duplicates_total", &[]) >= 1.0);
+    assert!(node.metric_sum("troupe_consumer_duplicates_total", &[]) >= 1.0);
     // Sixty more events of the same user (same partition) push the key out of the
     // consumers' 50; a retry after that counts as a new event, as documented.
     let rows: Vec<Value> = (0..60)

@@ -263,15 +263,6 @@ fn served_quality_matches_eval_on_movielens() {
     ensemble_beats_every_branch(&served);
 }
 
-/// The sum of a counter's samples whose label set contains `labels`.
-fn counter(metrics: &str, name: &str, labels: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .fold(0.0, |a, b| a + b)
-}
-
 /// ALS candidates through the HNSW index (forced on MovieLens' 9.7k items) serve the
 /// quality exact scans serve: two fresh nodes on the same split, one exact and one with
 /// `ann_min_items = 1`, every model's NDCG@10 within 0.002; the index answered (graph
@@ -301,11 +292,10 @@ fn served_quality_through_the_hnsw_index_equals_exact_on_movielens() {
         worst <= 0.002,
         "NDCG@10 through the index differs from exact by {worst:.4}:\n{report}"
     );
-    let m = node.metrics();
-    let graph = counter(&m, "troupe_ann_searches_total", "path=\"graph\"");
-    let fallback = counter(&m, "troupe_ann_searches_total", "path=\"exact_fallback\"");
+    let graph = node.metric_sum("troupe_ann_searches_total", &["path=\"graph\""]);
+    let fallback = node.metric_sum("troupe_ann_searches_total", &["path=\"exact_fallback\""]);
     println!("hnsw searches: graph {graph}, exact fallback {fallback}");
-    assert!(graph > 0.0, "the index never answered:\n{m}");
+    assert!(graph > 0.0, "the index never answered:\n{}", node.metrics());
     assert!(
         fallback <= 0.01 * (graph + fallback),
         "{fallback} exact fallbacks of {} searches",
