@@ -544,6 +544,142 @@ fn cluster_paused_node_loses_its_leases_and_rejoins() {
     c.wait(60, "c serves partitions again", || balanced(&c));
 }
 
+/// Long leases, so that a takeover before the lease runs out is told apart from one
+/// after it.
+fn long_lease() -> Tuning {
+    Tuning {
+        lease_period_ms: 20_000,
+        lease_renew_ms: 2_000,
+        ..Tuning::default()
+    }
+}
+
+/// Whether `peer` is marked exited in `n`'s view.
+fn exited_in_view(n: &Node, peer: &str) -> bool {
+    try_cluster(n).is_some_and(|c| {
+        c["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["name"] == peer).cloned())
+            .is_some_and(|m| !m["exited_ms_ago"].is_null())
+    })
+}
+
+/// A hung member (SIGSTOP: its listening sockets still accept) keeps its partitions for
+/// its whole lease though its sessions are closed; a SIGKILLed member (its addresses
+/// refuse connections) has its partitions taken over and answered fully long before its
+/// 20 s lease could run out (ADR 017).
+#[test]
+fn cluster_exited_member_is_taken_over_before_its_lease_and_a_hung_one_is_not() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(nats) = NatsCluster::one() else {
+        return;
+    };
+    let mut c = Cluster::balanced_on(nats, long_lease());
+    let before = owners(c.node("a"));
+    c.node("b").signal("STOP");
+    c.wait(
+        30,
+        "a and c closed their sessions with the paused b",
+        || {
+            ["a", "c"]
+                .iter()
+                .all(|n| member_state(c.node(n), "b").0 == "down")
+        },
+    );
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for n in ["a", "c"] {
+            assert_eq!(
+                owners(c.node(n)),
+                before,
+                "{n}: a hung member's partitions moved before its lease ran out"
+            );
+            assert!(
+                !exited_in_view(c.node(n), "b"),
+                "{n} took the paused b for exited"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.node("b").signal("CONT");
+    c.wait(60, "b up and serving again", || {
+        balanced(&c) && member_state(c.node("a"), "b").0 == "up"
+    });
+    let c_had = serving(c.node("c"));
+    assert!(!c_had.is_empty(), "node c owned no partition");
+    let users: Vec<String> = c_had.iter().map(|&p| user_in(p)).collect();
+    c.node_mut("c").kill9();
+    let killed = Instant::now();
+    c.wait(15, "c's partitions served by a and b", || {
+        all_served_by(&c, &["a", "b"])
+    });
+    let served = killed.elapsed();
+    c.wait(15, "full answers for c's users through a and b", || {
+        ["a", "b"].iter().all(|n| {
+            users.iter().all(|u| {
+                let r = c.node(n).get(&format!("/v1/recommendations/{u}?k=3"));
+                r.status == 200 && r.body["degraded"] == false
+            })
+        })
+    });
+    let answered = killed.elapsed();
+    println!(
+        "SIGKILL of a member owning {} of {PARTITIONS} partitions, lease 20 s: served by the others after {:.2} s, \
+         full answers through both after {:.2} s",
+        c_had.len(),
+        served.as_secs_f64(),
+        answered.as_secs_f64()
+    );
+    assert!(exited_in_view(c.node("a"), "c") && exited_in_view(c.node("b"), "c"));
+    let takeovers: u64 = ["a", "b"]
+        .iter()
+        .map(|n| {
+            try_cluster(c.node(n)).unwrap()["counts"]["takeovers"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(
+        takeovers >= c_had.len() as u64,
+        "{takeovers} takeovers for {} partitions",
+        c_had.len()
+    );
+    // The restarted c is no longer exited and gets partitions back.
+    c.node_mut("c").spawn();
+    c.wait(60, "partitions back on c", || balanced(&c));
+    assert!(!exited_in_view(c.node("a"), "c"));
+}
+
+/// The only member, SIGKILLed and started again: the new process takes back its
+/// predecessor's leases once they missed a renewal, not after the whole 20 s lease.
+#[test]
+fn cluster_restarted_member_takes_back_its_predecessors_leases_early() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(nats) = NatsCluster::one() else {
+        return;
+    };
+    let mut c = Cluster::on_names(nats, long_lease(), &["a"]);
+    let (members, url) = (c.members.clone(), c.nats.urls());
+    c.launch("a", "test-cookie", &members, &url);
+    c.wait(60, "every partition served by a", || {
+        all_served_by(&c, &["a"])
+    });
+    c.node_mut("a").kill9();
+    let killed = Instant::now();
+    c.node_mut("a").spawn();
+    c.wait(15, "every partition served by the restarted a", || {
+        all_served_by(&c, &["a"])
+    });
+    println!(
+        "restarted member serving all its partitions again {:.2} s after the SIGKILL (lease 20 s, renew 2 s)",
+        killed.elapsed().as_secs_f64()
+    );
+    let v = try_cluster(c.node("a")).unwrap();
+    assert!(v["counts"]["takeovers"].as_u64().unwrap_or(0) >= PARTITIONS as u64);
+}
+
 /// A user whose partition is `p`.
 fn user_in(p: u64) -> String {
     (0..10_000)

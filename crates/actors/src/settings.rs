@@ -110,6 +110,11 @@ pub struct ClusterSettings {
     /// `move_budget_window` (failovers are never held back).
     pub move_budget: u32,
     pub move_budget_window: Duration,
+    /// Take over the partitions of a member whose process is known to have exited (its
+    /// session closed and its host refuses connections on both its addresses) without
+    /// waiting for the lease, and let a restarted process take back its predecessor's
+    /// leases once they missed a renewal (ADR 017).
+    pub takeover_on_exit: bool,
 }
 
 impl std::fmt::Debug for ClusterSettings {
@@ -125,6 +130,7 @@ impl std::fmt::Debug for ClusterSettings {
             .field("rebalance_interval", &self.rebalance_interval)
             .field("member_hold_down", &self.member_hold_down)
             .field("move_budget", &self.move_budget)
+            .field("takeover_on_exit", &self.takeover_on_exit)
             .finish()
     }
 }

@@ -120,6 +120,8 @@ pub struct ClusterSection {
     pub member_hold_down_max_ms: u64,
     pub move_budget: u32,
     pub move_budget_window_ms: u64,
+    /// Take over an exited member's partitions before its lease runs out (ADR 017).
+    pub takeover_on_exit: bool,
     /// The newest cross-node protocol version this node speaks (0: this build's newest).
     /// During a rolling upgrade, pin it to the previous build's version until every
     /// member runs the new build, so nothing that needs the new version is used while a
@@ -384,6 +386,7 @@ impl Default for Config {
                 member_hold_down_max_ms: 600_000,
                 move_budget: 16,
                 move_budget_window_ms: 60_000,
+                takeover_on_exit: true,
                 protocol: 0,
             },
             features: FeaturesSection {
@@ -1068,6 +1071,7 @@ impl Config {
                 member_hold_down_max: ms(c.member_hold_down_max_ms),
                 move_budget: c.move_budget,
                 move_budget_window: ms(c.move_budget_window_ms),
+                takeover_on_exit: c.takeover_on_exit,
             });
         }
         s.restart = RestartPolicy {

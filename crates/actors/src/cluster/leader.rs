@@ -222,7 +222,20 @@ impl TrainerLeaseState {
                 return self.renew(r, rev).await;
             }
         }
-        if free || expired {
+        // The holder's process exited, or this is its restarted process and the record
+        // missed a renewal: taken without waiting for the lease (ADR 017).
+        let early = s.takeover_on_exit
+            && rec.as_ref().is_some_and(|r| {
+                let unchanged_for = self
+                    .seen
+                    .filter(|(r, _)| Some(*r) == rev)
+                    .map(|(_, since)| since.elapsed());
+                self.cluster.exited().contains(&r.owner)
+                    || (r.owner == self.cluster.me
+                        && r.incarnation != self.incarnation()
+                        && unchanged_for.is_some_and(|d| d >= 2 * s.lease_renew))
+            });
+        if free || expired || early {
             return self.claim(rec, rev).await;
         }
         true

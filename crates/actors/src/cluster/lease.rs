@@ -551,6 +551,17 @@ impl Actor for Manager {
                         ManagerMsg::Round
                     });
                 }
+                // While an exited member's partition waits for its claim: one more
+                // timer at a tenth of the interval (at most one such timer at a time).
+                if st.takeover_pending()
+                    && !st.cluster.fast_round_scheduled.swap(true, Ordering::AcqRel)
+                {
+                    let c = st.cluster.clone();
+                    myself.send_after(st.cluster.settings.lease_renew / 10, move || {
+                        c.fast_round_scheduled.store(false, Ordering::Release);
+                        ManagerMsg::Round
+                    });
+                }
             }
             ManagerMsg::ReleaseAll(reply) => {
                 reply.send(st.release_all().await).discard();
@@ -693,6 +704,9 @@ impl ManagerState {
         self.cluster.log_reachable.store(true, Ordering::Relaxed);
         *self.cluster.last_read.lock() = Some(now);
         let period = self.period();
+        // Members whose process exited (see `membership`): not alive, and their leases
+        // are taken over at once.
+        let exited = self.cluster.exited();
         let mut alive = vec![me.clone()];
         for m in &members {
             let k = member_key(m);
@@ -711,7 +725,7 @@ impl ManagerState {
             }
             // Leaving, or starting again (joining): said by the member, not a lapse.
             let leaving = rec.as_ref().is_none_or(|r| r.leaving || r.joining);
-            let is_alive = !leaving && now.duration_since(changed) < period;
+            let is_alive = !leaving && !exited.contains(m) && now.duration_since(changed) < period;
             if is_alive {
                 self.alive_since.entry(m.clone()).or_insert(now);
                 alive.push(m.clone());
@@ -778,15 +792,51 @@ impl ManagerState {
             }
             let released = rec.as_ref().is_none_or(|r| r.owner.is_empty());
             let lapsed = now.duration_since(changed) >= period;
-            if released || lapsed {
+            let early = !released
+                && !lapsed
+                && rec.as_ref().is_some_and(|r| {
+                    exited.contains(&r.owner) || self.predecessor(r, changed, now)
+                });
+            if released || lapsed || early {
                 let failover = !released;
-                self.claim(p, rec.unwrap_or_default(), v.map(|v| v.revision), failover)
-                    .await;
+                self.claim(
+                    p,
+                    rec.unwrap_or_default(),
+                    v.map(|v| v.revision),
+                    failover,
+                    early,
+                )
+                .await;
             }
         }
         if joined {
             self.rebalance(&eligible).await;
         }
+    }
+
+    /// True when `r` is a lease of this node's previous process (same name, another
+    /// incarnation) that has missed a renewal: unchanged here for two renewal intervals,
+    /// while a live holder writes it every interval. The predecessor is gone (one
+    /// process per member name), so its successor need not wait for the whole lease.
+    fn predecessor(&self, r: &LeaseRecord, changed: Instant, now: Instant) -> bool {
+        let s = &self.cluster.settings;
+        s.takeover_on_exit
+            && r.owner == self.cluster.me
+            && r.incarnation != self.ctx.consumers.owner()
+            && now.duration_since(changed) >= 2 * s.lease_renew
+    }
+
+    /// True while a partition is held by a member whose process exited and nobody has
+    /// claimed it yet: rounds then come ten times as often, so the claim and the new
+    /// owner are seen within a fraction of a renewal interval.
+    pub(crate) fn takeover_pending(&self) -> bool {
+        let exited = self.cluster.exited();
+        !exited.is_empty()
+            && self
+                .cluster
+                .slots
+                .iter()
+                .any(|s| exited.contains(&s.lock().owner))
     }
 
     /// Members not configured here are found by listing the member records, at most every
@@ -904,7 +954,14 @@ impl ManagerState {
         true
     }
 
-    async fn claim(&mut self, p: u32, old: LeaseRecord, rev: Option<u64>, failover: bool) {
+    async fn claim(
+        &mut self,
+        p: u32,
+        old: LeaseRecord,
+        rev: Option<u64>,
+        failover: bool,
+        early: bool,
+    ) {
         let rec = LeaseRecord {
             owner: self.cluster.me.clone(),
             incarnation: self.ctx.consumers.owner().to_string(),
@@ -933,7 +990,7 @@ impl ManagerState {
                 return;
             }
         };
-        tracing::info!(partition = p, epoch = rec.epoch, from = %old.owner, failover, "partition lease claimed");
+        tracing::info!(partition = p, epoch = rec.epoch, from = %old.owner, failover, early, "partition lease claimed");
         self.observe(&lease_key(p), new, sent);
         {
             let mut slot = self.cluster.slots[p as usize].lock();
@@ -958,6 +1015,14 @@ impl ManagerState {
                 &self.cluster,
                 &self.cluster.counters.failovers,
                 "failover",
+            );
+        }
+        if early {
+            event(
+                &self.ctx,
+                &self.cluster,
+                &self.cluster.counters.takeovers,
+                "takeover",
             );
         }
         // The partition's consumer claims its state scope anew (fencing the last owner),

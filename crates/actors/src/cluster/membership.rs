@@ -17,7 +17,14 @@
 //!   close its sessions here, so a socket that died without a FIN or RST (a silent
 //!   network, a vanished host) is replaced by a redial instead of being kept forever;
 //! - a peer's authenticated sessions are counted, so an old session closing after a new
-//!   one authenticated leaves the peer up.
+//!   one authenticated leaves the peer up;
+//! - when a peer's last session closes, its cluster and HTTP addresses are tried: when
+//!   both refuse the connection twice in a row (its host answers and nothing listens
+//!   there) the peer's process has *exited*, and the lease manager takes over its
+//!   partitions without waiting for its leases to run out (ADR 017). A hung process
+//!   (its listening sockets still accept), a cut link or a vanished host (no answer)
+//!   does not refuse, so those wait for the lease. The mark goes when a session
+//!   authenticates again or its HTTP address accepts a connection.
 //!
 //! ractor_cluster traffic is plain TCP and the cookie lets a peer run anything the
 //! gateway offers: it belongs on a private network.
@@ -205,6 +212,7 @@ impl NodeEventSubscription for Events {
                 p.sessions += 1;
                 p.misses = 0;
                 p.last_error = None;
+                p.exited = None;
                 tracing::info!(peer = %name, "cluster session authenticated");
             }
             None => {
@@ -255,6 +263,9 @@ impl NodeEventSubscription for Events {
             p.misses = 0;
             p.last_error = Some("session closed".into());
             tracing::warn!(peer = %name, "cluster session closed");
+            if self.cluster.settings.takeover_on_exit && p.exited.is_none() {
+                tokio::spawn(watch_exit(self.cluster.clone(), name));
+            }
         } else {
             p.set(PeerState::Refused);
             p.last_error = Some(
@@ -502,5 +513,117 @@ async fn liveness(cluster: &Arc<Cluster>, sessions: &Sessions) {
                 }
             }
         }
+    }
+}
+
+/// Whether a TCP connection to `addr` is refused now: its host answered and nothing
+/// listens there. A timeout, an unreachable host or a name that does not resolve is not
+/// a refusal.
+async fn refuses(addr: &str, limit: Duration) -> bool {
+    match tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Err(e)) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+        _ => false,
+    }
+}
+
+/// Pause between the rounds of tries that establish an exit, and how many rounds.
+const EXIT_RECHECK: Duration = Duration::from_millis(100);
+const EXIT_TRIES: usize = 10;
+
+/// After `peer`'s last session closed: marks it exited when its cluster and HTTP
+/// addresses both refuse connections in two rounds of tries in a row, wakes the lease manager,
+/// then watches the HTTP address (the cluster address of a successor would see a stray
+/// session) every heartbeat until it accepts or a session authenticates again.
+async fn watch_exit(cluster: Arc<Cluster>, peer: String) {
+    let Some(m) = cluster.member(&peer) else {
+        return;
+    };
+    let limit = cluster.settings.heartbeat;
+    let addrs: Vec<String> = [m.cluster_addr.clone(), m.http_addr.clone()]
+        .into_iter()
+        .filter(|a| !a.is_empty())
+        .collect();
+    // Two rounds in a row with every address refusing, within the first second (a
+    // process's sockets do not all close at the same instant).
+    let mut refusing = 0;
+    for round in 0..EXIT_TRIES {
+        if round > 0 {
+            tokio::time::sleep(EXIT_RECHECK).await;
+        }
+        let mut all = true;
+        for a in &addrs {
+            if !refuses(a, limit).await {
+                tracing::debug!(peer = %peer, addr = %a, "member address does not refuse connections");
+                all = false;
+                break;
+            }
+        }
+        refusing = if all { refusing + 1 } else { 0 };
+        if refusing == 2 {
+            break;
+        }
+    }
+    if refusing < 2 {
+        tracing::info!(peer = %peer, "member session closed but its addresses do not refuse connections (hung, cut off or restarting): its leases run their course");
+        return;
+    }
+    {
+        let mut peers = cluster.peers.lock();
+        let Some(p) = peers.get_mut(&peer) else {
+            return;
+        };
+        if p.sessions > 0 || p.exited.is_some() {
+            return;
+        }
+        p.exited = Some(Instant::now());
+        p.last_error = Some(format!(
+            "process exited: session closed and {} refuse connections",
+            addrs.join(" and ")
+        ));
+    }
+    tracing::warn!(peer = %peer, "member process exited (session closed, its addresses refuse connections): its partitions are taken over without waiting for the lease");
+    cluster.wake.notify_one();
+    let watch = if m.http_addr.is_empty() {
+        m.cluster_addr
+    } else {
+        m.http_addr
+    };
+    loop {
+        tokio::time::sleep(cluster.settings.heartbeat).await;
+        let still = cluster.peers.lock().get_mut(&peer).is_some_and(|p| {
+            if p.sessions > 0 {
+                p.exited = None;
+            }
+            p.exited.is_some()
+        });
+        if !still {
+            return;
+        }
+        if !refuses(&watch, limit).await {
+            if let Some(p) = cluster.peers.lock().get_mut(&peer) {
+                p.exited = None;
+            }
+            tracing::info!(peer = %peer, addr = %watch, "member address accepts connections again");
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_closed_port_refuses_and_a_listening_or_paused_one_does_not() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let limit = Duration::from_secs(1);
+        // Listening but never accepting (a paused process): the kernel still completes
+        // the connection.
+        assert!(!refuses(&addr, limit).await);
+        drop(listener);
+        assert!(refuses(&addr, limit).await);
+        // A name that does not resolve is not a refusal.
+        assert!(!refuses("no-such-host.invalid:7100", limit).await);
     }
 }

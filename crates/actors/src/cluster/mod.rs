@@ -43,6 +43,10 @@ pub struct Peer {
     /// Authenticated sessions to it now open (normally one; two for a moment when a
     /// new session authenticates before a dead one has closed).
     pub sessions: u32,
+    /// Since when its process is known to have exited: its session closed and both its
+    /// addresses refuse connections (see [`membership`]). Cleared when a session to it
+    /// authenticates again or one of its addresses accepts a connection.
+    pub exited: Option<Instant>,
 }
 
 impl Peer {
@@ -55,6 +59,7 @@ impl Peer {
             reconnects: 0,
             last_error: None,
             sessions: 0,
+            exited: None,
         }
     }
 
@@ -83,8 +88,12 @@ pub struct Slot {
 /// Counters shown in `/v1/cluster` and as metrics.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Partitions this node claimed after their owner's lease lapsed.
+    /// Partitions this node claimed after their owner's lease lapsed or its process
+    /// exited.
     pub failovers: AtomicU64,
+    /// Of those, the ones claimed before the lease ran out: the owner's process had
+    /// exited, or this is the restarted process of the owner.
+    pub takeovers: AtomicU64,
     /// Partitions this node claimed (any reason).
     pub claims: AtomicU64,
     /// Partitions this node handed over to their desired owner.
@@ -126,6 +135,8 @@ pub struct Cluster {
     pub(crate) leaving: std::sync::atomic::AtomicBool,
     /// A manager round is scheduled (one timer at a time).
     pub(crate) round_scheduled: std::sync::atomic::AtomicBool,
+    /// A quick extra round is scheduled (while an exited member's partition waits).
+    pub(crate) fast_round_scheduled: std::sync::atomic::AtomicBool,
     /// Alive members held down after lapses (not given partitions for now).
     pub held_down: Mutex<Vec<String>>,
     /// When this node last read the lease and member records.
@@ -174,6 +185,7 @@ impl Cluster {
             lost: Mutex::new(Vec::new()),
             leaving: std::sync::atomic::AtomicBool::new(false),
             round_scheduled: std::sync::atomic::AtomicBool::new(false),
+            fast_round_scheduled: std::sync::atomic::AtomicBool::new(false),
             held_down: Mutex::new(Vec::new()),
             last_read: Mutex::new(None),
             membership_incarnation: AtomicU64::new(0),
@@ -250,6 +262,17 @@ impl Cluster {
             let s = s.lock();
             (s.owner.clone(), s.epoch)
         })
+    }
+
+    /// The members whose process is known to have exited (their leases are taken over
+    /// without waiting for them to run out).
+    pub fn exited(&self) -> std::collections::HashSet<String> {
+        self.peers
+            .lock()
+            .iter()
+            .filter(|(_, p)| p.exited.is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     /// True when `peer` has an authenticated session whose liveness calls are answered.
@@ -498,6 +521,7 @@ impl Cluster {
                 "missed": p.misses,
                 "reconnects": p.reconnects,
                 "sessions": p.sessions,
+                "exited_ms_ago": p.exited.map(|t| ms(t.elapsed())),
                 "error": p.last_error,
                 "protocol": troupe_proto::wire::peer_version(name),
             }));
@@ -537,6 +561,7 @@ impl Cluster {
             "counts": {
                 "claims": n(&c.claims),
                 "failovers": n(&c.failovers),
+                "takeovers": n(&c.takeovers),
                 "handoffs": n(&c.handoffs),
                 "leases_lost": n(&c.lost),
                 "leases_readopted": n(&c.readopted),
