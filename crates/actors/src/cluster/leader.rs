@@ -25,7 +25,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster_derive::RactorMessage;
 use serde::Serialize;
 
-use super::lease::{bounded, LeaseRecord};
+use super::lease::{bounded, early_takeover, LeaseRecord};
 use crate::ctx::Ctx;
 use crate::state::{now_ms, StateError};
 use crate::Discard;
@@ -224,17 +224,19 @@ impl TrainerLeaseState {
         }
         // The holder's process exited, or this is its restarted process and the record
         // missed a renewal: taken without waiting for the lease (ADR 017).
-        let early = s.takeover_on_exit
-            && rec.as_ref().is_some_and(|r| {
-                let unchanged_for = self
-                    .seen
-                    .filter(|(r, _)| Some(*r) == rev)
-                    .map(|(_, since)| since.elapsed());
-                self.cluster.exited().contains(&r.owner)
-                    || (r.owner == self.cluster.me
-                        && r.incarnation != self.incarnation()
-                        && unchanged_for.is_some_and(|d| d >= 2 * s.lease_renew))
-            });
+        let early = rec.as_ref().is_some_and(|r| {
+            let unchanged_for = self
+                .seen
+                .filter(|(r, _)| Some(*r) == rev)
+                .map_or(Duration::ZERO, |(_, since)| since.elapsed());
+            early_takeover(
+                &self.cluster,
+                &self.cluster.exited(),
+                &self.incarnation(),
+                r,
+                unchanged_for,
+            )
+        });
         if free || expired || early {
             return self.claim(rec, rev).await;
         }

@@ -232,6 +232,26 @@ fn valid_until(cluster: &Cluster, sent: Instant) -> Instant {
     sent + s.lease_period.saturating_sub(s.lease_renew)
 }
 
+/// Whether lease `r`, unchanged here for `unchanged_for`, may be taken before it runs
+/// out (ADR 017; partition and trainer leases alike): its holder's process is known to
+/// have exited, or it is held by this member's previous process (same name, another
+/// incarnation than `own`) and has missed a renewal: unchanged for two renewal
+/// intervals, while a live holder writes it every interval.
+pub(crate) fn early_takeover(
+    cluster: &Cluster,
+    exited: &std::collections::HashSet<String>,
+    own: &str,
+    r: &LeaseRecord,
+    unchanged_for: Duration,
+) -> bool {
+    let s = &cluster.settings;
+    s.takeover_on_exit
+        && (exited.contains(&r.owner)
+            || (r.owner == cluster.me
+                && r.incarnation != own
+                && unchanged_for >= 2 * s.lease_renew))
+}
+
 // ---------------------------------------------------------------------------- renewer
 
 /// The actor that renews every lease this node holds and writes its member heartbeat.
@@ -795,7 +815,13 @@ impl ManagerState {
             let early = !released
                 && !lapsed
                 && rec.as_ref().is_some_and(|r| {
-                    exited.contains(&r.owner) || self.predecessor(r, changed, now)
+                    early_takeover(
+                        &self.cluster,
+                        &exited,
+                        self.ctx.consumers.owner(),
+                        r,
+                        now.duration_since(changed),
+                    )
                 });
             if released || lapsed || early {
                 let failover = !released;
@@ -812,18 +838,6 @@ impl ManagerState {
         if joined {
             self.rebalance(&eligible).await;
         }
-    }
-
-    /// True when `r` is a lease of this node's previous process (same name, another
-    /// incarnation) that has missed a renewal: unchanged here for two renewal intervals,
-    /// while a live holder writes it every interval. The predecessor is gone (one
-    /// process per member name), so its successor need not wait for the whole lease.
-    fn predecessor(&self, r: &LeaseRecord, changed: Instant, now: Instant) -> bool {
-        let s = &self.cluster.settings;
-        s.takeover_on_exit
-            && r.owner == self.cluster.me
-            && r.incarnation != self.ctx.consumers.owner()
-            && now.duration_since(changed) >= 2 * s.lease_renew
     }
 
     /// True while a partition is held by a member whose process exited and nobody has
