@@ -847,40 +847,50 @@ def cluster(a):
                   f" (lease period 15 s; goal: first full answer <= 5 s, ADR 017)")
             for n in survivors:
                 n.stop()
-        if a.throughput:
+        if a.throughput or a.idle:
             # Ingest and serving of three nodes at each partition count, and of one node
             # (same server, same clients, same run; the nodes, the server and the clients
             # share the 2 cores). Before the load: the state-store traffic of the idle
-            # cluster (messages the server received per second, from its /varz) and each
-            # node's resident memory.
+            # cluster (messages the server received and sent per second, from its /varz)
+            # and each node's resident memory; with --idle also with the record watch off
+            # (every lease round reads every record from the store).
             three = {}
             for parts in a.partitions:
-                names = [f"t{parts}a", f"t{parts}b", f"t{parts}c"]
-                members = [(n, free_port(), free_port()) for n in names]
-                trio = []
-                for n, c, h in members:
-                    d = os.path.join(work, f"tp-{n}")
-                    os.makedirs(d)
-                    node = ClusterNode(a.troupe, d, n, h, members, url, parts)
-                    txt = open(node.cfg).read().replace('[log.jetstream]\n', f'[log.jetstream]\nstream = "tp3p{parts}"\n')
-                    open(node.cfg, "w").write(txt)
-                    trio.append(node)
-                for node in trio:
-                    node.start()
-                while cluster_serving(trio) != parts or not all(
-                        any(p["state"] == "serving" for p in (n.view() or {"partitions": []})["partitions"]) for n in trio):
-                    time.sleep(0.2)
-                m0, t0 = nats_in_msgs(srv), time.time()
-                time.sleep(10)
-                idle = (nats_in_msgs(srv) - m0) / (time.time() - t0)
-                rss = [rss_mib(n.proc.pid) for n in trio]
-                i3, s3 = throughput(trio, a.seconds)
-                for node in trio:
-                    node.stop()
-                three[parts] = (i3, s3)
-                print(f"\nthree nodes, {parts} partitions: idle state-store traffic {idle:.0f} msgs/s at the server;"
-                      f" node RSS {', '.join(f'{r:.0f}' for r in rss)} MiB;"
-                      f" ingest (batch 1000, 4 clients) {i3:.0f} ev/s; recommendations (8 clients, k=10) {s3:.0f} req/s")
+                for watch in (["on", "off"] if a.idle else ["on"]):
+                    names = [f"t{parts}{watch}a", f"t{parts}{watch}b", f"t{parts}{watch}c"]
+                    members = [(n, free_port(), free_port()) for n in names]
+                    trio = []
+                    for n, c, h in members:
+                        d = os.path.join(work, f"tp-{n}")
+                        os.makedirs(d)
+                        node = ClusterNode(a.troupe, d, n, h, members, url, parts)
+                        txt = open(node.cfg).read().replace('[log.jetstream]\n', f'[log.jetstream]\nstream = "tp3p{parts}{watch}"\n')
+                        txt = txt.replace('[cluster]\n', f'[cluster]\nwatch_records = {"true" if watch == "on" else "false"}\n')
+                        open(node.cfg, "w").write(txt)
+                        trio.append(node)
+                    for node in trio:
+                        node.start()
+                    while cluster_serving(trio) != parts or not all(
+                            any(p["state"] == "serving" for p in (n.view() or {"partitions": []})["partitions"]) for n in trio):
+                        time.sleep(0.2)
+                    # Settled: the first rounds (before the watch's copy is current) are over.
+                    time.sleep(5)
+                    (i0, o0), t0 = nats_msgs(srv), time.time()
+                    time.sleep(max(10, a.seconds))
+                    (i1, o1), t1 = nats_msgs(srv), time.time()
+                    idle_in, idle_out = (i1 - i0) / (t1 - t0), (o1 - o0) / (t1 - t0)
+                    rss = [rss_mib(n.proc.pid) for n in trio]
+                    print(f"\nthree nodes, {parts} partitions, record watch {watch}: idle state-store traffic at the server"
+                          f" {idle_in:.0f} msgs/s received, {idle_out:.0f} msgs/s sent;"
+                          f" node RSS {', '.join(f'{r:.0f}' for r in rss)} MiB")
+                    if a.throughput and watch == "on":
+                        i3, s3 = throughput(trio, a.seconds)
+                        three[parts] = (i3, s3)
+                        print(f"three nodes, {parts} partitions: ingest (batch 1000, 4 clients) {i3:.0f} ev/s;"
+                              f" recommendations (8 clients, k=10) {s3:.0f} req/s")
+                    for node in trio:
+                        node.stop()
+        if a.throughput:
             first = a.partitions[0]
             for parts in a.partitions[1:]:
                 print(f"{parts} partitions against {first}: ingest {three[parts][0] / three[first][0]:.3f},"
@@ -971,14 +981,16 @@ def load_cluster(nodes, prefix, n, users, clients=4, batch=1000, spread=False):
         time.sleep(0.1)
 
 
-def nats_in_msgs(servers):
-    """Messages every server of `servers` has received so far (its /varz)."""
-    total = 0
+def nats_msgs(servers):
+    """Messages every server of `servers` has received and sent so far (its /varz)."""
+    total_in, total_out = 0, 0
     for _, mon, _ in servers.ports:
         c = http.client.HTTPConnection("127.0.0.1", mon, timeout=5)
         c.request("GET", "/varz")
-        total += json.loads(c.getresponse().read())["in_msgs"]
-    return total
+        v = json.loads(c.getresponse().read())
+        total_in += v["in_msgs"]
+        total_out += v["out_msgs"]
+    return total_in, total_out
 
 
 def rss_mib(pid):
@@ -1152,6 +1164,8 @@ def main():
     p.add_argument("--items", type=int, nargs="+", default=[10000, 100000])
     p.add_argument("--conns", type=int, default=32)
     p.add_argument("--throughput", action="store_true", help="cluster: also ingest and serving of three nodes vs one")
+    p.add_argument("--idle", action="store_true",
+                   help="cluster: idle state-store traffic of three nodes at each partition count, record watch on and off")
     p.add_argument("--partitions", type=int, nargs="+", default=[12],
                    help="cluster: partition counts (the first for the failover run and the one-node baseline;"
                         " --throughput runs three nodes at each)")

@@ -1383,6 +1383,78 @@ fn cluster_renewals_outlast_a_stalled_lease_manager() {
     );
 }
 
+/// Reads of the lease, member and leader records by `n`'s lease actors from `via`
+/// (`watch`: the copy its KV watch keeps; `store`: a request per key).
+fn record_reads(n: &Node, via: &str) -> f64 {
+    n.metric_sum(
+        "troupe_cluster_record_reads_total",
+        &[&format!("via=\"{via}\"")],
+    )
+}
+
+/// The lease rounds read the lease and member records from the copy a KV watch keeps,
+/// not with a request per key: on a balanced cluster most of a's reads come from the
+/// copy. Node b's watch then stalls for 5 s, longer than the 3 s lease period: b's copy
+/// is no longer known current, so its rounds read the store meanwhile, and no lease
+/// changes owner or epoch in any view (a stale copy read as current would make every
+/// other member look lapsed). After the stall b reads its copy again.
+#[test]
+fn cluster_lease_rounds_read_a_watched_copy_and_the_store_while_it_stalls() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(mut c) = Cluster::prepare() else {
+        return;
+    };
+    // b's own heartbeat comes back every renewal (0.5 s): the stall starts ~40 s in.
+    c.node_extra.push((
+        "b",
+        "[[faults]]\ntarget = \"record_watch\"\naction = \"stall\"\nstall_ms = 5000\non = \"member.b\"\nskip = 80\ntimes = 1\n"
+            .into(),
+    ));
+    let (members, url) = (c.members.clone(), c.nats.urls());
+    for n in NAMES {
+        c.launch(n, "test-cookie", &members, &url);
+    }
+    c.wait(60, "partitions balanced over the three nodes", || {
+        balanced(&c)
+    });
+    if c.node("b").log(1).contains("injected stall") {
+        c.fail("b's watch stalled before the cluster balanced (raise the fault's skip)");
+    }
+    let (watch0, store0) = (
+        record_reads(c.node("a"), "watch"),
+        record_reads(c.node("a"), "store"),
+    );
+    c.wait(60, "b's watch stalled", || {
+        c.node("b").log(1).contains("injected stall")
+    });
+    let stalled = Instant::now();
+    let before = leases(c.node("a"));
+    let b_store = record_reads(c.node("b"), "store");
+    c.wait(
+        10,
+        "b's rounds read the store while its copy is stale",
+        || record_reads(c.node("b"), "store") >= b_store + 3.0,
+    );
+    let left = Duration::from_secs(6).saturating_sub(stalled.elapsed());
+    assert_leases_hold(&c, &before, left.as_secs().max(1), "while b's watch stalls");
+    let b_watch = record_reads(c.node("b"), "watch");
+    c.wait(20, "b reads its copy again after the stall", || {
+        record_reads(c.node("b"), "watch") >= b_watch + 3.0
+    });
+    let (watch, store) = (
+        record_reads(c.node("a"), "watch") - watch0,
+        record_reads(c.node("a"), "store") - store0,
+    );
+    eprintln!(
+        "a: {watch} record reads from the watched copy, {store} from the store; b read the store while stalled, its leases held"
+    );
+    assert!(
+        watch >= 10.0 && store * 2.0 <= watch,
+        "a's lease rounds should read the watched copy: {watch} reads from the copy, {store} from the store"
+    );
+}
+
 /// A state store outage longer than the lease period: every owner stops answering
 /// (leases lapse), but keeps its partitions' actors; when the server is back, each lease
 /// is re-adopted at its last revision (nobody took it), so no partition changes owner or

@@ -818,6 +818,8 @@ impl JetStreamLog {
             log.heads.raise(st, h);
             seen.insert(st, h);
         }
+        // The stream sequence up to which the follower has raised the heads.
+        let position = Arc::new(std::sync::atomic::AtomicU64::new(last));
         log.follower = Some(tokio::spawn(follow(
             log.js.clone(),
             log.heads.clone(),
@@ -825,12 +827,14 @@ impl JetStreamLog {
             log.kept.clone(),
             seen,
             last + 1,
+            position.clone(),
         )));
         log.watchdog = Some(tokio::spawn(watch_heads(
             log.js.clone(),
             log.heads.clone(),
             created,
             log.fault.clone(),
+            position,
         )));
         Ok(log)
     }
@@ -1030,6 +1034,7 @@ async fn follow(
     kept: Arc<Kept>,
     mut seen: rustc_hash::FxHashMap<u32, u64>,
     mut from: u64,
+    position: Arc<std::sync::atomic::AtomicU64>,
 ) {
     loop {
         let consumer = js
@@ -1134,6 +1139,7 @@ async fn follow(
                 tail.push(stream, prev, records);
                 heads.raise(stream, last);
             }
+            position.fetch_max(from - 1, std::sync::atomic::Ordering::Release);
             kept.passed(&seen);
             if failed || ended {
                 break;
@@ -1143,11 +1149,6 @@ async fn follow(
     }
 }
 
-/// Liveness behind the follower: once a second, asks the server for every stream's last
-/// offset; a head that has stayed behind it for two checks in a row is raised to it
-/// (the tail does not hold those records, so consumers read them from the server), so a
-/// follower that stalls (a consumer lost in a leader election, a slow reconnect) delays
-/// consumers by a few seconds at most and never stops them.
 /// True when a replicated stream's info came without a leader: a member answered with
 /// its own state, which may lag (a replica catching up after a partition heals).
 fn leaderless(info: &jetstream::stream::Info) -> bool {
@@ -1162,11 +1163,20 @@ fn leaderless(info: &jetstream::stream::Info) -> bool {
 const REGRESSION_CHECKS: u32 = 3;
 const REGRESSION_CONFIRM: Duration = Duration::from_secs(4);
 
+/// Liveness behind the follower: once a second, asks the server for the stream's last
+/// sequence (one request). While the follower has reached what the server held a second
+/// earlier, every head is current and nothing more is asked. Otherwise every stream's
+/// last offset is read, and a head that has stayed behind it for two checks in a row is
+/// raised to it (the tail does not hold those records, so consumers read them from the
+/// server), so a follower that stalls (a consumer lost in a leader election, a slow
+/// reconnect) delays consumers by a few seconds at most and never stops them. Idle, a
+/// node asks one question a second whatever the partition count.
 async fn watch_heads(
     js: JetStream,
     heads: Arc<Heads>,
     created: async_nats::datetime::DateTime,
     fault: Arc<parking_lot::Mutex<Option<String>>>,
+    position: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let streams: Vec<u32> = (0..js.config.partitions)
         .chain(std::iter::once(CATALOG_STREAM))
@@ -1175,21 +1185,30 @@ async fn watch_heads(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_connected = true;
-    let mut ticks = 0u64;
     // A regression seen since (checks in a row): acted on only once confirmed.
     let mut suspected: Option<(Instant, u32)> = None;
+    // The server's last sequence at the previous check.
+    let mut previous: Option<u64> = None;
     loop {
         tick.tick().await;
         if !js.connected() {
             was_connected = false;
+            previous = None;
             continue;
         }
-        ticks += 1;
-        // On every reconnect and every few seconds (every second while a regression is
-        // suspected): the stream must not have gone backwards under this node (ADR 012).
-        if !was_connected || suspected.is_some() || ticks.is_multiple_of(5) {
+        // Every check (and so on every reconnect): the stream must not have gone
+        // backwards under this node (ADR 012).
+        let mut stream = js.stream.clone();
+        let info = match stream.info().await {
+            Ok(i) => Some(i.clone()),
+            Err(e) => {
+                tracing::debug!(error = %e, "stream info not read");
+                None
+            }
+        };
+        if let Some(info) = &info {
             let seen = streams.iter().map(|&s| heads.get(s)).max().unwrap_or(0);
-            match stream_regressed(&js, created, seen).await {
+            match stream_regressed(&js.config.stream, info, created, seen) {
                 Some(why) => {
                     let (since, n) = suspected.get_or_insert((Instant::now(), 0));
                     *n += 1;
@@ -1203,7 +1222,22 @@ async fn watch_heads(
                 None => suspected = None,
             }
         }
+        // The follower has what the server held a second ago (or all it holds now):
+        // every head is current, or will be within the second.
+        let server_last = info
+            .as_ref()
+            .filter(|i| !leaderless(i))
+            .map(|i| i.state.last_sequence);
+        let followed = position.load(std::sync::atomic::Ordering::Acquire);
+        let keeping_up = was_connected
+            && server_last
+                .is_some_and(|last| followed >= last || previous.is_some_and(|p| followed >= p));
+        previous = server_last;
         was_connected = true;
+        if keeping_up {
+            behind.clear();
+            continue;
+        }
         for &s in &streams {
             let subject = js.config.subject(s);
             let Ok(m) = js.stream.direct_get_last_for_subject(subject).await else {
@@ -1228,17 +1262,14 @@ async fn watch_heads(
     }
 }
 
-/// Whether the stream went backwards: deleted and re-created (another creation time), or
-/// ending below a sequence this node has already seen (a server that lost writes it had
-/// not synced). `None` when it did not, or the server could not be asked.
-async fn stream_regressed(
-    js: &JetStream,
+/// Why the stream `info` describes cannot be the one this node read up to `seen` (it was
+/// re-created, or it ends below), if it cannot; `None` for a leaderless answer.
+fn stream_regressed(
+    name: &str,
+    info: &jetstream::stream::Info,
     created: async_nats::datetime::DateTime,
     seen: u64,
 ) -> Option<String> {
-    let mut s = js.stream.clone();
-    let info = s.info().await.ok()?;
-    let name = &js.config.stream;
     if leaderless(info) {
         // A replicated stream without a leader: a member answered with its own state,
         // which may lag (a replica catching up after a partition heals). Not evidence.
@@ -1674,6 +1705,40 @@ impl StateStore for JetStreamState {
                     }
                     Err(err) => {
                         tracing::debug!(key = %key, error = %err, "watch ended");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
+
+    async fn watch_records(
+        &self,
+        patterns: &[&str],
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<crate::state::WatchedRecord>>, StateError> {
+        let mut w = self
+            .js
+            .kv
+            .watch_many_with_history(patterns.iter().copied())
+            .await
+            .map_err(|e| state_unavailable("record watch", e))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            while let Some(e) = w.next().await {
+                match e {
+                    Ok(e) => {
+                        let value = (e.operation == kv::Operation::Put).then(|| Versioned {
+                            value: e.value.to_vec(),
+                            revision: e.revision,
+                        });
+                        let rec = crate::state::WatchedRecord { key: e.key, value };
+                        if tx.send(rec).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "record watch ended");
                         return;
                     }
                 }

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub lease_store_errors: Family<Labels, Counter>,
     /// Cluster: lapses seen per member (heartbeat stopped without a graceful leave).
     pub member_lapses: Family<Labels, Counter>,
+    /// Cluster: reads of the lease, member and leader records by the lease actors, by
+    /// where they came from (`watch`: this node's copy kept by a KV watch; `store`: a
+    /// request per key, when the watch is not known to be current).
+    pub record_reads: Family<Labels, Counter>,
     /// Cluster: hand-overs put off because the cluster's move budget was spent.
     pub moves_deferred: Counter,
     /// Cluster: 1 while this node's last lease round could read the state store.
@@ -133,6 +137,7 @@ impl Metrics {
             partitions_held: Family::default(),
             lease_store_errors: Family::default(),
             member_lapses: Family::default(),
+            record_reads: Family::default(),
             moves_deferred: Counter::default(),
             log_reachable: Gauge::default(),
             checkpoint_bytes: Family::default(),
@@ -266,6 +271,11 @@ impl Metrics {
                 "cluster_member_lapses",
                 "Lapses seen per member (heartbeat stopped without a graceful leave)",
                 m.member_lapses.clone(),
+            );
+            r.register(
+                "cluster_record_reads",
+                "Reads of the lease, member and leader records by the lease actors, by source (watch: the copy a KV watch keeps; store: one request per key)",
+                m.record_reads.clone(),
             );
             r.register(
                 "cluster_log_reachable",

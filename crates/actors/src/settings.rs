@@ -115,6 +115,10 @@ pub struct ClusterSettings {
     /// waiting for the lease, and let a restarted process take back its predecessor's
     /// leases once they missed a renewal (ADR 017).
     pub takeover_on_exit: bool,
+    /// The lease rounds read the lease, member and leader records from a copy one KV
+    /// watch keeps, while it is known current, instead of one read per key and round
+    /// (`cluster::records`).
+    pub watch_records: bool,
 }
 
 impl std::fmt::Debug for ClusterSettings {
@@ -131,6 +135,7 @@ impl std::fmt::Debug for ClusterSettings {
             .field("member_hold_down", &self.member_hold_down)
             .field("move_budget", &self.move_budget)
             .field("takeover_on_exit", &self.takeover_on_exit)
+            .field("watch_records", &self.watch_records)
             .finish()
     }
 }

@@ -122,6 +122,9 @@ pub struct ClusterSection {
     pub move_budget_window_ms: u64,
     /// Take over an exited member's partitions before its lease runs out (ADR 017).
     pub takeover_on_exit: bool,
+    /// Keep the lease, member and leader records through one KV watch instead of
+    /// reading every key each round (JetStream).
+    pub watch_records: bool,
     /// The newest cross-node protocol version this node speaks (0: this build's newest).
     /// During a rolling upgrade, pin it to the previous build's version until every
     /// member runs the new build, so nothing that needs the new version is used while a
@@ -387,6 +390,7 @@ impl Default for Config {
                 move_budget: 16,
                 move_budget_window_ms: 60_000,
                 takeover_on_exit: true,
+                watch_records: true,
                 protocol: 0,
             },
             features: FeaturesSection {
@@ -1072,6 +1076,7 @@ impl Config {
                 move_budget: c.move_budget,
                 move_budget_window: ms(c.move_budget_window_ms),
                 takeover_on_exit: c.takeover_on_exit,
+                watch_records: c.watch_records,
             });
         }
         s.restart = RestartPolicy {

@@ -177,9 +177,10 @@ impl TrainerLeaseState {
         if let Some((rec, rev, _)) = held {
             return self.renew(rec, rev).await;
         }
-        let read = bounded(s.lease_renew, self.ctx.state.get(LEADER_KEY)).await;
+        let keys = [LEADER_KEY.to_string()];
+        let read = super::records::read(&self.ctx, &self.cluster, &keys).await;
         let current = match read {
-            Ok(v) => v,
+            Ok(mut v) => v.pop().flatten(),
             Err(e) => {
                 self.seen = None;
                 tracing::debug!(error = %e, "trainer lease record not read");

@@ -59,7 +59,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{rendezvous, Cluster};
 use crate::ctx::Ctx;
-use crate::state::{now_ms, StateError};
+use crate::state::{now_ms, StateError, Versioned};
 use crate::supervisor::{ChildSpec, SupervisorMsg};
 use crate::Discard;
 
@@ -495,6 +495,8 @@ pub struct ManagerState {
     announced: bool,
     /// Turns `cluster.wake` notifications into rounds (aborted with the actor).
     _waker: AbortOnDrop,
+    /// Keeps `cluster.records` current (see [`super::records`]; aborted with the actor).
+    _records: AbortOnDrop,
 }
 
 /// A task aborted when dropped (an actor's helper task ends with the actor, even after a
@@ -531,6 +533,7 @@ impl Actor for Manager {
                 }
             }
         });
+        let records = tokio::spawn(super::records::follow(args.ctx.clone(), cluster.clone()));
         myself.send_message(ManagerMsg::Round)?;
         Ok(ManagerState {
             ctx: args.ctx,
@@ -546,6 +549,7 @@ impl Actor for Manager {
             last_discovery: None,
             announced: false,
             _waker: AbortOnDrop(waker),
+            _records: AbortOnDrop(records),
         })
     }
 
@@ -693,21 +697,14 @@ impl ManagerState {
             .chain((0..self.cluster.slots.len() as u32).map(lease_key))
             .collect();
         let bound = self.cluster.settings.lease_renew;
-        let state = self.ctx.state.clone();
-        let reads =
-            futures_util::future::join_all(keys.iter().map(|k| bounded(bound, state.get(k)))).await;
-        let mut values = HashMap::new();
-        for (k, r) in keys.iter().zip(reads) {
-            match r {
-                Ok(v) => {
-                    values.insert(k.clone(), v);
-                }
+        let values: HashMap<String, Option<Versioned>> =
+            match super::records::read(&self.ctx, &self.cluster, &keys).await {
+                Ok(v) => keys.iter().cloned().zip(v).collect(),
                 Err(e) => {
                     store_error(&self.ctx, &self.cluster, "read", &e);
                     return;
                 }
-            }
-        }
+            };
         let now = Instant::now();
         // After an outage (or a pause) every observation starts again: a claimant only
         // counts time in which it could read the store, so the owner's renewer, which
@@ -867,9 +864,8 @@ impl ManagerState {
         {
             return;
         }
-        let bound = self.cluster.settings.lease_renew;
-        let keys = match bounded(bound, self.ctx.state.keys(MEMBER_PREFIX)).await {
-            Ok(k) => k,
+        let records = match super::records::member_records(&self.ctx, &self.cluster).await {
+            Ok(r) => r,
             Err(e) => {
                 store_error(&self.ctx, &self.cluster, "read", &e);
                 return;
@@ -877,20 +873,14 @@ impl ManagerState {
         };
         self.last_discovery = Some(now);
         let known = self.cluster.member_names();
-        for key in keys {
+        for (key, v) in records {
             let Some(name) = key.strip_prefix(MEMBER_PREFIX) else {
                 continue;
             };
             if known.iter().any(|k| k == name) {
                 continue;
             }
-            let rec = match bounded(bound, self.ctx.state.get(&key)).await {
-                Ok(v) => v.and_then(|v| serde_json::from_slice::<MemberRecord>(&v.value).ok()),
-                Err(e) => {
-                    store_error(&self.ctx, &self.cluster, "read", &e);
-                    return;
-                }
-            };
+            let rec = serde_json::from_slice::<MemberRecord>(&v.value).ok();
             if let Some(m) = rec.filter(|r| !r.leaving).and_then(|r| r.member(name)) {
                 tracing::info!(member = %name, cluster_addr = %m.cluster_addr, "member discovered from its record");
                 self.cluster.learn(m);

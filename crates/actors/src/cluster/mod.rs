@@ -19,6 +19,7 @@ pub mod gateway;
 pub mod leader;
 pub mod lease;
 pub mod membership;
+pub mod records;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -151,6 +152,9 @@ pub struct Cluster {
     /// seeds, and this node) and those discovered from their member records in the state
     /// store. A configured address wins over an advertised one.
     directory: Mutex<BTreeMap<String, Member>>,
+    /// The lease, member and leader records as this node's watch has them (see
+    /// [`records`]).
+    pub records: records::Records,
 }
 
 impl Cluster {
@@ -191,6 +195,7 @@ impl Cluster {
             membership_incarnation: AtomicU64::new(0),
             leader: leader::new_view(),
             model_versions: Mutex::new(Default::default()),
+            records: records::Records::default(),
             directory: Mutex::new(
                 settings
                     .members

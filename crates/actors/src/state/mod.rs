@@ -55,6 +55,14 @@ pub struct Versioned {
     pub revision: u64,
 }
 
+/// One record seen by [`StateStore::watch_records`]: its latest value, or `None` when
+/// it was deleted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WatchedRecord {
+    pub key: String,
+    pub value: Option<Versioned>,
+}
+
 /// Format of the pointer record this build writes.
 pub const POINTER_FORMAT: u16 = 1;
 
@@ -271,6 +279,17 @@ pub trait StateStore: Send + Sync + 'static {
         &self,
         _key: &str,
     ) -> Result<Option<tokio::sync::mpsc::Receiver<u64>>, StateError> {
+        Ok(None)
+    }
+
+    /// Every record whose key matches one of `patterns` (NATS subject patterns: `a.>`
+    /// for a prefix, or a whole key), first the latest of each as the watch starts, then
+    /// every change in the order the store applied them (a KV watch on JetStream);
+    /// `None` when the backend cannot watch. The channel closes when the watch ends.
+    async fn watch_records(
+        &self,
+        _patterns: &[&str],
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<WatchedRecord>>, StateError> {
         Ok(None)
     }
 
