@@ -917,9 +917,17 @@ def throughput(nodes, seconds):
     clients, batch = 4, 1000
     bodies = {c: [ndjson_batch(f"tp{len(nodes)}c{c}", k * batch, batch, users=20000) for k in range(200)]
               for c in range(clients)}
+    cpu0, t0 = [proc_cpu(n.proc.pid) for n in nodes], time.time()
     ingest_rate = post_batches(nodes, bodies, seconds)
+    events = ingest_rate * (time.time() - t0)
     while not all(n.caught_up() for n in nodes):
         time.sleep(0.05)
+    # CPU per acked event of each node, from the first post until every node caught up
+    # (each node applies its own partitions and, today, follows the whole log for item
+    # statistics, the catalog and the encoder).
+    cpu = [(proc_cpu(n.proc.pid) - c) * 1e6 / max(events, 1) for n, c in zip(nodes, cpu0)]
+    print(f"  {len(nodes)} node(s): CPU per acked event while ingesting and catching up:"
+          f" {', '.join(f'{c:.1f}' for c in cpu)} us")
     done = [0] * 8
     stop = time.time() + seconds
 

@@ -149,10 +149,7 @@ pub(crate) async fn read(
         return Ok(v);
     }
     count(ctx, "store");
-    let bound = cluster.settings.lease_renew;
-    let reads =
-        futures_util::future::join_all(keys.iter().map(|k| bounded(bound, ctx.state.get(k)))).await;
-    reads.into_iter().collect()
+    read_keys(ctx, cluster.settings.lease_renew, keys).await
 }
 
 /// Every member record (key and value): from the copy when it is current, otherwise
@@ -179,6 +176,7 @@ pub(crate) async fn member_records(
         .collect())
 }
 
+/// One read per key, all in flight together, each bounded by `bound`.
 async fn read_keys(
     ctx: &Ctx,
     bound: Duration,
