@@ -578,6 +578,31 @@ def metric(port, name, labels):
     return 0.0
 
 
+def branch_outcomes(port):
+    """Per branch: (answers with the branch `ok`, answers in all) so far."""
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("troupe_branch_outcomes_total{"):
+            labels, value = line.rsplit(" ", 1)
+            branch = labels.split('branch="', 1)[1].split('"', 1)[0]
+            ok, total = out.get(branch, (0.0, 0.0))
+            out[branch] = (ok + (float(value) if 'status="ok"' in labels else 0.0), total + float(value))
+    return out
+
+
+def ok_shares(before, after):
+    """`branch ok%` for every branch between two `branch_outcomes` readings."""
+    parts = []
+    for b in sorted(after):
+        ok = after[b][0] - before.get(b, (0, 0))[0]
+        total = after[b][1] - before.get(b, (0, 0))[1]
+        parts.append(f"{b} {ok / total:.0%}" if total else f"{b} -")
+    return ", ".join(parts)
+
+
 def start_demo(a, d, port, users, items, events, extra):
     os.makedirs(d, exist_ok=True)
     cfg = os.path.join(d, "base.toml")
@@ -674,7 +699,9 @@ http {{ access_log off; default_type application/json;
                 wrk(url, a.conns, a.seconds, script)
             hits0 = metric(port, "troupe_candidate_cache_total", 'outcome="hit"')
             miss0 = metric(port, "troupe_candidate_cache_total", 'outcome="miss"')
+            b0 = branch_outcomes(port)
             t_rps, t50, t99, t_err = wrk(url, a.conns, a.seconds, script)
+            b1 = branch_outcomes(port)
             hits = metric(port, "troupe_candidate_cache_total", 'outcome="hit"') - hits0
             miss = metric(port, "troupe_candidate_cache_total", 'outcome="miss"') - miss0
             # Half of the max rate: each connection waits between requests.
@@ -683,16 +710,21 @@ http {{ access_log off; default_type application/json;
             with open(half, "w") as f:
                 f.write(WRK_LUA % (users - 1, "delay = function() return %d end" % round(delay_ms)))
             h_rps, h50, h99, _ = wrk(url, a.conns, a.seconds, half)
+            b2 = branch_outcomes(port)
             demo.send_signal(signal.SIGTERM)
             demo.wait()
             hit_ratio = hits / (hits + miss) if hits + miss else 0.0
-            rows.append((mode, t_rps, t50, t99, t_err, h_rps, h50, h99, hit_ratio, index))
+            rows.append((mode, t_rps, t50, t99, t_err, h_rps, h50, h99, hit_ratio, index,
+                         ok_shares(b0, b1), ok_shares(b1, b2)))
         print(f"{items} items, {users} users ({len(sample)} B answers, {a.conns} connections, wrk -t2, 2 cores shared):")
         print(f"  nginx            {nginx_rps:9.0f} req/s  p50 {n50:6.2f} ms  p99 {n99:6.2f} ms  non-2xx {n_err}")
-        for mode, t_rps, t50, t99, t_err, h_rps, h50, h99, hit_ratio, index in rows:
+        # A branch that misses its deadline (or whose breaker is open) leaves the answer
+        # without it: the shares say how many answers each branch was part of.
+        for mode, t_rps, t50, t99, t_err, h_rps, h50, h99, hit_ratio, index, ok_full, ok_half in rows:
             print(f"  troupe {mode:14} {t_rps:9.0f} req/s  p50 {t50:6.2f} ms  p99 {t99:6.2f} ms  non-2xx {t_err}"
                   f"  ratio {t_rps / nginx_rps:.3f}  cache hits {hit_ratio:.0%}  als index {index}")
-            print(f"    at ~half rate ({h_rps:.0f} req/s): p50 {h50:.2f} ms  p99 {h99:.2f} ms")
+            print(f"    branches ok (computed, not cached): {ok_full}")
+            print(f"    at ~half rate ({h_rps:.0f} req/s): p50 {h50:.2f} ms  p99 {h99:.2f} ms; branches ok: {ok_half}")
     shutil.rmtree(work, ignore_errors=True)
 
 
