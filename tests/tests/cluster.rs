@@ -190,14 +190,20 @@ impl Cluster {
     /// The three members on `nats` with `tuning`, started and balanced.
     fn balanced_on(nats: NatsCluster, tuning: Tuning) -> Cluster {
         let mut c = Cluster::on(nats, tuning);
-        let (members, url) = (c.members.clone(), c.nats.urls());
-        for n in NAMES {
-            c.launch(n, "test-cookie", &members, &url);
-        }
-        c.wait(90, "partitions balanced over the three nodes", || {
-            balanced(&c)
-        });
+        c.launch_balanced(90);
         c
+    }
+
+    /// Starts the three members as prepared (with their `node_extra`) and waits up to
+    /// `secs` for the partitions to be balanced over them.
+    fn launch_balanced(&mut self, secs: u64) {
+        let (members, url) = (self.members.clone(), self.nats.urls());
+        for n in NAMES {
+            self.launch(n, "test-cookie", &members, &url);
+        }
+        self.wait(secs, "partitions balanced over the three nodes", || {
+            balanced(self)
+        });
     }
 
     /// Starts the three members (with this cluster's tuning and extras) and waits until
@@ -1361,13 +1367,7 @@ fn cluster_renewals_outlast_a_stalled_lease_manager() {
         "[[faults]]\ntarget = \"lease_manager\"\naction = \"stall\"\nstall_ms = 7000\nskip = 40\ntimes = 1\n"
             .into(),
     ));
-    let (members, url) = (c.members.clone(), c.nats.urls());
-    for n in NAMES {
-        c.launch(n, "test-cookie", &members, &url);
-    }
-    c.wait(60, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
+    c.launch_balanced(60);
     let before = leases(c.node("a"));
     let mine = serving(c.node("a"));
     assert!(!mine.is_empty());
@@ -1411,13 +1411,7 @@ fn cluster_lease_rounds_read_a_watched_copy_and_the_store_while_it_stalls() {
         "[[faults]]\ntarget = \"record_watch\"\naction = \"stall\"\nstall_ms = 5000\non = \"member.b\"\nskip = 80\ntimes = 1\n"
             .into(),
     ));
-    let (members, url) = (c.members.clone(), c.nats.urls());
-    for n in NAMES {
-        c.launch(n, "test-cookie", &members, &url);
-    }
-    c.wait(60, "partitions balanced over the three nodes", || {
-        balanced(&c)
-    });
+    c.launch_balanced(60);
     if c.node("b").log(1).contains("injected stall") {
         c.fail("b's watch stalled before the cluster balanced (raise the fault's skip)");
     }

@@ -47,6 +47,14 @@ struct Inner {
     echo: Option<Instant>,
 }
 
+impl Inner {
+    /// True while this member's own record came back within `within` of `now`.
+    fn current(&self, within: Duration, now: Instant) -> bool {
+        self.echo
+            .is_some_and(|t| now.saturating_duration_since(t) < within)
+    }
+}
+
 impl Records {
     /// Applies one change delivered by the watch (`own_key`: this member's record).
     fn apply(&self, rec: WatchedRecord, own_key: &str, now: Instant) {
@@ -77,10 +85,7 @@ impl Records {
 
     /// True while this member's own record came back within `within`.
     pub fn current(&self, within: Duration, now: Instant) -> bool {
-        self.inner
-            .lock()
-            .echo
-            .is_some_and(|t| now.saturating_duration_since(t) < within)
+        self.inner.lock().current(within, now)
     }
 
     /// The records of `keys` from the copy, when it is current.
@@ -91,10 +96,7 @@ impl Records {
         now: Instant,
     ) -> Option<Vec<Option<Versioned>>> {
         let inner = self.inner.lock();
-        if inner
-            .echo
-            .is_none_or(|t| now.saturating_duration_since(t) >= within)
-        {
+        if !inner.current(within, now) {
             return None;
         }
         Some(keys.iter().map(|k| inner.entries.get(k).cloned()).collect())
@@ -108,10 +110,7 @@ impl Records {
         now: Instant,
     ) -> Option<Vec<(String, Versioned)>> {
         let inner = self.inner.lock();
-        if inner
-            .echo
-            .is_none_or(|t| now.saturating_duration_since(t) >= within)
-        {
+        if !inner.current(within, now) {
             return None;
         }
         Some(
