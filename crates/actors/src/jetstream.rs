@@ -1773,6 +1773,9 @@ impl StateStore for JetStreamState {
         }
     }
 
+    /// A write answered "no responders" (the bucket's stream has no leader yet, as right
+    /// after it was created on three servers) reached no replica and is tried again for
+    /// up to 5 s; any other failure is returned, since the write may have landed.
     async fn compare_and_set(
         &self,
         key: &str,
@@ -1793,30 +1796,52 @@ impl StateStore for JetStreamState {
                 StateError::Conflict { key, found }
             }
         };
-        match expected {
-            None => match self.js.kv.create(key, Bytes::from(value)).await {
-                Ok(rev) => Ok(rev),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    Err(conflict(self).await)
+        let value = Bytes::from(value);
+        let mut pause = Duration::from_millis(50);
+        let started = std::time::Instant::now();
+        loop {
+            let failed = match expected {
+                None => match self.js.kv.create(key, value.clone()).await {
+                    Ok(rev) => return Ok(rev),
+                    Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                        return Err(conflict(self).await)
+                    }
+                    Err(e) => (no_responders(&e), state_unavailable(key, e)),
+                },
+                Some(rev) => match self.js.kv.update(key, value.clone(), rev).await {
+                    Ok(rev) => return Ok(rev),
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        return Err(conflict(self).await)
+                    }
+                    Err(e) => (no_responders(&e), state_unavailable(key, e)),
+                },
+            };
+            match failed {
+                (true, e) if started.elapsed() < NO_RESPONDERS_RETRY => {
+                    tracing::debug!(key, error = %e, "state write found no responders; again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
                 }
-                Err(e) => Err(state_unavailable(key, e)),
-            },
-            Some(rev) => match self.js.kv.update(key, Bytes::from(value), rev).await {
-                Ok(rev) => Ok(rev),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    Err(conflict(self).await)
-                }
-                Err(e) => Err(state_unavailable(key, e)),
-            },
+                (_, e) => return Err(e),
+            }
         }
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StateError> {
-        self.js
-            .kv
-            .put(key, Bytes::from(value))
-            .await
-            .map_err(|e| state_unavailable(key, e))
+        let value = Bytes::from(value);
+        let mut pause = Duration::from_millis(50);
+        let started = std::time::Instant::now();
+        loop {
+            match self.js.kv.put(key, value.clone()).await {
+                Ok(rev) => return Ok(rev),
+                Err(e) if started.elapsed() < NO_RESPONDERS_RETRY && no_responders(&e) => {
+                    tracing::debug!(key, error = %e, "state write found no responders; again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(state_unavailable(key, e)),
+            }
+        }
     }
 
     async fn delete(&self, key: &str) -> Result<(), StateError> {
