@@ -619,18 +619,23 @@ def start_demo(a, d, port, users, items, events, extra):
 
 
 def wait_index(port, timeout=3600):
-    """Waits until the served ALS model's HNSW index is no longer being built; returns a
-    description of the index (state, build seconds, memory)."""
+    """Waits until neither the served ALS model's HNSW index nor the content branch's
+    graphs are being built; returns a description of both (state, build seconds,
+    memory)."""
     t0 = time.time()
     while True:
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         c.request("GET", "/v1/cluster")
         doc = json.loads(c.getresponse().read())
-        ix = doc.get("als_index") or {}
-        if ix.get("state") != "building":
-            if ix.get("state") == "ready":
-                return f"ready ({ix['items']} items, {ix['build_seconds']:.1f} s, {ix['memory_bytes'] / 1e6:.0f} MB)"
-            return ix.get("state", "none")
+        ixs = [(name, doc.get(key) or {}) for name, key in (("als", "als_index"), ("content", "content_index"))]
+        if all(ix.get("state") != "building" for _, ix in ixs):
+            out = []
+            for name, ix in ixs:
+                if ix.get("state") == "ready":
+                    out.append(f"{name} ready ({ix['items']} items, {ix['build_seconds']:.1f} s, {ix['memory_bytes'] / 1e6:.0f} MB)")
+                else:
+                    out.append(f"{name} {ix.get('state', 'none')}")
+            return ", ".join(out)
         if time.time() - t0 > timeout:
             raise RuntimeError("the HNSW index was not built in time")
         time.sleep(1)

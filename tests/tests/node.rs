@@ -1234,6 +1234,59 @@ fn jetstream_stream_going_backwards_stops_the_node_instead_of_skipping() {
     );
 }
 
+/// A log follower that stalls (fault `log_follow`, 20 s, on its first batch) does not
+/// hold the node's reads back: the heads watchdog finds the server ahead of the
+/// follower, raises the heads from the server within seconds, and the consumers read the
+/// records from the server. An acked event shows in the user's history, and an answer
+/// asked for its position is not stale, long before the follower resumes.
+#[test]
+fn jetstream_stalled_log_follower_is_overtaken_by_the_heads_watchdog() {
+    let _serial = one_at_a_time();
+    let _t = timed();
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{FAST}{}[[faults]]\ntarget = \"log_follow\"\naction = \"stall\"\nstall_ms = 20000\ntimes = 1\n",
+        jetstream_config(&server)
+    );
+    let node = Node::start(dir.path(), &config, &[("TROUPE_ALLOW_FAULTS", "1")]);
+    let ack = node.post(
+        "/v1/events",
+        &json!([{"event_id": "f1", "user": "u1", "item": "x1", "kind": "view"}]).to_string(),
+    );
+    assert_eq!(ack.status, 200, "{:?}", ack.body);
+    let off = ack.body["results"][0]["offset"].as_u64().unwrap();
+    let acked = std::time::Instant::now();
+    wait_or_dump(
+        &node,
+        15,
+        "the event applied while the follower stalls",
+        || times_applied(&node, "u1", "x1") == 1,
+    );
+    let took = acked.elapsed();
+    let r = node.get(&format!("/v1/recommendations/u1?k=5&min_offset={off}"));
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["stale"], false, "{:?}", r.body);
+    let log = node.log(1);
+    assert!(log.contains("injected stall"), "the follower never stalled");
+    assert!(
+        log.contains("raising the head"),
+        "the watchdog did not raise the heads: {}",
+        &log[log.len().saturating_sub(3000)..]
+    );
+    // Well inside the 20 s stall (the watchdog needs two or three of its 1 s checks).
+    assert!(
+        took < std::time::Duration::from_secs(12),
+        "applied only after {took:?}"
+    );
+    println!(
+        "applied {:.1} s after the ack, follower stalled",
+        took.as_secs_f64()
+    );
+}
+
 /// Times `item` appears in `user`'s history (through `node`).
 fn times_applied(node: &Node, user: &str, item: &str) -> usize {
     node.get(&format!("/v1/users/{user}")).body["history"]

@@ -24,7 +24,8 @@ pub struct Fault {
     /// Actor kind (`user_features`, `item_stats`, `catalog`, `journal`,
     /// `ranker`), a branch (`branch.als`, `branch.content`, `branch.popularity`), or a
     /// step of the model plane (`als_training`: stall a training run;
-    /// `model_blob.corrupt`: damage a snapshot's bytes as read).
+    /// `model_blob.corrupt`: damage a snapshot's bytes as read), or `log_follow` (stall
+    /// the JetStream log's follower before it hands on a batch).
     pub target: String,
     pub action: FaultAction,
     /// Fire on records whose event id / item id / user equals this (any record if `None`).

@@ -792,6 +792,18 @@ impl JetStreamLog {
         heads: Arc<Heads>,
         tail: Arc<Tail>,
     ) -> Result<JetStreamLog, String> {
+        Self::open_with_faults(js, heads, tail, Arc::default()).await
+    }
+
+    /// [`JetStreamLog::open`] with the node's injected faults: target `log_follow`
+    /// stalls the follower before it hands on a batch (tests: a follower that falls
+    /// behind while the heads watchdog raises the heads from the server).
+    pub async fn open_with_faults(
+        js: JetStream,
+        heads: Arc<Heads>,
+        tail: Arc<Tail>,
+        faults: Arc<crate::faults::Faults>,
+    ) -> Result<JetStreamLog, String> {
         let mut s = js.stream.clone();
         let info = s.info().await.map_err(|e| unavailable("stream info", e))?;
         let last = info.state.last_sequence;
@@ -825,9 +837,9 @@ impl JetStreamLog {
             log.heads.clone(),
             log.tail.clone(),
             log.kept.clone(),
-            seen,
-            last + 1,
+            (seen, last + 1),
             position.clone(),
+            faults,
         )));
         log.watchdog = Some(tokio::spawn(watch_heads(
             log.js.clone(),
@@ -1025,16 +1037,16 @@ fn truncation_key(stream: u32) -> String {
 const FOLLOW_BATCH: usize = 1024;
 
 /// Follows every subject of the stream from sequence `from`: each record goes to the
-/// tail (continuing the stream's last record seen, `seen`), then its head is raised.
+/// tail (continuing each stream's last record seen, `seen`), then its head is raised.
 /// Re-creates its consumer after errors (the ordered consumer itself restarts on gaps).
 async fn follow(
     js: JetStream,
     heads: Arc<Heads>,
     tail: Arc<Tail>,
     kept: Arc<Kept>,
-    mut seen: rustc_hash::FxHashMap<u32, u64>,
-    mut from: u64,
+    (mut seen, mut from): (rustc_hash::FxHashMap<u32, u64>, u64),
     position: Arc<std::sync::atomic::AtomicU64>,
+    faults: Arc<crate::faults::Faults>,
 ) {
     loop {
         let consumer = js
@@ -1067,6 +1079,10 @@ async fn follow(
         // stream and the heads one raise per stream for the lot, not one per record.
         let mut ended = false;
         while let Some(first) = messages.next().await {
+            if let Some(crate::faults::FaultAction::Stall(d)) = faults.on_call("log_follow") {
+                tracing::warn!(stall_ms = d.as_millis() as u64, "injected stall");
+                tokio::time::sleep(d).await;
+            }
             let mut batch = vec![first];
             while batch.len() < FOLLOW_BATCH {
                 match futures_util::FutureExt::now_or_never(messages.next()) {

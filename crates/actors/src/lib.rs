@@ -33,7 +33,7 @@ mod breaker;
 mod catalog;
 mod cluster;
 mod consumer;
-mod content_index;
+pub mod content_index;
 mod ctx;
 mod encoder;
 pub mod faults;

@@ -90,6 +90,10 @@ pub struct Metrics {
     /// its last build took.
     pub ann_index_items: Gauge,
     pub ann_build_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Rows of the HNSW graphs the content branch searches (0: exact scoring), and the
+    /// seconds their last build took.
+    pub content_ann_items: Gauge,
+    pub content_ann_build_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub embeddings_computed: Counter,
     pub embeddings_cached: Counter,
     pub http_requests: Family<Labels, Counter>,
@@ -159,6 +163,8 @@ impl Metrics {
             ann_searches: Family::default(),
             ann_index_items: Gauge::default(),
             ann_build_seconds: Gauge::default(),
+            content_ann_items: Gauge::default(),
+            content_ann_build_seconds: Gauge::default(),
             embeddings_computed: Counter::default(),
             embeddings_cached: Counter::default(),
             http_requests: Family::default(),
@@ -391,6 +397,16 @@ impl Metrics {
                 "ann_build_seconds",
                 "Seconds the last HNSW index build took",
                 m.ann_build_seconds.clone(),
+            );
+            r.register(
+                "content_ann_items",
+                "Rows in the HNSW graphs the content branch searches (0 while it scores exactly)",
+                m.content_ann_items.clone(),
+            );
+            r.register(
+                "content_ann_build_seconds",
+                "Seconds the last build of the content branch's HNSW graphs took",
+                m.content_ann_build_seconds.clone(),
             );
             r.register(
                 "embeddings_computed",

@@ -285,6 +285,7 @@ pub async fn start(
         Actor::spawn(Some(names::NODE_SUPERVISOR.to_string()), Supervisor, args).await?;
     tokio::spawn(trim_memory());
     tokio::spawn(watch_log_fault(ctx.clone(), root.clone()));
+    tokio::spawn(build_content_graphs(Arc::downgrade(&ctx)));
     if ctx.settings.retention {
         tokio::spawn(retain(ctx.clone()));
     }
@@ -311,6 +312,67 @@ async fn watch_log_fault(ctx: Arc<Ctx>, root: ActorRef<SupervisorMsg>) {
             ctx.health.escalate(reason.clone());
             root.stop(Some(reason));
             return;
+        }
+    }
+}
+
+/// Every second, while the node lives: builds the content branch's HNSW graphs when the
+/// catalogue's embeddings reached `ranker.ann_min_items` rows, and again once enough rows
+/// changed since ([`ContentIndex::ann_due`](crate::content_index::ContentIndex::ann_due)),
+/// once no embedding changed for a second (or it was due for half a minute), on a
+/// blocking thread, off the request path.
+async fn build_content_graphs(ctx: std::sync::Weak<Ctx>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_gen = None;
+    let mut due_since: Option<std::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        let Some(c) = ctx.upgrade() else {
+            return;
+        };
+        let min = c.settings.ranker.ann_min_items;
+        let (due, gen) = {
+            let mut idx = c.content.write();
+            (idx.ann_due(min), idx.generation())
+        };
+        // While the catalogue is being loaded, wait for a quiet second (for at most
+        // half a minute) rather than build over a part of it again and again.
+        let quiet = last_gen.replace(gen) == Some(gen);
+        let waited = due_since
+            .get_or_insert_with(std::time::Instant::now)
+            .elapsed();
+        if !due {
+            due_since = None;
+        }
+        if !due || !(quiet || waited >= Duration::from_secs(30)) {
+            if c.content.read().ann().is_none() {
+                c.metrics.content_ann_items.set(0);
+            }
+            continue;
+        }
+        due_since = None;
+        let built = tokio::task::spawn_blocking(move || {
+            let r = crate::content_index::build_ann(&c.content, &c.settings.ranker.ann);
+            (c, r)
+        })
+        .await;
+        match built {
+            Ok((c, Ok(Some(ann)))) => {
+                tracing::info!(
+                    rows = ann.rows(),
+                    build_ms = (ann.build_seconds() * 1e3) as u64,
+                    memory_mb = ann.memory_bytes() >> 20,
+                    "content hnsw graphs built and swapped in"
+                );
+                c.metrics.content_ann_items.set(ann.rows() as i64);
+                c.metrics.content_ann_build_seconds.set(ann.build_seconds());
+            }
+            Ok((_, Ok(None))) => {}
+            Ok((_, Err(e))) => {
+                tracing::error!(error = %e, "content hnsw build failed; exact scoring answers")
+            }
+            Err(e) => tracing::error!(error = %e, "content hnsw build panicked"),
         }
     }
 }

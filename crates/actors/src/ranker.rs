@@ -445,7 +445,7 @@ impl RankerCore {
                     let mut scratch = Vec::new();
                     let seen = excl.seen_rows(|id| index.index(id));
                     let catalog = ctx.catalog.read();
-                    let top = index.top_k(
+                    let (top, path) = index.top_k(
                         &profile,
                         n,
                         |i| {
@@ -457,6 +457,12 @@ impl RankerCore {
                         },
                         &mut scratch,
                     );
+                    if let Some(path) = path {
+                        ctx.metrics
+                            .ann_searches
+                            .get_or_create(&labels2("branch", "content", "path", path.as_str()))
+                            .inc();
+                    }
                     named(&top, |i| index.name(i))
                 })
                 .await
@@ -690,7 +696,7 @@ impl RankerCore {
             let index = ctx.content.read();
             if let Some(row) = index.row(&req.item) {
                 let catalog = ctx.catalog.read();
-                let top = index.top_k(
+                let (top, _) = index.top_k(
                     &row,
                     k,
                     |i| {

@@ -169,23 +169,39 @@ impl std::fmt::Debug for MipsIndex {
     }
 }
 
-fn row_norm(items: ArrayView2<f32>, i: usize) -> f32 {
-    let r = items.row(i);
-    r.as_slice()
-        .map_or_else(|| r.dot(&r), kernels::norm2)
-        .sqrt()
-}
-
 impl MipsIndex {
     /// Builds the graphs over every row of `items` (rows x dim), inserting in parallel on
     /// the rayon pool. Keys are row numbers.
     pub fn build(items: ArrayView2<f32>, params: &AnnParams) -> Result<MipsIndex, String> {
+        let (rows, dim) = items.dim();
+        Self::build_with(rows, dim, params, |i, buf| {
+            for (b, v) in buf.iter_mut().zip(items.row(i as usize)) {
+                *b = *v;
+            }
+        })
+    }
+
+    /// Builds the graphs over `rows` vectors of `dim` values that `row(i, buf)` writes
+    /// into `buf` (called from several threads, twice per row: once for its norm, once
+    /// to insert it). For vectors held in another form than one matrix (sparse rows, or
+    /// their projection to fewer dimensions).
+    pub fn build_with(
+        rows: usize,
+        dim: usize,
+        params: &AnnParams,
+        row: impl Fn(u32, &mut [f32]) + Sync,
+    ) -> Result<MipsIndex, String> {
         params.validate()?;
         let start = Instant::now();
-        let (rows, dim) = items.dim();
-        let norms: Vec<f32> = (0..rows)
+        let norms: Vec<f32> = (0..rows as u32)
             .into_par_iter()
-            .map(|i| row_norm(items, i))
+            .map_init(
+                || vec![0.0f32; dim],
+                |buf, i| {
+                    row(i, buf);
+                    kernels::norm2(buf).sqrt()
+                },
+            )
             .collect();
         let mut order: Vec<u32> = (0..rows as u32).collect();
         // Largest norms first; ties by row for a deterministic split.
@@ -209,7 +225,7 @@ impl MipsIndex {
             };
             let chunk = &order[next..end.max(next + 1)];
             let graph = if chunk.len() >= MIN_GRAPH_ROWS && max_norm > 0.0 {
-                Some(Self::graph(items, chunk, max_norm, params)?)
+                Some(Self::graph(dim, &row, chunk, max_norm, params)?)
             } else {
                 None
             };
@@ -230,12 +246,12 @@ impl MipsIndex {
     }
 
     fn graph(
-        items: ArrayView2<f32>,
+        dim: usize,
+        row: &(impl Fn(u32, &mut [f32]) + Sync),
         rows: &[u32],
         max_norm: f32,
         params: &AnnParams,
     ) -> Result<Index, String> {
-        let dim = items.ncols();
         let graph = Index::new(&IndexOptions {
             dimensions: dim + 1,
             metric: MetricKind::Cos,
@@ -258,9 +274,10 @@ impl MipsIndex {
             .try_for_each_init(
                 || vec![0.0f32; dim + 1],
                 |buf, &i| {
+                    row(i, &mut buf[..dim]);
                     let mut n2 = 0.0f32;
-                    for (b, v) in buf.iter_mut().zip(items.row(i as usize)) {
-                        *b = v * inv;
+                    for b in buf[..dim].iter_mut() {
+                        *b *= inv;
                         n2 += *b * *b;
                     }
                     buf[dim] = (1.0 - n2).max(0.0).sqrt();
@@ -333,32 +350,47 @@ impl MipsIndex {
         excluded: impl Fn(u32) -> bool,
         scratch: &mut Vec<f32>,
     ) -> (Vec<Scored>, SearchPath) {
+        let exact = |scratch: &mut Vec<f32>| topk::top_k_dense(items, query, k, &excluded, scratch);
+        if items.dim() != (self.rows, self.dim) {
+            return (exact(scratch), SearchPath::ExactFallback);
+        }
+        let Some(flat) = items.as_slice() else {
+            return (exact(scratch), SearchPath::ExactFallback);
+        };
+        let dim = self.dim;
+        self.search_with(
+            query,
+            k,
+            &excluded,
+            |i| {
+                let i = i as usize;
+                kernels::dot(&flat[i * dim..(i + 1) * dim], query)
+            },
+            || exact(scratch),
+        )
+    }
+
+    /// [`MipsIndex::search`] over vectors held elsewhere: `query` is in the graphs' space
+    /// (the form `row` had at build), `score(i)` is row `i`'s exact score (on the rows
+    /// as they are now), and `exact()` the exact scan answering when the graphs cannot.
+    pub fn search_with(
+        &self,
+        query: &[f32],
+        k: usize,
+        excluded: impl Fn(u32) -> bool,
+        score: impl Fn(u32) -> f32,
+        exact: impl FnOnce() -> Vec<Scored>,
+    ) -> (Vec<Scored>, SearchPath) {
         if k == 0 || self.rows == 0 {
             return (Vec::new(), SearchPath::Graph);
         }
-        let exact = |scratch: &mut Vec<f32>| {
-            (
-                topk::top_k_dense(items, query, k, &excluded, scratch),
-                SearchPath::ExactFallback,
-            )
-        };
+        let exact = || (exact(), SearchPath::ExactFallback);
         let qn = kernels::norm2(query).sqrt();
         // A zero query ranks every item equal: the exact scan's order (lowest rows
         // first) is the deterministic answer.
-        if query.len() != self.dim
-            || items.dim() != (self.rows, self.dim)
-            || qn == 0.0
-            || !qn.is_finite()
-        {
-            return exact(scratch);
+        if query.len() != self.dim || qn == 0.0 || !qn.is_finite() {
+            return exact();
         }
-        let Some(flat) = items.as_slice() else {
-            return exact(scratch);
-        };
-        let score = |i: u32| {
-            let i = i as usize;
-            kernels::dot(&flat[i * self.dim..(i + 1) * self.dim], query)
-        };
         let mut q: Vec<f32> = query.iter().map(|v| v / qn).collect();
         q.push(0.0);
         let mut top = TopK::new(k);
@@ -382,7 +414,7 @@ impl MipsIndex {
                     let eligible = |key: u64| (key as usize) < self.rows && !excluded(key as u32);
                     let want = k.max(self.params.ef_search).min(r.rows.len());
                     let Ok(found) = g.search(&q, want) else {
-                        return exact(scratch);
+                        return exact();
                     };
                     let mut keys: Vec<u64> = found
                         .keys
@@ -397,7 +429,7 @@ impl MipsIndex {
                         match g.filtered_search(&q, k, eligible) {
                             Ok(m) if m.keys.len() > keys.len() => keys = m.keys,
                             Ok(_) => {}
-                            Err(_) => return exact(scratch),
+                            Err(_) => return exact(),
                         }
                     }
                     for key in keys {
@@ -409,7 +441,7 @@ impl MipsIndex {
             }
         }
         if seen < k {
-            return exact(scratch);
+            return exact();
         }
         (top.into_sorted(), SearchPath::Graph)
     }

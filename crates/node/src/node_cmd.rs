@@ -90,9 +90,10 @@ async fn jetstream_ctx(cfg: &Config, store: Store) -> anyhow::Result<Ctx> {
     }
     let heads = Arc::new(Heads::new(cfg.journal.partitions));
     let tail = Arc::new(Tail::new(troupe_actors::TAIL_RECORDS));
+    let faults = Arc::new(cfg.faults());
     let log = retry_until("opening the log", deadline, longest, || {
-        let (js, heads, tail) = (js.clone(), heads.clone(), tail.clone());
-        async move { Ok(JetStreamLog::open(js, heads, tail).await?) }
+        let (js, heads, tail, faults) = (js.clone(), heads.clone(), tail.clone(), faults.clone());
+        async move { Ok(JetStreamLog::open_with_faults(js, heads, tail, faults).await?) }
     })
     .await
     .map_err(|e| anyhow::anyhow!("log.jetstream: {e}"))?;

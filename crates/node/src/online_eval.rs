@@ -220,7 +220,8 @@ fn settled(http: &Http, token: Option<&str>, model: Option<u64>) -> Result<Optio
     let model_ok = model.is_none_or(|m| serving >= m);
     // A served model whose HNSW index is still being built answers by exact scans:
     // quality as served is measured once the index answers.
-    let indexing = v["als_index"]["state"] == "building";
+    let indexing =
+        v["als_index"]["state"] == "building" || v["content_index"]["state"] == "building";
     if caught_up && !encoding && model_ok && !indexing && v["ready"] == true {
         return Ok(None);
     }

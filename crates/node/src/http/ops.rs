@@ -31,6 +31,19 @@ pub(super) async fn cluster(
             .map(|&s| json!({"stream": troupe_actors::stream_label(s), "offset": f(s)}))
             .collect::<Vec<_>>()
     };
+    let content_index = {
+        let c = st.ctx.content.read();
+        let ann = c.ann();
+        json!({
+            "state": c.ann_state(st.ctx.settings.ranker.ann_min_items),
+            "rows": c.len(),
+            "sparse": c.sparse(),
+            "items": ann.map(|a| a.rows()),
+            "changed_since_build": c.changed_since_build(),
+            "build_seconds": ann.map(|a| a.build_seconds()),
+            "memory_bytes": ann.map(|a| a.memory_bytes()),
+        })
+    };
     Ok(Json(json!({
         "node": st.ctx.settings.node_name,
         "store_id": st.ctx.store.identity().unwrap_or_default(),
@@ -63,6 +76,7 @@ pub(super) async fn cluster(
                 "memory_bytes": index.as_ref().map(|i| i.memory_bytes()),
             })
         }),
+        "content_index": content_index,
         "allocator": troupe_actors::allocator_stats(),
         "actors": actors,
         "supervisors": sups,
