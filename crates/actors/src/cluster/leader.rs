@@ -325,7 +325,7 @@ impl TrainerLeaseState {
             // Lost, unless the record read now is this holder's own write.
             match bounded(bound, self.ctx.state.get(LEADER_KEY)).await {
                 Ok(Some(v)) => {
-                    let found: Option<LeaseRecord> = serde_json::from_slice(&v.value).ok();
+                    let found: Option<LeaseRecord> = v.json();
                     match found {
                         Some(f) if f.same_holder(&rec) => {
                             rec = f;

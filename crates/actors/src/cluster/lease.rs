@@ -399,7 +399,7 @@ async fn renew_all(ctx: &Arc<Ctx>, cluster: &Arc<Cluster>) -> bool {
             if let Err(StateError::Conflict { .. }) = &r {
                 match bounded(bound, state.get(&key)).await {
                     Ok(Some(v)) => {
-                        let found: Option<LeaseRecord> = serde_json::from_slice(&v.value).ok();
+                        let found: Option<LeaseRecord> = v.json();
                         if let Some(f) = found.filter(|f| f.same_holder(&rec)) {
                             let again = attempt(f, v.revision).await;
                             return (p, h, again.0, again.1, again.2);
@@ -730,7 +730,7 @@ impl ManagerState {
             let v = values.get(&k).cloned().flatten();
             let rev = v.as_ref().map_or(0, |v| v.revision);
             let changed = self.observe(&k, rev, now);
-            let rec: Option<MemberRecord> = v.and_then(|v| serde_json::from_slice(&v.value).ok());
+            let rec: Option<MemberRecord> = v.and_then(|v| v.json());
             if let Some(r) = &rec {
                 self.cluster
                     .model_versions
@@ -782,9 +782,7 @@ impl ManagerState {
             let v = values.get(&k).cloned().flatten();
             let rev = v.as_ref().map_or(0, |v| v.revision);
             let changed = self.observe(&k, rev, now);
-            let rec: Option<LeaseRecord> = v
-                .as_ref()
-                .and_then(|v| serde_json::from_slice(&v.value).ok());
+            let rec: Option<LeaseRecord> = v.as_ref().and_then(|v| v.json());
             if held_here.contains(&p) {
                 // The renewer keeps it (revisions it wrote, adoption of its own writes,
                 // and the loss on a conflict).
@@ -880,7 +878,7 @@ impl ManagerState {
             if known.iter().any(|k| k == name) {
                 continue;
             }
-            let rec = serde_json::from_slice::<MemberRecord>(&v.value).ok();
+            let rec = v.json::<MemberRecord>();
             if let Some(m) = rec.filter(|r| !r.leaving).and_then(|r| r.member(name)) {
                 tracing::info!(member = %name, cluster_addr = %m.cluster_addr, "member discovered from its record");
                 self.cluster.learn(m);
@@ -899,7 +897,7 @@ impl ManagerState {
         let bound = self.cluster.settings.lease_renew;
         let key = member_key(&self.cluster.me);
         let current = match bounded(bound, self.ctx.state.get(&key)).await {
-            Ok(v) => v.and_then(|v| serde_json::from_slice::<MemberRecord>(&v.value).ok()),
+            Ok(v) => v.and_then(|v| v.json::<MemberRecord>()),
             Err(e) => {
                 store_error(&self.ctx, &self.cluster, "read", &e);
                 return;
@@ -938,7 +936,7 @@ impl ManagerState {
                 Ok(v) => {
                     let leaving = v
                         .as_ref()
-                        .and_then(|v| serde_json::from_slice::<MemberRecord>(&v.value).ok())
+                        .and_then(|v| v.json::<MemberRecord>())
                         .is_none_or(|r| r.leaving);
                     let changed = self.observe(&k, v.map_or(0, |v| v.revision), now);
                     others_alive |= !leaving && now.duration_since(changed) < period;
@@ -1091,8 +1089,8 @@ impl ManagerState {
                         .map_err(|e| e.to_string())?;
                     match found {
                         Some(v)
-                            if serde_json::from_slice::<LeaseRecord>(&v.value)
-                                .is_ok_and(|f| f.same_holder(&h.rec)) =>
+                            if v.json::<LeaseRecord>()
+                                .is_some_and(|f| f.same_holder(&h.rec)) =>
                         {
                             rev = v.revision;
                         }
@@ -1161,10 +1159,7 @@ impl ManagerState {
                 Ok(v) => v,
                 Err(_) => return false,
             };
-            let mut rec: MovesRecord = cur
-                .as_ref()
-                .and_then(|v| serde_json::from_slice(&v.value).ok())
-                .unwrap_or_default();
+            let mut rec: MovesRecord = cur.as_ref().and_then(|v| v.json()).unwrap_or_default();
             rec.times_ms.retain(|&t| now - t < window);
             if rec.times_ms.len() >= s.move_budget as usize {
                 tracing::info!(

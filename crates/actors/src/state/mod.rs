@@ -55,6 +55,14 @@ pub struct Versioned {
     pub revision: u64,
 }
 
+impl Versioned {
+    /// The value read as a JSON record (`None` when it is not one: a record of another
+    /// shape or version is treated as absent by its readers).
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Option<T> {
+        serde_json::from_slice(&self.value).ok()
+    }
+}
+
 /// One record seen by [`StateStore::watch_records`]: its latest value, or `None` when
 /// it was deleted.
 #[derive(Debug, Clone, PartialEq)]

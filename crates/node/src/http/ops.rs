@@ -31,6 +31,8 @@ pub(super) async fn cluster(
             .map(|&s| json!({"stream": troupe_actors::stream_label(s), "offset": f(s)}))
             .collect::<Vec<_>>()
     };
+    // One model for both fields, so they never describe two versions.
+    let model = st.ctx.als.load_full();
     let content_index = {
         let c = st.ctx.content.read();
         let ann = c.ann();
@@ -60,8 +62,8 @@ pub(super) async fn cluster(
         "cluster": st.ctx.cluster.as_ref().map(|c| c.describe(&st.ctx)),
         "journal_heads": streams(&|s| st.ctx.head(s)),
         "applied": streams(&|s| st.ctx.applied(s)),
-        "als_model_version": st.ctx.als.load().as_ref().map(|m| m.version),
-        "als_index": st.ctx.als.load().as_ref().map(|m| {
+        "als_model_version": model.as_ref().map(|m| m.version),
+        "als_index": model.as_ref().map(|m| {
             let index = m.ann.load();
             json!({
                 "state": match (index.as_ref(), m.wants_index(st.ctx.settings.ranker.ann_min_items)) {
