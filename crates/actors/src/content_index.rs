@@ -11,7 +11,7 @@
 //! never score, so the catalogue's changes show at once; the graphs are rebuilt once
 //! enough changes gathered. Sparse rows stay on the inverted index: on the generated
 //! catalogue, graphs over their projection to 256 dimensions were slower than it and
-//! found 0.28-0.40 of its top 100 (ADR 021).
+//! found 0.28-0.71 of its top 100 (ADR 021).
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;

@@ -320,7 +320,7 @@ async fn watch_log_fault(ctx: Arc<Ctx>, root: ActorRef<SupervisorMsg>) {
 /// catalogue's embeddings reached `ranker.ann_min_items` rows, and again once enough rows
 /// changed since ([`ContentIndex::ann_due`](crate::content_index::ContentIndex::ann_due)),
 /// once no embedding changed for a second (or it was due for half a minute), on a
-/// blocking thread, off the request path.
+/// thread of its own, off the request path.
 async fn build_content_graphs(ctx: std::sync::Weak<Ctx>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -352,12 +352,20 @@ async fn build_content_graphs(ctx: std::sync::Weak<Ctx>) {
             continue;
         }
         due_since = None;
-        let built = tokio::task::spawn_blocking(move || {
-            let r = crate::content_index::build_ann(&c.content, &c.settings.ranker.ann);
-            (c, r)
-        })
-        .await;
-        match built {
+        // A thread of its own (as for the ALS index): a build of minutes never holds up
+        // the runtime's shutdown.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("content-ann-build".into())
+            .spawn(move || {
+                let r = crate::content_index::build_ann(&c.content, &c.settings.ranker.ann);
+                crate::Discard::discard(tx.send((c, r)));
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "could not start the content hnsw build; exact scoring answers");
+            continue;
+        }
+        match rx.await {
             Ok((c, Ok(Some(ann)))) => {
                 tracing::info!(
                     rows = ann.rows(),
@@ -372,7 +380,7 @@ async fn build_content_graphs(ctx: std::sync::Weak<Ctx>) {
             Ok((_, Err(e))) => {
                 tracing::error!(error = %e, "content hnsw build failed; exact scoring answers")
             }
-            Err(e) => tracing::error!(error = %e, "content hnsw build panicked"),
+            Err(_) => tracing::error!("the content hnsw build ended without an answer (panicked)"),
         }
     }
 }
