@@ -1655,6 +1655,28 @@ fn state_unavailable(what: &str, e: impl std::fmt::Display) -> StateError {
     StateError::Unavailable(format!("{what}: {e}"))
 }
 
+/// Runs `op` on `key` again while it is answered "no responders" (a request that reached
+/// no replica, so it changed nothing), for up to [`NO_RESPONDERS_RETRY`] with a growing
+/// pause; any other answer is returned as it is.
+async fn retry_no_responders<T, E, F>(key: &str, mut op: impl FnMut() -> F) -> Result<T, E>
+where
+    E: std::error::Error,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let mut pause = Duration::from_millis(50);
+    let started = std::time::Instant::now();
+    loop {
+        match op().await {
+            Err(e) if started.elapsed() < NO_RESPONDERS_RETRY && no_responders(&e) => {
+                tracing::debug!(key, error = %e, "state store found no responders; again");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
+}
+
 #[async_trait]
 impl StateStore for JetStreamState {
     fn backend(&self) -> &'static str {
@@ -1768,24 +1790,13 @@ impl StateStore for JetStreamState {
     /// routes of the other servers' direct-get subscriptions to a bucket just created) is
     /// tried again for up to 5 s: a read changes nothing.
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StateError> {
-        let mut pause = Duration::from_millis(50);
-        let started = std::time::Instant::now();
-        loop {
-            match self.js.kv.entry(key).await {
-                Ok(Some(e)) if e.operation == kv::Operation::Put => {
-                    return Ok(Some(Versioned {
-                        value: e.value.to_vec(),
-                        revision: e.revision,
-                    }))
-                }
-                Ok(_) => return Ok(None),
-                Err(e) if started.elapsed() < NO_RESPONDERS_RETRY && no_responders(&e) => {
-                    tracing::debug!(key, error = %e, "state read found no responders; again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                }
-                Err(e) => return Err(state_unavailable(key, e)),
-            }
+        match retry_no_responders(key, || self.js.kv.entry(key)).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(Some(Versioned {
+                value: e.value.to_vec(),
+                revision: e.revision,
+            })),
+            Ok(_) => Ok(None),
+            Err(e) => Err(state_unavailable(key, e)),
         }
     }
 
@@ -1813,51 +1824,34 @@ impl StateStore for JetStreamState {
             }
         };
         let value = Bytes::from(value);
-        let mut pause = Duration::from_millis(50);
-        let started = std::time::Instant::now();
-        loop {
-            let failed = match expected {
-                None => match self.js.kv.create(key, value.clone()).await {
-                    Ok(rev) => return Ok(rev),
+        match expected {
+            None => {
+                match retry_no_responders(key, || self.js.kv.create(key, value.clone())).await {
+                    Ok(rev) => Ok(rev),
                     Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                        return Err(conflict(self).await)
+                        Err(conflict(self).await)
                     }
-                    Err(e) => (no_responders(&e), state_unavailable(key, e)),
-                },
-                Some(rev) => match self.js.kv.update(key, value.clone(), rev).await {
-                    Ok(rev) => return Ok(rev),
-                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                        return Err(conflict(self).await)
-                    }
-                    Err(e) => (no_responders(&e), state_unavailable(key, e)),
-                },
-            };
-            match failed {
-                (true, e) if started.elapsed() < NO_RESPONDERS_RETRY => {
-                    tracing::debug!(key, error = %e, "state write found no responders; again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
+                    Err(e) => Err(state_unavailable(key, e)),
                 }
-                (_, e) => return Err(e),
+            }
+            Some(rev) => {
+                match retry_no_responders(key, || self.js.kv.update(key, value.clone(), rev)).await
+                {
+                    Ok(rev) => Ok(rev),
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        Err(conflict(self).await)
+                    }
+                    Err(e) => Err(state_unavailable(key, e)),
+                }
             }
         }
     }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StateError> {
         let value = Bytes::from(value);
-        let mut pause = Duration::from_millis(50);
-        let started = std::time::Instant::now();
-        loop {
-            match self.js.kv.put(key, value.clone()).await {
-                Ok(rev) => return Ok(rev),
-                Err(e) if started.elapsed() < NO_RESPONDERS_RETRY && no_responders(&e) => {
-                    tracing::debug!(key, error = %e, "state write found no responders; again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(500));
-                }
-                Err(e) => return Err(state_unavailable(key, e)),
-            }
-        }
+        retry_no_responders(key, || self.js.kv.put(key, value.clone()))
+            .await
+            .map_err(|e| state_unavailable(key, e))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StateError> {
