@@ -219,11 +219,10 @@ fn ensemble_beats_every_branch(served: &Value) {
     );
 }
 
-#[test]
-fn served_quality_matches_eval_on_generated_data() {
-    let _t = timed();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("gen");
+/// A generated data set of 300 users, `items` items and 24,000 events under `dir/gen`,
+/// split per user: (data folder, train, test).
+fn generated_split(dir: &Path, items: &str, seed: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let data = dir.join("gen");
     let out = troupe(&[
         "gen",
         "--out",
@@ -231,18 +230,26 @@ fn served_quality_matches_eval_on_generated_data() {
         "--users",
         "300",
         "--items",
-        "400",
+        items,
         "--events",
         "24000",
         "--seed",
-        "11",
+        seed,
     ]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (train, test) = split(&data.join("events.csv"), dir.path());
+    let (train, test) = split(&data.join("events.csv"), dir);
+    (data, train, test)
+}
+
+#[test]
+fn served_quality_matches_eval_on_generated_data() {
+    let _t = timed();
+    let dir = tempfile::tempdir().unwrap();
+    let (data, train, test) = generated_split(dir.path(), "400", "11");
     served_matches_evaluated(dir.path(), &train, &test, &data.join("items.csv"));
 }
 
@@ -320,26 +327,7 @@ fn served_quality_through_the_hnsw_index_equals_exact_on_movielens() {
 fn served_content_quality_through_graphs_equals_exact_with_a_dense_encoder() {
     let _t = timed();
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("gen");
-    let out = troupe(&[
-        "gen",
-        "--out",
-        data.to_str().unwrap(),
-        "--users",
-        "300",
-        "--items",
-        "600",
-        "--events",
-        "24000",
-        "--seed",
-        "5",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let (train, test) = split(&data.join("events.csv"), dir.path());
+    let (data, train, test) = generated_split(dir.path(), "600", "5");
     let items = data.join("items.csv");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/models/tests/data/tiny-bert");
     let config = |min: usize| {
