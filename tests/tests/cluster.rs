@@ -3,7 +3,7 @@
 //! SIGSTOP of a node, a wrong cookie; checks by event id that nothing acknowledged is
 //! lost or applied twice. The tests run one at a time; every wait polls with a deadline.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1973,13 +1973,99 @@ fn agreed_leader(c: &Cluster, names: &[&str]) -> Option<String> {
 /// Events over 60 users and 200 items (each user touches a band of related items), so
 /// that ALS has something to learn; every user lives in some partition of every node.
 fn write_rated(path: &std::path::Path, rows: usize) {
+    write_rated_rows(path, 0..rows);
+}
+
+/// Rows `rows` of [`write_rated`]'s sequence.
+fn write_rated_rows(path: &std::path::Path, rows: std::ops::Range<usize>) {
     use std::io::Write;
     let mut f = std::fs::File::create(path).unwrap();
     writeln!(f, "user,item,kind,timestamp").unwrap();
+    for r in rows {
+        writeln!(
+            f,
+            "u{},{},view,{}",
+            r % 60,
+            rated_item(r),
+            1_600_000_000 + r
+        )
+        .unwrap();
+    }
+}
+
+/// The item of row `r` of [`write_rated`]'s sequence.
+fn rated_item(r: usize) -> String {
+    let u = r % 60;
+    format!("i{}", (u * 3 + (r * 7919) % 23) % 200)
+}
+
+/// Events per item in rows `0..rows` of [`write_rated`]'s sequence.
+fn rated_counts(rows: usize) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
     for r in 0..rows {
-        let u = r % 60;
-        let item = (u * 3 + (r * 7919) % 23) % 200;
-        writeln!(f, "u{u},i{item},view,{}", 1_600_000_000 + r).unwrap();
+        *counts.entry(rated_item(r)).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// `n`'s item statistics actor as `/v1/cluster` shows it.
+fn item_stats_state(n: &Node) -> Value {
+    try_cluster_full(n)
+        .and_then(|v| {
+            v["actors"]
+                .as_array()?
+                .iter()
+                .find(|a| a["name"] == "item_stats")
+                .map(|a| a["state"].clone())
+        })
+        .unwrap_or(Value::Null)
+}
+
+/// The leader counts item statistics from the log; every other node in `names` follows
+/// the chain it publishes.
+fn item_stats_roles_ok(c: &Cluster, names: &[&str], leader: &str) -> bool {
+    names.iter().all(|n| {
+        let s = item_stats_state(c.node(n));
+        if *n == leader {
+            s["role"] == "counting"
+        } else {
+            s["role"] == "following" && s["following"] == leader && !s["followed"].is_null()
+        }
+    })
+}
+
+/// `n`'s event count of each item in `want` equals it (`sample`: the first that many).
+fn item_counts_are(n: &Node, want: &BTreeMap<String, u64>, sample: usize) -> bool {
+    want.iter().take(sample).all(|(item, &count)| {
+        n.get(&format!("/v1/items/{item}/stats")).body["event_count"] == count
+    })
+}
+
+/// Item statistics: the trainer leader counts them from the log, every other member
+/// follows its published checkpoints (reading nothing of the log for them), and every
+/// member counts each item's events alike.
+fn assert_item_stats_followed(c: &Cluster, names: &[&str], leader: &str, rows: usize) {
+    let want = rated_counts(rows);
+    c.wait(
+        30,
+        "the leader counts item statistics, the others follow",
+        || item_stats_roles_ok(c, names, leader),
+    );
+    c.wait(30, "every node's item statistics count the events", || {
+        names.iter().all(|n| item_counts_are(c.node(n), &want, 10))
+    });
+    for n in names {
+        assert!(
+            item_counts_are(c.node(n), &want, want.len()),
+            "{n}'s item statistics differ from the events loaded"
+        );
+    }
+    for n in names.iter().filter(|n| **n != leader) {
+        let s = item_stats_state(c.node(n));
+        assert!(
+            s["follow_loads"].as_u64().unwrap_or(0) >= 1,
+            "{n} follows {leader}'s chain: {s}"
+        );
     }
 }
 
@@ -2048,6 +2134,7 @@ fn cluster_serves_one_model_trained_on_every_partition() {
         "texts encoded {computed} times for 300 (each should be encoded once)"
     );
     let leader = load_rated_and_elect(&c);
+    assert_item_stats_followed(&c, &NAMES, &leader, 3000);
     let other = *NAMES.iter().find(|n| **n != leader).unwrap();
     let r = c.node(other).post("/v1/admin/retrain", "");
     assert_eq!(r.status, 200, "{}", r.body);
@@ -2098,6 +2185,20 @@ fn cluster_serves_one_model_trained_on_every_partition() {
     c.wait(30, "the survivors serve version 2", || {
         rest.iter().all(|n| model_version(c.node(n)) == v2)
     });
+    // The new leader counts item statistics on from the positions it followed, each
+    // event once: 600 more events through the other survivor.
+    let more = c.root.path().join("rated-more.csv");
+    write_rated_rows(&more, 3000..3600);
+    let status = start_loader(
+        c.node(asked),
+        &more,
+        &c.root.path().join("acked-more.txt"),
+        200,
+    )
+    .wait()
+    .unwrap();
+    assert!(status.success());
+    assert_item_stats_followed(&c, &rest, &new_leader, 3600);
     println!(
         "leader failover to the next version served everywhere: {:.2} s after the kill",
         killed.elapsed().as_secs_f64()
@@ -2107,6 +2208,7 @@ fn cluster_serves_one_model_trained_on_every_partition() {
     c.wait(60, "the restarted node serves version 2", || {
         model_version(c.node(&leader)) == v2
     });
+    assert_item_stats_followed(&c, &NAMES, &new_leader, 3600);
 
     // Rollback through a node that does not lead: every node goes back to version 1.
     let r = c.node(asked).post("/v1/admin/rollback", "");

@@ -471,6 +471,9 @@ pub struct ConsumerRuntime {
     /// The chain `load_checkpoint` restored from this scope's own pointer (a consumer
     /// may append deltas to it instead of starting with a full checkpoint).
     pub restored_chain: Option<DeltaChain>,
+    /// A checkpoint interval of this consumer's own instead of `checkpoint_interval`
+    /// (item statistics publish theirs this often for the members following them).
+    pub checkpoint_interval: Option<std::time::Duration>,
 }
 
 /// An incremental checkpoint chain as its writer accounts it: the bytes of the full
@@ -592,6 +595,7 @@ impl ConsumerRuntime {
             claim,
             legacy: None,
             restored_chain: None,
+            checkpoint_interval: None,
             retry_at: None,
             name: name.to_string(),
             kind,
@@ -759,6 +763,17 @@ impl ConsumerRuntime {
             0
         };
         consumer.stepped(self);
+        self.checkpoint_if_due(ctx, consumer).await?;
+        Ok(n)
+    }
+
+    /// Checkpoints when the cadence asks for one; a state store out of reach postpones
+    /// it (the consumer goes on).
+    pub async fn checkpoint_if_due<C: Consumer>(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        consumer: &mut C,
+    ) -> Result<(), ActorProcessingErr> {
         if self.checkpoint_due(ctx) {
             match self.checkpoint(ctx, consumer).await {
                 Err(e) if e.downcast_ref::<Unavailable>().is_some() => {
@@ -777,7 +792,7 @@ impl ConsumerRuntime {
                 r => r?,
             }
         }
-        Ok(n)
+        Ok(())
     }
 
     /// Writes a checkpoint of `consumer` now.
@@ -921,7 +936,8 @@ impl ConsumerRuntime {
         self.since_checkpoint > 0
             && self.retry_at.is_none_or(|t| Instant::now() >= t)
             && (self.since_checkpoint >= s.checkpoint_every_records.saturating_mul(partitions)
-                || self.last_checkpoint.elapsed() >= s.checkpoint_interval)
+                || self.last_checkpoint.elapsed()
+                    >= self.checkpoint_interval.unwrap_or(s.checkpoint_interval))
     }
 
     /// Writes a checkpoint of the consumer's state (`bytes`) at its current positions

@@ -1,6 +1,16 @@
 //! ItemStats: decayed item popularity, global and per category, on the events' clock,
-//! and each item's undecayed event count. One per node, fed by every partition (counts)
-//! and the catalog stream (categories); checkpoints `{state, cursor per stream}`.
+//! and each item's undecayed event count, fed by every partition (counts) and the catalog
+//! stream (categories); checkpoints `{state, cursor per stream}`.
+//!
+//! One per node, in one of two roles (ADR 022):
+//! - **counting**: applies the log itself. One node always counts; in a cluster the
+//!   trainer leader counts (and every member while nobody leads), and publishes its
+//!   counts by checkpointing every [`PUBLISH_EVERY`] (a delta of what changed);
+//! - **following** (a cluster member that does not lead): reads nothing of the log, but
+//!   follows the leader's checkpoint chain in the state store (the new deltas once a
+//!   second, the whole chain when it was replaced), taking its state and positions. It
+//!   writes checkpoints of its own at the usual cadence (retention and its own restart
+//!   read them), and if it becomes the leader it counts on from the positions it holds.
 
 use crate::Discard;
 use std::borrow::Cow;
@@ -28,6 +38,10 @@ const COMPACT_RATIO: usize = 4;
 const MAX_DELTAS: u64 = 256;
 /// Where an older build kept the checkpoint in the embedded store's own table.
 const LEGACY_NAME: &str = "item_stats";
+/// In a cluster, the counting member checkpoints (publishes) this often while its
+/// counts change, and a following member looks for new checkpoints this often: the
+/// followers' statistics are about two of these behind the leader's.
+pub const PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Request for the most popular items.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -163,6 +177,46 @@ pub struct ItemStatsState {
     /// A head-moved wake-up is queued (see `consumer::follow_heads`).
     wake: Arc<std::sync::atomic::AtomicBool>,
     data: Stats,
+    /// Following: where this node's copy stands in the chain it follows.
+    followed: Option<Followed>,
+    /// Following: a member's chain is being followed (`Some` even before the first
+    /// load), and when the chain was last looked at.
+    following: Option<String>,
+    last_follow: Option<std::time::Instant>,
+    /// Chains (full) and deltas taken from the leader.
+    follow_loads: u64,
+    follow_deltas: u64,
+    follow_error: Option<String>,
+}
+
+/// The position of a following node's copy in the chain it follows.
+#[derive(Debug, Clone)]
+struct Followed {
+    scope: String,
+    revision: u64,
+    /// The full checkpoint the chain starts with, and how many of its deltas are applied.
+    base: String,
+    deltas: usize,
+}
+
+/// The member whose published statistics this node follows; `None`: it counts them from
+/// the log itself (one node, the trainer leader, or while nobody leads).
+fn source(ctx: &Ctx) -> Option<String> {
+    let c = ctx.cluster.as_ref()?;
+    if c.trainer_epoch().is_some() {
+        return None;
+    }
+    c.trainer_leader().filter(|h| *h != ctx.settings.node_name)
+}
+
+/// True when `theirs` covers less than `ours` of some stream (taking it would go back).
+fn behind(theirs: &[(u32, u64)], ours: &[(u32, u64)]) -> bool {
+    ours.iter().any(|&(s, o)| {
+        o > theirs
+            .iter()
+            .find(|&&(ts, _)| ts == s)
+            .map_or(0, |&(_, to)| to)
+    })
 }
 
 impl Apply for Stats {
@@ -283,10 +337,16 @@ impl Consumer for Stats {
 impl Stats {
     /// Applies the deltas written after the full checkpoint just restored, in order;
     /// the cursors of the last one (`None`: no deltas).
-    fn replay_deltas(&mut self, deltas: Vec<Vec<u8>>) -> Result<Option<Cursors>, String> {
+    /// `first_seq` is the sequence number of the first of `deltas` (1 right after the
+    /// full checkpoint). What they change is marked for this node's own next delta.
+    fn replay_deltas(
+        &mut self,
+        deltas: Vec<Vec<u8>>,
+        first_seq: u64,
+    ) -> Result<Option<Cursors>, String> {
         let mut cursors = None;
         for (k, bytes) in deltas.into_iter().enumerate() {
-            let seq = k as u64 + 1;
+            let seq = k as u64 + first_seq;
             let d: DeltaCheckpoint = crate::consumer::decode_delta(
                 &bytes,
                 seq,
@@ -307,10 +367,12 @@ impl Stats {
                     self.popularity.anchor()
                 ));
             }
-            for n in &d.names {
-                self.ids.intern(n);
+            for n in d.names {
+                self.ids.intern(&n);
+                self.new_items.push(n);
             }
             for (i, relative, events) in d.items {
+                self.dirty.insert(i);
                 self.popularity.set_relative(i, relative);
                 let slot = i as usize;
                 if self.events.len() <= slot {
@@ -319,6 +381,7 @@ impl Stats {
                 self.events[slot] = events;
             }
             for (i, c) in d.categories {
+                self.dirty_categories.insert(i);
                 self.popularity.set_categories(i, &c);
             }
             self.latest_ts_ms = d.latest_ts_ms;
@@ -328,7 +391,198 @@ impl Stats {
     }
 }
 
+impl Stats {
+    fn empty(ctx: Arc<Ctx>) -> Stats {
+        let hl = ctx.settings.popularity_half_life.as_secs_f64();
+        Stats {
+            ctx,
+            ids: IdMap::default(),
+            popularity: Popularity::new(0, hl),
+            events: Vec::new(),
+            latest_ts_ms: 0,
+            dirty: Default::default(),
+            dirty_categories: Default::default(),
+            names_at_checkpoint: 0,
+            anchor_at_checkpoint: 0,
+            chain: DeltaChain::default(),
+            new_items: Vec::new(),
+        }
+    }
+
+    /// Takes a full checkpoint's state (every item named in it becomes a placeholder for
+    /// the catalog until the catalog has it); its cursors.
+    fn load_full(&mut self, cp: Checkpoint<'_>) -> Result<Cursors, String> {
+        self.ids = cp.ids.into_ids()?;
+        self.popularity = cp.popularity.into_owned();
+        self.events = cp.events.into_owned();
+        self.latest_ts_ms = cp.latest_ts_ms;
+        self.new_items = self.ids.names().to_vec();
+        self.dirty.clear();
+        self.dirty_categories.clear();
+        self.names_at_checkpoint = self.ids.len();
+        self.anchor_at_checkpoint = self.popularity.anchor();
+        Ok(cp.cursors.into_owned())
+    }
+}
+
 impl ItemStatsState {
+    /// Following `leader`: takes the deltas its chain gained since the last look, or the
+    /// whole chain when it was replaced (never one that covers less of some stream than
+    /// this copy does). Errors leave the copy as it was; the next look tries again.
+    async fn follow(&mut self, leader: &str) -> Result<(), String> {
+        let scope = crate::consumer::singleton_scope(names::ITEM_STATS, leader);
+        let Some((pointer, revision)) = self
+            .ctx
+            .state
+            .pointer(&scope)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        let Some(base) = pointer.base.clone() else {
+            return Ok(());
+        };
+        if let Some(f) = &self.followed {
+            if f.scope == scope && f.revision == revision {
+                return Ok(());
+            }
+        }
+        // The same chain, grown: its new deltas only.
+        if let Some(f) = self
+            .followed
+            .clone()
+            .filter(|f| f.scope == scope && f.base == base && f.deltas <= pointer.deltas.len())
+        {
+            let mut blobs = Vec::new();
+            for name in &pointer.deltas[f.deltas..] {
+                match self
+                    .ctx
+                    .state
+                    .get_blob(name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
+                    Some(b) => blobs.push(b),
+                    // Compacted meanwhile: the whole chain below.
+                    None => break,
+                }
+            }
+            if blobs.len() == pointer.deltas.len() - f.deltas {
+                let n = blobs.len();
+                match self.data.replay_deltas(blobs, f.deltas as u64 + 1) {
+                    Ok(cursors) => {
+                        if let Some(c) = cursors {
+                            self.rt.restore(c)?;
+                        }
+                        self.rt.since_checkpoint += n as u64;
+                        self.follow_deltas += n as u64;
+                        self.followed = Some(Followed {
+                            revision,
+                            deltas: pointer.deltas.len(),
+                            ..f
+                        });
+                        self.data.stepped(&self.rt);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        // Partly applied: only a whole chain repairs the copy.
+                        self.followed = None;
+                        return Err(format!("delta of {scope}: {e}"));
+                    }
+                }
+            }
+        }
+        if behind(&pointer.positions, &self.rt.positions()) {
+            return Ok(());
+        }
+        let Some(loaded) = self
+            .ctx
+            .state
+            .load(&scope)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        let (Some(bytes), Some(base)) = (loaded.base, loaded.pointer.base.clone()) else {
+            return Ok(());
+        };
+        let found = crate::consumer::checkpoint_format(&bytes)?;
+        if found != ITEM_STATS_CHECKPOINT_FORMAT {
+            return Err(format!(
+                "{scope} has checkpoint format {found}, this build reads {ITEM_STATS_CHECKPOINT_FORMAT}"
+            ));
+        }
+        let ctx = self.ctx.clone();
+        let deltas = loaded.deltas;
+        let n = deltas.len();
+        let (fresh, cursors) =
+            tokio::task::spawn_blocking(move || -> Result<(Stats, Cursors), String> {
+                let cp: Checkpoint = crate::consumer::decode_checkpoint(&bytes)?;
+                crate::consumer::check_partitions(&cp.cursors, ctx.settings.partitions)?;
+                let mut s = Stats::empty(ctx);
+                let mut cursors = s.load_full(cp)?;
+                if let Some(c) = s.replay_deltas(deltas, 1)? {
+                    cursors = c;
+                }
+                Ok((s, cursors))
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{scope}: {e}"))?;
+        self.rt.restore(cursors)?;
+        self.data = fresh;
+        self.rt.since_checkpoint += 1;
+        self.follow_loads += 1;
+        self.followed = Some(Followed {
+            scope,
+            revision: loaded.revision,
+            base,
+            deltas: n,
+        });
+        self.data.stepped(&self.rt);
+        Ok(())
+    }
+
+    /// One tick or head move: count from the log, or follow the leader's chain.
+    async fn step(&mut self, tick: bool) -> Result<(), ActorProcessingErr> {
+        match source(&self.ctx) {
+            None => {
+                if self.following.take().is_some() {
+                    tracing::info!("item statistics: counting from the log");
+                    self.followed = None;
+                }
+                self.rt.checkpoint_interval = self.ctx.cluster.is_some().then_some(PUBLISH_EVERY);
+                self.rt.step(&self.ctx, &mut self.data).await?;
+            }
+            Some(leader) => {
+                if self.following.as_deref() != Some(leader.as_str()) {
+                    tracing::info!(leader = %leader, "item statistics: following the leader's");
+                    self.following = Some(leader.clone());
+                }
+                self.rt.checkpoint_interval = None;
+                let due = self
+                    .last_follow
+                    .is_none_or(|t| t.elapsed() >= PUBLISH_EVERY);
+                if tick && due {
+                    self.last_follow = Some(std::time::Instant::now());
+                    self.follow_error = match self.follow(&leader).await {
+                        Ok(()) => None,
+                        Err(e) => {
+                            if self.follow_error.as_ref() != Some(&e) {
+                                tracing::warn!(leader = %leader, error = %e, "item statistics not followed; trying again");
+                            }
+                            Some(e)
+                        }
+                    };
+                }
+                self.rt.checkpoint_if_due(&self.ctx, &mut self.data).await?;
+            }
+        }
+        Ok(())
+    }
+
     fn top(&self, req: &TopRequest) -> TopReply {
         let items = self
             .data
@@ -352,26 +606,19 @@ impl Actor for ItemStats {
         ctx: Arc<Ctx>,
     ) -> Result<ItemStatsState, ActorProcessingErr> {
         ctx.health.begin_recovery(names::ITEM_STATS);
-        let hl = ctx.settings.popularity_half_life.as_secs_f64();
         let rt =
             ConsumerRuntime::load(&ctx, names::ITEM_STATS, "item_stats", ctx.streams()).await?;
         Ok(ItemStatsState {
-            data: Stats {
-                ctx: ctx.clone(),
-                ids: IdMap::default(),
-                popularity: Popularity::new(0, hl),
-                events: Vec::new(),
-                latest_ts_ms: 0,
-                dirty: Default::default(),
-                dirty_categories: Default::default(),
-                names_at_checkpoint: 0,
-                anchor_at_checkpoint: 0,
-                chain: DeltaChain::default(),
-                new_items: Vec::new(),
-            },
+            data: Stats::empty(ctx.clone()),
             ctx,
             rt,
             wake: Default::default(),
+            followed: None,
+            following: None,
+            last_follow: None,
+            follow_loads: 0,
+            follow_deltas: 0,
+            follow_error: None,
         })
     }
 
@@ -393,20 +640,17 @@ impl Actor for ItemStats {
             .await?;
         let mut deltas_on_start = 0;
         if let Some((cp, deltas)) = cp {
+            let cursors = st
+                .data
+                .load_full(cp)
+                .map_err(|e| format!("checkpoint of {}: {e}", names::ITEM_STATS))?;
             st.rt
-                .restore(cp.cursors.into_owned())
+                .restore(cursors)
                 .map_err(|e| format!("checkpoint of {}: {e}", names::ITEM_STATS))?;
-            st.data.ids = cp
-                .ids
-                .into_ids()
-                .map_err(|e| format!("checkpoint of {}: {e}", names::ITEM_STATS))?;
-            st.data.popularity = cp.popularity.into_owned();
-            st.data.events = cp.events.into_owned();
-            st.data.latest_ts_ms = cp.latest_ts_ms;
             deltas_on_start = deltas.len();
             if let Some(cursors) = st
                 .data
-                .replay_deltas(deltas)
+                .replay_deltas(deltas, 1)
                 .map_err(|e| format!("checkpoint of {}: {e}", names::ITEM_STATS))?
             {
                 st.rt
@@ -448,10 +692,11 @@ impl Actor for ItemStats {
         st: &mut ItemStatsState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ItemStatsMsg::HeadMoved | ItemStatsMsg::Tick => {
+            ItemStatsMsg::HeadMoved => {
                 st.wake.store(false, std::sync::atomic::Ordering::Release);
-                st.rt.step(&st.ctx, &mut st.data).await?;
+                st.step(false).await?;
             }
+            ItemStatsMsg::Tick => st.step(true).await?,
             ItemStatsMsg::Top(req, port) => {
                 port.send(st.top(&req)).discard();
             }
@@ -473,6 +718,17 @@ impl Actor for ItemStats {
                 let mut doc = st.rt.observe();
                 doc["items"] = st.data.ids.len().into();
                 doc["latest_event_ms"] = st.data.latest_ts_ms.into();
+                doc["role"] = match &st.following {
+                    None => "counting".into(),
+                    Some(_) => "following".into(),
+                };
+                doc["following"] = st.following.clone().into();
+                doc["followed"] = st.followed.as_ref().map_or(serde_json::Value::Null, |f| {
+                    serde_json::json!({"scope": f.scope, "revision": f.revision, "deltas": f.deltas})
+                });
+                doc["follow_loads"] = st.follow_loads.into();
+                doc["follow_deltas"] = st.follow_deltas.into();
+                doc["follow_error"] = st.follow_error.clone().into();
                 port.send(Observation::new(names::ITEM_STATS, doc))
                     .discard();
             }
@@ -546,19 +802,9 @@ mod tests {
     }
 
     fn stats(ctx: &Arc<Ctx>) -> Stats {
-        Stats {
-            ctx: ctx.clone(),
-            ids: IdMap::default(),
-            popularity: Popularity::new(0, 3600.0),
-            events: Vec::new(),
-            latest_ts_ms: 0,
-            new_items: Vec::new(),
-            dirty: Default::default(),
-            dirty_categories: Default::default(),
-            names_at_checkpoint: 0,
-            anchor_at_checkpoint: 0,
-            chain: DeltaChain::default(),
-        }
+        let mut s = Stats::empty(ctx.clone());
+        s.popularity = Popularity::new(0, 3600.0);
+        s
     }
 
     fn event(item: &str, offset: u64) -> Record {
@@ -682,6 +928,117 @@ mod tests {
         j.stop(None);
     }
 
+    fn same_stats(a: &Stats, b: &Stats) {
+        assert_eq!(a.ids.names(), b.ids.names());
+        assert_eq!(a.events, b.events);
+        for i in 0..a.ids.len() as u32 {
+            assert_eq!(a.popularity.relative(i), b.popularity.relative(i));
+            assert_eq!(a.popularity.categories_of(i), b.popularity.categories_of(i));
+        }
+        assert_eq!(a.latest_ts_ms, b.latest_ts_ms);
+    }
+
+    /// A following node takes the leader's published chain: the whole chain first, then
+    /// only the deltas it gained, then the whole chain again once the leader wrote a new
+    /// full checkpoint; each time its counts, categories and positions are the leader's.
+    /// A chain that covers less of some stream than the follower holds is not taken.
+    #[tokio::test]
+    async fn a_follower_takes_the_leaders_published_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = crate::store::Store::open(&dir.path().join("s.redb")).unwrap();
+        let mut settings = crate::settings::Settings::defaults("t");
+        settings.partitions = 1;
+        let ctx = Arc::new(Ctx::new(settings, store, crate::faults::Faults::default()));
+        // The leader's scope as a member named "lead" writes it in a cluster.
+        let lead_scope = crate::consumer::singleton_scope(names::ITEM_STATS, "lead");
+        let streams = [0, crate::record::CATALOG_STREAM];
+        let mut lead_rt = ConsumerRuntime::load(&ctx, &lead_scope, "item_stats", streams)
+            .await
+            .unwrap();
+        let mut lead = stats(&ctx);
+        let publish = |lead: &mut Stats, rt: &mut ConsumerRuntime, from: u64, to: u64| {
+            for o in from..to {
+                lead.apply(&event(&format!("i{}", o % 40), o)).unwrap();
+            }
+            lead.apply(&upsert(&format!("i{}", to % 40), &format!("c{to}")))
+                .unwrap();
+            rt.cursors.get_mut(&0).unwrap().applied = to;
+        };
+        let follower_rt = ConsumerRuntime::load(&ctx, names::ITEM_STATS, "item_stats", streams)
+            .await
+            .unwrap();
+        let mut f = ItemStatsState {
+            data: stats(&ctx),
+            ctx: ctx.clone(),
+            rt: follower_rt,
+            wake: Default::default(),
+            followed: None,
+            following: None,
+            last_follow: None,
+            follow_loads: 0,
+            follow_deltas: 0,
+            follow_error: None,
+        };
+        // Nothing published yet: nothing taken.
+        f.follow("lead").await.unwrap();
+        assert!(f.followed.is_none());
+        let mut offset = 300u64;
+        publish(&mut lead, &mut lead_rt, 1, offset);
+        lead_rt.checkpoint(&ctx, &mut lead).await.unwrap();
+        f.follow("lead").await.unwrap();
+        same_stats(&f.data, &lead);
+        assert_eq!(f.rt.positions(), lead_rt.positions());
+        assert_eq!((f.follow_loads, f.follow_deltas), (1, 0));
+        // Two deltas: taken as deltas.
+        for round in 0..2u64 {
+            let from = offset + 1;
+            offset += 25;
+            publish(&mut lead, &mut lead_rt, from, offset + 1);
+            let r = lead_rt.checkpoint(&ctx, &mut lead).await;
+            assert!(r.is_ok(), "round {round}: {r:?}");
+        }
+        f.follow("lead").await.unwrap();
+        same_stats(&f.data, &lead);
+        assert_eq!(f.rt.positions(), lead_rt.positions());
+        assert_eq!((f.follow_loads, f.follow_deltas), (1, 2));
+        // Unchanged: nothing read again.
+        f.follow("lead").await.unwrap();
+        assert_eq!((f.follow_loads, f.follow_deltas), (1, 2));
+        // A new full checkpoint replaces the chain: taken whole.
+        publish(&mut lead, &mut lead_rt, offset + 1, offset + 30);
+        offset += 29;
+        lead.chain = DeltaChain::default();
+        lead_rt.checkpoint(&ctx, &mut lead).await.unwrap();
+        f.follow("lead").await.unwrap();
+        same_stats(&f.data, &lead);
+        assert_eq!((f.follow_loads, f.follow_deltas), (2, 2));
+        // The follower's own checkpoint (full, then a delta) restores what it followed.
+        f.rt.checkpoint(&f.ctx, &mut f.data).await.unwrap();
+        publish(&mut lead, &mut lead_rt, offset + 1, offset + 10);
+        offset += 9;
+        lead_rt.checkpoint(&ctx, &mut lead).await.unwrap();
+        f.follow("lead").await.unwrap();
+        assert_eq!((f.follow_loads, f.follow_deltas), (2, 3));
+        let (form, bytes) = f.data.snapshot(&f.rt).unwrap();
+        assert_eq!(
+            form,
+            Form::Delta,
+            "the follower's own chain goes on by deltas"
+        );
+        f.data.checkpointed(form, bytes.len(), true);
+        // A chain behind this copy's positions waits.
+        f.rt.cursors.get_mut(&0).unwrap().applied = offset + 1_000;
+        publish(&mut lead, &mut lead_rt, offset + 1, offset + 5);
+        lead.chain = DeltaChain::default();
+        lead_rt.checkpoint(&ctx, &mut lead).await.unwrap();
+        f.follow("lead").await.unwrap();
+        assert_eq!(
+            (f.follow_loads, f.follow_deltas),
+            (2, 3),
+            "a chain behind is not taken"
+        );
+    }
+
     /// A full checkpoint and the deltas after it restore exactly the state that wrote
     /// them; a delta holds only what changed, and a missing one is refused.
     #[tokio::test]
@@ -724,7 +1081,7 @@ mod tests {
         back.ids = cp.ids.into_ids().unwrap();
         back.popularity = cp.popularity.into_owned();
         back.events = cp.events.into_owned();
-        back.replay_deltas(written.clone()).unwrap();
+        back.replay_deltas(written.clone(), 1).unwrap();
         assert_eq!(back.ids.len(), s.ids.len());
         assert_eq!(back.events, s.events);
         for i in 0..s.ids.len() as u32 {
@@ -742,6 +1099,6 @@ mod tests {
         gap.ids = cp.ids.into_ids().unwrap();
         gap.popularity = cp.popularity.into_owned();
         gap.events = cp.events.into_owned();
-        assert!(gap.replay_deltas(written[1..].to_vec()).is_err());
+        assert!(gap.replay_deltas(written[1..].to_vec(), 1).is_err());
     }
 }

@@ -207,6 +207,20 @@ fn settled(http: &Http, token: Option<&str>, model: Option<u64>) -> Result<Optio
     let caught_up = heads
         .iter()
         .all(|(s, h)| applied.get(s).is_some_and(|a| a >= h));
+    // The answering node's item statistics (popularity) cover every head too: in a
+    // cluster a member that does not lead takes them from the leader's published
+    // checkpoints, a second or two behind.
+    let stats_doc = v["actors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["name"] == "item_stats")
+        .map(|a| serde_json::json!({"applied": a["state"]["applied_offsets"]}))
+        .unwrap_or_default();
+    let stats = offsets(&stats_doc, "applied");
+    let stats_caught_up = heads
+        .iter()
+        .all(|(s, h)| stats.get(s).is_some_and(|a| a >= h));
     let encoding = v["actors"]
         .as_array()
         .into_iter()
@@ -222,11 +236,11 @@ fn settled(http: &Http, token: Option<&str>, model: Option<u64>) -> Result<Optio
     // quality as served is measured once the index answers.
     let indexing =
         v["als_index"]["state"] == "building" || v["content_index"]["state"] == "building";
-    if caught_up && !encoding && model_ok && !indexing && v["ready"] == true {
+    if caught_up && stats_caught_up && !encoding && model_ok && !indexing && v["ready"] == true {
         return Ok(None);
     }
     Ok(Some(format!(
-        "heads {heads:?}, applied {applied:?}, encoding {encoding}, als version {serving} (waiting for {model:?}), index building {indexing}"
+        "heads {heads:?}, applied {applied:?}, item statistics at {stats:?}, encoding {encoding}, als version {serving} (waiting for {model:?}), index building {indexing}"
     )))
 }
 
