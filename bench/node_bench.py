@@ -957,14 +957,20 @@ def throughput(nodes, seconds):
     cpu0, t0 = [proc_cpu(n.proc.pid) for n in nodes], time.time()
     ingest_rate = post_batches(nodes, bodies, seconds)
     events = ingest_rate * (time.time() - t0)
-    while not all(n.caught_up() for n in nodes):
+    while not all(n.consumers_caught_up() for n in nodes):
         time.sleep(0.05)
-    # CPU per acked event of each node, from the first post until every node caught up
-    # (each node applies its own partitions and, today, follows the whole log for item
-    # statistics, the catalog and the encoder).
+    # CPU per acked event of each node, from the first post until every node's consumers
+    # caught up (each node applies its own partitions and the catalog; item statistics
+    # are counted by one node, the trainer leader, and followed by the others from its
+    # published checkpoints; every node's log follower still reads the whole stream).
     cpu = [(proc_cpu(n.proc.pid) - c) * 1e6 / max(events, 1) for n, c in zip(nodes, cpu0)]
+    roles = []
+    for n in nodes:
+        _, c = n.get("/v1/cluster")
+        st = next((x.get("state") or {} for x in c["actors"] if x["name"] == "item_stats"), {})
+        roles.append(st.get("role", "?"))
     print(f"  {len(nodes)} node(s): CPU per acked event while ingesting and catching up:"
-          f" {', '.join(f'{c:.1f}' for c in cpu)} us")
+          f" {', '.join(f'{c:.1f} ({r})' for c, r in zip(cpu, roles))} us")
     done = [0] * 8
     stop = time.time() + seconds
 

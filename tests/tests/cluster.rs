@@ -2043,8 +2043,16 @@ fn item_counts_are(n: &Node, want: &BTreeMap<String, u64>, sample: usize) -> boo
 
 /// Item statistics: the trainer leader counts them from the log, every other member
 /// follows its published checkpoints (reading nothing of the log for them), and every
-/// member counts each item's events alike.
-fn assert_item_stats_followed(c: &Cluster, names: &[&str], leader: &str, rows: usize) {
+/// member counts each item's events alike. A following member's log follower decodes
+/// only its own partitions and the catalog (`skipped`: it has skipped records of the
+/// others since the last load).
+fn assert_item_stats_followed(
+    c: &Cluster,
+    names: &[&str],
+    leader: &str,
+    rows: usize,
+    skipped: bool,
+) {
     let want = rated_counts(rows);
     c.wait(
         30,
@@ -2066,6 +2074,20 @@ fn assert_item_stats_followed(c: &Cluster, names: &[&str], leader: &str, rows: u
             s["follow_loads"].as_u64().unwrap_or(0) >= 1,
             "{n} follows {leader}'s chain: {s}"
         );
+    }
+    for n in names {
+        let f = try_cluster_full(c.node(n)).unwrap()["log"]["follower"].clone();
+        assert_eq!(
+            f["all_partitions"],
+            *n == leader,
+            "{n}'s log follower decodes every partition only on the leader: {f}"
+        );
+        if skipped && *n != leader {
+            assert!(
+                f["skipped_records"].as_u64().unwrap_or(0) > 0,
+                "{n} skipped the records of partitions it does not own: {f}"
+            );
+        }
     }
 }
 
@@ -2134,7 +2156,7 @@ fn cluster_serves_one_model_trained_on_every_partition() {
         "texts encoded {computed} times for 300 (each should be encoded once)"
     );
     let leader = load_rated_and_elect(&c);
-    assert_item_stats_followed(&c, &NAMES, &leader, 3000);
+    assert_item_stats_followed(&c, &NAMES, &leader, 3000, false);
     let other = *NAMES.iter().find(|n| **n != leader).unwrap();
     let r = c.node(other).post("/v1/admin/retrain", "");
     assert_eq!(r.status, 200, "{}", r.body);
@@ -2198,7 +2220,7 @@ fn cluster_serves_one_model_trained_on_every_partition() {
     .wait()
     .unwrap();
     assert!(status.success());
-    assert_item_stats_followed(&c, &rest, &new_leader, 3600);
+    assert_item_stats_followed(&c, &rest, &new_leader, 3600, true);
     println!(
         "leader failover to the next version served everywhere: {:.2} s after the kill",
         killed.elapsed().as_secs_f64()
@@ -2208,7 +2230,7 @@ fn cluster_serves_one_model_trained_on_every_partition() {
     c.wait(60, "the restarted node serves version 2", || {
         model_version(c.node(&leader)) == v2
     });
-    assert_item_stats_followed(&c, &NAMES, &new_leader, 3600);
+    assert_item_stats_followed(&c, &NAMES, &new_leader, 3600, false);
 
     // Rollback through a node that does not lead: every node goes back to version 1.
     let r = c.node(asked).post("/v1/admin/rollback", "");

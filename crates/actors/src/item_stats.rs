@@ -547,7 +547,11 @@ impl ItemStatsState {
 
     /// One tick or head move: count from the log, or follow the leader's chain.
     async fn step(&mut self, tick: bool) -> Result<(), ActorProcessingErr> {
-        match source(&self.ctx) {
+        let source = source(&self.ctx);
+        // A counting member (and the trainer leader, which is it) reads every partition;
+        // a follower's log follower decodes only what this node's consumers read.
+        self.ctx.tail.want_all(source.is_none());
+        match source {
             None => {
                 if self.following.take().is_some() {
                     tracing::info!("item statistics: counting from the log");

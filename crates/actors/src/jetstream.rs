@@ -1036,8 +1036,10 @@ fn truncation_key(stream: u32) -> String {
 /// Messages the follower takes together at most.
 const FOLLOW_BATCH: usize = 1024;
 
-/// Follows every subject of the stream from sequence `from`: each record goes to the
-/// tail (continuing each stream's last record seen, `seen`), then its head is raised.
+/// Follows every subject of the stream from sequence `from`: each record the tail wants
+/// ([`Tail::wants`]: the catalog, and the partitions this node owns unless it counts item
+/// statistics) is decoded into the tail (continuing each stream's last record seen,
+/// `seen`), then its head is raised; the others only raise their heads.
 /// Re-creates its consumer after errors (the ordered consumer itself restarts on gaps).
 async fn follow(
     js: JetStream,
@@ -1095,6 +1097,8 @@ async fn follow(
                 }
             }
             let mut runs: rustc_hash::FxHashMap<u32, (u64, Vec<Record>, u64)> = Default::default();
+            let mut skipped: rustc_hash::FxHashMap<u32, u64> = Default::default();
+            let mut skipped_records = 0u64;
             let mut failed = false;
             for m in batch {
                 let Ok(m) = m else {
@@ -1112,6 +1116,13 @@ async fn follow(
                 };
                 let prev = seen.get(&stream).copied().unwrap_or(0);
                 if seq <= prev {
+                    continue;
+                }
+                if !tail.wants(stream) {
+                    // Not needed here: the head moves, nothing is decoded.
+                    skipped_records += 1;
+                    skipped.insert(stream, seq);
+                    seen.insert(stream, seq);
                     continue;
                 }
                 let run = runs
@@ -1151,8 +1162,13 @@ async fn follow(
                 run.2 = seq;
                 seen.insert(stream, seq);
             }
+            let decoded: usize = runs.values().map(|r| r.1.len()).sum();
+            tail.followed(decoded as u64, skipped_records);
             for (stream, (prev, records, last)) in runs {
                 tail.push(stream, prev, records);
+                heads.raise(stream, last);
+            }
+            for (stream, last) in skipped {
                 heads.raise(stream, last);
             }
             position.fetch_max(from - 1, std::sync::atomic::Ordering::Release);
@@ -1583,6 +1599,7 @@ impl Log for JetStreamLog {
             "replicas": c.replicas,
             "duplicate_window_secs": c.duplicate_window.as_secs(),
             "sync": sync,
+            "follower": self.tail.describe_interest(),
             "warnings": warnings,
         })
     }

@@ -1031,6 +1031,7 @@ impl ManagerState {
         // loads the checkpoint and replays; it is answered once that is done.
         let scope = crate::names::user_features(p);
         self.ctx.consumers.deposed(&scope);
+        self.ctx.tail.want(p, true);
         let spec = (self.make_child)(p);
         let added = crate::node::call(
             crate::names::PARTITIONS_SUPERVISOR,
@@ -1268,6 +1269,7 @@ async fn stop_partition(ctx: &Ctx, p: u32) {
     .discard();
     ctx.consumers.deposed(&scope);
     ctx.health.end_recovery(&scope);
+    ctx.tail.want(p, false);
     *ctx.user_stores[p as usize].write() = Default::default();
 }
 

@@ -189,6 +189,19 @@ impl Heads {
 pub struct Tail {
     cap: usize,
     runs: parking_lot::Mutex<rustc_hash::FxHashMap<u32, Run>>,
+    interest: parking_lot::RwLock<Interest>,
+    /// Records the follower decoded into the tail, and records it only counted.
+    decoded: std::sync::atomic::AtomicU64,
+    skipped: std::sync::atomic::AtomicU64,
+}
+
+/// The streams whose records a shared log's follower decodes into the tail: the catalog
+/// always, every partition while this node counts item statistics or trains (`all`),
+/// otherwise the partitions it owns. Records of the others only raise their heads; a
+/// consumer that needs them after all (a partition taken over) reads them from the log.
+struct Interest {
+    all: bool,
+    partitions: rustc_hash::FxHashSet<u32>,
 }
 
 struct Run {
@@ -208,6 +221,59 @@ impl Tail {
         Tail {
             cap: cap.max(1),
             runs: parking_lot::Mutex::new(Default::default()),
+            interest: parking_lot::RwLock::new(Interest {
+                all: true,
+                partitions: Default::default(),
+            }),
+            decoded: Default::default(),
+            skipped: Default::default(),
+        }
+    }
+
+    /// Counts what a follower did with a batch: records decoded, records skipped.
+    pub fn followed(&self, decoded: u64, skipped: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.decoded.fetch_add(decoded, Relaxed);
+        self.skipped.fetch_add(skipped, Relaxed);
+    }
+
+    /// What the follower decodes and has decoded (`/v1/cluster`, under `log`).
+    pub fn describe_interest(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let i = self.interest.read();
+        let mut partitions: Vec<u32> = i.partitions.iter().copied().collect();
+        partitions.sort_unstable();
+        serde_json::json!({
+            "all_partitions": i.all,
+            "partitions": partitions,
+            "tailed_records": self.decoded.load(Relaxed),
+            "skipped_records": self.skipped.load(Relaxed),
+        })
+    }
+
+    /// Whether the follower should decode `stream`'s records into the tail.
+    pub fn wants(&self, stream: u32) -> bool {
+        if stream == crate::record::CATALOG_STREAM {
+            return true;
+        }
+        let i = self.interest.read();
+        i.all || i.partitions.contains(&stream)
+    }
+
+    /// Every partition wanted (`true`, the default), or only those named by [`Tail::want`].
+    pub fn want_all(&self, all: bool) {
+        if self.interest.read().all != all {
+            self.interest.write().all = all;
+        }
+    }
+
+    /// Partition `p` wanted (this node owns it) or not.
+    pub fn want(&self, p: u32, wanted: bool) {
+        let mut i = self.interest.write();
+        if wanted {
+            i.partitions.insert(p);
+        } else {
+            i.partitions.remove(&p);
         }
     }
 
