@@ -33,7 +33,10 @@ fn check_contract(r: &Value) {
     let models = r["models"].as_object().unwrap();
     let mut keys: Vec<&str> = models.keys().map(String::as_str).collect();
     keys.sort();
-    assert_eq!(keys, vec!["als", "content", "ensemble", "popularity"]);
+    assert_eq!(
+        keys,
+        vec!["als", "content", "ensemble", "item_item", "popularity"]
+    );
     for (name, m) in models {
         for f in ["precision", "recall", "map", "ndcg", "coverage"] {
             let v = m[f]

@@ -74,6 +74,8 @@ pub struct EvalConfig {
     pub seed: u64,
     /// When > 0: also NDCG@k for k = 1..=curve_to per model (`details.ndcg_curve`).
     pub curve_to: usize,
+    /// The item-item branch (EASE): reported as its own model, not yet blended.
+    pub ease: crate::ease::EaseParams,
 }
 
 impl Default for EvalConfig {
@@ -91,6 +93,7 @@ impl Default for EvalConfig {
             validation_split: SplitKind::Random,
             seed: 42,
             curve_to: 0,
+            ease: Default::default(),
         }
     }
 }
@@ -106,12 +109,14 @@ pub struct ModelReport {
     pub fit_seconds: f64,
 }
 
-/// The four required models.
+/// The models: the three blended branches, the item-item branch (EASE, evaluated on its
+/// own; not in the blend yet) and the ensemble.
 #[derive(Debug, Clone, Serialize)]
 pub struct Models {
     pub popularity: ModelReport,
     pub als: ModelReport,
     pub content: ModelReport,
+    pub item_item: ModelReport,
     pub ensemble: ModelReport,
 }
 
@@ -315,6 +320,26 @@ fn content_candidates(
         .into_iter()
         .zip(&profiles)
         .map(|(l, p)| if p.is_some() { l } else { Vec::new() })
+        .collect()
+}
+
+/// Item-item candidates per user: their interests times the EASE rows.
+fn item_item_candidates(
+    model: &crate::ease::EaseModel,
+    users: &[u32],
+    ud: &UserData,
+    n: usize,
+) -> Vec<Vec<Scored>> {
+    users
+        .par_iter()
+        .map(|&u| {
+            let inter: Vec<(u32, f32)> = ud.interests[u as usize]
+                .iter()
+                .map(|&(i, w, _)| (i, w))
+                .collect();
+            let seen = &ud.seen[u as usize];
+            model.top_k(&inter, n, |i| seen.binary_search(&i).is_ok())
+        })
         .collect()
 }
 
@@ -530,6 +555,19 @@ impl Evaluation<'_> {
         let als_fit = t.elapsed().as_secs_f64();
 
         let t = Instant::now();
+        let ease = crate::ease::fit(&m, &cfg.ease)?;
+        let ease_fit = t.elapsed().as_secs_f64();
+        let ease_lists = item_item_candidates(&ease, &users, &ud, n_cand);
+        let (ii_m, ii_cov) = score_lists(
+            ease_lists
+                .iter()
+                .map(|l| l.iter().take(cfg.k).map(|s| s.item).collect()),
+            &rel,
+            cfg.k,
+            universe,
+        );
+
+        let t = Instant::now();
         let content_lists = content_candidates(
             self.embeddings,
             &users,
@@ -568,6 +606,12 @@ impl Evaluation<'_> {
             "ensemble_mean_share": {"als": shares[0], "content": shares[1], "popularity": shares[2]},
             "als": cfg.als,
             "als_rank_seconds": als_rank,
+            "item_item": {
+                "params": cfg.ease,
+                "fitted_items": ease.fitted_items,
+                "fit_bytes": crate::ease::EaseParams::fit_bytes(ease.fitted_items),
+                "memory_bytes": ease.memory_bytes(),
+            },
             "popularity_half_life_days": cfg.popularity_half_life_days,
             "content_half_life_days": cfg.content_half_life_days,
             "weights": {"transform": cfg.weights.transform, "kinds": cfg.weights.kind_weights, "negative_kinds": cfg.weights.negative_kinds},
@@ -590,6 +634,7 @@ impl Evaluation<'_> {
                 popularity: report(pop_m, pop_cov, pop_fit),
                 als: report(als_m, als_cov, als_fit),
                 content: report(con_m, con_cov, content_fit),
+                item_item: report(ii_m, ii_cov, ease_fit),
                 ensemble: report(ens_m, ens_cov, pop_fit + als_fit + content_fit),
             },
             details,

@@ -12,6 +12,7 @@
 //!   them (served and evaluated alike).
 //! - [`sparse`]: CSR matrices (ALS never builds a dense users x items matrix).
 //! - [`als`]: implicit ALS with conjugate gradient, loss, real-time fold-in.
+//! - [`ease`]: EASE, a closed-form item-item model (dense fit, pruned rows for scoring).
 //! - [`topk`]: exact top-k, single query and batched (GEMM).
 //! - [`ann`]: approximate maximum-inner-product retrieval (HNSW graph, exact rescoring).
 //! - [`content`]: text encoders (tract-onnx sentence model, hashed TF-IDF), user profiles.
@@ -28,6 +29,7 @@ pub mod blend;
 pub mod content;
 pub mod data;
 pub mod dataset;
+pub mod ease;
 pub mod error;
 pub mod evaluate;
 pub mod interest;

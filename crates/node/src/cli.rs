@@ -177,6 +177,15 @@ pub struct EvalArgs {
     /// Content profile decay half-life in days (0 = none).
     #[arg(long, default_value_t = 0.0)]
     pub content_half_life_days: f64,
+    /// Item-item branch (EASE): regularisation added to the Gram matrix's diagonal.
+    #[arg(long, default_value_t = 300.0)]
+    pub ease_lambda: f32,
+    /// Item-item branch: items fitted at most (the most interacted ones).
+    #[arg(long, default_value_t = 20_000)]
+    pub ease_max_items: usize,
+    /// Item-item branch: weights kept per item for scoring.
+    #[arg(long, default_value_t = 500)]
+    pub ease_neighbours: usize,
     /// How values become weights: binary (every positive 1), raw, log1p.
     #[arg(long, default_value = "binary")]
     pub value_transform: String,

@@ -317,6 +317,11 @@ fn eval_config(
         },
         seed: a.seed,
         curve_to: if a.plot.is_some() { PLOT_K } else { 0 },
+        ease: troupe_models::ease::EaseParams {
+            lambda: a.ease_lambda,
+            max_items: a.ease_max_items,
+            neighbours: a.ease_neighbours,
+        },
     }
 }
 
@@ -462,6 +467,7 @@ fn print_table(r: &EvalReport) {
         ("popularity", &m.popularity),
         ("als", &m.als),
         ("content", &m.content),
+        ("item_item", &m.item_item),
         ("ensemble", &m.ensemble),
     ] {
         println!(

@@ -1,0 +1,400 @@
+//! EASE (Steck, "Embarrassingly Shallow Autoencoders", 2019): a closed-form item-item
+//! model. With `X` the users x items weight matrix and `P = (XᵀX + λI)⁻¹`, the item-item
+//! matrix is `B = I - P · diag(1 / diag(P))` with its diagonal set to zero; a user's
+//! scores are their weighted item row times `B`. Nothing is folded in: a new event
+//! changes the user's row, and with it the next answer, at once.
+//!
+//! The fit is dense over at most `max_items` items (the most interacted ones; the Gram
+//! matrix, its Cholesky factor and the inverse are `max_items²` f32 each, see
+//! [`EaseParams::fit_bytes`]). What is kept for scoring is each item's `neighbours`
+//! weights largest in magnitude (a sparse row per item), so serving memory grows with
+//! items x neighbours, not items². Items outside the fitted set neither score nor
+//! contribute (the other branches cover the long tail).
+
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::cholesky::llt;
+use faer::{Accum, Mat, Par};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::sparse::Csr;
+use crate::topk::{Scored, TopK};
+
+/// Users per dense block when the Gram matrix is accumulated.
+const GRAM_BLOCK: usize = 1024;
+
+/// Hyper-parameters of the item-item branch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EaseParams {
+    /// L2 regularisation added to the Gram matrix's diagonal.
+    pub lambda: f32,
+    /// Items fitted at most (the most interacted ones).
+    pub max_items: usize,
+    /// Weights kept per item for scoring (the largest in magnitude).
+    pub neighbours: usize,
+}
+
+impl Default for EaseParams {
+    fn default() -> Self {
+        EaseParams {
+            lambda: 300.0,
+            max_items: 20_000,
+            neighbours: 500,
+        }
+    }
+}
+
+impl EaseParams {
+    /// Peak bytes of the dense fit over `items` items: the Gram matrix (then its Cholesky
+    /// factor in place), the inverse and the inverse's scratch, f32 each.
+    pub fn fit_bytes(items: usize) -> usize {
+        3 * items * items * std::mem::size_of::<f32>()
+    }
+
+    fn check(&self) -> Result<()> {
+        if !(self.lambda.is_finite() && self.lambda > 0.0) {
+            return Err(ModelError::param(
+                "ease.lambda",
+                "must be a finite number > 0",
+            ));
+        }
+        if self.max_items == 0 {
+            return Err(ModelError::param("ease.max_items", "must be >= 1"));
+        }
+        if self.neighbours == 0 {
+            return Err(ModelError::param("ease.neighbours", "must be >= 1"));
+        }
+        Ok(())
+    }
+}
+
+/// A fitted item-item model: per item (by the training matrix's column index), its kept
+/// neighbours and weights, largest magnitude first.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EaseModel {
+    pub params: EaseParams,
+    /// `rows.indptr[i]..rows.indptr[i + 1]`: item `i`'s neighbours (`indices`) and the
+    /// weight each gets from `i` (`data`). Items outside the fitted set have none.
+    pub rows: Csr,
+    /// Items the dense fit covered.
+    pub fitted_items: usize,
+}
+
+/// Fits EASE on `x` (users x items weights, as ALS trains on).
+pub fn fit(x: &Csr, params: &EaseParams) -> Result<EaseModel> {
+    params.check()?;
+    let n_items = x.cols;
+    // The fitted items: the `max_items` most interacted, in index order.
+    let mut counts = vec![0u32; n_items];
+    for &i in &x.indices {
+        counts[i as usize] += 1;
+    }
+    let mut by_count: Vec<u32> = (0..n_items as u32)
+        .filter(|&i| counts[i as usize] > 0)
+        .collect();
+    by_count.sort_by_key(|&i| (std::cmp::Reverse(counts[i as usize]), i));
+    by_count.truncate(params.max_items);
+    by_count.sort_unstable();
+    let fitted = by_count;
+    let m = fitted.len();
+    if m == 0 {
+        return Ok(EaseModel {
+            params: params.clone(),
+            rows: Csr {
+                rows: n_items,
+                cols: n_items,
+                indptr: vec![0; n_items + 1],
+                ..Default::default()
+            },
+            fitted_items: 0,
+        });
+    }
+    let mut slot = vec![u32::MAX; n_items];
+    for (s, &i) in fitted.iter().enumerate() {
+        slot[i as usize] = s as u32;
+    }
+    let par = Par::rayon(0);
+    // Gram matrix over the fitted items, a block of users at a time.
+    let mut g = Mat::<f32>::zeros(m, m);
+    let users: Vec<usize> = (0..x.rows)
+        .filter(|&u| x.indptr[u] < x.indptr[u + 1])
+        .collect();
+    for block in users.chunks(GRAM_BLOCK) {
+        let mut d = Mat::<f32>::zeros(block.len(), m);
+        for (r, &u) in block.iter().enumerate() {
+            for p in x.indptr[u]..x.indptr[u + 1] {
+                let s = slot[x.indices[p] as usize];
+                if s != u32::MAX {
+                    d[(r, s as usize)] += x.data[p];
+                }
+            }
+        }
+        faer::linalg::matmul::matmul(
+            g.as_mut(),
+            Accum::Add,
+            d.transpose(),
+            d.as_ref(),
+            1.0f32,
+            par,
+        );
+    }
+    for i in 0..m {
+        g[(i, i)] += params.lambda;
+    }
+    let mut mem = MemBuffer::new(llt::factor::cholesky_in_place_scratch::<f32>(
+        m,
+        par,
+        Default::default(),
+    ));
+    llt::factor::cholesky_in_place(
+        g.as_mut(),
+        Default::default(),
+        par,
+        MemStack::new(&mut mem),
+        Default::default(),
+    )
+    .map_err(|e| ModelError::Empty(format!("the Gram matrix is not positive definite: {e:?}")))?;
+    drop(mem);
+    let mut p = Mat::<f32>::zeros(m, m);
+    {
+        let mut mem = MemBuffer::new(llt::inverse::inverse_scratch::<f32>(m, par));
+        // Fills the lower triangle of the (symmetric) inverse.
+        llt::inverse::inverse(p.as_mut(), g.as_ref(), par, MemStack::new(&mut mem));
+    }
+    drop(g);
+    let at = |i: usize, j: usize| if i >= j { p[(i, j)] } else { p[(j, i)] };
+    let diag: Vec<f32> = (0..m).map(|j| p[(j, j)]).collect();
+    // Row i of B: B[i][j] = -P[i][j] / P[j][j] (j != i); its weights largest in
+    // magnitude (negative ones too: they push items down).
+    let keep = params.neighbours.min(m.saturating_sub(1)).max(1);
+    let weight = |i: usize, j: usize| -at(i, j) / diag[j];
+    let kept: Vec<Vec<(u32, f32)>> = (0..m)
+        .into_par_iter()
+        .map(|i| {
+            let mut top = TopK::new(keep);
+            for j in 0..m {
+                if j != i {
+                    let w = weight(i, j);
+                    if w != 0.0 && w.is_finite() {
+                        top.push(j as u32, w.abs());
+                    }
+                }
+            }
+            top.into_sorted()
+                .into_iter()
+                .map(|s| (fitted[s.item as usize], weight(i, s.item as usize)))
+                .collect()
+        })
+        .collect();
+    drop(p);
+    let mut indptr = Vec::with_capacity(n_items + 1);
+    let mut indices = Vec::new();
+    let mut data = Vec::new();
+    indptr.push(0);
+    for &s in &slot {
+        if s != u32::MAX {
+            for &(j, w) in &kept[s as usize] {
+                indices.push(j);
+                data.push(w);
+            }
+        }
+        indptr.push(indices.len());
+    }
+    Ok(EaseModel {
+        params: params.clone(),
+        rows: Csr {
+            rows: n_items,
+            cols: n_items,
+            indptr,
+            indices,
+            data,
+        },
+        fitted_items: m,
+    })
+}
+
+impl EaseModel {
+    /// Bytes the kept rows take.
+    pub fn memory_bytes(&self) -> usize {
+        self.rows.indptr.len() * std::mem::size_of::<usize>()
+            + self.rows.indices.len() * std::mem::size_of::<u32>()
+            + self.rows.data.len() * std::mem::size_of::<f32>()
+    }
+
+    /// Adds the scores of a user whose items and weights are `items` into `scores`
+    /// (one slot per item of the model; items unknown to it are skipped).
+    pub fn score_into(&self, items: &[(u32, f32)], scores: &mut [f32]) {
+        let r = &self.rows;
+        for &(i, w) in items {
+            let i = i as usize;
+            if i + 1 >= r.indptr.len() {
+                continue;
+            }
+            for p in r.indptr[i]..r.indptr[i + 1] {
+                if let Some(s) = scores.get_mut(r.indices[p] as usize) {
+                    *s += w * r.data[p];
+                }
+            }
+        }
+    }
+
+    /// The user's best `k` items by score (only items with a positive score; an item
+    /// `excluded` says yes to never comes back).
+    pub fn top_k(
+        &self,
+        items: &[(u32, f32)],
+        k: usize,
+        excluded: impl Fn(u32) -> bool,
+    ) -> Vec<Scored> {
+        let mut scores = vec![0f32; self.rows.rows];
+        self.score_into(items, &mut scores);
+        let mut top = TopK::new(k);
+        for (j, &s) in scores.iter().enumerate() {
+            if s > 0.0 && !excluded(j as u32) {
+                top.push(j as u32, s);
+            }
+        }
+        top.into_sorted()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Users in two groups that each take the items of their group (0-9, 10-19); the
+    /// model points from an item to the others of its group.
+    fn grouped() -> Csr {
+        let mut t = Vec::new();
+        for u in 0..200u32 {
+            let base = if u % 2 == 0 { 0 } else { 10 };
+            for k in 0..5u32 {
+                t.push((u, base + (u / 2 + k * 3) % 10, 1.0));
+            }
+        }
+        Csr::from_triples(200, 20, &t)
+    }
+
+    #[test]
+    fn recommends_within_the_users_group() {
+        let m = fit(
+            &grouped(),
+            &EaseParams {
+                lambda: 10.0,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(m.fitted_items, 20);
+        let user = [(1u32, 1.0f32), (2, 1.0)];
+        let top = m.top_k(&user, 5, |i| i == 1 || i == 2);
+        assert_eq!(top.len(), 5);
+        assert!(top.iter().all(|s| s.item < 10), "{top:?}");
+        let other = m.top_k(&[(15, 1.0)], 3, |i| i == 15);
+        assert!(
+            other.iter().all(|s| (10..20).contains(&s.item)),
+            "{other:?}"
+        );
+    }
+
+    /// Against the closed form computed naively in f64 on a small matrix.
+    #[test]
+    fn matches_the_closed_form() {
+        let x = grouped();
+        let lambda = 5.0f64;
+        let n = x.cols;
+        let mut g = vec![vec![0f64; n]; n];
+        for u in 0..x.rows {
+            let row: Vec<(usize, f64)> = (x.indptr[u]..x.indptr[u + 1])
+                .map(|p| (x.indices[p] as usize, x.data[p] as f64))
+                .collect();
+            for &(i, a) in &row {
+                for &(j, b) in &row {
+                    g[i][j] += a * b;
+                }
+            }
+        }
+        for (i, r) in g.iter_mut().enumerate() {
+            r[i] += lambda;
+        }
+        // Gauss-Jordan inverse.
+        let mut a = g.clone();
+        let mut inv: Vec<Vec<f64>> = (0..n)
+            .map(|i| (0..n).map(|j| f64::from(u8::from(i == j))).collect())
+            .collect();
+        for c in 0..n {
+            let piv = a[c][c];
+            for j in 0..n {
+                a[c][j] /= piv;
+                inv[c][j] /= piv;
+            }
+            for r in 0..n {
+                if r != c {
+                    let f = a[r][c];
+                    for j in 0..n {
+                        a[r][j] -= f * a[c][j];
+                        inv[r][j] -= f * inv[c][j];
+                    }
+                }
+            }
+        }
+        let m = fit(
+            &x,
+            &EaseParams {
+                lambda: lambda as f32,
+                max_items: 100,
+                neighbours: 100,
+            },
+        )
+        .unwrap();
+        for i in 0..n {
+            for p in m.rows.indptr[i]..m.rows.indptr[i + 1] {
+                let j = m.rows.indices[p] as usize;
+                let want = -inv[i][j] / inv[j][j];
+                assert!(
+                    (m.rows.data[p] as f64 - want).abs() < 1e-4,
+                    "B[{i}][{j}] = {} want {want}",
+                    m.rows.data[p]
+                );
+            }
+            // Every weight is kept (neighbours >= items).
+            let nonzero = (0..n)
+                .filter(|&j| j != i && inv[i][j].abs() > 1e-9)
+                .count();
+            assert!(
+                m.rows.indptr[i + 1] - m.rows.indptr[i] >= nonzero,
+                "row {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn keeps_the_most_interacted_items_and_the_given_neighbours() {
+        let m = fit(
+            &grouped(),
+            &EaseParams {
+                lambda: 10.0,
+                max_items: 10,
+                neighbours: 3,
+            },
+        )
+        .unwrap();
+        assert_eq!(m.fitted_items, 10);
+        let rows_with = (0..20)
+            .filter(|&i| m.rows.indptr[i + 1] > m.rows.indptr[i])
+            .count();
+        assert!(rows_with <= 10);
+        assert!((0..20).all(|i| m.rows.indptr[i + 1] - m.rows.indptr[i] <= 3));
+        assert!(fit(
+            &grouped(),
+            &EaseParams {
+                lambda: 0.0,
+                ..Default::default()
+            }
+        )
+        .is_err());
+        let empty = fit(&Csr::from_triples(3, 4, &[]), &EaseParams::default()).unwrap();
+        assert!(empty.top_k(&[(1, 1.0)], 5, |_| false).is_empty());
+    }
+}
