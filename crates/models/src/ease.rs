@@ -13,16 +13,13 @@
 
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::cholesky::llt;
-use faer::{Accum, Mat, Par};
+use faer::{Mat, Par};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
 use crate::sparse::Csr;
 use crate::topk::{Scored, TopK};
-
-/// Users per dense block when the Gram matrix is accumulated.
-const GRAM_BLOCK: usize = 1024;
 
 /// Hyper-parameters of the item-item branch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,29 +112,25 @@ pub fn fit(x: &Csr, params: &EaseParams) -> Result<EaseModel> {
         slot[i as usize] = s as u32;
     }
     let par = Par::rayon(0);
-    // Gram matrix over the fitted items, a block of users at a time.
+    // Gram matrix over the fitted items (its lower triangle, all the factorisation
+    // reads), from each user's pairs of items: the work is the sum of the users' squared
+    // item counts, not users x items².
     let mut g = Mat::<f32>::zeros(m, m);
-    let users: Vec<usize> = (0..x.rows)
-        .filter(|&u| x.indptr[u] < x.indptr[u + 1])
-        .collect();
-    for block in users.chunks(GRAM_BLOCK) {
-        let mut d = Mat::<f32>::zeros(block.len(), m);
-        for (r, &u) in block.iter().enumerate() {
-            for p in x.indptr[u]..x.indptr[u + 1] {
-                let s = slot[x.indices[p] as usize];
-                if s != u32::MAX {
-                    d[(r, s as usize)] += x.data[p];
-                }
+    let mut row: Vec<(usize, f32)> = Vec::new();
+    for u in 0..x.rows {
+        row.clear();
+        for p in x.indptr[u]..x.indptr[u + 1] {
+            let s = slot[x.indices[p] as usize];
+            if s != u32::MAX {
+                row.push((s as usize, x.data[p]));
             }
         }
-        faer::linalg::matmul::matmul(
-            g.as_mut(),
-            Accum::Add,
-            d.transpose(),
-            d.as_ref(),
-            1.0f32,
-            par,
-        );
+        for (a, &(i, wi)) in row.iter().enumerate() {
+            for &(j, wj) in &row[..=a] {
+                let (hi, lo) = if i >= j { (i, j) } else { (j, i) };
+                g[(hi, lo)] += wi * wj;
+            }
+        }
     }
     for i in 0..m {
         g[(i, i)] += params.lambda;
@@ -359,9 +352,7 @@ mod tests {
                 );
             }
             // Every weight is kept (neighbours >= items).
-            let nonzero = (0..n)
-                .filter(|&j| j != i && inv[i][j].abs() > 1e-9)
-                .count();
+            let nonzero = (0..n).filter(|&j| j != i && inv[i][j].abs() > 1e-9).count();
             assert!(
                 m.rows.indptr[i + 1] - m.rows.indptr[i] >= nonzero,
                 "row {i}"
