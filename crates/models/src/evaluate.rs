@@ -163,6 +163,16 @@ struct UserData {
     now: i64,
 }
 
+impl UserData {
+    /// User `u`'s (item, weight) interests, as ALS fold-in and the item-item branch read them.
+    fn weights(&self, u: u32) -> Vec<(u32, f32)> {
+        self.interests[u as usize]
+            .iter()
+            .map(|&(i, w, _)| (i, w))
+            .collect()
+    }
+}
+
 fn user_data(
     rows: &[Interaction],
     n_users: usize,
@@ -262,13 +272,7 @@ fn als_candidates(
         let fold = als::FoldIn::new(model.item_factors.view(), &model.params);
         let rows: Vec<Vec<f32>> = users
             .par_iter()
-            .map(|&u| {
-                let inter: Vec<(u32, f32)> = ud.interests[u as usize]
-                    .iter()
-                    .map(|&(i, w, _)| (i, w))
-                    .collect();
-                fold.solve(model.item_factors.view(), &inter)
-            })
+            .map(|&u| fold.solve(model.item_factors.view(), &ud.weights(u)))
             .collect();
         let mut q = Array2::<f32>::zeros((users.len(), model.item_factors.ncols()));
         for (r, v) in rows.iter().enumerate() {
@@ -333,12 +337,8 @@ fn item_item_candidates(
     users
         .par_iter()
         .map(|&u| {
-            let inter: Vec<(u32, f32)> = ud.interests[u as usize]
-                .iter()
-                .map(|&(i, w, _)| (i, w))
-                .collect();
             let seen = &ud.seen[u as usize];
-            model.top_k(&inter, n, |i| seen.binary_search(&i).is_ok())
+            model.top_k(&ud.weights(u), n, |i| seen.binary_search(&i).is_ok())
         })
         .collect()
 }
