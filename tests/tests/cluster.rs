@@ -2928,16 +2928,17 @@ fn cluster_client_calls_need_the_token_where_http_does() {
     ));
 }
 
-/// A rolling upgrade across adjacent protocol versions: a runs as the previous build
-/// would (`[cluster] protocol = 4`: it writes and accepts only 4), b and c speak the
-/// newest. Every member sees every other up (none incompatible); recommendations and
+/// A rolling upgrade across protocol versions: a runs as the oldest build this one
+/// still talks to would (`[cluster] protocol = 4`: it writes and accepts only 4), b and c
+/// speak the newest. Every member sees every other up (none incompatible); recommendations and
 /// user reads are forwarded both ways (old to new, new to old) with read-your-writes; a
 /// client speaking the newest version works through a in the older version and gets an
 /// explicit version error (never a timeout) for an operation the older version lacks.
 /// Then a is upgraded in place (restarted without the pin): the operation works through
 /// it and the peers talk to it in the newest version again.
 #[test]
-fn cluster_rolling_upgrade_nodes_of_adjacent_protocol_versions_work_together() {
+fn cluster_rolling_upgrade_nodes_of_older_and_newer_protocol_versions_work_together() {
+    use troupe_client::proto::api::Op;
     use troupe_client::proto::wire;
     use troupe_client::{Client, ClientConfig, ClientError};
     let _serial = one_at_a_time();
@@ -2945,7 +2946,10 @@ fn cluster_rolling_upgrade_nodes_of_adjacent_protocol_versions_work_together() {
     let Some(mut c) = Cluster::prepare() else {
         return;
     };
-    let (old, new) = (wire::PROTOCOL - 1, wire::PROTOCOL);
+    let (old, new) = (wire::OLDEST, wire::PROTOCOL);
+    // The operation the old version lacks.
+    let needs = Op::DeadLetters.since();
+    assert!(needs > old);
     // Appended to the [cluster] section, which closes the node's file.
     c.node_extra.push(("a", format!("protocol = {old}\n")));
     c.launch_all_balanced();
@@ -3006,6 +3010,20 @@ fn cluster_rolling_upgrade_nodes_of_adjacent_protocol_versions_work_together() {
             "{via} -> {owner}: {}",
             rec.body
         );
+        // An answer that crossed the old version lacks the branch it does not know.
+        let branches: Vec<&str> = rec.body["branches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|b| b["name"].as_str())
+            .collect();
+        let crossed_old = via == "a" || owner == "a";
+        assert_eq!(
+            branches.contains(&"item_item"),
+            !crossed_old,
+            "{via} -> {owner}: {}",
+            rec.body
+        );
     }
     // A client of the newest version, joined through a only.
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -3026,7 +3044,7 @@ fn cluster_rolling_upgrade_nodes_of_adjacent_protocol_versions_work_together() {
     let refused = rt.block_on(client.dead_letters());
     match &refused {
         Err(ClientError::Version(why)) => {
-            assert!(why.contains(&format!("needs protocol {new}")), "{why}")
+            assert!(why.contains(&format!("needs protocol {needs}")), "{why}")
         }
         other => panic!("dead letters through a node of {old}: {other:?}"),
     }

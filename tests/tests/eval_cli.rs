@@ -226,7 +226,7 @@ fn movielens_default_eval_meets_the_peer_figures() {
         assert_eq!(users, if min_value.is_some() { 598 } else { 610 });
         let als = r["models"]["als"]["ndcg"].as_f64().unwrap();
         let ens = r["models"]["ensemble"]["ndcg"].as_f64().unwrap();
-        let best_single = ["als", "content", "popularity"]
+        let best_single = ["als", "content", "popularity", "item_item"]
             .iter()
             .map(|m| r["models"][m]["ndcg"].as_f64().unwrap())
             .fold(0.0, f64::max);
@@ -271,7 +271,7 @@ fn a_saved_split_evaluates_like_the_split_it_came_from() {
     b.extend_from_slice(&common);
     let second = parse_report(&troupe(&b));
     assert_eq!(first["users"], second["users"]);
-    for m in ["popularity", "als", "content", "ensemble"] {
+    for m in ["popularity", "als", "content", "item_item", "ensemble"] {
         let (x, y) = (&first["models"][m]["ndcg"], &second["models"][m]["ndcg"]);
         assert!(x.as_f64().unwrap() > 0.0, "{m}: {x}");
         assert_eq!(x, y, "{m}");
@@ -310,7 +310,7 @@ fn eval_with_a_node_config_uses_its_settings_and_refuses_competing_flags() {
     let config = d.path().join("node.toml");
     std::fs::write(
         &config,
-        "[als]\nfactors = 8\niterations = 3\n[ranker]\nweight_als = 0.5\nweight_content = 0.25\nweight_popularity = 0.25\n[popularity]\nhalf_life_hours = 48.0\n",
+        "[als]\nfactors = 8\niterations = 3\n[ranker]\nweight_als = 0.5\nweight_content = 0.25\nweight_popularity = 0.25\nweight_item_item = 0\n[item_item]\nlambda = 200.0\nneighbours = 50\n[popularity]\nhalf_life_hours = 48.0\n",
     )
     .unwrap();
     let args = |extra: &[&str]| {
@@ -334,6 +334,13 @@ fn eval_with_a_node_config_uses_its_settings_and_refuses_competing_flags() {
     let blend = &r["details"]["blend"]["weights"];
     assert_eq!(blend["als"].as_f64(), Some(0.5), "{blend}");
     assert_eq!(blend["content"].as_f64(), Some(0.25), "{blend}");
+    assert_eq!(blend["item_item"].as_f64(), Some(0.0), "{blend}");
+    let ii = &r["details"]["item_item"]["params"];
+    assert_eq!(
+        (ii["lambda"].as_f64(), ii["neighbours"].as_u64()),
+        (Some(200.0), Some(50)),
+        "{ii}"
+    );
     assert_eq!(r["details"]["als"]["factors"], 8);
     assert_eq!(
         r["details"]["popularity_half_life_days"].as_f64(),
@@ -376,7 +383,7 @@ fn eval_plot_and_ratio_charts_are_drawn() {
     let curves = &r["details"]["ndcg_curve"];
     assert_eq!(curves["k"].as_array().unwrap().len(), 50);
     let k = r["k"].as_u64().unwrap() as usize;
-    for m in ["als", "content", "popularity", "ensemble"] {
+    for m in ["als", "content", "popularity", "item_item", "ensemble"] {
         let c = curves[m].as_array().unwrap();
         assert_eq!(c.len(), 50, "{m}");
         let at_k = c[k - 1].as_f64().unwrap();

@@ -513,7 +513,11 @@ fn demo_runs_a_node_loads_trains_and_explains() {
     assert!(stdout.contains("serving at http://127.0.0.1:"), "{stdout}");
     let rec_lines = stdout
         .lines()
-        .filter(|l| l.contains("als ") && l.contains("content ") && l.contains("popularity "))
+        .filter(|l| {
+            ["als ", "content ", "popularity ", "item_item "]
+                .iter()
+                .all(|b| l.contains(b))
+        })
         .count();
     assert!(rec_lines >= 10, "{stdout}");
     // Results without log lines in between (stderr is a pipe here: no escape codes

@@ -84,7 +84,7 @@ fn compare((la, a): (&str, &Value), (lb, b): (&str, &Value)) -> (f64, String) {
     assert_eq!(a["users"], b["users"], "the same test users");
     let mut report = String::new();
     let mut worst: f64 = 0.0;
-    for model in ["popularity", "als", "content", "ensemble"] {
+    for model in ["popularity", "als", "content", "item_item", "ensemble"] {
         let ndcg = |r: &Value| r["models"][model]["ndcg"].as_f64().unwrap();
         let (x, y) = (ndcg(a), ndcg(b));
         worst = worst.max((x - y).abs());
@@ -208,7 +208,7 @@ fn cluster_serves_like_one_node(dir: &Path, train: &Path, test: &Path, items: &P
 /// shared data sets; this holds it to that as served.
 fn ensemble_beats_every_branch(served: &Value) {
     let ndcg = |m: &str| served["models"][m]["ndcg"].as_f64().unwrap();
-    let best = ["popularity", "als", "content"]
+    let best = ["popularity", "als", "content", "item_item"]
         .into_iter()
         .map(ndcg)
         .fold(0.0, f64::max);
@@ -482,5 +482,93 @@ fn a_returning_user_keeps_a_content_profile_after_ten_half_lives() {
     assert!(
         last["items"][0]["shares"]["content"].as_f64().unwrap() > 0.99,
         "{last}"
+    );
+}
+
+/// The item-item branch is real-time without fold-in: a user's next answer reflects the
+/// event they just sent, under the same model version. Two groups of users take items of
+/// their own group only (`a…` and `b…`); after one retrain, a new user who viewed one `a`
+/// item is shown `a` items by the item-item branch alone; after they view five `b` items,
+/// their very next answer leads with `b` items, and the model version has not moved.
+#[test]
+fn item_item_answers_reflect_a_new_event_at_once() {
+    let _t = timed();
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), NODE, &[]);
+    let mut evs = Vec::new();
+    for u in 0..60usize {
+        let group = if u < 30 { 'a' } else { 'b' };
+        for j in 0..12usize {
+            let item = format!("{group}{}", (u * 7 + j * 3) % 20);
+            evs.push(serde_json::json!({"user": format!("u{u}"), "item": item, "kind": "view"}));
+        }
+    }
+    for chunk in evs.chunks(100) {
+        let r = node.post("/v1/events", &Value::Array(chunk.to_vec()).to_string());
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    let r = node.post("/v1/admin/retrain", "");
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["accepted"], true, "{:?}", r.body);
+    let version = r.body["model_version"].as_u64().unwrap();
+    troupe_tests::wait_until(30, "the new model served", || {
+        node.get("/v1/cluster").body["als_model_version"].as_u64() == Some(version)
+    });
+    let post = |item: &str| {
+        let r = node.post(
+            "/v1/events",
+            &serde_json::json!([{"user": "walker", "item": item, "kind": "view"}]).to_string(),
+        );
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        r.body["results"][0]["offset"].as_u64().unwrap()
+    };
+    let ask = |min_offset: u64| {
+        let r = node.get(&format!(
+            "/v1/recommendations/walker?k=10&weights=0,0,0,1&explain=true&min_offset={min_offset}"
+        ));
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        let branch = r.body["branches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == "item_item")
+            .cloned()
+            .unwrap();
+        assert_eq!(branch["status"], "ok", "{:?}", r.body);
+        assert_eq!(r.body["model_versions"]["als"].as_u64(), Some(version));
+        assert!(r.body["fallback"].is_null(), "{:?}", r.body);
+        let items: Vec<String> = r.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                let share = i["shares"]["item_item"].as_f64().unwrap();
+                assert!((share - 1.0).abs() < 1e-6, "{i}");
+                i["item"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert!(!items.is_empty(), "{:?}", r.body);
+        items
+    };
+    let off = post("a3");
+    let first = ask(off);
+    assert!(
+        first.iter().all(|i| i.starts_with('a') && i != "a3"),
+        "one `a` view: {first:?}"
+    );
+    let mut off = 0;
+    for b in ["b1", "b2", "b5", "b7", "b9"] {
+        off = post(b);
+    }
+    let next = ask(off);
+    println!("after a3: {first:?}\nafter five b views: {next:?}");
+    assert!(
+        next[..3].iter().all(|i| i.starts_with('b')),
+        "the answer right after five `b` views: {next:?}"
+    );
+    assert!(
+        next.iter()
+            .all(|i| !["a3", "b1", "b2", "b5", "b7", "b9"].contains(&i.as_str())),
+        "seen items shown: {next:?}"
     );
 }

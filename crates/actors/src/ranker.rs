@@ -17,6 +17,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster_derive::RactorMessage;
 use rustc_hash::{FxHashMap, FxHashSet};
 use troupe_models::blend::{self, BranchList};
+use troupe_models::pipeline;
 use troupe_models::topk::{self, Scored};
 
 use crate::breaker::Breaker;
@@ -102,13 +103,14 @@ struct UserCandidates {
     seen: Arc<FxHashSet<String>>,
     als: (Option<Owned>, BranchReport),
     content: (Option<Owned>, BranchReport),
+    item_item: (Option<Owned>, BranchReport),
 }
 
 type CacheKey = (String, Option<String>);
 
-/// Room one typical user takes in the candidate cache, in ids (two candidate lists of
+/// Room one typical user takes in the candidate cache, in ids (three candidate lists of
 /// `ranker.candidates` plus some seen items). The cache holds `cache_users` of these.
-const CACHE_IDS_PER_USER: u64 = 256;
+const CACHE_IDS_PER_USER: u64 = 384;
 
 /// Weighs a cache entry by the ids it holds, so users with long seen sets take more room
 /// and the cache's memory stays bounded whatever the mix.
@@ -118,7 +120,7 @@ struct IdsWeighter;
 impl quick_cache::Weighter<CacheKey, Arc<UserCandidates>> for IdsWeighter {
     fn weight(&self, _: &CacheKey, e: &Arc<UserCandidates>) -> u64 {
         let len = |l: &Option<Owned>| l.as_ref().map_or(0, |l| l.len());
-        (1 + e.seen.len() + len(&e.als.0) + len(&e.content.0)) as u64
+        (1 + e.seen.len() + len(&e.als.0) + len(&e.content.0) + len(&e.item_item.0)) as u64
     }
 }
 
@@ -190,7 +192,7 @@ impl Handles {
 pub struct RankerCore {
     ctx: Arc<Ctx>,
     handles: Handles,
-    breakers: [Breaker; 3],
+    breakers: [Breaker; Branch::ALL.len()],
     cache: Option<CandidateCache>,
     popular: Mutex<FxHashMap<Option<String>, PopularList>>,
 }
@@ -198,10 +200,10 @@ pub struct RankerCore {
 impl RankerCore {
     pub fn new(ctx: Arc<Ctx>) -> RankerCore {
         let r = &ctx.settings.ranker;
-        let b = |n: &str| Breaker::new(n, r.breaker_failures, r.breaker_open);
         RankerCore {
             handles: Handles::new(&ctx.metrics),
-            breakers: [b("als"), b("content"), b("popularity")],
+            breakers: Branch::ALL
+                .map(|b| Breaker::new(b.name(), r.breaker_failures, r.breaker_open)),
             cache: (r.cache_users > 0).then(|| {
                 CandidateCache::with_weighter(
                     r.cache_users,
@@ -215,12 +217,12 @@ impl RankerCore {
     }
 
     /// Runs one branch under its breaker, deadline and fault hook.
-    async fn branch<T, F>(&self, idx: usize, fut: F) -> (Option<T>, BranchReport)
+    async fn branch<T, F>(&self, branch: Branch, fut: F) -> (Option<T>, BranchReport)
     where
         T: std::ops::Deref<Target = Candidates>,
         F: std::future::Future<Output = Result<Option<T>, String>>,
     {
-        let branch = Branch::ALL[idx];
+        let idx = branch.index();
         let name = branch.name();
         let started = Instant::now();
         let breaker = &self.breakers[idx];
@@ -378,7 +380,7 @@ impl RankerCore {
         // Models read the uncapped interests, never the display history.
         let interests = Arc::new(view.interests);
 
-        let als_fut = self.branch(0, {
+        let als_fut = self.branch(Branch::Als, {
             let (ctx, excl, interests) = (ctx.clone(), excl.clone(), interests.clone());
             async move {
                 let Some(model) = ctx.als.load_full() else {
@@ -390,31 +392,30 @@ impl RankerCore {
                 tokio::task::spawn_blocking(move || {
                     // Real-time fold-in: the user's vector from every interest up to
                     // this request, against the serving item factors.
-                    let inter: Vec<(u32, f32)> = interests
-                        .iter()
-                        .filter_map(|(item, w, _)| model.items.get(item).map(|i| (i, *w)))
-                        .collect();
-                    let v = model.fold_in.solve(model.item_factors.view(), &inter);
-                    if v.iter().all(|x| *x == 0.0) {
-                        return Vec::new();
-                    }
-                    let mut scratch = Vec::new();
+                    let inter = pipeline::rows_of(
+                        interests.iter().map(|(item, w, _)| (item.as_str(), *w)),
+                        |id| model.items.get(id),
+                    );
                     let seen = excl.seen_rows(|id| model.items.get(id));
                     let catalog = ctx.catalog.read();
-                    let top = als_top_k(
-                        &ctx,
-                        &model,
-                        &v,
-                        n,
-                        |i| {
-                            seen.contains(&i)
-                                || model
-                                    .items
-                                    .name(i)
-                                    .is_none_or(|id| excl.blocks_unseen(&catalog, id))
-                        },
-                        &mut scratch,
-                    );
+                    let mut scratch = Vec::new();
+                    let top =
+                        pipeline::als(&model.fold_in, model.item_factors.view(), &inter, |v| {
+                            als_top_k(
+                                &ctx,
+                                &model,
+                                v,
+                                n,
+                                |i| {
+                                    seen.contains(&i)
+                                        || model
+                                            .items
+                                            .name(i)
+                                            .is_none_or(|id| excl.blocks_unseen(&catalog, id))
+                                },
+                                &mut scratch,
+                            )
+                        });
                     named(&top, |i| model.items.name(i))
                 })
                 .await
@@ -422,7 +423,7 @@ impl RankerCore {
                 .map_err(|e| e.to_string())
             }
         });
-        let content_fut = self.branch(1, {
+        let content_fut = self.branch(Branch::Content, {
             let (ctx, excl, interests) = (ctx.clone(), excl.clone(), interests.clone());
             let half_life = s.content.profile_half_life.as_secs_f64();
             async move {
@@ -439,30 +440,31 @@ impl RankerCore {
                         .iter()
                         .filter_map(|(item, w, ts)| index.index(item).map(|i| (i, *w, ts / 1000)))
                         .collect();
-                    let Some(profile) = index.user_profile(&touched, half_life) else {
-                        return Vec::new();
-                    };
                     let mut scratch = Vec::new();
                     let seen = excl.seen_rows(|id| index.index(id));
                     let catalog = ctx.catalog.read();
-                    let (top, path) = index.top_k(
-                        &profile,
-                        n,
-                        |i| {
-                            !index.live(i)
-                                || seen.contains(&i)
-                                || index
-                                    .name(i)
-                                    .is_none_or(|id| excl.blocks_unseen(&catalog, id))
-                        },
-                        &mut scratch,
-                    );
-                    if let Some(path) = path {
-                        ctx.metrics
-                            .ann_searches
-                            .get_or_create(&labels2("branch", "content", "path", path.as_str()))
-                            .inc();
-                    }
+                    let profile = index.user_profile(&touched, half_life);
+                    let top = pipeline::content(profile, |q| {
+                        let (top, path) = index.top_k(
+                            q,
+                            n,
+                            |i| {
+                                !index.live(i)
+                                    || seen.contains(&i)
+                                    || index
+                                        .name(i)
+                                        .is_none_or(|id| excl.blocks_unseen(&catalog, id))
+                            },
+                            &mut scratch,
+                        );
+                        if let Some(path) = path {
+                            ctx.metrics
+                                .ann_searches
+                                .get_or_create(&labels2("branch", "content", "path", path.as_str()))
+                                .inc();
+                        }
+                        top
+                    });
                     named(&top, |i| index.name(i))
                 })
                 .await
@@ -470,7 +472,45 @@ impl RankerCore {
                 .map_err(|e| e.to_string())
             }
         });
-        let (als, content) = tokio::join!(als_fut, content_fut);
+        let item_item_fut = self.branch(Branch::ItemItem, {
+            let (ctx, excl, interests) = (ctx.clone(), excl.clone(), interests.clone());
+            async move {
+                let Some(model) = ctx.als.load_full() else {
+                    return Ok(None);
+                };
+                if model.item_item.is_none() {
+                    return Ok(None);
+                }
+                if interests.is_empty() {
+                    return Ok(Some(Owned::default()));
+                }
+                tokio::task::spawn_blocking(move || {
+                    let Some(ii) = model.item_item.as_ref() else {
+                        return Vec::new();
+                    };
+                    // No fold-in: the user's items (every interest up to this request)
+                    // times the item-item rows.
+                    let inter = pipeline::rows_of(
+                        interests.iter().map(|(item, w, _)| (item.as_str(), *w)),
+                        |id| model.items.get(id),
+                    );
+                    let seen = excl.seen_rows(|id| model.items.get(id));
+                    let catalog = ctx.catalog.read();
+                    let top = pipeline::item_item(ii, &inter, n, |i| {
+                        seen.contains(&i)
+                            || model
+                                .items
+                                .name(i)
+                                .is_none_or(|id| excl.blocks_unseen(&catalog, id))
+                    });
+                    named(&top, |i| model.items.name(i))
+                })
+                .await
+                .map(|v| Some(Box::new(v)))
+                .map_err(|e| e.to_string())
+            }
+        });
+        let (als, content, item_item) = tokio::join!(als_fut, content_fut, item_item_fut);
         UserCandidates {
             user_offset: view.last_offset,
             checked_to: std::sync::atomic::AtomicU64::new(view.applied_offset),
@@ -480,6 +520,7 @@ impl RankerCore {
             seen,
             als,
             content,
+            item_item,
         }
     }
 
@@ -555,7 +596,9 @@ impl RankerCore {
                 let e = Arc::new(self.user_candidates(&req, view, als_version, n).await);
                 // Only complete answers are reused. A missing ALS model is complete (a
                 // new version drops the entry); an empty content index is not.
-                let failed = [&e.als.1, &e.content.1].iter().any(|r| r.status.is_fault())
+                let failed = [&e.als.1, &e.content.1, &e.item_item.1]
+                    .iter()
+                    .any(|r| r.status.is_fault())
                     || e.content.1.status == BranchStatus::Unavailable;
                 if let Some(c) = cache {
                     if features_ok && !reply.stale && !failed {
@@ -575,7 +618,7 @@ impl RankerCore {
         };
         let want = n + excl.seen.len() + excl.exclude.len();
         let (pop, r2) = self
-            .branch(2, async {
+            .branch(Branch::Popularity, async {
                 self.popular_list(req.category.clone(), want, req.now_ms)
                     .await
                     .map(Some)
@@ -583,12 +626,15 @@ impl RankerCore {
             .await;
         let mut r0 = user.als.1.clone();
         let mut r1 = user.content.1.clone();
+        let mut r3 = user.item_item.1.clone();
         if reply.cached {
             r0.micros = 0;
             r1.micros = 0;
+            r3.micros = 0;
         }
         reply.als_model_version = als_version;
-        reply.branches = vec![r0, r1, r2];
+        // In `Branch` order.
+        reply.branches = vec![r0, r1, r2, r3];
         reply.degraded = !features_ok || reply.branches.iter().any(|b| b.status.is_fault());
 
         // Blend over a per-request index of candidate ids; what the catalogue hides or
@@ -596,6 +642,7 @@ impl RankerCore {
         let catalog = ctx.catalog.read();
         let total = user.als.0.as_ref().map_or(0, |l| l.len())
             + user.content.0.as_ref().map_or(0, |l| l.len())
+            + user.item_item.0.as_ref().map_or(0, |l| l.len())
             + n;
         let mut ids: Vec<&str> = Vec::with_capacity(total);
         let mut index: FxHashMap<&str, u32> =
@@ -604,12 +651,14 @@ impl RankerCore {
         fn slice(l: Option<&Candidates>) -> &[(String, f32)] {
             l.map_or(&[], Vec::as_slice)
         }
-        // ALS and content lists were scanned without the user's seen items, and a cached
-        // entry dies with the user's next event, so they skip the seen check.
+        // ALS, content and item-item lists were scanned without the user's seen items, and
+        // a cached entry dies with the user's next event, so they skip the seen check.
+        // In `Branch` order.
         let sources = [
             (slice(user.als.0.as_deref()), usize::MAX, false),
             (slice(user.content.0.as_deref()), usize::MAX, false),
             (slice(pop.as_deref()), n, true),
+            (slice(user.item_item.0.as_deref()), usize::MAX, false),
         ];
         for (cands, limit, check_seen) in sources {
             let list = cands
@@ -636,14 +685,14 @@ impl RankerCore {
                 .collect();
             lists.push(list);
         }
-        if let Some(b) = reply.branches.get_mut(2) {
-            b.candidates = lists[2].len() as u32;
+        let pi = Branch::Popularity.index();
+        if let Some(b) = reply.branches.get_mut(pi) {
+            b.candidates = lists[pi].len() as u32;
         }
         let requested = req
             .weights
-            .as_ref()
-            .filter(|w| w.len() == 3)
-            .map(|w| [w[0], w[1], w[2]])
+            .as_deref()
+            .and_then(requested_weights)
             .unwrap_or(s.ranker.weights);
         let (weights, fallback) = fallback_weights(requested, s.ranker.weights, &lists);
         reply.fallback = fallback;
@@ -762,18 +811,18 @@ fn als_top_k(
 /// and a [`Fallback`] saying so: an answer never shows one branch's order with every share
 /// zero.
 fn fallback_weights(
-    requested: [f32; 3],
-    configured: [f32; 3],
+    requested: Weights,
+    configured: Weights,
     lists: &[Vec<Scored>],
-) -> ([f32; 3], Option<Fallback>) {
-    let usable = |w: &[f32; 3]| w.iter().zip(lists).any(|(&w, l)| w > 0.0 && !l.is_empty());
+) -> (Weights, Option<Fallback>) {
+    let usable = |w: &Weights| w.iter().zip(lists).any(|(&w, l)| w > 0.0 && !l.is_empty());
     if usable(&requested) || lists.iter().all(Vec::is_empty) {
         return (requested, None);
     }
     let used = if usable(&configured) {
         configured
     } else {
-        let mut w = [0.0; 3];
+        let mut w = [0.0; NB];
         for (x, l) in w.iter_mut().zip(lists) {
             if !l.is_empty() {
                 *x = 1.0;
@@ -781,11 +830,11 @@ fn fallback_weights(
         }
         w
     };
-    let selected: Vec<&str> = BRANCH_NAMES
+    let selected: Vec<&str> = Branch::ALL
         .iter()
         .zip(requested)
         .filter(|(_, w)| *w > 0.0)
-        .map(|(n, _)| *n)
+        .map(|(b, _)| b.name())
         .collect();
     let fb = Fallback {
         requested: requested.to_vec(),
@@ -798,8 +847,21 @@ fn fallback_weights(
     (used, Some(fb))
 }
 
-/// Branch names in weight order.
-const BRANCH_NAMES: [&str; 3] = ["als", "content", "popularity"];
+const NB: usize = Branch::ALL.len();
+
+/// Blend weights, one per [`Branch`] in blend order.
+type Weights = [f32; NB];
+
+/// A request's weights: four in `Branch` order, or three (als, content, popularity; the
+/// form before the item-item branch) with item_item at 0. Other lengths are refused by
+/// the request check; here they fall back to the configured weights.
+fn requested_weights(w: &[f32]) -> Option<Weights> {
+    match *w {
+        [a, c, p] => Some([a, c, p, 0.0]),
+        [a, c, p, i] => Some([a, c, p, i]),
+        _ => None,
+    }
+}
 
 fn named<'a>(top: &[Scored], name: impl Fn(u32) -> Option<&'a str>) -> Vec<(String, f32)> {
     top.iter()
@@ -892,23 +954,40 @@ mod tests {
 
     #[test]
     fn weights_that_select_only_empty_branches_fall_back_and_say_so() {
-        let lists = vec![list(&[1, 2]), Vec::new(), list(&[3])];
+        let lists = vec![list(&[1, 2]), Vec::new(), list(&[3]), Vec::new()];
+        let configured = [0.5, 0.1, 0.1, 0.3];
         // Content only, and content is empty: the configured weights, flagged.
-        let (w, fb) = fallback_weights([0.0, 1.0, 0.0], [0.8, 0.1, 0.1], &lists);
-        assert_eq!(w, [0.8, 0.1, 0.1]);
+        let (w, fb) = fallback_weights([0.0, 1.0, 0.0, 0.0], configured, &lists);
+        assert_eq!(w, configured);
         let fb = fb.unwrap();
-        assert_eq!(fb.requested, vec![0.0, 1.0, 0.0]);
+        assert_eq!(fb.requested, vec![0.0, 1.0, 0.0, 0.0]);
         assert!(fb.reason.contains("content"), "{}", fb.reason);
+        // Item-item only, and it is empty: flagged by its name.
+        let (_, fb) = fallback_weights([0.0, 0.0, 0.0, 1.0], configured, &lists);
+        assert!(fb.unwrap().reason.contains("item_item"));
         // Configured weights that select nothing usable either: equal over non-empty.
-        let (w, fb) = fallback_weights([0.0, 1.0, 0.0], [0.0, 1.0, 0.0], &lists);
-        assert_eq!((w, fb.is_some()), ([1.0, 0.0, 1.0], true));
+        let (w, fb) = fallback_weights([0.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], &lists);
+        assert_eq!((w, fb.is_some()), ([1.0, 0.0, 1.0, 0.0], true));
         // A usable selection is kept as asked, even when other branches are empty.
-        let (w, fb) = fallback_weights([1.0, 0.0, 0.0], [0.8, 0.1, 0.1], &lists);
-        assert_eq!((w, fb), ([1.0, 0.0, 0.0], None));
+        let (w, fb) = fallback_weights([1.0, 0.0, 0.0, 0.0], configured, &lists);
+        assert_eq!((w, fb), ([1.0, 0.0, 0.0, 0.0], None));
         // Nothing anywhere: nothing to fall back to.
-        let empty = vec![Vec::new(), Vec::new(), Vec::new()];
-        assert!(fallback_weights([0.0, 1.0, 0.0], [0.8, 0.1, 0.1], &empty)
+        let empty = vec![Vec::new(); 4];
+        assert!(fallback_weights([0.0, 1.0, 0.0, 0.0], configured, &empty)
             .1
             .is_none());
+    }
+
+    #[test]
+    fn three_weights_leave_the_item_item_branch_out() {
+        assert_eq!(
+            requested_weights(&[0.7, 0.2, 0.1]),
+            Some([0.7, 0.2, 0.1, 0.0])
+        );
+        assert_eq!(
+            requested_weights(&[0.1, 0.2, 0.3, 0.4]),
+            Some([0.1, 0.2, 0.3, 0.4])
+        );
+        assert_eq!(requested_weights(&[1.0]), None);
     }
 }

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use troupe_models::als::{AlsParams, FoldIn};
 use troupe_models::ann::{AnnParams, MipsIndex};
 use troupe_models::dataset::IdMap;
+use troupe_models::ease::EaseModel;
 
 use crate::record::Item;
 
@@ -86,12 +87,15 @@ pub struct AlsServing {
     /// HNSW index over `item_factors`, built off the request path after the model is
     /// served (see [`AlsServing::build_index`]); exact scans answer until it is there.
     pub ann: ArcSwapOption<MipsIndex>,
+    /// The item-item branch (EASE) trained on the same interactions, over the same item
+    /// indices; `None` in snapshots written before it existed.
+    pub item_item: Option<EaseModel>,
 }
 
 /// Key of [`AlsServing::max_event_ts`] in a snapshot's `extra`.
 const MAX_EVENT_TS: &str = "max_event_ts";
 
-/// On-disk form of a model version.
+/// On-disk form of a model version (format 2: with the item-item branch).
 #[derive(Serialize, Deserialize)]
 pub struct AlsSnapshot {
     pub format: u16,
@@ -104,10 +108,60 @@ pub struct AlsSnapshot {
     pub trained_at_ms: i64,
     pub interactions: u64,
     pub extra: BTreeMap<String, String>,
+    pub item_item: Option<EaseModel>,
+}
+
+/// Format 1 of [`AlsSnapshot`]: the same fields but the item-item branch (read only).
+#[derive(Serialize, Deserialize)]
+struct AlsSnapshotV1 {
+    format: u16,
+    version: u64,
+    items: Vec<String>,
+    factors: usize,
+    data: Vec<f32>,
+    params: AlsParams,
+    validation_ndcg: f64,
+    trained_at_ms: i64,
+    interactions: u64,
+    extra: BTreeMap<String, String>,
 }
 
 /// Version of [`AlsSnapshot`] written by this build.
-pub const ALS_SNAPSHOT_FORMAT: u16 = 1;
+pub const ALS_SNAPSHOT_FORMAT: u16 = 2;
+
+impl AlsSnapshot {
+    /// Decodes a snapshot of format 2, or of format 1 (no item-item branch).
+    pub fn decode(bytes: &[u8]) -> Result<AlsSnapshot, String> {
+        match crate::codec::decode::<AlsSnapshot>(bytes) {
+            Ok(s) if s.format == ALS_SNAPSHOT_FORMAT => Ok(s),
+            first => {
+                let v1: AlsSnapshotV1 = crate::codec::decode(bytes).map_err(|e| match &first {
+                    Err(f) => f.clone(),
+                    Ok(_) => e,
+                })?;
+                if v1.format != 1 {
+                    return Err(format!(
+                        "unknown ALS snapshot format {} (this build reads 1 and {ALS_SNAPSHOT_FORMAT})",
+                        v1.format
+                    ));
+                }
+                Ok(AlsSnapshot {
+                    format: 1,
+                    version: v1.version,
+                    items: v1.items,
+                    factors: v1.factors,
+                    data: v1.data,
+                    params: v1.params,
+                    validation_ndcg: v1.validation_ndcg,
+                    trained_at_ms: v1.trained_at_ms,
+                    interactions: v1.interactions,
+                    extra: v1.extra,
+                    item_item: None,
+                })
+            }
+        }
+    }
+}
 
 impl AlsServing {
     pub fn to_snapshot(&self) -> AlsSnapshot {
@@ -124,13 +178,14 @@ impl AlsServing {
             trained_at_ms: self.trained_at_ms,
             interactions: self.interactions,
             extra: BTreeMap::from([(MAX_EVENT_TS.to_string(), self.max_event_ts.to_string())]),
+            item_item: self.item_item.clone(),
         }
     }
 
     pub fn from_snapshot(s: AlsSnapshot) -> Result<AlsServing, String> {
-        if s.format != ALS_SNAPSHOT_FORMAT {
+        if s.format != ALS_SNAPSHOT_FORMAT && s.format != 1 {
             return Err(format!(
-                "unknown ALS snapshot format {} (this build reads {ALS_SNAPSHOT_FORMAT})",
+                "unknown ALS snapshot format {} (this build reads 1 and {ALS_SNAPSHOT_FORMAT})",
                 s.format
             ));
         }
@@ -152,6 +207,9 @@ impl AlsServing {
             }
             items.intern(i);
         }
+        if let Some(m) = &s.item_item {
+            m.check(n)?;
+        }
         let fold_in = FoldIn::new(factors.view(), &s.params);
         Ok(AlsServing {
             version: s.version,
@@ -168,6 +226,7 @@ impl AlsServing {
                 .unwrap_or(i64::MAX),
             interactions: s.interactions,
             ann: ArcSwapOption::empty(),
+            item_item: s.item_item,
         })
     }
 
@@ -207,10 +266,38 @@ mod tests {
             trained_at_ms: 1,
             interactions: 2,
             extra: BTreeMap::new(),
+            item_item: Some(EaseModel {
+                rows: troupe_models::sparse::Csr::from_triples(2, 2, &[(0, 1, 0.5), (1, 0, 0.5)]),
+                fitted_items: 2,
+                ..Default::default()
+            }),
         };
         let bytes = crate::codec::encode(&snap).unwrap();
-        let back = AlsServing::from_snapshot(crate::codec::decode(&bytes).unwrap()).unwrap();
+        let back = AlsServing::from_snapshot(AlsSnapshot::decode(&bytes).unwrap()).unwrap();
         assert_eq!((back.version, back.items.get("b")), (3, Some(1)));
+        assert_eq!(back.item_item.as_ref().map(|m| m.fitted_items), Some(2));
+        // A format-1 snapshot (no item-item branch) still loads.
+        let v1 = AlsSnapshotV1 {
+            format: 1,
+            version: 2,
+            items: snap.items.clone(),
+            factors: 2,
+            data: snap.data.clone(),
+            params: snap.params.clone(),
+            validation_ndcg: 0.5,
+            trained_at_ms: 1,
+            interactions: 2,
+            extra: BTreeMap::new(),
+        };
+        let old = AlsSnapshot::decode(&crate::codec::encode(&v1).unwrap()).unwrap();
+        let old = AlsServing::from_snapshot(old).unwrap();
+        assert_eq!((old.version, old.item_item.is_none()), (2, true));
+        // Item-item rows that name an item the model does not have are refused.
+        let mut bad = AlsSnapshot::decode(&bytes).unwrap();
+        if let Some(m) = bad.item_item.as_mut() {
+            m.rows.indices[0] = 7;
+        }
+        assert!(AlsServing::from_snapshot(bad).is_err());
         snap.data.pop();
         assert!(AlsServing::from_snapshot(snap).is_err());
     }
@@ -218,7 +305,7 @@ mod tests {
     proptest! {
         #[test]
         fn snapshot_bytes_decode_or_fail(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
-            if let Ok(s) = crate::codec::decode::<AlsSnapshot>(&bytes) {
+            if let Ok(s) = AlsSnapshot::decode(&bytes) {
                 drop(AlsServing::from_snapshot(s));
             }
         }

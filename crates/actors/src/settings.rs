@@ -162,12 +162,14 @@ pub struct AlsSettings {
     pub keep_versions: usize,
     /// Users held out (last interaction) to compare a candidate with the serving model.
     pub validation_users: usize,
+    /// The item-item branch, trained with ALS and published in the same snapshot.
+    pub item_item: troupe_models::ease::EaseParams,
 }
 
 #[derive(Debug, Clone)]
 pub struct RankerSettings {
-    /// Blend weights of als, content, popularity.
-    pub weights: [f32; 3],
+    /// Blend weights of als, content, popularity, item_item (the `Branch` order).
+    pub weights: [f32; troupe_models::evaluate::NB],
     pub normalization: Normalization,
     pub candidates: usize,
     pub branch_deadline: Duration,
@@ -227,6 +229,7 @@ impl Settings {
                 min_interactions: 100,
                 keep_versions: 3,
                 validation_users: 500,
+                item_item: defaults.ease,
             },
             ranker: RankerSettings {
                 weights: defaults.blend.weights,

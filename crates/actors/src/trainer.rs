@@ -142,6 +142,8 @@ struct TrainInput {
     items: IdMap,
     pairs: Pairs,
     params: als::AlsParams,
+    /// The item-item branch's parameters (fitted on the same interactions).
+    item_item: troupe_models::ease::EaseParams,
     validation_users: usize,
     serving: Option<Arc<AlsServing>>,
     leader: String,
@@ -295,12 +297,13 @@ fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
     drop(cases);
     // Validation held rows out; the model that serves learns from every row (as the
     // model `troupe eval` scores does).
+    let all: Vec<(u32, u32, f32)> = input.pairs.iter().map(|p| (p.0, p.1, p.2)).collect();
+    let csr_all = Csr::from_triples(input.user_keys.len(), input.items.len(), &all);
+    drop(all);
     let (model, fold) = if held.is_empty() {
         (model, fold)
     } else {
-        let all: Vec<(u32, u32, f32)> = input.pairs.iter().map(|p| (p.0, p.1, p.2)).collect();
-        let csr = Csr::from_triples(input.user_keys.len(), input.items.len(), &all);
-        match als::fit_keyed(&csr, &input.params, &input.user_keys, &item_keys) {
+        match als::fit_keyed(&csr_all, &input.params, &input.user_keys, &item_keys) {
             Ok(m) => {
                 let f = FoldIn::new(m.item_factors.view(), &m.params);
                 (m, f)
@@ -312,6 +315,25 @@ fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
             }
         }
     };
+    // The item-item branch from the same interactions, over the same item indices. A
+    // failed fit leaves the version without it (the other branches still serve).
+    let ease_started = Instant::now();
+    let item_item = match troupe_models::ease::fit(&csr_all, &input.item_item) {
+        Ok(m) => {
+            tracing::info!(
+                fitted_items = m.fitted_items,
+                kept_bytes = m.memory_bytes(),
+                fit_ms = ease_started.elapsed().as_millis() as u64,
+                "item-item branch fitted"
+            );
+            Some(m)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "item-item fit failed; the version serves without it");
+            None
+        }
+    };
+    drop(csr_all);
     report.train_ms = started.elapsed().as_millis() as u64;
     report.accepted = true;
     report.reason = format!("accepted{note}");
@@ -327,6 +349,7 @@ fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
         interactions: report.interactions,
         max_event_ts,
         ann: Default::default(),
+        item_item,
     };
     (report, Some(serving))
 }
@@ -640,6 +663,7 @@ impl AlsTrainerState {
                     items,
                     pairs,
                     params: ctx.settings.als.params.clone(),
+                    item_item: ctx.settings.als.item_item.clone(),
                     validation_users: ctx.settings.als.validation_users,
                     serving: ctx.als.load_full(),
                     leader,
@@ -843,6 +867,11 @@ impl AlsTrainerState {
         serde_json::json!({
             "serving_version": serving.as_ref().map(|m| m.version),
             "serving_ndcg": serving.as_ref().map(|m| m.validation_ndcg),
+            "item_item": serving.as_ref().and_then(|m| m.item_item.as_ref()).map(|m| serde_json::json!({
+                "fitted_items": m.fitted_items,
+                "kept_bytes": m.memory_bytes(),
+                "params": m.params,
+            })),
             "record": rec.map(|r| serde_json::json!({
                 "latest": r.latest,
                 "serve": r.serve,
@@ -903,7 +932,7 @@ async fn load_verified(ctx: &Ctx, meta: &SnapshotMeta) -> Result<AlsServing, Act
 
 async fn decode_model(bytes: Vec<u8>, version: u64) -> Result<AlsServing, ActorProcessingErr> {
     let m = tokio::task::spawn_blocking(move || -> Result<AlsServing, ActorProcessingErr> {
-        let snap: AlsSnapshot = crate::codec::decode(&bytes)
+        let snap = AlsSnapshot::decode(&bytes)
             .map_err(|e| format!("model snapshot {version} does not decode: {e}"))?;
         Ok(AlsServing::from_snapshot(snap)?)
     })

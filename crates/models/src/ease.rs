@@ -36,7 +36,7 @@ impl Default for EaseParams {
     fn default() -> Self {
         EaseParams {
             lambda: 300.0,
-            max_items: 20_000,
+            max_items: 10_000,
             neighbours: 500,
         }
     }
@@ -68,7 +68,7 @@ impl EaseParams {
 
 /// A fitted item-item model: per item (by the training matrix's column index), its kept
 /// neighbours and weights, largest magnitude first.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EaseModel {
     pub params: EaseParams,
     /// `rows.indptr[i]..rows.indptr[i + 1]`: item `i`'s neighbours (`indices`) and the
@@ -208,6 +208,35 @@ pub fn fit(x: &Csr, params: &EaseParams) -> Result<EaseModel> {
 }
 
 impl EaseModel {
+    /// Checks a model read from elsewhere (a snapshot) against `items`, the size of the
+    /// catalogue it scores: shapes, monotone row pointers, column indices in range and
+    /// finite weights, so scoring can never index out of bounds.
+    pub fn check(&self, items: usize) -> std::result::Result<(), String> {
+        let r = &self.rows;
+        if r.rows != items || r.cols != items || r.indptr.len() != items + 1 {
+            return Err(format!(
+                "item-item rows are {} x {} with {} row pointers; the model has {items} items",
+                r.rows,
+                r.cols,
+                r.indptr.len()
+            ));
+        }
+        if r.indptr.first() != Some(&0)
+            || r.indptr.windows(2).any(|w| w[0] > w[1])
+            || r.indptr.last() != Some(&r.indices.len())
+            || r.indices.len() != r.data.len()
+        {
+            return Err("item-item row pointers are inconsistent".into());
+        }
+        if r.indices.iter().any(|&j| j as usize >= items) {
+            return Err("item-item rows name an item out of range".into());
+        }
+        if !r.data.iter().all(|x| x.is_finite()) {
+            return Err("item-item rows with non-finite weights".into());
+        }
+        Ok(())
+    }
+
     /// Bytes the kept rows take.
     pub fn memory_bytes(&self) -> usize {
         self.rows.indptr.len() * std::mem::size_of::<usize>()

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use ndarray::{Array2, ArrayView2};
+use ndarray::ArrayView2;
 use rayon::prelude::*;
 use rustc_hash::FxHashSet;
 use serde::Serialize;
@@ -21,20 +21,21 @@ use crate::dataset::{split_per_user, Interaction, SplitKind, WeightConfig};
 use crate::error::{ModelError, Result};
 use crate::interest;
 use crate::metrics::{MetricsAccumulator, RankMetrics};
+use crate::pipeline::{self, Branch};
 use crate::popularity::Popularity;
 use crate::sparse::Csr;
 use crate::topk::{self, Scored};
 
 const DAY: f64 = 86_400.0;
 
-/// Branch order used in weight arrays and reports.
-pub const BRANCHES: [&str; 3] = ["als", "content", "popularity"];
+/// Number of blended branches (weights and shares are in [`Branch`] order).
+pub const NB: usize = pipeline::BRANCHES;
 
 /// Blend settings.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct BlendSettings {
-    /// Weights of `als`, `content`, `popularity`.
-    pub weights: [f32; 3],
+    /// Weights of `als`, `content`, `popularity`, `item_item`.
+    pub weights: [f32; NB],
     pub normalization: Normalization,
     /// Candidates each branch proposes to the blend.
     pub candidates: usize,
@@ -45,7 +46,7 @@ impl Default for BlendSettings {
     /// parts, never on test (`bench/blend-defaults.sh`, `docs/adr/003-default-blend.md`).
     fn default() -> Self {
         BlendSettings {
-            weights: [0.7, 0.15, 0.15],
+            weights: [0.3, 0.2, 0.05, 0.45],
             normalization: Normalization::ZScore,
             candidates: 100,
         }
@@ -251,7 +252,37 @@ fn relevant(
 /// Candidate lists per evaluated user and branch.
 struct Candidates {
     /// [user][branch] -> best-first list, seen items removed.
-    lists: Vec<[Vec<Scored>; 3]>,
+    lists: Vec<[Vec<Scored>; NB]>,
+}
+
+impl Candidates {
+    /// Per-user lists from one list per branch (each in user order).
+    fn zip(
+        als: Vec<Vec<Scored>>,
+        content: Vec<Vec<Scored>>,
+        popularity: Vec<Vec<Scored>>,
+        item_item: Vec<Vec<Scored>>,
+    ) -> Candidates {
+        Candidates {
+            lists: als
+                .into_iter()
+                .zip(content)
+                .zip(popularity)
+                .zip(item_item)
+                .map(|(((a, c), p), i)| [a, c, p, i])
+                .collect(),
+        }
+    }
+}
+
+/// `{branch name: value}` in blend order.
+fn by_branch(v: [f64; NB]) -> serde_json::Value {
+    Branch::ALL
+        .iter()
+        .zip(v)
+        .map(|(b, x)| (b.name().to_string(), serde_json::json!(x)))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 fn is_zero(v: ndarray::ArrayView1<f32>) -> bool {
@@ -259,8 +290,9 @@ fn is_zero(v: ndarray::ArrayView1<f32>) -> bool {
 }
 
 /// ALS candidates per user. With `fold_in`, each user's vector is solved from their
-/// interests against the item factors, as the serving path does; otherwise the trained
-/// user factors are used (the ALS benchmark, comparable with other ALS libraries).
+/// interests against the item factors, as the serving path does (the shared
+/// [`pipeline::als`]); otherwise the trained user factors are used (the ALS benchmark,
+/// comparable with other ALS libraries).
 fn als_candidates(
     model: &als::AlsModel,
     users: &[u32],
@@ -268,27 +300,24 @@ fn als_candidates(
     n: usize,
     fold_in: bool,
 ) -> Vec<Vec<Scored>> {
-    let q = if fold_in {
-        let fold = als::FoldIn::new(model.item_factors.view(), &model.params);
-        let rows: Vec<Vec<f32>> = users
+    let items = model.item_factors.view();
+    if fold_in {
+        let fold = als::FoldIn::new(items, &model.params);
+        return users
             .par_iter()
-            .map(|&u| fold.solve(model.item_factors.view(), &ud.weights(u)))
+            .map_init(Vec::new, |scratch, &u| {
+                let seen = &ud.seen[u as usize];
+                pipeline::als(&fold, items, &ud.weights(u), |q| {
+                    topk::top_k_dense(items, q, n, |i| seen.binary_search(&i).is_ok(), scratch)
+                })
+            })
             .collect();
-        let mut q = Array2::<f32>::zeros((users.len(), model.item_factors.ncols()));
-        for (r, v) in rows.iter().enumerate() {
-            if v.len() == q.ncols() {
-                q.row_mut(r)
-                    .assign(&ndarray::ArrayView1::from(v.as_slice()));
-            }
-        }
-        q
-    } else {
-        model.user_factors.select(
-            ndarray::Axis(0),
-            &users.iter().map(|&u| u as usize).collect::<Vec<_>>(),
-        )
-    };
-    let lists = topk::top_k_batch(model.item_factors.view(), q.view(), n, |r, i| {
+    }
+    let q = model.user_factors.select(
+        ndarray::Axis(0),
+        &users.iter().map(|&u| u as usize).collect::<Vec<_>>(),
+    );
+    let lists = topk::top_k_batch(items, q.view(), n, |r, i| {
         ud.seen[users[r] as usize].binary_search(&i).is_ok()
     });
     lists
@@ -298,6 +327,7 @@ fn als_candidates(
         .collect()
 }
 
+/// Content candidates per user through the shared [`pipeline::content`].
 fn content_candidates(
     emb: ArrayView2<f32>,
     users: &[u32],
@@ -305,29 +335,20 @@ fn content_candidates(
     n: usize,
     half_life_days: f64,
 ) -> Vec<Vec<Scored>> {
-    let dim = emb.ncols();
-    let profiles: Vec<Option<Vec<f32>>> = users
+    users
         .par_iter()
-        .map(|&u| content::user_profile(emb, &ud.interests[u as usize], half_life_days * DAY))
-        .collect();
-    let mut q = Array2::<f32>::zeros((users.len(), dim));
-    for (r, p) in profiles.iter().enumerate() {
-        if let Some(p) = p {
-            q.row_mut(r)
-                .assign(&ndarray::ArrayView1::from(p.as_slice()));
-        }
-    }
-    let lists = topk::top_k_batch(emb, q.view(), n, |r, i| {
-        ud.seen[users[r] as usize].binary_search(&i).is_ok()
-    });
-    lists
-        .into_iter()
-        .zip(&profiles)
-        .map(|(l, p)| if p.is_some() { l } else { Vec::new() })
+        .map_init(Vec::new, |scratch, &u| {
+            let seen = &ud.seen[u as usize];
+            let profile =
+                content::user_profile(emb, &ud.interests[u as usize], half_life_days * DAY);
+            pipeline::content(profile, |q| {
+                topk::top_k_dense(emb, q, n, |i| seen.binary_search(&i).is_ok(), scratch)
+            })
+        })
         .collect()
 }
 
-/// Item-item candidates per user: their interests times the EASE rows.
+/// Item-item candidates per user through the shared [`pipeline::item_item`].
 fn item_item_candidates(
     model: &crate::ease::EaseModel,
     users: &[u32],
@@ -338,7 +359,7 @@ fn item_item_candidates(
         .par_iter()
         .map(|&u| {
             let seen = &ud.seen[u as usize];
-            model.top_k(&ud.weights(u), n, |i| seen.binary_search(&i).is_ok())
+            pipeline::item_item(model, &ud.weights(u), n, |i| seen.binary_search(&i).is_ok())
         })
         .collect()
 }
@@ -369,12 +390,7 @@ fn popularity_candidates(
         .par_iter()
         .map(|&u| {
             let s = &ud.seen[u as usize];
-            global
-                .iter()
-                .filter(|x| s.binary_search(&x.item).is_err())
-                .take(n)
-                .copied()
-                .collect()
+            pipeline::popularity(&global, n, |x| s.binary_search(&x.item).is_ok())
         })
         .collect()
 }
@@ -394,7 +410,7 @@ fn score_lists(
 
 fn branch_only(
     c: &Candidates,
-    b: usize,
+    b: Branch,
     rel: &[(u32, FxHashSet<u32>)],
     k: usize,
     universe: usize,
@@ -402,7 +418,7 @@ fn branch_only(
     score_lists(
         c.lists
             .iter()
-            .map(|l| l[b].iter().take(k).map(|s| s.item).collect()),
+            .map(|l| l[b.index()].iter().take(k).map(|s| s.item).collect()),
         rel,
         k,
         universe,
@@ -414,19 +430,19 @@ fn ensemble_lists(
     c: &Candidates,
     blend_cfg: &BlendSettings,
     k: usize,
-) -> (Vec<Vec<u32>>, [f64; 3]) {
-    let results: Vec<(Vec<u32>, [f64; 3], usize)> = c
+) -> (Vec<Vec<u32>>, [f64; NB]) {
+    let results: Vec<(Vec<u32>, [f64; NB], usize)> = c
         .lists
         .par_iter()
         .map(|l| {
-            let branch_lists: Vec<BranchList> = (0..3)
+            let branch_lists: Vec<BranchList> = (0..NB)
                 .map(|b| BranchList {
                     weight: blend_cfg.weights[b],
                     items: &l[b][..l[b].len().min(blend_cfg.candidates)],
                 })
                 .collect();
             let r = blend::blend(&branch_lists, blend_cfg.normalization, k, |_| true);
-            let mut share = [0f64; 3];
+            let mut share = [0f64; NB];
             for x in &r {
                 for (s, v) in share.iter_mut().zip(x.shares()) {
                     *s += v as f64;
@@ -435,12 +451,12 @@ fn ensemble_lists(
             (r.iter().map(|x| x.item).collect(), share, r.len())
         })
         .collect();
-    let mut shares = [0f64; 3];
+    let mut shares = [0f64; NB];
     let mut n = 0usize;
     let mut lists = Vec::with_capacity(results.len());
     for (l, s, len) in results {
-        for b in 0..3 {
-            shares[b] += s[b];
+        for (t, v) in shares.iter_mut().zip(s) {
+            *t += v;
         }
         n += len;
         lists.push(l);
@@ -459,20 +475,21 @@ fn ndcg_curves(
     kmax: usize,
 ) -> serde_json::Value {
     let sets = || rel.iter().map(|(_, r)| r);
-    let branch = |b: usize| {
+    let branch = |b: Branch| {
         let lists: Vec<Vec<u32>> = c
             .lists
             .iter()
-            .map(|l| l[b].iter().take(kmax).map(|s| s.item).collect())
+            .map(|l| l[b.index()].iter().take(kmax).map(|s| s.item).collect())
             .collect();
         crate::metrics::ndcg_curve(lists.iter().map(Vec::as_slice), sets(), kmax)
     };
     let (ens, _) = ensemble_lists(c, blend_cfg, kmax);
     serde_json::json!({
         "k": (1..=kmax).collect::<Vec<_>>(),
-        "als": branch(0),
-        "content": branch(1),
-        "popularity": branch(2),
+        "als": branch(Branch::Als),
+        "content": branch(Branch::Content),
+        "popularity": branch(Branch::Popularity),
+        "item_item": branch(Branch::ItemItem),
         "ensemble": crate::metrics::ndcg_curve(ens.iter().map(Vec::as_slice), sets(), kmax),
     })
 }
@@ -495,6 +512,7 @@ struct TuneResult {
     popularity_half_life_days: f64,
     content_half_life_days: f64,
     blend: BlendSettings,
+    item_item_lambda: f32,
     validation_ndcg: serde_json::Value,
     configs_tried: usize,
     seconds: f64,
@@ -527,6 +545,7 @@ impl Evaluation<'_> {
             cfg.popularity_half_life_days = t.popularity_half_life_days;
             cfg.content_half_life_days = t.content_half_life_days;
             cfg.blend = t.blend;
+            cfg.ease.lambda = t.item_item_lambda;
             tune_details = serde_json::to_value(&t).unwrap_or_default();
         }
 
@@ -558,14 +577,6 @@ impl Evaluation<'_> {
         let ease = crate::ease::fit(&m, &cfg.ease)?;
         let ease_fit = t.elapsed().as_secs_f64();
         let ease_lists = item_item_candidates(&ease, &users, &ud, n_cand);
-        let (ii_m, ii_cov) = score_lists(
-            ease_lists
-                .iter()
-                .map(|l| l.iter().take(cfg.k).map(|s| s.item).collect()),
-            &rel,
-            cfg.k,
-            universe,
-        );
 
         let t = Instant::now();
         let content_lists = content_candidates(
@@ -582,28 +593,22 @@ impl Evaluation<'_> {
         let als_rank = t.elapsed().as_secs_f64();
         let pop_lists = popularity_candidates(&pop, &users, &ud, n_cand);
 
-        let cands = Candidates {
-            lists: als_lists
-                .into_iter()
-                .zip(content_lists)
-                .zip(pop_lists)
-                .map(|((a, c), p)| [a, c, p])
-                .collect(),
-        };
-        let (als_m, als_cov) = branch_only(&cands, 0, &rel, cfg.k, universe);
-        let (con_m, con_cov) = branch_only(&cands, 1, &rel, cfg.k, universe);
-        let (pop_m, pop_cov) = branch_only(&cands, 2, &rel, cfg.k, universe);
+        let cands = Candidates::zip(als_lists, content_lists, pop_lists, ease_lists);
+        let (als_m, als_cov) = branch_only(&cands, Branch::Als, &rel, cfg.k, universe);
+        let (con_m, con_cov) = branch_only(&cands, Branch::Content, &rel, cfg.k, universe);
+        let (pop_m, pop_cov) = branch_only(&cands, Branch::Popularity, &rel, cfg.k, universe);
+        let (ii_m, ii_cov) = branch_only(&cands, Branch::ItemItem, &rel, cfg.k, universe);
         let (ens_lists, shares) = ensemble_lists(&cands, &cfg.blend, cfg.k);
         let (ens_m, ens_cov) = score_lists(ens_lists.into_iter(), &rel, cfg.k, universe);
         let curve = (cfg.curve_to > 0).then(|| ndcg_curves(&cands, &cfg.blend, &rel, cfg.curve_to));
 
         let details = serde_json::json!({
             "blend": {
-                "weights": {"als": cfg.blend.weights[0], "content": cfg.blend.weights[1], "popularity": cfg.blend.weights[2]},
+                "weights": by_branch(cfg.blend.weights.map(f64::from)),
                 "normalization": cfg.blend.normalization,
                 "candidates": cfg.blend.candidates,
             },
-            "ensemble_mean_share": {"als": shares[0], "content": shares[1], "popularity": shares[2]},
+            "ensemble_mean_share": by_branch(shares),
             "als": cfg.als,
             "als_rank_seconds": als_rank,
             "item_item": {
@@ -635,7 +640,7 @@ impl Evaluation<'_> {
                 als: report(als_m, als_cov, als_fit),
                 content: report(con_m, con_cov, content_fit),
                 item_item: report(ii_m, ii_cov, ease_fit),
-                ensemble: report(ens_m, ens_cov, pop_fit + als_fit + content_fit),
+                ensemble: report(ens_m, ens_cov, pop_fit + als_fit + content_fit + ease_fit),
             },
             details,
         })
@@ -751,43 +756,63 @@ impl Evaluation<'_> {
         let (con_ndcg, con_h, con_lists) =
             best_con.ok_or_else(|| ModelError::Empty("no content setting".into()))?;
 
-        let cands = Candidates {
-            lists: als_lists
-                .into_iter()
-                .zip(con_lists)
-                .zip(pop_lists)
-                .map(|((a, c), p)| [a, c, p])
-                .collect(),
-        };
+        let mut best_ease: Option<(f64, f32, Vec<Vec<Scored>>)> = None;
+        for &lambda in &[100.0f32, 300.0, 1000.0] {
+            let p = crate::ease::EaseParams {
+                lambda,
+                ..cfg.ease.clone()
+            };
+            let model = crate::ease::fit(&m, &p)?;
+            let lists = item_item_candidates(&model, &users, &ud, n_cand);
+            let s = ndcg_of(&lists);
+            tried += 1;
+            log(&format!("tune item_item lambda={lambda}: ndcg@{k}={s:.4}"));
+            if best_ease.as_ref().is_none_or(|b| s > b.0) {
+                best_ease = Some((s, lambda, lists));
+            }
+        }
+        let (ii_ndcg, ii_lambda, ii_lists) =
+            best_ease.ok_or_else(|| ModelError::Empty("no item-item setting".into()))?;
+
+        let cands = Candidates::zip(als_lists, con_lists, pop_lists, ii_lists);
         let mut best_blend = (f64::MIN, cfg.blend);
-        let steps: Vec<f32> = (0..=10).map(|i| i as f32 / 10.0).collect();
-        for norm in [
-            Normalization::Rrf { k0: 60.0 },
-            Normalization::Rrf { k0: 10.0 },
-            Normalization::ZScore,
-        ] {
-            for &wa in &steps {
-                for &wc in &steps {
-                    let wp = 1.0 - wa - wc;
-                    if wp < -1e-6 {
-                        continue;
-                    }
-                    let b = BlendSettings {
-                        weights: [wa, wc, wp.max(0.0)],
-                        normalization: norm,
-                        candidates: cfg.blend.candidates,
-                    };
-                    let (lists, _) = ensemble_lists(&cands, &b, k);
-                    let (mm, _) = score_lists(lists.into_iter(), &rel, k, universe);
-                    tried += 1;
-                    if mm.ndcg > best_blend.0 + 1e-9 {
-                        best_blend = (mm.ndcg, b);
-                    }
+        // Every weight vector on a 0.1 grid of the simplex (weights sum to 1).
+        let mut simplex: Vec<[f32; NB]> = Vec::new();
+        for a in 0..=10u32 {
+            for c in 0..=10 - a {
+                for p in 0..=10 - a - c {
+                    let i = 10 - a - c - p;
+                    simplex.push([a, c, p, i].map(|x| x as f32 / 10.0));
                 }
             }
         }
+        let norms = [
+            Normalization::Rrf { k0: 60.0 },
+            Normalization::Rrf { k0: 10.0 },
+            Normalization::ZScore,
+        ];
+        let total = (simplex.len() * norms.len()) as u64;
+        let mut done = 0u64;
+        (self.progress)("tuning the blend", 0, total);
+        for norm in norms {
+            for &weights in &simplex {
+                let b = BlendSettings {
+                    weights,
+                    normalization: norm,
+                    candidates: cfg.blend.candidates,
+                };
+                let (lists, _) = ensemble_lists(&cands, &b, k);
+                let (mm, _) = score_lists(lists.into_iter(), &rel, k, universe);
+                tried += 1;
+                done += 1;
+                if mm.ndcg > best_blend.0 + 1e-9 {
+                    best_blend = (mm.ndcg, b);
+                }
+                (self.progress)("tuning the blend", done, total);
+            }
+        }
         log(&format!(
-            "tuned: als {als_ndcg:.4}, content {con_ndcg:.4}, popularity {pop_ndcg:.4}, ensemble {:.4} with weights {:?}",
+            "tuned: als {als_ndcg:.4}, content {con_ndcg:.4}, popularity {pop_ndcg:.4}, item_item {ii_ndcg:.4}, ensemble {:.4} with weights {:?}",
             best_blend.0, best_blend.1.weights
         ));
         Ok(TuneResult {
@@ -795,7 +820,8 @@ impl Evaluation<'_> {
             popularity_half_life_days: pop_h,
             content_half_life_days: con_h,
             blend: best_blend.1,
-            validation_ndcg: serde_json::json!({"als": als_ndcg, "content": con_ndcg, "popularity": pop_ndcg, "ensemble": best_blend.0}),
+            item_item_lambda: ii_lambda,
+            validation_ndcg: serde_json::json!({"als": als_ndcg, "content": con_ndcg, "popularity": pop_ndcg, "item_item": ii_ndcg, "ensemble": best_blend.0}),
             configs_tried: tried,
             seconds: started.elapsed().as_secs_f64(),
         })

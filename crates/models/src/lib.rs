@@ -19,7 +19,8 @@
 //! - [`popularity`]: decayed popularity, global and per category.
 //! - [`blend`]: normalisation, weighted blending with per-branch contributions, filters.
 //! - [`metrics`], [`evaluate`]: the offline protocol (P/R/MAP/NDCG@K, coverage, tuning).
-//! - [`recommender`]: trained branches + blend answering one user's request.
+//! - [`pipeline`]: each branch's per-user step (interests to candidates), the one
+//!   implementation `troupe eval` and the serving ranker both call.
 //! - [`synth`]: synthetic data with latent clusters, streamed to disk.
 //! - [`kernels`]: f32 SIMD kernels with run-time CPU dispatch.
 
@@ -35,8 +36,8 @@ pub mod evaluate;
 pub mod interest;
 pub mod kernels;
 pub mod metrics;
+pub mod pipeline;
 pub mod popularity;
-pub mod recommender;
 pub mod sparse;
 pub mod synth;
 pub mod topk;

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 /// A CSR matrix of f32 values with u32 column indices.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Csr {
     pub rows: usize,
     pub cols: usize,

@@ -181,7 +181,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 300.0)]
     pub ease_lambda: f32,
     /// Item-item branch: items fitted at most (the most interacted ones).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 10_000)]
     pub ease_max_items: usize,
     /// Item-item branch: weights kept per item for scoring.
     #[arg(long, default_value_t = 500)]
@@ -204,7 +204,7 @@ pub struct EvalArgs {
         "factors", "iterations", "reg", "alpha", "reg_scaling", "cg_steps", "content_model",
         "max_len", "tfidf_dim", "weights", "normalization", "candidates",
         "popularity_half_life_days", "content_half_life_days", "value_transform",
-        "kind_weights", "negative_kinds",
+        "kind_weights", "negative_kinds", "ease_lambda", "ease_max_items", "ease_neighbours",
     ])]
     pub config: Option<PathBuf>,
     /// Print exactly one JSON object on stdout.

@@ -45,6 +45,7 @@ pub struct Config {
     pub popularity: PopularitySection,
     pub content: ContentSection,
     pub als: AlsSection,
+    pub item_item: ItemItemSection,
     pub ranker: RankerSection,
     pub supervision: SupervisionSection,
     pub telemetry: TelemetrySection,
@@ -237,12 +238,22 @@ pub struct AlsSection {
     pub validation_users: usize,
 }
 
+/// The item-item branch (EASE), trained with ALS by the trainer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ItemItemSection {
+    pub lambda: f32,
+    pub max_items: usize,
+    pub neighbours: usize,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RankerSection {
     pub weight_als: f32,
     pub weight_content: f32,
     pub weight_popularity: f32,
+    pub weight_item_item: f32,
     pub normalization: String,
     pub rrf_k0: f32,
     pub candidates: usize,
@@ -266,6 +277,16 @@ pub struct RankerSection {
 }
 
 impl RankerSection {
+    /// The blend weights in branch order.
+    pub fn weights(&self) -> [f32; troupe_models::evaluate::NB] {
+        [
+            self.weight_als,
+            self.weight_content,
+            self.weight_popularity,
+            self.weight_item_item,
+        ]
+    }
+
     /// The HNSW parameters, or why they are invalid.
     pub fn ann_params(&self) -> Result<troupe_models::ann::AnnParams, String> {
         let p = troupe_models::ann::AnnParams {
@@ -441,10 +462,16 @@ impl Default for Config {
                 keep_versions: 3,
                 validation_users: 500,
             },
+            item_item: ItemItemSection {
+                lambda: model.ease.lambda,
+                max_items: model.ease.max_items,
+                neighbours: model.ease.neighbours,
+            },
             ranker: RankerSection {
                 weight_als: model.blend.weights[0],
                 weight_content: model.blend.weights[1],
                 weight_popularity: model.blend.weights[2],
+                weight_item_item: model.blend.weights[3],
                 normalization: match model.blend.normalization {
                     Normalization::Rrf { .. } => "rrf".into(),
                     Normalization::ZScore => "zscore".into(),
@@ -512,6 +539,7 @@ default_from!(
     PopularitySection.popularity,
     ContentSection.content,
     AlsSection.als,
+    ItemItemSection.item_item,
     RankerSection.ranker,
     SupervisionSection.supervision,
     TelemetrySection.telemetry
@@ -884,11 +912,15 @@ impl Config {
             self.als.keep_versions >= 1,
             "als.keep_versions must be >= 1",
         );
-        let w = [
-            self.ranker.weight_als,
-            self.ranker.weight_content,
-            self.ranker.weight_popularity,
-        ];
+        let w = self.ranker.weights();
+        need(
+            self.item_item.lambda.is_finite() && self.item_item.lambda > 0.0,
+            "item_item.lambda must be a finite number > 0",
+        );
+        need(
+            self.item_item.max_items >= 1 && self.item_item.neighbours >= 1,
+            "item_item.max_items and item_item.neighbours must be >= 1",
+        );
         need(
             w.iter().all(|x| x.is_finite() && *x >= 0.0) && w.iter().sum::<f32>() > 0.0,
             "ranker weights must be >= 0 and not all 0",
@@ -1018,13 +1050,14 @@ impl Config {
             min_interactions: self.als.min_interactions,
             keep_versions: self.als.keep_versions,
             validation_users: self.als.validation_users,
+            item_item: troupe_models::ease::EaseParams {
+                lambda: self.item_item.lambda,
+                max_items: self.item_item.max_items,
+                neighbours: self.item_item.neighbours,
+            },
         };
         s.ranker = RankerSettings {
-            weights: [
-                self.ranker.weight_als,
-                self.ranker.weight_content,
-                self.ranker.weight_popularity,
-            ],
+            weights: self.ranker.weights(),
             normalization: if self.ranker.normalization == "zscore" {
                 Normalization::ZScore
             } else {

@@ -162,14 +162,15 @@ pub fn run(a: DemoArgs) -> CmdResult {
             let r = handles::ranker().call(Duration::from_secs(10), |port| RankerMsg::Recommend(req, port)).await.map_err(internal)?;
             println!("\nuser {user} (applied offset {}, degraded {}):", r.applied_offset, r.degraded);
             for it in &r.items {
-                let s = &it.shares;
+                let shares: Vec<String> = troupe_actors::proto::api::Branch::ALL
+                    .iter()
+                    .map(|b| format!("{} {:>3.0}%", b.name(), it.share(*b) * 100.0))
+                    .collect();
                 println!(
-                    "  {:<8} score {:.4}  als {:>3.0}% content {:>3.0}% popularity {:>3.0}%  [{}] {}",
+                    "  {:<8} score {:.4}  {}  [{}] {}",
                     it.item,
                     it.score,
-                    s.first().unwrap_or(&0.0) * 100.0,
-                    s.get(1).unwrap_or(&0.0) * 100.0,
-                    s.get(2).unwrap_or(&0.0) * 100.0,
+                    shares.join(" "),
                     it.categories.join(","),
                     texts.get(it.item.as_str()).unwrap_or(&"")
                 );

@@ -15,7 +15,7 @@ use troupe_models::content::tfidf::HashedTfidf;
 use troupe_models::content::TextEncoder;
 use troupe_models::data::{read_items, read_tags, write_events, Columns, Event, EventReader};
 use troupe_models::dataset::{split_per_user, Dataset, Interaction, SplitKind, WeightConfig};
-use troupe_models::evaluate::{BlendSettings, EvalConfig, EvalReport, Evaluation};
+use troupe_models::evaluate::{BlendSettings, EvalConfig, EvalReport, Evaluation, NB};
 
 use crate::cli::{ColumnArgs, EmbedArgs, EvalArgs, NormArg, RegScalingArg, SplitArg};
 use crate::exit::{CliError, CmdResult};
@@ -143,8 +143,8 @@ pub fn embed_items(
     })
 }
 
-fn parse_weights(s: &str) -> Result<[f32; 3], CliError> {
-    let mut w = [0f32; 3];
+fn parse_weights(s: &str) -> Result<[f32; NB], CliError> {
+    let mut w = [0f32; NB];
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part
             .split_once('=')
@@ -162,9 +162,10 @@ fn parse_weights(s: &str) -> Result<[f32; 3], CliError> {
             "als" => 0,
             "content" => 1,
             "popularity" | "pop" => 2,
+            "item_item" => 3,
             other => {
                 return Err(CliError::input(format!(
-                    "--weights: unknown branch `{other}` (als, content, popularity)"
+                    "--weights: unknown branch `{other}` (als, content, popularity, item_item)"
                 )))
             }
         };
@@ -243,7 +244,9 @@ pub fn config_from_args(a: &EvalArgs) -> Result<EvalConfig, CliError> {
             days(s.popularity_half_life),
             days(s.content.profile_half_life),
         );
-        return Ok(eval_config(a, als, s.weights.clone(), blend, decays));
+        let mut cfg = eval_config(a, als, s.weights.clone(), blend, decays);
+        cfg.ease = s.als.item_item.clone();
+        return Ok(cfg);
     }
     let mut weights = WeightConfig {
         transform: a
@@ -551,17 +554,18 @@ pub fn run(a: Box<EvalArgs>) -> CmdResult {
     let report = evaluate(&a)?;
     if let Some(path) = &a.plot {
         let curves = &report.details["ndcg_curve"];
-        let series: Vec<(String, Vec<f64>)> = ["ensemble", "als", "content", "popularity"]
-            .iter()
-            .filter_map(|m| {
-                let v: Vec<f64> = curves[m]
-                    .as_array()?
-                    .iter()
-                    .filter_map(|x| x.as_f64())
-                    .collect();
-                Some((m.to_string(), v))
-            })
-            .collect();
+        let series: Vec<(String, Vec<f64>)> =
+            ["ensemble", "als", "content", "popularity", "item_item"]
+                .iter()
+                .filter_map(|m| {
+                    let v: Vec<f64> = curves[m]
+                        .as_array()?
+                        .iter()
+                        .filter_map(|x| x.as_f64())
+                        .collect();
+                    Some((m.to_string(), v))
+                })
+                .collect();
         let title = format!("NDCG@k, {} test users", report.users);
         crate::plot::curves(path, &title, "k", "NDCG@k", &series)
             .map_err(|e| CliError::input(format!("--plot {}: {e}", path.display())))?;
@@ -584,7 +588,14 @@ mod tests {
 
     #[test]
     fn weights_flag() {
-        assert_eq!(parse_weights("als=1,content=0.5").unwrap(), [1.0, 0.5, 0.0]);
+        assert_eq!(
+            parse_weights("als=1,content=0.5").unwrap(),
+            [1.0, 0.5, 0.0, 0.0]
+        );
+        assert_eq!(
+            parse_weights("item_item=0.6,popularity=0.4").unwrap(),
+            [0.0, 0.0, 0.4, 0.6]
+        );
         assert!(parse_weights("als=x").is_err());
         assert!(parse_weights("foo=1").is_err());
         assert!(parse_weights("als=0").is_err());

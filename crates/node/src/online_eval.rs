@@ -66,10 +66,11 @@ pub struct OnlineEvalArgs {
 }
 
 /// Request weights per reported model, in the report's order.
-const MODELS: [(&str, Option<&str>); 4] = [
-    ("popularity", Some("0,0,1")),
-    ("als", Some("1,0,0")),
-    ("content", Some("0,1,0")),
+const MODELS: [(&str, Option<&str>); 5] = [
+    ("popularity", Some("0,0,1,0")),
+    ("als", Some("1,0,0,0")),
+    ("content", Some("0,1,0,0")),
+    ("item_item", Some("0,0,0,1")),
     ("ensemble", None),
 ];
 

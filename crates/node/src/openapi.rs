@@ -265,7 +265,7 @@ pub fn document(s: &ApiShape) -> Value {
         "type": "object",
         "required": ["name", "status"],
         "properties": {
-            "name": {"enum": ["als", "content", "popularity"]},
+            "name": {"enum": ["als", "content", "popularity", "item_item"]},
             "status": {"enum": ["ok", "empty", "failed", "timeout", "open", "unavailable"]},
             "candidates": {"type": "integer"},
             "micros": {"type": "integer"},
@@ -284,7 +284,7 @@ pub fn document(s: &ApiShape) -> Value {
                 "properties": {
                     "item": {"type": "string"},
                     "score": {"type": "number"},
-                    "shares": {"type": "object", "required": ["als", "content", "popularity"], "properties": {"als": share, "content": share, "popularity": share}},
+                    "shares": {"type": "object", "required": ["als", "content", "popularity", "item_item"], "properties": {"als": share, "content": share, "popularity": share, "item_item": share}},
                     "categories": {"type": "array", "items": {"type": "string"}},
                 },
             }},
@@ -445,7 +445,7 @@ pub fn document(s: &ApiShape) -> Value {
             json!({"name": "category", "in": "query", "required": false, "description": "only items of this category", "schema": text(1, MAX_CATEGORY_CHARS, "category")}),
             json!({"name": "exclude", "in": "query", "required": false, "style": "form", "explode": true, "description": "items not to show: each value is a comma-separated list of item ids (empty entries ignored); the parameter may repeat", "schema": {"type": "array", "maxItems": MAX_EXCLUDE_PARAMS, "items": text(0, MAX_EXCLUDE_CHARS, "comma-separated item ids")}}),
             json!({"name": "explain", "in": "query", "required": false, "description": "add each item's categories and every branch's candidates and time", "schema": {"type": "boolean", "default": false}}),
-            json!({"name": "weights", "in": "query", "required": false, "description": "blend weights for this request: als,content,popularity", "schema": {"type": "string", "pattern": weights_pattern()}}),
+            json!({"name": "weights", "in": "query", "required": false, "description": "blend weights for this request: als,content,popularity[,item_item] (three leave item_item at 0)", "schema": {"type": "string", "pattern": weights_pattern()}}),
             min_offset_param("the user's partition"),
         ],
         responses(json_ok("recommendations", recs), &[400, 503]),

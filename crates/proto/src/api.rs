@@ -12,17 +12,25 @@ pub enum Branch {
     Als,
     Content,
     Popularity,
+    /// The item-item model (EASE): the user's items times one item-item matrix.
+    ItemItem,
 }
 
 impl Branch {
     /// Every branch, in blend order.
-    pub const ALL: [Branch; 3] = [Branch::Als, Branch::Content, Branch::Popularity];
+    pub const ALL: [Branch; 4] = [
+        Branch::Als,
+        Branch::Content,
+        Branch::Popularity,
+        Branch::ItemItem,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Branch::Als => "als",
             Branch::Content => "content",
             Branch::Popularity => "popularity",
+            Branch::ItemItem => "item_item",
         }
     }
 

@@ -21,13 +21,20 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
-    ApiError, Op, OpReply, RecommendReply, RecommendRequest, RetrainReport, UserQuery, UserView,
+    ApiError, Op, OpReply, RecommendQuery, RecommendReply, RecommendRequest, RetrainReport,
+    UserQuery, UserView,
 };
 
 /// The newest protocol version this build speaks. Version 5 added the client's
 /// dead-letter read ([`crate::api::Op::DeadLetters`]) and [`RemoteError::TooNew`]; every
-/// message of version 4 encodes to the same bytes in 5.
-pub const PROTOCOL: u16 = 5;
+/// message of version 4 encodes to the same bytes in 5. Version 6 added the item-item
+/// branch ([`crate::api::Branch::ItemItem`]): its report in an answer's branches and a
+/// fourth blend weight. A reply in an older version leaves them out ([`downgrade`]), and
+/// a request in an older version carries the first three weights only.
+pub const PROTOCOL: u16 = 6;
+
+/// The first version with the item-item branch.
+const ITEM_ITEM_SINCE: u16 = 6;
 
 /// The oldest version this build reads and writes.
 pub const OLDEST: u16 = 4;
@@ -226,7 +233,27 @@ pub fn request_frame_in(env: &Envelope, version: u16) -> Result<Vec<u8>, RemoteE
             peer: version,
         });
     }
-    let body = crate::codec::encode(env).map_err(RemoteError::Failed)?;
+    let body = if version < ITEM_ITEM_SINCE {
+        // Older builds read three weights: the item-item branch's is left out.
+        let mut env = env.clone();
+        match &mut env.request {
+            Request::Recommend(RecommendRequest {
+                weights: Some(w), ..
+            })
+            | Request::Api {
+                op:
+                    Op::Recommend(RecommendQuery {
+                        weights: Some(w), ..
+                    }),
+                ..
+            } => w.truncate(crate::api::Branch::ItemItem.index()),
+            _ => {}
+        }
+        crate::codec::encode(&env)
+    } else {
+        crate::codec::encode(env)
+    }
+    .map_err(RemoteError::Failed)?;
     Ok(frame(version, &body))
 }
 
@@ -258,8 +285,44 @@ pub fn open_request(f: &[u8]) -> Result<(u16, Envelope), (u16, RemoteError)> {
     Ok((version, env))
 }
 
+/// `reply` as a build of protocol `version` can read it: before version 6, without the
+/// item-item branch's report, share and weights (a reader of those versions does not know
+/// the branch).
+pub fn downgrade(version: u16, reply: &mut RecommendReply) {
+    if version >= ITEM_ITEM_SINCE {
+        return;
+    }
+    let old = crate::api::Branch::ItemItem.index();
+    reply
+        .branches
+        .retain(|b| b.name != crate::api::Branch::ItemItem);
+    for i in &mut reply.items {
+        i.shares.truncate(old);
+    }
+    if let Some(f) = &mut reply.fallback {
+        f.requested.truncate(old);
+        f.used.truncate(old);
+    }
+}
+
 /// This node's reply frame for `r`, in protocol `version`.
 pub fn reply_frame(version: u16, r: &Result<Response, RemoteError>) -> Vec<u8> {
+    let older;
+    let r = match r {
+        Ok(Response::Recommend(rep)) if version < ITEM_ITEM_SINCE => {
+            let mut rep = rep.clone();
+            downgrade(version, &mut rep);
+            older = Ok(Response::Recommend(rep));
+            &older
+        }
+        Ok(Response::Api(Ok(OpReply::Recommend(rep)))) if version < ITEM_ITEM_SINCE => {
+            let mut rep = rep.clone();
+            downgrade(version, &mut rep);
+            older = Ok(Response::Api(Ok(OpReply::Recommend(rep))));
+            &older
+        }
+        _ => r,
+    };
     let body = crate::codec::encode(r).unwrap_or_else(|e| {
         crate::codec::encode(&Err::<Response, _>(RemoteError::Failed(format!(
             "the reply did not encode: {e}"
@@ -337,6 +400,52 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn older_versions_get_no_item_item_branch() {
+        use crate::api::{Branch, BranchReport, Fallback, RecommendedItem};
+        let reply = RecommendReply {
+            items: vec![RecommendedItem {
+                item: "i".into(),
+                shares: vec![0.4, 0.1, 0.0, 0.5],
+                ..Default::default()
+            }],
+            branches: Branch::ALL
+                .iter()
+                .map(|b| BranchReport {
+                    name: *b,
+                    ..Default::default()
+                })
+                .collect(),
+            fallback: Some(Fallback {
+                requested: vec![0.0, 0.0, 0.0, 1.0],
+                used: vec![0.3, 0.2, 0.05, 0.45],
+                reason: "r".into(),
+            }),
+            ..Default::default()
+        };
+        let current = Ok(Response::Recommend(reply.clone()));
+        assert_eq!(open_reply(&reply_frame(PROTOCOL, &current)), current);
+        let old = open_reply(&reply_frame(PROTOCOL - 1, &current)).unwrap();
+        let Response::Recommend(old) = old else {
+            panic!("{old:?}")
+        };
+        assert_eq!(old.branches.len(), 3);
+        assert!(old.branches.iter().all(|b| b.name != Branch::ItemItem));
+        assert_eq!(old.items[0].shares, vec![0.4, 0.1, 0.0]);
+        let fb = old.fallback.unwrap();
+        assert_eq!((fb.requested.len(), fb.used.len()), (3, 3));
+        // A request in an older version carries three weights.
+        let mut e = env();
+        if let Request::Recommend(r) = &mut e.request {
+            r.weights = Some(vec![0.3, 0.2, 0.05, 0.45]);
+        }
+        let (_, back) = open_request(&request_frame_in(&e, PROTOCOL - 1).unwrap()).unwrap();
+        let Request::Recommend(r) = back.request else {
+            panic!()
+        };
+        assert_eq!(r.weights, Some(vec![0.3, 0.2, 0.05]));
     }
 
     #[test]

@@ -32,9 +32,10 @@ pub const NO_CONTROL_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$";
 /// A blend weight: a decimal number >= 0 without exponent, sign or spaces.
 const WEIGHT: &str = "(0|[1-9][0-9]{0,8})(\\.[0-9]{1,6})?";
 
-/// The pattern of `weights`: three weights separated by commas.
+/// The pattern of `weights`: three or four weights separated by commas (als, content,
+/// popularity and optionally item_item; three leave item_item at 0).
 pub fn weights_pattern() -> String {
-    format!("^{WEIGHT},{WEIGHT},{WEIGHT}$")
+    format!("^{WEIGHT},{WEIGHT},{WEIGHT}(,{WEIGHT})?$")
 }
 
 /// Checks a string field against a length range in characters and refuses control
@@ -82,16 +83,17 @@ fn parse_weight(s: &str) -> Option<f32> {
     }
 }
 
-/// Parses `weights` (als,content,popularity) exactly as [`weights_pattern`] allows.
-pub fn parse_weights(s: &str) -> Result<[f32; 3], String> {
+/// Parses `weights` (als,content,popularity[,item_item]) exactly as [`weights_pattern`]
+/// allows; a missing item_item weight is 0.
+pub fn parse_weights(s: &str) -> Result<[f32; 4], String> {
     let parts: Vec<&str> = s.split(',').collect();
     let bad = || {
-        format!("weights must be three decimal numbers >= 0 separated by commas (als,content,popularity), like 0.8,0.1,0.1; got `{s}`")
+        format!("weights must be three or four decimal numbers >= 0 separated by commas (als,content,popularity[,item_item]), like 0.3,0.1,0.1,0.5; got `{s}`")
     };
-    if parts.len() != 3 {
+    if !(3..=4).contains(&parts.len()) {
         return Err(bad());
     }
-    let mut w = [0f32; 3];
+    let mut w = [0f32; 4];
     for (slot, p) in w.iter_mut().zip(parts) {
         *slot = parse_weight(p).ok_or_else(bad)?;
     }
@@ -104,13 +106,15 @@ mod tests {
 
     #[test]
     fn weights_follow_the_pattern_exactly() {
-        assert_eq!(parse_weights("0.8,0.1,0.1").unwrap(), [0.8, 0.1, 0.1]);
-        assert_eq!(parse_weights("1,0,0").unwrap(), [1.0, 0.0, 0.0]);
-        assert_eq!(parse_weights("0,0,0").unwrap(), [0.0; 3]);
+        assert_eq!(parse_weights("0.8,0.1,0.1").unwrap(), [0.8, 0.1, 0.1, 0.0]);
+        assert_eq!(parse_weights("1,0,0").unwrap(), [1.0, 0.0, 0.0, 0.0]);
+        assert_eq!(parse_weights("0,0,0").unwrap(), [0.0; 4]);
+        assert_eq!(parse_weights("0,0,0,1").unwrap(), [0.0, 0.0, 0.0, 1.0]);
         for bad in [
             "",
             "1,2",
-            "1,2,3,4",
+            "1,2,3,4,5",
+            "1,2,3,",
             "-1,0,0",
             "1e3,0,0",
             "inf,0,0",

@@ -494,12 +494,12 @@ impl Api {
             check_id("exclude", x).map_err(ApiError::invalid)?;
         }
         if let Some(w) = &q.weights {
-            let ok = w.len() == troupe_proto::api::Branch::ALL.len()
+            let ok = (3..=troupe_proto::api::Branch::ALL.len()).contains(&w.len())
                 && w.iter()
                     .all(|x| x.is_finite() && (0.0..=limits::MAX_WEIGHT).contains(x));
             if !ok {
                 return Err(ApiError::invalid(format!(
-                    "weights must be three numbers in 0..={} (als, content, popularity); got {w:?}",
+                    "weights must be three or four numbers in 0..={} (als, content, popularity, item_item); got {w:?}",
                     limits::MAX_WEIGHT
                 )));
             }

@@ -78,6 +78,7 @@ pub(super) async fn recommend(
                 als: i.share(Branch::Als),
                 content: i.share(Branch::Content),
                 popularity: i.share(Branch::Popularity),
+                item_item: i.share(Branch::ItemItem),
             },
             categories: explain.then_some(i.categories.as_slice()),
         })
@@ -151,6 +152,7 @@ pub(super) struct SharesOut {
     als: f32,
     content: f32,
     popularity: f32,
+    item_item: f32,
 }
 
 #[derive(Serialize)]
