@@ -322,6 +322,7 @@ fn train(input: TrainInput) -> (RetrainReport, Option<AlsServing>) {
         Ok(m) => {
             tracing::info!(
                 fitted_items = m.fitted_items,
+                tail_items = m.tail_items,
                 kept_bytes = m.memory_bytes(),
                 fit_ms = ease_started.elapsed().as_millis() as u64,
                 "item-item branch fitted"
@@ -869,6 +870,7 @@ impl AlsTrainerState {
             "serving_ndcg": serving.as_ref().map(|m| m.validation_ndcg),
             "item_item": serving.as_ref().and_then(|m| m.item_item.as_ref()).map(|m| serde_json::json!({
                 "fitted_items": m.fitted_items,
+                "tail_items": m.tail_items,
                 "kept_bytes": m.memory_bytes(),
                 "params": m.params,
             })),

@@ -30,6 +30,10 @@ pub struct EaseParams {
     pub max_items: usize,
     /// Weights kept per item for scoring (the largest in magnitude).
     pub neighbours: usize,
+    /// Items beyond `max_items` (the tail): each is regressed on the fitted items and
+    /// keeps this many incoming weights, so it can be recommended (0: the tail is never
+    /// scored).
+    pub tail_neighbours: usize,
 }
 
 impl Default for EaseParams {
@@ -38,6 +42,7 @@ impl Default for EaseParams {
             lambda: 300.0,
             max_items: 10_000,
             neighbours: 500,
+            tail_neighbours: 100,
         }
     }
 }
@@ -76,6 +81,8 @@ pub struct EaseModel {
     pub rows: Csr,
     /// Items the dense fit covered.
     pub fitted_items: usize,
+    /// Items beyond the fitted ones that got incoming weights (the tail).
+    pub tail_items: usize,
 }
 
 /// Fits EASE on `x` (users x items weights, as ALS trains on).
@@ -105,6 +112,7 @@ pub fn fit(x: &Csr, params: &EaseParams) -> Result<EaseModel> {
                 ..Default::default()
             },
             fitted_items: 0,
+            tail_items: 0,
         });
     }
     let mut slot = vec![u32::MAX; n_items];
@@ -180,6 +188,7 @@ pub fn fit(x: &Csr, params: &EaseParams) -> Result<EaseModel> {
                 .collect()
         })
         .collect();
+    let (extra, tail_items) = tail_weights(x, &slot, &counts, &mut p, params.tail_neighbours);
     drop(p);
     let mut indptr = Vec::with_capacity(n_items + 1);
     let mut indices = Vec::new();
@@ -187,7 +196,7 @@ pub fn fit(x: &Csr, params: &EaseParams) -> Result<EaseModel> {
     indptr.push(0);
     for &s in &slot {
         if s != u32::MAX {
-            for &(j, w) in &kept[s as usize] {
+            for &(j, w) in kept[s as usize].iter().chain(&extra[s as usize]) {
                 indices.push(j);
                 data.push(w);
             }
@@ -204,7 +213,93 @@ pub fn fit(x: &Csr, params: &EaseParams) -> Result<EaseModel> {
             data,
         },
         fitted_items: m,
+        tail_items,
     })
+}
+
+/// The tail: items with interactions outside the fitted set. Item `j` of the tail is
+/// regressed on the fitted items with the same ridge (`b_j = P Xfᵀ x_j`, `P` the fitted
+/// inverse, made symmetric here), which is what EASE's column for `j` would be were `j`
+/// left out of the inputs. Its `keep` weights largest in magnitude go into the rows of
+/// those fitted items. The products are dense GEMMs over blocks of tail items (`m x m`
+/// times `m x block`). Returns, per fitted slot, the (tail item, weight) pairs it gains,
+/// and the number of tail items.
+fn tail_weights(
+    x: &Csr,
+    slot: &[u32],
+    counts: &[u32],
+    p: &mut Mat<f32>,
+    keep: usize,
+) -> (Vec<Vec<(u32, f32)>>, usize) {
+    let m = p.nrows();
+    let mut extra: Vec<Vec<(u32, f32)>> = vec![Vec::new(); m];
+    let tail: Vec<u32> = (0..slot.len() as u32)
+        .filter(|&i| counts[i as usize] > 0 && slot[i as usize] == u32::MAX)
+        .collect();
+    if keep == 0 || tail.is_empty() {
+        return (extra, 0);
+    }
+    // The inverse's upper triangle from its lower one.
+    for j in 0..m {
+        for i in 0..j {
+            p[(i, j)] = p[(j, i)];
+        }
+    }
+    let mut pos = vec![u32::MAX; slot.len()];
+    for (t, &j) in tail.iter().enumerate() {
+        pos[j as usize] = t as u32;
+    }
+    // Each tail item's users and weights.
+    let mut cols: Vec<Vec<(u32, f32)>> = vec![Vec::new(); tail.len()];
+    for u in 0..x.rows {
+        for q in x.indptr[u]..x.indptr[u + 1] {
+            let t = pos[x.indices[q] as usize];
+            if t != u32::MAX {
+                cols[t as usize].push((u as u32, x.data[q]));
+            }
+        }
+    }
+    const BLOCK: usize = 1024;
+    for (b, block) in cols.chunks(BLOCK).enumerate() {
+        // Xfᵀ x_j for the block's tail items, as dense columns.
+        let mut g = Mat::<f32>::zeros(m, block.len());
+        for (c, col) in block.iter().enumerate() {
+            for &(u, wj) in col {
+                let u = u as usize;
+                for q in x.indptr[u]..x.indptr[u + 1] {
+                    let s = slot[x.indices[q] as usize];
+                    if s != u32::MAX {
+                        g[(s as usize, c)] += wj * x.data[q];
+                    }
+                }
+            }
+        }
+        let r = p.as_ref() * g.as_ref();
+        drop(g);
+        let lists: Vec<Vec<(u32, f32)>> = (0..block.len())
+            .into_par_iter()
+            .map(|c| {
+                let mut top = TopK::new(keep);
+                for i in 0..m {
+                    let w = r[(i, c)];
+                    if w != 0.0 && w.is_finite() {
+                        top.push(i as u32, w.abs());
+                    }
+                }
+                top.into_sorted()
+                    .into_iter()
+                    .map(|s| (s.item, r[(s.item as usize, c)]))
+                    .collect()
+            })
+            .collect();
+        for (c, list) in lists.into_iter().enumerate() {
+            let j = tail[b * BLOCK + c];
+            for (s, w) in list {
+                extra[s as usize].push((j, w));
+            }
+        }
+    }
+    (extra, tail.len())
 }
 
 impl EaseModel {
@@ -367,6 +462,7 @@ mod tests {
                 lambda: lambda as f32,
                 max_items: 100,
                 neighbours: 100,
+                tail_neighbours: 0,
             },
         )
         .unwrap();
@@ -397,10 +493,11 @@ mod tests {
                 lambda: 10.0,
                 max_items: 10,
                 neighbours: 3,
+                tail_neighbours: 0,
             },
         )
         .unwrap();
-        assert_eq!(m.fitted_items, 10);
+        assert_eq!((m.fitted_items, m.tail_items), (10, 0));
         let rows_with = (0..20)
             .filter(|&i| m.rows.indptr[i + 1] > m.rows.indptr[i])
             .count();
@@ -416,5 +513,49 @@ mod tests {
         .is_err());
         let empty = fit(&Csr::from_triples(3, 4, &[]), &EaseParams::default()).unwrap();
         assert!(empty.top_k(&[(1, 1.0)], 5, |_| false).is_empty());
+    }
+
+    /// Items beyond `max_items` are reached through the tail regression: with only the
+    /// 10 most interacted items fitted, a user of group 0 is shown tail items of group 0
+    /// and never of group 1, and each tail item keeps at most `tail_neighbours` weights.
+    #[test]
+    fn tail_items_are_recommended_from_the_fitted_ones() {
+        // Group 0: items 0-9 (often) and 20-29 (rarely); group 1: 10-19 and 30-39.
+        let mut t = Vec::new();
+        for u in 0..200u32 {
+            let g = u % 2;
+            for k in 0..5u32 {
+                t.push((u, g * 10 + (u / 2 + k * 3) % 10, 1.0));
+            }
+            if u % 4 < 2 {
+                t.push((u, 20 + g * 10 + (u / 4) % 10, 1.0));
+            }
+        }
+        let x = Csr::from_triples(200, 40, &t);
+        let p = EaseParams {
+            lambda: 10.0,
+            max_items: 20,
+            neighbours: 20,
+            tail_neighbours: 4,
+        };
+        let m = fit(&x, &p).unwrap();
+        assert_eq!((m.fitted_items, m.tail_items), (20, 20));
+        // Each tail item appears in at most 4 rows.
+        for j in 20..40u32 {
+            assert!(m.rows.indices.iter().filter(|&&i| i == j).count() <= 4);
+        }
+        let top = m.top_k(&[(1, 1.0), (2, 1.0), (4, 1.0)], 40, |i| i < 20);
+        assert!(!top.is_empty());
+        assert!(top.iter().all(|s| (20..30).contains(&s.item)), "{top:?}");
+        // Off: no tail item is ever scored.
+        let off = fit(
+            &x,
+            &EaseParams {
+                tail_neighbours: 0,
+                ..p
+            },
+        )
+        .unwrap();
+        assert!(off.rows.indices.iter().all(|&i| i < 20));
     }
 }

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use ndarray::ArrayView2;
+use ndarray::{Array2, ArrayView2};
 use rayon::prelude::*;
 use rustc_hash::FxHashSet;
 use serde::Serialize;
@@ -290,9 +290,10 @@ fn is_zero(v: ndarray::ArrayView1<f32>) -> bool {
 }
 
 /// ALS candidates per user. With `fold_in`, each user's vector is solved from their
-/// interests against the item factors, as the serving path does (the shared
-/// [`pipeline::als`]); otherwise the trained user factors are used (the ALS benchmark,
-/// comparable with other ALS libraries).
+/// interests against the item factors, as the serving path does
+/// ([`pipeline::als_vector`]); otherwise the trained user factors are used (the ALS
+/// benchmark, comparable with other ALS libraries). Every user's vector is then searched
+/// at once (GEMM blocks); a user without a vector gets no candidates.
 fn als_candidates(
     model: &als::AlsModel,
     users: &[u32],
@@ -300,24 +301,27 @@ fn als_candidates(
     n: usize,
     fold_in: bool,
 ) -> Vec<Vec<Scored>> {
-    let items = model.item_factors.view();
-    if fold_in {
-        let fold = als::FoldIn::new(items, &model.params);
-        return users
+    let q = if fold_in {
+        let fold = als::FoldIn::new(model.item_factors.view(), &model.params);
+        let rows: Vec<Option<Vec<f32>>> = users
             .par_iter()
-            .map_init(Vec::new, |scratch, &u| {
-                let seen = &ud.seen[u as usize];
-                pipeline::als(&fold, items, &ud.weights(u), |q| {
-                    topk::top_k_dense(items, q, n, |i| seen.binary_search(&i).is_ok(), scratch)
-                })
-            })
+            .map(|&u| pipeline::als_vector(&fold, model.item_factors.view(), &ud.weights(u)))
             .collect();
-    }
-    let q = model.user_factors.select(
-        ndarray::Axis(0),
-        &users.iter().map(|&u| u as usize).collect::<Vec<_>>(),
-    );
-    let lists = topk::top_k_batch(items, q.view(), n, |r, i| {
+        let mut q = Array2::<f32>::zeros((users.len(), model.item_factors.ncols()));
+        for (r, v) in rows.iter().enumerate() {
+            if let Some(v) = v.as_ref().filter(|v| v.len() == q.ncols()) {
+                q.row_mut(r)
+                    .assign(&ndarray::ArrayView1::from(v.as_slice()));
+            }
+        }
+        q
+    } else {
+        model.user_factors.select(
+            ndarray::Axis(0),
+            &users.iter().map(|&u| u as usize).collect::<Vec<_>>(),
+        )
+    };
+    let lists = topk::top_k_batch(model.item_factors.view(), q.view(), n, |r, i| {
         ud.seen[users[r] as usize].binary_search(&i).is_ok()
     });
     lists
@@ -327,7 +331,8 @@ fn als_candidates(
         .collect()
 }
 
-/// Content candidates per user through the shared [`pipeline::content`].
+/// Content candidates per user: the profiles [`pipeline::content`] searches when serving
+/// (`content::user_profile`), searched at once (GEMM blocks); no profile, no candidates.
 fn content_candidates(
     emb: ArrayView2<f32>,
     users: &[u32],
@@ -335,16 +340,25 @@ fn content_candidates(
     n: usize,
     half_life_days: f64,
 ) -> Vec<Vec<Scored>> {
-    users
+    let dim = emb.ncols();
+    let profiles: Vec<Option<Vec<f32>>> = users
         .par_iter()
-        .map_init(Vec::new, |scratch, &u| {
-            let seen = &ud.seen[u as usize];
-            let profile =
-                content::user_profile(emb, &ud.interests[u as usize], half_life_days * DAY);
-            pipeline::content(profile, |q| {
-                topk::top_k_dense(emb, q, n, |i| seen.binary_search(&i).is_ok(), scratch)
-            })
-        })
+        .map(|&u| content::user_profile(emb, &ud.interests[u as usize], half_life_days * DAY))
+        .collect();
+    let mut q = Array2::<f32>::zeros((users.len(), dim));
+    for (r, p) in profiles.iter().enumerate() {
+        if let Some(p) = p {
+            q.row_mut(r)
+                .assign(&ndarray::ArrayView1::from(p.as_slice()));
+        }
+    }
+    let lists = topk::top_k_batch(emb, q.view(), n, |r, i| {
+        ud.seen[users[r] as usize].binary_search(&i).is_ok()
+    });
+    lists
+        .into_iter()
+        .zip(&profiles)
+        .map(|(l, p)| if p.is_some() { l } else { Vec::new() })
         .collect()
 }
 
@@ -614,6 +628,7 @@ impl Evaluation<'_> {
             "item_item": {
                 "params": cfg.ease,
                 "fitted_items": ease.fitted_items,
+                "tail_items": ease.tail_items,
                 "fit_bytes": crate::ease::EaseParams::fit_bytes(ease.fitted_items),
                 "memory_bytes": ease.memory_bytes(),
             },

@@ -30,24 +30,33 @@ pub fn rows_of<'a>(
         .collect()
 }
 
-/// ALS: the user's vector folded in from every interest against the item factors, then
-/// `search`ed; nothing when the fold-in gives the zero vector (no known item).
+/// ALS: the user's vector folded in from every interest against the item factors;
+/// `None` when the fold-in gives the zero vector (no known item: no candidates).
+pub fn als_vector(
+    fold: &FoldIn,
+    factors: ArrayView2<f32>,
+    interests: &[(u32, f32)],
+) -> Option<Vec<f32>> {
+    let v = fold.solve(factors, interests);
+    (!v.iter().all(|x| *x == 0.0)).then_some(v)
+}
+
+/// ALS for one user: [`als_vector`], then `search`ed (an exact scan or a graph). The
+/// evaluation searches many users' vectors at once instead (one GEMM per block).
 pub fn als(
     fold: &FoldIn,
     factors: ArrayView2<f32>,
     interests: &[(u32, f32)],
     search: impl FnOnce(&[f32]) -> Vec<Scored>,
 ) -> Vec<Scored> {
-    let v = fold.solve(factors, interests);
-    if v.iter().all(|x| *x == 0.0) {
-        return Vec::new();
-    }
-    search(&v)
+    als_vector(fold, factors, interests)
+        .map(|v| search(&v))
+        .unwrap_or_default()
 }
 
 /// Content: the user's profile (a weighted mean of the rows they touched, built by the
 /// caller's content rows with [`crate::content::user_profile_with`]) `search`ed; nothing
-/// without a profile.
+/// without a profile. The evaluation builds the same profiles and searches them at once.
 pub fn content(
     profile: Option<Vec<f32>>,
     search: impl FnOnce(&[f32]) -> Vec<Scored>,

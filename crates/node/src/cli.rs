@@ -186,6 +186,10 @@ pub struct EvalArgs {
     /// Item-item branch: weights kept per item for scoring.
     #[arg(long, default_value_t = 500)]
     pub ease_neighbours: usize,
+    /// Item-item branch: incoming weights kept per item beyond --ease-max-items (each
+    /// regressed on the fitted items; 0: those items are never scored).
+    #[arg(long, default_value_t = 100)]
+    pub ease_tail_neighbours: usize,
     /// How values become weights: binary (every positive 1), raw, log1p.
     #[arg(long, default_value = "binary")]
     pub value_transform: String,
@@ -204,7 +208,7 @@ pub struct EvalArgs {
         "factors", "iterations", "reg", "alpha", "reg_scaling", "cg_steps", "content_model",
         "max_len", "tfidf_dim", "weights", "normalization", "candidates",
         "popularity_half_life_days", "content_half_life_days", "value_transform",
-        "kind_weights", "negative_kinds", "ease_lambda", "ease_max_items", "ease_neighbours",
+        "kind_weights", "negative_kinds", "ease_lambda", "ease_max_items", "ease_neighbours", "ease_tail_neighbours",
     ])]
     pub config: Option<PathBuf>,
     /// Print exactly one JSON object on stdout.

@@ -245,6 +245,7 @@ pub struct ItemItemSection {
     pub lambda: f32,
     pub max_items: usize,
     pub neighbours: usize,
+    pub tail_neighbours: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -466,6 +467,7 @@ impl Default for Config {
                 lambda: model.ease.lambda,
                 max_items: model.ease.max_items,
                 neighbours: model.ease.neighbours,
+                tail_neighbours: model.ease.tail_neighbours,
             },
             ranker: RankerSection {
                 weight_als: model.blend.weights[0],
@@ -1054,6 +1056,7 @@ impl Config {
                 lambda: self.item_item.lambda,
                 max_items: self.item_item.max_items,
                 neighbours: self.item_item.neighbours,
+                tail_neighbours: self.item_item.tail_neighbours,
             },
         };
         s.ranker = RankerSettings {

@@ -324,6 +324,7 @@ fn eval_config(
             lambda: a.ease_lambda,
             max_items: a.ease_max_items,
             neighbours: a.ease_neighbours,
+            tail_neighbours: a.ease_tail_neighbours,
         },
     }
 }
