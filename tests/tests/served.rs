@@ -571,4 +571,34 @@ fn item_item_answers_reflect_a_new_event_at_once() {
             .all(|i| !["a3", "b1", "b2", "b5", "b7", "b9"].contains(&i.as_str())),
         "seen items shown: {next:?}"
     );
+    // Deletes, dislikes and the request's exclusions hold for this branch as for the
+    // others: the top item deleted, the second disliked, the third excluded.
+    assert_eq!(node.delete(&format!("/v1/items/{}", next[0])).status, 200);
+    let r = node.post(
+        "/v1/events",
+        &serde_json::json!([{"user": "walker", "item": next[1], "kind": "dislike"}]).to_string(),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let off = r.body["results"][0]["offset"].as_u64().unwrap();
+    troupe_tests::wait_until(10, "the delete applied", || {
+        let r = node.get(&format!(
+            "/v1/recommendations/walker?k=10&weights=0,0,0,1&exclude={}&min_offset={off}",
+            next[2]
+        ));
+        let items: Vec<&str> = r.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|i| i["item"].as_str())
+            .collect();
+        assert!(
+            !items.contains(&next[1].as_str()),
+            "disliked shown: {items:?}"
+        );
+        assert!(
+            !items.contains(&next[2].as_str()),
+            "excluded shown: {items:?}"
+        );
+        !items.is_empty() && !items.contains(&next[0].as_str())
+    });
 }
