@@ -1,6 +1,7 @@
 //! The per-user branch pipeline: how each branch turns one user's interests into its
-//! candidate list. `troupe eval` ([`crate::evaluate`]) and the serving ranker
-//! (troupe-actors) both call these functions, so what is evaluated is what is served.
+//! candidate list. The serving ranker (troupe-actors) calls these functions per request;
+//! `troupe eval` ([`crate::evaluate`]) calls the same per-user steps and only batches the
+//! ALS and content searches over many users, so what is evaluated is what is served.
 //!
 //! Everything is by row index of the model at hand (ALS item factors, item-item rows,
 //! content rows). `excluded` says which rows never come back (seen items, hidden ones,
