@@ -42,7 +42,7 @@ impl Default for EaseParams {
             lambda: 300.0,
             max_items: 10_000,
             neighbours: 500,
-            tail_neighbours: 100,
+            tail_neighbours: 20,
         }
     }
 }
@@ -188,7 +188,14 @@ pub fn fit(x: &Csr, params: &EaseParams) -> Result<EaseModel> {
                 .collect()
         })
         .collect();
-    let (extra, tail_items) = tail_weights(x, &slot, &counts, &mut p, params.tail_neighbours);
+    let (extra, tail_items) = tail_weights(
+        x,
+        &slot,
+        &counts,
+        &mut p,
+        params.tail_neighbours,
+        (m / 16).max(1),
+    );
     drop(p);
     let mut indptr = Vec::with_capacity(n_items + 1);
     let mut indices = Vec::new();
@@ -221,8 +228,9 @@ pub fn fit(x: &Csr, params: &EaseParams) -> Result<EaseModel> {
 /// regressed on the fitted items with the same ridge (`b_j = P Xfᵀ x_j`, `P` the fitted
 /// inverse, made symmetric here), which is what EASE's column for `j` would be were `j`
 /// left out of the inputs. Its `keep` weights largest in magnitude go into the rows of
-/// those fitted items. The products are dense GEMMs over blocks of tail items (`m x m`
-/// times `m x block`). Returns, per fitted slot, the (tail item, weight) pairs it gains,
+/// those fitted items. A tail item co-occurring with fewer than `sparse_below` fitted
+/// items takes one column of `P` per co-occurring item; the others go through dense GEMMs
+/// over blocks of tail items (`m x m` times `m x block`). Returns, per fitted slot, the (tail item, weight) pairs it gains,
 /// and the number of tail items.
 fn tail_weights(
     x: &Csr,
@@ -230,6 +238,7 @@ fn tail_weights(
     counts: &[u32],
     p: &mut Mat<f32>,
     keep: usize,
+    sparse_below: usize,
 ) -> (Vec<Vec<(u32, f32)>>, usize) {
     let m = p.nrows();
     let mut extra: Vec<Vec<(u32, f32)>> = vec![Vec::new(); m];
@@ -259,47 +268,118 @@ fn tail_weights(
             }
         }
     }
-    const BLOCK: usize = 1024;
-    for (b, block) in cols.chunks(BLOCK).enumerate() {
-        // Xfᵀ x_j for the block's tail items, as dense columns.
-        let mut g = Mat::<f32>::zeros(m, block.len());
-        for (c, col) in block.iter().enumerate() {
-            for &(u, wj) in col {
-                let u = u as usize;
-                for q in x.indptr[u]..x.indptr[u + 1] {
-                    let s = slot[x.indices[q] as usize];
-                    if s != u32::MAX {
-                        g[(s as usize, c)] += wj * x.data[q];
+    // Xfᵀ x_j of one tail item, sparse: (fitted slot, value).
+    let gram_col = |col: &[(u32, f32)], acc: &mut Vec<f32>, marked: &mut Vec<usize>| {
+        marked.clear();
+        for &(u, wj) in col {
+            let u = u as usize;
+            for q in x.indptr[u]..x.indptr[u + 1] {
+                let s = slot[x.indices[q] as usize];
+                let v = wj * x.data[q];
+                if s != u32::MAX && v != 0.0 {
+                    let s = s as usize;
+                    if acc[s] == 0.0 {
+                        marked.push(s);
                     }
+                    acc[s] += v;
                 }
             }
         }
-        let r = p.as_ref() * g.as_ref();
-        drop(g);
-        let lists: Vec<Vec<(u32, f32)>> = (0..block.len())
-            .into_par_iter()
-            .map(|c| {
-                let mut top = TopK::new(keep);
-                for i in 0..m {
-                    let w = r[(i, c)];
-                    if w != 0.0 && w.is_finite() {
-                        top.push(i as u32, w.abs());
-                    }
-                }
-                top.into_sorted()
-                    .into_iter()
-                    .map(|s| (s.item, r[(s.item as usize, c)]))
-                    .collect()
-            })
+        let g: Vec<(usize, f32)> = marked.iter().map(|&s| (s, acc[s])).collect();
+        for &s in marked.iter() {
+            acc[s] = 0.0;
+        }
+        g
+    };
+    let best = |b: &dyn Fn(usize) -> f32| -> Vec<(u32, f32)> {
+        let mut top = TopK::new(keep);
+        for i in 0..m {
+            let w = b(i);
+            if w != 0.0 && w.is_finite() {
+                top.push(i as u32, w.abs());
+            }
+        }
+        top.into_sorted()
+            .into_iter()
+            .map(|s| (s.item, b(s.item as usize)))
+            .collect()
+    };
+    // A tail item that co-occurs with few fitted items: `b = Σ_k P[:, k] g_k` (one
+    // contiguous column per co-occurring item). One that co-occurs with many: batched
+    // into a dense GEMM with the others (`P x G`, 1,024 columns at a time).
+    const BLOCK: usize = 1024;
+    let p = &*p;
+    let mut lists: Vec<Vec<(u32, f32)>> = vec![Vec::new(); tail.len()];
+    let mut dense: Vec<(usize, Vec<(usize, f32)>)> = Vec::new();
+    for chunk in (0..tail.len()).collect::<Vec<_>>().chunks(BLOCK * 4) {
+        let gs: Vec<(usize, Vec<(usize, f32)>)> = chunk
+            .par_iter()
+            .map_init(
+                || (vec![0f32; m], Vec::new()),
+                |(acc, marked), &t| (t, gram_col(&cols[t], acc, marked)),
+            )
             .collect();
-        for (c, list) in lists.into_iter().enumerate() {
-            let j = tail[b * BLOCK + c];
-            for (s, w) in list {
-                extra[s as usize].push((j, w));
+        let sparse: Vec<(usize, Vec<(u32, f32)>)> = gs
+            .par_iter()
+            .filter(|(_, g)| g.len() < sparse_below)
+            .map_init(
+                || vec![0f32; m],
+                |b, (t, g)| {
+                    b.fill(0.0);
+                    for &(k, gk) in g {
+                        let col = p.col(k);
+                        for (bi, pk) in b.iter_mut().zip(col.iter()) {
+                            *bi += pk * gk;
+                        }
+                    }
+                    (*t, best(&|i| b[i]))
+                },
+            )
+            .collect();
+        for (t, l) in sparse {
+            lists[t] = l;
+        }
+        dense.extend(gs.into_iter().filter(|(_, g)| g.len() >= sparse_below));
+        while dense.len() >= BLOCK {
+            let block: Vec<_> = dense.drain(..BLOCK).collect();
+            for (t, l) in gemm_block(p, &block, &best) {
+                lists[t] = l;
             }
         }
     }
+    if !dense.is_empty() {
+        for (t, l) in gemm_block(p, &dense, &best) {
+            lists[t] = l;
+        }
+    }
+    for (t, list) in lists.into_iter().enumerate() {
+        for (s, w) in list {
+            extra[s as usize].push((tail[t], w));
+        }
+    }
     (extra, tail.len())
+}
+
+/// `P x G` for a block of tail items' dense Gram columns; each column's best weights.
+#[allow(clippy::type_complexity)]
+fn gemm_block(
+    p: &Mat<f32>,
+    block: &[(usize, Vec<(usize, f32)>)],
+    best: &(dyn Fn(&dyn Fn(usize) -> f32) -> Vec<(u32, f32)> + Sync),
+) -> Vec<(usize, Vec<(u32, f32)>)> {
+    let mut g = Mat::<f32>::zeros(p.nrows(), block.len());
+    for (c, (_, col)) in block.iter().enumerate() {
+        for &(k, v) in col {
+            g[(k, c)] = v;
+        }
+    }
+    let r = p.as_ref() * g.as_ref();
+    drop(g);
+    block
+        .par_iter()
+        .enumerate()
+        .map(|(c, (t, _))| (*t, best(&|i| r[(i, c)])))
+        .collect()
 }
 
 impl EaseModel {
@@ -547,6 +627,68 @@ mod tests {
         let top = m.top_k(&[(1, 1.0), (2, 1.0), (4, 1.0)], 40, |i| i < 20);
         assert!(!top.is_empty());
         assert!(top.iter().all(|s| (20..30).contains(&s.item)), "{top:?}");
+        // The per-column path and the GEMM path give the same weights.
+        let slot: Vec<u32> = (0..40u32)
+            .map(|i| if i < 20 { i } else { u32::MAX })
+            .collect();
+        let mut counts = vec![0u32; 40];
+        for &i in &x.indices {
+            counts[i as usize] += 1;
+        }
+        let mut g = Mat::<f32>::zeros(20, 20);
+        for u in 0..x.rows {
+            for a in x.indptr[u]..x.indptr[u + 1] {
+                for b in x.indptr[u]..x.indptr[u + 1] {
+                    let (i, j) = (x.indices[a] as usize, x.indices[b] as usize);
+                    if i < 20 && j < 20 {
+                        g[(i, j)] += x.data[a] * x.data[b];
+                    }
+                }
+            }
+        }
+        let mut inv = Mat::<f32>::zeros(20, 20);
+        for i in 0..20 {
+            g[(i, i)] += 10.0;
+        }
+        // Lower triangle of the inverse, as the fit leaves it (Gauss-Jordan in f64).
+        let mut a: Vec<Vec<f64>> = (0..20)
+            .map(|i| (0..20).map(|j| g[(i, j)] as f64).collect())
+            .collect();
+        let mut e: Vec<Vec<f64>> = (0..20)
+            .map(|i| (0..20).map(|j| f64::from(u8::from(i == j))).collect())
+            .collect();
+        for c in 0..20 {
+            let piv = a[c][c];
+            for j in 0..20 {
+                a[c][j] /= piv;
+                e[c][j] /= piv;
+            }
+            for r in 0..20 {
+                if r != c {
+                    let f = a[r][c];
+                    for j in 0..20 {
+                        a[r][j] -= f * a[c][j];
+                        e[r][j] -= f * e[c][j];
+                    }
+                }
+            }
+        }
+        for i in 0..20 {
+            for j in 0..=i {
+                inv[(i, j)] = e[i][j] as f32;
+            }
+        }
+        let (by_column, n1) = tail_weights(&x, &slot, &counts, &mut inv.clone(), 4, usize::MAX);
+        let (by_gemm, n2) = tail_weights(&x, &slot, &counts, &mut inv.clone(), 4, 0);
+        assert_eq!((n1, n2), (20, 20));
+        for (a, b) in by_column.iter().zip(&by_gemm) {
+            assert_eq!(a.len(), b.len());
+            for (x, y) in a.iter().zip(b) {
+                assert_eq!(x.0, y.0);
+                assert!((x.1 - y.1).abs() < 1e-5, "{x:?} {y:?}");
+            }
+        }
+        assert!(by_column.iter().map(Vec::len).sum::<usize>() > 0);
         // Off: no tail item is ever scored.
         let off = fit(
             &x,

@@ -188,7 +188,7 @@ pub struct EvalArgs {
     pub ease_neighbours: usize,
     /// Item-item branch: incoming weights kept per item beyond --ease-max-items (each
     /// regressed on the fitted items; 0: those items are never scored).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 20)]
     pub ease_tail_neighbours: usize,
     /// How values become weights: binary (every positive 1), raw, log1p.
     #[arg(long, default_value = "binary")]
