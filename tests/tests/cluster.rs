@@ -2699,7 +2699,10 @@ fn cluster_client_fails_over_and_loses_no_acknowledged_write() {
         }))
         .unwrap();
     assert!(!r.items.is_empty(), "{r:?}");
-    assert_eq!(r.items[0].shares.len(), 3);
+    assert_eq!(
+        r.items[0].shares.len(),
+        troupe_client::proto::api::Branch::ALL.len()
+    );
     let sim = rt.block_on(client.similar("ci0", 3, Some(w.positions[0].offset)));
     assert!(sim.is_ok(), "{sim:?}");
     // Kill the member the client talks to, mid-run.
