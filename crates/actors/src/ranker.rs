@@ -396,26 +396,30 @@ impl RankerCore {
                         interests.iter().map(|(item, w, _)| (item.as_str(), *w)),
                         |id| model.items.get(id),
                     );
+                    // The fold-in first: the seen rows and the catalogue's read lock are
+                    // only needed for the search.
+                    let Some(v) =
+                        pipeline::als_vector(&model.fold_in, model.item_factors.view(), &inter)
+                    else {
+                        return Vec::new();
+                    };
                     let seen = excl.seen_rows(|id| model.items.get(id));
                     let catalog = ctx.catalog.read();
                     let mut scratch = Vec::new();
-                    let top =
-                        pipeline::als(&model.fold_in, model.item_factors.view(), &inter, |v| {
-                            als_top_k(
-                                &ctx,
-                                &model,
-                                v,
-                                n,
-                                |i| {
-                                    seen.contains(&i)
-                                        || model
-                                            .items
-                                            .name(i)
-                                            .is_none_or(|id| excl.blocks_unseen(&catalog, id))
-                                },
-                                &mut scratch,
-                            )
-                        });
+                    let top = als_top_k(
+                        &ctx,
+                        &model,
+                        &v,
+                        n,
+                        |i| {
+                            seen.contains(&i)
+                                || model
+                                    .items
+                                    .name(i)
+                                    .is_none_or(|id| excl.blocks_unseen(&catalog, id))
+                        },
+                        &mut scratch,
+                    );
                     named(&top, |i| model.items.name(i))
                 })
                 .await

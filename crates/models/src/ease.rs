@@ -173,18 +173,10 @@ pub fn fit(x: &Csr, params: &EaseParams) -> Result<EaseModel> {
     let kept: Vec<Vec<(u32, f32)>> = (0..m)
         .into_par_iter()
         .map(|i| {
-            let mut top = TopK::new(keep);
-            for j in 0..m {
-                if j != i {
-                    let w = weight(i, j);
-                    if w != 0.0 && w.is_finite() {
-                        top.push(j as u32, w.abs());
-                    }
-                }
-            }
-            top.into_sorted()
+            let w = |j: usize| if j == i { 0.0 } else { weight(i, j) };
+            largest_weights(m, keep, &w)
                 .into_iter()
-                .map(|s| (fitted[s.item as usize], weight(i, s.item as usize)))
+                .map(|(j, v)| (fitted[j as usize], v))
                 .collect()
         })
         .collect();
@@ -224,14 +216,30 @@ pub fn fit(x: &Csr, params: &EaseParams) -> Result<EaseModel> {
     })
 }
 
+/// The `keep` weights largest in magnitude among `w(0..m)` (zero and non-finite ones
+/// never), as (index, weight), largest first: what a row or a tail column keeps.
+fn largest_weights(m: usize, keep: usize, w: &dyn Fn(usize) -> f32) -> Vec<(u32, f32)> {
+    let mut top = TopK::new(keep);
+    for i in 0..m {
+        let v = w(i);
+        if v != 0.0 && v.is_finite() {
+            top.push(i as u32, v.abs());
+        }
+    }
+    top.into_sorted()
+        .into_iter()
+        .map(|s| (s.item, w(s.item as usize)))
+        .collect()
+}
+
 /// The tail: items with interactions outside the fitted set. Item `j` of the tail is
 /// regressed on the fitted items with the same ridge (`b_j = P Xfᵀ x_j`, `P` the fitted
 /// inverse, made symmetric here), which is what EASE's column for `j` would be were `j`
 /// left out of the inputs. Its `keep` weights largest in magnitude go into the rows of
 /// those fitted items. A tail item co-occurring with fewer than `sparse_below` fitted
 /// items takes one column of `P` per co-occurring item; the others go through dense GEMMs
-/// over blocks of tail items (`m x m` times `m x block`). Returns, per fitted slot, the (tail item, weight) pairs it gains,
-/// and the number of tail items.
+/// over blocks of tail items (`m x m` times `m x block`). Returns, per fitted slot, the
+/// (tail item, weight) pairs it gains, and the number of tail items.
 fn tail_weights(
     x: &Csr,
     slot: &[u32],
@@ -291,19 +299,7 @@ fn tail_weights(
         }
         g
     };
-    let best = |b: &dyn Fn(usize) -> f32| -> Vec<(u32, f32)> {
-        let mut top = TopK::new(keep);
-        for i in 0..m {
-            let w = b(i);
-            if w != 0.0 && w.is_finite() {
-                top.push(i as u32, w.abs());
-            }
-        }
-        top.into_sorted()
-            .into_iter()
-            .map(|s| (s.item, b(s.item as usize)))
-            .collect()
-    };
+    let best = |b: &dyn Fn(usize) -> f32| largest_weights(m, keep, b);
     // A tail item that co-occurs with few fitted items: `b = Σ_k P[:, k] g_k` (one
     // contiguous column per co-occurring item). One that co-occurs with many: batched
     // into a dense GEMM with the others (`P x G`, 1,024 columns at a time).

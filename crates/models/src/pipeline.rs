@@ -32,7 +32,9 @@ pub fn rows_of<'a>(
 }
 
 /// ALS: the user's vector folded in from every interest against the item factors;
-/// `None` when the fold-in gives the zero vector (no known item: no candidates).
+/// `None` when the fold-in gives the zero vector (no known item: no candidates). The
+/// caller searches it: the ranker one user at a time (an exact scan or a graph), the
+/// evaluation many users at once (one GEMM per block).
 pub fn als_vector(
     fold: &FoldIn,
     factors: ArrayView2<f32>,
@@ -40,19 +42,6 @@ pub fn als_vector(
 ) -> Option<Vec<f32>> {
     let v = fold.solve(factors, interests);
     (!v.iter().all(|x| *x == 0.0)).then_some(v)
-}
-
-/// ALS for one user: [`als_vector`], then `search`ed (an exact scan or a graph). The
-/// evaluation searches many users' vectors at once instead (one GEMM per block).
-pub fn als(
-    fold: &FoldIn,
-    factors: ArrayView2<f32>,
-    interests: &[(u32, f32)],
-    search: impl FnOnce(&[f32]) -> Vec<Scored>,
-) -> Vec<Scored> {
-    als_vector(fold, factors, interests)
-        .map(|v| search(&v))
-        .unwrap_or_default()
 }
 
 /// Content: the user's profile (a weighted mean of the rows they touched, built by the
